@@ -1,0 +1,382 @@
+"""The `faceid` command: train, evaluate, embed, verify, serve.
+
+Training flags are generated from TrainConfig (one flag per field, same name and default), so the
+CLI, the POST /jobs body and the checkpoint's stored config cannot drift apart. User errors print
+one line, `error: ...`, and exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import ValidationError
+
+from faceid.config import TrainConfig
+
+log = logging.getLogger("faceid")
+
+EXIT_USER_ERROR = 2
+EXIT_TERMINATED = 143
+
+
+# --- TrainConfig -> argparse ----------------------------------------------------------------
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field. Defaults are SUPPRESSed so that only flags given on the
+    command line override a --config file or a --preset."""
+    group = parser.add_argument_group("training configuration (TrainConfig; also the POST /jobs body)")
+    for name, f in TrainConfig.model_fields.items():
+        tp = _unwrap_optional(f.annotation)
+        help_ = f"{f.description} (default: {f.default})"
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_, "dest": name}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is typing.Literal:
+            kw["choices"] = list(typing.get_args(tp))
+            kw["type"] = type(kw["choices"][0])
+        elif typing.get_origin(tp) is list:
+            kw["nargs"] = "+"
+            kw["type"] = typing.get_args(tp)[0]
+        else:
+            kw["type"] = tp
+            kw["metavar"] = {int: "N", float: "X", str: "VALUE"}.get(tp, "VALUE")
+        group.add_argument(f"--{name}", **kw)
+
+
+def config_from_args(ns: argparse.Namespace, config_file: Optional[str] = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if config_file:
+        try:
+            data = json.loads(Path(config_file).read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file not found: {config_file}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {config_file} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {config_file} must hold a JSON object of TrainConfig fields")
+    for name in TrainConfig.model_fields:
+        if hasattr(ns, name):
+            data[name] = getattr(ns, name)
+    try:
+        return TrainConfig(**data)
+    except ValidationError as e:
+        raise UserError(validation_message(e)) from None
+
+
+def validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        parts.append(f"--{loc}: {err['msg']}" if loc else err["msg"].removeprefix("Value error, "))
+    return "; ".join(parts)
+
+
+class UserError(Exception):
+    """A one-line message for the user; exit code 2."""
+
+
+# --- training ---------------------------------------------------------------------------------
+
+class EventWriter:
+    """Renders training events: JSON lines to a file, and a progress bar (terminal) or log lines."""
+
+    def __init__(self, events_file: Optional[str], quiet: bool = False) -> None:
+        self.fh = open(events_file, "a", buffering=1) if events_file else None
+        self.tty = sys.stderr.isatty() and not quiet
+        self.quiet = quiet
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if self.fh:
+            self.fh.write(json.dumps(ev, default=str) + "\n")
+            self.fh.flush()
+        if self.quiet:
+            return
+        kind = ev["event"]
+        if kind == "progress":
+            eta = time.strftime("%H:%M:%S", time.gmtime(ev["eta_s"]))
+            text = (f"epoch {ev['epoch']}/{ev['epochs']} step {ev['step']}/{ev['steps']} "
+                    f"loss {ev['loss']:.4f} {ev['images_per_s']:.1f} img/s lr {ev['lr']:.2e} ETA {eta}")
+            if self.tty:
+                width = 24
+                done = int(width * ev["step"] / ev["steps"])
+                sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}\x1b[K")
+                sys.stderr.flush()
+                if ev["step"] == ev["steps"]:
+                    sys.stderr.write("\n")
+            else:
+                log.info("%s", text)
+        elif kind == "start":
+            log.info("training on %s (amp %s): %d images of %d identities, %d steps per epoch",
+                     ev["device"], ev["amp"], ev["train_images"], ev["train_identities"],
+                     ev["steps_per_epoch"])
+        elif kind == "finished":
+            log.info("best epoch %s: %s %.4f -> %s", ev["best_epoch"], ev["best_metric"],
+                     ev["best_value"], ev["best_checkpoint"])
+
+    def close(self) -> None:
+        if self.fh:
+            self.fh.close()
+
+
+def _launch_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
+    """Re-run this command under torchrun (torch.distributed.run) with the same arguments."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}",
+           f"--nnodes={cfg.nnodes}"]
+    if cfg.nnodes == 1 and not cfg.rdzv_endpoint:
+        cmd.append("--standalone")
+    else:
+        if not cfg.rdzv_endpoint:
+            raise UserError("--nnodes > 1 needs --rdzv_endpoint HOST:PORT (the same on every node)")
+        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={cfg.rdzv_endpoint}",
+                f"--rdzv_id={cfg.rdzv_id or 'faceid'}", f"--node_rank={cfg.node_rank}"]
+    cmd += ["-m", "faceid.train", *argv]
+    log.info("launching: %s", " ".join(cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)  # torchrun takes over this process; signals reach it directly
+    return 1  # not reached
+
+
+def build_train_parser(prog: str = "faceid train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a ResNet-50 face-verification model "
+                                "(pair or ArcFace objective) on ImageFolder data.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields; flags override it")
+    p.add_argument("--events_file", metavar="FILE", help="append machine-readable JSON-lines events here")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_config_flags(p)
+    return p
+
+
+def train_main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_train_parser().parse_args(argv)
+    _setup_logging()
+    events = None
+    try:
+        cfg = config_from_args(args, args.config)
+        if cfg.world_size > 1 and "LOCAL_RANK" not in os.environ:
+            return _launch_torchrun(cfg, argv)
+        from faceid.train import run  # torch is imported only once the arguments are valid
+
+        events = EventWriter(args.events_file if int(os.environ.get("RANK", "0")) == 0 else None,
+                             quiet=args.quiet)
+        stop = threading.Event()
+        got_signal: list[int] = []
+
+        def on_signal(signum, _frame):
+            got_signal.append(signum)
+            stop.set()
+            log.warning("signal %d: stopping after this step and saving last.pt", signum)
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        run(cfg, on_event=events, stop=stop)
+        if got_signal:
+            events({"event": "failed", "time": time.time(), "kind": "cancelled",
+                    "error": f"stopped by signal {got_signal[0]}; resume from last.pt"})
+            return EXIT_TERMINATED
+        return 0
+    except UserError as e:
+        return _user_error(str(e), events, "config")
+    except Exception as e:  # domain errors are user errors; anything else is a bug
+        from faceid.errors import ConfigError, DataError, FaceIDError
+
+        if isinstance(e, FaceIDError):
+            kind = "data" if isinstance(e, DataError) else "config" if isinstance(e, ConfigError) else "checkpoint"
+            return _user_error(str(e), events, kind)
+        if events:
+            events({"event": "failed", "time": time.time(), "kind": "internal",
+                    "error": f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        if events:
+            events.close()
+
+
+def _user_error(msg: str, events: Optional[EventWriter], kind: str) -> int:
+    one_line = " ".join(msg.split())
+    print(f"error: {one_line}", file=sys.stderr)
+    if events:
+        events({"event": "failed", "time": time.time(), "kind": kind, "error": one_line})
+    return EXIT_USER_ERROR
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("FACEID_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# --- evaluate / embed / verify / serve ---------------------------------------------------------
+
+def _load_verifier(path: str, device: str):
+    from faceid.inference import Verifier
+
+    return Verifier.from_checkpoint(path, device=device)
+
+
+def _open(path: str):
+    from faceid.images import open_image
+
+    return open_image(path)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from faceid.data import load_images, scan_folder
+    from faceid.evaluate import EvalPairs, cosine_scores, protocol_folder, score_protocol, score_sampled
+    from faceid.metrics import verification_report
+
+    v = _load_verifier(args.checkpoint, args.device)
+    out: dict[str, Any] = {"checkpoint": args.checkpoint, "epoch": v.epoch}
+    if args.val:
+        folder = scan_folder(args.val, what="--val", min_identities=1, min_per_identity=2)
+        folder, store = load_images(folder, v.img_size, workers=args.workers, what="--val",
+                                    min_identities=1, min_per_identity=2)
+        emb = _embed_store(v, store)
+        out.update(score_sampled(emb, EvalPairs.sample(folder, args.eval_pairs, args.seed)))
+    if args.pairs_file:
+        from faceid.pairs import load_pairs
+
+        proto = load_pairs(args.pairs_file, root=args.pairs_root, folds=args.pairs_folds)
+        paths = proto.unique_paths()
+        folder, store = load_images(protocol_folder(paths), v.img_size, workers=args.workers,
+                                    what="--pairs_file images", min_identities=1)
+        if len(folder) != len(paths):
+            raise UserError(f"{len(paths) - len(folder)} image(s) of {args.pairs_file} cannot be read")
+        emb = _embed_store(v, store)
+        ia, ib = proto.index_pairs({p: i for i, p in enumerate(paths)})
+        out.update(score_protocol(emb, ia, ib, proto.labels, proto.folds))
+        th = v.thresholds.get("acc")
+        if th is not None:
+            s = cosine_scores(emb, ia, ib)
+            out["pairs_acc_at_checkpoint_th"] = float(np.mean((s >= th) == (proto.labels == 1)))
+    if not args.val and not args.pairs_file:
+        raise UserError("give --val FOLDER and/or --pairs_file FILE to evaluate on")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _embed_store(v, store):
+    import numpy as np
+
+    from faceid.data import iterate_in_batches
+
+    parts = [v.embed_tensors(store.batch(idx)) for idx in iterate_in_batches(len(store.folder), 128)]
+    return np.concatenate(parts)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    v = _load_verifier(args.checkpoint, args.device)
+    emb = v.embed([_open(p) for p in args.images])
+    for p, e in zip(args.images, emb):
+        print(json.dumps({"image": p, "dim": len(e), "embedding": [round(float(x), 6) for x in e]}))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    v = _load_verifier(args.checkpoint, args.device)
+    th: Any = args.threshold
+    if th is not None:
+        try:
+            th = float(th)
+        except ValueError:
+            pass
+    res = v.verify(_open(args.image1), _open(args.image2), th)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"similarity {res['similarity']:.4f}  threshold {res['threshold']:.4f} "
+              f"({res['threshold_name']})  -> {'MATCH' if res['match'] else 'NO MATCH'}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
+                log_level=args.log_level)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="faceid", description="Train and serve face verification.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a model (all flags: faceid train --help)", add_help=False)
+
+    ckpt_default = os.path.join("models", "backbone_best.pt")
+    e = sub.add_parser("evaluate", help="score a checkpoint on a folder and/or a pairs file")
+    e.add_argument("checkpoint", nargs="?", default=ckpt_default)
+    e.add_argument("--val", help="ImageFolder root; balanced pairs are sampled from it")
+    e.add_argument("--pairs_file", help="LFW pairs.txt-style protocol")
+    e.add_argument("--pairs_root", help="image root of --pairs_file (default: its folder)")
+    e.add_argument("--pairs_folds", type=int, nargs="+", help="1-based folds to use")
+    e.add_argument("--eval_pairs", type=int, default=20000)
+    e.add_argument("--seed", type=int, default=42)
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("embed", help="print the embedding of one or more images (JSON lines)")
+    m.add_argument("images", nargs="+")
+    m.add_argument("--checkpoint", default=ckpt_default)
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    m.set_defaults(func=cmd_embed)
+
+    v = sub.add_parser("verify", help="are two images the same person? (the checkpoint's threshold)")
+    v.add_argument("image1")
+    v.add_argument("image2")
+    v.add_argument("--checkpoint", default=ckpt_default)
+    v.add_argument("--threshold", help="cosine in [-1, 1] or acc | far_1e-2 | far_1e-3 (default acc)")
+    v.add_argument("--json", action="store_true", help="print a JSON object")
+    v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    v.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("serve", help="start the REST service (settings: FACEID_* environment)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except UserError as e:
+        return _user_error(str(e), None, "usage")
+    except Exception as e:
+        from faceid.errors import FaceIDError
+
+        if isinstance(e, FaceIDError):
+            return _user_error(str(e), None, "usage")
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""TrainConfig: the one description of a training run.
+
+The same model feeds three doors: the `faceid train` / `python -m faceid.train` flags (one flag per
+field, same name), the `POST /jobs` body, and the `config` stored inside every checkpoint. Field
+names and defaults follow the origin pipeline (`--batch_size 256`, `--img_size 224`,
+`--best_metric acc`, ...); fields the origin left implicit (learning rate, optimizer, seed, ...)
+are added with defaults that work.
+
+A run never mutates its config: values derived from it (steps per epoch, warmup steps, the device
+actually used) live in the trainer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BEST_METRICS = ("acc", "auc", "tar_1e-2", "tar_1e-3", "pairs_acc", "pairs_auc")
+
+# Named presets: values measured to work for a use case. A preset fills only the fields that the
+# caller did not set explicitly, so `--preset cpu-small --epochs 3` keeps epochs=3.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small data, no pretrained trunk, a CPU: see README "Training recipe" and bench/README.md.
+    "cpu-small": {
+        "train_mode": "arcface",
+        "img_size": 64,
+        "batch_size": 64,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 5e-4,
+        "scheduler": "cosine",
+        "warmup_epochs": 1,
+        "arcface_s": 32.0,
+        "arcface_m": 0.3,
+        "margin_warmup_epochs": 3,
+        "balanced_sampling": True,
+        "augment": "light",
+        "eval_flip": True,
+        "eval_pairs": 6000,
+        "epochs": 10,
+        "workers": 2,
+    },
+}
+
+
+class TrainConfig(BaseModel):
+    """Every knob of a training run. Unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+    preset: Optional[Literal["cpu-small"]] = Field(
+        None, description="named recipe that fills every field you do not set (cpu-small: ArcFace "
+        "from scratch on small data on a CPU)")
+
+    # --- data -------------------------------------------------------------------------------
+    train: str = Field("data/train", max_length=4096,
+                       description="training ImageFolder root: one sub-folder of images per identity")
+    val: str = Field("data/val", max_length=4096,
+                     description="validation ImageFolder root (identities with >= 2 images are scored)")
+    pairs_file: Optional[str] = Field(
+        None, max_length=4096,
+        description="optional LFW pairs.txt-style protocol scored each epoch (10-fold accuracy, AUC); "
+        "a relative path not found as given is taken inside --val; its images are looked up beside it, then under --val")
+    pairs_folds: Optional[list[int]] = Field(
+        None, description="use only these 1-based folds of --pairs_file (default: all)")
+    ckpt_dir: str = Field("models", max_length=4096,
+                          description="where backbone_best.pt, last.pt, metrics.jsonl and config.json go")
+
+    # --- objective --------------------------------------------------------------------------
+    train_mode: Literal["pair", "arcface"] = Field(
+        "pair", description="pair: BCE on scale_logits*cosine of sampled pairs; arcface: ArcFace "
+        "classification over the training identities (recommended)")
+    arcface_s: float = Field(64.0, gt=0, le=1024, description="ArcFace logit scale s")
+    arcface_m: float = Field(0.5, ge=0, lt=math.pi / 2, description="ArcFace additive angular margin m (radians)")
+    easy_margin: bool = Field(False, description="ArcFace easy margin: apply m only where cos(theta) > 0")
+    margin_warmup_epochs: float = Field(
+        0.0, ge=0, le=1000, description="raise the ArcFace margin linearly from 0 to arcface_m over "
+        "this many epochs (0: full margin from the start)")
+    scale_logits: float = Field(10.0, gt=0, le=1024, description="pair mode: logit = scale_logits * cosine")
+    pairs_per_epoch: int = Field(60000, ge=2, le=100_000_000, description="pair mode: balanced pairs drawn per epoch")
+
+    # --- model ------------------------------------------------------------------------------
+    embedding_size: int = Field(512, ge=2, le=8192, description="embedding dimension")
+    pretrained: bool = Field(False, description="start the ResNet-50 trunk from ImageNet weights "
+                             "(torch cache or --pretrained_weights)")
+    pretrained_weights: Optional[str] = Field(
+        None, max_length=4096, description="local ImageNet ResNet-50 state-dict file (implies --pretrained)")
+    freeze_backbone_epochs: int = Field(0, ge=0, le=100_000, description="train only the embedding layer "
+                                        "and head for this many first epochs")
+    img_size: int = Field(224, ge=32, le=1024, description="square input size in pixels")
+
+    # --- optimisation -----------------------------------------------------------------------
+    epochs: int = Field(20, ge=1, le=100_000, description="training epochs")
+    batch_size: int = Field(256, ge=2, le=65536, description="images per step (pairs per step in pair mode), per process")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum 0.9, nesterov) or adamw")
+    lr: float = Field(0.1, gt=0, le=10, description="peak learning rate of the head (backbone: lr * backbone_lr_scale)")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="weight decay")
+    backbone_lr_scale: float = Field(1.0, ge=0, le=100, description="backbone learning rate = lr * this")
+    scheduler: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule after warmup (per step)")
+    warmup_epochs: float = Field(0.0, ge=0, le=100_000, description="linear per-step warmup length in epochs")
+    clip_grad_norm: float = Field(0.0, ge=0, le=1e6, description="clip the gradient norm to this (0: off)")
+    balanced_sampling: bool = Field(False, description="arcface: draw identities uniformly, not images, "
+                                    "so a few large identities do not dominate")
+    augment: Literal["none", "light"] = Field("light", description="training augmentation: light = "
+                                              "horizontal flip + small random shift")
+
+    # --- evaluation and selection -----------------------------------------------------------
+    eval_pairs: int = Field(20000, ge=2, le=100_000_000, description="balanced validation pairs sampled "
+                            "(fixed seed, same pairs every epoch)")
+    eval_flip: bool = Field(False, description="embed each evaluation image with its mirror image and average")
+    best_metric: Literal["acc", "auc", "tar_1e-2", "tar_1e-3", "pairs_acc", "pairs_auc"] = Field(
+        "acc", description="metric that selects backbone_best.pt (pairs_*: needs --pairs_file)")
+
+    # --- runtime ----------------------------------------------------------------------------
+    workers: int = Field(4, ge=0, le=256, description="image-decoding worker processes")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field(
+        "auto", description="mixed precision: auto = bf16 on CPUs with native bf16 and on bf16 GPUs, "
+        "fp16 + grad scaler on older GPUs, off elsewhere")
+    channels_last: bool = Field(True, description="channels_last memory format")
+    threads: int = Field(0, ge=0, le=1024, description="torch compute threads (0: all cores minus busy workers)")
+    cache_images: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode every image once into memory (auto: when it fits in cache_max_gb)")
+    cache_max_gb: float = Field(4.0, ge=0, le=1024, description="memory budget for --cache_images auto")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="random seed")
+    progress_step_pct: float = Field(1.0, gt=0, le=100, description="report progress every this percent of an epoch")
+    max_steps_per_epoch: int = Field(0, ge=0, le=100_000_000, description="cap steps per epoch (0: no cap); for quick runs")
+    time_limit_min: float = Field(0.0, ge=0, le=1e6, description="stop training after this many minutes "
+                                  "(0: no limit); the current epoch is cut short and evaluated")
+    resume: Optional[str] = Field(None, max_length=4096, description="resume from this last.pt")
+
+    # --- distributed (torchrun) -------------------------------------------------------------
+    nproc_per_node: int = Field(1, ge=1, le=1024, description="processes per node (>1 launches torchrun)")
+    nnodes: int = Field(1, ge=1, le=100_000, description="number of nodes (torchrun)")
+    node_rank: int = Field(0, ge=0, le=100_000, description="this node's rank (torchrun, static rendezvous)")
+    rdzv_endpoint: Optional[str] = Field(None, max_length=512, description="torchrun rendezvous host:port")
+    rdzv_id: Optional[str] = Field(None, max_length=256, description="torchrun rendezvous id")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            preset = PRESETS.get(data["preset"])
+            if preset is not None:  # an unknown name is reported by the field validator
+                data = {**preset, **data}
+        return data
+
+    @field_validator("arcface_s", "arcface_m", "scale_logits", "lr", "weight_decay", "backbone_lr_scale",
+                     "warmup_epochs", "clip_grad_norm", "margin_warmup_epochs", "cache_max_gb",
+                     "progress_step_pct", "time_limit_min")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("pairs_folds")
+    @classmethod
+    def _folds(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None:
+            if not v or any(f < 1 or f > 1000 for f in v):
+                raise ValueError("folds are 1-based numbers, for example [1] or [1, 2]")
+            v = sorted(set(v))
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.best_metric.startswith("pairs_") and not self.pairs_file:
+            raise ValueError(f"best_metric {self.best_metric!r} needs pairs_file; set pairs_file or "
+                             "choose acc, auc, tar_1e-2 or tar_1e-3")
+        if self.freeze_backbone_epochs >= self.epochs and self.freeze_backbone_epochs > 0:
+            raise ValueError(f"freeze_backbone_epochs ({self.freeze_backbone_epochs}) must be smaller than "
+                             f"epochs ({self.epochs}), or the backbone never trains")
+        return self
+
+    @property
+    def uses_pretrained(self) -> bool:
+        return self.pretrained or self.pretrained_weights is not None
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

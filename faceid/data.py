@@ -1,0 +1,352 @@
+"""Identity datasets (ImageFolder layout), decoding, sampling and batch transforms.
+
+Layout: `<root>/<identity>/<image>`; one folder per person. Non-directories in the root and
+non-image files are ignored. Unreadable images are skipped with a warning that counts them; a
+dataset left with too few identities is an error that names the folder.
+
+Images are decoded once, resized to `img_size` (shorter side, then centre crop) and kept as uint8
+[3, S, S] tensors: in memory when they fit (`cache_images`), or decoded by DataLoader workers
+per batch otherwise. Augmentation and normalisation run on whole batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from faceid.errors import DataError
+from faceid.model import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class IdentityFolder:
+    """Images of a dataset root and their identity labels."""
+
+    root: Path
+    paths: list[Path]
+    labels: np.ndarray  # [N] int64, index into `names`
+    names: list[str]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_identities(self) -> int:
+        return len(self.names)
+
+    def counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(self.names))
+
+    def subset(self, keep: np.ndarray) -> "IdentityFolder":
+        """Keep images where `keep` [N] is True; relabel identities densely."""
+        paths = [p for p, k in zip(self.paths, keep) if k]
+        old = self.labels[keep]
+        used = np.unique(old)
+        remap = np.full(len(self.names), -1, dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        return IdentityFolder(self.root, paths, remap[old], [self.names[i] for i in used], self.skipped)
+
+
+def scan_folder(root: str | Path, *, what: str = "dataset", min_identities: int = 2,
+                min_per_identity: int = 1) -> IdentityFolder:
+    """List `root` as an identity folder. Raises DataError naming the folder and the fix."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{what} folder not found: {root}; give an ImageFolder root with one "
+                        "sub-folder of images per person")
+    if not root.is_dir():
+        raise DataError(f"{what} path is not a folder: {root}; give an ImageFolder root")
+    names, paths, labels = [], [], []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if len(files) < min_per_identity or not files:
+            continue
+        label = len(names)
+        names.append(d.name)
+        paths.extend(files)
+        labels.extend([label] * len(files))
+    folder = IdentityFolder(root, paths, np.asarray(labels, dtype=np.int64), names)
+    if not paths:
+        raise DataError(f"{what} folder {root} holds no images in identity sub-folders "
+                        f"(expected {root}/<person>/<image>.jpg; accepted: {', '.join(IMAGE_EXTENSIONS)})")
+    check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
+    return folder
+
+
+def check_identities(folder: IdentityFolder, *, what: str, min_identities: int,
+                     min_per_identity: int) -> None:
+    if min_per_identity >= 2:
+        n = int((folder.counts() >= 2).sum())
+        if n < 1:
+            raise DataError(f"{what} folder {folder.root} has no identity with 2 or more images, so "
+                            "no same-person pair can be scored; add a second image for some people")
+        if n < min_identities:
+            raise DataError(f"{what} folder {folder.root} has {n} identities with 2 or more images; "
+                            f"at least {min_identities} are needed")
+    elif folder.num_identities < min_identities:
+        raise DataError(f"{what} folder {folder.root} has {folder.num_identities} identity folder(s); "
+                        f"at least {min_identities} are needed (one sub-folder per person)")
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """File -> uint8 [3, size, size]: RGB, shorter side resized to `size`, centre-cropped."""
+    with Image.open(path) as img:
+        if img.format == "JPEG":
+            # Let libjpeg decode at a reduced scale when the target is much smaller (much faster).
+            img.draft("RGB", (size, size))
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        arr = np.asarray(img, dtype=np.uint8)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+class _DecodeOne(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, torch.from_numpy(decode_image(self.paths[i], self.size)), ""
+        except Exception as e:  # unreadable file: reported and skipped by the caller
+            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+
+
+def _collate(items):
+    idx = torch.tensor([i for i, _, _ in items])
+    imgs = torch.stack([t for _, t, _ in items])
+    errs = [e for _, _, e in items]
+    return idx, imgs, errs
+
+
+def decode_all(paths: Sequence[Path], size: int, workers: int) -> tuple[torch.Tensor, list[str]]:
+    """Decode every file once. Returns uint8 [N, 3, S, S] and one error string per file ('' = ok)."""
+    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    errors = [""] * len(paths)
+    loader = torch.utils.data.DataLoader(_DecodeOne(paths, size), batch_size=64, num_workers=workers,
+                                         collate_fn=_collate)
+    for idx, imgs, errs in loader:
+        out[idx] = imgs
+        for i, e in zip(idx.tolist(), errs):
+            errors[i] = e
+    return out, errors
+
+
+class ImageStore:
+    """uint8 images of an IdentityFolder, by index: `batch(indices) -> [B, 3, S, S]`."""
+
+    def __init__(self, folder: IdentityFolder, size: int, cached: Optional[torch.Tensor]) -> None:
+        self.folder, self.size, self.cached = folder, size, cached
+
+    def batch(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        if self.cached is not None:
+            return self.cached.index_select(0, idx)
+        arrs = []
+        for i in idx.tolist():
+            try:
+                arrs.append(torch.from_numpy(decode_image(self.folder.paths[i], self.size)))
+            except Exception as e:  # became unreadable after the scan
+                log.warning("unreadable image skipped in batch (black image used): %s: %s",
+                            self.folder.paths[i], e)
+                arrs.append(torch.zeros(3, self.size, self.size, dtype=torch.uint8))
+        return torch.stack(arrs)
+
+
+def load_images(folder: IdentityFolder, size: int, *, workers: int, cache: str = "auto",
+                cache_max_gb: float = 4.0, what: str = "dataset", min_identities: int = 2,
+                min_per_identity: int = 1) -> tuple[IdentityFolder, ImageStore]:
+    """Decode (or check) every image once; drop unreadable ones with a counted warning.
+
+    Returns the folder without the skipped files and a store over it."""
+    nbytes = len(folder) * 3 * size * size
+    use_cache = cache == "on" or (cache == "auto" and nbytes <= cache_max_gb * 1e9)
+    if use_cache:
+        images, errors = decode_all(folder.paths, size, workers)
+    else:
+        images, errors = None, _check_headers(folder.paths, workers)
+    bad = np.array([bool(e) for e in errors])
+    if bad.any():
+        skipped = [(folder.paths[i], errors[i]) for i in np.flatnonzero(bad)]
+        first = "; ".join(f"{p}: {e}" for p, e in skipped[:3])
+        log.warning("%s: skipped %d unreadable image(s) of %d (training goes on without them): %s",
+                    what, len(skipped), len(folder), first)
+        keep = ~bad
+        folder = folder.subset(keep)
+        folder.skipped = skipped
+        if images is not None:
+            images = images[torch.from_numpy(keep)]
+        if len(folder) == 0:
+            raise DataError(f"{what} folder {folder.root}: none of the images could be read "
+                            f"(first: {first}); check the files are JPEG/PNG/WebP/BMP images")
+        check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
+    return folder, ImageStore(folder, size, images)
+
+
+def _check_one(path: Path) -> str:
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return ""
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+class _CheckOne(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> str:
+        return _check_one(self.paths[i])
+
+
+def _check_headers(paths: Sequence[Path], workers: int) -> list[str]:
+    loader = torch.utils.data.DataLoader(_CheckOne(paths), batch_size=256, num_workers=workers,
+                                         collate_fn=list)
+    return [e for batch in loader for e in batch]
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+def classification_batches(labels: np.ndarray, batch_size: int, rng: np.random.Generator, *,
+                           balanced: bool) -> list[np.ndarray]:
+    """One epoch of image-index batches (last partial batch dropped when there is a full one).
+
+    balanced=False: a permutation of all images. balanced=True: as many draws as images, each
+    picking an identity uniformly and then one of its images, so a person with 500 photos is
+    seen as often as a person with 3.
+    """
+    n = len(labels)
+    if balanced:
+        ids = np.unique(labels)
+        by_id = [np.flatnonzero(labels == c) for c in ids]
+        pick = rng.integers(0, len(ids), size=n)
+        order = np.array([by_id[c][rng.integers(0, len(by_id[c]))] for c in pick], dtype=np.int64)
+    else:
+        order = rng.permutation(n)
+    nb = max(1, n // batch_size)
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(nb)]
+
+
+def sample_pairs(labels: np.ndarray, n_pairs: int, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Balanced pairs: n_pairs//2 same-identity (two distinct images), the rest different-identity.
+
+    Returns ia [P], ib [P] image indices and y [P] (1 same, 0 different). Positive identities are
+    drawn uniformly over identities with >= 2 images, so that large identities do not dominate.
+    """
+    labels = np.asarray(labels)
+    ids, counts = np.unique(labels, return_counts=True)
+    multi = ids[counts >= 2]
+    if len(multi) == 0:
+        raise DataError("no identity has 2 or more images, so no same-person pair can be drawn")
+    if len(ids) < 2:
+        raise DataError("only one identity: no different-person pair can be drawn")
+    order = np.argsort(labels, kind="stable")
+    starts = np.searchsorted(labels[order], ids)
+    cnt = dict(zip(ids.tolist(), counts.tolist()))
+    start = dict(zip(ids.tolist(), starts.tolist()))
+    n_pos = n_pairs // 2
+    n_neg = n_pairs - n_pos
+    # positives
+    pid = rng.choice(multi, size=n_pos)
+    c = np.array([cnt[i] for i in pid.tolist()], dtype=np.int64)
+    s = np.array([start[i] for i in pid.tolist()], dtype=np.int64)
+    a = rng.integers(0, c)
+    b = (a + rng.integers(1, c)) % c  # distinct from a
+    pa, pb = order[s + a], order[s + b]
+    # negatives: two images of different identities
+    na = rng.integers(0, len(labels), size=n_neg)
+    nb = rng.integers(0, len(labels), size=n_neg)
+    same = labels[na] == labels[nb]
+    while same.any():
+        nb[same] = rng.integers(0, len(labels), size=int(same.sum()))
+        same = labels[na] == labels[nb]
+    ia = np.concatenate([pa, na])
+    ib = np.concatenate([pb, nb])
+    y = np.concatenate([np.ones(n_pos, np.int64), np.zeros(n_neg, np.int64)])
+    return ia, ib, y
+
+
+# --- batch transforms -----------------------------------------------------------------------
+
+class BatchTransform:
+    """uint8 [B, 3, S, S] -> normalised float [B, 3, S, S] on `device`, with optional training
+    augmentation (random horizontal flip, random shift of up to S/16 pixels)."""
+
+    def __init__(self, device: torch.device, *, augment: bool, channels_last: bool) -> None:
+        self.device = device
+        self.augment = augment
+        self.channels_last = channels_last
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+
+    def __call__(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.augment:
+            x = self._augment(x, generator)
+        x = (x.float() - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _augment(self, x: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:
+        b, _, s, _ = x.shape
+        flip = torch.rand(b, generator=g) < 0.5
+        x = torch.where(flip.to(x.device).view(b, 1, 1, 1), x.flip(3), x)
+        p = max(1, s // 16)
+        padded = torch.nn.functional.pad(x.float(), (p, p, p, p), mode="replicate").to(x.dtype)
+        off = torch.randint(0, 2 * p + 1, (b, 2), generator=g).tolist()
+        return torch.stack([padded[i, :, dy:dy + s, dx:dx + s] for i, (dy, dx) in enumerate(off)])
+
+
+def iterate_in_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
+    for i in range(0, n, batch_size):
+        yield np.arange(i, min(n, i + batch_size))
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    def __init__(self, store: ImageStore, batches: Sequence[np.ndarray]) -> None:
+        self.store, self.batches = store, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.store.batch(self.batches[i])
+
+
+def batch_images(store: ImageStore, batches: Sequence[np.ndarray], *, workers: int,
+                 pin_memory: bool = False) -> Iterator[torch.Tensor]:
+    """uint8 image batches for `batches` of indices, in order. From memory when the store is
+    cached; otherwise decoded ahead by `workers` DataLoader processes."""
+    if store.cached is not None or workers == 0:
+        for b in batches:
+            yield store.batch(b)
+        return
+    loader = torch.utils.data.DataLoader(_BatchDataset(store, batches), batch_size=None,
+                                         num_workers=workers, pin_memory=pin_memory, prefetch_factor=2)
+    yield from loader

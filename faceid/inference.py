@@ -1,0 +1,126 @@
+"""Verifier: a loaded checkpoint that embeds images and verifies pairs with its learned threshold."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from faceid.checkpoint import load_checkpoint
+from faceid.data import BatchTransform
+from faceid.errors import CheckpointError, ConfigError
+from faceid.evaluate import autocast_ctx
+from faceid.model import EmbeddingNet
+from faceid.runtime import resolve_amp, resolve_device
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_NAMES = ("acc", "far_1e-2", "far_1e-3")
+Threshold = Union[None, str, float]
+
+
+def to_uint8_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> uint8 [3, size, size]: RGB, shorter side resized, centre-cropped (the same
+    geometry as training, faceid.data.decode_image)."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+class Verifier:
+    """Embeds images with a checkpoint's network; thread-safe (one forward at a time)."""
+
+    def __init__(self, ckpt: dict[str, Any], path: Optional[str] = None, device: str = "auto",
+                 amp: str = "auto") -> None:
+        self.path = path
+        self.device = resolve_device(device)
+        self.amp_dtype = resolve_amp(amp, self.device)
+        self.img_size = int(ckpt["img_size"])
+        self.embedding_size = int(ckpt["embedding_size"])
+        self.epoch = int(ckpt["epoch"])
+        self.metrics = dict(ckpt["metrics"])
+        self.thresholds = {k: float(v) for k, v in ckpt["thresholds"].items()}
+        self.config = dict(ckpt["config"])
+        self.flip = bool(self.config.get("eval_flip", False))
+        self.model = EmbeddingNet(self.embedding_size, trunk=_bare_trunk())
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {path} does not fit the ResNet-50 embedding network: "
+                                  f"{str(e).splitlines()[0]}") from None
+        self.model.to(self.device).eval()
+        self.channels_last = bool(self.config.get("channels_last", True))
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.transform = BatchTransform(self.device, augment=False, channels_last=self.channels_last)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", amp: str = "auto") -> "Verifier":
+        return cls(load_checkpoint(path), str(path), device=device, amp=amp)
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {"checkpoint": self.path, "epoch": self.epoch, "metrics": self.metrics,
+                "thresholds": self.thresholds, "img_size": self.img_size,
+                "embedding_size": self.embedding_size, "arch": "resnet50",
+                "train_mode": self.config.get("train_mode"), "config": self.config}
+
+    @torch.inference_mode()
+    def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """uint8 [B, 3, S, S] -> float32 [B, D] unit-norm embeddings."""
+        with self._lock:
+            x = self.transform(batch)
+            with autocast_ctx(self.device, self.amp_dtype):
+                e = self.model(x).float()
+                if self.flip:
+                    e = e + self.model(x.flip(3)).float()
+            return torch.nn.functional.normalize(e, dim=1).cpu().numpy()
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """PIL images -> float32 [N, D], unit norm."""
+        if not images:
+            return np.zeros((0, self.embedding_size), np.float32)
+        return self.embed_tensors(torch.stack([to_uint8_tensor(im, self.img_size) for im in images]))
+
+    def resolve_threshold(self, threshold: Threshold) -> tuple[float, str]:
+        if threshold is None:
+            threshold = "acc"
+        if isinstance(threshold, str):
+            if threshold not in self.thresholds:
+                raise ConfigError(f"unknown threshold {threshold!r}; use a cosine value in [-1, 1] or "
+                                  f"one of {', '.join(sorted(self.thresholds))}")
+            return self.thresholds[threshold], threshold
+        t = float(threshold)
+        if not (-1.0 <= t <= 1.0):
+            raise ConfigError(f"threshold {t} is outside [-1, 1]; give a cosine value or a named "
+                              "operating point (acc, far_1e-2, far_1e-3)")
+        return t, "custom"
+
+    def compare(self, e1: np.ndarray, e2: np.ndarray, threshold: Threshold = None) -> dict[str, Any]:
+        th, name = self.resolve_threshold(threshold)
+        sim = float(np.clip(np.dot(e1, e2), -1.0, 1.0))
+        return {"similarity": sim, "threshold": th, "threshold_name": name, "match": sim >= th}
+
+    def verify(self, img1: Image.Image, img2: Image.Image, threshold: Threshold = None) -> dict[str, Any]:
+        self.resolve_threshold(threshold)  # fail before the forward pass
+        e = self.embed([img1, img2])
+        return self.compare(e[0], e[1], threshold)
+
+
+def _bare_trunk():
+    from torchvision.models import resnet50
+
+    net = resnet50(weights=None)
+    net.fc = torch.nn.Identity()
+    return net

@@ -1,0 +1,419 @@
+"""The training run: `run(cfg, on_event) -> result`, and `python -m faceid.train` (the origin CLI).
+
+One loop serves both objectives (faceid.objectives). Per epoch: train, evaluate on --val (and on
+--pairs_file), rank by --best_metric, write backbone_best.pt / last.pt / metrics.jsonl. Progress
+and results go out as events (docs/CONTRACTS.md, section 1).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from faceid.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
+from faceid.config import TrainConfig
+from faceid.data import BatchTransform, batch_images, load_images, scan_folder
+from faceid.errors import CheckpointError, ConfigError, DataError, FaceIDError
+from faceid.evaluate import (EvalPairs, autocast_ctx, embed_store, protocol_folder, score_protocol,
+                             score_sampled)
+from faceid.model import ARCH, IMAGENET_MEAN, IMAGENET_STD, build_model
+from faceid.objectives import Trainee, build_objective
+from faceid.runtime import DistEnv, resolve_amp, resolve_device, set_threads
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunResult:
+    best_epoch: int
+    best_metric: str
+    best_value: float
+    best_checkpoint: Optional[str]
+    last_checkpoint: Optional[str]
+    history: list[dict[str, Any]]
+    thresholds: dict[str, float]
+    stopped_early: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _State:
+    epoch: int = 0                 # last completed epoch
+    global_step: int = 0
+    best_epoch: int = 0
+    best_value: float = -math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-step multiplier: linear warmup over warmup_epochs, then cosine to 0 or constant."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    total = max(1, cfg.epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.scheduler == "constant":
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return f
+
+
+def _build_optimizer(cfg: TrainConfig, trainee: Trainee) -> torch.optim.Optimizer:
+    trunk = list(trainee.model.trunk.parameters())
+    trunk_ids = {id(p) for p in trunk}
+    rest = [p for p in trainee.parameters() if id(p) not in trunk_ids]
+    groups = [{"params": trunk, "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"},
+              {"params": rest, "lr": cfg.lr, "name": "head"}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _set_trunk_frozen(model: nn.Module, frozen: bool) -> None:
+    for p in model.trunk.parameters():
+        p.requires_grad_(not frozen)
+
+
+def _train_mode(model: nn.Module, frozen: bool) -> None:
+    """Training mode, except a frozen trunk stays in eval mode so its BatchNorm statistics stay."""
+    model.train()
+    if frozen:
+        model.trunk.eval()
+
+
+def _checkpoint_dict(cfg: TrainConfig, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> dict:
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "arch": ARCH,
+        "embedding_size": cfg.embedding_size, "img_size": cfg.img_size,
+        "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "config": cfg.to_json_dict(), "epoch": epoch, "metrics": metrics,
+        "thresholds": thresholds_of(metrics),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+
+
+def thresholds_of(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {"acc": metrics.get("th")}
+    for far in ("1e-2", "1e-3"):
+        out[f"far_{far}"] = metrics.get(f"th_far_{far}")
+    if metrics.get("pairs_th") is not None:
+        out["pairs_acc"] = metrics["pairs_th"]
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+class Trainer:
+    """Holds everything of one run; `fit()` runs it."""
+
+    def __init__(self, cfg: TrainConfig, on_event: Optional[EventSink] = None,
+                 stop: Optional[threading.Event] = None) -> None:
+        self.cfg = cfg
+        self.emit_fn = on_event
+        self.stop = stop or threading.Event()
+        self.dist = DistEnv.from_env()
+        self.device = resolve_device(cfg.device, self.dist)
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.ckpt_dir = Path(cfg.ckpt_dir)
+
+    # -- events ----------------------------------------------------------------------------
+    def emit(self, event: str, **fields: Any) -> None:
+        if self.dist.is_main and self.emit_fn is not None:
+            self.emit_fn({"event": event, "time": time.time(), **fields})
+
+    # -- setup -----------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        if self.dist.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.ckpt_dir, os.W_OK):
+                raise ConfigError(f"ckpt_dir {self.ckpt_dir} is not writable; choose another --ckpt_dir")
+            tmp = self.ckpt_dir / ".config.json.tmp"
+            tmp.write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
+            os.replace(tmp, self.ckpt_dir / "config.json")
+
+        train = scan_folder(cfg.train, what="--train", min_identities=2)
+        val = scan_folder(cfg.val, what="--val", min_identities=1, min_per_identity=2)
+        common = dict(workers=cfg.workers, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb)
+        self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
+                                                          min_identities=2, **common)
+        self.val_folder, self.val_store = load_images(val, cfg.img_size, what="--val", min_identities=1,
+                                                      min_per_identity=2, **common)
+        self.eval_pairs = EvalPairs.sample(self.val_folder, cfg.eval_pairs, cfg.seed)
+        self.protocol = None
+        if cfg.pairs_file:
+            from faceid.pairs import load_pairs
+
+            pf = Path(cfg.pairs_file)
+            if not pf.is_absolute() and not pf.exists():
+                pf = Path(cfg.val) / pf
+            try:  # images live beside the pairs file (LFW layout) or under --val
+                proto = load_pairs(pf, folds=cfg.pairs_folds)
+            except DataError:
+                if pf.parent.resolve() == Path(cfg.val).resolve():
+                    raise
+                proto = load_pairs(pf, root=cfg.val, folds=cfg.pairs_folds)
+            paths = proto.unique_paths()
+            folder, store = load_images(protocol_folder(paths), cfg.img_size, what="--pairs_file images",
+                                        min_identities=1, **common)
+            if len(folder) != len(paths):
+                raise DataError(f"{len(paths) - len(folder)} image(s) named in {pf} cannot be read "
+                                f"(first: {folder.skipped[0][0]}); fix or remove those pairs")
+            ia, ib = proto.index_pairs({p: i for i, p in enumerate(paths)})
+            self.protocol = (store, ia, ib, proto.labels, proto.folds)
+        set_threads(cfg, self.device, cached=self.train_store.cached is not None)
+
+        model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
+                            pretrained_weights=cfg.pretrained_weights)
+        objective = build_objective(cfg, self.train_folder.labels, self.train_folder.num_identities)
+        self.trainee = Trainee(model, objective).to(self.device)
+        if cfg.channels_last:
+            self.trainee.to(memory_format=torch.channels_last)
+        self.model = self.trainee.model
+        self.objective = self.trainee.objective
+        self.optimizer = _build_optimizer(cfg, self.trainee)
+        n_batches = len(self.objective.epoch_batches(np.random.default_rng(0)))
+        self.steps_per_epoch = max(1, n_batches // self.dist.world_size)
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           _lr_lambda(cfg, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.train_tf = BatchTransform(self.device, augment=cfg.augment == "light",
+                                       channels_last=cfg.channels_last)
+        self.eval_tf = BatchTransform(self.device, augment=False, channels_last=cfg.channels_last)
+        self.state = _State()
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    def _resume(self, path: str) -> None:
+        ck = load_checkpoint(path, map_location=self.device)
+        if "optimizer" not in ck:
+            raise CheckpointError(f"{path} is a best-model checkpoint; resume needs last.pt")
+        old = ck["config"]
+        for key in ("train_mode", "embedding_size"):
+            if old.get(key) != getattr(self.cfg, key):
+                raise ConfigError(f"cannot resume {path}: it was trained with {key}={old.get(key)!r}, "
+                                  f"this run has {getattr(self.cfg, key)!r}")
+        head = ck.get("head")
+        if head is not None and head["weight"].shape[0] != self.train_folder.num_identities:
+            raise ConfigError(f"cannot resume {path}: it was trained on {head['weight'].shape[0]} "
+                              f"identities, --train now has {self.train_folder.num_identities}")
+        self.model.load_state_dict(ck["model"])
+        if head is not None:
+            self.objective.load_state_dict(head)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        b = ck.get("best") or {}
+        self.state = _State(epoch=int(ck["epoch"]), global_step=int(ck.get("global_step", 0)),
+                            best_epoch=int(b.get("epoch", 0)),
+                            best_value=float(b.get("value", -math.inf)),
+                            history=list(ck.get("history", [])))
+        log.info("resumed from %s at epoch %d", path, self.state.epoch)
+
+    # -- the loop --------------------------------------------------------------------------
+    def fit(self) -> RunResult:
+        t0 = time.time()
+        self._setup()
+        cfg, st = self.cfg, self.state
+        self.emit("start", epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch, device=str(self.device),
+                  amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+                  world_size=self.dist.world_size, start_epoch=st.epoch + 1,
+                  train_images=len(self.train_folder), train_identities=self.train_folder.num_identities,
+                  val_images=len(self.val_folder), skipped_images=len(self.train_folder.skipped)
+                  + len(self.val_folder.skipped), config=cfg.to_json_dict())
+        deadline = t0 + cfg.time_limit_min * 60 if cfg.time_limit_min else math.inf
+        stopped = False
+        ddp = None
+        for epoch in range(st.epoch + 1, cfg.epochs + 1):
+            frozen = epoch <= cfg.freeze_backbone_epochs
+            _set_trunk_frozen(self.model, frozen)
+            ddp = self._wrap(ddp, frozen)
+            t_epoch = time.time()
+            loss, stopped = self._train_epoch(epoch, frozen, ddp, deadline)
+            st.epoch = epoch
+            self._end_epoch(epoch, loss, t_epoch)
+            if stopped:
+                break
+        return self._finish(stopped)
+
+    def _wrap(self, ddp, frozen: bool):
+        """DDP around the trainable modules; rebuilt when the set of trainable parameters changes."""
+        if self.dist.world_size == 1:
+            return self.trainee
+        key = frozen
+        if ddp is not None and getattr(ddp, "_faceid_frozen", None) == key:
+            return ddp
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DDP(self.trainee, device_ids=ids)
+        ddp._faceid_frozen = key
+        return ddp
+
+    def _train_epoch(self, epoch: int, frozen: bool, net: nn.Module, deadline: float) -> tuple[float, bool]:
+        cfg, st = self.cfg, self.state
+        rng = np.random.default_rng([cfg.seed, epoch])  # same batches on every rank: shard below
+        batches = self.objective.epoch_batches(rng)[self.dist.rank::self.dist.world_size]
+        batches = batches[:self.steps_per_epoch]
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + self.dist.rank)
+        _train_mode(self.model, frozen)
+        report_every = max(1, round(self.steps_per_epoch * cfg.progress_step_pct / 100))
+        loss_sum, n_loss, seen, t_start = 0.0, 0, 0, time.time()
+        stopped = False
+        images = batch_images(self.train_store, [b.indices for b in batches], workers=cfg.workers,
+                              pin_memory=self.device.type == "cuda")
+        for i, (batch, raw) in enumerate(zip(batches, images), start=1):
+            self.objective.set_progress((epoch - 1) + (i - 1) / len(batches))
+            x = self.train_tf(raw, gen)
+            y = batch.target.to(self.device, non_blocking=True)
+            with autocast_ctx(self.device, self.amp_dtype):
+                loss = net(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.clip_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.trainee.parameters(), cfg.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            st.global_step += 1
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise FaceIDError(f"training diverged at epoch {epoch} step {i} (loss {lv}); lower --lr, "
+                                  "set --clip_grad_norm 1.0, or use --preset cpu-small")
+            loss_sum += lv
+            n_loss += 1
+            seen += len(batch.indices)
+            stop_now = self.stop.is_set() or time.time() > deadline
+            stop_now = self.dist.any(stop_now)
+            if i % report_every == 0 or i == len(batches) or stop_now:
+                self._progress(epoch, i, len(batches), loss_sum / n_loss, seen, t_start)
+            if stop_now:
+                stopped = True
+                break
+        return loss_sum / max(1, n_loss), stopped
+
+    def _progress(self, epoch: int, step: int, steps: int, loss: float, seen: int, t_start: float) -> None:
+        cfg = self.cfg
+        elapsed = max(1e-9, time.time() - t_start)
+        done = (epoch - 1) * steps + step
+        total = cfg.epochs * steps
+        rate_steps = step / elapsed
+        self.emit("progress", epoch=epoch, epochs=cfg.epochs, step=step, steps=steps,
+                  percent=round(100.0 * done / total, 2), loss=round(loss, 5),
+                  images_per_s=round(seen * self.dist.world_size / elapsed, 2),
+                  lr=self.optimizer.param_groups[1]["lr"],
+                  eta_s=round((total - done) / rate_steps, 1))
+
+    def evaluate(self) -> dict[str, Any]:
+        """Metrics of the current model on --val (and --pairs_file)."""
+        cfg = self.cfg
+        bs = max(cfg.batch_size, 64)
+        emb = embed_store(self.model, self.val_store, self.eval_tf, batch_size=bs,
+                          amp_dtype=self.amp_dtype, flip=cfg.eval_flip)
+        metrics = score_sampled(emb, self.eval_pairs)
+        if self.protocol is not None:
+            store, ia, ib, labels, folds = self.protocol
+            pemb = embed_store(self.model, store, self.eval_tf, batch_size=bs, amp_dtype=self.amp_dtype,
+                               flip=cfg.eval_flip)
+            metrics.update(score_protocol(pemb, ia, ib, labels, folds))
+        return metrics
+
+    def _end_epoch(self, epoch: int, train_loss: float, t_epoch: float) -> None:
+        cfg, st = self.cfg, self.state
+        if self.dist.is_main:
+            metrics = self.evaluate()
+            value = float(metrics[cfg.best_metric])
+            is_best = value > st.best_value
+            record = {"epoch": epoch, "train_loss": round(train_loss, 6),
+                      "lr": self.optimizer.param_groups[1]["lr"], **metrics,
+                      "margin": getattr(getattr(self.objective, "head", None), "m", None)}
+            if is_best:
+                st.best_epoch, st.best_value = epoch, value
+                path = save_checkpoint(_checkpoint_dict(cfg, self.model, epoch, record),
+                                       self.ckpt_dir / "backbone_best.pt")
+                self.emit("checkpoint", kind="best", path=str(path), epoch=epoch)
+            record.update(is_best=is_best, best_epoch=st.best_epoch, best_value=st.best_value)
+            st.history.append(record)
+            self._save_last(epoch, record)
+            with open(self.ckpt_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d/%d loss %.4f acc %.4f th %.3f auc %.4f tar@1e-2 %.4f tar@1e-3 %.4f%s",
+                     epoch, cfg.epochs, train_loss, metrics["acc"], metrics["th"], metrics["auc"],
+                     metrics["tar_1e-2"], metrics["tar_1e-3"],
+                     f" pairs_acc {metrics['pairs_acc']:.4f}" if "pairs_acc" in metrics else "")
+            self.emit("epoch", **record, epoch_time_s=round(time.time() - t_epoch, 2))
+        self.dist.barrier()
+
+    def _save_last(self, epoch: int, record: dict[str, Any]) -> None:
+        ck = _checkpoint_dict(self.cfg, self.model, epoch, record)
+        head = getattr(self.objective, "head", None)
+        ck.update(head={k: v.detach().cpu() for k, v in self.objective.state_dict().items()}
+                  if head is not None else None,
+                  optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                  scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                  best={"epoch": self.state.best_epoch, "value": self.state.best_value,
+                        "metric": self.cfg.best_metric},
+                  history=self.state.history, global_step=self.state.global_step)
+        path = save_checkpoint(ck, self.ckpt_dir / "last.pt")
+        self.emit("checkpoint", kind="last", path=str(path), epoch=epoch)
+
+    def _finish(self, stopped: bool) -> RunResult:
+        st = self.state
+        best = self.ckpt_dir / "backbone_best.pt"
+        best_rec = next((h for h in st.history if h["epoch"] == st.best_epoch), {})
+        result = RunResult(best_epoch=st.best_epoch, best_metric=self.cfg.best_metric,
+                           best_value=st.best_value, best_checkpoint=str(best) if best.exists() else None,
+                           last_checkpoint=str(self.ckpt_dir / "last.pt"), history=st.history,
+                           thresholds=thresholds_of(best_rec), stopped_early=stopped)
+        self.emit("finished", best_epoch=result.best_epoch, best_metric=result.best_metric,
+                  best_value=result.best_value, best_checkpoint=result.best_checkpoint,
+                  thresholds=result.thresholds, stopped_early=stopped)
+        return result
+
+
+def run(cfg: TrainConfig, on_event: Optional[EventSink] = None,
+        stop: Optional[threading.Event] = None) -> RunResult:
+    """Train with `cfg`; events go to `on_event`; setting `stop` ends the run after the current step
+    (the epoch is still evaluated and last.pt written)."""
+    trainer = Trainer(cfg, on_event, stop)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.close()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from faceid.cli import train_main
+
+    return train_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
