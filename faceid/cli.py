@@ -100,7 +100,13 @@ class EventWriter:
     """Renders training events: JSON lines to a file, and a progress bar (terminal) or log lines."""
 
     def __init__(self, events_file: Optional[str], quiet: bool = False) -> None:
-        self.fh = open(events_file, "a", buffering=1) if events_file else None
+        self.fh = None
+        if events_file:
+            try:
+                Path(events_file).parent.mkdir(parents=True, exist_ok=True)
+                self.fh = open(events_file, "a", buffering=1)
+            except OSError as e:
+                raise UserError(f"cannot write --events_file {events_file}: {e.strerror or e}") from None
         self.tty = sys.stderr.isatty() and not quiet
         self.quiet = quiet
 
@@ -188,9 +194,13 @@ def train_main(argv: Optional[list[str]] = None) -> int:
             stop.set()
             log.warning("signal %d: stopping after this step and saving last.pt", signum)
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        run(cfg, on_event=events, stop=stop)
+        # Restored afterwards, so that an in-process caller (a test, a notebook) keeps its own.
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            run(cfg, on_event=events, stop=stop)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         if got_signal:
             events({"event": "failed", "time": time.time(), "kind": "cancelled",
                     "error": f"stopped by signal {got_signal[0]}; resume from last.pt"})
@@ -244,6 +254,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from faceid.data import load_images, scan_folder
+    from faceid.errors import DataError
     from faceid.evaluate import EvalPairs, cosine_scores, protocol_folder, score_protocol, score_sampled
     from faceid.metrics import verification_report
 
@@ -258,7 +269,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.pairs_file:
         from faceid.pairs import load_pairs
 
-        proto = load_pairs(args.pairs_file, root=args.pairs_root, folds=args.pairs_folds)
+        try:  # images beside the pairs file (LFW layout), else under --val, as faceid train does
+            proto = load_pairs(args.pairs_file, root=args.pairs_root, folds=args.pairs_folds)
+        except DataError:
+            if args.pairs_root or not args.val:
+                raise
+            proto = load_pairs(args.pairs_file, root=args.val, folds=args.pairs_folds)
         paths = proto.unique_paths()
         folder, store = load_images(protocol_folder(paths), v.img_size, workers=args.workers,
                                     what="--pairs_file images", min_identities=1)
@@ -329,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", nargs="?", default=ckpt_default)
     e.add_argument("--val", help="ImageFolder root; balanced pairs are sampled from it")
     e.add_argument("--pairs_file", help="LFW pairs.txt-style protocol")
-    e.add_argument("--pairs_root", help="image root of --pairs_file (default: its folder)")
+    e.add_argument("--pairs_root", help="image root of --pairs_file (default: its folder, then --val)")
     e.add_argument("--pairs_folds", type=int, nargs="+", help="1-based folds to use")
     e.add_argument("--eval_pairs", type=int, default=20000)
     e.add_argument("--seed", type=int, default=42)

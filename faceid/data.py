@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from faceid.errors import DataError
+from faceid.images import open_image
 from faceid.model import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def scan_folder(root: str | Path, *, what: str = "dataset", min_identities: int 
     names, paths, labels = [], [], []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-        if len(files) < min_per_identity or not files:
+        if not files:
             continue
         label = len(names)
         names.append(d.name)
@@ -80,7 +81,11 @@ def scan_folder(root: str | Path, *, what: str = "dataset", min_identities: int 
     if not paths:
         raise DataError(f"{what} folder {root} holds no images in identity sub-folders "
                         f"(expected {root}/<person>/<image>.jpg; accepted: {', '.join(IMAGE_EXTENSIONS)})")
+    # Checked before identities under min_per_identity are dropped, so that a --val where every
+    # person has one image is told exactly that (not that it holds no images).
     check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
+    if min_per_identity > 1:
+        folder = folder.subset(folder.counts()[folder.labels] >= min_per_identity)
     return folder
 
 
@@ -102,19 +107,22 @@ def check_identities(folder: IdentityFolder, *, what: str, min_identities: int,
 # --- decoding -------------------------------------------------------------------------------
 
 def decode_image(path: Path, size: int) -> np.ndarray:
-    """File -> uint8 [3, size, size]: RGB, shorter side resized to `size`, centre-cropped."""
-    with Image.open(path) as img:
-        if img.format == "JPEG":
-            # Let libjpeg decode at a reduced scale when the target is much smaller (much faster).
-            img.draft("RGB", (size, size))
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        arr = np.asarray(img, dtype=np.uint8)
+    """File -> uint8 [3, size, size]: read by faceid.images.open_image (RGB, EXIF orientation
+    applied) and `resize_center_crop`ped, exactly as the Verifier reads a photo it serves. (No
+    JPEG draft-mode decoding: libjpeg's reduced-scale decode gives different pixels than a full
+    decode, so evaluation embeddings and thresholds would not match served ones.)"""
+    return resize_center_crop(open_image(path), size)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """RGB PIL image -> uint8 [3, size, size]: shorter side resized to `size`, centre-cropped."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from faceid.checkpoint import load_checkpoint
-from faceid.data import BatchTransform
+from faceid.data import BatchTransform, resize_center_crop
 from faceid.errors import CheckpointError, ConfigError
 from faceid.evaluate import autocast_ctx
 from faceid.model import EmbeddingNet
@@ -26,15 +26,8 @@ Threshold = Union[None, str, float]
 
 def to_uint8_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """PIL image -> uint8 [3, size, size]: RGB, shorter side resized, centre-cropped (the same
-    geometry as training, faceid.data.decode_image)."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    function as training and evaluation use, faceid.data.decode_image)."""
+    return torch.from_numpy(resize_center_crop(img, size))
 
 
 class Verifier:

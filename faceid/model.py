@@ -67,7 +67,12 @@ def build_model(*, embedding_size: int = 512, pretrained: bool = False,
     if pretrained or pretrained_weights:
         state = load_imagenet_weights(pretrained_weights)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = model.trunk.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.trunk.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches (another architecture) raise, even non-strict
+            detail = " ".join(str(e).split())[:300]
+            raise ConfigError(f"pretrained weights do not fit ResNet-50 ({detail}); give a torchvision "
+                              "resnet50 state dict") from None
         if missing or unexpected:
             raise ConfigError(f"pretrained weights do not fit ResNet-50: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}; give a torchvision resnet50 state dict")

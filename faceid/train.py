@@ -140,6 +140,13 @@ class Trainer:
             self.emit_fn({"event": event, "time": time.time(), **fields})
 
     # -- setup -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load data, build the model and optimizer (and resume); `fit()` calls it if needed."""
+        if getattr(self, "_ready", False):
+            return
+        self._setup()
+        self._ready = True
+
     def _setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed + self.dist.rank)
@@ -157,6 +164,9 @@ class Trainer:
 
         train = scan_folder(cfg.train, what="--train", min_identities=2)
         val = scan_folder(cfg.val, what="--val", min_identities=1, min_per_identity=2)
+        # The model before decoding: missing --pretrained weights stop the run at once.
+        model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
+                            pretrained_weights=cfg.pretrained_weights)
         common = dict(workers=cfg.workers, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb)
         self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
                                                           min_identities=2, **common)
@@ -186,8 +196,6 @@ class Trainer:
             self.protocol = (store, ia, ib, proto.labels, proto.folds)
         set_threads(cfg, self.device, cached=self.train_store.cached is not None)
 
-        model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
-                            pretrained_weights=cfg.pretrained_weights)
         objective = build_objective(cfg, self.train_folder.labels, self.train_folder.num_identities)
         self.trainee = Trainee(model, objective).to(self.device)
         if cfg.channels_last:
@@ -224,7 +232,7 @@ class Trainer:
                               f"identities, --train now has {self.train_folder.num_identities}")
         self.model.load_state_dict(ck["model"])
         if head is not None:
-            self.objective.load_state_dict(head)
+            self.objective.head.load_state_dict(head)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         if ck.get("scaler"):
@@ -239,7 +247,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> RunResult:
         t0 = time.time()
-        self._setup()
+        self.setup()
         cfg, st = self.cfg, self.state
         self.emit("start", epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch, device=str(self.device),
                   amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
@@ -374,7 +382,8 @@ class Trainer:
     def _save_last(self, epoch: int, record: dict[str, Any]) -> None:
         ck = _checkpoint_dict(self.cfg, self.model, epoch, record)
         head = getattr(self.objective, "head", None)
-        ck.update(head={k: v.detach().cpu() for k, v in self.objective.state_dict().items()}
+        # The ArcMarginProduct's own state_dict (key "weight"), as docs/CONTRACTS.md says.
+        ck.update(head={k: v.detach().cpu() for k, v in head.state_dict().items()}
                   if head is not None else None,
                   optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                   scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
