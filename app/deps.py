@@ -1,0 +1,40 @@
+"""FastAPI dependencies: the objects the lifespan put on app.state. Tests can replace any of them
+with app.dependency_overrides."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException, Request
+
+from app.jobs import JobRunner, JobStore, is_job_id
+from app.serving import ModelManager
+from app.settings import Settings
+
+
+def _state(request: Request, name: str):
+    value = getattr(request.app.state, name, None)
+    if value is None:
+        raise HTTPException(503, "the service is starting; retry in a moment")
+    return value
+
+
+def get_settings(request: Request) -> Settings:
+    return _state(request, "settings")
+
+
+def get_store(request: Request) -> JobStore:
+    return _state(request, "store")
+
+
+def get_runner(request: Request) -> JobRunner:
+    return _state(request, "runner")
+
+
+def get_models(request: Request) -> ModelManager:
+    return _state(request, "models")
+
+
+def job_or_404(store: JobStore, job_id: str) -> dict:
+    job = store.get(job_id) if is_job_id(job_id) else None
+    if job is None:
+        raise HTTPException(404, f"no job {job_id[:64]!r}; GET /jobs lists the jobs")
+    return job

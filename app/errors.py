@@ -1,0 +1,103 @@
+"""One place that turns errors into answers: {"detail": "..."} with a 4xx for every user error.
+
+FaceID's domain errors (faceid.errors) map by type; request validation errors become one readable
+line that names the field (the structured list is kept under "errors", without echoing the input:
+it may be huge, or a NaN that JSON cannot carry); anything unexpected is a logged 500 that says
+nothing about the internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from faceid.errors import (CheckpointError, ConfigError, DataError, FaceIDError, ImageError,
+                           ImageTooLargeError, ModelNotReadyError)
+
+from app.jobs import JobStateError, QueueFullError
+from app.paths import FieldError
+
+log = logging.getLogger(__name__)
+
+# Most specific first.
+_STATUS: list[tuple[type[Exception], int]] = [
+    (ImageTooLargeError, 413),
+    (ImageError, 422),
+    (ModelNotReadyError, 503),
+    (CheckpointError, 409),
+    (ConfigError, 422),
+    (DataError, 422),
+    (FaceIDError, 400),
+    (JobStateError, 409),
+    (QueueFullError, 429),
+]
+
+
+def status_of(exc: Exception) -> int:
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code
+    return 500
+
+
+def _loc(loc: Any) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or "body"
+
+
+def validation_detail(errors: list[dict[str, Any]]) -> str:
+    lines = []
+    for err in errors[:5]:
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            msg = f"the body is not valid JSON ({ctx.get('error', 'decode error')})"
+        if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
+            msg = "a JSON body is required"
+        lines.append(f"{_loc(err.get('loc', ()))}: {msg}")
+    more = len(errors) - 5
+    return "; ".join(lines) + (f"; and {more} more" if more > 0 else "")
+
+
+def install(app: FastAPI) -> None:
+    async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+        code = status_of(exc)
+        body: dict[str, Any] = {"detail": str(exc)}
+        if isinstance(exc, FieldError):
+            body["field"] = exc.field
+        headers = {"Retry-After": "60"} if code in (429, 503) else None
+        return JSONResponse(body, status_code=code, headers=headers)
+
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        clean = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                  "type": str(e.get("type", ""))} for e in errors[:50]]
+        body: dict[str, Any] = {"detail": validation_detail(errors), "errors": clean}
+        if clean:
+            body["field"] = _loc(errors[0].get("loc", ()))
+        return JSONResponse(body, status_code=422)
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = str(exc.detail)
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.method} {request.url.path[:100]}; the routes are listed at /docs"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path[:100]}; see /docs"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error; the server log has the details"},
+                            status_code=500)
+
+    for cls in (FaceIDError, JobStateError, QueueFullError):
+        app.add_exception_handler(cls, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,109 @@
+"""Turn a POST /jobs body into the config a training process may run.
+
+Data paths in a request are relative to the data root. They are resolved with every symbolic link
+followed and must still lie inside the root afterwards, so neither `..`, an absolute path nor a
+link planted in the data folder can make a job read (or report on) files elsewhere. The service
+owns where a job writes: `ckpt_dir` is the job's folder and `resume` is set only by
+POST /jobs/{id}/resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, Optional
+
+from faceid.config import TrainConfig
+from faceid.errors import ConfigError
+
+
+class FieldError(ConfigError):
+    """A request field that the service refuses; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# Fields that would let a request choose where a job writes, or reach other machines.
+_SERVICE_MANAGED = {
+    "ckpt_dir": "the service writes each job's checkpoints to its own folder "
+                "(models/jobs/<id>/); leave ckpt_dir out",
+    "resume": "resume a job with POST /jobs/{id}/resume; leave resume out",
+}
+_SINGLE_NODE = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id")
+
+
+def confine(root: Path, value: str, field: str, kind: Literal["dir", "file"],
+            root_name: str = "the data root") -> Path:
+    """Resolve `value` (relative to `root`) to an existing path inside `root`, links followed.
+
+    Raises FieldError naming `field` when the value is absolute, contains `..`, does not exist,
+    is of the wrong kind, or resolves outside `root`.
+    """
+    if not value or not value.strip():
+        raise FieldError(field, f"is empty; give a path relative to {root_name}, for example "
+                         "'sample/train'")
+    if "\x00" in value:
+        raise FieldError(field, "contains a NUL character")
+    rel = PurePosixPath(value)
+    if rel.is_absolute() or value.startswith("~") or "\\" in value:
+        raise FieldError(field, f"{value!r} is not a relative path; give a path relative to "
+                         f"{root_name} ({root}), for example 'sample/train'")
+    if ".." in rel.parts:
+        raise FieldError(field, f"{value!r} contains '..'; give a path inside {root_name} without '..'")
+    try:
+        real_root = root.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise FieldError(field, f"{root_name} {root} does not exist; create it or set "
+                         "FACEID_DATA_DIR to the folder that holds your datasets") from None
+    try:
+        real = (real_root / rel).resolve(strict=True)
+    except FileNotFoundError:
+        raise FieldError(field, f"{value!r} does not exist in {root_name}; paths are relative to "
+                         f"{root}") from None
+    except (OSError, RuntimeError) as e:  # a link loop, a permission problem, a too-long name
+        raise FieldError(field, f"{value!r} cannot be resolved ({type(e).__name__})") from None
+    if not real.is_relative_to(real_root):
+        raise FieldError(field, f"{value!r} resolves outside {root_name} (through a symbolic link); "
+                         f"only data inside {root} can be used")
+    if kind == "dir" and not real.is_dir():
+        raise FieldError(field, f"{value!r} is not a folder; give an ImageFolder root (one "
+                         "sub-folder of images per identity)")
+    if kind == "file" and not real.is_file():
+        raise FieldError(field, f"{value!r} is not a file")
+    return real
+
+
+def _confine_weights(value: str, data_dir: Path, models_dir: Path) -> Path:
+    """pretrained_weights may live in the data root or in the models folder."""
+    first: Optional[FieldError] = None
+    for root, name in ((data_dir, "the data root"), (models_dir, "the models folder")):
+        try:
+            return confine(root, value, "pretrained_weights", "file", root_name=name)
+        except FieldError as e:
+            first = first or e
+    assert first is not None
+    raise first
+
+
+def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: Path) -> dict[str, Any]:
+    """The config (a JSON dict) the training process of a new job runs with: data paths resolved
+    and confined, ckpt_dir set to the job folder. Raises FieldError for a refused field."""
+    for name, why in _SERVICE_MANAGED.items():
+        if name in cfg.model_fields_set and getattr(cfg, name) not in (None, ""):
+            raise FieldError(name, f"is set by the service: {why}")
+    if cfg.nnodes != 1 or cfg.node_rank != 0 or cfg.rdzv_endpoint or cfg.rdzv_id:
+        bad = next(n for n in _SINGLE_NODE if n in cfg.model_fields_set)
+        raise FieldError(bad, "multi-node training is not started through the API; run "
+                         "`faceid train` under torchrun on each node instead")
+    out = cfg.to_json_dict()
+    out["train"] = str(confine(data_dir, cfg.train, "train", "dir"))
+    out["val"] = str(confine(data_dir, cfg.val, "val", "dir"))
+    if cfg.pairs_file is not None:
+        out["pairs_file"] = str(confine(data_dir, cfg.pairs_file, "pairs_file", "file"))
+    if cfg.pretrained_weights is not None:
+        out["pretrained_weights"] = str(_confine_weights(cfg.pretrained_weights, data_dir, models_dir))
+    out["ckpt_dir"] = str(job_dir)
+    out["resume"] = None
+    # Round-trip through the model so the stored config is one the trainer accepts.
+    return TrainConfig.model_validate(out).to_json_dict()

@@ -1,0 +1,1 @@
+"""HTTP routes: jobs, inference, models, health."""

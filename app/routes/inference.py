@@ -1,0 +1,117 @@
+"""POST /embed and POST /verify: multipart uploads, answered by the served model."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from typing import Any, Optional, Union
+
+from fastapi import APIRouter, Depends, Request
+
+from faceid.errors import ConfigError
+
+from app.deps import get_models, get_settings
+from app.paths import FieldError
+from app.routes.jobs import UNAUTHORIZED, error
+from app.schemas import EmbedOut, VerifyOut
+from app.serving import ModelManager
+from app.settings import Settings
+from app.uploads import read_form
+
+router = APIRouter(tags=["inference"])
+
+THRESHOLD_NAMES = ("acc", "far_1e-2", "far_1e-3")
+
+_IMAGE = {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP or BMP"}
+
+
+def _multipart(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": properties, "required": required}}}}}
+
+
+IMAGE_ERRORS = {
+    **UNAUTHORIZED,
+    400: error("a malformed multipart body", "the multipart body ended before its closing boundary; "
+               "the upload was cut off"),
+    413: error("a file over FACEID_MAX_UPLOAD_MB, or an image over FACEID_MAX_PIXELS",
+               "image too large: image1 is 20000x20000 = 400,000,000 pixels, over the limit of 40,000,000"),
+    415: error("not multipart/form-data", "send the image as multipart/form-data (field image), not "
+               "application/json; for example curl -F image=@photo.jpg"),
+    422: error("not a usable image, or a missing field", "not an image: image1; accepted formats are "
+               "JPEG, PNG, WebP, BMP"),
+    503: error("no model yet", "no model is loaded yet: train one with POST /jobs (it is served when the "
+               "job succeeds), serve a finished job with POST /models/{job_id}/activate, or start the "
+               "server with FACEID_CHECKPOINT=path/to/backbone_best.pt"),
+}
+
+
+def parse_threshold(raw: Optional[str]) -> Union[None, str, float]:
+    """The `threshold` form field: empty -> None (the model's `acc` threshold), a cosine value in
+    [-1, 1], or the name of an operating point the model carries (acc, far_1e-2, far_1e-3, and
+    pairs_acc for a model trained with a pairs file; GET /model lists them)."""
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip()
+    if re.fullmatch(r"[a-z][a-z0-9_.-]{0,31}", value) and value not in ("nan", "inf", "infinity"):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or not -1.0 <= number <= 1.0:
+        raise FieldError("threshold", f"{value[:40]!r} is neither a cosine value in [-1, 1] nor one of "
+                         f"{', '.join(THRESHOLD_NAMES)}")
+    return number
+
+
+def resolve_threshold(served: Any, threshold: Union[None, str, float]) -> None:
+    """Check the threshold against the model before any work: a name it lacks is a 422."""
+    try:
+        served.verifier.resolve_threshold(threshold)
+    except ConfigError:
+        names = sorted((served.verifier.info.get("thresholds") or {}).keys())
+        raise FieldError("threshold", f"{str(threshold)[:40]!r} is neither a cosine value in [-1, 1] nor "
+                         f"an operating point of this model ({', '.join(names)})") from None
+
+
+@router.post("/embed", response_model=EmbedOut, summary="Embed one face image",
+             openapi_extra=_multipart({"image": _IMAGE}, ["image"]), responses=IMAGE_ERRORS)
+async def embed(request: Request, settings: Settings = Depends(get_settings),
+                models: ModelManager = Depends(get_models)) -> EmbedOut:
+    """multipart field `image`. Returns its unit-norm embedding from the served model."""
+    served = models.require()  # 503 before reading an upload we could not use
+    parts = await read_form(request, files={"image"}, required={"image"},
+                            max_file_bytes=settings.max_upload_bytes)
+    image = await models.decode(bytes(parts["image"].data), "image")
+    vectors = await models.embed(served, [image])
+    vector = [float(x) for x in vectors[0]]
+    return EmbedOut(embedding=vector, dim=len(vector), model=served.id)
+
+
+@router.post("/verify", response_model=VerifyOut, summary="Are two face images the same person?",
+             openapi_extra=_multipart({
+                 "image1": _IMAGE, "image2": _IMAGE,
+                 "threshold": {"type": "string", "examples": ["acc", "far_1e-3", "0.35"],
+                               "description": "a cosine value in [-1, 1] or acc | far_1e-2 | far_1e-3 "
+                                              "(default acc: the model's best-accuracy threshold); "
+                                              "GET /model lists the model's named thresholds"}},
+                 ["image1", "image2"]),
+             responses=IMAGE_ERRORS)
+async def verify(request: Request, settings: Settings = Depends(get_settings),
+                 models: ModelManager = Depends(get_models)) -> VerifyOut:
+    """multipart fields `image1`, `image2`, optional `threshold`. `match` is
+    `similarity >= threshold`, the cosine similarity of the two embeddings."""
+    served = models.require()
+    parts = await read_form(request, files={"image1", "image2"}, fields={"threshold"},
+                            required={"image1", "image2"}, max_file_bytes=settings.max_upload_bytes)
+    raw = parts.get("threshold")
+    threshold = parse_threshold(raw.data.decode("utf-8", errors="replace") if raw else None)
+    resolve_threshold(served, threshold)
+    img1, img2 = await asyncio.gather(models.decode(bytes(parts["image1"].data), "image1"),
+                                      models.decode(bytes(parts["image2"].data), "image2"))
+    vectors = await models.embed(served, [img1, img2])
+    result = served.verifier.compare(vectors[0], vectors[1], threshold)
+    return VerifyOut(similarity=result["similarity"], threshold=result["threshold"],
+                     threshold_name=result["threshold_name"], match=bool(result["match"]), model=served.id)

@@ -1,0 +1,50 @@
+"""GET /model and POST /models/{job_id}/activate: which model answers /embed and /verify."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import get_models, get_store, job_or_404
+from app.jobs import JobStore
+from app.routes.jobs import JOB_ID, NOT_FOUND, UNAUTHORIZED, error
+from app.schemas import ModelOut, iso
+from app.serving import ModelManager, ServedModel
+
+router = APIRouter(tags=["models"])
+
+NO_MODEL = {503: error("no model yet", "no model is loaded yet: train one with POST /jobs ...")}
+
+
+def model_out(served: ServedModel) -> ModelOut:
+    info = served.describe()
+    return ModelOut(**{**info, "loaded_at": iso(info["loaded_at"])})
+
+
+@router.get("/model", response_model=ModelOut, summary="The served model",
+            responses={**UNAUTHORIZED, **NO_MODEL})
+def get_model(models: ModelManager = Depends(get_models)) -> ModelOut:
+    """The model /embed and /verify use: its job, checkpoint, metrics, thresholds, image size."""
+    return model_out(models.require())
+
+
+@router.post(
+    "/models/{job_id}/activate", response_model=ModelOut, summary="Serve a finished job's model",
+    responses={**UNAUTHORIZED, **NOT_FOUND,
+               409: error("the job has no usable model", "job 3f2b... is running; only a succeeded job "
+                          "has a model to serve")})
+async def activate(job_id: Annotated[str, JOB_ID],
+                   pin: Annotated[bool, Query(description="keep this model when later jobs succeed "
+                                                          "(false: the next succeeded job replaces it)")] = True,
+                   models: ModelManager = Depends(get_models),
+                   store: JobStore = Depends(get_store)) -> ModelOut:
+    """Loads the job's best checkpoint completely, then switches to it: requests in flight
+    finish on the previous model. A checkpoint that cannot be loaded leaves the current model."""
+    await run_in_threadpool(job_or_404, store, job_id)
+    try:
+        served = await run_in_threadpool(models.activate, job_id, pin)
+    except KeyError:
+        raise HTTPException(404, f"no job {job_id[:64]!r}; GET /jobs lists the jobs") from None
+    return model_out(served)

@@ -1,0 +1,173 @@
+"""Request and response models of the REST API (the POST /jobs body is faceid.config.TrainConfig)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+
+_JOB_ID = "3f2b9c0e5d8a4e1f9a7b6c5d4e3f2a1b"
+
+
+def iso(ts: Optional[float]) -> Optional[str]:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what went wrong and how to fix it")
+    field: Optional[str] = Field(None, description="the request field at fault, when there is one")
+
+
+class Progress(BaseModel):
+    epoch: Optional[int] = Field(None, description="current epoch, 1-based (0 before the first step)")
+    epochs: Optional[int] = None
+    step: Optional[int] = Field(None, description="step within the epoch, 1-based")
+    steps: Optional[int] = Field(None, description="steps per epoch")
+    percent: Optional[float] = Field(None, description="of the whole run, 0-100")
+    loss: Optional[float] = None
+    images_per_s: Optional[float] = None
+    lr: Optional[float] = None
+    eta_s: Optional[float] = Field(None, description="estimated seconds left")
+    updated_at: Optional[str] = None
+
+
+class Best(BaseModel):
+    epoch: Optional[int] = None
+    metric: Optional[str] = Field(None, description="the config's best_metric")
+    value: Optional[float] = None
+    checkpoint: Optional[str] = None
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": _JOB_ID, "status": "running", "created_at": "2025-01-01T12:00:00+00:00",
+        "started_at": "2025-01-01T12:00:01+00:00", "finished_at": None,
+        "config": {"preset": "cpu-small", "train": "/srv/data/sample/train", "epochs": 2, "...": "..."},
+        "progress": {"epoch": 1, "epochs": 2, "step": 3, "steps": 4, "percent": 37.5, "loss": 9.81,
+                     "images_per_s": 95.2, "lr": 0.0009, "eta_s": 20.5,
+                     "updated_at": "2025-01-01T12:00:09+00:00"},
+        "metrics": [{"epoch": 1, "train_loss": 10.2, "lr": 0.001, "acc": 0.64, "th": 0.41, "auc": 0.69,
+                     "tar_1e-2": 0.05, "tar_1e-3": 0.01, "is_best": True}],
+        "best": {"epoch": 1, "metric": "acc", "value": 0.64,
+                 "checkpoint": f"/srv/models/jobs/{_JOB_ID}/backbone_best.pt"},
+        "thresholds": {"acc": 0.41, "far_1e-2": 0.78, "far_1e-3": 0.86},
+        "checkpoint": None, "error": None, "error_kind": None, "exit_code": None, "attempts": 1,
+        "cancel_requested": False, "device": "cpu"}]})
+
+    id: str
+    status: JobStatus
+    created_at: Optional[str] = None
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    config: dict[str, Any] = Field(description="the TrainConfig the training process runs with "
+                                   "(data paths resolved, ckpt_dir = the job's folder)")
+    progress: Optional[Progress] = None
+    metrics: list[dict[str, Any]] = Field(default_factory=list,
+                                          description="one record per finished epoch (train_loss, lr, acc, "
+                                          "th, auc, tar_1e-2, tar_1e-3, ...)")
+    best: Optional[Best] = None
+    thresholds: Optional[dict[str, Optional[float]]] = Field(
+        None, description="cosine thresholds of the best epoch: acc, far_1e-2, far_1e-3")
+    checkpoint: Optional[str] = Field(None, description="the best checkpoint (backbone_best.pt) once there is one")
+    last_checkpoint: Optional[str] = Field(None, description="last.pt, which resume continues from")
+    error: Optional[str] = None
+    error_kind: Optional[str] = Field(None, description="data, config, checkpoint, cancelled or internal")
+    exit_code: Optional[int] = Field(None, description="of the training process (negative: killed by that signal)")
+    attempts: int = Field(0, description="how many times the job was started (resumes add one)")
+    cancel_requested: bool = False
+    device: Optional[str] = None
+
+    @classmethod
+    def from_job(cls, job: dict[str, Any]) -> "JobOut":
+        progress = job.get("progress")
+        if progress:
+            progress = {**progress, "updated_at": iso(progress.get("updated_at"))
+                        if isinstance(progress.get("updated_at"), (int, float)) else None}
+        return cls(id=job["id"], status=job["status"], created_at=iso(job["created_at"]),
+                   started_at=iso(job["started_at"]), finished_at=iso(job["finished_at"]),
+                   config=job["config"], progress=progress, metrics=job.get("metrics") or [],
+                   best=job.get("best"), thresholds=job.get("thresholds"), checkpoint=job.get("checkpoint"),
+                   last_checkpoint=job.get("last_checkpoint"), error=job.get("error"),
+                   error_kind=job.get("error_kind"), exit_code=job.get("exit_code"),
+                   attempts=job.get("attempts") or 0, cancel_requested=bool(job.get("cancel_requested")),
+                   device=job.get("device"))
+
+
+class JobList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "jobs": ["... JobOut, newest first ..."], "total": 1, "limit": 50, "offset": 0}]})
+
+    jobs: list[JobOut]
+    total: int = Field(description="jobs matching the filter")
+    limit: int
+    offset: int
+
+
+class JobLogs(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": _JOB_ID, "lines": ["--- attempt 1 started 2025-01-01T12:00:01+0000 ---",
+                                 "2025-01-01 12:00:05 INFO faceid.cli: epoch 1/2 step 1/4 loss 10.2"]}]})
+
+    id: str
+    lines: list[str] = Field(description="the last lines of the training process's output (stdout and stderr)")
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [{
+        "id": _JOB_ID, "job_id": _JOB_ID, "checkpoint": f"/srv/models/jobs/{_JOB_ID}/backbone_best.pt",
+        "source": "job", "pinned": False, "loaded_at": "2025-01-01T12:05:00+00:00", "epoch": 2,
+        "metrics": {"acc": 0.66, "th": 0.42, "auc": 0.71, "tar_1e-2": 0.06, "tar_1e-3": 0.01},
+        "thresholds": {"acc": 0.42, "far_1e-2": 0.77, "far_1e-3": 0.85}, "img_size": 64,
+        "embedding_size": 512, "arch": "resnet50", "train_mode": "arcface"}]})
+
+    id: str = Field(description="the job id, or checkpoint-<hash> for a file served with FACEID_CHECKPOINT")
+    job_id: Optional[str] = None
+    checkpoint: str
+    source: str = Field(description="job (newest succeeded job), activated, or env (FACEID_CHECKPOINT)")
+    pinned: bool = Field(description="a pinned model is not replaced when a new job succeeds")
+    loaded_at: Optional[str] = None
+    epoch: Optional[int] = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    thresholds: dict[str, Optional[float]] = Field(default_factory=dict)
+    img_size: Optional[int] = None
+    embedding_size: Optional[int] = None
+    arch: Optional[str] = None
+    train_mode: Optional[str] = None
+
+
+class EmbedOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "embedding": [0.0123, -0.0456, "... 512 values"], "dim": 512, "model": _JOB_ID}]})
+
+    embedding: list[float] = Field(description="unit-norm embedding")
+    dim: int
+    model: str = Field(description="id of the model that answered (see GET /model)")
+
+
+class VerifyOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "similarity": 0.83, "threshold": 0.42, "threshold_name": "acc", "match": True, "model": _JOB_ID}]})
+
+    similarity: float = Field(description="cosine similarity of the two embeddings, in [-1, 1]")
+    threshold: float
+    threshold_name: str = Field(description="acc, far_1e-2, far_1e-3, or custom for a number you sent")
+    match: bool = Field(description="similarity >= threshold")
+    model: str
+
+
+class HealthOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok", "version": "0.1.0"}]})
+
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class ReadyOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"ready": True, "model": _JOB_ID, "detail": None}]})
+
+    ready: bool
+    model: Optional[str] = None
+    detail: Optional[str] = None

@@ -1,0 +1,270 @@
+"""The served model: which checkpoint answers /embed and /verify, and the thread that runs it.
+
+- A switch is atomic: the new Verifier is built completely, then one reference is replaced. A
+  request holds the `ServedModel` it started with, so requests in flight finish on the old model.
+- Every forward pass runs on one worker thread, off the event loop, so torch never competes with
+  itself for the cores and `/health` stays quick under load. Requests that arrive while it is busy
+  are embedded together in the next batch (up to FACEID_BATCH_MAX_SIZE images, waiting at most
+  FACEID_BATCH_WAIT_MS for more).
+- The choice survives a restart: the served checkpoint is remembered in the job database.
+
+torch is imported only here, lazily, through faceid.inference: routes never import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import anyio
+
+from faceid.errors import CheckpointError, FaceIDError, ModelNotReadyError
+
+from app.jobs import JobStateError, JobStore
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "served_model"
+ENV_STATE_KEY = "env_checkpoint_applied"
+
+# (checkpoint path, device) -> an object with embed(images), compare(e1, e2, threshold),
+# resolve_threshold(threshold) and info, as faceid.inference.Verifier (docs/CONTRACTS.md, 3).
+VerifierLoader = Callable[[Path, str], Any]
+
+
+def load_verifier(path: Path, device: str) -> Any:
+    from faceid.inference import Verifier
+
+    return Verifier.from_checkpoint(path, device=device)
+
+
+def open_upload(data: bytes, *, max_pixels: int, name: str) -> Any:
+    from faceid.images import open_image
+
+    return open_image(bytes(data), max_pixels=max_pixels, name=name)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str                     # the job id, or "checkpoint-<hash>" for a file given at start
+    job_id: Optional[str]
+    checkpoint: str
+    source: str                 # "job" (newest succeeded job), "activated", "env" (FACEID_CHECKPOINT)
+    pinned: bool
+    loaded_at: float
+    verifier: Any
+
+    def describe(self) -> dict[str, Any]:
+        info = dict(self.verifier.info)
+        return {"id": self.id, "job_id": self.job_id, "checkpoint": self.checkpoint, "source": self.source,
+                "pinned": self.pinned, "loaded_at": self.loaded_at,
+                "epoch": info.get("epoch"), "metrics": info.get("metrics") or {},
+                "thresholds": info.get("thresholds") or {}, "img_size": info.get("img_size"),
+                "embedding_size": info.get("embedding_size"), "arch": info.get("arch"),
+                "train_mode": info.get("train_mode")}
+
+
+def _checkpoint_id(path: Path) -> str:
+    return "checkpoint-" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+
+
+class _Work:
+    __slots__ = ("verifier", "images", "future")
+
+    def __init__(self, verifier: Any, images: Sequence[Any]) -> None:
+        self.verifier = verifier
+        self.images = list(images)
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+
+
+class EmbedWorker:
+    """One thread that runs every forward pass, batching requests that wait."""
+
+    def __init__(self, max_batch: int = 16, wait_ms: float = 2.0) -> None:
+        self.max_batch = max(1, max_batch)
+        self.wait_s = max(0.0, wait_ms) / 1000.0
+        self._queue: queue.Queue[Optional[_Work]] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="faceid-embed", daemon=True)
+        self._thread.start()
+
+    async def embed(self, verifier: Any, images: Sequence[Any]) -> Any:
+        """float32 [N, D] unit-norm embeddings of `images`, computed on the worker thread."""
+        work = _Work(verifier, images)
+        self._queue.put(work)
+        return await asyncio.wrap_future(work.future)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        carry: Optional[_Work] = None
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            carry = None
+            if first is None:
+                return
+            batch = [first] if first.future.set_running_or_notify_cancel() else []
+            size = len(first.images) if batch else 0
+            deadline = time.monotonic() + self.wait_s
+            stop = False
+            while size < self.max_batch:
+                timeout = deadline - time.monotonic()
+                try:
+                    nxt = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                if not batch:
+                    if nxt.future.set_running_or_notify_cancel():
+                        batch, size = [nxt], len(nxt.images)
+                    continue
+                if nxt.verifier is not batch[0].verifier or size + len(nxt.images) > self.max_batch:
+                    carry = nxt  # a different model, or no room: it starts the next batch
+                    break
+                if nxt.future.set_running_or_notify_cancel():
+                    batch.append(nxt)
+                    size += len(nxt.images)
+            if batch:
+                self._run(batch)
+            if stop:
+                return
+
+    @staticmethod
+    def _run(batch: list[_Work]) -> None:
+        images = [im for work in batch for im in work.images]
+        try:
+            embeddings = batch[0].verifier.embed(images)
+        except BaseException as e:  # handed to every waiting request
+            for work in batch:
+                work.future.set_exception(e)
+            return
+        start = 0
+        for work in batch:
+            work.future.set_result(embeddings[start:start + len(work.images)])
+            start += len(work.images)
+
+
+class ModelManager:
+    """Owns the served model: chooses it at start, switches it, and runs inference."""
+
+    def __init__(self, settings: Settings, store: JobStore, loader: Optional[VerifierLoader] = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.loader = loader or load_verifier
+        self._current: Optional[ServedModel] = None
+        self._switch = threading.Lock()  # one load at a time; readers never wait for it
+        self.last_error: Optional[str] = None
+        self._worker = EmbedWorker(settings.batch_max_size, settings.batch_wait_ms)
+        # Decoding is CPU work too; bound how many images are decoded at once (and held in memory).
+        self._decode_limiter = anyio.CapacityLimiter(2)
+
+    # -- which model ------------------------------------------------------------------------
+
+    @property
+    def current(self) -> Optional[ServedModel]:
+        return self._current
+
+    def require(self) -> ServedModel:
+        model = self._current
+        if model is None:
+            hint = ("no model is loaded yet: train one with POST /jobs (it is served when the job "
+                    "succeeds), serve a finished job with POST /models/{job_id}/activate, or start the "
+                    "server with FACEID_CHECKPOINT=path/to/backbone_best.pt")
+            if self.last_error:
+                hint += f" (the last load failed: {self.last_error})"
+            raise ModelNotReadyError(hint)
+        return model
+
+    def load(self, path: Path, *, job_id: Optional[str], source: str, pinned: bool,
+             unless_pinned: bool = False) -> Optional[ServedModel]:
+        """Build the Verifier for `path`, then make it the served model. Raises CheckpointError
+        (the current model stays). With `unless_pinned`, a pinned model is kept (returns None)."""
+        with self._switch:
+            if unless_pinned and self._current is not None and self._current.pinned:
+                log.info("keeping the pinned model %s; %s is not served", self._current.id, path)
+                return None
+            try:
+                verifier = self.loader(Path(path), self.settings.device)
+            except FaceIDError as e:
+                self.last_error = str(e)
+                raise
+            served = ServedModel(id=job_id or _checkpoint_id(Path(path)), job_id=job_id,
+                                 checkpoint=str(path), source=source, pinned=pinned,
+                                 loaded_at=time.time(), verifier=verifier)
+            self._current = served  # the switch: one reference assignment
+            self.last_error = None
+            self.store.set_state(STATE_KEY, {"checkpoint": str(path), "job_id": job_id, "source": source,
+                                             "pinned": pinned})
+        log.info("serving %s (%s)", served.id, path)
+        return served
+
+    def start(self) -> None:
+        """At server start: FACEID_CHECKPOINT when it changed since it was last applied, else the
+        model served before the restart, else the newest succeeded job's checkpoint."""
+        env = self.settings.checkpoint
+        if env is not None:
+            env_path = env.expanduser().absolute()
+            if self.store.get_state(ENV_STATE_KEY) != str(env_path) or self.store.get_state(STATE_KEY) is None:
+                try:
+                    self.load(env_path, job_id=None, source="env", pinned=False)
+                    self.store.set_state(ENV_STATE_KEY, str(env_path))
+                    return
+                except FaceIDError as e:
+                    log.error("FACEID_CHECKPOINT %s cannot be served: %s", env_path, e)
+        remembered = self.store.get_state(STATE_KEY)
+        if remembered:
+            try:
+                self.load(Path(remembered["checkpoint"]), job_id=remembered.get("job_id"),
+                          source=remembered.get("source", "job"), pinned=bool(remembered.get("pinned")))
+                return
+            except FaceIDError as e:
+                log.error("the model served before the restart cannot be loaded: %s", e)
+        jobs, _ = self.store.list(status="succeeded", limit=1)
+        if jobs and jobs[0].get("checkpoint"):
+            try:
+                self.load(Path(jobs[0]["checkpoint"]), job_id=jobs[0]["id"], source="job", pinned=False)
+            except FaceIDError as e:
+                log.error("job %s's checkpoint cannot be served: %s", jobs[0]["id"], e)
+
+    def on_job_succeeded(self, job: dict[str, Any]) -> None:
+        """Called by the runner: serve the new job's best checkpoint unless a model is pinned."""
+        self.load(Path(job["checkpoint"]), job_id=job["id"], source="job", pinned=False, unless_pinned=True)
+
+    def activate(self, job_id: str, pin: bool = True) -> ServedModel:
+        job = self.store.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job["status"] != "succeeded" or not job.get("checkpoint"):
+            raise JobStateError(f"job {job_id} is {job['status']}; only a succeeded job has a model to serve")
+        try:
+            served = self.load(Path(job["checkpoint"]), job_id=job_id, source="activated", pinned=pin)
+            assert served is not None
+            return served
+        except CheckpointError as e:
+            raise CheckpointError(f"job {job_id}'s checkpoint cannot be served ({e}); the current model "
+                                  "stays") from None
+
+    # -- inference ---------------------------------------------------------------------------
+
+    async def decode(self, data: bytes, name: str) -> Any:
+        return await anyio.to_thread.run_sync(
+            lambda: open_upload(data, max_pixels=self.settings.max_pixels, name=name),
+            limiter=self._decode_limiter)
+
+    async def embed(self, model: ServedModel, images: Sequence[Any]) -> Any:
+        return await self._worker.embed(model.verifier, images)
+
+    def close(self) -> None:
+        self._worker.close()

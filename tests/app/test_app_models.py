@@ -1,0 +1,166 @@
+"""GET /model, POST /models/{job_id}/activate, FACEID_CHECKPOINT and the served model across restarts."""
+
+from __future__ import annotations
+
+import pytest
+
+from service_helpers import MODE, face_like, running, wait_job, write_fake_checkpoint
+
+pytestmark = pytest.mark.anyio
+
+
+async def _train(client, job_body, **changes) -> dict:
+    job = (await client.post("/jobs", json={**job_body, **changes})).json()
+    return await wait_job(client, job["id"])
+
+
+async def test_get_model_describes_it(make_app, job_body):
+    async with running(make_app()) as client:
+        r = await client.get("/model")
+        assert r.status_code == 503 and "POST /jobs" in r.json()["detail"]
+        job = await _train(client, job_body)
+        r = await client.get("/model")
+        assert r.status_code == 200
+        model = r.json()
+        assert model["id"] == job["id"] == model["job_id"]
+        assert model["checkpoint"] == job["checkpoint"]
+        assert model["thresholds"] == {"acc": 0.5, "far_1e-2": 0.8, "far_1e-3": 0.9}
+        assert model["img_size"] == 32 and model["embedding_size"] == 12 and model["epoch"] == 2
+        assert model["metrics"]["acc"] == pytest.approx(0.62)
+        assert model["loaded_at"]
+
+
+async def test_activate_pins_and_pin_false_follows(make_app, job_body):
+    async with running(make_app()) as client:
+        first = await _train(client, job_body)
+        second = await _train(client, job_body)
+        assert (await client.get("/model")).json()["job_id"] == second["id"]
+        r = await client.post(f"/models/{first['id']}/activate")
+        assert r.status_code == 200, r.text
+        assert r.json()["job_id"] == first["id"] and r.json()["pinned"] is True
+        assert r.json()["source"] == "activated"
+        third = await _train(client, job_body)
+        assert (await client.get("/model")).json()["job_id"] == first["id"]  # pinned stays
+        r = await client.post(f"/models/{second['id']}/activate", params={"pin": "false"})
+        assert r.json()["pinned"] is False
+        fourth = await _train(client, job_body)
+        assert third["status"] == fourth["status"] == "succeeded"
+        assert (await client.get("/model")).json()["job_id"] == fourth["id"]
+
+
+async def test_activate_errors(make_app, job_body):
+    async with running(make_app()) as client:
+        r = await client.post(f"/models/{'0' * 32}/activate")
+        assert r.status_code == 404
+        r = await client.post("/models/not-an-id/activate")
+        assert r.status_code == 404
+        failed = await _train(client, job_body, seed=MODE.DATA_ERROR)
+        r = await client.post(f"/models/{failed['id']}/activate")
+        assert r.status_code == 409 and "failed" in r.json()["detail"]
+        slow = (await client.post("/jobs", json={**job_body, "seed": MODE.SLOW})).json()
+        r = await client.post(f"/models/{slow['id']}/activate")
+        assert r.status_code == 409
+        await client.post(f"/jobs/{slow['id']}/cancel")
+
+
+async def test_corrupt_checkpoint_is_refused_and_current_model_stays(make_app, job_body):
+    async with running(make_app()) as client:
+        good = await _train(client, job_body)
+        other = await _train(client, job_body)
+        with open(good["checkpoint"], "wb") as f:
+            f.write(b"\x00garbage")
+        r = await client.post(f"/models/{good['id']}/activate")
+        assert r.status_code == 409 and "cannot be served" in r.json()["detail"]
+        assert (await client.get("/model")).json()["job_id"] == other["id"]
+        r = await client.post("/embed", files={"image": ("a.png", face_like(1))})
+        assert r.status_code == 200 and r.json()["model"] == other["id"]
+
+
+async def test_served_model_survives_restart(make_app, make_settings, job_body):
+    settings = make_settings()
+    async with running(make_app(settings)) as client:
+        first = await _train(client, job_body)
+        await _train(client, job_body)
+        await client.post(f"/models/{first['id']}/activate")
+    async with running(make_app(settings)) as client:
+        model = (await client.get("/model")).json()
+        assert model["job_id"] == first["id"] and model["pinned"] is True
+        assert len((await client.get("/jobs")).json()["jobs"]) == 2  # history kept
+
+
+async def test_checkpoint_from_environment(make_app, make_settings, job_body, tmp_path):
+    given = write_fake_checkpoint(tmp_path / "given" / "model.pt")
+    settings = make_settings(checkpoint=given)
+    async with running(make_app(settings)) as client:
+        model = (await client.get("/model")).json()
+        assert model["source"] == "env" and model["job_id"] is None and model["checkpoint"] == str(given)
+        job = await _train(client, job_body)  # a newer model replaces it (not pinned)
+        assert (await client.get("/model")).json()["job_id"] == job["id"]
+    # same FACEID_CHECKPOINT at the next start: the model served before the restart stays
+    async with running(make_app(settings)) as client:
+        assert (await client.get("/model")).json()["job_id"] == job["id"]
+    # a changed FACEID_CHECKPOINT is the operator's new choice
+    newer = write_fake_checkpoint(tmp_path / "given" / "newer.pt", epoch=7)
+    async with running(make_app(make_settings(checkpoint=newer))) as client:
+        model = (await client.get("/model")).json()
+        assert model["checkpoint"] == str(newer) and model["epoch"] == 7
+
+
+async def test_bad_checkpoint_at_start_leaves_server_up(make_app, make_settings, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    async with running(make_app(make_settings(checkpoint=bad))) as client:
+        assert (await client.get("/health")).status_code == 200
+        r = await client.get("/ready")
+        assert r.status_code == 503 and "cannot read checkpoint" in r.json()["detail"]
+        r = await client.post("/embed", files={"image": ("a.png", face_like(1))})
+        assert r.status_code == 503 and "last load failed" in r.json()["detail"]
+
+
+async def test_missing_remembered_checkpoint_falls_back_to_newest_job(make_app, make_settings, job_body):
+    settings = make_settings()
+    async with running(make_app(settings)) as client:
+        first = await _train(client, job_body)
+        second = await _train(client, job_body)
+        await client.post(f"/models/{first['id']}/activate")
+    import os
+
+    os.remove(first["checkpoint"])
+    async with running(make_app(settings)) as client:
+        assert (await client.get("/model")).json()["job_id"] == second["id"]
+
+
+async def test_switch_is_atomic_for_requests_in_flight(make_settings, tmp_path):
+    """A request that started on model A answers from A even if B is served meanwhile."""
+    import time
+
+    import anyio
+
+    from app.main import create_app
+    from service_helpers import FakeVerifier
+
+    class SlowVerifier(FakeVerifier):
+        def embed(self, images):
+            time.sleep(0.5)
+            return super().embed(images)
+
+    a = write_fake_checkpoint(tmp_path / "a.pt")
+    b = write_fake_checkpoint(tmp_path / "b.pt", epoch=2)
+    app = create_app(make_settings(checkpoint=a), verifier_loader=lambda path, device: SlowVerifier(path))
+    async with running(app) as client:
+        model_a = (await client.get("/model")).json()["id"]
+        answers = {}
+
+        async def in_flight():
+            answers["first"] = await client.post("/embed", files={"image": ("a.png", face_like(1))})
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(in_flight)
+            await anyio.sleep(0.15)
+            await anyio.to_thread.run_sync(
+                lambda: app.state.models.load(b, job_id=None, source="env", pinned=False))
+        model_b = (await client.get("/model")).json()["id"]
+        assert model_b != model_a
+        assert answers["first"].status_code == 200 and answers["first"].json()["model"] == model_a
+        r = await client.post("/embed", files={"image": ("a.png", face_like(1))})
+        assert r.json()["model"] == model_b

@@ -1,0 +1,252 @@
+"""The job runner with the fake trainer: success, failures, crashes, cancel, restart and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from app.jobs import EventTail, JobProgress, JobStore, tail_lines
+from app.paths import job_config
+from faceid.config import TrainConfig
+from service_helpers import FAKE_TRAINER, MODE, running, wait_for, wait_job
+
+pytestmark = pytest.mark.anyio
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); read its state
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+async def test_failure_carries_the_trainers_error(make_app, job_body):
+    async with running(make_app()) as client:
+        job = (await client.post("/jobs", json={**job_body, "seed": MODE.DATA_ERROR})).json()
+        done = await wait_job(client, job["id"])
+        assert done["status"] == "failed"
+        assert done["error"] == "--train /nowhere has no identity folders; give an ImageFolder root"
+        assert done["error_kind"] == "data" and done["exit_code"] == 2
+
+
+async def test_crash_without_event_reports_last_output(make_app, job_body):
+    async with running(make_app()) as client:
+        job = (await client.post("/jobs", json={**job_body, "seed": MODE.CRASH})).json()
+        done = await wait_job(client, job["id"])
+        assert done["status"] == "failed" and done["exit_code"] == 1
+        assert "exited with code 1" in done["error"]
+        assert "RuntimeError: fake internal failure" in done["error"]
+
+
+async def test_killed_by_signal_then_next_job_runs(make_app, job_body):
+    async with running(make_app()) as client:
+        killed = (await client.post("/jobs", json={**job_body, "seed": MODE.KILLED})).json()
+        nxt = (await client.post("/jobs", json=job_body)).json()
+        done = await wait_job(client, killed["id"])
+        assert done["status"] == "failed" and done["exit_code"] == -signal.SIGKILL
+        assert "SIGKILL" in done["error"] and "out-of-memory" in done["error"]
+        assert (await client.get("/health")).status_code == 200
+        assert (await wait_job(client, nxt["id"]))["status"] == "succeeded"
+
+
+async def test_exit_zero_without_checkpoint_is_failed(make_app, job_body):
+    async with running(make_app()) as client:
+        job = (await client.post("/jobs", json={**job_body, "seed": MODE.NO_CHECKPOINT})).json()
+        done = await wait_job(client, job["id"])
+        assert done["status"] == "failed" and "backbone_best.pt" in done["error"]
+        assert (await client.get("/model")).status_code == 503
+
+
+async def test_trainer_that_cannot_start_fails_the_job(make_app, job_body, tmp_path):
+    app = make_app(trainer_cmd=(str(tmp_path / "no-such-python"),))
+    async with running(app) as client:
+        job = (await client.post("/jobs", json=job_body)).json()
+        done = await wait_job(client, job["id"])
+        assert done["status"] == "failed" and "could not start" in done["error"]
+
+
+async def test_cancel_running_job_stops_its_process_group(make_app, job_body, tmp_path):
+    async with running(make_app()) as client:
+        job = (await client.post("/jobs", json={**job_body, "seed": MODE.SLOW})).json()
+        running_job = await wait_job(client, job["id"], until=("running",))
+        folder = tmp_path / "models" / "jobs" / job["id"]
+        await wait_for(lambda: (folder / "child.pid").exists(), what="the grandchild")
+        await wait_for(lambda: (folder / "events.jsonl").exists() and "progress" in (folder / "events.jsonl").read_text(),
+                       what="progress")
+        child = int((folder / "child.pid").read_text())
+        for _ in range(200):  # the runner records progress while the job runs
+            trainer = (await client.get(f"/jobs/{job['id']}")).json()
+            if (trainer["progress"] or {}).get("step", 0) >= 1:
+                break
+            await anyio.sleep(0.02)
+        assert trainer["progress"]["step"] >= 1 and running_job["started_at"]
+        r = await client.post(f"/jobs/{job['id']}/cancel")
+        assert r.status_code == 202 and r.json()["cancel_requested"] is True
+        done = await wait_job(client, job["id"])
+        assert done["status"] == "cancelled" and done["exit_code"] == 143 and done["error"] is None
+        await wait_for(lambda: not _alive(child), what="the grandchild to be killed")
+        # it saved last.pt on SIGTERM, so it can be resumed
+        assert (folder / "last.pt").exists()
+        r = await client.post(f"/jobs/{job['id']}/resume")
+        assert r.status_code == 202 and r.json()["status"] == "queued"
+        done = await wait_job(client, job["id"])
+        assert done["status"] == "succeeded" and done["attempts"] == 2
+
+
+async def test_cancel_escalates_to_sigkill(make_app, job_body, tmp_path):
+    async with running(make_app(cancel_grace_s=0.3)) as client:
+        job = (await client.post("/jobs", json={**job_body, "seed": MODE.STUBBORN})).json()
+        await wait_job(client, job["id"], until=("running",))
+        folder = tmp_path / "models" / "jobs" / job["id"]
+        await wait_for(lambda: (folder / "child.pid").exists(), what="the grandchild")
+        child = int((folder / "child.pid").read_text())
+        t0 = time.monotonic()
+        await client.post(f"/jobs/{job['id']}/cancel")
+        done = await wait_job(client, job["id"])
+        assert done["status"] == "cancelled" and done["exit_code"] == -signal.SIGKILL
+        assert time.monotonic() - t0 < 5
+        await wait_for(lambda: not _alive(child), what="the grandchild to be killed")
+
+
+async def test_served_model_follows_succeeded_jobs(make_app, job_body):
+    async with running(make_app()) as client:
+        assert (await client.get("/model")).status_code == 503
+        first = (await client.post("/jobs", json=job_body)).json()
+        await wait_job(client, first["id"])
+        # served before `succeeded` is visible
+        model = (await client.get("/model")).json()
+        assert model["job_id"] == first["id"] and model["source"] == "job" and not model["pinned"]
+        second = (await client.post("/jobs", json=job_body)).json()
+        await wait_job(client, second["id"])
+        assert (await client.get("/model")).json()["job_id"] == second["id"]
+
+
+async def test_server_stop_interrupts_running_job(make_app, job_body, make_settings):
+    settings = make_settings()
+    async with running(make_app(settings)) as client:
+        job = (await client.post("/jobs", json={**job_body, "seed": MODE.SLOW})).json()
+        await wait_job(client, job["id"], until=("running",))
+        await wait_for(lambda: "progress" in (settings.jobs_dir / job["id"] / "events.jsonl").read_text()
+                       if (settings.jobs_dir / job["id"] / "events.jsonl").exists() else False, what="progress")
+    # the lifespan ended: the trainer got SIGTERM, saved last.pt, and the job is resumable
+    async with running(make_app(settings)) as client:
+        job = (await client.get(f"/jobs/{job['id']}")).json()
+        assert job["status"] == "interrupted" and "resume" in job["error"]
+        r = await client.post(f"/jobs/{job['id']}/resume")
+        assert r.status_code == 202, r.text
+        assert r.json()["config"]["resume"].endswith("last.pt")
+        done = await wait_job(client, job["id"])
+        assert done["status"] == "succeeded" and done["attempts"] == 2
+        logs = (await client.get(f"/jobs/{job['id']}/logs")).json()["lines"]
+        assert any(line.startswith("--- attempt 2") for line in logs)
+        assert any(line.startswith("resuming from") for line in logs)
+
+
+async def test_restart_after_server_died_marks_interrupted_and_resumes(make_settings, make_app, job_body):
+    """A server killed with SIGKILL leaves a `running` row and an orphaned trainer: the next start
+    marks the job interrupted and stops the orphan (which saves last.pt); resume continues."""
+    settings = make_settings()
+    settings.jobs_dir.mkdir(parents=True)
+    store = JobStore(settings.db_path)
+    job_id = "a" * 32
+    folder = settings.jobs_dir / job_id
+    folder.mkdir()
+    config = job_config(TrainConfig(**{**job_body, "seed": MODE.SLOW}), data_dir=settings.data_dir,
+                        models_dir=settings.models_dir, job_dir=folder)
+    store.create(job_id, config, 10)
+    (folder / "config.json").write_text(json.dumps(config))
+    orphan = subprocess.Popen([sys.executable, str(FAKE_TRAINER), "--config", str(folder / "config.json"),
+                               "--events_file", str(folder / "events.jsonl")], start_new_session=True,
+                              stdout=subprocess.DEVNULL)
+    store.update(job_id, status="running", started_at=time.time(), pid=orphan.pid, attempts=1)
+    store.close()
+    deadline = time.monotonic() + 10
+    while not (folder / "events.jsonl").exists() or "progress" not in (folder / "events.jsonl").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    async with running(make_app(settings)) as client:
+        orphan.wait(timeout=10)  # recover() stopped it
+        job = (await client.get(f"/jobs/{job_id}")).json()
+        assert job["status"] == "interrupted"
+        assert (folder / "last.pt").exists()
+        listed = (await client.get("/jobs", params={"status": "interrupted"})).json()
+        assert [j["id"] for j in listed["jobs"]] == [job_id]
+        assert (await client.post(f"/jobs/{job_id}/resume")).status_code == 202
+        done = await wait_job(client, job_id)
+        assert done["status"] == "succeeded"
+
+
+async def test_interrupted_without_last_checkpoint_is_409(make_settings, make_app, job_body):
+    settings = make_settings()
+    settings.jobs_dir.mkdir(parents=True)
+    store = JobStore(settings.db_path)
+    job_id = "b" * 32
+    config = job_config(TrainConfig(**job_body), data_dir=settings.data_dir,
+                        models_dir=settings.models_dir, job_dir=settings.jobs_dir / job_id)
+    store.create(job_id, config, 10)
+    store.update(job_id, status="running", pid=None)
+    store.close()
+    async with running(make_app(settings)) as client:
+        assert (await client.get(f"/jobs/{job_id}")).json()["status"] == "interrupted"
+        r = await client.post(f"/jobs/{job_id}/resume")
+        assert r.status_code == 409 and "POST /jobs" in r.json()["detail"]
+
+
+async def test_second_server_on_same_models_dir_is_refused(make_app, make_settings):
+    from faceid.errors import ConfigError
+
+    settings = make_settings()
+    async with running(make_app(settings)):
+        with pytest.raises(ConfigError, match="another FaceID server"):
+            async with running(make_app(settings)):
+                pass
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+
+def test_event_tail_reads_only_complete_lines(tmp_path):
+    path = tmp_path / "events.jsonl"
+    tail = EventTail(path)
+    assert tail.read() == []
+    path.write_bytes(b'{"event": "start"}\n{"event": "prog')
+    assert tail.read() == [{"event": "start"}]
+    with open(path, "ab") as f:
+        f.write(b'ress"}\nnot json\n[1]\n')
+    assert tail.read() == [{"event": "progress"}]
+
+
+def test_progress_keeps_history_across_resume():
+    p = JobProgress(best_metric="acc")
+    p.apply({"event": "epoch", "epoch": 1, "acc": 0.6, "is_best": True, "best_epoch": 1, "best_value": 0.6,
+             "th": 0.3, "th_far_1e-2": 0.7, "th_far_1e-3": 0.8, "train_loss": float("nan")})
+    p.apply({"event": "checkpoint", "kind": "best", "path": "/x/backbone_best.pt", "epoch": 1})
+    p.apply({"event": "epoch", "epoch": 1, "acc": 0.61, "is_best": True, "best_epoch": 1, "best_value": 0.61})
+    p.apply({"event": "epoch", "epoch": 2, "acc": 0.5, "is_best": False, "best_epoch": 1, "best_value": 0.61})
+    assert [m["epoch"] for m in p.metrics] == [1, 2] and p.metrics[0]["acc"] == 0.61
+    assert p.best == {"epoch": 1, "metric": "acc", "value": 0.61, "checkpoint": "/x/backbone_best.pt"}
+    assert p.thresholds == {"acc": None, "far_1e-2": None, "far_1e-3": None}  # the repeat had none
+    p.apply({"event": "finished", "best_epoch": 1, "best_metric": "acc", "best_value": 0.61,
+             "best_checkpoint": "/x/backbone_best.pt", "thresholds": {"acc": 0.3}})
+    assert p.finished and p.thresholds == {"acc": 0.3}
+
+
+def test_tail_lines(tmp_path):
+    path = tmp_path / "out.log"
+    assert tail_lines(path, 5) == []
+    path.write_text("\n".join(f"line {i}" for i in range(1000)) + "\n")
+    assert tail_lines(path, 2) == ["line 998", "line 999"]
+    assert tail_lines(path, 3, max_bytes=30)[-1] == "line 999"

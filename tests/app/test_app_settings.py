@@ -1,0 +1,90 @@
+"""Settings from the environment, checked at start; the app factory has no import-time effects."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.settings import Settings, load_settings, prepare_dirs
+from faceid.errors import ConfigError
+from service_helpers import running
+
+
+def test_defaults():
+    s = load_settings({})
+    assert s.data_dir == Path("data") and s.models_dir == Path("models")
+    assert s.api_key is None and s.max_upload_mb == 10 and s.checkpoint is None
+    assert s.trainer_cmd == (sys.executable, "-m", "faceid.train")
+    assert s.max_upload_bytes == 10 * 1024 * 1024
+
+
+def test_values_from_environment(tmp_path):
+    s = load_settings({"FACEID_DATA_DIR": str(tmp_path), "FACEID_MODELS_DIR": str(tmp_path / "m"),
+                       "FACEID_API_KEY": "abcdefgh12", "FACEID_MAX_UPLOAD_MB": "2.5",
+                       "FACEID_MAX_PIXELS": "1000000", "FACEID_CHECKPOINT": "x.pt",
+                       "FACEID_BATCH_MAX_SIZE": "4", "FACEID_BATCH_WAIT_MS": "0",
+                       "FACEID_PUBLIC_DOCS": "yes", "FACEID_DEVICE": "cpu",
+                       "FACEID_TRAINER_CMD": "python3 '/opt/my trainer.py'"})
+    assert s.data_dir == tmp_path and s.max_upload_mb == 2.5 and s.max_pixels == 1_000_000
+    assert s.checkpoint == Path("x.pt") and s.batch_max_size == 4 and s.batch_wait_ms == 0
+    assert s.public_docs and s.device == "cpu" and s.trainer_cmd == ("python3", "/opt/my trainer.py")
+    assert "abcdefgh12" not in repr(s)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"FACEID_MAX_UPLOAD_MB": "ten"}, "FACEID_MAX_UPLOAD_MB"),
+    ({"FACEID_MAX_UPLOAD_MB": "-1"}, "out of range"),
+    ({"FACEID_MAX_UPLOAD_MB": "nan"}, "out of range"),
+    ({"FACEID_MAX_PIXELS": "1.5"}, "whole number"),
+    ({"FACEID_BATCH_MAX_SIZE": "0"}, "FACEID_BATCH_MAX_SIZE"),
+    ({"FACEID_API_KEY": "short"}, "too short"),
+    ({"FACEID_DEVICE": "tpu"}, "FACEID_DEVICE"),
+    ({"FACEID_PUBLIC_DOCS": "maybe"}, "FACEID_PUBLIC_DOCS"),
+])
+def test_bad_values_name_the_variable(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(env)
+
+
+def test_short_key_message_does_not_echo_it():
+    with pytest.raises(ConfigError) as e:
+        load_settings({"FACEID_API_KEY": "pw123"})
+    assert "pw123" not in str(e.value)
+
+
+def test_unwritable_models_dir_is_a_clear_error_at_start(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="FACEID_MODELS_DIR"):
+        prepare_dirs(Settings(models_dir=blocker / "models"))
+
+
+@pytest.mark.anyio
+async def test_app_refuses_to_start_with_unwritable_models_dir(make_app, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="not writable"):
+        async with running(make_app(models_dir=blocker / "models")):
+            pass
+
+
+def test_prepare_dirs_makes_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = prepare_dirs(Settings(models_dir=Path("m"), data_dir=Path("d")))
+    assert s.models_dir == tmp_path / "m" and (tmp_path / "m" / "jobs").is_dir()
+    assert s.data_dir == tmp_path / "d"
+
+
+def test_import_has_no_side_effects(tmp_path):
+    """Importing app.main reads no settings, creates no folder and imports no torch."""
+    code = ("import sys, app.main, app.routes.inference, app.serving; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "a = app.main.create_app(); assert 'torch' not in sys.modules; print('ok')")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(root), "FACEID_MODELS_DIR": str(tmp_path / "never")})
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "never").exists() and not (tmp_path / "models").exists()
