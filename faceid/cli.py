@@ -261,9 +261,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     v = _load_verifier(args.checkpoint, args.device)
     out: dict[str, Any] = {"checkpoint": args.checkpoint, "epoch": v.epoch}
     if args.val:
-        folder = scan_folder(args.val, what="--val", min_identities=1, min_per_identity=2)
+        folder = scan_folder(args.val, what="--val", min_identities=2, min_per_identity=2)
         folder, store = load_images(folder, v.img_size, workers=args.workers, what="--val",
-                                    min_identities=1, min_per_identity=2)
+                                    min_identities=2, min_per_identity=2)
         emb = _embed_store(v, store)
         out.update(score_sampled(emb, EvalPairs.sample(folder, args.eval_pairs, args.seed)))
     if args.pairs_file:

@@ -97,8 +97,9 @@ def check_identities(folder: IdentityFolder, *, what: str, min_identities: int,
             raise DataError(f"{what} folder {folder.root} has no identity with 2 or more images, so "
                             "no same-person pair can be scored; add a second image for some people")
         if n < min_identities:
-            raise DataError(f"{what} folder {folder.root} has {n} identities with 2 or more images; "
-                            f"at least {min_identities} are needed")
+            raise DataError(f"{what} folder {folder.root} has {n} identity folder(s) with 2 or more "
+                            f"images; at least {min_identities} are needed (same-person and "
+                            "different-person pairs are scored)")
     elif folder.num_identities < min_identities:
         raise DataError(f"{what} folder {folder.root} has {folder.num_identities} identity folder(s); "
                         f"at least {min_identities} are needed (one sub-folder per person)")

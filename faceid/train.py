@@ -163,14 +163,15 @@ class Trainer:
             os.replace(tmp, self.ckpt_dir / "config.json")
 
         train = scan_folder(cfg.train, what="--train", min_identities=2)
-        val = scan_folder(cfg.val, what="--val", min_identities=1, min_per_identity=2)
+        # --val needs 2 people with 2+ images each: same-person and different-person pairs.
+        val = scan_folder(cfg.val, what="--val", min_identities=2, min_per_identity=2)
         # The model before decoding: missing --pretrained weights stop the run at once.
         model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
                             pretrained_weights=cfg.pretrained_weights)
         common = dict(workers=cfg.workers, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb)
         self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
                                                           min_identities=2, **common)
-        self.val_folder, self.val_store = load_images(val, cfg.img_size, what="--val", min_identities=1,
+        self.val_folder, self.val_store = load_images(val, cfg.img_size, what="--val", min_identities=2,
                                                       min_per_identity=2, **common)
         self.eval_pairs = EvalPairs.sample(self.val_folder, cfg.eval_pairs, cfg.seed)
         self.protocol = None

@@ -1,0 +1,137 @@
+"""faceid.inference.Verifier on a checkpoint from a tiny real training run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core_fixtures import sample_images, tiny_arcface_run
+from faceid.checkpoint import load_checkpoint
+from faceid.data import load_images
+from faceid.errors import CheckpointError, ConfigError
+from faceid.evaluate import embed_store, protocol_folder
+from faceid.images import open_image
+from faceid.inference import Verifier
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_arcface_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def verifier(run):
+    return Verifier.from_checkpoint(run.best, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def ckpt(run):
+    return load_checkpoint(run.best)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [open_image(p) for p in sample_images(3)]
+
+
+def test_info_describes_the_checkpoint(verifier, run, ckpt):
+    ck = ckpt
+    info = verifier.info
+    assert info["checkpoint"] == str(run.best)
+    assert info["epoch"] == ck["epoch"] == 1
+    assert info["img_size"] == 32 and info["embedding_size"] == run.cfg.embedding_size
+    assert info["thresholds"] == ck["thresholds"]
+    assert info["metrics"]["acc"] == ck["metrics"]["acc"]
+    assert info["train_mode"] == "arcface" and info["config"]["img_size"] == 32
+
+
+def test_embed_gives_unit_norm_float32(verifier, images):
+    emb = verifier.embed(images)
+    assert emb.shape == (3, verifier.embedding_size) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert verifier.embed([]).shape == (0, verifier.embedding_size)
+
+
+def test_same_image_is_a_perfect_match(verifier, images):
+    res = verifier.verify(images[0], images[0])
+    assert res["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert res["match"] is True
+
+
+def test_default_threshold_is_the_checkpoints_acc_threshold(verifier, ckpt, images):
+    ck = ckpt
+    th = ck["thresholds"]["acc"]
+    assert th == pytest.approx(ck["metrics"]["th"]) and -1.0 <= th <= 1.0
+    res = verifier.verify(images[0], images[2])
+    assert res["threshold"] == pytest.approx(th) and res["threshold_name"] == "acc"
+    assert res["match"] == (res["similarity"] >= res["threshold"])
+    e = verifier.embed([images[0], images[2]])
+    assert res["similarity"] == pytest.approx(float(e[0] @ e[1]), abs=1e-5)
+    assert verifier.verify(images[0], images[2], "acc") == res
+
+
+@pytest.mark.parametrize("name", ["far_1e-2", "far_1e-3"])
+def test_named_far_thresholds(verifier, ckpt, images, name):
+    ck = ckpt
+    res = verifier.verify(images[0], images[1], name)
+    assert res["threshold_name"] == name
+    assert res["threshold"] == pytest.approx(ck["thresholds"][name])
+    assert res["threshold"] == pytest.approx(ck["metrics"][f"th_{name}"])  # e.g. th_far_1e-2
+    assert res["match"] == (res["similarity"] >= res["threshold"])
+
+
+@pytest.mark.parametrize("th", [-1.0, 0.25, 1.0])
+def test_float_threshold(verifier, images, th):
+    res = verifier.verify(images[0], images[1], th)
+    assert res["threshold"] == th and res["threshold_name"] == "custom"
+    assert res["match"] == (res["similarity"] >= th)
+
+
+@pytest.mark.parametrize("bad", ["bogus", "ACC", "far_1e-4", 1.5, -1.01, float("nan")])
+def test_invalid_thresholds_raise_config_error(verifier, images, bad):
+    with pytest.raises(ConfigError) as ei:
+        verifier.verify(images[0], images[1], bad)
+    assert "acc" in str(ei.value)
+
+
+def test_embedding_equals_the_one_used_in_evaluation(verifier):
+    """Served embeddings must be the evaluation embeddings, or the learned threshold is off."""
+    paths = sample_images(4)
+    folder, store = load_images(protocol_folder(paths), verifier.img_size, workers=0, cache="on",
+                                what="test", min_identities=1)
+    assert len(folder) == 4
+    eval_emb = embed_store(verifier.model, store, verifier.transform, batch_size=64,
+                           amp_dtype=verifier.amp_dtype, flip=verifier.flip)
+    served = verifier.embed([open_image(p) for p in paths])
+    np.testing.assert_allclose(served, eval_emb, atol=1e-5)
+    # a plain PIL image read from disk gives the same embedding as the upload path
+    with Image.open(paths[0]) as im:
+        plain = verifier.embed([im])
+    np.testing.assert_allclose(plain[0], eval_emb[0], atol=1e-5)
+
+
+def test_embedding_does_not_depend_on_the_batch(verifier, images):
+    together = verifier.embed(images)
+    alone = np.concatenate([verifier.embed([im]) for im in images])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_last_checkpoint_loads_too(run):
+    v = Verifier.from_checkpoint(run.last, device="cpu")
+    assert v.epoch == 1 and "acc" in v.thresholds
+
+
+def test_bad_checkpoint_path(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        Verifier.from_checkpoint(tmp_path / "nope.pt", device="cpu")
+
+
+def test_checkpoint_with_wrong_model_weights(ckpt, tmp_path):
+    from faceid.checkpoint import save_checkpoint
+
+    ck = {**ckpt, "model": {"embed.0.weight": torch.zeros(4, 4)}}
+    p = save_checkpoint(ck, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        Verifier.from_checkpoint(p, device="cpu")
