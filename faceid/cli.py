@@ -175,6 +175,7 @@ def build_train_parser(prog: str = "faceid train") -> argparse.ArgumentParser:
 
 def train_main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see faceid/train.py; torch not imported yet
     args = build_train_parser().parse_args(argv)
     _setup_logging()
     events = None

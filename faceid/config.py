@@ -142,8 +142,10 @@ class TrainConfig(BaseModel):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset") is not None:
-            preset = PRESETS.get(data["preset"])
-            if preset is not None:  # an unknown name is reported by the field validator
+            # Not a string (a list, an object: unhashable) or an unknown name: the field
+            # validator reports it.
+            preset = PRESETS.get(data["preset"]) if isinstance(data["preset"], str) else None
+            if preset is not None:
                 data = {**preset, **data}
         return data
 

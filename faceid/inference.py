@@ -38,13 +38,23 @@ class Verifier:
         self.path = path
         self.device = resolve_device(device)
         self.amp_dtype = resolve_amp(amp, self.device)
-        self.img_size = int(ckpt["img_size"])
-        self.embedding_size = int(ckpt["embedding_size"])
-        self.epoch = int(ckpt["epoch"])
-        self.metrics = dict(ckpt["metrics"])
-        self.thresholds = {k: float(v) for k, v in ckpt["thresholds"].items()}
-        self.config = dict(ckpt["config"])
-        self.flip = bool(self.config.get("eval_flip", False))
+        try:
+            self.img_size = int(ckpt["img_size"])
+            self.embedding_size = int(ckpt["embedding_size"])
+            self.epoch = int(ckpt["epoch"])
+            self.metrics = dict(ckpt["metrics"])
+            self.thresholds = {k: float(v) for k, v in ckpt["thresholds"].items()}
+            self.config = dict(ckpt["config"])
+            self.flip = bool(self.config.get("eval_flip", False))
+            not_finite = [k for k, v in ckpt["model"].items()
+                          if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"checkpoint {path} is malformed ({type(e).__name__}: {str(e)[:200]}); "
+                                  "give a backbone_best.pt or last.pt written by faceid train") from None
+        if not_finite:  # it would answer every request with NaN similarities
+            raise CheckpointError(f"checkpoint {path} holds weights that are not finite (NaN or infinity, "
+                                  f"{len(not_finite)} tensors, first {not_finite[0]}); it comes from a "
+                                  "diverged run: use an earlier checkpoint")
         self.model = EmbeddingNet(self.embedding_size, trunk=_bare_trunk())
         try:
             self.model.load_state_dict(ckpt["model"])
