@@ -45,9 +45,30 @@ def status_of(exc: Exception) -> int:
     return 500
 
 
+def _part(p: Any, limit: int = 64) -> str:
+    """One element of an error location, cut short: a key of a request body can be a megabyte."""
+    text = str(p)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _loc(loc: Any) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    parts = [_part(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
     return ".".join(parts) or "body"
+
+
+def _body_parse_error(cause: Any) -> str:
+    """FastAPI answers a JSON body that json.loads cannot take (other than a syntax error) with a
+    bare "There was an error parsing the body"; say what was wrong."""
+    if isinstance(cause, RecursionError):
+        why = "it is nested too deeply"
+    elif isinstance(cause, UnicodeDecodeError):
+        why = "it is not valid UTF-8"
+    elif cause is not None:
+        why = f"{type(cause).__name__}: {str(cause)[:120]}"
+    else:
+        why = "it is malformed"
+    return (f"the request body could not be parsed as JSON ({why}); send one JSON object, for "
+            'example {"train": "sample/train", "val": "sample/val"}')
 
 
 def validation_detail(errors: list[dict[str, Any]]) -> str:
@@ -75,7 +96,7 @@ def install(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        clean = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
+        clean = [{"loc": [_part(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))[:500],
                   "type": str(e.get("type", ""))} for e in errors[:50]]
         body: dict[str, Any] = {"detail": validation_detail(errors), "errors": clean}
         if clean:
@@ -86,6 +107,8 @@ def install(app: FastAPI) -> None:
         detail = str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path[:100]}; the routes are listed at /docs"
+        elif exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = _body_parse_error(exc.__cause__)
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path[:100]}; see /docs"
         return JSONResponse({"detail": detail}, status_code=exc.status_code,

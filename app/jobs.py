@@ -273,8 +273,47 @@ class JobProgress:
                    thresholds=job.get("thresholds"), checkpoint=job.get("checkpoint"),
                    last_checkpoint=job.get("last_checkpoint"), device=job.get("device"))
 
+    # Fields of the events contract with a type the job's JSON promises. A value that is not a
+    # number there (a trainer of another version, a custom FACEID_TRAINER_CMD) is stored as None:
+    # kept as it came, one bad value would make every later GET /jobs answer 500.
+    _INTS = frozenset({"epoch", "epochs", "step", "steps", "steps_per_epoch", "best_epoch"})
+    _NUMBERS = frozenset({"time", "percent", "loss", "images_per_s", "lr", "eta_s", "best_value", "th",
+                          "th_far_1e-2", "th_far_1e-3"})
+
+    @staticmethod
+    def _number(value: Any, integer: bool = False) -> Any:
+        """`value` as a finite int/float (a numeric string too, as JSON of a numpy scalar can be),
+        else None."""
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        if integer:
+            return int(value) if float(value).is_integer() else None
+        return value
+
+    @classmethod
+    def _typed(cls, ev: dict[str, Any]) -> dict[str, Any]:
+        out = dict(ev)
+        for key, value in ev.items():
+            if key in cls._INTS:
+                out[key] = cls._number(value, integer=True)
+            elif key in cls._NUMBERS:
+                out[key] = cls._number(value)
+        if "thresholds" in out:
+            t = out["thresholds"]
+            out["thresholds"] = {str(k): cls._number(v) for k, v in t.items()} if isinstance(t, dict) else None
+        if not isinstance(out.get("best_metric"), (str, type(None))):
+            out["best_metric"] = None
+        return out
+
     def apply(self, ev: dict[str, Any]) -> None:
-        ev = finite(ev)
+        ev = self._typed(finite(ev))
         kind = ev.get("event")
         if kind == "start":
             self.device = ev.get("device") if isinstance(ev.get("device"), str) else self.device
@@ -286,7 +325,7 @@ class JobProgress:
             self.progress = {k: ev.get(k) for k in ("epoch", "epochs", "step", "steps", "percent", "loss",
                                                     "images_per_s", "lr", "eta_s")}
             self.progress["updated_at"] = ev.get("time")
-        elif kind == "epoch":
+        elif kind == "epoch" and ev.get("epoch") is not None:
             record = {k: v for k, v in ev.items() if k != "event"}
             self.metrics = [m for m in self.metrics if m.get("epoch") != record.get("epoch")]
             self.metrics.append(record)
@@ -585,7 +624,13 @@ class JobRunner:
                     try:
                         self.on_succeeded({**current, "checkpoint": str(ckpt)})
                     except Exception as e:
+                        # Not `succeeded`: that status promises the model is served.
                         log.error("job %s: its checkpoint cannot be served: %s", job_id, e)
+                        self.store.update(job_id, status="failed", finished_at=time.time(), exit_code=rc,
+                                          pid=None, checkpoint=str(ckpt), error_kind="checkpoint",
+                                          error=f"training finished, but its checkpoint cannot be served "
+                                                f"({e}); the previous model stays"[:2000])
+                        return
                 self.store.update(job_id, status="succeeded", finished_at=time.time(), exit_code=rc,
                                   pid=None, checkpoint=str(ckpt), error=None)
                 log.info("job %s succeeded: %s", job_id, ckpt)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sqlite3
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Optional
 
@@ -86,7 +87,14 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
             raise
         lock = _ModelsDirLock(s.models_dir / "server.lock")
         lock.acquire()
-        store = JobStore(s.db_path)
+        try:
+            store = JobStore(s.db_path)
+        except sqlite3.Error as e:
+            lock.release()
+            error = ConfigError(f"the job database {s.db_path} cannot be opened ({e}); restore it from a "
+                                "backup, or move it away to start with an empty job history")
+            log.error("error: %s", error)
+            raise error from None
         manager = ModelManager(s, store, loader=verifier_loader)
         runner = JobRunner(store=store, jobs_dir=s.jobs_dir, trainer_cmd=s.trainer_cmd,
                            cancel_grace_s=s.cancel_grace_s, poll_interval_s=s.poll_interval_s,

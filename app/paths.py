@@ -9,6 +9,7 @@ POST /jobs/{id}/resume.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Optional
 
@@ -74,6 +75,41 @@ def confine(root: Path, value: str, field: str, kind: Literal["dir", "file"],
     return real
 
 
+def confine_contents(root: Path, folder: Path, value: str, field: str) -> None:
+    """The trainer reads `folder/<identity>/<image>` (faceid.data.scan_folder follows links): a
+    symbolic link at either level must resolve inside `root` too. Only links are resolved, so an
+    ordinary dataset costs one directory listing per identity. Raises FieldError naming the link."""
+    real_root = root.resolve()
+
+    def check(entry: os.DirEntry) -> None:
+        if entry.is_symlink():
+            try:
+                target = Path(entry.path).resolve(strict=True)
+            except (OSError, RuntimeError):
+                return  # a broken link or a loop: the trainer skips it like any unreadable entry
+            if not target.is_relative_to(real_root):
+                rel = Path(entry.path).relative_to(folder)
+                raise FieldError(field, f"{value!r} holds {str(rel)!r}, a symbolic link that resolves "
+                                 f"outside the data root; only data inside {root} can be used")
+
+    def is_dir(entry: os.DirEntry) -> bool:
+        try:
+            return entry.is_dir()  # follows a link, which check() found inside the root
+        except OSError:  # a link loop
+            return False
+
+    try:
+        with os.scandir(folder) as identities:
+            for identity in identities:
+                check(identity)
+                if is_dir(identity):
+                    with os.scandir(identity.path) as images:
+                        for image in images:
+                            check(image)
+    except OSError as e:
+        raise FieldError(field, f"{value!r} cannot be read ({e.strerror or type(e).__name__})") from None
+
+
 def _confine_weights(value: str, data_dir: Path, models_dir: Path) -> Path:
     """pretrained_weights may live in the data root or in the models folder."""
     first: Optional[FieldError] = None
@@ -97,8 +133,10 @@ def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: P
         raise FieldError(bad, "multi-node training is not started through the API; run "
                          "`faceid train` under torchrun on each node instead")
     out = cfg.to_json_dict()
-    out["train"] = str(confine(data_dir, cfg.train, "train", "dir"))
-    out["val"] = str(confine(data_dir, cfg.val, "val", "dir"))
+    for name in ("train", "val"):
+        folder = confine(data_dir, getattr(cfg, name), name, "dir")
+        confine_contents(data_dir, folder, getattr(cfg, name), name)
+        out[name] = str(folder)
     if cfg.pairs_file is not None:
         out["pairs_file"] = str(confine(data_dir, cfg.pairs_file, "pairs_file", "file"))
     if cfg.pretrained_weights is not None:

@@ -200,6 +200,10 @@ class ModelManager:
             except FaceIDError as e:
                 self.last_error = str(e)
                 raise
+            except Exception as e:  # out of memory on the device, a loader bug: still not servable
+                log.exception("loading %s failed", path)
+                self.last_error = f"cannot load {path}: {type(e).__name__}: {str(e)[:200]}"
+                raise CheckpointError(self.last_error) from None
             served = ServedModel(id=job_id or _checkpoint_id(Path(path)), job_id=job_id,
                                  checkpoint=str(path), source=source, pinned=pinned,
                                  loaded_at=time.time(), verifier=verifier)

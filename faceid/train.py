@@ -193,6 +193,12 @@ class Trainer:
                 if pf.parent.resolve() == Path(cfg.val).resolve():
                     raise
                 proto = load_pairs(pf, root=cfg.val, folds=cfg.pairs_folds)
+            n_same = int(proto.labels.sum())
+            if len(np.unique(proto.folds)) < 2 and max(n_same, len(proto) - n_same) < 2:
+                # score_protocol could not form 2 folds: stop now, not after the first epoch
+                raise DataError(f"{pf}: {len(proto)} pair(s) in one fold are too few for k-fold accuracy; "
+                                "select more folds with --pairs_folds or use a pairs file with at least 2 "
+                                "matched and 2 mismatched pairs")
             paths = proto.unique_paths()
             folder, store = load_images(protocol_folder(paths), cfg.img_size, what="--pairs_file images",
                                         min_identities=1, **common)

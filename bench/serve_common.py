@@ -1,0 +1,183 @@
+"""Shared pieces of the serving benchmarks (bench/load_test.py, bench/serve_throughput.py): a
+checkpoint to serve, a real uvicorn server process, concurrent httpx clients, figures.
+
+Not a benchmark itself. The server is the production app (`uvicorn --factory
+app.main:create_app`) on a free loopback port with a temporary models folder; it serves the
+checkpoint given with --checkpoint, or one trained here in a few seconds (the sample, 1 epoch of 2
+steps: its weights are barely trained, which does not matter for speed or memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Optional
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample"
+CACHE = Path(tempfile.gettempdir()) / "faceid-bench"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores usable"
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of `pid` (VmRSS of /proc/<pid>/status), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))
+    return s[k]
+
+
+def sample_images(n: int) -> list[tuple[str, bytes]]:
+    files = sorted((SAMPLE / "val").glob("*/*.jpg"))[:n]
+    if not files:
+        raise SystemExit(f"no images under {SAMPLE / 'val'}")
+    return [(f.name, f.read_bytes()) for f in files]
+
+
+def ensure_checkpoint(given: Optional[str], img_size: int) -> Path:
+    """--checkpoint, else a cached quick one for this img_size, else train it now (printing how
+    long it took)."""
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise SystemExit(f"--checkpoint {given}: no such file")
+        return path
+    out = CACHE / f"ckpt_{img_size}"
+    best = out / "backbone_best.pt"
+    if best.is_file():
+        print(f"checkpoint: {best} (cached; delete it or pass --checkpoint to change)", flush=True)
+        return best
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "faceid.train", "--train", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
+           "--ckpt_dir", str(out), "--train_mode", "arcface", "--epochs", "1", "--img_size", str(img_size),
+           "--batch_size", "16", "--max_steps_per_epoch", "2", "--eval_pairs", "200", "--workers", "0",
+           "--device", "cpu", "--quiet"]
+    print(f"checkpoint: training a quick one at {img_size} px into {out} ...", flush=True)
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    if r.returncode != 0 or not best.is_file():
+        raise SystemExit(f"training the checkpoint failed:\n{r.stderr[-3000:]}")
+    print(f"checkpoint: trained in {time.monotonic() - t0:.0f} s", flush=True)
+    return best
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """The production app under uvicorn, serving `checkpoint`; `with Server(...) as s:`."""
+
+    def __init__(self, checkpoint: Path, *, device: str = "cpu", env: Optional[dict[str, str]] = None,
+                 unset: tuple[str, ...] = ()) -> None:
+        self.checkpoint = checkpoint
+        self.device = device
+        self.extra = env or {}
+        self.unset = unset
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.tmp = Path(tempfile.mkdtemp(prefix="faceid-bench-server-"))
+        self.log_path = self.tmp / "server.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __enter__(self) -> "Server":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_") and k not in self.unset}
+        env.update(FACEID_CHECKPOINT=str(self.checkpoint), FACEID_MODELS_DIR=str(self.tmp / "models"),
+                   FACEID_DATA_DIR=str(REPO / "data"), FACEID_DEVICE=self.device,
+                   PYTHONPATH=str(REPO), **self.extra)
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
+               "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                r = httpx.get(self.base + "/ready", timeout=5)
+                if r.status_code == 200:
+                    return self
+                if "cannot" in r.text or "failed" in r.text:
+                    self.__exit__()
+                    raise SystemExit(f"the server cannot serve {self.checkpoint}: {r.text}")
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise SystemExit(f"the server did not become ready:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+async def run_clients(n: int, seconds: float, one: Callable[[httpx.AsyncClient, int, int], Awaitable[Any]],
+                      client: httpx.AsyncClient) -> float:
+    """`n` tasks calling `one(client, task, i)` back to back for `seconds`; returns the wall time."""
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(task: int) -> None:
+        i = 0
+        while time.perf_counter() < stop_at:
+            await one(client, task, i)
+            i += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(t) for t in range(n)))
+    return time.perf_counter() - t0
+
+
+def async_client(base: str, connections: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base, timeout=60,
+                             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))

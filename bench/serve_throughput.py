@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Serving throughput (issue 6, item 3): POST /embed images/s through the real server with 1, 4
+and 16 concurrent clients against the offline batched rate of the same model, in one run; and
+the single-client latency against one single-image forward pass. Prints the ratios; asserts
+nothing.
+
+    .venv/bin/python bench/serve_throughput.py                        # about 1.5 min here
+    .venv/bin/python bench/serve_throughput.py --checkpoint PATH --seconds 15 --clients 1,4,16,32
+
+What is compared:
+  offline batched   faceid.inference.Verifier.embed_tensors on uint8 batches of --batch (the
+                    server's FACEID_BATCH_MAX_SIZE, 16) already decoded and resized: the model's
+                    forward pass and nothing else, in this process, before the server starts, on
+                    one worker thread like the server's, with OMP_WAIT_POLICY=PASSIVE (on this
+                    busy 2-core machine OpenMP threads spin-waiting made a forward pass up to 20x
+                    slower, erratically; the server runs with the environment you give it)
+  offline single    embed_tensors on one image: one forward pass (median)
+  decode            faceid.images.open_image + resize of the JPEG sent (median), which the server
+                    does per request on top of the forward pass
+  server N clients  N asyncio httpx clients calling /embed back to back for --seconds after
+                    --warmup seconds; images/s = answers / wall time, latency per request
+
+The server and this process share the machine: while the server is measured this process only
+runs the clients (one thread of asyncio + httpx), which takes some of the CPU the server could use.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch is imported (the offline rows); the server does not inherit it (see Server below).
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import concurrent.futures  # noqa: E402
+import gc  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serve_common import (Server, async_client, ensure_checkpoint, loadavg, machine,  # noqa: E402
+                          percentile, run_clients, sample_images)
+
+
+def offline(ckpt: Path, device: str, batch: int, seconds: float, jpeg: bytes) -> dict[str, Any]:
+    import torch
+
+    from faceid.images import open_image
+    from faceid.inference import Verifier, to_uint8_tensor
+
+    v = Verifier.from_checkpoint(ckpt, device=device)
+    img = open_image(jpeg)
+    x1 = to_uint8_tensor(img, v.img_size).unsqueeze(0)
+    xb = x1.repeat(batch, 1, 1, 1)
+    for _ in range(3):  # warm-up (oneDNN primitives, allocator)
+        v.embed_tensors(xb)
+        v.embed_tensors(x1)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        v.embed_tensors(xb)
+        n += batch
+    batched = n / (time.perf_counter() - t0)
+    singles = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 2 or len(singles) < 10:
+        t = time.perf_counter()
+        v.embed_tensors(x1)
+        singles.append(time.perf_counter() - t)
+    decodes = []
+    for _ in range(30):
+        t = time.perf_counter()
+        to_uint8_tensor(open_image(jpeg), v.img_size)
+        decodes.append(time.perf_counter() - t)
+    out = {"batched": batched, "single": statistics.median(singles), "decode": statistics.median(decodes),
+           "threads": torch.get_num_threads(), "img_size": v.img_size}
+    del v
+    gc.collect()
+    return out
+
+
+async def server_rate(server: Server, clients: int, seconds: float, warmup: float, jpeg: tuple[str, bytes]):
+    lat: list[float] = []
+    errors = 0
+    record = False
+
+    async def one(c, task: int, i: int) -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        r = await c.post("/embed", files={"image": (jpeg[0], jpeg[1], "image/jpeg")})
+        if record:
+            lat.append(time.perf_counter() - t0)
+            errors += r.status_code != 200
+
+    async with async_client(server.base, clients + 2) as c:
+        await run_clients(clients, warmup, one, c)
+        record = True
+        wall = await run_clients(clients, seconds, one, c)
+    return {"clients": clients, "rate": len(lat) / wall, "p50": percentile(lat, 50), "p99": percentile(lat, 99),
+            "errors": errors, "n": len(lat)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", help="serve this checkpoint (default: a quick one trained here)")
+    p.add_argument("--img_size", type=int, default=64, help="of the quick checkpoint")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (server and offline alike)")
+    p.add_argument("--clients", default="1,4,16", help="comma list of concurrent client counts")
+    p.add_argument("--seconds", type=float, default=8, help="measured time per client count")
+    p.add_argument("--warmup", type=float, default=2, help="unmeasured load before each count")
+    p.add_argument("--batch", type=int, default=16, help="offline batch = FACEID_BATCH_MAX_SIZE")
+    p.add_argument("--batch_wait_ms", type=float, default=2.0, help="FACEID_BATCH_WAIT_MS of the server")
+    args = p.parse_args(argv)
+
+    ckpt = ensure_checkpoint(args.checkpoint, args.img_size)
+    jpeg = sample_images(1)[0]
+    load_before = loadavg()
+    print(f"machine: {machine()}; load average {load_before}", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the server's EmbedWorker is a thread too
+        off = pool.submit(offline, ckpt, args.device, args.batch, args.seconds, jpeg[1]).result()
+    print(f"offline: {off['batched']:.1f} img/s batched, {1000 * off['single']:.1f} ms single", flush=True)
+    rows = []
+    env = {"FACEID_BATCH_MAX_SIZE": str(args.batch), "FACEID_BATCH_WAIT_MS": str(args.batch_wait_ms)}
+    unset = ("OMP_WAIT_POLICY",) if USER_OMP_WAIT_POLICY is None else ()
+    with Server(ckpt, device=args.device, env=env, unset=unset) as server:
+        for n in [int(x) for x in args.clients.split(",")]:
+            rows.append(asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg)))
+            print(f"server, {n} clients: {rows[-1]['rate']:.1f} img/s", flush=True)
+    load_after = loadavg()
+
+    print()
+    print(f"serve throughput: checkpoint {ckpt} ({off['img_size']} px), device {args.device}, "
+          f"torch threads {off['threads']}, batch {args.batch}, wait {args.batch_wait_ms:g} ms, server "
+          f"OMP_WAIT_POLICY {USER_OMP_WAIT_POLICY or 'unset'}; "
+          f"{args.seconds:g} s per row after {args.warmup:g} s warm-up")
+    print(f"machine: {machine()}; load average before {load_before}, after {load_after}")
+    print()
+    print("| | images/s | share of offline batched | p50 ms | p99 ms | requests | errors |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| offline batched ({args.batch}) | {off['batched']:.1f} | 100 % | - | - | - | - |")
+    print(f"| offline single forward | {1 / off['single']:.1f} | {100 / off['single'] / off['batched']:.0f} % | "
+          f"{1000 * off['single']:.1f} | - | - | - |")
+    for r in rows:
+        print(f"| server, {r['clients']} client{'s' if r['clients'] > 1 else ''} | {r['rate']:.1f} | "
+              f"{100 * r['rate'] / off['batched']:.0f} % | {1000 * r['p50']:.1f} | {1000 * r['p99']:.1f} | "
+              f"{r['n']} | {r['errors']} |")
+    print()
+    single = next((r for r in rows if r["clients"] == 1), None)
+    if single:
+        print(f"single client: p50 {1000 * single['p50']:.1f} ms vs one forward pass {1000 * off['single']:.1f} ms "
+              f"= {single['p50'] / off['single']:.2f}x (decode + resize of the JPEG alone: "
+              f"{1000 * off['decode']:.1f} ms)")
+    top = max(rows, key=lambda r: r["clients"])
+    print(f"{top['clients']} clients: {100 * top['rate'] / off['batched']:.0f} % of the offline batched rate")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
