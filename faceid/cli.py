@@ -257,7 +257,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from faceid.data import load_images, scan_folder
     from faceid.errors import DataError
     from faceid.evaluate import EvalPairs, cosine_scores, protocol_folder, score_protocol, score_sampled
-    from faceid.metrics import verification_report
 
     v = _load_verifier(args.checkpoint, args.device)
     out: dict[str, Any] = {"checkpoint": args.checkpoint, "epoch": v.epoch}
