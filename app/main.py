@@ -77,6 +77,11 @@ class _ModelsDirLock:
 def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional[VerifierLoader] = None) -> FastAPI:
     """The app. `settings` default: read from the environment when the app starts.
     `verifier_loader(path, device)` replaces faceid.inference.Verifier.from_checkpoint (tests)."""
+    # OpenMP threads that sleep instead of spinning when idle: the server's forward passes share
+    # the cores with request parsing, image decoding and a training job (see bench/README.md).
+    # torch is imported later (when the lifespan loads a model), so this takes effect; an explicit
+    # OMP_WAIT_POLICY in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

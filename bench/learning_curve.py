@@ -1,17 +1,29 @@
-"""Learning curve on real faces: LFW fold-1 AUC at fixed wall-clock points of training.
+"""Learning curve on real faces: LFW fold-1 AUC at fixed wall-clock points of a training job.
 
 Trains on the LFW people (>= 2 images) who are not in pairs.txt fold 1 and scores fold 1 (the
-official 600 pairs: 10-fold accuracy and AUC) plus sampled pairs of the fold-1 people, at fixed
-training-time points (evaluation time is not counted), for, in one run:
+official 600 pairs: AUC and 10-fold accuracy) plus sampled pairs of the fold-1 people, for, in one
+run:
 
-  untrained  the network as initialised (the score to beat; not chance)
+  untrained  the network as initialised, scored in this process (the score to beat; not chance)
   plain      the recipe of shared/MEASURED.md: random init, 112 px, ArcFace s=64 m=0.5, SGD lr 0.1,
-             300 warmup steps, batch 64
-  faceid     the cpu-small preset (see README, training recipe)
+             warm-up 300 steps (or 30% of the run if that is shorter: at fp32 on 2 cores the whole
+             run is about 250 steps), batch 64, natural class frequencies, no flip at evaluation
+  faceid     `"preset": "cpu-small"` (README, "Training recipe")
 
-    python bench/learning_curve.py --lfw ../shared/data/lfw --minutes 0,5,10,20,30
+Each trained recipe runs as a real job: a FaceID server (uvicorn, the production app) is started
+on a free port with a data folder holding the split, the recipe is sent to `POST /jobs` with
+`time_limit_min` = the last time point, and `GET /jobs/{id}` is polled. The trainer scores fold 1
+at the end of every epoch; the value reported at minute t is that of the last epoch finished by t
+minutes after the job started running, so the times include decoding the data, every evaluation
+and every checkpoint: what a user of the service waits. The cosine schedule is sized to the run
+from a short in-process probe of each recipe's speed (epochs of the faceid recipe are whole passes
+over the data, about 3-4 minutes each here; plain's are capped at about 3.5 minutes of steps so it
+gets as many evaluations).
 
-Prints one table; each recipe's schedule (cosine) is sized to the last time point.
+    python bench/learning_curve.py --lfw ../shared/data/lfw                 # about 70 min here
+    python bench/learning_curve.py --minutes 0,2,4 --recipes faceid         # a quick look
+
+Prints one table per time point, then every epoch of every job.
 """
 
 from __future__ import annotations
@@ -19,112 +31,211 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_common import Server, loadavg, machine  # noqa: E402
 
 from faceid.config import TrainConfig  # noqa: E402
 from faceid.pairs import identities_in, load_pairs  # noqa: E402
 from faceid.train import Trainer  # noqa: E402
 
+log = logging.getLogger("learning_curve")
+
 RECIPES = {
-    "plain": dict(train_mode="arcface", img_size=112, batch_size=64, optimizer="sgd", lr=0.1,
-                  arcface_s=64.0, arcface_m=0.5, weight_decay=5e-4, scheduler="cosine"),
-    "faceid": dict(preset="cpu-small"),
+    "plain": {"train_mode": "arcface", "img_size": 112, "batch_size": 64, "optimizer": "sgd", "lr": 0.1,
+              "arcface_s": 64.0, "arcface_m": 0.5, "weight_decay": 5e-4, "scheduler": "cosine",
+              "balanced_sampling": False, "augment": "none", "eval_flip": False, "eval_pairs": 6000},
+    "faceid": {"preset": "cpu-small"},
 }
 KEYS = ("pairs_auc", "pairs_acc", "auc", "acc", "tar_1e-2")
+EPOCH_TARGET_S = 210  # plain: cap an epoch at about this much training so the curve has points
 
 
-def split(lfw: Path, out: Path) -> tuple[Path, Path]:
+def split(lfw: Path, out: Path, *, copy: bool = False) -> tuple[Path, Path]:
+    """out/train and out/val: the LFW people with >= 2 images outside / inside pairs.txt fold 1.
+    Symbolic links to the person folders, or (`copy`) hard links or copies of the images, which a
+    server's data folder needs (it refuses links that point outside it)."""
     fold1 = identities_in(load_pairs(lfw / "pairs.txt", folds=[1]))
     train, val = out / "train", out / "val"
     train.mkdir(parents=True, exist_ok=True)
     val.mkdir(parents=True, exist_ok=True)
     for d in sorted(p for p in lfw.iterdir() if p.is_dir()):
-        if sum(1 for _ in d.iterdir()) >= 2:
-            link = (val if d.name in fold1 else train) / d.name
-            if not link.exists():
-                link.symlink_to(d.resolve())
+        files = sorted(f for f in d.iterdir() if f.is_file())
+        if len(files) < 2:
+            continue
+        dest = (val if d.name in fold1 else train) / d.name
+        if dest.exists():
+            continue
+        if not copy:
+            dest.symlink_to(d.resolve())
+            continue
+        dest.mkdir()
+        for f in files:
+            try:
+                os.link(f, dest / f.name)
+            except OSError:
+                shutil.copy2(f, dest / f.name)
     return train, val
 
 
-def curve(name: str, overrides: dict, base: dict, minutes: list[float]) -> list[dict]:
-    """Train `name` and evaluate at each training-time point; returns one row per point."""
-    rows: list[dict] = []
-    cfg0 = TrainConfig(**{**base, **overrides})
-    # Size the schedule to the run: steps per minute measured on the first steps, then epochs.
-    state = {"train_s": 0.0, "mark": None, "next": 0}
-    trainer: Trainer
+def fold1_pairs(lfw: Path, out: Path) -> Path:
+    """out/pairs.txt holding fold 1 of LFW's pairs.txt (header `1<TAB>300`) and, beside it, copies of
+    the images it names (its mismatched pairs include people with one image, outside the split)."""
+    lines = (lfw / "pairs.txt").read_text().splitlines()
+    per = int(lines[0].split()[1])
+    fold = lines[1:1 + 2 * per]
+    out.mkdir(parents=True, exist_ok=True)
+    for ln in fold:
+        f = ln.split("\t")
+        for name, num in ((f[0], f[1]), (f[0], f[2])) if len(f) == 3 else ((f[0], f[1]), (f[2], f[3])):
+            src = lfw / name / f"{name}_{int(num):04d}.jpg"
+            dest = out / name / src.name
+            if not dest.exists():
+                dest.parent.mkdir(exist_ok=True)
+                try:
+                    os.link(src, dest)
+                except OSError:
+                    shutil.copy2(src, dest)
+    (out / "pairs.txt").write_text(f"1\t{per}\n" + "\n".join(fold) + "\n")
+    return out / "pairs.txt"
 
-    def on_event(ev: dict) -> None:
-        if ev["event"] != "progress":
-            return
-        now = time.time()
-        state["train_s"] += now - state["mark"]
-        state["mark"] = now
-        while state["next"] < len(minutes) and state["train_s"] >= minutes[state["next"]] * 60:
-            m = trainer.evaluate()
-            rows.append({"recipe": name, "minute": minutes[state["next"]],
-                         "steps": ev["step"] + (ev["epoch"] - 1) * ev["steps"],
-                         "images_per_s": ev["images_per_s"], **{k: m[k] for k in KEYS}})
-            logging.info("%s", rows[-1])
-            state["next"] += 1
-            state["mark"] = time.time()
-        if state["next"] >= len(minutes):
-            trainer.stop.set()
 
-    # Schedule length: estimate images/s with a short probe, then pick epochs for the last point.
-    probe = Trainer(cfg0.model_copy(update={"epochs": 1, "max_steps_per_epoch": 6, "eval_pairs": 100,
-                                            "ckpt_dir": base["ckpt_dir"] + f"/{name}-probe"}))
-    probe.setup()
-    n_images = len(probe.train_folder)
-    t = time.time()
-    probe.fit()
-    rate = 6 * cfg0.batch_size / max(1e-6, time.time() - t)
-    epochs = max(1, round(rate * minutes[-1] * 60 / n_images))
-    cfg = cfg0.model_copy(update={"epochs": epochs, "ckpt_dir": base["ckpt_dir"] + f"/{name}"})
-    cfg = TrainConfig(**cfg.model_dump())
-    logging.info("%s: ~%.1f images/s, schedule of %d epochs", name, rate, epochs)
-    trainer = Trainer(cfg, on_event)
+def probe(name: str, cfg: TrainConfig, steps: int = 6) -> tuple[dict, float, int]:
+    """Untrained metrics, training images/s and the number of training images, in this process."""
+    trainer = Trainer(cfg.model_copy(update={"epochs": 1, "max_steps_per_epoch": steps,
+                                             "ckpt_dir": cfg.ckpt_dir + f"/{name}-probe"}))
     trainer.setup()
-    m = trainer.evaluate()
-    rows.append({"recipe": name, "minute": 0.0, "steps": 0, "images_per_s": 0.0, **{k: m[k] for k in KEYS}})
-    state["next"] = 1 if minutes[0] == 0 else 0
-    state["mark"] = time.time()
+    untrained = trainer.evaluate()
+    times: list[float] = []
+    trainer.emit_fn = lambda ev: times.append(ev["time"]) if ev["event"] == "progress" else None
     trainer.fit()
-    return rows
+    trainer.dist.close()
+    rate = (steps - 1) * cfg.batch_size / max(1e-6, times[-1] - times[0])  # first step = warm-up
+    return untrained, rate, len(trainer.train_folder)
+
+
+def schedule(name: str, overrides: dict, rate: float, n_images: int, minutes: float) -> dict:
+    """Job fields that fit the recipe's schedule to `minutes` at `rate` training images/s."""
+    batch = TrainConfig(**overrides).batch_size
+    total_steps = max(1, int(rate * minutes * 60 * 0.9 / batch))  # ~10% for evaluations, checkpoints, decode
+    if name == "plain":
+        per_epoch = max(1, min(math.ceil(n_images / batch), int(rate * EPOCH_TARGET_S / batch)))
+        epochs = max(1, round(total_steps / per_epoch))
+        warmup_steps = min(300, 0.3 * epochs * per_epoch)
+        return {"epochs": epochs, "max_steps_per_epoch": per_epoch, "warmup_epochs": round(warmup_steps / per_epoch, 3)}
+    return {"epochs": max(1, round(total_steps / math.ceil(n_images / batch)))}
+
+
+def started(job: dict) -> float:
+    return datetime.fromisoformat(job["started_at"]).timestamp()
+
+
+def run_job(server: Server, body: dict, minutes: float) -> dict:
+    with httpx.Client(base_url=server.base, timeout=60) as c:
+        r = c.post("/jobs", json=body)
+        if r.status_code != 202:
+            raise SystemExit(f"POST /jobs refused the recipe: {r.status_code} {r.text}")
+        job_id = r.json()["id"]
+        log.info("job %s: %s", job_id, json.dumps(body))
+        seen = 0
+        deadline = time.time() + minutes * 60 + 1800
+        while True:
+            job = c.get(f"/jobs/{job_id}").json()
+            for m in job.get("metrics", [])[seen:]:
+                log.info("job %s epoch %s at %.1f min: %s", job_id, m.get("epoch"),
+                         (m["time"] - started(job)) / 60, {k: m.get(k) for k in KEYS})
+            seen = len(job.get("metrics", []))
+            if job["status"] not in ("queued", "running"):
+                return job
+            if time.time() > deadline:
+                c.post(f"/jobs/{job_id}/cancel")
+                raise SystemExit(f"job {job_id} still {job['status']} long after its time limit")
+            time.sleep(5)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR", "../shared/data/lfw"))
     ap.add_argument("--minutes", default="0,5,10,20,30")
-    ap.add_argument("--recipes", default="plain,faceid")
-    ap.add_argument("--out", help="also write the rows as JSON lines here")
+    ap.add_argument("--recipes", default="plain,faceid", help=f"any of {','.join(RECIPES)}")
+    ap.add_argument("--out", help="also write every epoch record of every job as JSON lines here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     minutes = [float(x) for x in args.minutes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="faceid-curve-"))
-    train, val = split(Path(args.lfw), work / "data")
-    base = dict(train=str(train), val=str(val), pairs_file=str(Path(args.lfw) / "pairs.txt"),
-                pairs_folds=[1], ckpt_dir=str(work / "ck"), eval_pairs=6000, workers=2,
-                progress_step_pct=1)
-    rows = []
+    root = work / "data"
+    train, val = split(Path(args.lfw), root, copy=True)
+    pairs = fold1_pairs(Path(args.lfw), root / "fold1")
+    base = {"train": "train", "val": "val", "pairs_file": "fold1/pairs.txt",
+            "best_metric": "pairs_auc", "progress_step_pct": 5}
+    local = {**base, "train": str(train), "val": str(val), "pairs_file": str(pairs),
+             "ckpt_dir": str(work / "ck")}
+    print(f"machine: {machine()}; load average {loadavg()}", flush=True)
+    results: dict[str, dict] = {}
     for name in args.recipes.split(","):
-        rows += curve(name, RECIPES[name], base, minutes)
+        untrained, rate, n_images = probe(name, TrainConfig(**{**local, **RECIPES[name]}))
+        fit = schedule(name, RECIPES[name], rate, n_images, minutes[-1])
+        log.info("%s: untrained %s; probe %.1f images/s on %d images -> %s", name,
+                 {k: round(untrained[k], 4) for k in KEYS}, rate, n_images, fit)
+        body = {**base, **RECIPES[name], **fit, "time_limit_min": minutes[-1]}
+        with Server(None, data_dir=root) as server:
+            job = run_job(server, body, minutes[-1])
+        results[name] = {"untrained": untrained, "rate": rate, "body": body, "job": job}
+    load_after = loadavg()
+
+    rows = []
+    for name, res in results.items():
+        job = res["job"]
+        for m in job.get("metrics", []):
+            rows.append({"recipe": name, "minute": (m["time"] - started(job)) / 60, **m})
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"\nLFW fold 1 (600 pairs; train: {len(list(train.iterdir()))} other people), "
-          f"AUC / 10-fold acc at training minutes:")
-    print(f"{'recipe':<10}{'min':>6}{'steps':>8}{'img/s':>8}" + "".join(f"{k:>11}" for k in KEYS))
+
+    print(f"\nLFW fold 1 (600 official pairs; sampled pairs of the {len(list(val.iterdir()))} fold-1 people), "
+          f"training on {len(list(train.iterdir()))} other people; load average after: {load_after}")
+    print(f"value at minute t = the last epoch evaluated within t minutes of the job starting (decode, "
+          f"evaluations and checkpoints included); at the last point, {minutes[-1]:g} = the job's time limit, the "
+          "job's final epoch (its training stopped at the limit; 'at' says when its evaluation ended)\n")
+    print(f"| recipe | minute | at | epoch | steps | {' | '.join(KEYS)} |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(KEYS))
+    for name, res in results.items():
+        u = res["untrained"]
+        print(f"| {name}, untrained | 0 | 0 | 0 | 0 | " + " | ".join(f"{u[k]:.4f}" for k in KEYS) + " |")
+        mine = [r for r in rows if r["recipe"] == name]
+        for t in minutes:
+            if t == 0:
+                continue
+            done = mine if t == minutes[-1] else [r for r in mine if r["minute"] <= t + 1e-9]
+            if not done:
+                print(f"| {name} | {t:g} | - | - | - | " + " | ".join("-" for _ in KEYS) + " |")
+                continue
+            r = done[-1]
+            steps = r.get("global_step", "-")
+            print(f"| {name} | {t:g} | {r['minute']:.1f} | {r['epoch']} | {steps} | " + " | ".join(f"{r[k]:.4f}" for k in KEYS) + " |")
+    print("\nevery epoch:")
+    print("| recipe | epoch | minute | train loss | " + " | ".join(KEYS) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(KEYS))
     for r in rows:
-        label = "untrained" if r["minute"] == 0 else r["recipe"]
-        print(f"{label:<10}{r['minute']:>6.0f}{r['steps']:>8}{r['images_per_s']:>8.1f}"
-              + "".join(f"{r[k]:>11.4f}" for k in KEYS))
+        print(f"| {r['recipe']} | {r['epoch']} | {r['minute']:.1f} | {r['train_loss']:.3f} | "
+              + " | ".join(f"{r[k]:.4f}" for k in KEYS) + " |")
+    for name, res in results.items():
+        job = res["job"]
+        print(f"\n{name}: job {job['id']} {job['status']}; probe {res['rate']:.1f} images/s; body {json.dumps(res['body'])}")
+        if job.get("error"):
+            print(f"  error: {job['error']}")
 
 
 if __name__ == "__main__":

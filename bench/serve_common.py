@@ -109,9 +109,10 @@ def free_port() -> int:
 class Server:
     """The production app under uvicorn, serving `checkpoint`; `with Server(...) as s:`."""
 
-    def __init__(self, checkpoint: Path, *, device: str = "cpu", env: Optional[dict[str, str]] = None,
-                 unset: tuple[str, ...] = ()) -> None:
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint: Optional[Path], *, device: str = "cpu", env: Optional[dict[str, str]] = None,
+                 unset: tuple[str, ...] = (), data_dir: Optional[Path] = None) -> None:
+        self.checkpoint = checkpoint  # None: serve nothing at start (a job will make the model)
+        self.data_dir = data_dir or REPO / "data"
         self.device = device
         self.extra = env or {}
         self.unset = unset
@@ -128,9 +129,10 @@ class Server:
 
     def __enter__(self) -> "Server":
         env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_") and k not in self.unset}
-        env.update(FACEID_CHECKPOINT=str(self.checkpoint), FACEID_MODELS_DIR=str(self.tmp / "models"),
-                   FACEID_DATA_DIR=str(REPO / "data"), FACEID_DEVICE=self.device,
-                   PYTHONPATH=str(REPO), **self.extra)
+        env.update(FACEID_MODELS_DIR=str(self.tmp / "models"), FACEID_DATA_DIR=str(self.data_dir),
+                   FACEID_DEVICE=self.device, PYTHONPATH=str(REPO), **self.extra)
+        if self.checkpoint is not None:
+            env["FACEID_CHECKPOINT"] = str(self.checkpoint)
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
         with open(self.log_path, "wb") as log:
@@ -138,7 +140,7 @@ class Server:
         deadline = time.monotonic() + 180
         while True:
             try:
-                r = httpx.get(self.base + "/ready", timeout=5)
+                r = httpx.get(self.base + ("/ready" if self.checkpoint is not None else "/health"), timeout=5)
                 if r.status_code == 200:
                     return self
                 if "cannot" in r.text or "failed" in r.text:

@@ -85,9 +85,11 @@ class Verifier:
         with self._lock:
             x = self.transform(batch)
             with autocast_ctx(self.device, self.amp_dtype):
-                e = self.model(x).float()
-                if self.flip:
-                    e = e + self.model(x.flip(3)).float()
+                if self.flip:  # both views in one pass: at batch 1-2 clearly faster than two passes
+                    both = self.model(torch.cat([x, x.flip(3)])).float()
+                    e = both[:len(x)] + both[len(x):]
+                else:
+                    e = self.model(x).float()
             return torch.nn.functional.normalize(e, dim=1).cpu().numpy()
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:

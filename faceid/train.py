@@ -371,7 +371,7 @@ class Trainer:
             metrics = self.evaluate()
             value = float(metrics[cfg.best_metric])
             is_best = value > st.best_value
-            record = {"epoch": epoch, "train_loss": round(train_loss, 6),
+            record = {"epoch": epoch, "global_step": st.global_step, "train_loss": round(train_loss, 6),
                       "lr": self.optimizer.param_groups[1]["lr"], **metrics,
                       "margin": getattr(getattr(self.objective, "head", None), "m", None)}
             if is_best:

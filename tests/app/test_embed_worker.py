@@ -1,0 +1,64 @@
+"""EmbedWorker: requests that queue while a forward pass runs share the next one, even with no
+batch wait (the default), and a full batch or another model starts a new one."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from app.serving import EmbedWorker
+
+
+class BlockingVerifier:
+    """Records each batch; the first call blocks until `release` is set."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def embed(self, images):
+        self.calls.append(list(images))
+        self.entered.set()
+        if len(self.calls) == 1:
+            assert self.release.wait(10)
+        return np.array([[float(i), 1.0] for i in images], np.float32)
+
+
+async def _busy_then(worker: EmbedWorker, first_verifier, rest: list[tuple[object, list[int]]]):
+    first = asyncio.ensure_future(worker.embed(first_verifier, [0]))
+    assert await asyncio.to_thread(first_verifier.entered.wait, 10)  # the worker is now busy
+    others = [asyncio.ensure_future(worker.embed(v, imgs)) for v, imgs in rest]
+    await asyncio.sleep(0.05)  # every request is queued before the worker is free
+    first_verifier.release.set()
+    return await first, await asyncio.gather(*others)
+
+
+@pytest.mark.anyio
+async def test_requests_queued_during_a_forward_pass_share_the_next_one():
+    worker = EmbedWorker(max_batch=16, wait_ms=0)
+    try:
+        v = BlockingVerifier()
+        first, others = await _busy_then(worker, v, [(v, [i]) for i in range(1, 6)])
+    finally:
+        worker.close()
+    assert v.calls == [[0], [1, 2, 3, 4, 5]]
+    assert first.tolist() == [[0.0, 1.0]]
+    assert [o[:, 0].tolist() for o in others] == [[1.0], [2.0], [3.0], [4.0], [5.0]]  # each its own rows
+
+
+@pytest.mark.anyio
+async def test_a_full_batch_or_another_model_starts_a_new_batch():
+    worker = EmbedWorker(max_batch=3, wait_ms=0)
+    try:
+        v, w = BlockingVerifier(), BlockingVerifier()
+        w.release.set()
+        _, others = await _busy_then(worker, v, [(v, [1, 2]), (v, [3]), (v, [4]), (w, [5]), (v, [6])])
+    finally:
+        worker.close()
+    # [1, 2] + [3] fill the batch of 3; [4] starts the next; w's request is a batch of its own
+    assert v.calls == [[0], [1, 2, 3], [4], [6]] and w.calls == [[5]]
+    assert [o[:, 0].tolist() for o in others] == [[1.0, 2.0], [3.0], [4.0], [5.0], [6.0]]
