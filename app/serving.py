@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import logging
 import queue
@@ -42,10 +43,22 @@ ENV_STATE_KEY = "env_checkpoint_applied"
 VerifierLoader = Callable[[Path, str], Any]
 
 
-def load_verifier(path: Path, device: str) -> Any:
+def load_verifier(path: Path, device: str, *, compile: str = "off", max_batch: int = 16) -> Any:
+    """The production loader. With compile="freeze" every batch size the worker can form is
+    compiled here, before the model is swapped in, so no request waits for a compilation."""
     from faceid.inference import Verifier
 
-    return Verifier.from_checkpoint(path, device=device)
+    verifier = Verifier.from_checkpoint(path, device=device, compile=compile)
+    if compile != "off":
+        t = time.monotonic()
+        try:
+            n = verifier.warmup(max_batch)
+        except Exception as e:  # no C++ compiler, an unsupported device, ...
+            raise CheckpointError(f"FACEID_COMPILE={compile} failed for {path} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:300] if str(e) else ''}); set FACEID_COMPILE=off "
+                                  "to serve it uncompiled") from None
+        log.info("compiled %s for %d batch sizes in %.0f s", path, n, time.monotonic() - t)
+    return verifier
 
 
 def open_upload(data: bytes, *, max_pixels: int, name: str) -> Any:
@@ -163,7 +176,8 @@ class ModelManager:
     def __init__(self, settings: Settings, store: JobStore, loader: Optional[VerifierLoader] = None) -> None:
         self.settings = settings
         self.store = store
-        self.loader = loader or load_verifier
+        self.loader = loader or functools.partial(load_verifier, compile=settings.compile,
+                                                  max_batch=settings.batch_max_size)
         self._current: Optional[ServedModel] = None
         self._switch = threading.Lock()  # one load at a time; readers never wait for it
         self.last_error: Optional[str] = None

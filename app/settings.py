@@ -34,6 +34,7 @@ class Settings:
     device: str = "auto"
     batch_max_size: int = 16
     batch_wait_ms: float = 0.0
+    compile: str = "off"  # faceid.inference.COMPILE_MODES
     max_queued_jobs: int = 100
     cancel_grace_s: float = 30.0
     poll_interval_s: float = 0.5
@@ -93,6 +94,9 @@ def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
     device = (env.get(ENV_PREFIX + "DEVICE") or "auto").strip().lower()
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"{ENV_PREFIX}DEVICE={device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    compile_mode = (env.get(ENV_PREFIX + "COMPILE") or "off").strip().lower()
+    if compile_mode not in ("off", "freeze"):
+        raise ConfigError(f"{ENV_PREFIX}COMPILE={compile_mode!r} is not a mode; use off or freeze")
     checkpoint = env.get(ENV_PREFIX + "CHECKPOINT") or None
     trainer = env.get(ENV_PREFIX + "TRAINER_CMD")
     return Settings(
@@ -106,6 +110,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
         device=device,
         batch_max_size=int(_number(env, "BATCH_MAX_SIZE", 16, 1, 1024, integer=True)),
         batch_wait_ms=_number(env, "BATCH_WAIT_MS", 0.0, 0, 10_000),
+        compile=compile_mode,
         max_queued_jobs=int(_number(env, "MAX_QUEUED_JOBS", 100, 1, 100_000, integer=True)),
         cancel_grace_s=_number(env, "CANCEL_GRACE_S", 30.0, 0, 3600),
         trainer_cmd=tuple(shlex.split(trainer)) if trainer else Settings.trainer_cmd,

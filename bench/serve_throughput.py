@@ -6,6 +6,7 @@ nothing.
 
     .venv/bin/python bench/serve_throughput.py                        # about 1.5 min here
     .venv/bin/python bench/serve_throughput.py --checkpoint PATH --seconds 15 --clients 1,4,16,32
+    .venv/bin/python bench/serve_throughput.py --compile off,freeze --batch_wait_ms 0,2   # compare settings
 
 What is compared:
   offline batched   faceid.inference.Verifier.embed_tensors on uint8 batches of --batch (the
@@ -49,13 +50,14 @@ from serve_common import (Server, async_client, ensure_checkpoint, loadavg, mach
                           percentile, run_clients, sample_images)
 
 
-def offline(ckpt: Path, device: str, batch: int, seconds: float, jpeg: bytes) -> dict[str, Any]:
+def offline(ckpt: Path, device: str, batch: int, seconds: float, jpeg: bytes, compile: str = "off") -> dict[str, Any]:
     import torch
 
     from faceid.images import open_image
     from faceid.inference import Verifier, to_uint8_tensor
 
-    v = Verifier.from_checkpoint(ckpt, device=device)
+    v = Verifier.from_checkpoint(ckpt, device=device, compile=compile)
+    v.warmup(batch)  # with compile=freeze: compiles every padded batch size, as the server does
     img = open_image(jpeg)
     x1 = to_uint8_tensor(img, v.img_size).unsqueeze(0)
     xb = x1.repeat(batch, 1, 1, 1)
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8, help="measured time per client count")
     p.add_argument("--warmup", type=float, default=2, help="unmeasured load before each count")
     p.add_argument("--batch", type=int, default=16, help="offline batch = FACEID_BATCH_MAX_SIZE")
+    p.add_argument("--compile", default="off", help="FACEID_COMPILE (off, freeze); a comma list measures "
+                   "each, offline and through a server, in the same run")
     p.add_argument("--batch_wait_ms", default="0", help="FACEID_BATCH_WAIT_MS of the server; a comma list "
                    "(e.g. 0,2) measures one server per value in the same run")
     args = p.parse_args(argv)
@@ -124,20 +128,29 @@ def main(argv: list[str] | None = None) -> int:
     jpeg = sample_images(1)[0]
     load_before = loadavg()
     print(f"machine: {machine()}; load average {load_before}", flush=True)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the server's EmbedWorker is a thread too
-        off = pool.submit(offline, ckpt, args.device, args.batch, args.seconds, jpeg[1]).result()
-    print(f"offline: {off['batched']:.1f} img/s batched, {1000 * off['single']:.1f} ms single", flush=True)
+    modes = args.compile.split(",")
+    offs = {}
+    for mode in dict.fromkeys(modes):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the server's EmbedWorker is a thread too
+            offs[mode] = pool.submit(offline, ckpt, args.device, args.batch, args.seconds, jpeg[1], mode).result()
+        print(f"offline, compile {mode}: {offs[mode]['batched']:.1f} img/s batched, "
+              f"{1000 * offs[mode]['single']:.1f} ms single", flush=True)
     rows = []
     waits = [float(w) for w in args.batch_wait_ms.split(",")]
     # Without an OMP_WAIT_POLICY of the user's, the server applies its own default (app.main).
     unset = ("OMP_WAIT_POLICY",) if USER_OMP_WAIT_POLICY is None else ()
-    for wait in waits:
-        env = {"FACEID_BATCH_MAX_SIZE": str(args.batch), "FACEID_BATCH_WAIT_MS": str(wait)}
-        with Server(ckpt, device=args.device, env=env, unset=unset) as server:
-            for n in [int(x) for x in args.clients.split(",")]:
-                rows.append({**asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg)), "wait": wait})
-                print(f"server, wait {wait:g} ms, {n} clients: {rows[-1]['rate']:.1f} img/s", flush=True)
+    for mode in modes:
+        for wait in waits:
+            env = {"FACEID_BATCH_MAX_SIZE": str(args.batch), "FACEID_BATCH_WAIT_MS": str(wait),
+                   "FACEID_COMPILE": mode}
+            with Server(ckpt, device=args.device, env=env, unset=unset) as server:
+                for n in [int(x) for x in args.clients.split(",")]:
+                    rows.append({**asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg)),
+                                 "wait": wait, "compile": mode})
+                    print(f"server, compile {mode}, wait {wait:g} ms, {n} clients: {rows[-1]['rate']:.1f} img/s",
+                          flush=True)
     load_after = loadavg()
+    off = offs[modes[0]]
 
     print()
     print(f"serve throughput: checkpoint {ckpt} ({off['img_size']} px), device {args.device}, "
@@ -145,28 +158,29 @@ def main(argv: list[str] | None = None) -> int:
           f"{USER_OMP_WAIT_POLICY or 'not set (the server defaults to PASSIVE)'}; "
           f"{args.seconds:g} s per row after {args.warmup:g} s warm-up")
     print(f"machine: {machine()}; load average before {load_before}, after {load_after}")
+    print("shares are of the offline batched rate of the same compile mode")
     print()
-    print("| | images/s | share of offline batched | p50 ms | p99 ms | requests | errors |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| offline batched ({args.batch}) | {off['batched']:.1f} | 100 % | - | - | - | - |")
-    print(f"| offline single forward | {1 / off['single']:.1f} | {100 / off['single'] / off['batched']:.0f} % | "
-          f"{1000 * off['single']:.1f} | - | - | - |")
+    print("| compile | | images/s | share of offline batched | p50 ms | p99 ms | requests | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode, o in offs.items():
+        print(f"| {mode} | offline batched ({args.batch}) | {o['batched']:.1f} | 100 % | - | - | - | - |")
+        print(f"| {mode} | offline single forward | {1 / o['single']:.1f} | "
+              f"{100 / o['single'] / o['batched']:.0f} % | {1000 * o['single']:.1f} | - | - | - |")
     for r in rows:
-        print(f"| server, wait {r['wait']:g} ms, {r['clients']} client{'s' if r['clients'] > 1 else ''} | "
-              f"{r['rate']:.1f} | "
-              f"{100 * r['rate'] / off['batched']:.0f} % | {1000 * r['p50']:.1f} | {1000 * r['p99']:.1f} | "
-              f"{r['n']} | {r['errors']} |")
+        o = offs[r["compile"]]
+        print(f"| {r['compile']} | server, wait {r['wait']:g} ms, {r['clients']} client"
+              f"{'s' if r['clients'] > 1 else ''} | {r['rate']:.1f} | {100 * r['rate'] / o['batched']:.0f} % | "
+              f"{1000 * r['p50']:.1f} | {1000 * r['p99']:.1f} | {r['n']} | {r['errors']} |")
     print()
-    for wait in waits:
-        mine = [r for r in rows if r["wait"] == wait]
-        single = next((r for r in mine if r["clients"] == 1), None)
-        if single:
-            print(f"wait {wait:g} ms, single client: p50 {1000 * single['p50']:.1f} ms vs one forward pass "
-                  f"{1000 * off['single']:.1f} ms = {single['p50'] / off['single']:.2f}x (decode + resize of the "
-                  f"JPEG alone: {1000 * off['decode']:.1f} ms)")
-        top = max(mine, key=lambda r: r["clients"])
-        print(f"wait {wait:g} ms, {top['clients']} clients: {100 * top['rate'] / off['batched']:.0f} % of the "
-              "offline batched rate")
+    for i, r in enumerate(rows):
+        o = offs[r["compile"]]
+        if r["clients"] == 1:
+            print(f"compile {r['compile']}, wait {r['wait']:g} ms (run {i}): single client p50 {1000 * r['p50']:.1f} ms "
+                  f"vs one forward pass {1000 * o['single']:.1f} ms = {r['p50'] / o['single']:.2f}x "
+                  f"(decode + resize of the JPEG alone: {1000 * o['decode']:.1f} ms)")
+        if r["clients"] == max(x["clients"] for x in rows):
+            print(f"compile {r['compile']}, wait {r['wait']:g} ms (run {i}): {r['clients']} clients = "
+                  f"{100 * r['rate'] / o['batched']:.0f} % of the offline batched rate")
     return 0
 
 

@@ -135,3 +135,15 @@ def test_checkpoint_with_wrong_model_weights(ckpt, tmp_path):
     p = save_checkpoint(ck, tmp_path / "broken.pt")
     with pytest.raises(CheckpointError, match="does not fit"):
         Verifier.from_checkpoint(p, device="cpu")
+
+
+def test_compiled_verifier_matches_eager(run, verifier, images):
+    """compile="freeze": every padded batch size is compiled by warmup() and the embeddings equal
+    the eager ones (batch norm folded into the convolutions changes only rounding)."""
+    fast = Verifier.from_checkpoint(run.best, device="cpu", compile="freeze")
+    views = 2 if fast.flip else 1
+    assert fast.warmup(3) == len({1 << (b * views - 1).bit_length() for b in (1, 2, 3)})
+    for batch in (images[:1], images):  # 3 images: padded to the next power of two
+        np.testing.assert_allclose(fast.embed(batch), verifier.embed(batch), atol=1e-4)
+    with pytest.raises(ConfigError, match="compile='jit'"):
+        Verifier.from_checkpoint(run.best, device="cpu", compile="jit")

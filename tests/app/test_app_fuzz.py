@@ -8,7 +8,6 @@ fake model. Each answer must be below 500, and 2xx answers must match the docume
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -19,6 +19,7 @@ def test_defaults():
     assert s.api_key is None and s.max_upload_mb == 10 and s.checkpoint is None
     assert s.trainer_cmd == (sys.executable, "-m", "faceid.train")
     assert s.max_upload_bytes == 10 * 1024 * 1024
+    assert s.batch_wait_ms == 0 and s.compile == "off"
 
 
 def test_values_from_environment(tmp_path):
@@ -26,11 +27,11 @@ def test_values_from_environment(tmp_path):
                        "FACEID_API_KEY": "abcdefgh12", "FACEID_MAX_UPLOAD_MB": "2.5",
                        "FACEID_MAX_PIXELS": "1000000", "FACEID_CHECKPOINT": "x.pt",
                        "FACEID_BATCH_MAX_SIZE": "4", "FACEID_BATCH_WAIT_MS": "0",
-                       "FACEID_PUBLIC_DOCS": "yes", "FACEID_DEVICE": "cpu",
+                       "FACEID_PUBLIC_DOCS": "yes", "FACEID_DEVICE": "cpu", "FACEID_COMPILE": "Freeze",
                        "FACEID_TRAINER_CMD": "python3 '/opt/my trainer.py'"})
     assert s.data_dir == tmp_path and s.max_upload_mb == 2.5 and s.max_pixels == 1_000_000
     assert s.checkpoint == Path("x.pt") and s.batch_max_size == 4 and s.batch_wait_ms == 0
-    assert s.public_docs and s.device == "cpu" and s.trainer_cmd == ("python3", "/opt/my trainer.py")
+    assert s.public_docs and s.device == "cpu" and s.compile == "freeze" and s.trainer_cmd == ("python3", "/opt/my trainer.py")
     assert "abcdefgh12" not in repr(s)
 
 
@@ -42,6 +43,7 @@ def test_values_from_environment(tmp_path):
     ({"FACEID_BATCH_MAX_SIZE": "0"}, "FACEID_BATCH_MAX_SIZE"),
     ({"FACEID_API_KEY": "short"}, "too short"),
     ({"FACEID_DEVICE": "tpu"}, "FACEID_DEVICE"),
+    ({"FACEID_COMPILE": "max-autotune"}, "FACEID_COMPILE.*use off or freeze"),
     ({"FACEID_PUBLIC_DOCS": "maybe"}, "FACEID_PUBLIC_DOCS"),
 ])
 def test_bad_values_name_the_variable(env, needle):
