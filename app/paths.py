@@ -32,6 +32,14 @@ _SERVICE_MANAGED = {
     "resume": "resume a job with POST /jobs/{id}/resume; leave resume out",
 }
 _SINGLE_NODE = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id")
+MAX_WORKERS = 64
+
+
+def _resource_limits() -> dict[str, int]:
+    """What one job may ask of this machine: a training process (each holds a whole model) and a
+    compute thread per core, decoding workers up to MAX_WORKERS."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return {"nproc_per_node": max(1, cpus), "threads": max(1, cpus), "workers": MAX_WORKERS}
 
 
 def confine(root: Path, value: str, field: str, kind: Literal["dir", "file"],
@@ -132,6 +140,11 @@ def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: P
         bad = next(n for n in _SINGLE_NODE if n in cfg.model_fields_set)
         raise FieldError(bad, "multi-node training is not started through the API; run "
                          "`faceid train` under torchrun on each node instead")
+    for name, limit in _resource_limits().items():
+        if getattr(cfg, name) > limit:
+            raise FieldError(name, f"{getattr(cfg, name)} is more than this server allows ({limit}: "
+                             f"{'one per CPU core' if name != 'workers' else 'the service maximum'}); "
+                             f"ask for at most {limit}")
     out = cfg.to_json_dict()
     for name in ("train", "val"):
         folder = confine(data_dir, getattr(cfg, name), name, "dir")

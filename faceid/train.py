@@ -176,8 +176,10 @@ class Trainer:
         common = dict(workers=cfg.workers, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb)
         self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
                                                           min_identities=2, **common)
+        # Only rank 0 evaluates: the other ranks check the validation images' headers, not decode them.
+        common_eval = common if self.dist.is_main else {**common, "cache": "off"}
         self.val_folder, self.val_store = load_images(val, cfg.img_size, what="--val", min_identities=2,
-                                                      min_per_identity=2, **common)
+                                                      min_per_identity=2, **common_eval)
         self.eval_pairs = EvalPairs.sample(self.val_folder, cfg.eval_pairs, cfg.seed)
         self.protocol = None
         if cfg.pairs_file:
@@ -200,7 +202,7 @@ class Trainer:
                                 "matched and 2 mismatched pairs")
             paths = proto.unique_paths()
             folder, store = load_images(protocol_folder(paths), cfg.img_size, what="--pairs_file images",
-                                        min_identities=1, **common)
+                                        min_identities=1, **common_eval)
             if len(folder) != len(paths):
                 raise DataError(f"{len(paths) - len(folder)} image(s) named in {pf} cannot be read "
                                 f"(first: {folder.skipped[0][0]}); fix or remove those pairs")

@@ -137,6 +137,9 @@ async def test_paths_outside_or_missing_are_422_naming_the_field(make_app, job_b
     ({"resume": "models/last.pt"}, "resume"),
     ({"nnodes": 2, "rdzv_endpoint": "evil.example:29400"}, "nnodes"),
     ({"rdzv_endpoint": "evil.example:29400"}, "rdzv_endpoint"),
+    ({"nproc_per_node": 512}, "nproc_per_node: 512 is more than this server allows"),
+    ({"threads": 1000}, "threads: 1000 is more than this server allows"),
+    ({"workers": 65}, "ask for at most 64"),
 ])
 async def test_invalid_configs_are_422(make_app, job_body, change, needle):
     async with running(make_app()) as client:
