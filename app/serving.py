@@ -4,9 +4,9 @@
   request holds the `ServedModel` it started with, so requests in flight finish on the old model.
 - Every forward pass runs on one worker thread, off the event loop, so torch never competes with
   itself for the cores and `/health` stays quick under load. Requests that arrive while it is busy
-  are embedded together in the next batch (up to FACEID_BATCH_MAX_SIZE images). By default the
-  worker never waits for a batch to fill (FACEID_BATCH_WAIT_MS 0): a lone request runs at once, and
-  under load the requests that queued during the previous forward pass form the next batch.
+  are embedded together in the next batch (up to FACEID_BATCH_MAX_SIZE images), waiting at most
+  FACEID_BATCH_WAIT_MS (2) for more: with clients sending back to back, 0 ms split the load into
+  small batches and lost a quarter of the throughput (bench/README.md, serve_throughput).
 - The choice survives a restart: the served checkpoint is remembered in the job database.
 
 torch is imported only here, lazily, through faceid.inference: routes never import it.
@@ -103,7 +103,7 @@ class _Work:
 class EmbedWorker:
     """One thread that runs every forward pass, batching requests that wait."""
 
-    def __init__(self, max_batch: int = 16, wait_ms: float = 0.0) -> None:
+    def __init__(self, max_batch: int = 16, wait_ms: float = 2.0) -> None:
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000.0
         self._queue: queue.Queue[Optional[_Work]] = queue.Queue()
