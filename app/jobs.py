@@ -489,7 +489,7 @@ class JobRunner:
                             job["id"], pid)
                 _kill_group(pid, signal.SIGTERM)
                 deadline = time.monotonic() + min(self.cancel_grace_s, 10.0)
-                while time.monotonic() < deadline and _alive(pid):
+                while time.monotonic() < deadline and process_alive(pid):
                     time.sleep(0.1)
                 _kill_group(pid, signal.SIGKILL)
             log.warning("job %s was running when the server stopped; marked interrupted", job["id"])
@@ -670,7 +670,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """True while `pid` runs (a zombie, exited but not yet reaped by its parent, counts as gone)."""
     try:
         os.kill(pid, 0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,7 +9,7 @@ import pytest
 
 from app.main import create_app
 from app.settings import Settings
-from service_helpers import FAKE_TRAINER, fake_loader, image_bytes
+from service_helpers import fake_loader, image_bytes, service_settings
 
 
 @pytest.fixture
@@ -39,13 +37,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_settings(tmp_path: Path, data_dir: Path) -> Callable[..., Settings]:
-    def make(**changes: Any) -> Settings:
-        base = Settings(data_dir=data_dir, models_dir=tmp_path / "models",
-                        trainer_cmd=(sys.executable, str(FAKE_TRAINER)), cancel_grace_s=2.0,
-                        poll_interval_s=0.02, batch_wait_ms=1.0)
-        return replace(base, **changes)
-
-    return make
+    return lambda **changes: service_settings(**{"data_dir": data_dir, "models_dir": tmp_path / "models", **changes})
 
 
 @pytest.fixture

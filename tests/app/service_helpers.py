@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -15,6 +16,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from app.settings import Settings
 from faceid.errors import CheckpointError, ConfigError
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
@@ -67,6 +69,14 @@ class FakeVerifier:
         th, name = self.resolve_threshold(threshold)
         sim = float(np.clip(np.dot(e1, e2), -1.0, 1.0))
         return {"similarity": sim, "threshold": th, "threshold_name": name, "match": sim >= th}
+
+
+def service_settings(**fields: Any) -> Settings:
+    """Settings for an app under test: the fake trainer, short grace and poll times; `fields`
+    (data_dir, models_dir, anything else) override."""
+    base = Settings(trainer_cmd=(sys.executable, str(FAKE_TRAINER)), cancel_grace_s=2.0, poll_interval_s=0.02,
+                    batch_wait_ms=1.0)
+    return replace(base, **fields)
 
 
 def fake_loader(path: Path, device: str) -> FakeVerifier:

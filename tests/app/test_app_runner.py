@@ -3,34 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import anyio
 import pytest
 
-from app.jobs import EventTail, JobProgress, JobStore, tail_lines
+from app.jobs import EventTail, JobProgress, JobStore, process_alive, tail_lines
 from app.paths import job_config
 from faceid.config import TrainConfig
 from service_helpers import FAKE_TRAINER, MODE, running, wait_for, wait_job
 
 pytestmark = pytest.mark.anyio
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie still answers kill(0); read its state
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 async def test_failure_carries_the_trainers_error(make_app, job_body):
@@ -97,7 +83,7 @@ async def test_cancel_running_job_stops_its_process_group(make_app, job_body, tm
         assert r.status_code == 202 and r.json()["cancel_requested"] is True
         done = await wait_job(client, job["id"])
         assert done["status"] == "cancelled" and done["exit_code"] == 143 and done["error"] is None
-        await wait_for(lambda: not _alive(child), what="the grandchild to be killed")
+        await wait_for(lambda: not process_alive(child), what="the grandchild to be killed")
         # it saved last.pt on SIGTERM, so it can be resumed
         assert (folder / "last.pt").exists()
         r = await client.post(f"/jobs/{job['id']}/resume")
@@ -118,7 +104,7 @@ async def test_cancel_escalates_to_sigkill(make_app, job_body, tmp_path):
         done = await wait_job(client, job["id"])
         assert done["status"] == "cancelled" and done["exit_code"] == -signal.SIGKILL
         assert time.monotonic() - t0 < 5
-        await wait_for(lambda: not _alive(child), what="the grandchild to be killed")
+        await wait_for(lambda: not process_alive(child), what="the grandchild to be killed")
 
 
 async def test_served_model_follows_succeeded_jobs(make_app, job_body):

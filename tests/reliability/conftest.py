@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +22,8 @@ for folder in (HERE.parent / "app", HERE.parent):  # service_helpers, fake_train
 
 from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from service_helpers import FAKE_TRAINER, fake_loader, image_bytes, write_fake_checkpoint  # noqa: E402
+from service_helpers import (fake_loader, image_bytes, service_settings,  # noqa: E402
+                             write_fake_checkpoint)
 
 
 @pytest.fixture
@@ -50,13 +50,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_settings(tmp_path: Path, data_dir: Path) -> Callable[..., Settings]:
-    def make(**changes: Any) -> Settings:
-        base = Settings(data_dir=data_dir, models_dir=tmp_path / "models",
-                        trainer_cmd=(sys.executable, str(FAKE_TRAINER)), cancel_grace_s=2.0,
-                        poll_interval_s=0.02, batch_wait_ms=1.0)
-        return replace(base, **changes)
-
-    return make
+    return lambda **changes: service_settings(**{"data_dir": data_dir, "models_dir": tmp_path / "models", **changes})
 
 
 @pytest.fixture
