@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from faceid.omp import training_child_env
+
 log = logging.getLogger(__name__)
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -660,8 +662,9 @@ class JobRunner:
 
 
 def _child_env() -> dict[str, str]:
-    """The server's environment minus its secrets, with the faceid package importable."""
-    env = {k: v for k, v in os.environ.items() if k != "FACEID_API_KEY"}
+    """The server's environment minus its secrets and its own OpenMP wait default (training
+    spins briefly instead, faceid/omp.py), with the faceid package importable."""
+    env = training_child_env({k: v for k, v in os.environ.items() if k != "FACEID_API_KEY"})
     import faceid
 
     root = str(Path(faceid.__file__).resolve().parent.parent)

@@ -27,6 +27,7 @@ from fastapi.openapi.utils import get_openapi
 
 import faceid
 from faceid.errors import ConfigError
+from faceid.omp import serving_defaults
 
 from app import errors
 from app.jobs import JobRunner, JobStore
@@ -80,8 +81,8 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
     # OpenMP threads that sleep instead of spinning when idle: the server's forward passes share
     # the cores with request parsing, image decoding and a training job (see bench/README.md).
     # torch is imported later (when the lifespan loads a model), so this takes effect; an explicit
-    # OMP_WAIT_POLICY in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY in the environment wins. Training jobs get their own default (faceid/omp.py).
+    serving_defaults()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

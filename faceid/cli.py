@@ -23,6 +23,7 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from faceid.config import TrainConfig
+from faceid.omp import serving_defaults, training_defaults
 
 log = logging.getLogger("faceid")
 
@@ -175,7 +176,7 @@ def build_train_parser(prog: str = "faceid train") -> argparse.ArgumentParser:
 
 def train_main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see faceid/train.py; torch not imported yet
+    training_defaults()  # torch is not imported yet (faceid/omp.py)
     args = build_train_parser().parse_args(argv)
     _setup_logging()
     events = None
@@ -330,7 +331,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     # Before torch is imported: sleeping OpenMP threads, so inference and a training job can share
     # a small CPU (16 clients on 2 cores: 53% -> 74% of the offline batched rate, RELIABILITY.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    serving_defaults()
     import uvicorn
 
     uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,

@@ -34,7 +34,6 @@ PY="$VENV/bin/python"
 
 mkdir -p logs
 echo "== starting the server on $URL (data: $FACEID_DATA_DIR, models: $FACEID_MODELS_DIR)"
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # sleeping OpenMP threads: inference and training share the CPU
 "$PY" -m uvicorn --factory app.main:create_app --host "$HOST" --port "$PORT" >>logs/server.log 2>&1 &
 SERVER=$!
 stop_server() { kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; }
