@@ -15,10 +15,11 @@ on a free port with a data folder holding the split, the recipe is sent to `POST
 `time_limit_min` = the last time point, and `GET /jobs/{id}` is polled. The trainer scores fold 1
 at the end of every epoch; the value reported at minute t is that of the last epoch finished by t
 minutes after the job started running, so the times include decoding the data, every evaluation
-and every checkpoint: what a user of the service waits. The cosine schedule is sized to the run
-from a short in-process probe of each recipe's speed (epochs of the faceid recipe are whole passes
-over the data, about 3-4 minutes each here; plain's are capped at about 3.5 minutes of steps so it
-gets as many evaluations).
+and every checkpoint: what a user of the service waits. Epochs are sized from a short in-process
+probe of each recipe's speed with 25% to spare, and the job's learning-rate schedule and margin
+warm-up follow its time limit (`fit_to_time_limit`, on by default), so the cosine ends at the limit
+(epochs of the faceid recipe are whole passes over the data, about 3-4 minutes each here; plain's
+are capped at about 3.5 minutes of steps so it gets as many evaluations).
 
     python bench/learning_curve.py --lfw ../shared/data/lfw                 # about 70 min here
     python bench/learning_curve.py --minutes 0,2,4 --recipes faceid         # a quick look
@@ -127,15 +128,17 @@ def probe(name: str, cfg: TrainConfig, steps: int = 6) -> tuple[dict, float, int
 
 
 def schedule(name: str, overrides: dict, rate: float, n_images: int, minutes: float) -> dict:
-    """Job fields that fit the recipe's schedule to `minutes` at `rate` training images/s."""
+    """Job fields that size the recipe's epochs to `minutes` at `rate` training images/s, with 25%
+    to spare: the job's time limit ends it, and its schedule follows the limit (fit_to_time_limit),
+    so a run slower than the probe still anneals and a faster one still uses its time."""
     batch = TrainConfig(**overrides).batch_size
-    total_steps = max(1, int(rate * minutes * 60 * 0.9 / batch))  # ~10% for evaluations, checkpoints, decode
+    total_steps = max(1, int(rate * minutes * 60 * 0.9 * 1.25 / batch))  # 0.9: evaluations, checkpoints
     if name == "plain":
         per_epoch = max(1, min(math.ceil(n_images / batch), int(rate * EPOCH_TARGET_S / batch)))
         epochs = max(1, round(total_steps / per_epoch))
         warmup_steps = min(300, 0.3 * epochs * per_epoch)
         return {"epochs": epochs, "max_steps_per_epoch": per_epoch, "warmup_epochs": round(warmup_steps / per_epoch, 3)}
-    return {"epochs": max(1, round(total_steps / math.ceil(n_images / batch)))}
+    return {"epochs": max(1, math.ceil(total_steps / math.ceil(n_images / batch)))}
 
 
 def started(job: dict) -> float:

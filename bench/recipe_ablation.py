@@ -39,12 +39,16 @@ VARIANTS: dict[str, dict] = {
     "no_margin_warmup": {"margin_warmup_epochs": 0.0},
     "no_balanced": {"balanced_sampling": False},
     "no_augment": {"augment": "none"},
+    "flip_only": {"augment": "flip"},
     "origin_s64_m05": {"arcface_s": 64.0, "arcface_m": 0.5},
     "sgd_lr0.1": {"optimizer": "sgd", "lr": 0.1},
     "lr3e-3": {"lr": 3e-3},
     "lr3e-4": {"lr": 3e-4},
     "img48": {"img_size": 48},
     "no_eval_flip": {"eval_flip": False},
+    "wd0.05": {"weight_decay": 0.05},
+    "s16": {"arcface_s": 16.0},
+    "m0.5": {"arcface_m": 0.5},
 }
 
 

@@ -103,8 +103,9 @@ class TrainConfig(BaseModel):
     clip_grad_norm: float = Field(0.0, ge=0, le=1e6, description="clip the gradient norm to this (0: off)")
     balanced_sampling: bool = Field(False, description="arcface: draw identities uniformly, not images, "
                                     "so a few large identities do not dominate")
-    augment: Literal["none", "light"] = Field("light", description="training augmentation: light = "
-                                              "horizontal flip + small random shift")
+    augment: Literal["none", "flip", "light"] = Field(
+        "light", description="training augmentation: flip = random horizontal flip; light = flip + a "
+        "random shift of up to 1/16 of the image")
 
     # --- evaluation and selection -----------------------------------------------------------
     eval_pairs: int = Field(20000, ge=2, le=100_000_000, description="balanced validation pairs sampled "
@@ -129,6 +130,10 @@ class TrainConfig(BaseModel):
     max_steps_per_epoch: int = Field(0, ge=0, le=100_000_000, description="cap steps per epoch (0: no cap); for quick runs")
     time_limit_min: float = Field(0.0, ge=0, le=1e6, description="stop training after this many minutes "
                                   "(0: no limit); the current epoch is cut short and evaluated")
+    fit_to_time_limit: bool = Field(
+        True, description="with --time_limit_min: if the epochs would not finish in time, advance the "
+        "lr schedule and the margin warm-up by the share of the limit used, so the cosine reaches 0 at "
+        "the limit instead of being cut off (false: by steps only)")
     resume: Optional[str] = Field(None, max_length=4096, description="resume from this last.pt")
 
     # --- distributed (torchrun) -------------------------------------------------------------

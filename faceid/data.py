@@ -304,11 +304,12 @@ def sample_pairs(labels: np.ndarray, n_pairs: int, rng: np.random.Generator
 
 class BatchTransform:
     """uint8 [B, 3, S, S] -> normalised float [B, 3, S, S] on `device`, with optional training
-    augmentation (random horizontal flip, random shift of up to S/16 pixels)."""
+    augmentation (random horizontal flip; with `shift`, also a random shift of up to S/16 pixels)."""
 
-    def __init__(self, device: torch.device, *, augment: bool, channels_last: bool) -> None:
+    def __init__(self, device: torch.device, *, augment: bool, channels_last: bool, shift: bool = True) -> None:
         self.device = device
         self.augment = augment
+        self.shift = shift
         self.channels_last = channels_last
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
@@ -326,6 +327,8 @@ class BatchTransform:
         b, _, s, _ = x.shape
         flip = torch.rand(b, generator=g) < 0.5
         x = torch.where(flip.to(x.device).view(b, 1, 1, 1), x.flip(3), x)
+        if not self.shift:
+            return x
         p = max(1, s // 16)
         padded = torch.nn.functional.pad(x.float(), (p, p, p, p), mode="replicate").to(x.dtype)
         off = torch.randint(0, 2 * p + 1, (b, 2), generator=g).tolist()

@@ -41,13 +41,17 @@ class DistEnv:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on any rank (stop requests, time limits)."""
+        return self.max([1.0 if flag else 0.0])[0] > 0
+
+    def max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum of `values` over the ranks, the same list on every rank."""
         if self.world_size == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0])
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
         if torch.distributed.get_backend() == "nccl":
             t = t.cuda()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return t.cpu().tolist()
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 if __name__ == "__main__":
-    # Before torch is imported: idle OpenMP threads sleep instead of spinning. On a small CPU
-    # shared with a server or another job, spinning threads collapse a training step (measured on
-    # 2 cores: 2.6 -> 5.2 images/s under load with PASSIVE; see bench/README.md).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch is imported: how idle OpenMP threads wait (faceid/omp.py, bench/omp_wait.py).
+    from faceid.omp import training_defaults
+
+    training_defaults()
 
 import numpy as np
 import torch
@@ -67,14 +67,18 @@ class _State:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Per-step multiplier: linear warmup over warmup_epochs, then cosine to 0 or constant."""
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int,
+               pace: Callable[[int], float] = float) -> Callable[[int], float]:
+    """Per-step multiplier: linear warmup over warmup_epochs, then cosine to 0 or constant.
+    `pace(step)` is how far the schedule is, in steps (at least `step`; more when a time limit
+    runs ahead of the steps)."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     total = max(1, cfg.epochs * steps_per_epoch)
 
     def f(step: int) -> float:
+        step = pace(step)
         if warmup and step < warmup:
-            return (step + 1) / warmup
+            return min(1.0, (step + 1) / warmup)
         if cfg.scheduler == "constant":
             return 1.0
         t = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -221,10 +225,12 @@ class Trainer:
         self.steps_per_epoch = max(1, n_batches // self.dist.world_size)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           _lr_lambda(cfg, self.steps_per_epoch))
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self._time_share, self._first_step, self._clock = 0.0, 0, None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg, self.steps_per_epoch, self._pace))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.train_tf = BatchTransform(self.device, augment=cfg.augment == "light",
+        self.train_tf = BatchTransform(self.device, augment=cfg.augment != "none", shift=cfg.augment == "light",
                                        channels_last=cfg.channels_last)
         self.eval_tf = BatchTransform(self.device, augment=False, channels_last=cfg.channels_last)
         self.state = _State()
@@ -256,7 +262,17 @@ class Trainer:
                             best_epoch=int(b.get("epoch", 0)),
                             best_value=float(b.get("value", -math.inf)),
                             history=list(ck.get("history", [])))
+        self._first_step = self.state.global_step
         log.info("resumed from %s at epoch %d", path, self.state.epoch)
+
+    def _pace(self, step: int) -> float:
+        """How far the schedule (lr, margin warm-up) is, in steps. By steps, unless a time limit
+        (with fit_to_time_limit) is used up faster than the steps: then the steps left when this
+        run started are spread over the time limit, so the cosine ends at the limit."""
+        if not self._time_share:
+            return float(step)
+        first = self._first_step
+        return max(float(step), first + self._time_share * (self.total_steps - first))
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> RunResult:
@@ -270,6 +286,8 @@ class Trainer:
                   val_images=len(self.val_folder), skipped_images=len(self.train_folder.skipped)
                   + len(self.val_folder.skipped), config=cfg.to_json_dict())
         deadline = t0 + cfg.time_limit_min * 60 if cfg.time_limit_min else math.inf
+        # The schedule's clock starts with the first step (after decoding), the limit's with fit().
+        self._clock = (time.time(), deadline) if cfg.fit_to_time_limit and cfg.time_limit_min else None
         stopped = False
         ddp = None
         for epoch in range(st.epoch + 1, cfg.epochs + 1):
@@ -311,7 +329,10 @@ class Trainer:
         images = batch_images(self.train_store, [b.indices for b in batches], workers=cfg.workers,
                               pin_memory=self.device.type == "cuda")
         for i, (batch, raw) in enumerate(zip(batches, images), start=1):
-            self.objective.set_progress((epoch - 1) + (i - 1) / len(batches))
+            epochs_done = (epoch - 1) + (i - 1) / len(batches)
+            if self._time_share:
+                epochs_done = max(epochs_done, self._pace(st.global_step) / self.steps_per_epoch)
+            self.objective.set_progress(epochs_done)
             x = self.train_tf(raw, gen)
             y = batch.target.to(self.device, non_blocking=True)
             with autocast_ctx(self.device, self.amp_dtype):
@@ -323,6 +344,16 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.trainee.parameters(), cfg.clip_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # One collective per step: a stop on any rank, and the time share every rank's
+            # schedule uses (the same value on all, so their learning rates agree).
+            now = time.time()
+            share = 0.0
+            if self._clock is not None:
+                start, end = self._clock
+                share = min(1.0, (now - start) / max(1e-9, end - start))
+            stop_flag, share = self.dist.max([1.0 if self.stop.is_set() or now > deadline else 0.0, share])
+            self._time_share = share
+            stop_now = stop_flag > 0
             self.scheduler.step()
             st.global_step += 1
             lv = float(loss.detach())
@@ -332,8 +363,6 @@ class Trainer:
             loss_sum += lv
             n_loss += 1
             seen += len(batch.indices)
-            stop_now = self.stop.is_set() or time.time() > deadline
-            stop_now = self.dist.any(stop_now)
             if i % report_every == 0 or i == len(batches) or stop_now:
                 self._progress(epoch, i, len(batches), loss_sum / n_loss, seen, t_start)
             if stop_now:
@@ -347,11 +376,14 @@ class Trainer:
         done = (epoch - 1) * steps + step
         total = cfg.epochs * steps
         rate_steps = step / elapsed
+        percent, eta = 100.0 * done / total, (total - done) / rate_steps
+        if self._clock is not None:  # a time limit ends the run first: say so
+            percent = max(percent, 100.0 * self._time_share)
+            eta = min(eta, max(0.0, self._clock[1] - time.time()))
         self.emit("progress", epoch=epoch, epochs=cfg.epochs, step=step, steps=steps,
-                  percent=round(100.0 * done / total, 2), loss=round(loss, 5),
+                  percent=round(percent, 2), loss=round(loss, 5),
                   images_per_s=round(seen * self.dist.world_size / elapsed, 2),
-                  lr=self.optimizer.param_groups[1]["lr"],
-                  eta_s=round((total - done) / rate_steps, 1))
+                  lr=self.optimizer.param_groups[1]["lr"], eta_s=round(eta, 1))
 
     def evaluate(self) -> dict[str, Any]:
         """Metrics of the current model on --val (and --pairs_file)."""

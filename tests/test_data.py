@@ -266,3 +266,14 @@ def test_batch_transform_augmentation_keeps_shape_and_is_seeded():
     torch.testing.assert_close(a, b)
     plain = BatchTransform(torch.device("cpu"), augment=False, channels_last=True)(x)
     assert not torch.equal(a, plain)  # flips and shifts happened
+
+
+def test_batch_transform_flip_only_mirrors_some_images_and_shifts_none():
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    plain = BatchTransform(torch.device("cpu"), augment=False, channels_last=False)(x)
+    out = BatchTransform(torch.device("cpu"), augment=True, shift=False, channels_last=False)(
+        x, torch.Generator().manual_seed(1))
+    same = [torch.equal(out[i], plain[i]) for i in range(16)]
+    mirrored = [torch.equal(out[i], plain[i].flip(2)) for i in range(16)]
+    assert all(s or m for s, m in zip(same, mirrored))  # each image as it was, or its mirror
+    assert any(same) and any(mirrored)
