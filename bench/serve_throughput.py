@@ -7,6 +7,7 @@ nothing.
     .venv/bin/python bench/serve_throughput.py                        # about 1.5 min here
     .venv/bin/python bench/serve_throughput.py --checkpoint PATH --seconds 15 --clients 1,4,16,32
     .venv/bin/python bench/serve_throughput.py --compile off,freeze --batch_wait_ms 0,2   # compare settings
+    .venv/bin/python bench/serve_throughput.py --omp PASSIVE,spin10k      # how OpenMP threads wait
 
 What is compared:
   offline batched   faceid.inference.Verifier.embed_tensors on uint8 batches of --batch (the
@@ -31,12 +32,15 @@ import os
 
 # Before torch is imported (the offline rows); the server does not inherit it (see Server below).
 USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "GOMP_SPINCOUNT" not in os.environ:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import concurrent.futures  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -87,6 +91,20 @@ def offline(ckpt: Path, device: str, batch: int, seconds: float, jpeg: bytes, co
     return out
 
 
+# --omp: how OpenMP threads wait, for the offline rows (a child process each) and the server alike
+OMP_POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin10k": {"GOMP_SPINCOUNT": "10000"}}
+OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def offline_in_child(policy: str, ckpt: Path, args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k not in OMP_VARS}
+    env.update(OMP_POLICIES[policy])
+    cmd = [sys.executable, __file__, "--offline_json", "--checkpoint", str(ckpt), "--device", args.device,
+           "--batch", str(args.batch), "--seconds", str(args.seconds), "--compile", mode]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 async def server_rate(server: Server, clients: int, seconds: float, warmup: float, jpeg: tuple[str, bytes]):
     lat: list[float] = []
     errors = 0
@@ -122,65 +140,88 @@ def main(argv: list[str] | None = None) -> int:
                    "each, offline and through a server, in the same run")
     p.add_argument("--batch_wait_ms", default="2", help="FACEID_BATCH_WAIT_MS of the server; a comma list "
                    "(e.g. 0,2) measures one server per value in the same run")
+    p.add_argument("--omp", default="", help=f"comma list of OpenMP wait settings ({', '.join(OMP_POLICIES)}) "
+                   "measured side by side, offline rows (in a child process each) and server alike; "
+                   "default: this process PASSIVE, the server its own default")
+    p.add_argument("--offline_json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    ckpt = ensure_checkpoint(args.checkpoint, args.img_size)
     jpeg = sample_images(1)[0]
+    if args.offline_json:  # a child of --omp: the offline rows under this process's OpenMP setting
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            print(json.dumps(pool.submit(offline, Path(args.checkpoint), args.device, args.batch, args.seconds,
+                                         jpeg[1], args.compile).result()))
+        return 0
+    ckpt = ensure_checkpoint(args.checkpoint, args.img_size)
     load_before = loadavg()
     print(f"machine: {machine()}; load average {load_before}", flush=True)
     modes = args.compile.split(",")
+    policies = [x for x in args.omp.split(",") if x]
+    unknown = [x for x in policies if x not in OMP_POLICIES]
+    if unknown:
+        p.error(f"--omp: unknown {unknown}; choose from {','.join(OMP_POLICIES)}")
+    # (compile mode, OpenMP setting): "" = this process's setting and the server's own default
+    keys = [(m, pol) for m in dict.fromkeys(modes) for pol in (policies or [""])]
     offs = {}
-    for mode in dict.fromkeys(modes):
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the server's EmbedWorker is a thread too
-            offs[mode] = pool.submit(offline, ckpt, args.device, args.batch, args.seconds, jpeg[1], mode).result()
-        print(f"offline, compile {mode}: {offs[mode]['batched']:.1f} img/s batched, "
-              f"{1000 * offs[mode]['single']:.1f} ms single", flush=True)
+    for mode, pol in keys:
+        if pol:
+            offs[(mode, pol)] = offline_in_child(pol, ckpt, args, mode)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the server's EmbedWorker is a thread too
+                offs[(mode, pol)] = pool.submit(offline, ckpt, args.device, args.batch, args.seconds, jpeg[1],
+                                                mode).result()
+        o = offs[(mode, pol)]
+        print(f"offline, compile {mode}{', ' + pol if pol else ''}: {o['batched']:.1f} img/s batched, "
+              f"{1000 * o['single']:.1f} ms single", flush=True)
     rows = []
     waits = [float(w) for w in args.batch_wait_ms.split(",")]
-    # Without an OMP_WAIT_POLICY of the user's, the server applies its own default (app.main).
-    unset = ("OMP_WAIT_POLICY",) if USER_OMP_WAIT_POLICY is None else ()
-    for mode in modes:
+    for mode, pol in keys:
         for wait in waits:
             env = {"FACEID_BATCH_MAX_SIZE": str(args.batch), "FACEID_BATCH_WAIT_MS": str(wait),
-                   "FACEID_COMPILE": mode}
+                   "FACEID_COMPILE": mode, **OMP_POLICIES.get(pol, {})}
+            # Without a setting of the user's (or --omp), the server applies its own default (app.main).
+            unset = OMP_VARS if pol or USER_OMP_WAIT_POLICY is None else ()
             with Server(ckpt, device=args.device, env=env, unset=unset) as server:
                 for n in [int(x) for x in args.clients.split(",")]:
                     rows.append({**asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg)),
-                                 "wait": wait, "compile": mode})
-                    print(f"server, compile {mode}, wait {wait:g} ms, {n} clients: {rows[-1]['rate']:.1f} img/s",
-                          flush=True)
+                                 "wait": wait, "compile": mode, "omp": pol})
+                    print(f"server, compile {mode}{', ' + pol if pol else ''}, wait {wait:g} ms, {n} clients: "
+                          f"{rows[-1]['rate']:.1f} img/s", flush=True)
     load_after = loadavg()
-    off = offs[modes[0]]
+    off = offs[keys[0]]
 
     print()
+    omp_note = (f"OpenMP wait per row (offline rows and server alike): {', '.join(policies)}" if policies else
+                f"server OMP_WAIT_POLICY {USER_OMP_WAIT_POLICY or 'not set (the server defaults to PASSIVE)'}")
     print(f"serve throughput: checkpoint {ckpt} ({off['img_size']} px), device {args.device}, "
-          f"torch threads {off['threads']}, batch {args.batch}, server OMP_WAIT_POLICY "
-          f"{USER_OMP_WAIT_POLICY or 'not set (the server defaults to PASSIVE)'}; "
+          f"torch threads {off['threads']}, batch {args.batch}, {omp_note}; "
           f"{args.seconds:g} s per row after {args.warmup:g} s warm-up")
     print(f"machine: {machine()}; load average before {load_before}, after {load_after}")
-    print("shares are of the offline batched rate of the same compile mode")
+    print("shares are of the offline batched rate of the same compile mode and OpenMP setting")
     print()
-    print("| compile | | images/s | share of offline batched | p50 ms | p99 ms | requests | errors |")
-    print("|---|---|---|---|---|---|---|---|")
-    for mode, o in offs.items():
-        print(f"| {mode} | offline batched ({args.batch}) | {o['batched']:.1f} | 100 % | - | - | - | - |")
-        print(f"| {mode} | offline single forward | {1 / o['single']:.1f} | "
+    print("| compile | omp | | images/s | share of offline batched | p50 ms | p99 ms | requests | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (mode, pol), o in offs.items():
+        pol = pol or "-"
+        print(f"| {mode} | {pol} | offline batched ({args.batch}) | {o['batched']:.1f} | 100 % | - | - | - | - |")
+        print(f"| {mode} | {pol} | offline single forward | {1 / o['single']:.1f} | "
               f"{100 / o['single'] / o['batched']:.0f} % | {1000 * o['single']:.1f} | - | - | - |")
     for r in rows:
-        o = offs[r["compile"]]
-        print(f"| {r['compile']} | server, wait {r['wait']:g} ms, {r['clients']} client"
+        o = offs[(r["compile"], r["omp"])]
+        print(f"| {r['compile']} | {r['omp'] or '-'} | server, wait {r['wait']:g} ms, {r['clients']} client"
               f"{'s' if r['clients'] > 1 else ''} | {r['rate']:.1f} | {100 * r['rate'] / o['batched']:.0f} % | "
               f"{1000 * r['p50']:.1f} | {1000 * r['p99']:.1f} | {r['n']} | {r['errors']} |")
     print()
+    best_single = min(o["single"] for o in offs.values())
     for i, r in enumerate(rows):
-        o = offs[r["compile"]]
+        o = offs[(r["compile"], r["omp"])]
+        what = f"compile {r['compile']}{', ' + r['omp'] if r['omp'] else ''}, wait {r['wait']:g} ms (run {i})"
         if r["clients"] == 1:
-            print(f"compile {r['compile']}, wait {r['wait']:g} ms (run {i}): single client p50 {1000 * r['p50']:.1f} ms "
-                  f"vs one forward pass {1000 * o['single']:.1f} ms = {r['p50'] / o['single']:.2f}x "
-                  f"(decode + resize of the JPEG alone: {1000 * o['decode']:.1f} ms)")
+            print(f"{what}: single client p50 {1000 * r['p50']:.1f} ms vs one forward pass {1000 * o['single']:.1f} ms "
+                  f"= {r['p50'] / o['single']:.2f}x (vs the fastest offline forward here, {1000 * best_single:.1f} ms: "
+                  f"{r['p50'] / best_single:.2f}x; decode + resize of the JPEG alone: {1000 * o['decode']:.1f} ms)")
         if r["clients"] == max(x["clients"] for x in rows):
-            print(f"compile {r['compile']}, wait {r['wait']:g} ms (run {i}): {r['clients']} clients = "
-                  f"{100 * r['rate'] / o['batched']:.0f} % of the offline batched rate")
+            print(f"{what}: {r['clients']} clients = {100 * r['rate'] / o['batched']:.0f} % of the offline batched rate")
     return 0
 
 

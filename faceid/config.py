@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "arcface_m": 0.3,
         "margin_warmup_epochs": 3,
         "balanced_sampling": True,
-        "augment": "light",
+        "augment": "flip",
         "eval_flip": True,
         "eval_pairs": 6000,
         "epochs": 10,

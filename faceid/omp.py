@@ -30,9 +30,9 @@ def training_defaults(environ: Optional[MutableMapping[str, str]] = None) -> Non
 
 
 def serving_defaults(environ: Optional[MutableMapping[str, str]] = None) -> None:
-    """Sleeping threads for the server, unless OMP_WAIT_POLICY is already set."""
+    """Sleeping threads for the server, unless the wait policy or spin count is already set."""
     env = _env(environ)
-    if "OMP_WAIT_POLICY" not in env:
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
         env[SERVER_MARK] = "1"
 

@@ -32,10 +32,11 @@ def test_a_job_of_the_server_does_not_inherit_the_servers_default():
 
 
 def test_a_users_policy_reaches_the_server_and_its_jobs():
-    server = {"OMP_WAIT_POLICY": "PASSIVE"}
-    serving_defaults(server)
-    assert server == {"OMP_WAIT_POLICY": "PASSIVE"}  # no mark: the user chose it
-    assert training_child_env(dict(server)) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for given in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "10000"}):
+        server = dict(given)
+        serving_defaults(server)
+        assert server == given  # no mark: the user chose it
+        assert training_child_env(dict(server)) == given
 
 
 def test_the_job_launcher_uses_it(monkeypatch):
