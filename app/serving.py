@@ -101,11 +101,16 @@ class _Work:
 
 
 class EmbedWorker:
-    """One thread that runs every forward pass, batching requests that wait."""
+    """One thread that runs every forward pass, batching requests that wait.
+
+    Requests queued while a forward pass runs share the next one. Under concurrent load (the last
+    batch held several requests, or more are queued already) the worker also waits up to `wait_ms`
+    for requests still on their way; a lone request (one client) never waits."""
 
     def __init__(self, max_batch: int = 16, wait_ms: float = 2.0) -> None:
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000.0
+        self._last_requests = 0  # requests in the last batch: >1 means concurrent load
         self._queue: queue.Queue[Optional[_Work]] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="faceid-embed", daemon=True)
         self._thread.start()
@@ -129,7 +134,8 @@ class EmbedWorker:
                 return
             batch = [first] if first.future.set_running_or_notify_cancel() else []
             size = len(first.images) if batch else 0
-            deadline = time.monotonic() + self.wait_s
+            concurrent = self._last_requests > 1 or not self._queue.empty()
+            deadline = time.monotonic() + (self.wait_s if concurrent else 0.0)
             stop = False
             while size < self.max_batch:
                 timeout = deadline - time.monotonic()
@@ -151,6 +157,7 @@ class EmbedWorker:
                     batch.append(nxt)
                     size += len(nxt.images)
             if batch:
+                self._last_requests = len(batch)
                 self._run(batch)
             if stop:
                 return

@@ -1,5 +1,6 @@
 """EmbedWorker: requests that queue while a forward pass runs share the next one, even with no
-batch wait (the default), and a full batch or another model starts a new one."""
+batch wait; a full batch or another model starts a new one; the batch wait applies under
+concurrent load, never to a lone request."""
 
 from __future__ import annotations
 
@@ -62,3 +63,45 @@ async def test_a_full_batch_or_another_model_starts_a_new_batch():
     # [1, 2] + [3] fill the batch of 3; [4] starts the next; w's request is a batch of its own
     assert v.calls == [[0], [1, 2, 3], [4], [6]] and w.calls == [[5]]
     assert [o[:, 0].tolist() for o in others] == [[1.0, 2.0], [3.0], [4.0], [5.0], [6.0]]
+
+
+class RecordingVerifier:
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def embed(self, images):
+        self.calls.append(list(images))
+        return np.array([[float(i), 1.0] for i in images], np.float32)
+
+
+@pytest.mark.anyio
+async def test_a_lone_request_does_not_wait_for_company():
+    # A 30 s batch wait would hold a waiting request for 30 s; one client's request runs at once.
+    worker = EmbedWorker(max_batch=16, wait_ms=30_000)
+    try:
+        v = RecordingVerifier()
+        for i in range(3):
+            out = await asyncio.wait_for(worker.embed(v, [i]), timeout=10)
+            assert out[:, 0].tolist() == [float(i)]
+    finally:
+        worker.close()
+    assert v.calls == [[0], [1], [2]]
+
+
+@pytest.mark.anyio
+async def test_under_concurrent_load_the_worker_waits_for_requests_on_their_way():
+    worker = EmbedWorker(max_batch=4, wait_ms=30_000)
+    try:
+        v = BlockingVerifier()
+        # Four requests queue during a forward pass: a full batch of them, concurrent load.
+        await _busy_then(worker, v, [(v, [1]), (v, [2]), (v, [3]), (v, [4])])
+        # So the next request waits for company: one sent 0.2 s later joins its batch (at wait 0
+        # they would be two batches); two more fill the batch, which ends the wait.
+        a = asyncio.ensure_future(worker.embed(v, [5]))
+        await asyncio.sleep(0.2)
+        b = asyncio.ensure_future(worker.embed(v, [6]))
+        rest = [asyncio.ensure_future(worker.embed(v, [i])) for i in (7, 8)]
+        await asyncio.wait_for(asyncio.gather(a, b, *rest), timeout=10)
+    finally:
+        worker.close()
+    assert v.calls == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
