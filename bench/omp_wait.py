@@ -12,6 +12,7 @@ requests, or a second job, would), in one run, policies interleaved:
   serve1   ms per forward pass of one image and its mirror image (as the server embeds), 20 ms
            between calls (a server between requests)
   serve16  the same with 16 images
+  serve1_1thread  serve1 with one compute thread (nothing to wake)
 
     python bench/omp_wait.py                              # about 15 minutes here
     python bench/omp_wait.py --workloads train --rounds 1 # a quick look
@@ -80,7 +81,7 @@ def child(steps: int, data: str) -> None:
                           "threads": torch.get_num_threads()}))
 
 
-def child_infer(batch: int, calls: int, gap_ms: float) -> None:
+def child_infer(batch: int, calls: int, gap_ms: float, threads: int = 0) -> None:
     """Median ms of one eval-mode forward pass of FaceID's network at 64 px over `batch` images and
     their mirror images (as the server embeds), `gap_ms` of idling between calls (a server between
     requests)."""
@@ -88,6 +89,8 @@ def child_infer(batch: int, calls: int, gap_ms: float) -> None:
 
     from faceid.model import build_model
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     net = build_model().eval().to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 64, 64)
@@ -108,6 +111,8 @@ WORKLOADS = {
     "train": (["--child", "train"], "training images/s", True),
     "serve1": (["--child", "infer", "--batch", "1", "--gap_ms", "20"], "ms per 1-image forward, 20 ms apart", False),
     "serve16": (["--child", "infer", "--batch", "16", "--gap_ms", "20"], "ms per 16-image forward, 20 ms apart", False),
+    "serve1_1thread": (["--child", "infer", "--batch", "1", "--gap_ms", "20", "--threads", "1"],
+                       "ms per 1-image forward, 20 ms apart, 1 compute thread", False),
 }
 
 
@@ -123,7 +128,7 @@ def measure(workload: str, policy: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"any of {','.join(WORKLOADS)}")
+    ap.add_argument("--workloads", default="train,serve1,serve16", help=f"any of {','.join(WORKLOADS)}")
     ap.add_argument("--steps", type=int, default=8, help="training steps, or forward calls, per measurement")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--policies", default=",".join(POLICIES))
@@ -131,12 +136,13 @@ def main() -> None:
     ap.add_argument("--child", choices=["train", "infer"], help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--gap_ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child == "train":
         child(args.steps, args.data)
         return
     if args.child == "infer":
-        child_infer(args.batch, max(5, args.steps * 3), args.gap_ms)
+        child_infer(args.batch, max(5, args.steps * 3), args.gap_ms, args.threads)
         return
     policies = args.policies.split(",")
     workloads = args.workloads.split(",")
