@@ -81,7 +81,7 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
     # OpenMP threads that sleep instead of spinning when idle: the server's forward passes share
     # the cores with request parsing, image decoding and a training job (see bench/README.md).
     # torch is imported later (when the lifespan loads a model), so this takes effect; an explicit
-    # OMP_WAIT_POLICY in the environment wins. Training jobs get their own default (faceid/omp.py).
+    # OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. Training jobs get their own default (faceid/omp.py).
     serving_defaults()
 
     @asynccontextmanager

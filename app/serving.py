@@ -4,9 +4,10 @@
   request holds the `ServedModel` it started with, so requests in flight finish on the old model.
 - Every forward pass runs on one worker thread, off the event loop, so torch never competes with
   itself for the cores and `/health` stays quick under load. Requests that arrive while it is busy
-  are embedded together in the next batch (up to FACEID_BATCH_MAX_SIZE images), waiting at most
-  FACEID_BATCH_WAIT_MS (2) for more: with clients sending back to back, 0 ms split the load into
-  small batches and lost a quarter of the throughput (bench/README.md, serve_throughput).
+  are embedded together in the next batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent
+  load the worker also waits at most FACEID_BATCH_WAIT_MS (2) for more: with clients sending back
+  to back, 0 ms split the load into small batches and lost a quarter of the throughput
+  (bench/README.md, serve_throughput); a lone request never waits.
 - The choice survives a restart: the served checkpoint is remembered in the job database.
 
 torch is imported only here, lazily, through faceid.inference: routes never import it.

@@ -39,10 +39,6 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when `flag` is True on any rank (stop requests, time limits)."""
-        return self.max([1.0 if flag else 0.0])[0] > 0
-
     def max(self, values: list[float]) -> list[float]:
         """Element-wise maximum of `values` over the ranks, the same list on every rank."""
         if self.world_size == 1:
