@@ -49,6 +49,8 @@ VARIANTS: dict[str, dict] = {
     "wd0.05": {"weight_decay": 0.05},
     "s16": {"arcface_s": 16.0},
     "m0.5": {"arcface_m": 0.5},
+    "gap": {"neck": "gap"},
+    "drop0.4": {"dropout": 0.4},
 }
 
 

@@ -37,6 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "margin_warmup_epochs": 3,
         "balanced_sampling": True,
         "augment": "flip",
+        "neck": "flat",
         "eval_flip": True,
         "eval_pairs": 6000,
         "epochs": 10,
@@ -90,6 +91,11 @@ class TrainConfig(BaseModel):
     freeze_backbone_epochs: int = Field(0, ge=0, le=100_000, description="train only the embedding layer "
                                         "and head for this many first epochs")
     img_size: int = Field(224, ge=32, le=1024, description="square input size in pixels")
+    neck: Literal["gap", "flat"] = Field(
+        "gap", description="what the embedding layer sees: gap = the trunk's 2048 channels averaged "
+        "over the image (the origin's); flat = the whole last feature map flattened, keeping where "
+        "each feature is (ArcFace's output E; 2048 x ceil(img_size/32)^2 inputs, so meant for small images)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the embedding layer's input during training")
 
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = Field(20, ge=1, le=100_000, description="training epochs")

@@ -15,7 +15,7 @@ from faceid.checkpoint import load_checkpoint
 from faceid.data import BatchTransform, resize_center_crop
 from faceid.errors import CheckpointError, ConfigError
 from faceid.evaluate import autocast_ctx
-from faceid.model import EmbeddingNet
+from faceid.model import NECKS, EmbeddingNet
 from faceid.runtime import resolve_amp, resolve_device
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,11 @@ class Verifier:
             raise CheckpointError(f"checkpoint {path} holds weights that are not finite (NaN or infinity, "
                                   f"{len(not_finite)} tensors, first {not_finite[0]}); it comes from a "
                                   "diverged run: use an earlier checkpoint")
-        self.model = EmbeddingNet(self.embedding_size, trunk=_bare_trunk())
+        neck = self.config.get("neck", "gap")  # checkpoints from before the option: gap
+        if neck not in NECKS:
+            raise CheckpointError(f"checkpoint {path} names neck {neck!r}; this FaceID knows "
+                                  f"{', '.join(NECKS)}")
+        self.model = EmbeddingNet(self.embedding_size, trunk=_bare_trunk(), neck=neck, img_size=self.img_size)
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:

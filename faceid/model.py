@@ -1,6 +1,7 @@
 """ResNet-50 trunk -> embedding, and the ArcFace margin head.
 
-Shapes: images [B, 3, H, W] -> trunk features [B, 2048] -> embedding [B, D]. Embeddings are
+Shapes: images [B, 3, H, W] -> trunk features [B, 2048] (neck gap) or [B, 2048 * side^2] (neck
+flat) -> embedding [B, D]. Embeddings are
 L2-normalised where they are compared (cosine similarity), not inside the network, so the head can
 use the raw vector.
 """
@@ -26,27 +27,54 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+NECKS = ("gap", "flat")
+
+
+def trunk_grid(img_size: int) -> int:
+    """Side of ResNet-50's last feature map for a square input: the stem and each of the three
+    strided stages halve it, rounding up (64 px -> 2, 112 -> 4, 224 -> 7)."""
+    side = img_size
+    for _ in range(5):  # conv1 (stride 2), max-pool, layer2, layer3, layer4
+        side = (side + 1) // 2
+    return side
+
+
 class EmbeddingNet(nn.Module):
     """`trunk` (ResNet-50 without its classifier) followed by `embed` (Linear + BatchNorm1d).
 
     The BatchNorm after the projection is the usual ArcFace "BN-FC-BN" neck: it keeps the
     embedding's scale stable, which matters once the head normalises it.
+
+    `neck` says what the projection sees: "gap" the 2048 channels averaged over the last feature
+    map (torchvision's pooling); "flat" the whole map flattened (2048 x side x side, side =
+    `trunk_grid(img_size)`), which keeps where on the face a feature is, the "output E" of the
+    ArcFace paper. `dropout` applies to that input during training (it has no weights, so
+    checkpoints with and without it have the same keys).
     """
 
-    def __init__(self, embedding_size: int = 512, trunk: Optional[nn.Module] = None) -> None:
+    def __init__(self, embedding_size: int = 512, trunk: Optional[nn.Module] = None, *,
+                 neck: str = "gap", img_size: int = 224, dropout: float = 0.0) -> None:
         super().__init__()
+        if neck not in NECKS:
+            raise ConfigError(f"neck={neck!r}: use one of {', '.join(NECKS)}")
         if trunk is None:
             trunk = _resnet50_trunk()
+        in_features = 2048
+        if neck == "flat":
+            trunk.avgpool = nn.Identity()  # torchvision's ResNet then flattens the whole map
+            in_features = 2048 * trunk_grid(img_size) ** 2
         self.trunk = trunk
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.embed = nn.Sequential(
-            nn.Linear(2048, embedding_size, bias=False),
+            nn.Linear(in_features, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size),
         )
         self.embedding_size = embedding_size
+        self.neck = neck
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, D] (not normalised)."""
-        return self.embed(self.trunk(x))
+        return self.embed(self.drop(self.trunk(x)))
 
 
 def _resnet50_trunk() -> nn.Module:
@@ -60,10 +88,11 @@ def _resnet50_trunk() -> nn.Module:
 
 
 def build_model(*, embedding_size: int = 512, pretrained: bool = False,
-                pretrained_weights: Optional[str] = None) -> EmbeddingNet:
+                pretrained_weights: Optional[str] = None, neck: str = "gap", img_size: int = 224,
+                dropout: float = 0.0) -> EmbeddingNet:
     """Build the embedding network; with `pretrained`, load ImageNet weights into the trunk from
     `pretrained_weights` or the local torch cache. Never downloads (raises ConfigError instead)."""
-    model = EmbeddingNet(embedding_size)
+    model = EmbeddingNet(embedding_size, neck=neck, img_size=img_size, dropout=dropout)
     if pretrained or pretrained_weights:
         state = load_imagenet_weights(pretrained_weights)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -176,7 +176,8 @@ class Trainer:
         val = scan_folder(cfg.val, what="--val", min_identities=2, min_per_identity=2)
         # The model before decoding: missing --pretrained weights stop the run at once.
         model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
-                            pretrained_weights=cfg.pretrained_weights)
+                            pretrained_weights=cfg.pretrained_weights, neck=cfg.neck,
+                            img_size=cfg.img_size, dropout=cfg.dropout)
         common = dict(workers=cfg.workers, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb)
         self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
                                                           min_identities=2, **common)
@@ -242,7 +243,10 @@ class Trainer:
         if "optimizer" not in ck:
             raise CheckpointError(f"{path} is a best-model checkpoint; resume needs last.pt")
         old = ck["config"]
-        for key in ("train_mode", "embedding_size"):
+        old = {"neck": "gap", **old}  # checkpoints from before the option
+        # the flat neck's weights are sized by the image size; gap's are not
+        keys = ("train_mode", "embedding_size", "neck") + (("img_size",) if self.cfg.neck == "flat" else ())
+        for key in keys:
             if old.get(key) != getattr(self.cfg, key):
                 raise ConfigError(f"cannot resume {path}: it was trained with {key}={old.get(key)!r}, "
                                   f"this run has {getattr(self.cfg, key)!r}")

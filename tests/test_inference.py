@@ -147,3 +147,39 @@ def test_compiled_verifier_matches_eager(run, verifier, images):
         np.testing.assert_allclose(fast.embed(batch), verifier.embed(batch), atol=1e-4)
     with pytest.raises(ConfigError, match="compile='jit'"):
         Verifier.from_checkpoint(run.best, device="cpu", compile="jit")
+
+
+def test_a_flat_neck_checkpoint_serves_what_its_network_computes(ckpt, tmp_path, images):
+    """The Verifier builds the neck the checkpoint names (and sizes it by its img_size)."""
+    from faceid.checkpoint import save_checkpoint
+    from faceid.inference import to_uint8_tensor
+    from faceid.model import EmbeddingNet
+
+    torch.manual_seed(1)
+    size = 64  # a 2 x 2 last feature map (at the tiny run's 32 px, flat and gap both see 2048 numbers)
+    net = EmbeddingNet(ckpt["embedding_size"], neck="flat", img_size=size).eval()
+    flat = {**ckpt, "img_size": size, "model": net.state_dict(),
+            "config": {**ckpt["config"], "img_size": size, "neck": "flat", "channels_last": False,
+                       "eval_flip": False}}
+    v = Verifier.from_checkpoint(save_checkpoint(flat, tmp_path / "flat.pt"), device="cpu", amp="off")
+    assert v.model.neck == "flat"
+    x = to_uint8_tensor(images[0], size).unsqueeze(0)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(net(v.transform(x)), dim=1).numpy()
+    np.testing.assert_allclose(v.embed([images[0]]), want, atol=1e-5)
+    # the same weights labelled gap do not fit, and say so
+    p = save_checkpoint({**flat, "config": {**flat["config"], "neck": "gap"}}, tmp_path / "mislabelled.pt")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        Verifier.from_checkpoint(p, device="cpu")
+    p = save_checkpoint({**flat, "config": {**flat["config"], "neck": "mean"}}, tmp_path / "unknown.pt")
+    with pytest.raises(CheckpointError, match="neck 'mean'"):
+        Verifier.from_checkpoint(p, device="cpu")
+
+
+def test_a_checkpoint_from_before_the_neck_option_is_gap(ckpt, tmp_path, images, verifier):
+    from faceid.checkpoint import save_checkpoint
+
+    config = {k: v for k, v in ckpt["config"].items() if k not in ("neck", "dropout")}
+    v = Verifier.from_checkpoint(save_checkpoint({**ckpt, "config": config}, tmp_path / "old.pt"), device="cpu")
+    assert v.model.neck == "gap"
+    np.testing.assert_allclose(v.embed(images), verifier.embed(images), atol=1e-6)

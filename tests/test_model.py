@@ -188,3 +188,54 @@ def test_a_non_state_dict_is_a_config_error(tmp_path):
     torch.save([torch.zeros(2)], path)
     with pytest.raises(ConfigError, match="not a state dict"):
         build_model(embedding_size=16, pretrained_weights=str(path))
+
+
+# --- the neck: what the embedding layer sees -------------------------------------------------------
+
+@pytest.mark.parametrize("img_size,side", [(32, 1), (64, 2), (96, 3), (112, 4), (224, 7)])
+def test_flat_neck_sees_the_whole_last_feature_map(img_size, side):
+    from faceid.model import trunk_grid
+
+    assert trunk_grid(img_size) == side
+    net = build_model(embedding_size=8, neck="flat", img_size=img_size).eval()
+    assert net.embed[0].in_features == 2048 * side * side
+    with torch.no_grad():
+        assert net.trunk(torch.zeros(1, 3, img_size, img_size)).shape == (1, 2048 * side * side)
+        assert net(torch.zeros(2, 3, img_size, img_size)).shape == (2, 8)
+
+
+def test_flat_neck_keeps_where_a_feature_is_and_gap_does_not():
+    """Swapping the left and right halves of the last feature map changes a flat embedding; an
+    average over the map cannot see it."""
+    torch.manual_seed(0)
+    feat = torch.rand(1, 2048, 2, 2)
+    swapped = feat.flip(3)
+    for neck, differs in (("flat", True), ("gap", False)):
+        net = build_model(embedding_size=8, neck=neck, img_size=64).eval()
+        head = net.trunk.avgpool
+        with torch.no_grad():
+            a, b = (net.embed(net.drop(torch.flatten(head(f), 1))) for f in (feat, swapped))
+        assert (not torch.allclose(a, b, atol=1e-5)) == differs, neck
+
+
+def test_dropout_acts_in_training_only_and_adds_no_weights():
+    torch.manual_seed(0)
+    plain = build_model(embedding_size=8, neck="flat", img_size=32)
+    dropped = build_model(embedding_size=8, neck="flat", img_size=32, dropout=0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.rand(4, 3, 32, 32)
+    plain.eval()
+    dropped.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(x), plain(x))
+        feats = dropped.trunk(x)
+        dropped.train()
+        live = feats != 0  # the trunk ends in a ReLU
+        zeroed = (dropped.drop(feats)[live] == 0).float().mean().item()
+    assert live.sum() > 1000 and 0.4 < zeroed < 0.6
+
+
+def test_unknown_neck_is_a_config_error():
+    with pytest.raises(ConfigError, match="gap, flat"):
+        EmbeddingNet(8, neck="mean")

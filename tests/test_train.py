@@ -269,6 +269,13 @@ def test_resume_with_another_train_mode_is_a_user_error(resumable, small, capsys
     assert line.startswith("error: cannot resume") and "train_mode='arcface'" in line
 
 
+def test_resume_with_another_neck_is_a_user_error(resumable, small, capsys):
+    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface", "--neck", "flat",
+                   "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet", *tiny_flags()])
+    line = _one_line_error(rc, capsys.readouterr().err)
+    assert line.startswith("error: cannot resume") and "neck='gap'" in line and "'flat'" in line
+
+
 def test_resume_from_a_best_checkpoint_is_refused(resumable, small, capsys):
     rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface",
                    "--resume", str(resumable / "backbone_best.pt"), "--epochs", "2", "--quiet",

@@ -113,7 +113,7 @@ def fast_trainer():
     """A stand-in trunk; no checkpoint files."""
     real_build, real_save = faceid.train.build_model, faceid.train.save_checkpoint
 
-    def build_model(*, embedding_size: int = 512, pretrained: bool = False, pretrained_weights=None):
+    def build_model(*, embedding_size: int = 512, pretrained: bool = False, pretrained_weights=None, **_):
         if pretrained or pretrained_weights:
             return real_build(embedding_size=embedding_size, pretrained=pretrained,
                               pretrained_weights=pretrained_weights)
