@@ -1,5 +1,9 @@
 """FastAPI dependencies: the objects the lifespan put on app.state. Tests can replace any of them
-with app.dependency_overrides."""
+with app.dependency_overrides.
+
+They are `async def` because they only read app.state: FastAPI runs a plain `def` dependency in
+its thread pool, and those two thread hops per request were a measurable part of an /embed
+request's CPU time (bench/README.md, serve_throughput)."""
 
 from __future__ import annotations
 
@@ -17,19 +21,19 @@ def _state(request: Request, name: str):
     return value
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return _state(request, "settings")
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return _state(request, "store")
 
 
-def get_runner(request: Request) -> JobRunner:
+async def get_runner(request: Request) -> JobRunner:
     return _state(request, "runner")
 
 
-def get_models(request: Request) -> ModelManager:
+async def get_models(request: Request) -> ModelManager:
     return _state(request, "models")
 
 

@@ -164,6 +164,28 @@ class Server:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def cpu_seconds(pid: int, thread_prefix: str = "faceid-embed") -> tuple[float, float]:
+    """(CPU seconds of process `pid`, of which in its threads whose OS name starts with
+    `thread_prefix`), from /proc (Linux): the server's forward-pass thread and the OpenMP threads it
+    started carry that name (app.serving), so the rest is HTTP, parsing, decoding and answering."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(path: Path) -> tuple[str, float]:
+        text = path.read_text()
+        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        return name, (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    total = stat(Path(f"/proc/{pid}/stat"))[1]
+    named = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name, t = stat(task / "stat")
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            continue
+        named += t if name.startswith(thread_prefix) else 0.0
+    return total, named
+
+
 async def run_clients(n: int, seconds: float, one: Callable[[httpx.AsyncClient, int, int], Awaitable[Any]],
                       client: httpx.AsyncClient) -> float:
     """`n` tasks calling `one(client, task, i)` back to back for `seconds`; returns the wall time."""
@@ -183,3 +205,48 @@ async def run_clients(n: int, seconds: float, one: Callable[[httpx.AsyncClient, 
 def async_client(base: str, connections: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=base, timeout=60,
                              limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+
+
+class RawClient:
+    """A lean HTTP/1.1 keep-alive client for load generation: one asyncio stream per task, each
+    request's bytes built once, the response read by its Content-Length. It exists because the
+    clients share the machine with the server: httpx spent about 3 ms of CPU per /embed request
+    here, as much as the server's own HTTP and decoding work, which the benchmark would otherwise
+    count against the server. Answers are still checked (status and the JSON body)."""
+
+    def __init__(self, base: str) -> None:
+        host_port = base.split("://", 1)[1].rstrip("/")
+        self.host, port = host_port.rsplit(":", 1)
+        self.port = int(port)
+        self._streams: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+
+    @staticmethod
+    def multipart(path: str, files: dict[str, tuple[str, bytes, str]], host: str) -> bytes:
+        boundary = "faceidbenchboundary7d1c"
+        body = b""
+        for field, (name, data, ctype) in files.items():
+            body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+                     f"Content-Type: {ctype}\r\n\r\n").encode() + data + b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        return head + body
+
+    async def send(self, task: int, request: bytes) -> tuple[int, bytes]:
+        """Send prepared `request` bytes on task `task`'s connection; (status, body)."""
+        if task not in self._streams:
+            self._streams[task] = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self._streams[task]
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        return status, await reader.readexactly(length)
+
+    async def close(self) -> None:
+        for _, writer in self._streams.values():
+            writer.close()
+        self._streams.clear()

@@ -19,11 +19,17 @@ What is compared:
   offline single    embed_tensors on one image: one forward pass (median)
   decode            faceid.images.open_image + resize of the JPEG sent (median), which the server
                     does per request on top of the forward pass
-  server N clients  N asyncio httpx clients calling /embed back to back for --seconds after
-                    --warmup seconds; images/s = answers / wall time, latency per request
+  server N clients  N clients calling /embed back to back for --seconds after --warmup seconds,
+                    each on its own keep-alive connection; images/s = answers / wall time, latency
+                    per request
+  CPU per request   where the cores went during each server row (/proc): the server's forward-pass
+                    threads, the rest of the server (HTTP, multipart, decoding, answering), the
+                    clients, and idle
 
 The server and this process share the machine: while the server is measured this process only
-runs the clients (one thread of asyncio + httpx), which takes some of the CPU the server could use.
+runs the clients (one asyncio thread). By default they are lean raw HTTP/1.1 connections (about
+0.1 ms of CPU per request here, like a load generator written in C); `--client httpx` uses
+httpx.AsyncClient instead (about 3 ms per request, taken from the server's two cores).
 """
 
 from __future__ import annotations
@@ -50,8 +56,8 @@ from typing import Any  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_common import (Server, async_client, ensure_checkpoint, loadavg, machine,  # noqa: E402
-                          percentile, run_clients, sample_images)
+from serve_common import (RawClient, Server, async_client, cpu_seconds, ensure_checkpoint,  # noqa: E402
+                          loadavg, machine, percentile, run_clients, sample_images)
 
 
 def offline(ckpt: Path, device: str, batch: int, seconds: float, jpeg: bytes, compile: str = "off") -> dict[str, Any]:
@@ -105,25 +111,52 @@ def offline_in_child(policy: str, ckpt: Path, args: argparse.Namespace, mode: st
     return json.loads(out.strip().splitlines()[-1])
 
 
-async def server_rate(server: Server, clients: int, seconds: float, warmup: float, jpeg: tuple[str, bytes]):
+async def server_rate(server: Server, clients: int, seconds: float, warmup: float, jpeg: tuple[str, bytes],
+                      client_kind: str = "raw"):
     lat: list[float] = []
     errors = 0
     record = False
 
-    async def one(c, task: int, i: int) -> None:
-        nonlocal errors
-        t0 = time.perf_counter()
-        r = await c.post("/embed", files={"image": (jpeg[0], jpeg[1], "image/jpeg")})
-        if record:
-            lat.append(time.perf_counter() - t0)
-            errors += r.status_code != 200
+    if client_kind == "httpx":
+        async def one(c, task: int, i: int) -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            r = await c.post("/embed", files={"image": (jpeg[0], jpeg[1], "image/jpeg")})
+            if record:
+                lat.append(time.perf_counter() - t0)
+                errors += r.status_code != 200
+        c = async_client(server.base, clients + 2)
+    else:
+        c = RawClient(server.base)
+        request = RawClient.multipart("/embed", {"image": (jpeg[0], jpeg[1], "image/jpeg")}, f"127.0.0.1:{server.port}")
+        status, body = await c.send(-1, request)  # one answer checked in full
+        if status != 200 or len(json.loads(body)["embedding"]) < 2:
+            raise SystemExit(f"/embed answered {status}: {body[:300]!r}")
 
-    async with async_client(server.base, clients + 2) as c:
+        async def one(c, task: int, i: int) -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            status, body = await c.send(task, request)
+            if record:
+                lat.append(time.perf_counter() - t0)
+                errors += status != 200 or not body.startswith(b'{"embedding":[')
+
+    try:
         await run_clients(clients, warmup, one, c)
         record = True
+        cpu0, client0 = cpu_seconds(server.pid), time.process_time()
         wall = await run_clients(clients, seconds, one, c)
+        cpu1, client1 = cpu_seconds(server.pid), time.process_time()
+    finally:
+        await (c.aclose() if client_kind == "httpx" else c.close())
+    n = max(1, len(lat))
+    # CPU milliseconds per request: where the two cores went (clock-tick resolution, 10 ms, over
+    # seconds of load)
+    cpu = {"cpu_forward": 1000 * (cpu1[1] - cpu0[1]) / n, "cpu_server_rest": 1000 * ((cpu1[0] - cpu1[1]) - (cpu0[0] - cpu0[1])) / n,
+           "cpu_client": 1000 * (client1 - client0) / n, "cpu_idle": 1000 * max(0.0, (os.cpu_count() or 1) * wall - (
+               cpu1[0] - cpu0[0]) - (client1 - client0)) / n}
     return {"clients": clients, "rate": len(lat) / wall, "p50": percentile(lat, 50), "p99": percentile(lat, 99),
-            "errors": errors, "n": len(lat)}
+            "errors": errors, "n": len(lat), **cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
                    "each, offline and through a server, in the same run")
     p.add_argument("--batch_wait_ms", default="2", help="FACEID_BATCH_WAIT_MS of the server; a comma list "
                    "(e.g. 0,2) measures one server per value in the same run")
+    p.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                   help="load generator: raw = lean HTTP/1.1 keep-alive connections (about 0.1 ms of CPU per "
+                   "request here); httpx = httpx.AsyncClient (about 3 ms per request, taken from the server's cores)")
+    p.add_argument("--server_batch", default="", help="FACEID_BATCH_MAX_SIZE of the server (default: --batch); a "
+                   "comma list measures one server per value against the same offline batched rate")
     p.add_argument("--omp", default="", help=f"comma list of OpenMP wait settings ({', '.join(OMP_POLICIES)}) "
                    "measured side by side, offline rows (in a child process each) and server alike; "
                    "default: this process PASSIVE, the server its own default")
@@ -175,18 +213,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{1000 * o['single']:.1f} ms single", flush=True)
     rows = []
     waits = [float(w) for w in args.batch_wait_ms.split(",")]
-    for mode, pol in keys:
-        for wait in waits:
-            env = {"FACEID_BATCH_MAX_SIZE": str(args.batch), "FACEID_BATCH_WAIT_MS": str(wait),
-                   "FACEID_COMPILE": mode, **OMP_POLICIES.get(pol, {})}
-            # Without a setting of the user's (or --omp), the server applies its own default (app.main).
-            unset = OMP_VARS if pol or USER_OMP_WAIT_POLICY is None else ()
-            with Server(ckpt, device=args.device, env=env, unset=unset) as server:
-                for n in [int(x) for x in args.clients.split(",")]:
-                    rows.append({**asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg)),
-                                 "wait": wait, "compile": mode, "omp": pol})
-                    print(f"server, compile {mode}{', ' + pol if pol else ''}, wait {wait:g} ms, {n} clients: "
-                          f"{rows[-1]['rate']:.1f} img/s", flush=True)
+    bmaxes = [int(b) for b in (args.server_batch or str(args.batch)).split(",")]
+    for mode, pol, wait, bmax in [(m, p_, w, b) for m, p_ in keys for w in waits for b in bmaxes]:
+        env = {"FACEID_BATCH_MAX_SIZE": str(bmax), "FACEID_BATCH_WAIT_MS": str(wait),
+               "FACEID_COMPILE": mode, **OMP_POLICIES.get(pol, {})}
+        # Without a setting of the user's (or --omp), the server applies its own default (app.main).
+        unset = OMP_VARS if pol or USER_OMP_WAIT_POLICY is None else ()
+        with Server(ckpt, device=args.device, env=env, unset=unset) as server:
+            for n in [int(x) for x in args.clients.split(",")]:
+                rows.append({**asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg, args.client)),
+                             "wait": wait, "bmax": bmax, "compile": mode, "omp": pol})
+                print(f"server, compile {mode}{', ' + pol if pol else ''}, wait {wait:g} ms, max batch {bmax}, "
+                      f"{n} clients: "
+                      f"{rows[-1]['rate']:.1f} img/s", flush=True)
     load_after = loadavg()
     off = offs[keys[0]]
 
@@ -208,14 +247,27 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 / o['single'] / o['batched']:.0f} % | {1000 * o['single']:.1f} | - | - | - |")
     for r in rows:
         o = offs[(r["compile"], r["omp"])]
-        print(f"| {r['compile']} | {r['omp'] or '-'} | server, wait {r['wait']:g} ms, {r['clients']} client"
+        print(f"| {r['compile']} | {r['omp'] or '-'} | server, wait {r['wait']:g} ms, max {r['bmax']}, {r['clients']} client"
               f"{'s' if r['clients'] > 1 else ''} | {r['rate']:.1f} | {100 * r['rate'] / o['batched']:.0f} % | "
               f"{1000 * r['p50']:.1f} | {1000 * r['p99']:.1f} | {r['n']} | {r['errors']} |")
+    print()
+    print("CPU milliseconds per request, over the measured seconds of each row: the server's forward-pass "
+          "thread and its OpenMP threads; the rest of the server (event loop: HTTP and multipart parsing, "
+          "answering; decoding threads); this process's clients; cores left idle (from /proc, 10 ms ticks)")
+    print()
+    print("| compile | omp | server | forward | server, rest | clients | idle | offline batched forward |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        o = offs[(r["compile"], r["omp"])]
+        print(f"| {r['compile']} | {r['omp'] or '-'} | wait {r['wait']:g} ms, max {r['bmax']}, {r['clients']} client"
+              f"{'s' if r['clients'] > 1 else ''} | {r['cpu_forward']:.1f} | {r['cpu_server_rest']:.1f} | "
+              f"{r['cpu_client']:.1f} | {r['cpu_idle']:.1f} | {1000 * o['threads'] / o['batched']:.1f} |")
     print()
     best_single = min(o["single"] for o in offs.values())
     for i, r in enumerate(rows):
         o = offs[(r["compile"], r["omp"])]
-        what = f"compile {r['compile']}{', ' + r['omp'] if r['omp'] else ''}, wait {r['wait']:g} ms (run {i})"
+        what = (f"compile {r['compile']}{', ' + r['omp'] if r['omp'] else ''}, wait {r['wait']:g} ms, "
+                f"max batch {r['bmax']} (run {i})")
         if r["clients"] == 1:
             print(f"{what}: single client p50 {1000 * r['p50']:.1f} ms vs one forward pass {1000 * o['single']:.1f} ms "
                   f"= {r['p50'] / o['single']:.2f}x (vs the fastest offline forward here, {1000 * best_single:.1f} ms: "

@@ -86,7 +86,7 @@ async def embed(request: Request, settings: Settings = Depends(get_settings),
                             max_file_bytes=settings.max_upload_bytes)
     image = await models.decode(bytes(parts["image"].data), "image")
     vectors = await models.embed(served, [image])
-    vector = [float(x) for x in vectors[0]]
+    vector = vectors[0].tolist()  # Python floats, as float(x) for each
     return EmbedOut(embedding=vector, dim=len(vector), model=served.id)
 
 
