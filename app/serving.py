@@ -5,9 +5,10 @@
 - Every forward pass runs on one worker thread, off the event loop, so torch never competes with
   itself for the cores and `/health` stays quick under load. Requests that arrive while it is busy
   are embedded together in the next batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent
-  load the worker also waits at most FACEID_BATCH_WAIT_MS (2) for more: with clients sending back
-  to back, 0 ms split the load into small batches and lost a quarter of the throughput
-  (bench/README.md, serve_throughput); a lone request never waits.
+  load the worker also waits for requests still on their way, as long as each arrives within
+  FACEID_BATCH_WAIT_MS (2) of the one before and fewer than the last batch held are in: with
+  clients sending back to back, 0 ms split the load into small batches and lost a quarter of the
+  throughput (bench/README.md, serve_throughput); a lone request never waits.
 - The choice survives a restart: the served checkpoint is remembered in the job database.
 
 torch is imported only here, lazily, through faceid.inference: routes never import it.
@@ -105,8 +106,10 @@ class EmbedWorker:
     """One thread that runs every forward pass, batching requests that wait.
 
     Requests queued while a forward pass runs share the next one. Under concurrent load (the last
-    batch held several requests, or more are queued already) the worker also waits up to `wait_ms`
-    for requests still on their way; a lone request (one client) never waits."""
+    batch held several requests, or more are queued already) the worker also waits for requests
+    still on their way: up to `wait_ms` for the next one, renewed by each arrival, until as many
+    as the last batch held are in (at most `wait_ms` per image of a full batch in all); a lone
+    request (one client) never waits."""
 
     def __init__(self, max_batch: int = 16, wait_ms: float = 2.0) -> None:
         self.max_batch = max(1, max_batch)
@@ -137,7 +140,15 @@ class EmbedWorker:
             batch = [first] if first.future.set_running_or_notify_cancel() else []
             size = len(first.images) if batch else 0
             concurrent = self._last_requests > 1 or not self._queue.empty()
-            deadline = time.monotonic() + (self.wait_s if concurrent else 0.0)
+            # Under concurrent load, wait while requests keep coming: each arrival allows another
+            # wait_s for the next (clients answered by the last batch send their next requests one
+            # after another, as fast as the event loop parses them), and the whole wait is at most
+            # one wait_s per image of a full batch. Once as many requests as the last batch held
+            # are in, it takes only what is already queued.
+            expected = self._last_requests
+            start = time.monotonic()
+            deadline = start + (self.wait_s if concurrent else 0.0)
+            cap = start + self.wait_s * self.max_batch
             stop = False
             while size < self.max_batch:
                 timeout = deadline - time.monotonic()
@@ -158,6 +169,8 @@ class EmbedWorker:
                 if nxt.future.set_running_or_notify_cancel():
                     batch.append(nxt)
                     size += len(nxt.images)
+                    if concurrent:
+                        deadline = 0.0 if len(batch) >= expected else min(cap, time.monotonic() + self.wait_s)
             if batch:
                 self._last_requests = len(batch)
                 self._run(batch)

@@ -1,6 +1,7 @@
 """EmbedWorker: requests that queue while a forward pass runs share the next one, even with no
 batch wait; a full batch or another model starts a new one; the batch wait applies under
-concurrent load, never to a lone request."""
+concurrent load, never to a lone request, is renewed by each arrival, and ends once as many
+requests as the last batch held are in."""
 
 from __future__ import annotations
 
@@ -102,6 +103,43 @@ async def test_under_concurrent_load_the_worker_waits_for_requests_on_their_way(
         b = asyncio.ensure_future(worker.embed(v, [6]))
         rest = [asyncio.ensure_future(worker.embed(v, [i])) for i in (7, 8)]
         await asyncio.wait_for(asyncio.gather(a, b, *rest), timeout=10)
+    finally:
+        worker.close()
+    assert v.calls == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+async def _spaced(worker: EmbedWorker, v, ids: list[int], gap_s: float) -> None:
+    futures = []
+    for k, i in enumerate(ids):
+        if k:
+            await asyncio.sleep(gap_s)
+        futures.append(asyncio.ensure_future(worker.embed(v, [i])))
+    await asyncio.wait_for(asyncio.gather(*futures), timeout=20)
+
+
+@pytest.mark.anyio
+async def test_each_arrival_extends_the_wait_and_a_longer_gap_ends_it():
+    worker = EmbedWorker(max_batch=8, wait_ms=400)
+    try:
+        v = BlockingVerifier()
+        await _busy_then(worker, v, [(v, [1]), (v, [2]), (v, [3]), (v, [4])])
+        # 4 requests 0.2 s apart span 0.6 s, more than one 0.4 s wait: still one batch
+        await _spaced(worker, v, [5, 6, 7, 8], 0.2)
+        # a gap longer than the wait closes the batch
+        await _spaced(worker, v, [9, 10], 1.0)
+    finally:
+        worker.close()
+    assert v.calls == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9], [10]]
+
+
+@pytest.mark.anyio
+async def test_the_wait_ends_once_as_many_requests_as_the_last_batch_are_in():
+    # A 30 s wait and room for 8: the 4 clients of the last batch are back, so it runs at once.
+    worker = EmbedWorker(max_batch=8, wait_ms=30_000)
+    try:
+        v = BlockingVerifier()
+        await _busy_then(worker, v, [(v, [1]), (v, [2]), (v, [3]), (v, [4])])
+        await _spaced(worker, v, [5, 6, 7, 8], 0.05)
     finally:
         worker.close()
     assert v.calls == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
