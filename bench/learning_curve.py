@@ -9,6 +9,7 @@ run:
              warm-up 300 steps (or 30% of the run if that is shorter: at fp32 on 2 cores the whole
              run is about 250 steps), batch 64, natural class frequencies, no flip at evaluation
   faceid     `"preset": "cpu-small"` (README, "Training recipe")
+  faceid_drop0.4   the preset with `dropout` 0.4 (not in the default --recipes)
 
 Each trained recipe runs as a real job: a FaceID server (uvicorn, the production app) is started
 on a free port with a data folder holding the split, the recipe is sent to `POST /jobs` with
@@ -59,6 +60,7 @@ RECIPES = {
               "arcface_s": 64.0, "arcface_m": 0.5, "weight_decay": 5e-4, "scheduler": "cosine",
               "balanced_sampling": False, "augment": "none", "eval_flip": False, "eval_pairs": 6000},
     "faceid": {"preset": "cpu-small"},
+    "faceid_drop0.4": {"preset": "cpu-small", "dropout": 0.4},
 }
 KEYS = ("pairs_auc", "pairs_acc", "auc", "acc", "tar_1e-2")
 EPOCH_TARGET_S = 210  # plain: cap an epoch at about this much training so the curve has points
