@@ -242,8 +242,7 @@ class Trainer:
         ck = load_checkpoint(path, map_location=self.device)
         if "optimizer" not in ck:
             raise CheckpointError(f"{path} is a best-model checkpoint; resume needs last.pt")
-        old = ck["config"]
-        old = {"neck": "gap", **old}  # checkpoints from before the option
+        old = {"neck": "gap", **ck["config"]}  # checkpoints from before the option are gap
         # the flat neck's weights are sized by the image size; gap's are not
         keys = ("train_mode", "embedding_size", "neck") + (("img_size",) if self.cfg.neck == "flat" else ())
         for key in keys:
