@@ -115,13 +115,26 @@ class JobLogs(BaseModel):
     lines: list[str] = Field(description="the last lines of the training process's output (stdout and stderr)")
 
 
+class BatchingOut(BaseModel):
+    max_batch_size: int = Field(description="FACEID_BATCH_MAX_SIZE: images per forward pass at most")
+    wait_ms: float = Field(description="FACEID_BATCH_WAIT_MS: how long a batch waits for the next request "
+                                       "under concurrent load")
+    batches: int = Field(description="forward passes run since the server started")
+    requests: int = Field(description="/embed and /verify requests they answered")
+    images: int = Field(description="images they embedded")
+    mean_batch_images: Optional[float] = Field(description="images per forward pass on average (null "
+                                                           "before the first)")
+
+
 class ModelOut(BaseModel):
     model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [{
         "id": _JOB_ID, "job_id": _JOB_ID, "checkpoint": f"/srv/models/jobs/{_JOB_ID}/backbone_best.pt",
         "source": "job", "pinned": False, "loaded_at": "2025-01-01T12:05:00+00:00", "epoch": 2,
         "metrics": {"acc": 0.66, "th": 0.42, "auc": 0.71, "tar_1e-2": 0.06, "tar_1e-3": 0.01},
         "thresholds": {"acc": 0.42, "far_1e-2": 0.77, "far_1e-3": 0.85}, "img_size": 64,
-        "embedding_size": 512, "arch": "resnet50", "train_mode": "arcface"}]})
+        "embedding_size": 512, "arch": "resnet50", "train_mode": "arcface",
+        "batching": {"max_batch_size": 16, "wait_ms": 2.0, "batches": 120, "requests": 900, "images": 1000,
+                     "mean_batch_images": 8.33}}]})
 
     id: str = Field(description="the job id, or checkpoint-<hash> for a file served with FACEID_CHECKPOINT")
     job_id: Optional[str] = None
@@ -136,6 +149,8 @@ class ModelOut(BaseModel):
     embedding_size: Optional[int] = None
     arch: Optional[str] = None
     train_mode: Optional[str] = None
+    batching: Optional[BatchingOut] = Field(default=None, description="how /embed and /verify requests "
+                                            "have been batched since the server started")
 
 
 class EmbedOut(BaseModel):

@@ -9,6 +9,9 @@
   FACEID_BATCH_WAIT_MS (2) of the one before and fewer than the last batch held are in: with
   clients sending back to back, 0 ms split the load into small batches and lost a quarter of the
   throughput (bench/README.md, serve_throughput); a lone request never waits.
+- Each upload is decoded and resized to the model's input size on a decoding thread as it arrives
+  (`Verifier.prepare`), so a batch's forward pass only stacks its images; GET /model reports how
+  requests were batched.
 - The choice survives a restart: the served checkpoint is remembered in the job database.
 
 torch is imported only here, lazily, through faceid.inference: routes never import it.
@@ -115,6 +118,7 @@ class EmbedWorker:
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000.0
         self._last_requests = 0  # requests in the last batch: >1 means concurrent load
+        self._batches = self._requests = self._images = 0  # since start; written by the worker only
         self._queue: queue.Queue[Optional[_Work]] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="faceid-embed", daemon=True)
         self._thread.start()
@@ -124,6 +128,12 @@ class EmbedWorker:
         work = _Work(verifier, images)
         self._queue.put(work)
         return await asyncio.wrap_future(work.future)
+
+    def stats(self) -> dict[str, Any]:
+        """The settings and what the worker has run since the server started (GET /model)."""
+        b, r, n = self._batches, self._requests, self._images
+        return {"max_batch_size": self.max_batch, "wait_ms": self.wait_s * 1000.0, "batches": b,
+                "requests": r, "images": n, "mean_batch_images": round(n / b, 2) if b else None}
 
     def close(self) -> None:
         self._queue.put(None)
@@ -174,6 +184,9 @@ class EmbedWorker:
             if batch:
                 self._last_requests = len(batch)
                 self._run(batch)
+                self._batches += 1
+                self._requests += len(batch)
+                self._images += size
             if stop:
                 return
 
@@ -312,13 +325,23 @@ class ModelManager:
 
     # -- inference ---------------------------------------------------------------------------
 
-    async def decode(self, data: bytes, name: str) -> Any:
-        return await anyio.to_thread.run_sync(
-            lambda: open_upload(data, max_pixels=self.settings.max_pixels, name=name),
-            limiter=self._decode_limiter)
+    async def decode(self, data: bytes, name: str, model: Optional[ServedModel] = None) -> Any:
+        """The upload as the image `embed` takes, decoded off the event loop. With `model`, also
+        prepared for it there (its `prepare`, when it has one: resized to its input size), so the
+        worker's batch only stacks and runs the network."""
+        prepare = getattr(model.verifier, "prepare", None) if model is not None else None
+
+        def work() -> Any:
+            img = open_upload(data, max_pixels=self.settings.max_pixels, name=name)
+            return prepare(img) if prepare is not None else img
+
+        return await anyio.to_thread.run_sync(work, limiter=self._decode_limiter)
 
     async def embed(self, model: ServedModel, images: Sequence[Any]) -> Any:
         return await self._worker.embed(model.verifier, images)
+
+    def batching(self) -> dict[str, Any]:
+        return self._worker.stats()
 
     def close(self) -> None:
         self._worker.close()

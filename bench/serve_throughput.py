@@ -53,6 +53,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import httpx  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -144,9 +146,11 @@ async def server_rate(server: Server, clients: int, seconds: float, warmup: floa
     try:
         await run_clients(clients, warmup, one, c)
         record = True
+        b0 = batching(server)
         cpu0, client0 = cpu_seconds(server.pid), time.process_time()
         wall = await run_clients(clients, seconds, one, c)
         cpu1, client1 = cpu_seconds(server.pid), time.process_time()
+        b1 = batching(server)
     finally:
         await (c.aclose() if client_kind == "httpx" else c.close())
     n = max(1, len(lat))
@@ -155,8 +159,15 @@ async def server_rate(server: Server, clients: int, seconds: float, warmup: floa
     cpu = {"cpu_forward": 1000 * (cpu1[1] - cpu0[1]) / n, "cpu_server_rest": 1000 * ((cpu1[0] - cpu1[1]) - (cpu0[0] - cpu0[1])) / n,
            "cpu_client": 1000 * (client1 - client0) / n, "cpu_idle": 1000 * max(0.0, (os.cpu_count() or 1) * wall - (
                cpu1[0] - cpu0[0]) - (client1 - client0)) / n}
+    batches = b1["batches"] - b0["batches"]
     return {"clients": clients, "rate": len(lat) / wall, "p50": percentile(lat, 50), "p99": percentile(lat, 99),
-            "errors": errors, "n": len(lat), **cpu}
+            "errors": errors, "n": len(lat), **cpu,
+            "mean_batch": (b1["images"] - b0["images"]) / batches if batches else float("nan")}
+
+
+def batching(server: Server) -> dict[str, Any]:
+    """The server's own count of forward passes and images (GET /model's `batching`)."""
+    return httpx.get(server.base + "/model", timeout=30).json()["batching"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,18 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}; load average before {load_before}, after {load_after}")
     print("shares are of the offline batched rate of the same compile mode and OpenMP setting")
     print()
-    print("| compile | omp | | images/s | share of offline batched | p50 ms | p99 ms | requests | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| compile | omp | | images/s | share of offline batched | p50 ms | p99 ms | requests | errors | "
+          "images per forward pass |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (mode, pol), o in offs.items():
         pol = pol or "-"
-        print(f"| {mode} | {pol} | offline batched ({args.batch}) | {o['batched']:.1f} | 100 % | - | - | - | - |")
+        print(f"| {mode} | {pol} | offline batched ({args.batch}) | {o['batched']:.1f} | 100 % | - | - | - | - | "
+              f"{args.batch} |")
         print(f"| {mode} | {pol} | offline single forward | {1 / o['single']:.1f} | "
-              f"{100 / o['single'] / o['batched']:.0f} % | {1000 * o['single']:.1f} | - | - | - |")
+              f"{100 / o['single'] / o['batched']:.0f} % | {1000 * o['single']:.1f} | - | - | - | 1 |")
     for r in rows:
         o = offs[(r["compile"], r["omp"])]
         print(f"| {r['compile']} | {r['omp'] or '-'} | server, wait {r['wait']:g} ms, max {r['bmax']}, {r['clients']} client"
               f"{'s' if r['clients'] > 1 else ''} | {r['rate']:.1f} | {100 * r['rate'] / o['batched']:.0f} % | "
-              f"{1000 * r['p50']:.1f} | {1000 * r['p99']:.1f} | {r['n']} | {r['errors']} |")
+              f"{1000 * r['p50']:.1f} | {1000 * r['p99']:.1f} | {r['n']} | {r['errors']} | {r['mean_batch']:.1f} |")
     print()
     print("CPU milliseconds per request, over the measured seconds of each row: the server's forward-pass "
           "thread and its OpenMP threads; the rest of the server (event loop: HTTP and multipart parsing, "

@@ -133,11 +133,18 @@ class Verifier:
                     e = self._run(x)
             return torch.nn.functional.normalize(e, dim=1).cpu().numpy()
 
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """PIL images -> float32 [N, D], unit norm."""
+    def prepare(self, img: Image.Image) -> torch.Tensor:
+        """PIL image -> the uint8 [3, S, S] tensor `embed` takes for it (resized and centre-cropped
+        to this model's input size). A server calls it where it decodes each upload, so a batch's
+        forward pass does not wait for the resizing of its images."""
+        return to_uint8_tensor(img, self.img_size)
+
+    def embed(self, images: Sequence[Union[Image.Image, torch.Tensor]]) -> np.ndarray:
+        """PIL images, or tensors from `prepare`, -> float32 [N, D], unit norm."""
         if not images:
             return np.zeros((0, self.embedding_size), np.float32)
-        return self.embed_tensors(torch.stack([to_uint8_tensor(im, self.img_size) for im in images]))
+        return self.embed_tensors(torch.stack([im if isinstance(im, torch.Tensor) else self.prepare(im)
+                                               for im in images]))
 
     def resolve_threshold(self, threshold: Threshold) -> tuple[float, str]:
         if threshold is None:

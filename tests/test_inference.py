@@ -118,6 +118,14 @@ def test_embedding_does_not_depend_on_the_batch(verifier, images):
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
+def test_prepared_images_embed_exactly_as_the_photos(verifier, images):
+    prepared = [verifier.prepare(im) for im in images]
+    assert all(t.dtype == torch.uint8 and t.shape == (3, 32, 32) for t in prepared)
+    np.testing.assert_array_equal(verifier.embed(prepared), verifier.embed(images))
+    mixed = verifier.embed([prepared[0], images[1]])  # a batch may hold both
+    np.testing.assert_array_equal(mixed, verifier.embed(images[:2]))
+
+
 def test_last_checkpoint_loads_too(run):
     v = Verifier.from_checkpoint(run.last, device="cpu")
     assert v.epoch == 1 and "acc" in v.thresholds

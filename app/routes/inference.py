@@ -84,7 +84,7 @@ async def embed(request: Request, settings: Settings = Depends(get_settings),
     served = models.require()  # 503 before reading an upload we could not use
     parts = await read_form(request, files={"image"}, required={"image"},
                             max_file_bytes=settings.max_upload_bytes)
-    image = await models.decode(bytes(parts["image"].data), "image")
+    image = await models.decode(bytes(parts["image"].data), "image", served)
     vectors = await models.embed(served, [image])
     vector = vectors[0].tolist()  # Python floats, as float(x) for each
     return EmbedOut(embedding=vector, dim=len(vector), model=served.id)
@@ -109,8 +109,8 @@ async def verify(request: Request, settings: Settings = Depends(get_settings),
     raw = parts.get("threshold")
     threshold = parse_threshold(raw.data.decode("utf-8", errors="replace") if raw else None)
     resolve_threshold(served, threshold)
-    img1, img2 = await asyncio.gather(models.decode(bytes(parts["image1"].data), "image1"),
-                                      models.decode(bytes(parts["image2"].data), "image2"))
+    img1, img2 = await asyncio.gather(models.decode(bytes(parts["image1"].data), "image1", served),
+                                      models.decode(bytes(parts["image2"].data), "image2", served))
     vectors = await models.embed(served, [img1, img2])
     result = served.verifier.compare(vectors[0], vectors[1], threshold)
     return VerifyOut(similarity=result["similarity"], threshold=result["threshold"],

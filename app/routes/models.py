@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import get_models, get_store, job_or_404
 from app.jobs import JobStore
 from app.routes.jobs import JOB_ID, NOT_FOUND, UNAUTHORIZED, error
-from app.schemas import ModelOut, iso
+from app.schemas import BatchingOut, ModelOut, iso
 from app.serving import ModelManager, ServedModel
 
 router = APIRouter(tags=["models"])
@@ -26,8 +26,11 @@ def model_out(served: ServedModel) -> ModelOut:
 @router.get("/model", response_model=ModelOut, summary="The served model",
             responses={**UNAUTHORIZED, **NO_MODEL})
 def get_model(models: ModelManager = Depends(get_models)) -> ModelOut:
-    """The model /embed and /verify use: its job, checkpoint, metrics, thresholds, image size."""
-    return model_out(models.require())
+    """The model /embed and /verify use: its job, checkpoint, metrics, thresholds, image size;
+    and how requests have been batched since the server started."""
+    out = model_out(models.require())
+    out.batching = BatchingOut(**models.batching())
+    return out
 
 
 @router.post(

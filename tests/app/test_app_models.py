@@ -28,6 +28,24 @@ async def test_get_model_describes_it(make_app, job_body):
         assert model["img_size"] == 32 and model["embedding_size"] == 12 and model["epoch"] == 2
         assert model["metrics"]["acc"] == pytest.approx(0.62)
         assert model["loaded_at"]
+        # the service settings of these tests: batch at most 16 images, wait 1 ms
+        assert model["batching"] == {"max_batch_size": 16, "wait_ms": 1.0, "batches": 0, "requests": 0,
+                                     "images": 0, "mean_batch_images": None}
+
+
+async def test_get_model_counts_how_requests_were_batched(make_app, job_body):
+    async with running(make_app()) as client:
+        await _train(client, job_body)
+        for i in range(3):
+            r = await client.post("/embed", files={"image": ("a.png", face_like(i), "image/png")})
+            assert r.status_code == 200
+        r = await client.post("/verify", files={"image1": ("a.png", face_like(1), "image/png"),
+                                                "image2": ("b.png", face_like(2), "image/png")})
+        assert r.status_code == 200
+        b = (await client.get("/model")).json()["batching"]
+        # one request at a time here, so one forward pass each: 3 of one image, 1 of two
+        assert (b["batches"], b["requests"], b["images"]) == (4, 4, 5)
+        assert b["mean_batch_images"] == 1.25
 
 
 async def test_activate_pins_and_pin_false_follows(make_app, job_body):
