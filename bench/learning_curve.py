@@ -10,6 +10,10 @@ run:
              run is about 250 steps), batch 64, natural class frequencies, no flip at evaluation
   faceid     `"preset": "cpu-small"` (README, "Training recipe")
   faceid_drop0.4   the preset with `dropout` 0.4 (not in the default --recipes)
+  faceid_single    the preset trained on `train_all`: also LFW's people with a single image who are
+                   not in fold 1 (more identities, each an extra class), with natural class
+                   frequencies, since class-balanced draws would give 72% of them to those people
+                   (not in the default --recipes)
 
 Each trained recipe runs as a real job: a FaceID server (uvicorn, the production app) is started
 on a free port with a data folder holding the split, the recipe is sent to `POST /jobs` with
@@ -61,36 +65,45 @@ RECIPES = {
               "balanced_sampling": False, "augment": "none", "eval_flip": False, "eval_pairs": 6000},
     "faceid": {"preset": "cpu-small"},
     "faceid_drop0.4": {"preset": "cpu-small", "dropout": 0.4},
+    "faceid_single": {"preset": "cpu-small", "train": "train_all", "balanced_sampling": False},
 }
 KEYS = ("pairs_auc", "pairs_acc", "auc", "acc", "tar_1e-2")
 EPOCH_TARGET_S = 210  # plain: cap an epoch at about this much training so the curve has points
 
 
-def split(lfw: Path, out: Path, *, copy: bool = False) -> tuple[Path, Path]:
+def split(lfw: Path, out: Path, *, copy: bool = False, singles: bool = False) -> tuple[Path, Path]:
     """out/train and out/val: the LFW people with >= 2 images outside / inside pairs.txt fold 1.
+    With `singles`, also out/train_all: out/train's people plus those with one image who are not in
+    fold 1 (anyone named in a fold-1 pair, matched or mismatched, stays out of every training set).
     Symbolic links to the person folders, or (`copy`) hard links or copies of the images, which a
     server's data folder needs (it refuses links that point outside it)."""
     fold1 = identities_in(load_pairs(lfw / "pairs.txt", folds=[1]))
-    train, val = out / "train", out / "val"
-    train.mkdir(parents=True, exist_ok=True)
-    val.mkdir(parents=True, exist_ok=True)
+    train, val, train_all = out / "train", out / "val", out / "train_all"
+    for d in (train, val) + ((train_all,) if singles else ()):
+        d.mkdir(parents=True, exist_ok=True)
     for d in sorted(p for p in lfw.iterdir() if p.is_dir()):
         files = sorted(f for f in d.iterdir() if f.is_file())
-        if len(files) < 2:
-            continue
-        dest = (val if d.name in fold1 else train) / d.name
-        if dest.exists():
-            continue
-        if not copy:
-            dest.symlink_to(d.resolve())
-            continue
-        dest.mkdir()
-        for f in files:
-            try:
-                os.link(f, dest / f.name)
-            except OSError:
-                shutil.copy2(f, dest / f.name)
+        if d.name in fold1:
+            dests = [val] if len(files) >= 2 else []
+        else:
+            dests = ([train] if len(files) >= 2 else []) + ([train_all] if singles else [])
+        for parent in dests:
+            _place(d, files, parent / d.name, copy)
     return train, val
+
+
+def _place(d: Path, files: list[Path], dest: Path, copy: bool) -> None:
+    if dest.exists():
+        return
+    if not copy:
+        dest.symlink_to(d.resolve())
+        return
+    dest.mkdir()
+    for f in files:
+        try:
+            os.link(f, dest / f.name)
+        except OSError:
+            shutil.copy2(f, dest / f.name)
 
 
 def fold1_pairs(lfw: Path, out: Path) -> Path:
@@ -182,7 +195,11 @@ def main() -> None:
     minutes = [float(x) for x in args.minutes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="faceid-curve-"))
     root = work / "data"
-    train, val = split(Path(args.lfw), root, copy=True)
+    unknown = [n for n in args.recipes.split(",") if n not in RECIPES]
+    if unknown:
+        sys.exit(f"error: unknown recipe(s) {unknown}; choose from {','.join(RECIPES)}")
+    singles = any(RECIPES[n].get("train") == "train_all" for n in args.recipes.split(","))
+    train, val = split(Path(args.lfw), root, copy=True, singles=singles)
     pairs = fold1_pairs(Path(args.lfw), root / "fold1")
     base = {"train": "train", "val": "val", "pairs_file": "fold1/pairs.txt",
             "best_metric": "pairs_auc", "progress_step_pct": 5}
@@ -191,7 +208,9 @@ def main() -> None:
     print(f"machine: {machine()}; load average {loadavg()}", flush=True)
     results: dict[str, dict] = {}
     for name in args.recipes.split(","):
-        untrained, rate, n_images = probe(name, TrainConfig(**{**local, **RECIPES[name]}))
+        here = {**local, **RECIPES[name]}
+        here["train"] = str(root / here["train"])
+        untrained, rate, n_images = probe(name, TrainConfig(**here))
         fit = schedule(name, RECIPES[name], rate, n_images, minutes[-1])
         log.info("%s: untrained %s; probe %.1f images/s on %d images -> %s", name,
                  {k: round(untrained[k], 4) for k in KEYS}, rate, n_images, fit)
@@ -210,7 +229,9 @@ def main() -> None:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     print(f"\nLFW fold 1 (600 official pairs; sampled pairs of the {len(list(val.iterdir()))} fold-1 people), "
-          f"training on {len(list(train.iterdir()))} other people; load average after: {load_after}")
+          f"training on {len(list(train.iterdir()))} other people with 2+ images"
+          + (f" ({len(list((root / 'train_all').iterdir()))} with singles)" if singles else "")
+          + f"; load average after: {load_after}")
     print(f"value at minute t = the last epoch evaluated within t minutes of the job starting (decode, "
           f"evaluations and checkpoints included); at the last point, {minutes[-1]:g} = the job's time limit, the "
           "job's final epoch (its training stopped at the limit; 'at' says when its evaluation ended)\n")
