@@ -33,7 +33,7 @@ class Settings:
     checkpoint: Optional[Path] = None
     device: str = "auto"
     batch_max_size: int = 16
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 5.0
     compile: str = "off"  # faceid.inference.COMPILE_MODES
     max_queued_jobs: int = 100
     cancel_grace_s: float = 30.0
@@ -109,7 +109,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
         checkpoint=Path(checkpoint) if checkpoint else None,
         device=device,
         batch_max_size=int(_number(env, "BATCH_MAX_SIZE", 16, 1, 1024, integer=True)),
-        batch_wait_ms=_number(env, "BATCH_WAIT_MS", 2.0, 0, 10_000),
+        batch_wait_ms=_number(env, "BATCH_WAIT_MS", 5.0, 0, 10_000),
         compile=compile_mode,
         max_queued_jobs=int(_number(env, "MAX_QUEUED_JOBS", 100, 1, 100_000, integer=True)),
         cancel_grace_s=_number(env, "CANCEL_GRACE_S", 30.0, 0, 3600),

@@ -1,8 +1,9 @@
 """Learning curve on real faces: LFW fold-1 AUC at fixed wall-clock points of a training job.
 
-Trains on the LFW people (>= 2 images) who are not in pairs.txt fold 1 and scores fold 1 (the
-official 600 pairs: AUC and 10-fold accuracy) plus sampled pairs of the fold-1 people, for, in one
-run:
+Trains on the LFW people who are not in pairs.txt fold 1 (all of them, those with a single image
+too: each person is a class; `--min_images 2` keeps only people with 2+ images, as the runs before
+2026-11-29 05:00 did) and scores fold 1 (the official 600 pairs: AUC and 10-fold accuracy) plus
+sampled pairs of the fold-1 people with 2+ images, for, in one run:
 
   untrained  the network as initialised, scored in this process (the score to beat; not chance)
   plain      the recipe of shared/MEASURED.md: random init, 112 px, ArcFace s=64 m=0.5, SGD lr 0.1,
@@ -10,10 +11,6 @@ run:
              run is about 250 steps), batch 64, natural class frequencies, no flip at evaluation
   faceid     `"preset": "cpu-small"` (README, "Training recipe")
   faceid_drop0.4   the preset with `dropout` 0.4 (not in the default --recipes)
-  faceid_single    the preset trained on `train_all`: also LFW's people with a single image who are
-                   not in fold 1 (more identities, each an extra class), with natural class
-                   frequencies, since class-balanced draws would give 72% of them to those people
-                   (not in the default --recipes)
 
 Each trained recipe runs as a real job: a FaceID server (uvicorn, the production app) is started
 on a free port with a data folder holding the split, the recipe is sent to `POST /jobs` with
@@ -65,30 +62,27 @@ RECIPES = {
               "balanced_sampling": False, "augment": "none", "eval_flip": False, "eval_pairs": 6000},
     "faceid": {"preset": "cpu-small"},
     "faceid_drop0.4": {"preset": "cpu-small", "dropout": 0.4},
-    "faceid_single": {"preset": "cpu-small", "train": "train_all", "balanced_sampling": False},
 }
 KEYS = ("pairs_auc", "pairs_acc", "auc", "acc", "tar_1e-2")
 EPOCH_TARGET_S = 210  # plain: cap an epoch at about this much training so the curve has points
 
 
-def split(lfw: Path, out: Path, *, copy: bool = False, singles: bool = False) -> tuple[Path, Path]:
-    """out/train and out/val: the LFW people with >= 2 images outside / inside pairs.txt fold 1.
-    With `singles`, also out/train_all: out/train's people plus those with one image who are not in
-    fold 1 (anyone named in a fold-1 pair, matched or mismatched, stays out of every training set).
-    Symbolic links to the person folders, or (`copy`) hard links or copies of the images, which a
-    server's data folder needs (it refuses links that point outside it)."""
+def split(lfw: Path, out: Path, *, copy: bool = False, min_images: int = 1) -> tuple[Path, Path]:
+    """out/train: the LFW people with >= `min_images` images who are not in pairs.txt fold 1 (anyone
+    named in a fold-1 pair, matched or mismatched, stays out); out/val: the fold-1 people with >= 2
+    images. Symbolic links to the person folders, or (`copy`) hard links or copies of the images,
+    which a server's data folder needs (it refuses links that point outside it)."""
     fold1 = identities_in(load_pairs(lfw / "pairs.txt", folds=[1]))
-    train, val, train_all = out / "train", out / "val", out / "train_all"
-    for d in (train, val) + ((train_all,) if singles else ()):
-        d.mkdir(parents=True, exist_ok=True)
+    train, val = out / "train", out / "val"
+    train.mkdir(parents=True, exist_ok=True)
+    val.mkdir(parents=True, exist_ok=True)
     for d in sorted(p for p in lfw.iterdir() if p.is_dir()):
         files = sorted(f for f in d.iterdir() if f.is_file())
         if d.name in fold1:
-            dests = [val] if len(files) >= 2 else []
-        else:
-            dests = ([train] if len(files) >= 2 else []) + ([train_all] if singles else [])
-        for parent in dests:
-            _place(d, files, parent / d.name, copy)
+            if len(files) >= 2:
+                _place(d, files, val / d.name, copy)
+        elif len(files) >= max(1, min_images):
+            _place(d, files, train / d.name, copy)
     return train, val
 
 
@@ -188,6 +182,8 @@ def main() -> None:
     ap.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR", "../shared/data/lfw"))
     ap.add_argument("--minutes", default="0,5,10,20,30")
     ap.add_argument("--recipes", default="plain,faceid", help=f"any of {','.join(RECIPES)}")
+    ap.add_argument("--min_images", type=int, default=1, help="train on the people outside fold 1 with at "
+                    "least this many images (1: all of them; 2: the split of the runs before 2026-11-29 05:00)")
     ap.add_argument("--out", help="also write every epoch record of every job as JSON lines here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -198,8 +194,7 @@ def main() -> None:
     unknown = [n for n in args.recipes.split(",") if n not in RECIPES]
     if unknown:
         sys.exit(f"error: unknown recipe(s) {unknown}; choose from {','.join(RECIPES)}")
-    singles = any(RECIPES[n].get("train") == "train_all" for n in args.recipes.split(","))
-    train, val = split(Path(args.lfw), root, copy=True, singles=singles)
+    train, val = split(Path(args.lfw), root, copy=True, min_images=args.min_images)
     pairs = fold1_pairs(Path(args.lfw), root / "fold1")
     base = {"train": "train", "val": "val", "pairs_file": "fold1/pairs.txt",
             "best_metric": "pairs_auc", "progress_step_pct": 5}
@@ -208,9 +203,7 @@ def main() -> None:
     print(f"machine: {machine()}; load average {loadavg()}", flush=True)
     results: dict[str, dict] = {}
     for name in args.recipes.split(","):
-        here = {**local, **RECIPES[name]}
-        here["train"] = str(root / here["train"])
-        untrained, rate, n_images = probe(name, TrainConfig(**here))
+        untrained, rate, n_images = probe(name, TrainConfig(**{**local, **RECIPES[name]}))
         fit = schedule(name, RECIPES[name], rate, n_images, minutes[-1])
         log.info("%s: untrained %s; probe %.1f images/s on %d images -> %s", name,
                  {k: round(untrained[k], 4) for k in KEYS}, rate, n_images, fit)
@@ -229,9 +222,8 @@ def main() -> None:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     print(f"\nLFW fold 1 (600 official pairs; sampled pairs of the {len(list(val.iterdir()))} fold-1 people), "
-          f"training on {len(list(train.iterdir()))} other people with 2+ images"
-          + (f" ({len(list((root / 'train_all').iterdir()))} with singles)" if singles else "")
-          + f"; load average after: {load_after}")
+          f"training on {len(list(train.iterdir()))} other people with {args.min_images}+ images; "
+          f"load average after: {load_after}")
     print(f"value at minute t = the last epoch evaluated within t minutes of the job starting (decode, "
           f"evaluations and checkpoints included); at the last point, {minutes[-1]:g} = the job's time limit, the "
           "job's final epoch (its training stopped at the limit; 'at' says when its evaluation ended)\n")

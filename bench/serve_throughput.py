@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16, help="offline batch = FACEID_BATCH_MAX_SIZE")
     p.add_argument("--compile", default="off", help="FACEID_COMPILE (off, freeze); a comma list measures "
                    "each, offline and through a server, in the same run")
-    p.add_argument("--batch_wait_ms", default="2", help="FACEID_BATCH_WAIT_MS of the server; a comma list "
+    p.add_argument("--batch_wait_ms", default="5", help="FACEID_BATCH_WAIT_MS of the server; a comma list "
                    "(e.g. 0,2) measures one server per value in the same run")
     p.add_argument("--client", choices=("raw", "httpx"), default="raw",
                    help="load generator: raw = lean HTTP/1.1 keep-alive connections (about 0.1 ms of CPU per "

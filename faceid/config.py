@@ -35,7 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "arcface_s": 32.0,
         "arcface_m": 0.3,
         "margin_warmup_epochs": 3,
-        "balanced_sampling": True,
+        "balanced_sampling": False,
         "augment": "flip",
         "neck": "flat",
         "eval_flip": True,

@@ -19,7 +19,7 @@ def test_defaults():
     assert s.api_key is None and s.max_upload_mb == 10 and s.checkpoint is None
     assert s.trainer_cmd == (sys.executable, "-m", "faceid.train")
     assert s.max_upload_bytes == 10 * 1024 * 1024
-    assert s.batch_wait_ms == 2 and s.compile == "off"
+    assert s.batch_wait_ms == 5 and s.compile == "off"
 
 
 def test_values_from_environment(tmp_path):

@@ -1,7 +1,7 @@
 """EmbedWorker: requests that queue while a forward pass runs share the next one, even with no
 batch wait; a full batch or another model starts a new one; the batch wait applies under
-concurrent load, never to a lone request, is renewed by each arrival, and ends once as many
-requests as the last batch held are in."""
+concurrent load, never to a lone request, is renewed by each arrival, and ends once the clients
+the last batch answered and those whose requests queued while it ran are in."""
 
 from __future__ import annotations
 
@@ -133,16 +133,26 @@ async def test_each_arrival_extends_the_wait_and_a_longer_gap_ends_it():
 
 
 @pytest.mark.anyio
-async def test_the_wait_ends_once_as_many_requests_as_the_last_batch_are_in():
-    # A 30 s wait and room for 8: the 4 clients of the last batch are back, so it runs at once.
+async def test_the_wait_ends_once_the_clients_of_the_last_batch_and_those_queued_during_it_are_in():
+    # A 30 s wait and room for 8. Request 0 runs alone while 1-4 queue: the next batch expects
+    # 1-4 and 0's client coming back (5), so it waits for request 5, 0.2 s later, then runs at once.
     worker = EmbedWorker(max_batch=8, wait_ms=30_000)
     try:
         v = BlockingVerifier()
-        await _busy_then(worker, v, [(v, [1]), (v, [2]), (v, [3]), (v, [4])])
-        await _spaced(worker, v, [5, 6, 7, 8], 0.05)
+        first = asyncio.ensure_future(worker.embed(v, [0]))
+        assert await asyncio.to_thread(v.entered.wait, 10)
+        queued = [asyncio.ensure_future(worker.embed(v, [i])) for i in (1, 2, 3, 4)]
+        await asyncio.sleep(0.05)
+        v.release.set()
+        await asyncio.wait_for(first, timeout=10)
+        await asyncio.sleep(0.2)
+        late = asyncio.ensure_future(worker.embed(v, [5]))
+        await asyncio.wait_for(asyncio.gather(late, *queued), timeout=10)
+        # the 5 clients of that batch are back one after another: one batch, no 30 s wait
+        await _spaced(worker, v, [6, 7, 8, 9, 10], 0.05)
     finally:
         worker.close()
-    assert v.calls == [[0], [1, 2, 3, 4], [5, 6, 7, 8]]
+    assert v.calls == [[0], [1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/task"), reason="Linux /proc only")
