@@ -6,9 +6,11 @@
   itself for the cores and `/health` stays quick under load. Requests that arrive while it is busy
   are embedded together in the next batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent
   load the worker also waits for requests still on their way, as long as each arrives within
-  FACEID_BATCH_WAIT_MS (2) of the one before and fewer than the last batch held are in: with
-  clients sending back to back, 0 ms split the load into small batches and lost a quarter of the
-  throughput (bench/README.md, serve_throughput); a lone request never waits.
+  FACEID_BATCH_WAIT_MS (5) of the one before and fewer are in than the clients the last batch
+  answered plus those that queued while it ran: with clients sending back to back, 0 ms split the
+  load into small batches and lost a quarter of the throughput, and expecting only the last
+  batch's count let them settle into alternating half batches (bench/README.md,
+  serve_throughput); a lone request never waits.
 - Each upload is decoded and resized to the model's input size on a decoding thread as it arrives
   (`Verifier.prepare`), so a batch's forward pass only stacks its images; GET /model reports how
   requests were batched.
@@ -110,11 +112,11 @@ class EmbedWorker:
 
     Requests queued while a forward pass runs share the next one. Under concurrent load (the last
     batch held several requests, or more are queued already) the worker also waits for requests
-    still on their way: up to `wait_ms` for the next one, renewed by each arrival, until as many
-    as the last batch held are in (at most `wait_ms` per image of a full batch in all); a lone
-    request (one client) never waits."""
+    still on their way: up to `wait_ms` for the next one, renewed by each arrival, until the
+    clients the last batch answered and those whose requests queued while it ran are in (at most
+    `wait_ms` per image of a full batch in all); a lone request (one client) never waits."""
 
-    def __init__(self, max_batch: int = 16, wait_ms: float = 2.0) -> None:
+    def __init__(self, max_batch: int = 16, wait_ms: float = 5.0) -> None:
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000.0
         self._last_requests = 0  # requests in the last batch: >1 means concurrent load
