@@ -4,6 +4,7 @@ pairs.txt protocol) with the pure functions of faceid.metrics."""
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,15 +27,18 @@ def autocast_ctx(device: torch.device, dtype: Optional[torch.dtype]):
 
 @torch.no_grad()
 def embed_store(model: nn.Module, store: ImageStore, transform: BatchTransform, *, batch_size: int,
-                amp_dtype: Optional[torch.dtype], flip: bool = False) -> np.ndarray:
-    """Embed every image of `store`: returns float32 [N, D], L2-normalised. With `flip`, the
-    embedding of the mirrored image is added before normalising (a cheap test-time boost)."""
+                amp_dtype: Optional[torch.dtype], flip: bool = False,
+                indices: Optional[np.ndarray] = None) -> np.ndarray:
+    """Embed every image of `store` (or those at `indices`, in that order): returns float32
+    [N, D], L2-normalised. With `flip`, the embedding of the mirrored image is added before
+    normalising (a cheap test-time boost)."""
     was_training = model.training
     model.eval()
     out = []
+    which = np.arange(len(store.folder)) if indices is None else np.asarray(indices, dtype=np.int64)
     try:
-        for idx in iterate_in_batches(len(store.folder), batch_size):
-            x = transform(store.batch(idx))
+        for pos in iterate_in_batches(len(which), batch_size):
+            x = transform(store.batch(which[pos]))
             with autocast_ctx(transform.device, amp_dtype):
                 e = model(x).float()
                 if flip:
@@ -43,6 +47,25 @@ def embed_store(model: nn.Module, store: ImageStore, transform: BatchTransform, 
     finally:
         model.train(was_training)
     return torch.cat(out).numpy()
+
+
+def same_files(paths: list[Path], others: list[Path]) -> np.ndarray:
+    """For each of `paths`, the index in `others` of the same file (the same file system entry:
+    through a symbolic or hard link too), else -1. Lets evaluation embed an image once when the
+    pairs file and --val name it both."""
+    def key(p: Path):
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    where = {}
+    for i, p in enumerate(others):
+        k = key(p)
+        if k is not None:
+            where.setdefault(k, i)
+    return np.array([where.get(key(p), -1) for p in paths], dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from faceid.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_chec
 from faceid.config import TrainConfig
 from faceid.data import BatchTransform, batch_images, load_images, scan_folder
 from faceid.errors import CheckpointError, ConfigError, DataError, FaceIDError
-from faceid.evaluate import (EvalPairs, autocast_ctx, embed_store, protocol_folder, score_protocol,
+from faceid.evaluate import (EvalPairs, autocast_ctx, embed_store, protocol_folder, same_files, score_protocol,
                              score_sampled)
 from faceid.model import ARCH, IMAGENET_MEAN, IMAGENET_STD, build_model
 from faceid.objectives import Trainee, build_objective
@@ -212,6 +212,8 @@ class Trainer:
                 raise DataError(f"{len(paths) - len(folder)} image(s) named in {pf} cannot be read "
                                 f"(first: {folder.skipped[0][0]}); fix or remove those pairs")
             ia, ib = proto.index_pairs({p: i for i, p in enumerate(paths)})
+            # Images that --val holds too (the same files) are embedded once, with --val's.
+            self._protocol_in_val = same_files(list(folder.paths), list(self.val_folder.paths))
             self.protocol = (store, ia, ib, proto.labels, proto.folds)
         set_threads(cfg, self.device, cached=self.train_store.cached is not None)
 
@@ -397,8 +399,13 @@ class Trainer:
         metrics = score_sampled(emb, self.eval_pairs)
         if self.protocol is not None:
             store, ia, ib, labels, folds = self.protocol
-            pemb = embed_store(self.model, store, self.eval_tf, batch_size=bs, amp_dtype=self.amp_dtype,
-                               flip=cfg.eval_flip)
+            in_val = self._protocol_in_val
+            rest = np.flatnonzero(in_val < 0)
+            pemb = np.empty((len(in_val), emb.shape[1]), np.float32)
+            pemb[in_val >= 0] = emb[in_val[in_val >= 0]]
+            if len(rest):
+                pemb[rest] = embed_store(self.model, store, self.eval_tf, batch_size=bs,
+                                         amp_dtype=self.amp_dtype, flip=cfg.eval_flip, indices=rest)
             metrics.update(score_protocol(pemb, ia, ib, labels, folds))
         return metrics
 
