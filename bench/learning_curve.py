@@ -19,9 +19,10 @@ at the end of every epoch; the value reported at minute t is that of the last ep
 minutes after the job started running, so the times include decoding the data, every evaluation
 and every checkpoint: what a user of the service waits. Epochs are sized from a short in-process
 probe of each recipe's speed with 25% to spare, and the job's learning-rate schedule and margin
-warm-up follow its time limit (`fit_to_time_limit`, on by default), so the cosine ends at the limit
-(epochs of the faceid recipe are whole passes over the data, about 3-4 minutes each here; plain's
-are capped at about 3.5 minutes of steps so it gets as many evaluations).
+warm-up follow its time limit (`fit_to_time_limit`, on by default), so the cosine ends at the limit.
+Every recipe's epochs are capped at about 3 minutes of steps at the probed rate
+(`max_steps_per_epoch`; an epoch of the faceid recipe is then about 160 steps, 85% of a pass over
+the 12,052 images), so each job has an evaluated point by 5 minutes and about as many as the others.
 
     python bench/learning_curve.py --lfw ../shared/data/lfw                 # about 70 min here
     python bench/learning_curve.py --minutes 0,2,4 --recipes faceid         # a quick look
@@ -64,7 +65,7 @@ RECIPES = {
     "faceid_drop0.4": {"preset": "cpu-small", "dropout": 0.4},
 }
 KEYS = ("pairs_auc", "pairs_acc", "auc", "acc", "tar_1e-2")
-EPOCH_TARGET_S = 210  # plain: cap an epoch at about this much training so the curve has points
+EPOCH_TARGET_S = 180  # cap an epoch at about this much training, so that every recipe has a point by 5 minutes
 
 
 def split(lfw: Path, out: Path, *, copy: bool = False, min_images: int = 1) -> tuple[Path, Path]:
@@ -142,12 +143,13 @@ def schedule(name: str, overrides: dict, rate: float, n_images: int, minutes: fl
     so a run slower than the probe still anneals and a faster one still uses its time."""
     batch = TrainConfig(**overrides).batch_size
     total_steps = max(1, int(rate * minutes * 60 * 0.9 * 1.25 / batch))  # 0.9: evaluations, checkpoints
+    full = math.ceil(n_images / batch)
+    per_epoch = max(1, min(full, int(rate * EPOCH_TARGET_S / batch)))
     if name == "plain":
-        per_epoch = max(1, min(math.ceil(n_images / batch), int(rate * EPOCH_TARGET_S / batch)))
         epochs = max(1, round(total_steps / per_epoch))
         warmup_steps = min(300, 0.3 * epochs * per_epoch)
         return {"epochs": epochs, "max_steps_per_epoch": per_epoch, "warmup_epochs": round(warmup_steps / per_epoch, 3)}
-    return {"epochs": max(1, math.ceil(total_steps / math.ceil(n_images / batch)))}
+    return {"epochs": max(1, math.ceil(total_steps / per_epoch)), **({"max_steps_per_epoch": per_epoch} if per_epoch < full else {})}
 
 
 def started(job: dict) -> float:
