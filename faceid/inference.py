@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
@@ -23,6 +24,27 @@ log = logging.getLogger(__name__)
 THRESHOLD_NAMES = ("acc", "far_1e-2", "far_1e-3")
 COMPILE_MODES = ("off", "freeze")
 Threshold = Union[None, str, float]
+
+
+# Measured on a 2-core CPU (bench/README.md, serve_throughput): one or two images (two or four
+# views with eval_flip) embed faster on one compute thread (26 to 35 ms for one image) than on two
+# (38 to 46 ms, and 110 to 145 ms in some processes, whose OpenMP threads spent most of it in the
+# kernel waking each other); from about 4 images on, two threads are as fast or faster.
+ONE_THREAD_MAX_IMAGES = 2
+
+
+@contextlib.contextmanager
+def _threads(n: Optional[int]):
+    """Run the block with `n` torch compute threads (None: unchanged), then restore them."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def to_uint8_tensor(img: Image.Image, size: int) -> torch.Tensor:
@@ -122,8 +144,9 @@ class Verifier:
 
     @torch.inference_mode()
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
-        """uint8 [B, 3, S, S] -> float32 [B, D] unit-norm embeddings."""
-        with self._lock:
+        """uint8 [B, 3, S, S] -> float32 [B, D] unit-norm embeddings. On a CPU, batches of up to
+        ONE_THREAD_MAX_IMAGES images run on one compute thread (see there)."""
+        with self._lock, _threads(1 if self.device.type == "cpu" and len(batch) <= ONE_THREAD_MAX_IMAGES else None):
             x = self.transform(batch)
             with autocast_ctx(self.device, self.amp_dtype):
                 if self.flip:  # both views in one pass: at batch 1-2 clearly faster than two passes

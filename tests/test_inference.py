@@ -126,6 +126,22 @@ def test_prepared_images_embed_exactly_as_the_photos(verifier, images):
     np.testing.assert_array_equal(mixed, verifier.embed(images[:2]))
 
 
+def test_one_or_two_images_run_on_one_compute_thread_and_the_setting_comes_back(verifier, images):
+    seen: list[int] = []
+    hook = verifier.model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        verifier.embed(images[:1])
+        verifier.embed(images[:2])
+        verifier.embed(images[:3])
+        assert torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 2]
+
+
 def test_last_checkpoint_loads_too(run):
     v = Verifier.from_checkpoint(run.last, device="cpu")
     assert v.epoch == 1 and "acc" in v.thresholds
