@@ -93,7 +93,9 @@ async def test_corrupt_foreign_and_malicious_checkpoints_are_refused(make_settin
             detail = r.json()["detail"]
             assert "cannot be served" in detail and word in detail and "current model stays" in detail, (name, detail)
             assert time.monotonic() - t0 < 30, name
-            assert (await client.get("/model")).json() == before, name
+            after = (await client.get("/model")).json()
+            # the same model; only the batching counters moved (the /verify calls)
+            assert {**after, "batching": None} == {**before, "batching": None}, name
             r = await client.post("/verify", files=_pair())
             assert r.status_code == 200 and r.json() == reference, name
         assert not (tmp_path / "bad" / "PWNED").exists(), "a checkpoint ran code"
