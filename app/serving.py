@@ -332,11 +332,11 @@ class ModelManager:
 
     # -- inference ---------------------------------------------------------------------------
 
-    async def decode(self, data: bytes, name: str, model: Optional[ServedModel] = None) -> Any:
-        """The upload as the image `embed` takes, decoded off the event loop. With `model`, also
-        prepared for it there (its `prepare`, when it has one: resized to its input size), so the
-        worker's batch only stacks and runs the network."""
-        prepare = getattr(model.verifier, "prepare", None) if model is not None else None
+    async def decode(self, data: bytes, name: str, model: ServedModel) -> Any:
+        """The upload as the image `model` embeds, decoded off the event loop and prepared for it
+        there (its `prepare`, when it has one: resized to its input size), so the worker's batch
+        only stacks and runs the network."""
+        prepare = getattr(model.verifier, "prepare", None)
 
         def work() -> Any:
             img = open_upload(data, max_pixels=self.settings.max_pixels, name=name)
