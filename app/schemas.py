@@ -132,7 +132,7 @@ class ModelOut(BaseModel):
         "source": "job", "pinned": False, "loaded_at": "2025-01-01T12:05:00+00:00", "epoch": 2,
         "metrics": {"acc": 0.66, "th": 0.42, "auc": 0.71, "tar_1e-2": 0.06, "tar_1e-3": 0.01},
         "thresholds": {"acc": 0.42, "far_1e-2": 0.77, "far_1e-3": 0.85}, "img_size": 64,
-        "embedding_size": 512, "arch": "resnet50", "train_mode": "arcface",
+        "crop": 1.0, "embedding_size": 512, "arch": "resnet50", "train_mode": "arcface",
         "batching": {"max_batch_size": 16, "wait_ms": 2.0, "batches": 120, "requests": 900, "images": 1000,
                      "mean_batch_images": 8.33}}]})
 
@@ -146,6 +146,8 @@ class ModelOut(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     thresholds: dict[str, Optional[float]] = Field(default_factory=dict)
     img_size: Optional[int] = None
+    crop: Optional[float] = Field(default=None, description="the centred share of each image's shorter "
+                                  "side the model sees (resized to img_size); 1 = the whole image")
     embedding_size: Optional[int] = None
     arch: Optional[str] = None
     train_mode: Optional[str] = None

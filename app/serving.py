@@ -90,7 +90,7 @@ class ServedModel:
                 "pinned": self.pinned, "loaded_at": self.loaded_at,
                 "epoch": info.get("epoch"), "metrics": info.get("metrics") or {},
                 "thresholds": info.get("thresholds") or {}, "img_size": info.get("img_size"),
-                "embedding_size": info.get("embedding_size"), "arch": info.get("arch"),
+                "crop": info.get("crop"), "embedding_size": info.get("embedding_size"), "arch": info.get("arch"),
                 "train_mode": info.get("train_mode")}
 
 

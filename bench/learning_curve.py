@@ -63,6 +63,7 @@ RECIPES = {
               "balanced_sampling": False, "augment": "none", "eval_flip": False, "eval_pairs": 6000},
     "faceid": {"preset": "cpu-small"},
     "faceid_drop0.4": {"preset": "cpu-small", "dropout": 0.4},
+    "faceid_56c08": {"preset": "cpu-small", "img_size": 56, "crop": 0.8},
 }
 KEYS = ("pairs_auc", "pairs_acc", "auc", "acc", "tar_1e-2")
 EPOCH_TARGET_S = 180  # cap an epoch at about this much training, so that every recipe has a point by 5 minutes

@@ -263,7 +263,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"checkpoint": args.checkpoint, "epoch": v.epoch}
     if args.val:
         folder = scan_folder(args.val, what="--val", min_identities=2, min_per_identity=2)
-        folder, store = load_images(folder, v.img_size, workers=args.workers, what="--val",
+        folder, store = load_images(folder, v.img_size, workers=args.workers, crop=v.crop, what="--val",
                                     min_identities=2, min_per_identity=2)
         emb = _embed_store(v, store)
         out.update(score_sampled(emb, EvalPairs.sample(folder, args.eval_pairs, args.seed)))
@@ -278,7 +278,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             proto = load_pairs(args.pairs_file, root=args.val, folds=args.pairs_folds)
         paths = proto.unique_paths()
         folder, store = load_images(protocol_folder(paths), v.img_size, workers=args.workers,
-                                    what="--pairs_file images", min_identities=1)
+                                    crop=v.crop, what="--pairs_file images", min_identities=1)
         if len(folder) != len(paths):
             raise UserError(f"{len(paths) - len(folder)} image(s) of {args.pairs_file} cannot be read")
         emb = _embed_store(v, store)

@@ -91,6 +91,10 @@ class TrainConfig(BaseModel):
     freeze_backbone_epochs: int = Field(0, ge=0, le=100_000, description="train only the embedding layer "
                                         "and head for this many first epochs")
     img_size: int = Field(224, ge=32, le=1024, description="square input size in pixels")
+    crop: float = Field(1.0, ge=0.3, le=1.0, description="centred square of each image kept before it "
+                        "is resized to img_size, as a fraction of its shorter side (1: all of it; about "
+                        "0.8 puts more pixels on the face of loosely framed photos like LFW's); the served "
+                        "model applies it too")
     neck: Literal["gap", "flat"] = Field(
         "gap", description="what the embedding layer sees: gap = the trunk's 2048 channels averaged "
         "over the image (the origin's); flat = the whole last feature map flattened, keeping where "

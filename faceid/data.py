@@ -4,7 +4,8 @@ Layout: `<root>/<identity>/<image>`; one folder per person. Non-directories in t
 non-image files are ignored. Unreadable images are skipped with a warning that counts them; a
 dataset left with too few identities is an error that names the folder.
 
-Images are decoded once, resized to `img_size` (shorter side, then centre crop) and kept as uint8
+Images are decoded once, centre-cropped to a square (`crop`: the fraction of the shorter side
+kept, 1 = all of it), resized to `img_size` and kept as uint8
 [3, S, S] tensors: in memory when they fit (`cache_images`), or decoded by DataLoader workers
 per batch otherwise. Augmentation and normalisation run on whole batches.
 """
@@ -107,18 +108,25 @@ def check_identities(folder: IdentityFolder, *, what: str, min_identities: int,
 
 # --- decoding -------------------------------------------------------------------------------
 
-def decode_image(path: Path, size: int) -> np.ndarray:
+def decode_image(path: Path, size: int, crop: float = 1.0) -> np.ndarray:
     """File -> uint8 [3, size, size]: read by faceid.images.open_image (RGB, EXIF orientation
     applied) and `resize_center_crop`ped, exactly as the Verifier reads a photo it serves. (No
     JPEG draft-mode decoding: libjpeg's reduced-scale decode gives different pixels than a full
     decode, so evaluation embeddings and thresholds would not match served ones.)"""
-    return resize_center_crop(open_image(path), size)
+    return resize_center_crop(open_image(path), size, crop)
 
 
-def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """RGB PIL image -> uint8 [3, size, size]: shorter side resized to `size`, centre-cropped."""
+def resize_center_crop(img: Image.Image, size: int, crop: float = 1.0) -> np.ndarray:
+    """RGB PIL image -> uint8 [3, size, size]: shorter side resized to `size`, centre-cropped.
+    With `crop` < 1 only the centred square of `crop` times the shorter side is kept, resized to
+    `size` (for loosely framed faces: more of the input's pixels on the face)."""
     img = img.convert("RGB")
     w, h = img.size
+    if crop < 1.0:
+        side = crop * min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=None)
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
@@ -128,15 +136,15 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
 
 
 class _DecodeOne(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[Path], size: int) -> None:
-        self.paths, self.size = paths, size
+    def __init__(self, paths: Sequence[Path], size: int, crop: float) -> None:
+        self.paths, self.size, self.crop = paths, size, crop
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, torch.from_numpy(decode_image(self.paths[i], self.size)), ""
+            return i, torch.from_numpy(decode_image(self.paths[i], self.size, self.crop)), ""
         except Exception as e:  # unreadable file: reported and skipped by the caller
             return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
@@ -148,11 +156,11 @@ def _collate(items):
     return idx, imgs, errs
 
 
-def decode_all(paths: Sequence[Path], size: int, workers: int) -> tuple[torch.Tensor, list[str]]:
+def decode_all(paths: Sequence[Path], size: int, workers: int, crop: float = 1.0) -> tuple[torch.Tensor, list[str]]:
     """Decode every file once. Returns uint8 [N, 3, S, S] and one error string per file ('' = ok)."""
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     errors = [""] * len(paths)
-    loader = torch.utils.data.DataLoader(_DecodeOne(paths, size), batch_size=64, num_workers=workers,
+    loader = torch.utils.data.DataLoader(_DecodeOne(paths, size, crop), batch_size=64, num_workers=workers,
                                          collate_fn=_collate)
     for idx, imgs, errs in loader:
         out[idx] = imgs
@@ -164,8 +172,8 @@ def decode_all(paths: Sequence[Path], size: int, workers: int) -> tuple[torch.Te
 class ImageStore:
     """uint8 images of an IdentityFolder, by index: `batch(indices) -> [B, 3, S, S]`."""
 
-    def __init__(self, folder: IdentityFolder, size: int, cached: Optional[torch.Tensor]) -> None:
-        self.folder, self.size, self.cached = folder, size, cached
+    def __init__(self, folder: IdentityFolder, size: int, cached: Optional[torch.Tensor], crop: float = 1.0) -> None:
+        self.folder, self.size, self.cached, self.crop = folder, size, cached, crop
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
@@ -174,7 +182,7 @@ class ImageStore:
         arrs = []
         for i in idx.tolist():
             try:
-                arrs.append(torch.from_numpy(decode_image(self.folder.paths[i], self.size)))
+                arrs.append(torch.from_numpy(decode_image(self.folder.paths[i], self.size, self.crop)))
             except Exception as e:  # became unreadable after the scan
                 log.warning("unreadable image skipped in batch (black image used): %s: %s",
                             self.folder.paths[i], e)
@@ -182,7 +190,7 @@ class ImageStore:
         return torch.stack(arrs)
 
 
-def load_images(folder: IdentityFolder, size: int, *, workers: int, cache: str = "auto",
+def load_images(folder: IdentityFolder, size: int, *, workers: int, crop: float = 1.0, cache: str = "auto",
                 cache_max_gb: float = 4.0, what: str = "dataset", min_identities: int = 2,
                 min_per_identity: int = 1) -> tuple[IdentityFolder, ImageStore]:
     """Decode (or check) every image once; drop unreadable ones with a counted warning.
@@ -191,7 +199,7 @@ def load_images(folder: IdentityFolder, size: int, *, workers: int, cache: str =
     nbytes = len(folder) * 3 * size * size
     use_cache = cache == "on" or (cache == "auto" and nbytes <= cache_max_gb * 1e9)
     if use_cache:
-        images, errors = decode_all(folder.paths, size, workers)
+        images, errors = decode_all(folder.paths, size, workers, crop)
     else:
         images, errors = None, _check_headers(folder.paths, workers)
     bad = np.array([bool(e) for e in errors])
@@ -209,7 +217,7 @@ def load_images(folder: IdentityFolder, size: int, *, workers: int, cache: str =
             raise DataError(f"{what} folder {folder.root}: none of the images could be read "
                             f"(first: {first}); check the files are JPEG/PNG/WebP/BMP images")
         check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
-    return folder, ImageStore(folder, size, images)
+    return folder, ImageStore(folder, size, images, crop)
 
 
 def _check_one(path: Path) -> str:

@@ -47,10 +47,10 @@ def _threads(n: Optional[int]):
         torch.set_num_threads(before)
 
 
-def to_uint8_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """PIL image -> uint8 [3, size, size]: RGB, shorter side resized, centre-cropped (the same
-    function as training and evaluation use, faceid.data.decode_image)."""
-    return torch.from_numpy(resize_center_crop(img, size))
+def to_uint8_tensor(img: Image.Image, size: int, crop: float = 1.0) -> torch.Tensor:
+    """PIL image -> uint8 [3, size, size]: RGB, centre-cropped (`crop` of the shorter side) and
+    resized (the same function as training and evaluation use, faceid.data.decode_image)."""
+    return torch.from_numpy(resize_center_crop(img, size, crop))
 
 
 class Verifier:
@@ -65,6 +65,7 @@ class Verifier:
         self.amp_dtype = resolve_amp(amp, self.device)
         try:
             self.img_size = int(ckpt["img_size"])
+            self.crop = float(ckpt.get("crop", 1.0))  # checkpoints from before the option: 1
             self.embedding_size = int(ckpt["embedding_size"])
             self.epoch = int(ckpt["epoch"])
             self.metrics = dict(ckpt["metrics"])
@@ -138,7 +139,7 @@ class Verifier:
     @property
     def info(self) -> dict[str, Any]:
         return {"checkpoint": self.path, "epoch": self.epoch, "metrics": self.metrics,
-                "thresholds": self.thresholds, "img_size": self.img_size,
+                "thresholds": self.thresholds, "img_size": self.img_size, "crop": self.crop,
                 "embedding_size": self.embedding_size, "arch": "resnet50",
                 "train_mode": self.config.get("train_mode"), "config": self.config}
 
@@ -160,7 +161,7 @@ class Verifier:
         """PIL image -> the uint8 [3, S, S] tensor `embed` takes for it (resized and centre-cropped
         to this model's input size). A server calls it where it decodes each upload, so a batch's
         forward pass does not wait for the resizing of its images."""
-        return to_uint8_tensor(img, self.img_size)
+        return to_uint8_tensor(img, self.img_size, self.crop)
 
     def embed(self, images: Sequence[Union[Image.Image, torch.Tensor]]) -> np.ndarray:
         """PIL images, or tensors from `prepare`, -> float32 [N, D], unit norm."""

@@ -113,7 +113,7 @@ def _train_mode(model: nn.Module, frozen: bool) -> None:
 def _checkpoint_dict(cfg: TrainConfig, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> dict:
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "arch": ARCH,
-        "embedding_size": cfg.embedding_size, "img_size": cfg.img_size,
+        "embedding_size": cfg.embedding_size, "img_size": cfg.img_size, "crop": cfg.crop,
         "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "config": cfg.to_json_dict(), "epoch": epoch, "metrics": metrics,
         "thresholds": thresholds_of(metrics),
@@ -178,7 +178,7 @@ class Trainer:
         model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
                             pretrained_weights=cfg.pretrained_weights, neck=cfg.neck,
                             img_size=cfg.img_size, dropout=cfg.dropout)
-        common = dict(workers=cfg.workers, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb)
+        common = dict(workers=cfg.workers, crop=cfg.crop, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb)
         self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
                                                           min_identities=2, **common)
         # Only rank 0 evaluates: the other ranks check the validation images' headers, not decode them.

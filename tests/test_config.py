@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -87,7 +88,8 @@ def _non_default(name: str) -> Any:
     if tp is int:
         return (default or 0) + 1
     if tp is float:
-        return default + 0.25
+        upper = min((m.le for m in f.metadata if hasattr(m, "le")), default=math.inf)
+        return default + 0.25 if default + 0.25 <= upper else default - 0.25
     if tp is str:
         return f"{default or name}_x/y z"  # a space survives the round trip too
     raise AssertionError(f"no generator for {name}: {f.annotation}")

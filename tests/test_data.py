@@ -8,10 +8,11 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from core_fixtures import make_identity_folder, write_image
 from faceid.data import (BatchTransform, classification_batches, decode_image, load_images,
-                         sample_pairs, scan_folder)
+                         resize_center_crop, sample_pairs, scan_folder)
 from faceid.errors import DataError
 from faceid.model import IMAGENET_MEAN, IMAGENET_STD
 
@@ -143,6 +144,41 @@ def test_decode_image_resizes_shorter_side_and_centre_crops(tmp_path):
     p = write_image(tmp_path / "wide.png", size=(80, 40))
     arr = decode_image(p, 32)
     assert arr.shape == (3, 32, 32) and arr.dtype == np.uint8
+
+
+def _framed(size: tuple[int, int], inner: int) -> Image.Image:
+    """Red image with a green square of side `inner` in its centre."""
+    w, h = size
+    img = Image.new("RGB", size, (255, 0, 0))
+    img.paste((0, 255, 0), ((w - inner) // 2, (h - inner) // 2, (w + inner) // 2, (h + inner) // 2))
+    return img
+
+
+def test_crop_keeps_only_the_centred_square_of_that_share_of_the_shorter_side():
+    img = _framed((100, 60), 48)  # 48 = 0.8 x the shorter side
+    whole = resize_center_crop(img, 16).astype(int)
+    assert whole[0, :, 0].max() == 255  # the red frame shows at full view (shorter side resized)
+    cropped = resize_center_crop(img, 16, 0.8).astype(int)
+    assert cropped.shape == (3, 16, 16)
+    assert cropped[1].min() >= 200 and cropped[0, 1:-1, 1:-1].max() == 0  # all green (edges blend slightly)
+    tighter = resize_center_crop(img, 16, 0.5).astype(int)
+    assert tighter[1].min() == 255 and tighter[0].max() == 0
+    np.testing.assert_array_equal(resize_center_crop(img, 16, 1.0), whole)
+
+
+def test_images_decode_and_cache_with_the_crop(tmp_path):
+    folder_root = tmp_path / "ds"
+    for name in ("ann", "bob"):
+        (folder_root / name).mkdir(parents=True)
+        _framed((80, 80), 56).save(folder_root / name / "a.png")
+    folder = scan_folder(folder_root)
+    _, store = load_images(folder, 16, workers=0, crop=0.5, cache="on", what="--train")
+    _, lazy = load_images(folder, 16, workers=0, crop=0.5, cache="off", what="--train")
+    assert store.crop == lazy.crop == 0.5
+    for s in (store, lazy):
+        x = s.batch([0, 1]).numpy().astype(int)
+        assert x[:, 1].min() == 255 and x[:, 0].max() == 0  # only the green centre
+    np.testing.assert_array_equal(decode_image(folder.paths[0], 16, 0.5), store.batch([0])[0].numpy())
 
 
 # --- sample_pairs -------------------------------------------------------------------------------

@@ -207,3 +207,33 @@ def test_a_checkpoint_from_before_the_neck_option_is_gap(ckpt, tmp_path, images,
     v = Verifier.from_checkpoint(save_checkpoint({**ckpt, "config": config}, tmp_path / "old.pt"), device="cpu")
     assert v.model.neck == "gap"
     np.testing.assert_allclose(v.embed(images), verifier.embed(images), atol=1e-6)
+
+
+def test_a_checkpoint_trained_with_a_crop_serves_with_it(ckpt, tmp_path, images, verifier):
+    """The crop is part of the model: uploads are cropped as the training images were, and the
+    served embeddings are the evaluation embeddings of images decoded with that crop."""
+    from faceid.checkpoint import save_checkpoint
+    from faceid.inference import to_uint8_tensor
+
+    path = save_checkpoint({**ckpt, "crop": 0.6, "config": {**ckpt["config"], "crop": 0.6}}, tmp_path / "crop.pt")
+    v = Verifier.from_checkpoint(path, device="cpu")
+    assert v.crop == 0.6 and v.info["crop"] == 0.6 and verifier.crop == 1.0
+    prepared = v.prepare(images[0])
+    assert torch.equal(prepared, to_uint8_tensor(images[0], 32, 0.6))
+    assert not torch.equal(prepared, verifier.prepare(images[0]))
+    paths = sample_images(3)
+    _, store = load_images(protocol_folder(paths), v.img_size, workers=0, crop=0.6, cache="on",
+                           what="test", min_identities=1)
+    eval_emb = embed_store(v.model, store, v.transform, batch_size=64, amp_dtype=v.amp_dtype, flip=v.flip)
+    np.testing.assert_allclose(v.embed([open_image(p) for p in paths]), eval_emb, atol=1e-5)
+    assert np.abs(v.embed(images) - verifier.embed(images)).max() > 1e-3  # same weights, other pixels
+
+
+def test_a_checkpoint_from_before_the_crop_option_sees_the_whole_image(ckpt, tmp_path, images, verifier):
+    from faceid.checkpoint import save_checkpoint
+
+    old = {k: v for k, v in ckpt.items() if k != "crop"}
+    old["config"] = {k: v for k, v in ckpt["config"].items() if k != "crop"}
+    v = Verifier.from_checkpoint(save_checkpoint(old, tmp_path / "old.pt"), device="cpu")
+    assert v.crop == 1.0
+    np.testing.assert_array_equal(v.embed(images), verifier.embed(images))

@@ -445,3 +445,30 @@ def test_evaluate_command_reproduces_the_training_metrics(arc, capsys):
 def test_evaluate_needs_something_to_score(arc, capsys):
     rc = cli.main(["evaluate", str(arc.best)])
     assert "--val" in _one_line_error(rc, capsys.readouterr().err)
+
+
+def test_the_crop_reaches_every_decoded_image_and_the_checkpoint(small, tmp_path):
+    """--crop 0.6: training, validation and pairs-file images are decoded with it, and the
+    checkpoint carries it for the Verifier (tests/test_inference.py serves such a checkpoint)."""
+    from faceid.data import decode_image
+    from faceid.train import Trainer, _checkpoint_dict
+
+    cfg = TrainConfig(train=small[1], val=str(SAMPLE_VAL), pairs_file=str(SAMPLE_PAIRS), ckpt_dir=str(tmp_path),
+                      train_mode="arcface", epochs=1, crop=0.6, **TINY)
+    trainer = Trainer(cfg)
+    trainer.setup()
+    stores = [trainer.train_store, trainer.val_store, trainer.protocol[0]]
+    for store in stores:
+        assert store.crop == 0.6
+        np.testing.assert_array_equal(store.batch([0])[0].numpy(), decode_image(store.folder.paths[0], 32, 0.6))
+    assert not np.array_equal(decode_image(stores[0].folder.paths[0], 32, 0.6),
+                              decode_image(stores[0].folder.paths[0], 32))
+    ck = _checkpoint_dict(cfg, trainer.model, 1, {"th": 0.5})
+    assert ck["crop"] == 0.6 and ck["config"]["crop"] == 0.6
+    trainer.dist.close()
+
+
+def test_crop_outside_its_range_is_refused(capsys):
+    assert cli.main(["train", "--crop", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "crop" in err and "0.3" in err
