@@ -99,12 +99,15 @@ def _checkpoint_id(path: Path) -> str:
 
 
 class _Work:
-    __slots__ = ("verifier", "images", "future")
+    __slots__ = ("verifier", "images", "future", "queued", "started", "finished", "batch_images")
 
     def __init__(self, verifier: Any, images: Sequence[Any]) -> None:
         self.verifier = verifier
         self.images = list(images)
         self.future: concurrent.futures.Future = concurrent.futures.Future()
+        # time.perf_counter() when queued, and when its batch's forward pass started and ended
+        self.queued, self.started, self.finished = time.perf_counter(), 0.0, 0.0
+        self.batch_images = 0
 
 
 class EmbedWorker:
@@ -126,11 +129,18 @@ class EmbedWorker:
         self._thread = threading.Thread(target=self._loop, name="faceid-embed", daemon=True)
         self._thread.start()
 
-    async def embed(self, verifier: Any, images: Sequence[Any]) -> Any:
-        """float32 [N, D] unit-norm embeddings of `images`, computed on the worker thread."""
+    async def embed(self, verifier: Any, images: Sequence[Any], timing: Optional["Timing"] = None) -> Any:
+        """float32 [N, D] unit-norm embeddings of `images`, computed on the worker thread. With
+        `timing`, how long the request queued, its batch's forward pass took, and the hand-back to
+        the event loop are added to it."""
         work = _Work(verifier, images)
         self._queue.put(work)
-        return await asyncio.wrap_future(work.future)
+        result = await asyncio.wrap_future(work.future)
+        if timing is not None and work.finished:
+            timing.add("queue", work.started - work.queued)
+            timing.add("forward", work.finished - work.started, f"batch of {work.batch_images}")
+            timing.add("handback", time.perf_counter() - work.finished)
+        return result
 
     def stats(self) -> dict[str, Any]:
         """The settings and what the worker has run since the server started (GET /model)."""
@@ -200,16 +210,45 @@ class EmbedWorker:
     @staticmethod
     def _run(batch: list[_Work]) -> None:
         images = [im for work in batch for im in work.images]
+        started = time.perf_counter()
         try:
             embeddings = batch[0].verifier.embed(images)
         except BaseException as e:  # handed to every waiting request
             for work in batch:
                 work.future.set_exception(e)
             return
+        finished = time.perf_counter()
+        for work in batch:
+            work.started, work.finished, work.batch_images = started, finished, len(images)
         start = 0
         for work in batch:
             work.future.set_result(embeddings[start:start + len(work.images)])
             start += len(work.images)
+
+
+class Timing:
+    """Where one request's time went, for its `Server-Timing` response header (milliseconds,
+    browsers' developer tools and `curl -v` show it): reading the upload, decoding, waiting for
+    the worker, the forward pass of the batch it joined, and the hand-back to the event loop."""
+
+    __slots__ = ("start", "parts")
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.parts: list[tuple[str, float, str]] = []
+
+    def add(self, name: str, seconds: float, desc: str = "") -> None:
+        self.parts.append((name, seconds, desc))
+
+    def since(self, name: str, t0: float) -> float:
+        """Add the time from `t0` to now as `name`; returns now."""
+        now = time.perf_counter()
+        self.add(name, now - t0)
+        return now
+
+    def header(self) -> str:
+        parts = [f'{n};dur={1000 * s:.2f}' + (f';desc="{d}"' if d else "") for n, s, d in self.parts]
+        return ", ".join(parts + [f"total;dur={1000 * (time.perf_counter() - self.start):.2f}"])
 
 
 def _name_os_thread(name: str) -> None:
@@ -344,8 +383,8 @@ class ModelManager:
 
         return await anyio.to_thread.run_sync(work, limiter=self._decode_limiter)
 
-    async def embed(self, model: ServedModel, images: Sequence[Any]) -> Any:
-        return await self._worker.embed(model.verifier, images)
+    async def embed(self, model: ServedModel, images: Sequence[Any], timing: Optional[Timing] = None) -> Any:
+        return await self._worker.embed(model.verifier, images, timing)
 
     def batching(self) -> dict[str, Any]:
         return self._worker.stats()

@@ -219,6 +219,7 @@ class RawClient:
         self.host, port = host_port.rsplit(":", 1)
         self.port = int(port)
         self._streams: dict[int, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+        self.heads: dict[int, bytes] = {}  # the last response head of each task
 
     @staticmethod
     def multipart(path: str, files: dict[str, tuple[str, bytes, str]], host: str) -> bytes:
@@ -239,12 +240,26 @@ class RawClient:
         reader, writer = self._streams[task]
         writer.write(request)
         head = await reader.readuntil(b"\r\n\r\n")
+        self.heads[task] = head
         status = int(head[9:12])
         length = 0
         for line in head.split(b"\r\n")[1:]:
             if line[:15].lower() == b"content-length:":
                 length = int(line[15:])
         return status, await reader.readexactly(length)
+
+    def server_timing(self, task: int) -> dict[str, float]:
+        """The `Server-Timing` header of task `task`'s last response as {name: milliseconds}."""
+        for line in self.heads.get(task, b"").split(b"\r\n")[1:]:
+            if line[:14].lower() == b"server-timing:":
+                out = {}
+                for part in line[14:].decode().split(","):
+                    name, *params = part.strip().split(";")
+                    for prm in params:
+                        if prm.startswith("dur="):
+                            out[name] = float(prm[4:])
+                return out
+        return {}
 
     async def close(self) -> None:
         for _, writer in self._streams.values():

@@ -116,6 +116,7 @@ def offline_in_child(policy: str, ckpt: Path, args: argparse.Namespace, mode: st
 async def server_rate(server: Server, clients: int, seconds: float, warmup: float, jpeg: tuple[str, bytes],
                       client_kind: str = "raw"):
     lat: list[float] = []
+    timings: list[dict[str, float]] = []  # the server's Server-Timing of each request, and "outside" it
     errors = 0
     record = False
 
@@ -142,6 +143,9 @@ async def server_rate(server: Server, clients: int, seconds: float, warmup: floa
             if record:
                 lat.append(time.perf_counter() - t0)
                 errors += status != 200 or not body.startswith(b'{"embedding":[')
+                st = c.server_timing(task)
+                if "total" in st:
+                    timings.append({**st, "outside": 1000 * lat[-1] - st["total"]})
 
     try:
         await run_clients(clients, warmup, one, c)
@@ -162,7 +166,13 @@ async def server_rate(server: Server, clients: int, seconds: float, warmup: floa
     batches = b1["batches"] - b0["batches"]
     return {"clients": clients, "rate": len(lat) / wall, "p50": percentile(lat, 50), "p99": percentile(lat, 99),
             "errors": errors, "n": len(lat), **cpu,
+            "timing": {k: statistics.median(t[k] for t in timings if k in t) for k in TIMING_PARTS
+                       if any(k in t for t in timings)},
             "mean_batch": (b1["images"] - b0["images"]) / batches if batches else float("nan")}
+
+
+# Server-Timing parts of /embed (app.serving.Timing), then the rest of the client's latency
+TIMING_PARTS = ("read", "decode", "queue", "forward", "handback", "total", "outside")
 
 
 def batching(server: Server) -> dict[str, Any]:
@@ -275,6 +285,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['compile']} | {r['omp'] or '-'} | wait {r['wait']:g} ms, max {r['bmax']}, {r['clients']} client"
               f"{'s' if r['clients'] > 1 else ''} | {r['cpu_forward']:.1f} | {r['cpu_server_rest']:.1f} | "
               f"{r['cpu_client']:.1f} | {r['cpu_idle']:.1f} | {1000 * o['threads'] / o['batched']:.1f} |")
+    if any(r.get("timing") for r in rows):
+        print()
+        print("Where a request's time went, median ms per request (the server's Server-Timing header: reading "
+              "the upload, decoding, queueing for the worker, the forward pass of the batch it joined, the "
+              "hand-back to the event loop, the handler's total; outside = the client's latency minus that "
+              "total: HTTP in uvicorn and the client, middleware, the JSON answer)")
+        print()
+        print("| compile | omp | server | " + " | ".join(TIMING_PARTS) + " |")
+        print("|---|---|---|" + "---:|" * len(TIMING_PARTS))
+        for r in rows:
+            t = r.get("timing") or {}
+            print(f"| {r['compile']} | {r['omp'] or '-'} | wait {r['wait']:g} ms, max {r['bmax']}, {r['clients']} client"
+                  f"{'s' if r['clients'] > 1 else ''} | " + " | ".join(f"{t[k]:.2f}" if k in t else "-" for k in TIMING_PARTS) + " |")
     print()
     best_single = min(o["single"] for o in offs.values())
     for i, r in enumerate(rows):

@@ -7,7 +7,7 @@ import math
 import re
 from typing import Any, Optional, Union
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from faceid.errors import ConfigError
 
@@ -15,7 +15,7 @@ from app.deps import get_models, get_settings
 from app.paths import FieldError
 from app.routes.jobs import UNAUTHORIZED, error
 from app.schemas import EmbedOut, VerifyOut
-from app.serving import ModelManager
+from app.serving import ModelManager, Timing
 from app.settings import Settings
 from app.uploads import read_form
 
@@ -78,15 +78,20 @@ def resolve_threshold(served: Any, threshold: Union[None, str, float]) -> None:
 
 @router.post("/embed", response_model=EmbedOut, summary="Embed one face image",
              openapi_extra=_multipart({"image": _IMAGE}, ["image"]), responses=IMAGE_ERRORS)
-async def embed(request: Request, settings: Settings = Depends(get_settings),
+async def embed(request: Request, response: Response, settings: Settings = Depends(get_settings),
                 models: ModelManager = Depends(get_models)) -> EmbedOut:
-    """multipart field `image`. Returns its unit-norm embedding from the served model."""
+    """multipart field `image`. Returns its unit-norm embedding from the served model. The
+    `Server-Timing` header says where the request's time went (milliseconds)."""
+    timing = Timing()
     served = models.require()  # 503 before reading an upload we could not use
     parts = await read_form(request, files={"image"}, required={"image"},
                             max_file_bytes=settings.max_upload_bytes)
+    t = timing.since("read", timing.start)
     image = await models.decode(bytes(parts["image"].data), "image", served)
-    vectors = await models.embed(served, [image])
+    timing.since("decode", t)
+    vectors = await models.embed(served, [image], timing)
     vector = vectors[0].tolist()  # Python floats, as float(x) for each
+    response.headers["Server-Timing"] = timing.header()
     return EmbedOut(embedding=vector, dim=len(vector), model=served.id)
 
 
@@ -99,19 +104,24 @@ async def embed(request: Request, settings: Settings = Depends(get_settings),
                                               "GET /model lists the model's named thresholds"}},
                  ["image1", "image2"]),
              responses=IMAGE_ERRORS)
-async def verify(request: Request, settings: Settings = Depends(get_settings),
+async def verify(request: Request, response: Response, settings: Settings = Depends(get_settings),
                  models: ModelManager = Depends(get_models)) -> VerifyOut:
     """multipart fields `image1`, `image2`, optional `threshold`. `match` is
-    `similarity >= threshold`, the cosine similarity of the two embeddings."""
+    `similarity >= threshold`, the cosine similarity of the two embeddings. The `Server-Timing`
+    header says where the request's time went (milliseconds)."""
+    timing = Timing()
     served = models.require()
     parts = await read_form(request, files={"image1", "image2"}, fields={"threshold"},
                             required={"image1", "image2"}, max_file_bytes=settings.max_upload_bytes)
+    t = timing.since("read", timing.start)
     raw = parts.get("threshold")
     threshold = parse_threshold(raw.data.decode("utf-8", errors="replace") if raw else None)
     resolve_threshold(served, threshold)
     img1, img2 = await asyncio.gather(models.decode(bytes(parts["image1"].data), "image1", served),
                                       models.decode(bytes(parts["image2"].data), "image2", served))
-    vectors = await models.embed(served, [img1, img2])
+    timing.since("decode", t)
+    vectors = await models.embed(served, [img1, img2], timing)
     result = served.verifier.compare(vectors[0], vectors[1], threshold)
+    response.headers["Server-Timing"] = timing.header()
     return VerifyOut(similarity=result["similarity"], threshold=result["threshold"],
                      threshold_name=result["threshold_name"], match=bool(result["match"]), model=served.id)

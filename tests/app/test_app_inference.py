@@ -83,6 +83,48 @@ async def test_embed(served_app):
         assert (await client.get("/ready")).json() == {"ready": True, "model": body["model"], "detail": None}
 
 
+def _server_timing(header: str) -> dict[str, tuple[float, str]]:
+    out = {}
+    for part in header.split(", "):
+        name, *params = part.split(";")
+        kv = dict(p.split("=", 1) for p in params)
+        out[name] = (float(kv["dur"]), kv.get("desc", "").strip('"'))
+    return out
+
+
+async def test_server_timing_says_where_the_time_went(served_app):
+    """Each /embed and /verify answer carries a Server-Timing header: reading the upload, decoding,
+    queueing for the worker, the forward pass of its batch, the hand-back, and the total. A
+    forward pass made 60 ms slower shows as such in `forward` and `total`."""
+    import time as _time
+
+    app = served_app()
+    async with running(app) as client:
+        verifier = app.state.models.require().verifier
+        real = verifier.embed
+
+        def slow(images):
+            _time.sleep(0.06)
+            return real(images)
+
+        verifier.embed = slow
+        r = await client.post("/embed", files={"image": ("face.png", face_like(1))})
+        assert r.status_code == 200, r.text
+        t = _server_timing(r.headers["server-timing"])
+        assert list(t) == ["read", "decode", "queue", "forward", "handback", "total"]
+        assert all(d >= 0 for d, _ in t.values())
+        assert t["forward"][0] >= 60 and t["forward"][1] == "batch of 1"
+        assert t["total"][0] >= sum(t[k][0] for k in ("read", "decode", "queue", "forward")) - 0.1
+        assert t["total"][0] < 60 + 5000
+        r = await client.post("/verify", files={"image1": ("a.png", face_like(1)), "image2": ("b.png", face_like(2))})
+        assert r.status_code == 200, r.text
+        t = _server_timing(r.headers["server-timing"])
+        assert t["forward"][0] >= 60 and t["forward"][1] == "batch of 2" and t["total"][0] >= 60
+        verifier.embed = real
+        r = await client.post("/embed", files={"image": ("face.png", face_like(1))})
+        assert _server_timing(r.headers["server-timing"])["forward"][0] < 60
+
+
 async def test_verify_and_thresholds(served_app):
     async with running(served_app()) as client:
         same = {"image1": ("a.png", face_like(1)), "image2": ("b.png", face_like(1))}
