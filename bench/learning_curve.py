@@ -11,6 +11,8 @@ sampled pairs of the fold-1 people with 2+ images, for, in one run:
              run is about 250 steps), batch 64, natural class frequencies, no flip at evaluation
   faceid     `"preset": "cpu-small"` (README, "Training recipe")
   faceid_drop0.4   the preset with `dropout` 0.4 (not in the default --recipes)
+  faceid_56c08     the preset at 56 px with `crop` 0.8 (the centred 80% of each photo's side), and
+  faceid_64c08     at 64 px with `crop` 0.8: the runs that chose the preset's crop (bench/README.md)
 
 Each trained recipe runs as a real job: a FaceID server (uvicorn, the production app) is started
 on a free port with a data folder holding the split, the recipe is sent to `POST /jobs` with
@@ -64,6 +66,7 @@ RECIPES = {
     "faceid": {"preset": "cpu-small"},
     "faceid_drop0.4": {"preset": "cpu-small", "dropout": 0.4},
     "faceid_56c08": {"preset": "cpu-small", "img_size": 56, "crop": 0.8},
+    "faceid_64c08": {"preset": "cpu-small", "crop": 0.8},
 }
 KEYS = ("pairs_auc", "pairs_acc", "auc", "acc", "tar_1e-2")
 EPOCH_TARGET_S = 180  # cap an epoch at about this much training, so that every recipe has a point by 5 minutes
