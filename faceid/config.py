@@ -25,7 +25,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Small data, no pretrained trunk, a CPU: see README "Training recipe" and bench/README.md.
     "cpu-small": {
         "train_mode": "arcface",
-        "img_size": 64,
+        "img_size": 56,
+        "crop": 0.8,
         "batch_size": 64,
         "optimizer": "adamw",
         "lr": 1e-3,

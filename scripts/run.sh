@@ -74,7 +74,7 @@ if os.environ.get("FACEID_DEMO_TRAIN", "1") == "0":
     sys.exit(0)
 job = {"preset": "cpu-small", "train": "sample/train", "val": "sample/val",
        "pairs_file": "sample/pairs.txt", "epochs": int(os.environ["FACEID_DEMO_EPOCHS"]),
-       "img_size": 64, "eval_pairs": 2000}
+       "eval_pairs": 2000}
 r = client.post("/jobs", json=job)
 if r.status_code != 202:
     sys.exit(f"error: POST /jobs answered {r.status_code}: {r.json().get('detail')}")
