@@ -126,12 +126,13 @@ def resize_center_crop(img: Image.Image, size: int, crop: float = 1.0) -> np.nda
         side = crop * min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
         img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=None)
-        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    else:
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 

@@ -66,6 +66,8 @@ class Verifier:
         try:
             self.img_size = int(ckpt["img_size"])
             self.crop = float(ckpt.get("crop", 1.0))  # checkpoints from before the option: 1
+            if not 0.0 < self.crop <= 1.0:
+                raise ValueError(f"crop {self.crop} is outside (0, 1]")
             self.embedding_size = int(ckpt["embedding_size"])
             self.epoch = int(ckpt["epoch"])
             self.metrics = dict(ckpt["metrics"])

@@ -237,3 +237,12 @@ def test_a_checkpoint_from_before_the_crop_option_sees_the_whole_image(ckpt, tmp
     v = Verifier.from_checkpoint(save_checkpoint(old, tmp_path / "old.pt"), device="cpu")
     assert v.crop == 1.0
     np.testing.assert_array_equal(v.embed(images), verifier.embed(images))
+
+
+@pytest.mark.parametrize("bad", [1.5, 0.0, "wide", None])
+def test_a_checkpoint_with_an_impossible_crop_is_refused(ckpt, tmp_path, bad):
+    from faceid.checkpoint import save_checkpoint
+
+    path = save_checkpoint({**ckpt, "crop": bad}, tmp_path / "bad_crop.pt")
+    with pytest.raises(CheckpointError, match="malformed"):
+        Verifier.from_checkpoint(path, device="cpu")
