@@ -71,6 +71,12 @@ def sample_images(n: int) -> list[tuple[str, bytes]]:
     return [(f.name, f.read_bytes()) for f in files]
 
 
+def pythonpath() -> str:
+    """PYTHONPATH for a child process: this checkout first, then whatever this process was given
+    (bench/gpu_check.sh installs the service's packages into a folder named there)."""
+    return os.pathsep.join([str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
+
+
 def ensure_checkpoint(given: Optional[str], img_size: int) -> Path:
     """--checkpoint, else a cached quick one for this img_size, else train it now (printing how
     long it took)."""
@@ -93,7 +99,7 @@ def ensure_checkpoint(given: Optional[str], img_size: int) -> Path:
     print(f"checkpoint: training a quick one at {img_size} px into {out} ...", flush=True)
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env={**os.environ, "PYTHONPATH": pythonpath()})
     if r.returncode != 0 or not best.is_file():
         raise SystemExit(f"training the checkpoint failed:\n{r.stderr[-3000:]}")
     print(f"checkpoint: trained in {time.monotonic() - t0:.0f} s", flush=True)
@@ -130,7 +136,7 @@ class Server:
     def __enter__(self) -> "Server":
         env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_") and k not in self.unset}
         env.update(FACEID_MODELS_DIR=str(self.tmp / "models"), FACEID_DATA_DIR=str(self.data_dir),
-                   FACEID_DEVICE=self.device, PYTHONPATH=str(REPO), **self.extra)
+                   FACEID_DEVICE=self.device, PYTHONPATH=pythonpath(), **self.extra)
         if self.checkpoint is not None:
             env["FACEID_CHECKPOINT"] = str(self.checkpoint)
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",

@@ -12,12 +12,18 @@ One run, side by side (see bench/README.md for what each row means):
                       --amp auto / off / bf16, and under torchrun with 2 gloo processes (DDP)
   matmul      fp32 and bf16 GFLOP/s of an N^3 matmul; share of it the faceid trainer reaches
 
+With --device cuda every row runs on the GPU (the data rows include the copy to it, the plain loop
+moves each batch there, the matmul shares are of the GPU's own rate; the DDP row needs a GPU per
+process); the 1-thread rows are CPU-only and skipped there. bench/gpu_check.sh runs this and
+bench/serve_throughput.py on a GPU machine in one go.
+
 Training rates are steady-state: images of the measured steps over the wall time between the end
 of the last warm-up step and the end of the last measured step. For the trainer the step end
 times come from its own `progress` events (one per step here), so the number is the real code's.
 
     .venv/bin/python bench/train_throughput.py                  # data/sample/train, ~6 min
     .venv/bin/python bench/train_throughput.py --data lfw       # $FACEID_LFW_DIR (all of LFW)
+    python bench/train_throughput.py --device cuda --data DIR --batch_size 128 --steps 10
 """
 
 from __future__ import annotations
@@ -119,16 +125,26 @@ def gflop_per_train_image(img_size: int) -> float:
 
 # --- matmul ---------------------------------------------------------------------------------
 
-def matmul_gflops(dtype, n: int, min_s: float = 1.5) -> float:
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a CPU has nothing queued)."""
     import torch
 
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    c = torch.mm(a, b)  # warm-up (oneDNN kernel creation)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(dtype, n: int, device, min_s: float = 1.5) -> float:
+    import torch
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    c = torch.mm(a, b)  # warm-up (oneDNN kernel creation, cuBLAS handle)
+    sync(device)
     reps, t0 = 0, time.perf_counter()
     while True:
         torch.mm(a, b, out=c)
         reps += 1
+        sync(device)
         dt = time.perf_counter() - t0
         if dt >= min_s and reps >= 2:
             return 2 * n ** 3 * reps / dt / 1e9
@@ -136,7 +152,7 @@ def matmul_gflops(dtype, n: int, min_s: float = 1.5) -> float:
 
 # --- data only ------------------------------------------------------------------------------
 
-def plain_loader(data: Path, img_size: int, batch_size: int, workers: int, seed: int):
+def plain_loader(data: Path, img_size: int, batch_size: int, workers: int, seed: int, pin: bool = False):
     import torch
     from torchvision import datasets, transforms
 
@@ -147,7 +163,7 @@ def plain_loader(data: Path, img_size: int, batch_size: int, workers: int, seed:
     ds = datasets.ImageFolder(str(data), transform=tf, allow_empty=True)
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, generator=g)
+                                         drop_last=True, generator=g, pin_memory=pin)
     return ds, loader
 
 
@@ -156,20 +172,25 @@ def endless(loader):
         yield from loader
 
 
-def bench_plain_data(args, data: Path, n_batches: int) -> dict[str, Any]:
-    """Images/s of the plain DataLoader alone: first batch (worker start) excluded."""
-    _, loader = plain_loader(data, args.img_size, args.batch_size, args.workers, args.seed)
+def bench_plain_data(args, data: Path, n_batches: int, device) -> dict[str, Any]:
+    """Images/s of the plain DataLoader alone (and the copy to a GPU): first batch (worker start)
+    excluded."""
+    cuda = device.type == "cuda"
+    _, loader = plain_loader(data, args.img_size, args.batch_size, args.workers, args.seed, pin=cuda)
     it = endless(loader)
     next(it)
     t0 = time.perf_counter()
     for _ in range(n_batches):
-        next(it)
+        x, _ = next(it)
+        if cuda:
+            x.to(device, non_blocking=True)
+    sync(device)
     dt = time.perf_counter() - t0
     del it
     return {"images_per_s": n_batches * args.batch_size / dt, "batches": n_batches}
 
 
-def bench_faceid_data(args, data: Path, n_batches: int) -> dict[str, Any]:
+def bench_faceid_data(args, data: Path, n_batches: int, device) -> dict[str, Any]:
     """faceid: one-time decode + cache (load_images), then the per-step data path of the trainer
     (batch_images from the store + BatchTransform with augmentation and channels_last)."""
     import numpy as np
@@ -184,8 +205,8 @@ def bench_faceid_data(args, data: Path, n_batches: int) -> dict[str, Any]:
     folder, store = load_images(folder, args.img_size, workers=args.workers, what="--train")
     decode_s = time.perf_counter() - t0
     cfg = TrainConfig(threads=args.threads, workers=args.workers)
-    threads = set_threads(cfg, torch.device("cpu"), cached=store.cached is not None)
-    tf = BatchTransform(torch.device("cpu"), augment=True, channels_last=True)
+    threads = set_threads(cfg, device, cached=store.cached is not None)
+    tf = BatchTransform(device, augment=True, channels_last=True)
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     batches: list = []
@@ -196,6 +217,7 @@ def bench_faceid_data(args, data: Path, n_batches: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     for raw in it:
         x = tf(raw, gen)
+    sync(device)
     dt = time.perf_counter() - t0
     assert x.shape[1:] == (3, args.img_size, args.img_size)
     return {"images_per_s": n_batches * args.batch_size / dt, "batches": n_batches,
@@ -205,8 +227,9 @@ def bench_faceid_data(args, data: Path, n_batches: int) -> dict[str, Any]:
 
 # --- training -------------------------------------------------------------------------------
 
-def bench_plain_train(args, data: Path, threads: int) -> dict[str, Any]:
-    """The origin's CPU path: decode every step in DataLoader workers, fp32, NCHW, eager."""
+def bench_plain_train(args, data: Path, threads: int, device) -> dict[str, Any]:
+    """The origin's path: decode every step in DataLoader workers, fp32, NCHW, eager (each batch
+    copied to the GPU with --device cuda)."""
     import torch
     import torch.nn.functional as F
 
@@ -214,9 +237,10 @@ def bench_plain_train(args, data: Path, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-    ds, loader = plain_loader(data, args.img_size, args.batch_size, args.workers, args.seed)
-    model = build_model(embedding_size=512)
-    head = ArcMarginProduct(512, len(ds.classes), s=64.0, m=0.5)
+    ds, loader = plain_loader(data, args.img_size, args.batch_size, args.workers, args.seed,
+                              pin=device.type == "cuda")
+    model = build_model(embedding_size=512).to(device)
+    head = ArcMarginProduct(512, len(ds.classes), s=64.0, m=0.5).to(device)
     opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=args.lr, momentum=0.9,
                           weight_decay=5e-4)
     model.train()
@@ -226,11 +250,12 @@ def bench_plain_train(args, data: Path, threads: int) -> dict[str, Any]:
     losses = []
     for step in range(1, args.warmup + args.steps + 1):
         x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = F.cross_entropy(head(model(x), y), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.item())  # waits for the step on a GPU too
         marks.append((step, time.perf_counter()))
     del it
     rate, n = steady_rate(marks, args.warmup, args.batch_size)
@@ -245,7 +270,7 @@ def trainer_config(args, data: Path, val: Path, ckpt: Path, amp: str, steps: int
                        img_size=args.img_size, batch_size=args.batch_size, epochs=1,
                        max_steps_per_epoch=steps, amp=amp, threads=threads, workers=args.workers,
                        optimizer="sgd", lr=args.lr, arcface_s=64.0, arcface_m=0.5, eval_pairs=64,
-                       progress_step_pct=1.0, seed=args.seed)
+                       progress_step_pct=1.0, seed=args.seed, device=args.device)
 
 
 def rate_from_events(events: list[dict], warmup: int, images_per_step: int) -> dict[str, Any]:
@@ -291,7 +316,7 @@ def bench_ddp(args, data: Path, val: Path, tmp: Path, steps: int, nproc: int) ->
            "--epochs", "1", "--max_steps_per_epoch", str(steps), "--amp", "auto",
            "--threads", str(args.threads), "--workers", str(args.workers), "--optimizer", "sgd",
            "--lr", str(args.lr), "--eval_pairs", "64", "--progress_step_pct", "1", "--seed", str(args.seed),
-           "--events_file", str(ev), "--quiet"]
+           "--device", args.device, "--events_file", str(ev), "--quiet"]
     env = dict(os.environ, FACEID_LOG_LEVEL="WARNING")
     t0 = time.time()
     try:
@@ -327,7 +352,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "faceid.runtime.set_threads decides); the plain loop keeps torch's default")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (plain loop; faceid decode)")
     p.add_argument("--data_batches", type=int, default=8, help="batches timed in the data-only rows")
-    p.add_argument("--matmul_n", type=int, default=2048)
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="where every row runs (auto: cuda when available)")
+    p.add_argument("--matmul_n", type=int, default=0, help="matrix side (0: 2048 on a CPU, 8192 on a GPU)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--ddp_nproc", type=int, default=2)
     p.add_argument("--ddp_timeout", type=int, default=420)
@@ -347,8 +374,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import torch
 
-    from faceid.runtime import cpu_has_native_bf16, resolve_amp
+    from faceid.errors import ConfigError
+    from faceid.runtime import cpu_has_native_bf16, resolve_amp, resolve_device
 
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as e:
+        p.error(str(e))
+    args.device = device.type
+    cuda = device.type == "cuda"
+    if not args.matmul_n:
+        args.matmul_n = 8192 if cuda else 2048
     default_threads = torch.get_num_threads()
     t_all = time.time()
     flags = cpu_flags()
@@ -357,12 +393,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             "native_bf16": cpu_has_native_bf16(), "avx512f": "avx512f" in flags,
             "loadavg_start": loadavg(), "data": str(data), "img_size": args.img_size,
             "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-            "workers": args.workers, "default_threads": default_threads,
+            "workers": args.workers, "default_threads": default_threads, "device": args.device,
+            "gpu": torch.cuda.get_device_name(device) if cuda else None,
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
-    auto_dtype = resolve_amp("auto", torch.device("cpu"))
+    auto_dtype = resolve_amp("auto", device)
     auto_name = str(auto_dtype).replace("torch.", "") if auto_dtype else "fp32"
     print(f"# {info['date']}  {info['cpu']}  {info['cores']} cores  torch {info['torch']}  "
           f"native bf16: {info['native_bf16']}  load avg: {info['loadavg_start']}", flush=True)
+    if cuda:
+        print(f"# device cuda: {info['gpu']}", flush=True)
     print(f"# data {data}  img {args.img_size}  batch {args.batch_size}  warmup {args.warmup} + "
           f"{args.steps} steps  workers {args.workers}  amp auto -> {auto_name}", flush=True)
 
@@ -403,30 +442,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         val = tiny_val(folder, tmp / "val")
         if "matmul" in rows:
             torch.set_num_threads(default_threads)
-            attempt("matmul_fp32", lambda: {"gflops": matmul_gflops(torch.float32, args.matmul_n)})
-            attempt("matmul_bf16", lambda: {"gflops": matmul_gflops(torch.bfloat16, args.matmul_n)})
+            attempt("matmul_fp32", lambda: {"gflops": matmul_gflops(torch.float32, args.matmul_n, device)})
+            attempt("matmul_bf16", lambda: {"gflops": matmul_gflops(torch.bfloat16, args.matmul_n, device)})
         if "data" in rows:
             nb = min(args.data_batches, max(1, n_batches - 1))
-            attempt("data_plain", bench_plain_data, args, data, nb)
-            attempt("data_faceid", bench_faceid_data, args, data, nb)
+            attempt("data_plain", bench_plain_data, args, data, nb, device)
+            attempt("data_faceid", bench_faceid_data, args, data, nb, device)
             res.get("data_faceid", {}).pop("folder", None)
         if "plain" in rows:
-            attempt("train_plain", bench_plain_train, args, data, default_threads)
-        if "plain_t1" in rows and default_threads != 1:
-            attempt("train_plain_t1", bench_plain_train, args, data, 1)
+            attempt("train_plain", bench_plain_train, args, data, default_threads, device)
+        if "plain_t1" in rows and default_threads != 1 and not cuda:
+            attempt("train_plain_t1", bench_plain_train, args, data, 1, device)
         if "faceid" in rows:
             attempt("train_faceid_auto", bench_trainer, args, data, val, tmp, "auto", steps, default_threads)
         for mode, row in (("off", "off"), ("bf16", "bf16")):
             if row not in rows:
                 continue
-            dtype = resolve_amp(mode, torch.device("cpu"))
+            dtype = resolve_amp(mode, device)
             if dtype == auto_dtype and "train_faceid_auto" in res and not args.remeasure:
                 res[f"train_faceid_{mode}"] = {**res["train_faceid_auto"],
                                                 "same_as": f"same measurement as amp=auto (auto "
                                                            f"resolves to {auto_name} here)"}
                 continue
             attempt(f"train_faceid_{mode}", bench_trainer, args, data, val, tmp, mode, steps, default_threads)
-        if "t1" in rows:
+        if "t1" in rows and not cuda:
             picked = res.get("train_faceid_auto", {}).get("threads")
             if picked == 1:
                 res["train_faceid_t1"] = {**res["train_faceid_auto"],
@@ -436,15 +475,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                         default_threads, threads=1)
         if "ddp" in rows:
             ddp_steps = min(steps, n_batches // args.ddp_nproc)
-            if ddp_steps <= args.warmup:
+            if cuda and torch.cuda.device_count() < args.ddp_nproc:
+                res["train_ddp"] = {"error": f"{args.ddp_nproc} processes need {args.ddp_nproc} GPUs (NCCL: one "
+                                    f"per process); this machine has {torch.cuda.device_count()}"}
+            elif ddp_steps <= args.warmup:
                 res["train_ddp"] = {"error": f"{len(folder)} images give {n_batches // args.ddp_nproc} "
                                     f"steps per rank; need more than --warmup {args.warmup}"}
             else:
                 attempt("train_ddp", bench_ddp, args, data, val, tmp, ddp_steps, args.ddp_nproc)
         if "matmul" in rows:  # again at the end: the machine is shared, its load moves
             torch.set_num_threads(default_threads)
-            attempt("matmul_fp32_end", lambda: {"gflops": matmul_gflops(torch.float32, args.matmul_n)})
-            attempt("matmul_bf16_end", lambda: {"gflops": matmul_gflops(torch.bfloat16, args.matmul_n)})
+            attempt("matmul_fp32_end", lambda: {"gflops": matmul_gflops(torch.float32, args.matmul_n, device)})
+            attempt("matmul_bf16_end", lambda: {"gflops": matmul_gflops(torch.bfloat16, args.matmul_n, device)})
         torch.set_num_threads(default_threads)
 
     info["loadavg_end"] = loadavg()
@@ -525,6 +567,8 @@ def print_table(args, info: dict, res: dict, auto_name: str) -> None:
         return f"{dtype} " + " / ".join(f"{x:.0f}" for x in (a, b) if x)
 
     print()
+    if info.get("gpu"):
+        print(f"device cuda: {info['gpu']} (every row below ran on it; matmul shares are of its rates)")
     print(f"date {info['date']}; cpu {info['cpu']} ({info['cores']} cores, native bf16: "
           f"{info['native_bf16']}); torch {info['torch']}; load average {info['loadavg_start']} at start, "
           f"{info['loadavg_end']} at end; wall {info['wall_s']} s")
