@@ -67,6 +67,7 @@ RECIPES = {
     "faceid_drop0.4": {"preset": "cpu-small", "dropout": 0.4},
     "faceid_56c08": {"preset": "cpu-small", "img_size": 56, "crop": 0.8},
     "faceid_64c08": {"preset": "cpu-small", "crop": 0.8},
+    "faceid_56c10": {"preset": "cpu-small", "crop": 1.0},  # the preset's 56 px on the whole image
 }
 KEYS = ("pairs_auc", "pairs_acc", "auc", "acc", "tar_1e-2")
 EPOCH_TARGET_S = 180  # cap an epoch at about this much training, so that every recipe has a point by 5 minutes
