@@ -26,7 +26,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-small": {
         "train_mode": "arcface",
         "img_size": 56,
-        "crop": 0.8,
         "batch_size": 64,
         "optimizer": "adamw",
         "lr": 1e-3,

@@ -47,7 +47,7 @@ async def test_preset_fills_unset_fields(make_app):
                                              "epochs": 1})
         assert r.status_code == 202, r.text
         cfg = r.json()["config"]
-        assert cfg["img_size"] == 56 and cfg["crop"] == 0.8 and cfg["train_mode"] == "arcface" and cfg["epochs"] == 1
+        assert cfg["img_size"] == 56 and cfg["crop"] == 1.0 and cfg["train_mode"] == "arcface" and cfg["epochs"] == 1
         assert cfg["pairs_file"].endswith("sample/pairs.txt")
 
 
