@@ -119,6 +119,7 @@ class BatchingOut(BaseModel):
     max_batch_size: int = Field(description="FACEID_BATCH_MAX_SIZE: images per forward pass at most")
     wait_ms: float = Field(description="FACEID_BATCH_WAIT_MS: how long a batch waits for the next request "
                                        "under concurrent load")
+    workers: int = Field(description="FACEID_INFER_WORKERS as decided: forward passes that can run at once")
     batches: int = Field(description="forward passes run since the server started")
     requests: int = Field(description="/embed and /verify requests they answered")
     images: int = Field(description="images they embedded")
@@ -133,7 +134,7 @@ class ModelOut(BaseModel):
         "metrics": {"acc": 0.66, "th": 0.42, "auc": 0.71, "tar_1e-2": 0.06, "tar_1e-3": 0.01},
         "thresholds": {"acc": 0.42, "far_1e-2": 0.77, "far_1e-3": 0.85}, "img_size": 64,
         "crop": 1.0, "embedding_size": 512, "arch": "resnet50", "train_mode": "arcface",
-        "batching": {"max_batch_size": 16, "wait_ms": 2.0, "batches": 120, "requests": 900, "images": 1000,
+        "batching": {"max_batch_size": 16, "wait_ms": 2.0, "workers": 2, "batches": 120, "requests": 900, "images": 1000,
                      "mean_batch_images": 8.33}}]})
 
     id: str = Field(description="the job id, or checkpoint-<hash> for a file served with FACEID_CHECKPOINT")

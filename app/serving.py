@@ -2,9 +2,10 @@
 
 - A switch is atomic: the new Verifier is built completely, then one reference is replaced. A
   request holds the `ServedModel` it started with, so requests in flight finish on the old model.
-- Every forward pass runs on one worker thread, off the event loop, so torch never competes with
-  itself for the cores and `/health` stays quick under load. Requests that arrive while it is busy
-  are embedded together in the next batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent
+- Forward passes run on inference worker threads, off the event loop, so `/health` stays quick
+  under load: on a CPU two at once, each on half the cores (FACEID_INFER_WORKERS, `inference_plan`),
+  on a GPU one. Requests that arrive while the workers are busy are embedded together in the next
+  batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent
   load the worker also waits for requests still on their way, as long as each arrives within
   FACEID_BATCH_WAIT_MS (5) of the one before and fewer are in than the clients the last batch
   answered plus those that queued while it ran: with clients sending back to back, 0 ms split the
@@ -50,12 +51,43 @@ ENV_STATE_KEY = "env_checkpoint_applied"
 VerifierLoader = Callable[[Path, str], Any]
 
 
-def load_verifier(path: Path, device: str, *, compile: str = "off", max_batch: int = 16) -> Any:
+def inference_plan(requested: int, device: str) -> tuple[int, int]:
+    """(forward passes run at once, torch compute threads for each) for FACEID_INFER_WORKERS =
+    `requested` (0: decide) on FACEID_DEVICE = `device`. On a CPU with two or more cores, two
+    passes at once on half the cores each: on 2 cores, 16 clients were served at 107 to 114
+    images/s by two single-thread workers against 80 to 91 by one worker on both threads, which
+    left a core idle while the event loop answered a batch and parsed the next (bench/README.md,
+    serve_throughput). A GPU runs one pass at a time."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.startswith("cuda"):
+        on_gpu = True
+    elif device == "auto":
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    else:
+        on_gpu = False
+    workers = requested or (1 if on_gpu or cores < 2 else 2)
+    return workers, max(1, cores // workers)
+
+
+def load_verifier(path: Path, device: str, *, compile: str = "off", max_batch: int = 16,
+                  workers: int = 1, threads: int = 0) -> Any:
     """The production loader. With compile="freeze" every batch size the worker can form is
-    compiled here, before the model is swapped in, so no request waits for a compilation."""
+    compiled here, before the model is swapped in, so no request waits for a compilation. With
+    `workers` > 1 on a CPU, torch gets `threads` compute threads and the Verifier lets the workers'
+    forward passes run at once (uncompiled only: a compiled model keeps them one at a time)."""
     from faceid.inference import Verifier
 
     verifier = Verifier.from_checkpoint(path, device=device, compile=compile)
+    if workers > 1 and verifier.device.type == "cpu" and compile == "off":
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        verifier.concurrent = True
     if compile != "off":
         t = time.monotonic()
         try:
@@ -111,7 +143,7 @@ class _Work:
 
 
 class EmbedWorker:
-    """One thread that runs every forward pass, batching requests that wait.
+    """`workers` threads (default one) that run every forward pass, batching requests that wait.
 
     Requests queued while a forward pass runs share the next one. Under concurrent load (the last
     batch held several requests, or more are queued already) the worker also waits for requests
@@ -119,15 +151,19 @@ class EmbedWorker:
     clients the last batch answered and those whose requests queued while it ran are in (at most
     `wait_ms` per image of a full batch in all); a lone request (one client) never waits."""
 
-    def __init__(self, max_batch: int = 16, wait_ms: float = 5.0) -> None:
+    def __init__(self, max_batch: int = 16, wait_ms: float = 5.0, workers: int = 1) -> None:
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000.0
+        self.workers = max(1, workers)
         self._last_requests = 0  # requests in the last batch: >1 means concurrent load
         self._queued_during_last = 0  # requests that queued while the last batch ran
-        self._batches = self._requests = self._images = 0  # since start; written by the worker only
+        self._batches = self._requests = self._images = 0  # since start
+        self._count = threading.Lock()  # for the three counts above
         self._queue: queue.Queue[Optional[_Work]] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="faceid-embed", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name="faceid-embed", daemon=True)
+                         for _ in range(self.workers)]
+        for t in self._threads:
+            t.start()
 
     async def embed(self, verifier: Any, images: Sequence[Any], timing: Optional["Timing"] = None) -> Any:
         """float32 [N, D] unit-norm embeddings of `images`, computed on the worker thread. With
@@ -144,13 +180,16 @@ class EmbedWorker:
 
     def stats(self) -> dict[str, Any]:
         """The settings and what the worker has run since the server started (GET /model)."""
-        b, r, n = self._batches, self._requests, self._images
-        return {"max_batch_size": self.max_batch, "wait_ms": self.wait_s * 1000.0, "batches": b,
+        with self._count:
+            b, r, n = self._batches, self._requests, self._images
+        return {"max_batch_size": self.max_batch, "wait_ms": self.wait_s * 1000.0, "workers": self.workers, "batches": b,
                 "requests": r, "images": n, "mean_batch_images": round(n / b, 2) if b else None}
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        for _ in self._threads:  # each worker ends at the first None it takes
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
 
     def _loop(self) -> None:
         _name_os_thread("faceid-embed")
@@ -199,11 +238,12 @@ class EmbedWorker:
                         deadline = 0.0 if len(batch) >= expected else min(cap, time.monotonic() + self.wait_s)
             if batch:
                 self._last_requests = len(batch)
+                with self._count:  # counted before the answers go out, so a client sees its batch
+                    self._batches += 1
+                    self._requests += len(batch)
+                    self._images += size
                 self._run(batch)
                 self._queued_during_last = self._queue.qsize() + (carry is not None)
-                self._batches += 1
-                self._requests += len(batch)
-                self._images += size
             if stop:
                 return
 
@@ -270,12 +310,14 @@ class ModelManager:
     def __init__(self, settings: Settings, store: JobStore, loader: Optional[VerifierLoader] = None) -> None:
         self.settings = settings
         self.store = store
+        workers, threads = inference_plan(settings.infer_workers, settings.device)
         self.loader = loader or functools.partial(load_verifier, compile=settings.compile,
-                                                  max_batch=settings.batch_max_size)
+                                                  max_batch=settings.batch_max_size, workers=workers,
+                                                  threads=threads)
         self._current: Optional[ServedModel] = None
         self._switch = threading.Lock()  # one load at a time; readers never wait for it
         self.last_error: Optional[str] = None
-        self._worker = EmbedWorker(settings.batch_max_size, settings.batch_wait_ms)
+        self._worker = EmbedWorker(settings.batch_max_size, settings.batch_wait_ms, workers)
         # Decoding is CPU work too; bound how many images are decoded at once (and held in memory).
         self._decode_limiter = anyio.CapacityLimiter(2)
 

@@ -34,6 +34,7 @@ class Settings:
     device: str = "auto"
     batch_max_size: int = 16
     batch_wait_ms: float = 5.0
+    infer_workers: int = 0  # forward passes run at once; 0: inference_workers() decides
     compile: str = "off"  # faceid.inference.COMPILE_MODES
     max_queued_jobs: int = 100
     cancel_grace_s: float = 30.0
@@ -110,6 +111,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
         device=device,
         batch_max_size=int(_number(env, "BATCH_MAX_SIZE", 16, 1, 1024, integer=True)),
         batch_wait_ms=_number(env, "BATCH_WAIT_MS", 5.0, 0, 10_000),
+        infer_workers=int(_number(env, "INFER_WORKERS", 0, 0, 64, integer=True)),
         compile=compile_mode,
         max_queued_jobs=int(_number(env, "MAX_QUEUED_JOBS", 100, 1, 100_000, integer=True)),
         cancel_grace_s=_number(env, "CANCEL_GRACE_S", 30.0, 0, 3600),

@@ -69,7 +69,37 @@ from serve_common import (RawClient, Server, async_client, cpu_seconds, ensure_c
                           loadavg, machine, percentile, run_clients, sample_images)
 
 
-def offline(ckpt: Path, device: str, batch: int, seconds: float, jpeg: bytes, compile: str = "off") -> dict[str, Any]:
+def concurrent_rate(v: Any, x: Any, workers: int, seconds: float) -> float:
+    """Images/s of `workers` threads each embedding batch `x` back to back at once, torch's compute
+    threads shared out between them (what the server's inference workers do under load)."""
+    import threading
+
+    import torch
+
+    before, v.concurrent = torch.get_num_threads(), True
+    torch.set_num_threads(max(1, before // workers))
+    counts = [0] * workers
+    v.embed_tensors(x)  # warm-up at this thread count
+    t0 = time.perf_counter()
+
+    def loop(i: int) -> None:
+        while time.perf_counter() - t0 < seconds:
+            v.embed_tensors(x)
+            counts[i] += len(x)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rate = sum(counts) / (time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    v.concurrent = False
+    return rate
+
+
+def offline(ckpt: Path, device: str, batch: int, seconds: float, jpeg: bytes, compile: str = "off",
+            workers: int = 1) -> dict[str, Any]:
     import torch
 
     from faceid.images import open_image
@@ -88,6 +118,10 @@ def offline(ckpt: Path, device: str, batch: int, seconds: float, jpeg: bytes, co
         v.embed_tensors(xb)
         n += batch
     rate = n / (time.perf_counter() - t0)
+    # The server's workers: several passes at once, each on a share of the batch (a compiled model
+    # runs them one at a time, so only the eager one is measured this way)
+    rate_w = (concurrent_rate(v, x1.repeat(max(1, batch // workers), 1, 1, 1), workers, seconds)
+              if workers > 1 and compile == "off" and v.device.type == "cpu" else float("nan"))
     singles = []
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds / 2 or len(singles) < 10:
@@ -99,7 +133,8 @@ def offline(ckpt: Path, device: str, batch: int, seconds: float, jpeg: bytes, co
         t = time.perf_counter()
         to_uint8_tensor(open_image(jpeg), v.img_size)
         decodes.append(time.perf_counter() - t)
-    out = {"batched": rate, "single": statistics.median(singles), "decode": statistics.median(decodes),
+    out = {"batched": max(rate, rate_w) if rate_w == rate_w else rate, "batched_1": rate, "batched_w": rate_w,
+           "workers": workers, "single": statistics.median(singles), "decode": statistics.median(decodes),
            "threads": torch.get_num_threads(), "img_size": v.img_size}
     del v
     gc.collect()
@@ -119,7 +154,8 @@ def offline_in_child(policy: str, ckpt: Path, args: argparse.Namespace, mode: st
         env = {k: v for k, v in env.items() if k not in OMP_VARS}
         env.update(OMP_POLICIES[policy])
     cmd = [sys.executable, __file__, "--offline_json", "--checkpoint", str(ckpt), "--device", args.device,
-           "--batch", str(args.batch), "--seconds", str(args.seconds), "--compile", mode]
+           "--batch", str(args.batch), "--seconds", str(args.seconds), "--compile", mode,
+           "--offline_workers", str(args.offline_workers)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -221,14 +257,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="after the rows above, this many rounds of (a fresh process's offline rows, a fresh "
                    "server with 1 client and with the most clients), alternating: a process's forward pass "
                    "speed varies between processes here, so issue 6's goals are judged on the medians; 0: none")
+    p.add_argument("--infer_workers", default="0", help="FACEID_INFER_WORKERS of the server (0: it decides, "
+                   "app.serving.inference_plan); a comma list measures one server per value")
     p.add_argument("--offline_json", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--offline_workers", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from app.serving import inference_plan
+
+    # The offline reference is the faster of one pass at a time on all threads and as many passes
+    # at once as the server's most workers, so a server with workers is held to that rate too.
+    plans = {int(w): inference_plan(int(w), args.device)[0] for w in args.infer_workers.split(",")}
+    if not args.offline_workers:
+        args.offline_workers = max(plans.values())
 
     jpeg = sample_images(1)[0]
     if args.offline_json:  # a child: the offline rows in a fresh process (its own OpenMP setting)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             print(json.dumps(pool.submit(offline, Path(args.checkpoint), args.device, args.batch, args.seconds,
-                                         jpeg[1], args.compile).result()))
+                                         jpeg[1], args.compile, args.offline_workers).result()))
         return 0
     ckpt = ensure_checkpoint(args.checkpoint, args.img_size)
     load_before = loadavg()
@@ -247,31 +293,34 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the server's EmbedWorker is a thread too
                 offs[(mode, pol)] = pool.submit(offline, ckpt, args.device, args.batch, args.seconds, jpeg[1],
-                                                mode).result()
+                                                mode, args.offline_workers).result()
         o = offs[(mode, pol)]
-        print(f"offline, compile {mode}{', ' + pol if pol else ''}: {o['batched']:.1f} img/s batched, "
-              f"{1000 * o['single']:.1f} ms single", flush=True)
+        print(f"offline, compile {mode}{', ' + pol if pol else ''}: {o['batched_1']:.1f} img/s batched, "
+              f"{o['batched_w']:.1f} img/s with {o['workers']} passes at once, {1000 * o['single']:.1f} ms single",
+              flush=True)
     rows = []
     waits = [float(w) for w in args.batch_wait_ms.split(",")]
     bmaxes = [int(b) for b in (args.server_batch or str(args.batch)).split(",")]
-    for mode, pol, wait, bmax in [(m, p_, w, b) for m, p_ in keys for w in waits for b in bmaxes]:
+    for mode, pol, wait, bmax, iw in [(m, p_, w, b, i) for m, p_ in keys for w in waits for b in bmaxes
+                                      for i in plans]:
         env = {"FACEID_BATCH_MAX_SIZE": str(bmax), "FACEID_BATCH_WAIT_MS": str(wait),
-               "FACEID_COMPILE": mode, **OMP_POLICIES.get(pol, {})}
+               "FACEID_COMPILE": mode, "FACEID_INFER_WORKERS": str(iw), **OMP_POLICIES.get(pol, {})}
         # Without a setting of the user's (or --omp), the server applies its own default (app.main).
         unset = OMP_VARS if pol or USER_OMP_WAIT_POLICY is None else ()
         with Server(ckpt, device=args.device, env=env, unset=unset) as server:
             for n in [int(x) for x in args.clients.split(",")]:
                 rows.append({**asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg, args.client)),
-                             "wait": wait, "bmax": bmax, "compile": mode, "omp": pol})
+                             "wait": wait, "bmax": bmax, "compile": mode, "omp": pol, "workers": plans[iw]})
                 print(f"server, compile {mode}{', ' + pol if pol else ''}, wait {wait:g} ms, max batch {bmax}, "
-                      f"{n} clients: "
+                      f"workers {plans[iw]}, {n} clients: "
                       f"{rows[-1]['rate']:.1f} img/s", flush=True)
     rounds = []
     most = max(int(x) for x in args.clients.split(","))
     if args.rounds > 0:
         mode, pol = keys[0]
+        iw = next(iter(plans))
         env = {"FACEID_BATCH_MAX_SIZE": str(bmaxes[0]), "FACEID_BATCH_WAIT_MS": str(waits[0]),
-               "FACEID_COMPILE": mode, **OMP_POLICIES.get(pol, {})}
+               "FACEID_COMPILE": mode, "FACEID_INFER_WORKERS": str(iw), **OMP_POLICIES.get(pol, {})}
         unset = OMP_VARS if pol or USER_OMP_WAIT_POLICY is None else ()
         for k in range(args.rounds):
             o = offline_in_child(pol, ckpt, args, mode)
@@ -293,20 +342,27 @@ def main(argv: list[str] | None = None) -> int:
           f"torch threads {off['threads']}, batch {args.batch}, {omp_note}; "
           f"{args.seconds:g} s per row after {args.warmup:g} s warm-up")
     print(f"machine: {machine()}; load average before {load_before}, after {load_after}")
-    print("shares are of the offline batched rate of the same compile mode and OpenMP setting")
+    print("shares are of the offline batched rate of the same compile mode and OpenMP setting: the faster of "
+          "one pass of the whole batch at a time on all threads and as many passes at once as the server's "
+          "most workers, each on a share of the batch and of the threads")
     print()
     print("| compile | omp | | images/s | share of offline batched | p50 ms | p99 ms | requests | errors | "
           "images per forward pass |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (mode, pol), o in offs.items():
         pol = pol or "-"
-        print(f"| {mode} | {pol} | offline batched ({args.batch}) | {o['batched']:.1f} | 100 % | - | - | - | - | "
-              f"{args.batch} |")
+        best = o["batched"]
+        print(f"| {mode} | {pol} | offline batched ({args.batch}), one pass at a time | {o['batched_1']:.1f} | "
+              f"{100 * o['batched_1'] / best:.0f} % | - | - | - | - | {args.batch} |")
+        if o["batched_w"] == o["batched_w"]:
+            print(f"| {mode} | {pol} | offline, {o['workers']} passes of {args.batch // o['workers']} at once | "
+                  f"{o['batched_w']:.1f} | {100 * o['batched_w'] / best:.0f} % | - | - | - | - | "
+                  f"{args.batch // o['workers']} |")
         print(f"| {mode} | {pol} | offline single forward | {1 / o['single']:.1f} | "
               f"{100 / o['single'] / o['batched']:.0f} % | {1000 * o['single']:.1f} | - | - | - | 1 |")
     for r in rows:
         o = offs[(r["compile"], r["omp"])]
-        print(f"| {r['compile']} | {r['omp'] or '-'} | server, wait {r['wait']:g} ms, max {r['bmax']}, {r['clients']} client"
+        print(f"| {r['compile']} | {r['omp'] or '-'} | server, wait {r['wait']:g} ms, max {r['bmax']}, workers {r['workers']}, {r['clients']} client"
               f"{'s' if r['clients'] > 1 else ''} | {r['rate']:.1f} | {100 * r['rate'] / o['batched']:.0f} % | "
               f"{1000 * r['p50']:.1f} | {1000 * r['p99']:.1f} | {r['n']} | {r['errors']} | {r['mean_batch']:.1f} |")
     print()
@@ -318,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         o = offs[(r["compile"], r["omp"])]
-        print(f"| {r['compile']} | {r['omp'] or '-'} | wait {r['wait']:g} ms, max {r['bmax']}, {r['clients']} client"
+        print(f"| {r['compile']} | {r['omp'] or '-'} | wait {r['wait']:g} ms, max {r['bmax']}, workers {r['workers']}, {r['clients']} client"
               f"{'s' if r['clients'] > 1 else ''} | {r['cpu_forward']:.1f} | {r['cpu_server_rest']:.1f} | "
               f"{r['cpu_client']:.1f} | {r['cpu_idle']:.1f} | {1000 * o['threads'] / o['batched']:.1f} |")
     if any(r.get("timing") for r in rows):
@@ -332,14 +388,15 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|" + "---:|" * len(TIMING_PARTS))
         for r in rows:
             t = r.get("timing") or {}
-            print(f"| {r['compile']} | {r['omp'] or '-'} | wait {r['wait']:g} ms, max {r['bmax']}, {r['clients']} client"
+            print(f"| {r['compile']} | {r['omp'] or '-'} | wait {r['wait']:g} ms, max {r['bmax']}, workers {r['workers']}, {r['clients']} client"
                   f"{'s' if r['clients'] > 1 else ''} | " + " | ".join(f"{t[k]:.2f}" if k in t else "-" for k in TIMING_PARTS) + " |")
     if rounds:
         mode, pol = keys[0]
         print()
         print(f"Issue 6's goals over {len(rounds)} rounds of a fresh process's offline rows then a fresh server "
               f"with 1 and {most} clients (compile {mode}{', ' + pol if pol else ''}, wait {waits[0]:g} ms, max "
-              f"{bmaxes[0]}); server forward = the Server-Timing forward part, service = each request's latency "
+              f"{bmaxes[0]}, workers {plans[next(iter(plans))]}); offline batched = the faster of one pass at a time "
+              "and passes at once; server forward = the Server-Timing forward part, service = each request's latency "
               "minus its forward pass (median)")
         print()
         print(f"| round | offline batched img/s | {most} clients img/s | share | offline single forward ms | "
@@ -368,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, r in enumerate(rows):
         o = offs[(r["compile"], r["omp"])]
         what = (f"compile {r['compile']}{', ' + r['omp'] if r['omp'] else ''}, wait {r['wait']:g} ms, "
-                f"max batch {r['bmax']} (run {i})")
+                f"max batch {r['bmax']}, workers {r['workers']} (run {i})")
         if r["clients"] == 1:
             print(f"{what}: single client p50 {1000 * r['p50']:.1f} ms vs one forward pass {1000 * o['single']:.1f} ms "
                   f"= {r['p50'] / o['single']:.2f}x (vs the fastest offline forward here, {1000 * best_single:.1f} ms: "

@@ -99,6 +99,10 @@ class Verifier:
             self.model.to(memory_format=torch.channels_last)
         self.transform = BatchTransform(self.device, augment=False, channels_last=self.channels_last)
         self._lock = threading.Lock()
+        # True: forward passes may run at once from several threads (a server's inference
+        # workers), each on the compute threads torch is set to; False: one at a time, batches of
+        # up to ONE_THREAD_MAX_IMAGES images on one thread.
+        self.concurrent = False
         # compile="freeze": torch.compile with inductor's freezing (weights become constants: batch
         # norm folds into the convolutions, weights are packed once instead of on every call; see
         # bench/compile_speed.py). Shapes are static, so batches are padded to a power of two and
@@ -149,7 +153,12 @@ class Verifier:
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
         """uint8 [B, 3, S, S] -> float32 [B, D] unit-norm embeddings. On a CPU, batches of up to
         ONE_THREAD_MAX_IMAGES images run on one compute thread (see there)."""
-        with self._lock, _threads(1 if self.device.type == "cpu" and len(batch) <= ONE_THREAD_MAX_IMAGES else None):
+        if self.concurrent:
+            lock, threads = contextlib.nullcontext(), None
+        else:
+            lock = self._lock
+            threads = 1 if self.device.type == "cpu" and len(batch) <= ONE_THREAD_MAX_IMAGES else None
+        with lock, _threads(threads):
             x = self.transform(batch)
             with autocast_ctx(self.device, self.amp_dtype):
                 if self.flip:  # both views in one pass: at batch 1-2 clearly faster than two passes

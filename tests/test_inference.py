@@ -142,6 +142,47 @@ def test_one_or_two_images_run_on_one_compute_thread_and_the_setting_comes_back(
     assert seen == [1, 1, 2]
 
 
+def test_a_concurrent_verifier_runs_forward_passes_at_once_and_embeds_the_same(run, verifier, images):
+    """concurrent=True (a server's inference workers): two threads' forward passes overlap, no
+    thread count is switched for small batches, and every embedding equals the serial one."""
+    import threading
+    import time
+
+    v = Verifier.from_checkpoint(run.best, device="cpu")
+    v.concurrent = True
+    inside, overlapped, threads = [0], [False], []
+    guard = threading.Lock()
+
+    def pre(m, a):
+        with guard:
+            inside[0] += 1
+            overlapped[0] |= inside[0] > 1
+            threads.append(torch.get_num_threads())
+        time.sleep(0.2)  # long enough for the other thread's pass to start
+
+    def post(m, a, out):
+        with guard:
+            inside[0] -= 1
+
+    hooks = [v.model.register_forward_pre_hook(pre), v.model.register_forward_hook(post)]
+    before = torch.get_num_threads()
+    results: dict[int, np.ndarray] = {}
+    try:
+        workers = [threading.Thread(target=lambda i=i: results.__setitem__(i, v.embed(images[i:i + 2])))
+                   for i in range(2)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(60)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert overlapped[0], "the two forward passes did not run at once"
+    assert threads == [before, before]  # small batches keep the process's setting
+    for i in range(2):
+        np.testing.assert_allclose(results[i], verifier.embed(images[i:i + 2]), atol=1e-5)
+
+
 def test_last_checkpoint_loads_too(run):
     v = Verifier.from_checkpoint(run.last, device="cpu")
     assert v.epoch == 1 and "acc" in v.thresholds

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from app.serving import inference_plan
+
 from service_helpers import MODE, face_like, running, wait_job, write_fake_checkpoint
 
 pytestmark = pytest.mark.anyio
@@ -28,9 +30,10 @@ async def test_get_model_describes_it(make_app, job_body):
         assert model["img_size"] == 32 and model["embedding_size"] == 12 and model["epoch"] == 2
         assert model["metrics"]["acc"] == pytest.approx(0.62)
         assert model["loaded_at"]
-        # the service settings of these tests: batch at most 16 images, wait 1 ms
-        assert model["batching"] == {"max_batch_size": 16, "wait_ms": 1.0, "batches": 0, "requests": 0,
-                                     "images": 0, "mean_batch_images": None}
+        # the service settings of these tests: batch at most 16 images, wait 1 ms, workers decided
+        # by the machine (two on a CPU with two or more cores)
+        assert model["batching"] == {"max_batch_size": 16, "wait_ms": 1.0, "workers": inference_plan(0, "auto")[0],
+                                     "batches": 0, "requests": 0, "images": 0, "mean_batch_images": None}
 
 
 async def test_get_model_counts_how_requests_were_batched(make_app, job_body):

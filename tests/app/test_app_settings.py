@@ -19,18 +19,18 @@ def test_defaults():
     assert s.api_key is None and s.max_upload_mb == 10 and s.checkpoint is None
     assert s.trainer_cmd == (sys.executable, "-m", "faceid.train")
     assert s.max_upload_bytes == 10 * 1024 * 1024
-    assert s.batch_wait_ms == 5 and s.compile == "off"
+    assert s.batch_wait_ms == 5 and s.compile == "off" and s.infer_workers == 0
 
 
 def test_values_from_environment(tmp_path):
     s = load_settings({"FACEID_DATA_DIR": str(tmp_path), "FACEID_MODELS_DIR": str(tmp_path / "m"),
                        "FACEID_API_KEY": "abcdefgh12", "FACEID_MAX_UPLOAD_MB": "2.5",
                        "FACEID_MAX_PIXELS": "1000000", "FACEID_CHECKPOINT": "x.pt",
-                       "FACEID_BATCH_MAX_SIZE": "4", "FACEID_BATCH_WAIT_MS": "0",
+                       "FACEID_BATCH_MAX_SIZE": "4", "FACEID_BATCH_WAIT_MS": "0", "FACEID_INFER_WORKERS": "3",
                        "FACEID_PUBLIC_DOCS": "yes", "FACEID_DEVICE": "cpu", "FACEID_COMPILE": "Freeze",
                        "FACEID_TRAINER_CMD": "python3 '/opt/my trainer.py'"})
     assert s.data_dir == tmp_path and s.max_upload_mb == 2.5 and s.max_pixels == 1_000_000
-    assert s.checkpoint == Path("x.pt") and s.batch_max_size == 4 and s.batch_wait_ms == 0
+    assert s.checkpoint == Path("x.pt") and s.batch_max_size == 4 and s.batch_wait_ms == 0 and s.infer_workers == 3
     assert s.public_docs and s.device == "cpu" and s.compile == "freeze" and s.trainer_cmd == ("python3", "/opt/my trainer.py")
     assert "abcdefgh12" not in repr(s)
 
@@ -41,6 +41,8 @@ def test_values_from_environment(tmp_path):
     ({"FACEID_MAX_UPLOAD_MB": "nan"}, "out of range"),
     ({"FACEID_MAX_PIXELS": "1.5"}, "whole number"),
     ({"FACEID_BATCH_MAX_SIZE": "0"}, "FACEID_BATCH_MAX_SIZE"),
+    ({"FACEID_INFER_WORKERS": "-1"}, "FACEID_INFER_WORKERS"),
+    ({"FACEID_INFER_WORKERS": "two"}, "FACEID_INFER_WORKERS"),
     ({"FACEID_API_KEY": "short"}, "too short"),
     ({"FACEID_DEVICE": "tpu"}, "FACEID_DEVICE"),
     ({"FACEID_COMPILE": "max-autotune"}, "FACEID_COMPILE.*use off or freeze"),
@@ -90,3 +92,17 @@ def test_import_has_no_side_effects(tmp_path):
                        env={"PYTHONPATH": str(root), "FACEID_MODELS_DIR": str(tmp_path / "never")})
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "never").exists() and not (tmp_path / "models").exists()
+
+
+def test_inference_plan():
+    """Two forward passes at once on a CPU with 2+ cores (each on half of them), one on a GPU; an
+    explicit FACEID_INFER_WORKERS wins and the cores are shared out between its workers."""
+    import os
+
+    from app.serving import inference_plan
+
+    cores = len(os.sched_getaffinity(0))
+    assert inference_plan(0, "cpu") == ((2, cores // 2) if cores >= 2 else (1, 1))
+    assert inference_plan(0, "cuda") == (1, cores)
+    assert inference_plan(1, "cpu") == (1, cores)
+    assert inference_plan(4, "cpu") == (4, max(1, cores // 4))

@@ -174,3 +174,53 @@ def test_the_worker_thread_carries_its_name_in_the_operating_system():
     assert seen == ["faceid-embed"]
     with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
         assert f.read().strip() != "faceid-embed"  # the caller's thread keeps its own name
+
+
+class BarrierVerifier:
+    """Each forward pass waits until `parties` passes are inside at once (or times out)."""
+
+    def __init__(self, parties: int) -> None:
+        self.barrier = threading.Barrier(parties, timeout=5)
+        self.entered = threading.Event()
+
+    def embed(self, images):
+        self.entered.set()
+        self.barrier.wait()  # BrokenBarrierError unless another pass runs meanwhile
+        return np.array([[float(i), 1.0] for i in images], np.float32)
+
+
+@pytest.mark.anyio
+async def test_two_workers_run_two_forward_passes_at_once():
+    """With workers=2 a request that arrives while one forward pass runs starts its own on the
+    other worker instead of waiting; both finish, and every worker thread ends at close()."""
+    worker = EmbedWorker(max_batch=16, wait_ms=0, workers=2)
+    v = BarrierVerifier(2)
+    try:
+        first = asyncio.ensure_future(worker.embed(v, [1]))
+        assert await asyncio.to_thread(v.entered.wait, 10)
+        second = asyncio.ensure_future(worker.embed(v, [2]))
+        a, b = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert a[0][0] == 1.0 and b[0][0] == 2.0
+        stats = worker.stats()
+        assert (stats["workers"], stats["batches"], stats["requests"], stats["images"]) == (2, 2, 2, 2)
+    finally:
+        worker.close()
+    assert not any(t.is_alive() for t in worker._threads)
+
+
+@pytest.mark.anyio
+async def test_one_worker_runs_one_forward_pass_at_a_time():
+    """The same two requests with one worker: the second waits for the first, so a pass that
+    needs another one beside it times out (the failure is handed to the request)."""
+    worker = EmbedWorker(max_batch=16, wait_ms=0, workers=1)
+    v = BarrierVerifier(2)
+    try:
+        first = asyncio.ensure_future(worker.embed(v, [1]))
+        assert await asyncio.to_thread(v.entered.wait, 10)
+        second = asyncio.ensure_future(worker.embed(v, [2]))
+        with pytest.raises(threading.BrokenBarrierError):
+            await first
+        with pytest.raises(threading.BrokenBarrierError):  # the barrier stays broken
+            await second
+    finally:
+        worker.close()
