@@ -3,8 +3,8 @@
 - A switch is atomic: the new Verifier is built completely, then one reference is replaced. A
   request holds the `ServedModel` it started with, so requests in flight finish on the old model.
 - Forward passes run on inference worker threads, off the event loop, so `/health` stays quick
-  under load: on a CPU two at once, each on half the cores (FACEID_INFER_WORKERS, `inference_plan`),
-  on a GPU one. Requests that arrive while the workers are busy are embedded together in the next
+  under load: one by default, or FACEID_INFER_WORKERS passes at once on a CPU, each on a share of
+  the cores (`inference_plan`). Requests that arrive while the workers are busy are embedded together in the next
   batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent
   load the worker also waits for requests still on their way, as long as each arrives within
   FACEID_BATCH_WAIT_MS (5) of the one before and fewer are in than the clients the last batch
@@ -53,11 +53,11 @@ VerifierLoader = Callable[[Path, str], Any]
 
 def inference_plan(requested: int, device: str) -> tuple[int, int]:
     """(forward passes run at once, torch compute threads for each) for FACEID_INFER_WORKERS =
-    `requested` (0: decide) on FACEID_DEVICE = `device`. On a CPU with two or more cores, two
-    passes at once on half the cores each: on 2 cores, 16 clients were served at 107 to 114
-    images/s by two single-thread workers against 80 to 91 by one worker on both threads, which
-    left a core idle while the event loop answered a batch and parsed the next (bench/README.md,
-    serve_throughput). A GPU runs one pass at a time."""
+    `requested` (0: the default, one) on FACEID_DEVICE = `device`; a GPU runs one at a time.
+    Measured on 2 cores (bench/README.md, serve_throughput): two single-thread workers served 16
+    clients at 107 to 114 images/s against 80 to 94 for one worker on both threads, but a lone
+    request took longer (p50 32 to 40 ms against 26 to 30), its forward pass landing on either
+    thread; so one worker stays the default and two are there for throughput."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -69,7 +69,7 @@ def inference_plan(requested: int, device: str) -> tuple[int, int]:
         on_gpu = torch.cuda.is_available()
     else:
         on_gpu = False
-    workers = requested or (1 if on_gpu or cores < 2 else 2)
+    workers = 1 if on_gpu else (requested or 1)
     return workers, max(1, cores // workers)
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
-from app.serving import inference_plan
+import pytest
 
 from service_helpers import MODE, face_like, running, wait_job, write_fake_checkpoint
 
@@ -30,9 +30,8 @@ async def test_get_model_describes_it(make_app, job_body):
         assert model["img_size"] == 32 and model["embedding_size"] == 12 and model["epoch"] == 2
         assert model["metrics"]["acc"] == pytest.approx(0.62)
         assert model["loaded_at"]
-        # the service settings of these tests: batch at most 16 images, wait 1 ms, workers decided
-        # by the machine (two on a CPU with two or more cores)
-        assert model["batching"] == {"max_batch_size": 16, "wait_ms": 1.0, "workers": inference_plan(0, "auto")[0],
+        # the service settings of these tests: batch at most 16 images, wait 1 ms, one worker
+        assert model["batching"] == {"max_batch_size": 16, "wait_ms": 1.0, "workers": 1,
                                      "batches": 0, "requests": 0, "images": 0, "mean_batch_images": None}
 
 
@@ -49,6 +48,21 @@ async def test_get_model_counts_how_requests_were_batched(make_app, job_body):
         # one request at a time here, so one forward pass each: 3 of one image, 1 of two
         assert (b["batches"], b["requests"], b["images"]) == (4, 4, 5)
         assert b["mean_batch_images"] == 1.25
+
+
+async def test_two_inference_workers_answer_concurrent_requests(make_app, job_body):
+    """FACEID_INFER_WORKERS=2: GET /model says so, and requests sent together are all answered
+    with their own image's embedding."""
+    async with running(make_app(infer_workers=2)) as client:
+        await _train(client, job_body)
+        assert (await client.get("/model")).json()["batching"]["workers"] == 2
+        uploads = [face_like(i) for i in range(6)]
+        together = await asyncio.gather(*(client.post("/embed", files={"image": ("a.png", u, "image/png")})
+                                          for u in uploads))
+        for u, r in zip(uploads, together):
+            assert r.status_code == 200, r.text
+            alone = await client.post("/embed", files={"image": ("a.png", u, "image/png")})
+            assert r.json()["embedding"] == alone.json()["embedding"]
 
 
 async def test_activate_pins_and_pin_false_follows(make_app, job_body):
