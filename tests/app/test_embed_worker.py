@@ -189,6 +189,13 @@ class BarrierVerifier:
         return np.array([[float(i), 1.0] for i in images], np.float32)
 
 
+async def _second_while_first_runs(worker: EmbedWorker, v: BarrierVerifier):
+    """A request, then another once the first's forward pass has started."""
+    first = asyncio.ensure_future(worker.embed(v, [1]))
+    assert await asyncio.to_thread(v.entered.wait, 10)
+    return first, asyncio.ensure_future(worker.embed(v, [2]))
+
+
 @pytest.mark.anyio
 async def test_two_workers_run_two_forward_passes_at_once():
     """With workers=2 a request that arrives while one forward pass runs starts its own on the
@@ -196,9 +203,7 @@ async def test_two_workers_run_two_forward_passes_at_once():
     worker = EmbedWorker(max_batch=16, wait_ms=0, workers=2)
     v = BarrierVerifier(2)
     try:
-        first = asyncio.ensure_future(worker.embed(v, [1]))
-        assert await asyncio.to_thread(v.entered.wait, 10)
-        second = asyncio.ensure_future(worker.embed(v, [2]))
+        first, second = await _second_while_first_runs(worker, v)
         a, b = await asyncio.wait_for(asyncio.gather(first, second), 10)
         assert a[0][0] == 1.0 and b[0][0] == 2.0
         stats = worker.stats()
@@ -215,9 +220,7 @@ async def test_one_worker_runs_one_forward_pass_at_a_time():
     worker = EmbedWorker(max_batch=16, wait_ms=0, workers=1)
     v = BarrierVerifier(2)
     try:
-        first = asyncio.ensure_future(worker.embed(v, [1]))
-        assert await asyncio.to_thread(v.entered.wait, 10)
-        second = asyncio.ensure_future(worker.embed(v, [2]))
+        first, second = await _second_while_first_runs(worker, v)
         with pytest.raises(threading.BrokenBarrierError):
             await first
         with pytest.raises(threading.BrokenBarrierError):  # the barrier stays broken
