@@ -3,8 +3,9 @@
 - A switch is atomic: the new Verifier is built completely, then one reference is replaced. A
   request holds the `ServedModel` it started with, so requests in flight finish on the old model.
 - Forward passes run on inference worker threads, off the event loop, so `/health` stays quick
-  under load: one by default, or FACEID_INFER_WORKERS passes at once on a CPU, each on a share of
-  the cores (`inference_plan`). Requests that arrive while the workers are busy are embedded together in the next
+  under load: on a CPU with two or more cores two passes at once by default (FACEID_INFER_WORKERS),
+  each on half the cores, the second taking work only while the first is busy; on a GPU one
+  (`inference_plan`). Requests that arrive while the workers are busy are embedded together in the next
   batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent
   load the worker also waits for requests still on their way, as long as each arrives within
   FACEID_BATCH_WAIT_MS (5) of the one before and fewer are in than the clients the last batch
@@ -53,11 +54,12 @@ VerifierLoader = Callable[[Path, str], Any]
 
 def inference_plan(requested: int, device: str) -> tuple[int, int]:
     """(forward passes run at once, torch compute threads for each) for FACEID_INFER_WORKERS =
-    `requested` (0: the default, one) on FACEID_DEVICE = `device`; a GPU runs one at a time.
-    Measured on 2 cores (bench/README.md, serve_throughput): two single-thread workers served 16
-    clients at 107 to 114 images/s against 80 to 94 for one worker on both threads, but a lone
-    request took longer (p50 32 to 40 ms against 26 to 30), its forward pass landing on either
-    thread; so one worker stays the default and two are there for throughput."""
+    `requested` (0: decide) on FACEID_DEVICE = `device`. By default two on a CPU with two or more
+    cores, each on half of them; a GPU runs one at a time. Measured on 2 cores (bench/README.md,
+    serve_throughput): two single-thread workers served 16 clients at 107 to 114 images/s against
+    80 to 94 for one worker on both threads, which left a core idle while the event loop answered
+    a batch and parsed the next; with the second worker taking work only while the first is busy,
+    a lone request is answered as fast as with one worker."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -69,7 +71,7 @@ def inference_plan(requested: int, device: str) -> tuple[int, int]:
         on_gpu = torch.cuda.is_available()
     else:
         on_gpu = False
-    workers = 1 if on_gpu else (requested or 1)
+    workers = 1 if on_gpu else (requested or (2 if cores >= 2 else 1))
     return workers, max(1, cores // workers)
 
 
@@ -160,8 +162,13 @@ class EmbedWorker:
         self._batches = self._requests = self._images = 0  # since start
         self._count = threading.Lock()  # for the three counts above
         self._queue: queue.Queue[Optional[_Work]] = queue.Queue()
-        self._threads = [threading.Thread(target=self._loop, name="faceid-embed", daemon=True)
-                         for _ in range(self.workers)]
+        # Worker i > 0 takes work only while workers 0..i-1 are all in a forward pass, so a lone
+        # request always lands on worker 0 (alternating threads cost it 4 to 10 ms here).
+        self._busy = [False] * self.workers
+        self._busy_changed = threading.Condition()
+        self._closing = False
+        self._threads = [threading.Thread(target=self._loop, args=(i,), name="faceid-embed", daemon=True)
+                         for i in range(self.workers)]
         for t in self._threads:
             t.start()
 
@@ -186,16 +193,41 @@ class EmbedWorker:
                 "requests": r, "images": n, "mean_batch_images": round(n / b, 2) if b else None}
 
     def close(self) -> None:
+        with self._busy_changed:
+            self._closing = True
+            self._busy_changed.notify_all()
         for _ in self._threads:  # each worker ends at the first None it takes
             self._queue.put(None)
         for t in self._threads:
             t.join(timeout=30)
 
-    def _loop(self) -> None:
+    def _next(self, index: int) -> Optional[_Work]:
+        """The next request for worker `index`: worker 0 waits for one; another worker only takes
+        what queues while every worker before it is busy."""
+        if index == 0:
+            return self._queue.get()
+        while True:
+            with self._busy_changed:
+                while not self._closing and not all(self._busy[:index]):
+                    self._busy_changed.wait()
+                if self._closing:
+                    return self._queue.get()
+            try:
+                return self._queue.get(timeout=0.002)  # then look at the others again
+            except queue.Empty:
+                continue
+
+    def _set_busy(self, index: int, busy: bool) -> None:
+        if self.workers > 1:
+            with self._busy_changed:
+                self._busy[index] = busy
+                self._busy_changed.notify_all()
+
+    def _loop(self, index: int = 0) -> None:
         _name_os_thread("faceid-embed")
         carry: Optional[_Work] = None
         while True:
-            first = carry if carry is not None else self._queue.get()
+            first = carry if carry is not None else self._next(index)
             carry = None
             if first is None:
                 return
@@ -242,7 +274,11 @@ class EmbedWorker:
                     self._batches += 1
                     self._requests += len(batch)
                     self._images += size
-                self._run(batch)
+                self._set_busy(index, True)
+                try:
+                    self._run(batch)
+                finally:
+                    self._set_busy(index, False)
                 self._queued_during_last = self._queue.qsize() + (carry is not None)
             if stop:
                 return

@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 
+from app.serving import inference_plan
+
 from service_helpers import MODE, face_like, running, wait_job, write_fake_checkpoint
 
 pytestmark = pytest.mark.anyio
@@ -30,8 +32,9 @@ async def test_get_model_describes_it(make_app, job_body):
         assert model["img_size"] == 32 and model["embedding_size"] == 12 and model["epoch"] == 2
         assert model["metrics"]["acc"] == pytest.approx(0.62)
         assert model["loaded_at"]
-        # the service settings of these tests: batch at most 16 images, wait 1 ms, one worker
-        assert model["batching"] == {"max_batch_size": 16, "wait_ms": 1.0, "workers": 1,
+        # the service settings of these tests: batch at most 16 images, wait 1 ms, the default
+        # number of workers (two on a CPU with two or more cores)
+        assert model["batching"] == {"max_batch_size": 16, "wait_ms": 1.0, "workers": inference_plan(0, "auto")[0],
                                      "batches": 0, "requests": 0, "images": 0, "mean_batch_images": None}
 
 

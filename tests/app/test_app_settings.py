@@ -95,14 +95,15 @@ def test_import_has_no_side_effects(tmp_path):
 
 
 def test_inference_plan():
-    """One forward pass at a time by default and on a GPU; FACEID_INFER_WORKERS passes at once on
-    a CPU, the cores shared out between them."""
+    """Two forward passes at once by default on a CPU with 2+ cores, each on half of them; one on a
+    GPU; an explicit FACEID_INFER_WORKERS wins on a CPU, the cores shared out between its workers."""
     import os
 
     from app.serving import inference_plan
 
     cores = len(os.sched_getaffinity(0))
-    assert inference_plan(0, "cpu") == (1, cores)
+    assert inference_plan(0, "cpu") == ((2, cores // 2) if cores >= 2 else (1, 1))
+    assert inference_plan(1, "cpu") == (1, cores)
     assert inference_plan(2, "cuda") == (1, cores)
     assert inference_plan(2, "cpu") == (2, max(1, cores // 2))
     assert inference_plan(4, "cpu") == (4, max(1, cores // 4))

@@ -158,7 +158,7 @@ async def test_the_wait_ends_once_the_clients_of_the_last_batch_and_those_queued
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/task"), reason="Linux /proc only")
 def test_the_worker_thread_carries_its_name_in_the_operating_system():
     """`top -H` and the serving benchmark's CPU split find the forward-pass thread by this name."""
-    seen: list[str] = []
+    seen: list[int] = []
 
     class Recorder:
         def embed(self, images):
@@ -227,3 +227,27 @@ async def test_one_worker_runs_one_forward_pass_at_a_time():
             await second
     finally:
         worker.close()
+
+
+@pytest.mark.anyio
+async def test_with_two_workers_lone_requests_all_run_on_the_first():
+    """One request at a time never wakes the second worker: every pass runs on the same thread
+    (alternating threads cost a lone request its warm caches)."""
+    worker = EmbedWorker(max_batch=16, wait_ms=0, workers=2)
+    seen: list[int] = []
+
+    class Recording:
+        def embed(self, images):
+            seen.append(threading.current_thread().ident)
+            return np.array([[float(i), 1.0] for i in images], np.float32)
+
+    try:
+        v = Recording()
+        for i in range(8):
+            out = await worker.embed(v, [i])
+            assert out[0][0] == float(i)
+            await asyncio.sleep(0.005)  # the client's turn-around between requests
+    finally:
+        worker.close()
+    assert len(seen) == 8 and len(set(seen)) == 1
+    assert not any(t.is_alive() for t in worker._threads)
