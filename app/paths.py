@@ -35,10 +35,15 @@ _SINGLE_NODE = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id")
 MAX_WORKERS = 64
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity where the OS says, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _resource_limits() -> dict[str, int]:
     """What one job may ask of this machine: a training process (each holds a whole model) and a
     compute thread per core, decoding workers up to MAX_WORKERS."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     return {"nproc_per_node": max(1, cpus), "threads": max(1, cpus), "workers": MAX_WORKERS}
 
 

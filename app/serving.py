@@ -40,6 +40,7 @@ import anyio
 from faceid.errors import CheckpointError, FaceIDError, ModelNotReadyError
 
 from app.jobs import JobStateError, JobStore
+from app.paths import usable_cpus
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,7 @@ def inference_plan(requested: int, device: str) -> tuple[int, int]:
     80 to 94 for one worker on both threads, which left a core idle while the event loop answered
     a batch and parsed the next; with the second worker taking work only while the first is busy,
     a lone request is answered as fast as with one worker."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cpus()
     if device.startswith("cuda"):
         on_gpu = True
     elif device == "auto":

@@ -34,7 +34,7 @@ class Settings:
     device: str = "auto"
     batch_max_size: int = 16
     batch_wait_ms: float = 5.0
-    infer_workers: int = 0  # forward passes run at once; 0: inference_workers() decides
+    infer_workers: int = 0  # forward passes run at once; 0: app.serving.inference_plan decides
     compile: str = "off"  # faceid.inference.COMPILE_MODES
     max_queued_jobs: int = 100
     cancel_grace_s: float = 30.0
