@@ -156,8 +156,10 @@ class EmbedWorker:
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000.0
         self.workers = max(1, workers)
-        self._last_requests = 0  # requests in the last batch: >1 means concurrent load
-        self._queued_during_last = 0  # requests that queued while the last batch ran
+        # Per worker: requests in its last batch (>1 means concurrent load), and those that queued
+        # while that batch ran.
+        self._last_requests = [0] * self.workers
+        self._queued_during_last = [0] * self.workers
         self._batches = self._requests = self._images = 0  # since start
         self._count = threading.Lock()  # for the three counts above
         self._queue: queue.Queue[Optional[_Work]] = queue.Queue()
@@ -245,7 +247,7 @@ class EmbedWorker:
                 return
             batch = [first] if first.future.set_running_or_notify_cancel() else []
             size = len(first.images) if batch else 0
-            concurrent = self._last_requests > 1 or not self._queue.empty()
+            concurrent = self._last_requests[index] > 1 or not self._queue.empty()
             # Under concurrent load, wait while requests keep coming: each arrival allows another
             # wait_s for the next (clients answered by the last batch send their next requests one
             # after another, as fast as the event loop parses them), and the whole wait is at most
@@ -254,7 +256,7 @@ class EmbedWorker:
             # what is already queued. (Expecting only the last batch's count let 16 clients settle
             # into two alternating half batches: 7.9 images per forward pass, 67% of the offline
             # rate; bench/README.md.)
-            expected = self._last_requests + self._queued_during_last
+            expected = self._last_requests[index] + self._queued_during_last[index]
             start = time.monotonic()
             deadline = start + (self.wait_s if concurrent else 0.0)
             cap = start + self.wait_s * self.max_batch
@@ -281,37 +283,46 @@ class EmbedWorker:
                     if concurrent:
                         deadline = 0.0 if len(batch) >= expected else min(cap, time.monotonic() + self.wait_s)
             if batch:
-                self._last_requests = len(batch)
+                self._last_requests[index] = len(batch)
                 with self._count:  # counted before the answers go out, so a client sees its batch
                     self._batches += 1
                     self._requests += len(batch)
                     self._images += size
                 self._set_busy(index, True)
                 try:
-                    self._run(batch)
+                    outcome = self._forward(batch)
                 finally:
                     self._set_busy(index, False)
-                self._queued_during_last = self._queue.qsize() + (carry is not None)
+                self._queued_during_last[index] = self._queue.qsize() + (carry is not None)
+                # Answered only now that this worker is free again: a client's next request then
+                # comes back to it, not to a helper (which takes work only while this one is busy).
+                self._deliver(batch, *outcome)
             if stop:
                 return
 
     @staticmethod
-    def _run(batch: list[_Work]) -> None:
+    def _forward(batch: list[_Work]) -> tuple[Any, Optional[BaseException]]:
+        """(embeddings of every image in the batch, None), or (None, the exception)."""
         images = [im for work in batch for im in work.images]
         started = time.perf_counter()
         try:
             embeddings = batch[0].verifier.embed(images)
         except BaseException as e:  # handed to every waiting request
-            for work in batch:
-                work.future.set_exception(e)
-            return
+            return None, e
         finished = time.perf_counter()
         for work in batch:
             work.started, work.finished, work.batch_images = started, finished, len(images)
+        return embeddings, None
+
+    @staticmethod
+    def _deliver(batch: list[_Work], embeddings: Any, error: Optional[BaseException]) -> None:
         start = 0
         for work in batch:
-            work.future.set_result(embeddings[start:start + len(work.images)])
-            start += len(work.images)
+            if error is not None:
+                work.future.set_exception(error)
+            else:
+                work.future.set_result(embeddings[start:start + len(work.images)])
+                start += len(work.images)
 
 
 class Timing:

@@ -296,3 +296,27 @@ async def test_the_second_worker_sleeps_through_a_lone_forward_pass():
         v.release.set()
         worker.close()
     assert counting.calls.get(helper, 0) >= 1
+
+
+@pytest.mark.anyio
+async def test_each_worker_judges_the_load_by_its_own_last_batch():
+    """The first worker answered a lone request while the second ran a batch of 5; the next lone
+    request on the first worker is not held for company the second worker's batch suggested
+    (with one shared count it waited the full 2 s batch wait)."""
+    worker = EmbedWorker(max_batch=16, wait_ms=2000, workers=2)
+    v = BlockingVerifier()
+    try:
+        first = asyncio.ensure_future(worker.embed(v, [0]))
+        assert await asyncio.to_thread(v.entered.wait, 10)
+        batch = await asyncio.wait_for(asyncio.gather(*(worker.embed(v, [i]) for i in range(1, 6))), 10)
+        assert [b[0][0] for b in batch] == [1.0, 2.0, 3.0, 4.0, 5.0]
+        assert v.calls[1] == [1, 2, 3, 4, 5]  # one batch on the second worker
+        v.release.set()
+        await first
+        t0 = asyncio.get_running_loop().time()
+        lone = await asyncio.wait_for(worker.embed(v, [6]), 10)
+        assert lone[0][0] == 6.0
+        assert asyncio.get_running_loop().time() - t0 < 1.0
+    finally:
+        v.release.set()
+        worker.close()
