@@ -75,7 +75,8 @@ torch.cuda.is_available(), "fastapi", fastapi.__version__, "pydantic", pydantic.
     timeout 300 python3 bench/train_throughput.py --device "$device" --data "$data" --img_size "${GPU_IMG:-112}" \
         --batch_size "${GPU_BATCH:-128}" --warmup 3 --steps "${GPU_STEPS:-20}" --workers "${GPU_WORKERS:-8}" \
         --rows matmul,data,plain,faceid,off,bf16,ddp --json "$out/train.json" 2>&1 | tee "$out/train.txt"
-    timeout 240 python3 bench/serve_throughput.py --device "$device" --seconds "${GPU_SECONDS:-8}" --rounds 2 2>&1 \
+    timeout 240 python3 bench/serve_throughput.py --device "$device" --seconds "${GPU_SECONDS:-8}" --rounds 0 \
+        --pairs 4 --pair_seconds "${GPU_PAIR_SECONDS:-3}" --pair_processes 1 2>&1 \
         | tee "$out/serve.txt"
 }
 

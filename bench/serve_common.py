@@ -192,6 +192,23 @@ def cpu_seconds(pid: int, thread_prefix: str = "faceid-embed") -> tuple[float, f
     return total, named
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all CPU ticks, stolen ticks) of the machine so far, from /proc/stat's first line; (0, 0)
+    where there is none. Steal is the time the hypervisor ran something else while this VM had
+    work: a block measured while it was high ran on a slower machine."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return sum(fields[:8]), (fields[7] if len(fields) > 7 else 0)
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of the CPU time between two `cpu_ticks()` that was stolen (nan without /proc/stat)."""
+    total = after[0] - before[0]
+    return (after[1] - before[1]) / total if total > 0 else float("nan")
+
+
 async def run_clients(n: int, seconds: float, one: Callable[[httpx.AsyncClient, int, int], Awaitable[Any]],
                       client: httpx.AsyncClient) -> float:
     """`n` tasks calling `one(client, task, i)` back to back for `seconds`; returns the wall time."""
