@@ -8,8 +8,8 @@
   (`inference_plan`). Requests that arrive while the workers are busy are embedded together in the next
   batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent
   load the worker also waits for requests still on their way, as long as each arrives within
-  FACEID_BATCH_WAIT_MS (5) of the one before and fewer are in than the clients the last batch
-  answered plus those that queued while it ran: with clients sending back to back, 0 ms split the
+  FACEID_BATCH_WAIT_MS (5) of the one before and fewer are in than the clients its own last
+  batch answered plus those that queued while it ran: with clients sending back to back, 0 ms split the
   load into small batches and lost a quarter of the throughput, and expecting only the last
   batch's count let them settle into alternating half batches (bench/README.md,
   serve_throughput); a lone request never waits.
@@ -149,7 +149,7 @@ class EmbedWorker:
     Requests queued while a forward pass runs share the next one. Under concurrent load (the last
     batch held several requests, or more are queued already) the worker also waits for requests
     still on their way: up to `wait_ms` for the next one, renewed by each arrival, until the
-    clients the last batch answered and those whose requests queued while it ran are in (at most
+    clients its own last batch answered and those whose requests queued while it ran are in (at most
     `wait_ms` per image of a full batch in all); a lone request (one client) never waits."""
 
     def __init__(self, max_batch: int = 16, wait_ms: float = 5.0, workers: int = 1) -> None:
