@@ -5,14 +5,13 @@
 - Forward passes run on inference worker threads, off the event loop, so `/health` stays quick
   under load: on a CPU with two or more cores two passes at once by default (FACEID_INFER_WORKERS),
   each on half the cores, the second taking work only while the first is busy; on a GPU one
-  (`inference_plan`). Requests that arrive while the workers are busy are embedded together in the next
-  batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent
-  load the worker also waits for requests still on their way, as long as each arrives within
-  FACEID_BATCH_WAIT_MS (5) of the one before and fewer are in than the clients its own last
-  batch answered plus those that queued while it ran: with clients sending back to back, 0 ms split the
-  load into small batches and lost a quarter of the throughput, and expecting only the last
-  batch's count let them settle into alternating half batches (bench/README.md,
-  serve_throughput); a lone request never waits.
+  (`inference_plan`). Requests that arrive while the workers are busy are embedded together in
+  the next batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent load a worker also waits
+  for requests still on their way, as long as each arrives within FACEID_BATCH_WAIT_MS (5) of the
+  one before and fewer are in than the clients its own last batch answered plus those that
+  queued while it ran: with clients sending back to back, 0 ms split the load into small batches
+  and lost a quarter of the throughput, and expecting only the last batch's count let them settle
+  into alternating half batches (bench/README.md, serve_throughput); a lone request never waits.
 - Each upload is decoded and resized to the model's input size on a decoding thread as it arrives
   (`Verifier.prepare`), so a batch's forward pass only stacks its images; GET /model reports how
   requests were batched.

@@ -190,12 +190,7 @@ class OfflineChild:
     """A fresh process running `offline_serve`; `measure("single", 3)` -> its answer."""
 
     def __init__(self, policy: str, ckpt: Path, args: argparse.Namespace, mode: str) -> None:
-        env = dict(os.environ)
-        if policy:
-            env = {k: v for k, v in env.items() if k not in OMP_VARS}
-            env.update(OMP_POLICIES[policy])
-        cmd = [sys.executable, __file__, "--offline_serve", "--checkpoint", str(ckpt), "--device", args.device,
-               "--batch", str(args.batch), "--compile", mode, "--offline_workers", str(args.offline_workers)]
+        cmd, env = child_command("--offline_serve", policy, ckpt, args, mode)
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._read()
 
@@ -226,16 +221,32 @@ OMP_POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin10k": {"GOMP_SPI
 OMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
-def offline_in_child(policy: str, ckpt: Path, args: argparse.Namespace, mode: str) -> dict[str, Any]:
-    """The offline rows measured in a fresh process, with OpenMP setting `policy` ("" = this
-    process's)."""
+def child_command(flag: str, policy: str, ckpt: Path, args: argparse.Namespace,
+                  mode: str) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of a fresh offline process of this script (`flag`: --offline_json
+    or --offline_serve), with OpenMP setting `policy` ("" = this process's)."""
     env = dict(os.environ)
     if policy:
         env = {k: v for k, v in env.items() if k not in OMP_VARS}
         env.update(OMP_POLICIES[policy])
-    cmd = [sys.executable, __file__, "--offline_json", "--checkpoint", str(ckpt), "--device", args.device,
+    cmd = [sys.executable, __file__, flag, "--checkpoint", str(ckpt), "--device", args.device,
            "--batch", str(args.batch), "--seconds", str(args.seconds), "--compile", mode,
            "--offline_workers", str(args.offline_workers)]
+    return cmd, env
+
+
+def server_env(mode: str, pol: str, wait: float, bmax: int, iw: int) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(FACEID_* and OpenMP settings, variables to unset) of a server under test. Without a setting
+    of the user's (or --omp), the server applies its own OpenMP default (app.main)."""
+    env = {"FACEID_BATCH_MAX_SIZE": str(bmax), "FACEID_BATCH_WAIT_MS": str(wait), "FACEID_COMPILE": mode,
+           "FACEID_INFER_WORKERS": str(iw), **OMP_POLICIES.get(pol, {})}
+    return env, (OMP_VARS if pol or USER_OMP_WAIT_POLICY is None else ())
+
+
+def offline_in_child(policy: str, ckpt: Path, args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    """The offline rows measured in a fresh process, with OpenMP setting `policy` ("" = this
+    process's)."""
+    cmd, env = child_command("--offline_json", policy, ckpt, args, mode)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -318,9 +329,7 @@ def run_pairs(args: argparse.Namespace, ckpt: Path, key: tuple[str, str], plans:
     drifts by 25 % within minutes here); the order flips every pair."""
     mode, pol = key
     iw = next(iter(plans))
-    env = {"FACEID_BATCH_MAX_SIZE": str(bmax), "FACEID_BATCH_WAIT_MS": str(wait), "FACEID_COMPILE": mode,
-           "FACEID_INFER_WORKERS": str(iw), **OMP_POLICIES.get(pol, {})}
-    unset = OMP_VARS if pol or USER_OMP_WAIT_POLICY is None else ()
+    env, unset = server_env(mode, pol, wait, bmax, iw)
     sec = args.pair_seconds
     couples = max(1, min(args.pair_processes, args.pairs))
     pairs: list[dict[str, Any]] = []
@@ -491,10 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     bmaxes = [int(b) for b in (args.server_batch or str(args.batch)).split(",")]
     for mode, pol, wait, bmax, iw in [(m, p_, w, b, i) for m, p_ in keys for w in waits for b in bmaxes
                                       for i in plans]:
-        env = {"FACEID_BATCH_MAX_SIZE": str(bmax), "FACEID_BATCH_WAIT_MS": str(wait),
-               "FACEID_COMPILE": mode, "FACEID_INFER_WORKERS": str(iw), **OMP_POLICIES.get(pol, {})}
-        # Without a setting of the user's (or --omp), the server applies its own default (app.main).
-        unset = OMP_VARS if pol or USER_OMP_WAIT_POLICY is None else ()
+        env, unset = server_env(mode, pol, wait, bmax, iw)
         with Server(ckpt, device=args.device, env=env, unset=unset) as server:
             for n in [int(x) for x in args.clients.split(",")]:
                 rows.append({**asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg, args.client)),
@@ -507,9 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds > 0:
         mode, pol = keys[0]
         iw = next(iter(plans))
-        env = {"FACEID_BATCH_MAX_SIZE": str(bmaxes[0]), "FACEID_BATCH_WAIT_MS": str(waits[0]),
-               "FACEID_COMPILE": mode, "FACEID_INFER_WORKERS": str(iw), **OMP_POLICIES.get(pol, {})}
-        unset = OMP_VARS if pol or USER_OMP_WAIT_POLICY is None else ()
+        env, unset = server_env(mode, pol, waits[0], bmaxes[0], iw)
         for k in range(args.rounds):
             o = offline_in_child(pol, ckpt, args, mode)
             with Server(ckpt, device=args.device, env=env, unset=unset) as server:
