@@ -149,7 +149,13 @@ class EmbedWorker:
     batch held several requests, or more are queued already) the worker also waits for requests
     still on their way: up to `wait_ms` for the next one, renewed by each arrival, until the
     clients its own last batch answered and those whose requests queued while it ran are in (at most
-    `wait_ms` per image of a full batch in all); a lone request (one client) never waits."""
+    `wait_ms` per image of a full batch in all); a lone request (one client) never waits.
+
+    With several workers, a worker takes at most an even share of the images the clients keep in
+    flight while a later worker is free (16 clients, two workers: 8 each; 4 clients: 2 each), so
+    the rest go to that worker the moment this one starts its forward pass. Without the share one
+    worker could take all 16 (or all 4) every time while the other core idled (49 % idle CPU,
+    bench/README.md)."""
 
     def __init__(self, max_batch: int = 16, wait_ms: float = 5.0, workers: int = 1) -> None:
         self.max_batch = max(1, max_batch)
@@ -160,7 +166,10 @@ class EmbedWorker:
         self._last_requests = [0] * self.workers
         self._queued_during_last = [0] * self.workers
         self._batches = self._requests = self._images = 0  # since start
-        self._count = threading.Lock()  # for the three counts above
+        # Images submitted and not yet answered, their peak since worker 0 last started a batch,
+        # and that peak over its last full cycle: how many images the clients keep in flight.
+        self._in_flight = self._peak = self._load = 0
+        self._count = threading.Lock()  # for the counts above
         self._queue: queue.Queue[Optional[_Work]] = queue.Queue()
         # Worker i > 0 takes work only while workers 0..i-1 are all in a forward pass, so a lone
         # request always lands on worker 0 (alternating threads cost it 4 to 10 ms here).
@@ -202,6 +211,10 @@ class EmbedWorker:
             t.join(timeout=30)
 
     def _submit(self, work: _Work) -> None:
+        with self._count:
+            self._in_flight += len(work.images)
+            self._peak = max(self._peak, self._in_flight)
+        work.future.add_done_callback(functools.partial(self._answered, len(work.images)))
         if self.workers == 1:
             self._queue.put(work)
             return
@@ -228,6 +241,19 @@ class EmbedWorker:
                 except queue.Empty:  # worker 0 took it first
                     continue
 
+    def _answered(self, images: int, _future: Any) -> None:
+        with self._count:  # answered, failed or cancelled
+            self._in_flight -= images
+
+    def _share(self, index: int) -> int:
+        """The most images worker `index` takes while a later worker is free: an even share of
+        what the clients keep in flight (16 clients, two workers: 8 each), else a full batch."""
+        if self.workers == 1 or all(self._busy[index + 1:]):
+            return self.max_batch
+        with self._count:
+            load = max(self._load, self._in_flight)
+        return max(1, min(self.max_batch, -(-load // self.workers)))
+
     def _set_busy(self, index: int, busy: bool) -> None:
         if self.workers > 1:
             with self._busy_changed:
@@ -244,6 +270,9 @@ class EmbedWorker:
             carry = None
             if first is None:
                 return
+            if index == 0:
+                with self._count:  # the load over worker 0's last cycle: collect, run, answer
+                    self._load, self._peak = self._peak, self._in_flight
             batch = [first] if first.future.set_running_or_notify_cancel() else []
             size = len(first.images) if batch else 0
             concurrent = self._last_requests[index] > 1 or not self._queue.empty()
@@ -260,7 +289,7 @@ class EmbedWorker:
             deadline = start + (self.wait_s if concurrent else 0.0)
             cap = start + self.wait_s * self.max_batch
             stop = False
-            while size < self.max_batch:
+            while size < self._share(index):  # the rest wait for a free later worker
                 timeout = deadline - time.monotonic()
                 try:
                     nxt = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()

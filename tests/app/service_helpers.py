@@ -27,7 +27,10 @@ MODE = fake_trainer
 
 
 class FakeVerifier:
-    """Reads the fake trainer's JSON "checkpoints"; embeds an image as its 2x2 colour layout."""
+    """Reads the fake trainer's JSON "checkpoints"; embeds an image as its 2x2 colour layout.
+    `forward_s`: how long each forward pass takes (0: instant)."""
+
+    forward_s = 0.0
 
     def __init__(self, path: Path) -> None:
         try:
@@ -50,6 +53,8 @@ class FakeVerifier:
 
     def embed(self, images: list) -> np.ndarray:
         self.calls.append(len(images))
+        if self.forward_s:
+            time.sleep(self.forward_s)
         out = []
         for im in images:
             v = np.asarray(im.convert("RGB").resize((2, 2)), dtype=np.float32).reshape(-1) - 127.5

@@ -274,6 +274,9 @@ async def test_verify_missing_field_and_long_threshold(served_app):
 async def test_concurrent_requests_are_batched(served_app):
     app = served_app(batch_wait_ms=50, batch_max_size=8)
     async with running(app) as client:
+        # A real forward pass takes a while, and requests arriving meanwhile queue for the next one
+        # (with an instant one, two workers each take their share: one request at a time).
+        app.state.models.current.verifier.forward_s = 0.02
         results = {}
 
         async def one(i: int) -> None:

@@ -320,3 +320,53 @@ async def test_each_worker_judges_the_load_by_its_own_last_batch():
     finally:
         v.release.set()
         worker.close()
+
+
+class _FirstWorkerGated:
+    """The worker's queue; the first worker's wait for a new request (a plain `get()`) is held
+    until `gate` is set, so requests can all be queued before it looks."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.gate = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def get(self, *args, **kwargs):
+        if not args and not kwargs:
+            assert self.gate.wait(10)
+        return self._inner.get(*args, **kwargs)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_burst_is_shared_between_free_workers(workers):
+    """Eight requests that queue while both workers are free run as two batches of four at once,
+    one per worker, instead of one batch of eight on the first thread while the second core
+    idles (one worker: one batch of eight). Every request gets its own rows back."""
+    worker = EmbedWorker(max_batch=16, wait_ms=0, workers=workers)
+    gated = _FirstWorkerGated(worker._queue)
+    worker._queue = gated
+    sizes: list[int] = []
+    together = threading.Barrier(2, timeout=5)  # only passes if two forward passes overlap
+
+    class Recording:
+        def embed(self, images):
+            sizes.append(len(images))
+            if workers == 2:
+                together.wait()
+            return np.array([[float(i), 1.0] for i in images], np.float32)
+
+    try:
+        v = Recording()
+        pending = [asyncio.ensure_future(worker.embed(v, [i])) for i in range(8)]
+        await asyncio.sleep(0.05)  # all eight are queued; no worker has looked yet
+        gated.gate.set()
+        out = await asyncio.wait_for(asyncio.gather(*pending), 10)
+    finally:
+        gated.gate.set()
+        worker.close()
+    assert [o[0][0] for o in out] == [float(i) for i in range(8)]
+    assert sizes == ([4, 4] if workers == 2 else [8])
+    assert worker._in_flight == 0
