@@ -100,10 +100,10 @@ def load_verifier(path: Path, device: str, *, compile: str = "off", max_batch: i
     return verifier
 
 
-def open_upload(data: bytes, *, max_pixels: int, name: str) -> Any:
+def open_upload(data: bytes, *, max_pixels: int, name: str, reduce_to: Optional[int] = None) -> Any:
     from faceid.images import open_image
 
-    return open_image(bytes(data), max_pixels=max_pixels, name=name)
+    return open_image(bytes(data), max_pixels=max_pixels, name=name, reduce_to=reduce_to)
 
 
 @dataclass(frozen=True)
@@ -505,9 +505,10 @@ class ModelManager:
         there (its `prepare`, when it has one: resized to its input size), so the worker's batch
         only stacks and runs the network."""
         prepare = getattr(model.verifier, "prepare", None)
+        side = getattr(model.verifier, "decode_side", None)  # large JPEGs as its training decoded them
 
         def work() -> Any:
-            img = open_upload(data, max_pixels=self.settings.max_pixels, name=name)
+            img = open_upload(data, max_pixels=self.settings.max_pixels, name=name, reduce_to=side)
             return prepare(img) if prepare is not None else img
 
         return await anyio.to_thread.run_sync(work, limiter=self._decode_limiter)

@@ -111,13 +111,12 @@ class OfflineModel:
 
     def __init__(self, ckpt: Path, device: str, batch: int, jpeg: bytes, compile: str = "off",
                  workers: int = 1) -> None:
-        from faceid.images import open_image
-        from faceid.inference import Verifier, to_uint8_tensor
+        from faceid.inference import Verifier
 
         self.v = v = Verifier.from_checkpoint(ckpt, device=device, compile=compile)
         v.warmup(batch)  # with compile=freeze: compiles every padded batch size, as the server does
         self.jpeg, self.batch, self.workers, self.compile = jpeg, batch, workers, compile
-        self.x1 = to_uint8_tensor(open_image(jpeg), v.img_size).unsqueeze(0)
+        self.x1 = v.prepare(v.open(jpeg)).unsqueeze(0)  # as the server decodes an upload
         self.xb = self.x1.repeat(batch, 1, 1, 1)
         for _ in range(3):  # warm-up (oneDNN primitives, allocator)
             v.embed_tensors(self.xb)
@@ -150,13 +149,10 @@ class OfflineModel:
         return statistics.median(singles)
 
     def decode(self) -> float:
-        from faceid.images import open_image
-        from faceid.inference import to_uint8_tensor
-
         decodes = []
         for _ in range(30):
             t = time.perf_counter()
-            to_uint8_tensor(open_image(self.jpeg), self.v.img_size)
+            self.v.prepare(self.v.open(self.jpeg))
             decodes.append(time.perf_counter() - t)
         return statistics.median(decodes)
 

@@ -246,12 +246,6 @@ def _load_verifier(path: str, device: str):
     return Verifier.from_checkpoint(path, device=device)
 
 
-def _open(path: str):
-    from faceid.images import open_image
-
-    return open_image(path)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -305,7 +299,7 @@ def _embed_store(v, store):
 
 def cmd_embed(args: argparse.Namespace) -> int:
     v = _load_verifier(args.checkpoint, args.device)
-    emb = v.embed([_open(p) for p in args.images])
+    emb = v.embed([v.open(p) for p in args.images])
     for p, e in zip(args.images, emb):
         print(json.dumps({"image": p, "dim": len(e), "embedding": [round(float(x), 6) for x in e]}))
     return 0
@@ -319,7 +313,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             th = float(th)
         except ValueError:
             pass
-    res = v.verify(_open(args.image1), _open(args.image2), th)
+    res = v.verify(v.open(args.image1), v.open(args.image2), th)
     if args.json:
         print(json.dumps(res))
     else:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from faceid.checkpoint import load_checkpoint
-from faceid.data import BatchTransform, resize_center_crop
+from faceid.data import BatchTransform, decode_side, resize_center_crop
 from faceid.errors import CheckpointError, ConfigError
 from faceid.evaluate import autocast_ctx
 from faceid.model import NECKS, EmbeddingNet
@@ -168,6 +168,19 @@ class Verifier:
                     e = self._run(x)
             return torch.nn.functional.normalize(e, dim=1).cpu().numpy()
 
+    @property
+    def decode_side(self) -> int:
+        """The shorter side a JPEG is decoded at, at least, before resizing for this model (the
+        `reduce_to` of faceid.images.open_image; training and evaluation decode the same way)."""
+        return decode_side(self.img_size, self.crop)
+
+    def open(self, source: Any, **kwargs: Any) -> Image.Image:
+        """An image file or upload's bytes, decoded as this model's training and evaluation
+        decoded theirs (faceid.images.open_image with `reduce_to=decode_side`)."""
+        from faceid.images import open_image
+
+        return open_image(source, reduce_to=self.decode_side, **kwargs)
+
     def prepare(self, img: Image.Image) -> torch.Tensor:
         """PIL image -> the uint8 [3, S, S] tensor `embed` takes for it (resized and centre-cropped
         to this model's input size). A server calls it where it decodes each upload, so a batch's
@@ -175,7 +188,9 @@ class Verifier:
         return to_uint8_tensor(img, self.img_size, self.crop)
 
     def embed(self, images: Sequence[Union[Image.Image, torch.Tensor]]) -> np.ndarray:
-        """PIL images, or tensors from `prepare`, -> float32 [N, D], unit norm."""
+        """PIL images, or tensors from `prepare`, -> float32 [N, D], unit norm. Open files with
+        `open` to read them exactly as training and evaluation did (a large JPEG opened with plain
+        PIL is decoded at full scale: the same face, within a fraction of a grey level)."""
         if not images:
             return np.zeros((0, self.embedding_size), np.float32)
         return self.embed_tensors(torch.stack([im if isinstance(im, torch.Tensor) else self.prepare(im)

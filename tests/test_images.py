@@ -375,3 +375,45 @@ def test_max_pixels_is_configurable():
 
 def test_too_large_is_an_image_error():
     assert issubclass(ImageTooLargeError, ImageError)
+
+
+# --- reduced-scale JPEG decoding --------------------------------------------------------------
+
+
+def _halves(width: int, height: int) -> Image.Image:
+    """Left half red, right half blue: survives any scale."""
+    img = Image.new("RGB", (width, height), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, width // 2, height))
+    return img
+
+
+@pytest.mark.parametrize("reduce_to,expected", [(150, (200, 150)), (300, (400, 300)), (500, (800, 600)),
+                                                (700, (1600, 1200)), (None, (1600, 1200))])
+def test_a_large_jpeg_decodes_at_the_smallest_scale_that_keeps_reduce_to(reduce_to, expected):
+    data = encode(_halves(1600, 1200), "JPEG", quality=90)
+    out = open_image(data, reduce_to=reduce_to)
+    assert out.size == expected and out.mode == "RGB"
+    w, h = out.size
+    assert close(out.getpixel((w // 4, h // 2)), (255, 0, 0), tol=12)
+    assert close(out.getpixel((3 * w // 4, h // 2)), (0, 0, 255), tol=12)
+
+
+def test_reduce_to_leaves_other_formats_at_full_size():
+    for fmt in ("PNG", "WEBP", "BMP"):
+        if fmt == "WEBP" and not features.check("webp"):
+            continue
+        assert open_image(encode(_halves(800, 600), fmt), reduce_to=100).size == (800, 600)
+
+
+def test_reduced_decoding_keeps_the_checks_and_the_orientation():
+    # limits are judged on the full picture, not the reduced one
+    data = encode(_halves(1600, 1200), "JPEG")
+    with pytest.raises(ImageTooLargeError, match="1600x1200"):
+        open_image(data, reduce_to=100, max_pixels=1_000_000)
+    # orientation 6 turns the reduced picture too: the red left half ends on top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = open_image(encode(_halves(1600, 800), "JPEG", quality=95, exif=exif.tobytes()), reduce_to=100)
+    assert out.size == (100, 200)
+    assert close(out.getpixel((50, 40)), (255, 0, 0), tol=12)
+    assert close(out.getpixel((50, 160)), (0, 0, 255), tol=12)

@@ -104,12 +104,13 @@ def test_embedding_equals_the_one_used_in_evaluation(verifier):
     assert len(folder) == 4
     eval_emb = embed_store(verifier.model, store, verifier.transform, batch_size=64,
                            amp_dtype=verifier.amp_dtype, flip=verifier.flip)
-    served = verifier.embed([open_image(p) for p in paths])
+    served = verifier.embed([verifier.open(p) for p in paths])  # as the server and the CLI read them
     np.testing.assert_allclose(served, eval_emb, atol=1e-5)
-    # a plain PIL image read from disk gives the same embedding as the upload path
+    # a plain PIL image read from disk is decoded at full scale (these 154 px JPEGs are read at
+    # half scale for a 32 px model): the same face within a hair
     with Image.open(paths[0]) as im:
         plain = verifier.embed([im])
-    np.testing.assert_allclose(plain[0], eval_emb[0], atol=1e-5)
+    np.testing.assert_allclose(plain[0], eval_emb[0], atol=1e-3)
 
 
 def test_embedding_does_not_depend_on_the_batch(verifier, images):
@@ -287,3 +288,26 @@ def test_a_checkpoint_with_an_impossible_crop_is_refused(ckpt, tmp_path, bad):
     path = save_checkpoint({**ckpt, "crop": bad}, tmp_path / "bad_crop.pt")
     with pytest.raises(CheckpointError, match="malformed"):
         Verifier.from_checkpoint(path, device="cpu")
+
+
+def test_a_large_photo_is_served_as_its_evaluation_decoded_it(verifier, tmp_path):
+    """A large JPEG is decoded at a reduced scale by evaluation and serving alike (so served
+    embeddings stay the evaluation ones), and the result is within a grey level of a full
+    decode (so the model sees the same face)."""
+    from faceid.data import resize_center_crop
+
+    src = open_image(sample_images(1)[0])
+    path = tmp_path / "person" / "big.jpg"
+    path.parent.mkdir()
+    src.resize((src.width * 8, src.height * 8), Image.BICUBIC).save(path, quality=92)  # 1232 px
+    opened = verifier.open(path.read_bytes())
+    assert opened.size == (154, 154)  # 1/8 scale: still over twice the 32 px input
+    _, store = load_images(protocol_folder([path]), verifier.img_size, workers=0, cache="on",
+                           what="test", min_identities=1)
+    eval_emb = embed_store(verifier.model, store, verifier.transform, batch_size=64,
+                           amp_dtype=verifier.amp_dtype, flip=verifier.flip)
+    np.testing.assert_allclose(verifier.embed([opened]), eval_emb, atol=1e-5)
+    np.testing.assert_allclose(verifier.embed([verifier.open(path)]), eval_emb, atol=1e-5)
+    full = resize_center_crop(open_image(path), verifier.img_size).astype(int)
+    assert np.abs(full - store.batch([0])[0].numpy()).mean() < 1.0
+    assert float(verifier.embed([open_image(path)])[0] @ eval_emb[0]) > 0.999
