@@ -340,33 +340,33 @@ class _FirstWorkerGated:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, 2, 3])
 async def test_a_burst_is_shared_between_free_workers(workers):
-    """Eight requests that queue while both workers are free run as two batches of four at once,
-    one per worker, instead of one batch of eight on the first thread while the second core
-    idles (one worker: one batch of eight). Every request gets its own rows back."""
+    """Twelve requests that queue while every worker is free run as one batch per worker, all at
+    once (two workers: 6 + 6, three: 4 + 4 + 4), instead of one batch of twelve on the first
+    thread while the other cores idle (one worker: one batch of twelve). Every request gets its
+    own rows back."""
     worker = EmbedWorker(max_batch=16, wait_ms=0, workers=workers)
     gated = _FirstWorkerGated(worker._queue)
     worker._queue = gated
     sizes: list[int] = []
-    together = threading.Barrier(2, timeout=5)  # only passes if two forward passes overlap
+    together = threading.Barrier(workers, timeout=5)  # passes only when every worker runs a pass
 
     class Recording:
         def embed(self, images):
             sizes.append(len(images))
-            if workers == 2:
-                together.wait()
+            together.wait()
             return np.array([[float(i), 1.0] for i in images], np.float32)
 
     try:
         v = Recording()
-        pending = [asyncio.ensure_future(worker.embed(v, [i])) for i in range(8)]
-        await asyncio.sleep(0.05)  # all eight are queued; no worker has looked yet
+        pending = [asyncio.ensure_future(worker.embed(v, [i])) for i in range(12)]
+        await asyncio.sleep(0.05)  # all twelve are queued; no worker has looked yet
         gated.gate.set()
         out = await asyncio.wait_for(asyncio.gather(*pending), 10)
     finally:
         gated.gate.set()
         worker.close()
-    assert [o[0][0] for o in out] == [float(i) for i in range(8)]
-    assert sizes == ([4, 4] if workers == 2 else [8])
+    assert [o[0][0] for o in out] == [float(i) for i in range(12)]
+    assert sizes == [12 // workers] * workers
     assert worker._in_flight == 0
