@@ -405,8 +405,10 @@ class ModelManager:
         self._switch = threading.Lock()  # one load at a time; readers never wait for it
         self.last_error: Optional[str] = None
         self._worker = EmbedWorker(settings.batch_max_size, settings.batch_wait_ms, workers)
-        # Decoding is CPU work too; bound how many images are decoded at once (and held in memory).
-        self._decode_limiter = anyio.CapacityLimiter(2)
+        # Decoding is CPU work too; bound how many images are decoded at once (and held in memory):
+        # one per core, at least two (Pillow decodes without the GIL, so a many-core host feeding
+        # a GPU decodes phone photos in parallel; a 12 MP JPEG still takes ~33 ms to read).
+        self._decode_limiter = anyio.CapacityLimiter(max(2, usable_cpus()))
 
     # -- which model ------------------------------------------------------------------------
 

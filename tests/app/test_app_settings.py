@@ -107,3 +107,53 @@ def test_inference_plan():
     assert inference_plan(2, "cuda") == (1, cores)
     assert inference_plan(2, "cpu") == (2, max(1, cores // 2))
     assert inference_plan(4, "cpu") == (4, max(1, cores // 4))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("cores,threads", [(1, 2), (2, 2), (4, 4)])
+async def test_uploads_are_decoded_on_one_thread_per_core(monkeypatch, tmp_path, cores, threads):
+    """As many uploads are decoded at once as there are cores (at least two), so a many-core host
+    serving a GPU is not held to two decoding threads; one more waits for a free thread."""
+    import io
+    import threading
+
+    import anyio
+    from PIL import Image
+
+    import app.serving as serving
+    from app.jobs import JobStore
+    from service_helpers import fake_loader, service_settings
+
+    monkeypatch.setattr(serving, "usable_cpus", lambda: cores)
+    manager = serving.ModelManager(service_settings(models_dir=tmp_path), JobStore(tmp_path / "jobs.db"),
+                                   loader=fake_loader)
+    together = threading.Barrier(threads, timeout=5)  # passes only if `threads` decodes run at once
+    running, peak, entered, lock = [0], [0], [0], threading.Lock()
+
+    class Model:
+        def prepare(self, img):
+            with lock:
+                running[0] += 1
+                entered[0] += 1
+                first = entered[0] <= threads
+                peak[0] = max(peak[0], running[0])
+            try:
+                if first:
+                    together.wait()
+            finally:
+                with lock:
+                    running[0] -= 1
+            return img
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "PNG")
+    served = serving.ServedModel(id="m", job_id=None, checkpoint="-", source="env", pinned=False,
+                                 loaded_at=0.0, verifier=Model())
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for i in range(threads + 1):
+                    tg.start_soon(manager.decode, buf.getvalue(), f"image{i}", served)
+        assert peak[0] == threads
+    finally:
+        manager.close()
