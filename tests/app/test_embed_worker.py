@@ -370,3 +370,52 @@ async def test_a_burst_is_shared_between_free_workers(workers):
     assert [o[0][0] for o in out] == [float(i) for i in range(12)]
     assert sizes == [12 // workers] * workers
     assert worker._in_flight == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("workers", [1, 2, 3])
+async def test_random_load_with_cancellations_answers_every_request_with_its_own_rows(workers):
+    """Clients come and go at random (one or two images a request, some cancelled while queued or
+    running): every request that is not cancelled gets exactly its own rows, no batch exceeds the
+    maximum, and the count of images in flight, which sizes each worker's share, returns to zero."""
+    import random
+
+    rng = random.Random(workers)
+    worker = EmbedWorker(max_batch=6, wait_ms=1, workers=workers)
+    sizes: list[int] = []
+
+    class Sleepy:
+        def embed(self, images):
+            sizes.append(len(images))
+            threading.Event().wait(rng.uniform(0.0005, 0.004))
+            return np.array([[float(i), 1.0] for i in images], np.float32)
+
+    v = Sleepy()
+
+    async def client(c: int) -> int:
+        done = 0
+        for k in range(12):
+            images = [c * 1000 + k * 10 + j for j in range(rng.choice([1, 1, 2]))]
+            task = asyncio.ensure_future(worker.embed(v, images))
+            if rng.random() < 0.15:
+                await asyncio.sleep(rng.uniform(0, 0.002))
+                task.cancel()
+            try:
+                out = await task
+            except asyncio.CancelledError:
+                continue
+            assert out[:, 0].tolist() == [float(i) for i in images]
+            done += 1
+            await asyncio.sleep(rng.uniform(0, 0.003))
+        return done
+
+    try:
+        answered = await asyncio.wait_for(asyncio.gather(*(client(c) for c in range(10))), 60)
+        for _ in range(100):  # a cancelled request still queued is dropped when a worker reaches it
+            if worker._in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        worker.close()
+    assert sum(answered) > 60 and max(sizes) <= 6
+    assert worker._in_flight == 0
