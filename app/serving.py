@@ -4,7 +4,8 @@
   request holds the `ServedModel` it started with, so requests in flight finish on the old model.
 - Forward passes run on inference worker threads, off the event loop, so `/health` stays quick
   under load: on a CPU with two or more cores two passes at once by default (FACEID_INFER_WORKERS),
-  each on half the cores, the second taking work only while the first is busy; on a GPU one
+  each on half the cores, the second taking work only while the first is busy (and the first
+  taking only an even share of the requests in flight while the second is free); on a GPU one
   (`inference_plan`). Requests that arrive while the workers are busy are embedded together in
   the next batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent load a worker also waits
   for requests still on their way, as long as each arrives within FACEID_BATCH_WAIT_MS (5) of the
@@ -211,13 +212,13 @@ class EmbedWorker:
             t.join(timeout=30)
 
     def _submit(self, work: _Work) -> None:
+        if self.workers == 1:  # no share to size: nothing to count
+            self._queue.put(work)
+            return
         with self._count:
             self._in_flight += len(work.images)
             self._peak = max(self._peak, self._in_flight)
         work.future.add_done_callback(functools.partial(self._answered, len(work.images)))
-        if self.workers == 1:
-            self._queue.put(work)
-            return
         with self._busy_changed:  # a helper waiting for work sees the put or is told of it
             self._queue.put(work)
             if self._busy[0]:  # every helper needs worker 0 busy; otherwise worker 0 takes it
@@ -270,7 +271,7 @@ class EmbedWorker:
             carry = None
             if first is None:
                 return
-            if index == 0:
+            if index == 0 and self.workers > 1:
                 with self._count:  # the load over worker 0's last cycle: collect, run, answer
                     self._load, self._peak = self._peak, self._in_flight
             batch = [first] if first.future.set_running_or_notify_cancel() else []

@@ -70,6 +70,8 @@ def main() -> int:
     verifier = None
     size, crop = args.img_size, args.crop
     if args.checkpoint:
+        import torch
+
         from faceid.inference import Verifier
 
         verifier = Verifier.from_checkpoint(args.checkpoint, device="cpu")
@@ -98,8 +100,6 @@ def main() -> int:
             scale = f"{opened.size[0]}x{opened.size[1]}"
             diffs.append(float(np.abs(a.astype(int) - b.astype(int)).mean()))
             if verifier is not None:
-                import torch
-
                 ea, eb = verifier.embed([torch.from_numpy(a), torch.from_numpy(b)])
                 cosines.append(float(ea @ eb))
         f, r = statistics.median(full_ms), statistics.median(red_ms)
