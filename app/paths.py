@@ -150,6 +150,12 @@ def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: P
             raise FieldError(name, f"{getattr(cfg, name)} is more than this server allows ({limit}: "
                              f"{'one per CPU core' if name != 'workers' else 'the service maximum'}); "
                              f"ask for at most {limit}")
+    if cfg.nproc_per_node > 1:
+        from faceid.runtime import gpu_shortage  # torch: only for a multi-process job
+
+        problem = gpu_shortage(cfg.device, cfg.nproc_per_node)
+        if problem:
+            raise FieldError("nproc_per_node", problem)
     out = cfg.to_json_dict()
     for name in ("train", "val"):
         folder = confine(data_dir, getattr(cfg, name), name, "dir")

@@ -146,6 +146,11 @@ class EventWriter:
 
 def _launch_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
     """Re-run this command under torchrun (torch.distributed.run) with the same arguments."""
+    from faceid.runtime import gpu_shortage  # imports torch, which torchrun's processes do anyway
+
+    problem = gpu_shortage(cfg.device, cfg.nproc_per_node)
+    if problem:
+        raise UserError(f"--nproc_per_node: {problem}")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}",
            f"--nnodes={cfg.nnodes}"]
     if cfg.nnodes == 1 and not cfg.rdzv_endpoint:

@@ -24,13 +24,18 @@ class DistEnv:
     world_size: int = 1
 
     @classmethod
-    def from_env(cls) -> "DistEnv":
+    def from_env(cls, device: str = "auto") -> "DistEnv":
+        """Join the torchrun job this process belongs to (if any) for a run on `device` (the
+        --device value): NCCL when it runs on GPUs, gloo when on CPUs, also on a GPU host."""
         ws = int(os.environ.get("WORLD_SIZE", "1"))
         env = cls(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), ws)
         if ws > 1 and not torch.distributed.is_initialized():
-            # NCCL between GPUs, gloo between CPU processes.
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = dist_backend(device)
             if backend == "nccl":
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", str(env.local_rank + 1)))
+                problem = gpu_shortage(device, max(local, env.local_rank + 1))
+                if problem:
+                    raise ConfigError(f"torchrun's nproc_per_node: {problem}")
                 torch.cuda.set_device(env.local_rank)
             torch.distributed.init_process_group(backend=backend)
         return env
@@ -56,6 +61,30 @@ class DistEnv:
     def close(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def runs_on_gpu(device: str) -> bool:
+    """Whether a run with this --device value computes on a CUDA GPU here."""
+    return device != "cpu" and torch.cuda.is_available()
+
+
+def dist_backend(device: str) -> str:
+    """torch.distributed's backend for a multi-process run on `device`: NCCL between GPUs, gloo
+    between CPU processes (--device cpu on a GPU host included: NCCL cannot carry CPU tensors)."""
+    return "nccl" if runs_on_gpu(device) else "gloo"
+
+
+def gpu_shortage(device: str, nproc_per_node: int) -> Optional[str]:
+    """Why `nproc_per_node` processes on `device` cannot each have a GPU of their own on this
+    node (NCCL needs one per process), or None when they can or the run is on CPUs."""
+    if nproc_per_node <= 1 or not runs_on_gpu(device):
+        return None
+    gpus = torch.cuda.device_count()
+    if nproc_per_node <= gpus:
+        return None
+    return (f"{nproc_per_node} processes on GPUs need {nproc_per_node} GPUs on each node (one per "
+            f"process) and this machine has {gpus}; ask for {gpus} or fewer, or set the device to "
+            f"cpu to train them on CPUs (gloo)")
 
 
 def resolve_device(name: str, dist: Optional[DistEnv] = None) -> torch.device:

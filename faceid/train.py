@@ -138,7 +138,7 @@ class Trainer:
         self.cfg = cfg
         self.emit_fn = on_event
         self.stop = stop or threading.Event()
-        self.dist = DistEnv.from_env()
+        self.dist = DistEnv.from_env(cfg.device)
         self.device = resolve_device(cfg.device, self.dist)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.ckpt_dir = Path(cfg.ckpt_dir)

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow,
 
 SMALL = ["--train_mode", "arcface", "--img_size", "32", "--batch_size", "8",
          "--eval_pairs", "200", "--workers", "0", "--threads", "1", "--lr", "0.001",
-         "--optimizer", "adamw", "--nproc_per_node", "2"]
+         "--optimizer", "adamw", "--nproc_per_node", "2", "--device", "cpu"]  # gloo, also on a GPU host
 
 
 def _env() -> dict[str, str]:
@@ -115,7 +115,7 @@ def test_two_process_job_through_post_jobs(tmp_path):
     app = create_app(settings)
     body = {"train_mode": "arcface", "train": "sample/train", "val": "sample/val", "img_size": 32,
             "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 2, "eval_pairs": 200, "workers": 0,
-            "threads": 1, "optimizer": "adamw", "lr": 0.001, "nproc_per_node": 2}
+            "threads": 1, "optimizer": "adamw", "lr": 0.001, "nproc_per_node": 2, "device": "cpu"}
 
     async def scenario() -> dict:
         async with app.router.lifespan_context(app):

@@ -263,3 +263,21 @@ async def test_job_json_never_carries_nan(make_app, job_body):
         text = r.text
         assert "NaN" not in text
         assert all(m["train_loss"] is None or math.isfinite(m["train_loss"]) for m in r.json()["metrics"])
+
+
+async def test_more_processes_than_gpus_is_422_and_names_the_fix(make_app, job_body, monkeypatch):
+    """On a GPU host each process of a job needs a GPU of its own (NCCL); the same job on CPUs is
+    accepted."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("app.paths.usable_cpus", lambda: 4)
+    async with running(make_app()) as client:
+        r = await client.post("/jobs", json={**job_body, "nproc_per_node": 2})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert "nproc_per_node: 2 processes on GPUs need 2 GPUs" in detail and "1 or fewer" in detail
+        assert (await client.get("/jobs")).json()["total"] == 0  # refused before a job was made
+        cpu = await client.post("/jobs", json={**job_body, "nproc_per_node": 2, "device": "cpu"})
+        assert cpu.status_code == 202, cpu.text
