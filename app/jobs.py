@@ -466,6 +466,10 @@ class JobRunner:
         self.store = store
         self.jobs_dir = jobs_dir
         self.trainer_cmd = list(trainer_cmd)
+        if self.trainer_cmd and os.sep in self.trainer_cmd[0] and not os.path.isabs(self.trainer_cmd[0]):
+            # A relative program path (sys.executable is one when PATH holds a relative folder, such as
+            # PATH=.venv/bin:$PATH) means the server's folder; the process starts in the job's folder.
+            self.trainer_cmd[0] = os.path.abspath(self.trainer_cmd[0])
         self.cancel_grace_s = cancel_grace_s
         self.poll_interval_s = poll_interval_s
         self.on_succeeded = on_succeeded

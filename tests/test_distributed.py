@@ -131,7 +131,9 @@ def test_two_process_job_through_post_jobs(tmp_path):
                         break
                     assert time.monotonic() < deadline, job
                     await anyio.sleep(0.5)
-                assert job["status"] == "succeeded", job
+                if job["status"] != "succeeded":
+                    logs = (await c.get(f"/jobs/{job_id}/logs", params={"tail": 20})).json()["lines"]
+                    pytest.fail(f"job {job['status']}: {job.get('error')}\n" + "\n".join(logs))
                 model = (await c.get("/model")).json()
                 return {"job": job, "model": model}
 

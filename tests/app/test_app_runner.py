@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -236,3 +238,14 @@ def test_tail_lines(tmp_path):
     path.write_text("\n".join(f"line {i}" for i in range(1000)) + "\n")
     assert tail_lines(path, 2) == ["line 998", "line 999"]
     assert tail_lines(path, 3, max_bytes=30)[-1] == "line 999"
+
+
+async def test_a_relative_trainer_path_means_the_servers_folder(make_app, job_body, tmp_path, monkeypatch):
+    """sys.executable is relative when PATH holds a relative folder (PATH=.venv/bin:$PATH); the
+    training process, which starts in the job's folder, must still be found."""
+    monkeypatch.chdir(Path(sys.executable).parent)
+    app = make_app(trainer_cmd=(os.path.join(".", Path(sys.executable).name), str(FAKE_TRAINER)))
+    async with running(app) as client:
+        job = (await client.post("/jobs", json=job_body)).json()
+        done = await wait_job(client, job["id"])
+        assert done["status"] == "succeeded", done.get("error")
