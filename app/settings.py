@@ -96,8 +96,11 @@ def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"{ENV_PREFIX}DEVICE={device!r} is not a device; use auto, cpu, cuda or cuda:N")
     compile_mode = (env.get(ENV_PREFIX + "COMPILE") or "off").strip().lower()
-    if compile_mode not in ("off", "freeze"):
-        raise ConfigError(f"{ENV_PREFIX}COMPILE={compile_mode!r} is not a mode; use off or freeze")
+    if compile_mode not in ("off", "freeze", "cudagraph"):
+        raise ConfigError(f"{ENV_PREFIX}COMPILE={compile_mode!r} is not a mode; use off, freeze or cudagraph")
+    if compile_mode == "cudagraph" and device == "cpu":
+        raise ConfigError(f"{ENV_PREFIX}COMPILE=cudagraph needs a CUDA GPU and {ENV_PREFIX}DEVICE is cpu; use "
+                          f"{ENV_PREFIX}COMPILE=off or freeze on a CPU")
     checkpoint = env.get(ENV_PREFIX + "CHECKPOINT") or None
     trainer = env.get(ENV_PREFIX + "TRAINER_CMD")
     return Settings(

@@ -59,11 +59,11 @@ PY
     echo "now: run(command=\"bash bench/gpu_check.sh run\", carry=[\"$GPU_DIR\"], timeout_s=560)"
 }
 
-run() {
-    local out=${OUT:-/tmp/faceid-gpu}
+setup() {
+    out=${OUT:-/tmp/faceid-gpu}
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1
-    local device=${GPU_DEVICE:-cuda}
+    device=${GPU_DEVICE:-cuda}
     if [ "$device" = cuda ] && [ -d "$GPU_DIR/whl" ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             "$GPU_DIR"/whl/*.whl || { echo "error: installing the carried wheels failed" >&2; exit 1; }
@@ -71,6 +71,21 @@ run() {
     else
         export PYTHONPATH=$PWD
     fi
+}
+
+# CUDA graph serving (FACEID_COMPILE=cudagraph) against eager: its GPU test, then both modes through
+# serve_throughput (offline and server, 1 and 16 clients, short rows); about 4 minutes.
+graphs() {
+    setup
+    timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_inference.py -k cuda_graph 2>&1 \
+        | tail -n 15 | tee "$out/graphs_test.txt"
+    timeout "${GPU_SERVE_LIMIT:-190}" python3 bench/serve_throughput.py --device "$device" --img_size "${GPU_IMG:-112}" \
+        --compile off,cudagraph --clients 1,16 --seconds 3 --warmup 1 --rounds 0 --pairs 2 --pair_seconds 2 \
+        --pair_processes 1 2>&1 | tee "$out/graphs_serve.txt"
+}
+
+run() {
+    setup
     { nvidia-smi || true; nproc; python3 -c 'import torch, fastapi, pydantic; print("torch", torch.__version__, "cuda",
 torch.cuda.is_available(), "fastapi", fastapi.__version__, "pydantic", pydantic.VERSION)'; } 2>&1 | tee "$out/env.txt"
     local data=$GPU_DIR/lfw
@@ -127,5 +142,6 @@ torch.cuda.is_available(), "fastapi", fastapi.__version__, "pydantic", pydantic.
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
-    *) echo "usage: bash bench/gpu_check.sh prepare|run" >&2; exit 2 ;;
+    graphs) graphs ;;
+    *) echo "usage: bash bench/gpu_check.sh prepare|run|graphs" >&2; exit 2 ;;
 esac

@@ -22,7 +22,7 @@ from faceid.runtime import resolve_amp, resolve_device
 log = logging.getLogger(__name__)
 
 THRESHOLD_NAMES = ("acc", "far_1e-2", "far_1e-3")
-COMPILE_MODES = ("off", "freeze")
+COMPILE_MODES = ("off", "freeze", "cudagraph")
 Threshold = Union[None, str, float]
 
 
@@ -62,6 +62,9 @@ class Verifier:
             raise ConfigError(f"compile={compile!r}: use one of {', '.join(COMPILE_MODES)}")
         self.path = path
         self.device = resolve_device(device)
+        if compile == "cudagraph" and self.device.type != "cuda":
+            raise ConfigError("compile=cudagraph replays recorded GPU kernel launches and needs a CUDA GPU; "
+                              "use compile off (or freeze) on a CPU")
         self.amp_dtype = resolve_amp(amp, self.device)
         try:
             self.img_size = int(ckpt["img_size"])
@@ -107,8 +110,11 @@ class Verifier:
         # norm folds into the convolutions, weights are packed once instead of on every call; see
         # bench/compile_speed.py). Shapes are static, so batches are padded to a power of two and
         # warmup() compiles each size up front.
+        # compile="cudagraph" (CUDA only): each padded batch size's forward pass is recorded once as a
+        # CUDA graph and replayed, so a small batch costs one launch instead of one per kernel.
         self.compile = compile
         self._forward = torch.compile(self.model, dynamic=False) if compile == "freeze" else self.model
+        self._graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", amp: str = "auto",
@@ -122,12 +128,44 @@ class Verifier:
 
         n = len(x)
         padded = 1 << max(0, n - 1).bit_length()
+        if self.compile == "cudagraph":
+            return self._replay(x, padded)
         if padded > n:
             x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with inductor_config.patch(freezing=True):
             return self._forward(x).float()[:n]
+
+    def _autocast_uncached(self):
+        # A graph must not capture autocast's cache of cast weights (PyTorch's CUDA graph notes).
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype, cache_enabled=False)
+
+    def _replay(self, x: torch.Tensor, padded: int) -> torch.Tensor:
+        """The forward pass of `x` through the CUDA graph of its padded batch size, recorded on first
+        use (warmup() records every size the server can form). Rows past len(x) hold whatever the
+        last batch left there; in eval mode each row's output depends on that row alone."""
+        entry = self._graphs.get(padded)
+        if entry is None:
+            static_in = torch.zeros((padded, *x.shape[1:]), dtype=x.dtype, device=self.device)
+            if self.channels_last:
+                static_in = static_in.contiguous(memory_format=torch.channels_last)
+            side = torch.cuda.Stream(self.device)  # cuDNN's first calls of each shape, off the graph
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), self._autocast_uncached():
+                for _ in range(2):
+                    self.model(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), self._autocast_uncached():
+                static_out = self.model(static_in).float()
+            entry = self._graphs[padded] = (graph, static_in, static_out)
+        graph, static_in, static_out = entry
+        static_in[:len(x)].copy_(x)
+        graph.replay()
+        return static_out[:len(x)].clone()  # the next replay overwrites static_out
 
     @torch.inference_mode()
     def warmup(self, max_images: int) -> int:

@@ -45,7 +45,8 @@ def test_values_from_environment(tmp_path):
     ({"FACEID_INFER_WORKERS": "two"}, "FACEID_INFER_WORKERS"),
     ({"FACEID_API_KEY": "short"}, "too short"),
     ({"FACEID_DEVICE": "tpu"}, "FACEID_DEVICE"),
-    ({"FACEID_COMPILE": "max-autotune"}, "FACEID_COMPILE.*use off or freeze"),
+    ({"FACEID_COMPILE": "max-autotune"}, "FACEID_COMPILE.*use off, freeze or cudagraph"),
+    ({"FACEID_COMPILE": "cudagraph", "FACEID_DEVICE": "cpu"}, "cudagraph needs a CUDA GPU.*off or freeze"),
     ({"FACEID_PUBLIC_DOCS": "maybe"}, "FACEID_PUBLIC_DOCS"),
 ])
 def test_bad_values_name_the_variable(env, needle):
