@@ -169,8 +169,8 @@ class Verifier:
 
     @torch.inference_mode()
     def warmup(self, max_images: int) -> int:
-        """Run every padded batch size up to `max_images` images once (with compile="freeze", that
-        compiles each); returns how many sizes ran."""
+        """Run every padded batch size up to `max_images` images once (compile="freeze" compiles
+        each, compile="cudagraph" records each); returns how many sizes ran."""
         views = 2 if self.flip else 1
         sizes = sorted({1 << max(0, b * views - 1).bit_length() for b in range(1, max(1, max_images) + 1)})
         x = torch.zeros(1, 3, self.img_size, self.img_size, dtype=torch.uint8)
