@@ -124,12 +124,12 @@ class Verifier:
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self.compile == "off":
             return self.model(x).float()
-        import torch._inductor.config as inductor_config
-
         n = len(x)
         padded = 1 << max(0, n - 1).bit_length()
         if self.compile == "cudagraph":
             return self._replay(x, padded)
+        import torch._inductor.config as inductor_config  # freeze only: no inductor for graphs
+
         if padded > n:
             x = torch.cat([x, x.new_zeros((padded - n, *x.shape[1:]))])
         if self.channels_last:

@@ -32,8 +32,8 @@ class DistEnv:
         if ws > 1 and not torch.distributed.is_initialized():
             backend = dist_backend(device)
             if backend == "nccl":
-                local = int(os.environ.get("LOCAL_WORLD_SIZE", str(env.local_rank + 1)))
-                problem = gpu_shortage(device, max(local, env.local_rank + 1))
+                local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), env.local_rank + 1)
+                problem = gpu_shortage(device, local)
                 if problem:
                     raise ConfigError(f"torchrun's nproc_per_node: {problem}")
                 torch.cuda.set_device(env.local_rank)
