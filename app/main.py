@@ -32,6 +32,7 @@ from faceid.omp import serving_defaults
 from app import errors
 from app.jobs import JobRunner, JobStore
 from app.middleware import DOCS_PATHS, OPEN_PATHS, APIKeyMiddleware, BodyLimitMiddleware
+from app.replicas import ReplicaSupervisor
 from app.routes import health, inference, jobs, models
 from app.serving import ModelManager, VerifierLoader
 from app.settings import Settings, load_settings, prepare_dirs
@@ -105,11 +106,15 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
         runner = JobRunner(store=store, jobs_dir=s.jobs_dir, trainer_cmd=s.trainer_cmd,
                            cancel_grace_s=s.cancel_grace_s, poll_interval_s=s.poll_interval_s,
                            on_succeeded=manager.on_job_succeeded)
+        replicas = ReplicaSupervisor(s) if s.infer_replicas else None
         try:
             await anyio.to_thread.run_sync(runner.recover)
             await anyio.to_thread.run_sync(manager.start)
             runner.start()
+            if replicas is not None:  # after the model: they start serving what the database names
+                replicas.start()
             app.state.store, app.state.runner, app.state.models = store, runner, manager
+            app.state.replicas = replicas
             app.state.settings = s  # last: the API-key middleware answers 503 until it is set
             log.info("FaceID service ready: data %s, models %s, model %s, API key %s", s.data_dir,
                      s.models_dir, manager.current.id if manager.current else "none",
@@ -117,6 +122,8 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
             yield
         finally:
             app.state.settings = None
+            if replicas is not None:
+                await anyio.to_thread.run_sync(replicas.stop)
             await anyio.to_thread.run_sync(runner.stop)
             manager.close()
             store.close()

@@ -127,6 +127,14 @@ class BatchingOut(BaseModel):
                                                            "before the first)")
 
 
+class ReplicasOut(BaseModel):
+    replicas: int = Field(description="FACEID_INFER_REPLICAS: extra server processes answering /embed and /verify")
+    host: str = Field(description="FACEID_INFER_HOST, where they listen")
+    port: int = Field(description="FACEID_INFER_PORT, the port they share")
+    pids: list[int] = Field(description="the replicas' processes running now")
+    restarts: int = Field(description="replicas started again after exiting, since the server started")
+
+
 class ModelOut(BaseModel):
     model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [{
         "id": _JOB_ID, "job_id": _JOB_ID, "checkpoint": f"/srv/models/jobs/{_JOB_ID}/backbone_best.pt",
@@ -153,7 +161,9 @@ class ModelOut(BaseModel):
     arch: Optional[str] = None
     train_mode: Optional[str] = None
     batching: Optional[BatchingOut] = Field(default=None, description="how /embed and /verify requests "
-                                            "have been batched since the server started")
+                                            "have been batched since the server started (on this port)")
+    replicas: Optional[ReplicasOut] = Field(default=None, description="the inference replicas (null: none); "
+                                            "each follows this model")
 
 
 class EmbedOut(BaseModel):

@@ -403,6 +403,7 @@ class ModelManager:
                                                   max_batch=settings.batch_max_size, workers=workers,
                                                   threads=threads)
         self._current: Optional[ServedModel] = None
+        self._followed: Optional[dict[str, Any]] = None  # the database's state follow() last acted on
         self._switch = threading.Lock()  # one load at a time; readers never wait for it
         self.last_error: Optional[str] = None
         self._worker = EmbedWorker(settings.batch_max_size, settings.batch_wait_ms, workers)
@@ -429,9 +430,10 @@ class ModelManager:
         return model
 
     def load(self, path: Path, *, job_id: Optional[str], source: str, pinned: bool,
-             unless_pinned: bool = False) -> Optional[ServedModel]:
+             unless_pinned: bool = False, remember: bool = True) -> Optional[ServedModel]:
         """Build the Verifier for `path`, then make it the served model. Raises CheckpointError
-        (the current model stays). With `unless_pinned`, a pinned model is kept (returns None)."""
+        (the current model stays). With `unless_pinned`, a pinned model is kept (returns None).
+        With `remember`, the job database records it (a replica, which follows it, does not)."""
         with self._switch:
             if unless_pinned and self._current is not None and self._current.pinned:
                 log.info("keeping the pinned model %s; %s is not served", self._current.id, path)
@@ -450,8 +452,9 @@ class ModelManager:
                                  loaded_at=time.time(), verifier=verifier)
             self._current = served  # the switch: one reference assignment
             self.last_error = None
-            self.store.set_state(STATE_KEY, {"checkpoint": str(path), "job_id": job_id, "source": source,
-                                             "pinned": pinned})
+            if remember:
+                self.store.set_state(STATE_KEY, {"checkpoint": str(path), "job_id": job_id, "source": source,
+                                                 "pinned": pinned})
         log.info("serving %s (%s)", served.id, path)
         return served
 
@@ -482,6 +485,25 @@ class ModelManager:
                 self.load(Path(jobs[0]["checkpoint"]), job_id=jobs[0]["id"], source="job", pinned=False)
             except FaceIDError as e:
                 log.error("job %s's checkpoint cannot be served: %s", jobs[0]["id"], e)
+
+    def follow(self) -> bool:
+        """An inference replica's step (app/replicas.py): serve the model the job database says the
+        main server serves. True when it switched; a checkpoint that fails to load is logged once
+        and tried again only when the database names another."""
+        state = self.store.get_state(STATE_KEY)
+        if not state or state == self._followed:
+            return False
+        self._followed = state
+        current = self._current
+        if current is not None and current.checkpoint == state["checkpoint"]:
+            return False
+        try:
+            self.load(Path(state["checkpoint"]), job_id=state.get("job_id"), source=state.get("source", "job"),
+                      pinned=bool(state.get("pinned")), remember=False)
+        except FaceIDError as e:
+            log.error("the main server's model %s cannot be served here: %s", state["checkpoint"], e)
+            return False
+        return True
 
     def on_job_succeeded(self, job: dict[str, Any]) -> None:
         """Called by the runner: serve the new job's best checkpoint unless a model is pinned."""

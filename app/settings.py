@@ -36,6 +36,10 @@ class Settings:
     batch_wait_ms: float = 5.0
     infer_workers: int = 0  # forward passes run at once; 0: app.serving.inference_plan decides
     compile: str = "off"  # faceid.inference.COMPILE_MODES
+    # Extra server processes answering /embed and /verify on infer_port (app/replicas.py); 0: none.
+    infer_replicas: int = 0
+    infer_port: Optional[int] = None
+    infer_host: str = "127.0.0.1"
     max_queued_jobs: int = 100
     cancel_grace_s: float = 30.0
     poll_interval_s: float = 0.5
@@ -101,6 +105,11 @@ def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
     if compile_mode == "cudagraph" and device == "cpu":
         raise ConfigError(f"{ENV_PREFIX}COMPILE=cudagraph needs a CUDA GPU and {ENV_PREFIX}DEVICE is cpu; use "
                           f"{ENV_PREFIX}COMPILE=off or freeze on a CPU")
+    replicas = int(_number(env, "INFER_REPLICAS", 0, 0, 64, integer=True))
+    infer_port = int(_number(env, "INFER_PORT", 0, 0, 65535, integer=True)) or None
+    if replicas and infer_port is None:
+        raise ConfigError(f"{ENV_PREFIX}INFER_REPLICAS={replicas} needs {ENV_PREFIX}INFER_PORT, the port the replicas "
+                          f"answer /embed and /verify on (not the main server's port); or set {ENV_PREFIX}INFER_REPLICAS=0")
     checkpoint = env.get(ENV_PREFIX + "CHECKPOINT") or None
     trainer = env.get(ENV_PREFIX + "TRAINER_CMD")
     return Settings(
@@ -116,6 +125,9 @@ def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
         batch_wait_ms=_number(env, "BATCH_WAIT_MS", 5.0, 0, 10_000),
         infer_workers=int(_number(env, "INFER_WORKERS", 0, 0, 64, integer=True)),
         compile=compile_mode,
+        infer_replicas=replicas,
+        infer_port=infer_port,
+        infer_host=(env.get(ENV_PREFIX + "INFER_HOST") or "127.0.0.1").strip(),
         max_queued_jobs=int(_number(env, "MAX_QUEUED_JOBS", 100, 1, 100_000, integer=True)),
         cancel_grace_s=_number(env, "CANCEL_GRACE_S", 30.0, 0, 3600),
         trainer_cmd=tuple(shlex.split(trainer)) if trainer else Settings.trainer_cmd,

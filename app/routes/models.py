@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import get_models, get_store, job_or_404
 from app.jobs import JobStore
 from app.routes.jobs import JOB_ID, NOT_FOUND, UNAUTHORIZED, error
-from app.schemas import BatchingOut, ModelOut, iso
+from app.schemas import BatchingOut, ModelOut, ReplicasOut, iso
 from app.serving import ModelManager, ServedModel
 
 router = APIRouter(tags=["models"])
@@ -25,11 +25,14 @@ def model_out(served: ServedModel) -> ModelOut:
 
 @router.get("/model", response_model=ModelOut, summary="The served model",
             responses={**UNAUTHORIZED, **NO_MODEL})
-def get_model(models: ModelManager = Depends(get_models)) -> ModelOut:
+def get_model(request: Request, models: ModelManager = Depends(get_models)) -> ModelOut:
     """The model /embed and /verify use: its job, checkpoint, metrics, thresholds, image size;
-    and how requests have been batched since the server started."""
+    how requests have been batched since the server started; the inference replicas, if any."""
     out = model_out(models.require())
     out.batching = BatchingOut(**models.batching())
+    replicas = getattr(request.app.state, "replicas", None)
+    if replicas is not None:
+        out.replicas = ReplicasOut(**replicas.describe())
     return out
 
 
