@@ -1,0 +1,262 @@
+"""Inference replicas (FACEID_INFER_REPLICAS, app/replicas.py): extra server processes answering
+/embed and /verify on FACEID_INFER_PORT with the main server's model.
+
+In process (fake verifier): a replica follows the model the main server serves, through the job
+database, and answers only the inference and health routes. Real processes (a tiny real
+checkpoint): replicas answer as the main server does, one killed is started again while the
+others keep answering, and none outlives the main server, stopped or killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import numpy as np
+import pytest
+
+from app.replicas import ReplicaSupervisor, create_replica_app
+from app.serving import STATE_KEY, ModelManager
+from app.jobs import JobStore
+from app.settings import load_settings
+from faceid.errors import ConfigError
+from service_helpers import fake_loader, image_bytes, running, wait_job, write_fake_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- settings and the supervisor -------------------------------------------------------------------
+
+
+def test_replicas_need_a_port_of_their_own():
+    with pytest.raises(ConfigError, match="FACEID_INFER_REPLICAS=2 needs FACEID_INFER_PORT"):
+        load_settings({"FACEID_INFER_REPLICAS": "2"})
+    s = load_settings({"FACEID_INFER_REPLICAS": "2", "FACEID_INFER_PORT": "8001"})
+    assert (s.infer_replicas, s.infer_port, s.infer_host) == (2, 8001, "127.0.0.1")
+    assert load_settings({}).infer_replicas == 0
+    with pytest.raises(ConfigError, match="FACEID_INFER_PORT='http' is not a whole number"):
+        load_settings({"FACEID_INFER_REPLICAS": "1", "FACEID_INFER_PORT": "http"})
+
+
+def test_a_port_in_use_is_a_clear_error_and_starts_nothing(make_settings):
+    with socket.socket() as taken:  # an ordinary listener (no SO_REUSEPORT), e.g. another server
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sup = ReplicaSupervisor(make_settings(infer_replicas=2, infer_port=port))
+        with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port} .*give FACEID_INFER_PORT a free port"):
+            sup.start()
+        assert sup.describe()["pids"] == []
+
+
+# -- following the main server's model (in process) ------------------------------------------------
+
+
+def test_follow_loads_what_the_database_names_once_and_never_writes_it(make_settings, tmp_path):
+    s = make_settings()
+    s.models_dir.mkdir(parents=True)
+    store = JobStore(s.db_path)
+    loads: list[Path] = []
+
+    def loader(path: Path, device: str):
+        loads.append(path)
+        return fake_loader(path, device)
+
+    follower = ModelManager(s, store, loader=loader)
+    try:
+        assert follower.follow() is False and follower.current is None  # the main server serves nothing yet
+        a, b = write_fake_checkpoint(tmp_path / "a.json"), write_fake_checkpoint(tmp_path / "b.json", epoch=2)
+        state_a = {"checkpoint": str(a), "job_id": None, "source": "env", "pinned": False}
+        store.set_state(STATE_KEY, state_a)
+        assert follower.follow() is True and follower.current.checkpoint == str(a)
+        assert follower.follow() is False and loads == [a]  # unchanged: not loaded again
+        broken = tmp_path / "broken.json"
+        broken.write_text("{")
+        store.set_state(STATE_KEY, {**state_a, "checkpoint": str(broken)})
+        assert follower.follow() is False and follower.follow() is False
+        assert loads == [a, broken] and follower.current.checkpoint == str(a)  # tried once; the old model stays
+        state_b = {"checkpoint": str(b), "job_id": "x", "source": "activated", "pinned": True}
+        store.set_state(STATE_KEY, state_b)
+        assert follower.follow() is True
+        assert (follower.current.checkpoint, follower.current.pinned, follower.current.source) == (str(b), True, "activated")
+        assert store.get_state(STATE_KEY) == state_b  # a follower records nothing
+    finally:
+        follower.close()
+        store.close()
+
+
+@pytest.mark.anyio
+async def test_a_replica_serves_the_main_servers_model_and_follows_a_new_one(make_app, make_settings, job_body):
+    main_app = make_app()
+    replica_app = create_replica_app(make_settings(), verifier_loader=fake_loader)
+    files = {"image": ("a.jpg", image_bytes(), "image/jpeg")}
+    async with running(main_app) as main:
+        async with running(replica_app) as replica:
+            r = await replica.post("/embed", files=files)
+            assert r.status_code == 503 and "no model is loaded yet" in r.json()["detail"]
+            assert (await replica.get("/ready")).status_code == 503
+            r = await main.post("/jobs", json=job_body)
+            job = await wait_job(main, r.json()["id"])
+            assert job["status"] == "succeeded"
+            deadline = time.monotonic() + 10
+            while (r := await replica.post("/embed", files=files)).status_code != 200 and time.monotonic() < deadline:
+                await anyio.sleep(0.05)
+            assert r.status_code == 200 and r.json()["model"] == job["id"]
+            on_main = await main.post("/embed", files=files)
+            assert np.allclose(r.json()["embedding"], on_main.json()["embedding"])
+            r = await replica.post("/verify", files={"image1": ("a.jpg", image_bytes(), "image/jpeg"),
+                                                     "image2": ("b.png", image_bytes("PNG"), "image/png")})
+            assert r.status_code == 200 and r.json()["model"] == job["id"]
+            assert (await replica.get("/ready")).json() == {"ready": True, "model": job["id"], "detail": None}
+            for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/model"), ("GET", "/docs")):
+                assert (await replica.request(method, path)).status_code == 404, path
+
+
+@pytest.mark.anyio
+async def test_a_replica_asks_for_the_api_key_as_the_main_server_does(make_settings, tmp_path):
+    ckpt = write_fake_checkpoint(tmp_path / "m.json")
+    s = make_settings(api_key="k" * 12)
+    s.models_dir.mkdir(parents=True)
+    store = JobStore(s.db_path)
+    store.set_state(STATE_KEY, {"checkpoint": str(ckpt), "job_id": None, "source": "env", "pinned": False})
+    store.close()
+    async with running(create_replica_app(s, verifier_loader=fake_loader)) as replica:
+        files = {"image": ("a.jpg", image_bytes(), "image/jpeg")}
+        assert (await replica.post("/embed", files=files)).status_code == 401
+        assert (await replica.post("/embed", files=files, headers={"X-API-Key": "k" * 12})).status_code == 200
+        assert (await replica.get("/health")).status_code == 200
+
+
+# -- real processes ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    from core_fixtures import tiny_arcface_run
+
+    return tiny_arcface_run(tmp_path_factory).best
+
+
+class MainServer:
+    """`uvicorn --factory app.main:create_app` with FACEID_INFER_REPLICAS replicas."""
+
+    def __init__(self, tmp: Path, checkpoint: Path, replicas: int) -> None:
+        self.port, self.infer_port = _free_port(), _free_port()
+        self.base, self.infer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.infer_port}"
+        self.log = tmp / "server.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_")}
+        env.update(FACEID_DATA_DIR=str(REPO / "data"), FACEID_MODELS_DIR=str(tmp / "models"),
+                   FACEID_CHECKPOINT=str(checkpoint), FACEID_DEVICE="cpu", FACEID_INFER_REPLICAS=str(replicas),
+                   FACEID_INFER_PORT=str(self.infer_port), PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
+                                          "--host", "127.0.0.1", "--port", str(self.port)],
+                                         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.wait(lambda: self.get(self.infer + "/ready") == 200 and self.get(self.base + "/ready") == 200,
+                  120, "the server and its replicas to be ready")
+
+    def get(self, url: str) -> int:
+        try:
+            return httpx.get(url, timeout=5).status_code
+        except httpx.TransportError:
+            return 0
+
+    def wait(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
+                pytest.fail(f"timed out waiting for {what}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def replicas(self) -> dict:
+        return httpx.get(self.base + "/model", timeout=10).json()["replicas"]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its parent to reap it has exited
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _embed(base: str, image: bytes) -> httpx.Response:
+    return httpx.post(base + "/embed", files={"image": ("a.jpg", image, "image/jpeg")}, timeout=60)
+
+
+@pytest.mark.e2e
+def test_replicas_answer_as_the_main_server_and_one_killed_is_started_again(tmp_path, checkpoint):
+    image = (REPO / "data" / "sample" / "val").rglob("*.jpg").__next__().read_bytes()
+    server = MainServer(tmp_path, checkpoint, replicas=2)
+    try:
+        info = server.replicas()
+        assert (info["replicas"], info["port"], info["host"], info["restarts"]) == (2, server.infer_port, "127.0.0.1", 0)
+        assert len(info["pids"]) == 2 and all(_alive(p) for p in info["pids"])
+        main, replica = _embed(server.base, image), _embed(server.infer, image)
+        assert main.status_code == replica.status_code == 200, replica.text
+        assert replica.json()["model"] == main.json()["model"]
+        assert np.allclose(replica.json()["embedding"], main.json()["embedding"], atol=5e-3)
+        assert httpx.get(server.infer + "/jobs", timeout=10).status_code == 404
+
+        victim, survivor = info["pids"]
+        os.kill(victim, signal.SIGKILL)
+        # Reaped by the server (within a second): its socket is gone too. A connection made in the
+        # moment between the kill and the socket's end can be reset, as with any process killed.
+        server.wait(lambda: not Path(f"/proc/{victim}").exists(), 10, "the killed replica to be reaped")
+        for _ in range(8):  # new connections go to the replica still running
+            r = _embed(server.infer, image)
+            assert r.status_code == 200, r.text
+        server.wait(lambda: server.replicas()["restarts"] == 1 and len(server.replicas()["pids"]) == 2, 60,
+                    "the killed replica to be started again")
+        pids = server.replicas()["pids"]
+        assert survivor in pids and victim not in pids
+        assert "inference replica" in server.log.read_text() and "killed by SIGKILL" in server.log.read_text()
+        server.wait(lambda: all(_embed(server.infer, image).status_code == 200 for _ in range(4)), 60,
+                    "the replicas to answer again")
+    finally:
+        server.stop()
+    assert not any(_alive(p) for p in pids), "a replica outlived the server"
+
+
+@pytest.mark.e2e
+def test_replicas_stop_by_themselves_when_the_main_server_is_killed(tmp_path, checkpoint):
+    server = MainServer(tmp_path, checkpoint, replicas=1)
+    pids = server.replicas()["pids"]
+    server.proc.kill()  # no shutdown: the replicas must notice on their own
+    server.proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), "a replica outlived the killed server"
