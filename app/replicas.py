@@ -72,15 +72,19 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class _Replica:
-    def __init__(self, index: int, sock: socket.socket) -> None:
-        self.index, self.sock = index, sock
+    def __init__(self, index: int) -> None:
+        self.index = index
         self.proc: Optional[subprocess.Popen] = None
         self.started = 0.0
         self.restarts = 0
 
 
 class ReplicaSupervisor:
-    """Starts `settings.infer_replicas` replica processes, restarts those that exit, stops them."""
+    """Starts `settings.infer_replicas` replica processes, restarts those that exit, stops them.
+
+    Each replica gets a socket of its own, bound here and then closed here: while a replica is
+    down, the kernel spreads new connections over the others instead of queueing them on a socket
+    nobody accepts from."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -90,9 +94,6 @@ class ReplicaSupervisor:
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
 
-    def _command(self, fd: int) -> list[str]:
-        return [sys.executable, "-m", "app.replicas", str(fd)]
-
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)  # where the app package is, wherever we run
@@ -101,29 +102,31 @@ class ReplicaSupervisor:
         # The main server's absolute folders, so a replica reads the same job database.
         env["FACEID_MODELS_DIR"], env["FACEID_DATA_DIR"] = str(self.settings.models_dir), str(self.settings.data_dir)
         env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // max(1, self.n))))
-        env.setdefault("FACEID_INFER_WORKERS", "1")
+        env["FACEID_INFER_WORKERS"] = "1"  # the replicas are the passes that run at once
         return env
 
     def _spawn(self, r: _Replica) -> None:
-        fd = r.sock.fileno()
-        r.proc = subprocess.Popen(self._command(fd), pass_fds=(fd,), env=self._env(), stdin=subprocess.DEVNULL)
+        assert self.settings.infer_port is not None
+        sock = _bind(self.settings.infer_host, self.settings.infer_port)
+        try:
+            fd = sock.fileno()
+            r.proc = subprocess.Popen([sys.executable, "-m", "app.replicas", str(fd)], pass_fds=(fd,),
+                                      env=self._env(), stdin=subprocess.DEVNULL)
+        finally:
+            sock.close()  # the replica holds it now
         r.started = time.monotonic()
         log.info("inference replica %d started (pid %d) on %s:%s", r.index, r.proc.pid, self.settings.infer_host,
                  self.settings.infer_port)
 
     def start(self) -> None:
-        assert self.settings.infer_port is not None
-        socks = []
+        """Start every replica; raises ConfigError when the port cannot be bound (none is left running)."""
+        self._replicas = [_Replica(i) for i in range(self.n)]
         try:
-            for _ in range(self.n):
-                socks.append(_bind(self.settings.infer_host, self.settings.infer_port))
+            for r in self._replicas:
+                self._spawn(r)
         except ConfigError:
-            for s in socks:
-                s.close()
+            self.stop()
             raise
-        self._replicas = [_Replica(i, s) for i, s in enumerate(socks)]
-        for r in self._replicas:
-            self._spawn(r)
         self._thread = threading.Thread(target=self._watch, name="faceid-replicas", daemon=True)
         self._thread.start()
 
@@ -133,17 +136,20 @@ class ReplicaSupervisor:
                 with self._lock:
                     if self._stop.is_set() or r.proc is None or r.proc.poll() is None:
                         continue
-                    rc = r.proc.returncode
                     quick = time.monotonic() - r.started < QUICK_DEATH_S
                     log.error("inference replica %d (pid %d) exited (%s); starting it again%s", r.index, r.proc.pid,
-                              _describe(rc), f" in {RESTART_PAUSE_S:.0f} s" if quick else "")
+                              _describe(r.proc.returncode), f" in {RESTART_PAUSE_S:.0f} s" if quick else "")
                     r.proc = None
                 if quick and self._stop.wait(RESTART_PAUSE_S):
                     return
                 with self._lock:
-                    if not self._stop.is_set():
-                        r.restarts += 1
+                    if self._stop.is_set():
+                        return
+                    r.restarts += 1
+                    try:
                         self._spawn(r)
+                    except (ConfigError, OSError) as e:  # tried again on the next round
+                        log.error("inference replica %d cannot be started again: %s", r.index, e)
 
     def describe(self) -> dict[str, Any]:
         with self._lock:
@@ -169,7 +175,6 @@ class ReplicaSupervisor:
                     p.wait()
             for r in self._replicas:
                 r.proc = None
-                r.sock.close()
 
 
 def _describe(rc: Optional[int]) -> str:

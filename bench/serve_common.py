@@ -116,14 +116,19 @@ class Server:
     """The production app under uvicorn, serving `checkpoint`; `with Server(...) as s:`."""
 
     def __init__(self, checkpoint: Optional[Path], *, device: str = "cpu", env: Optional[dict[str, str]] = None,
-                 unset: tuple[str, ...] = (), data_dir: Optional[Path] = None) -> None:
+                 unset: tuple[str, ...] = (), data_dir: Optional[Path] = None, replicas: int = 0) -> None:
         self.checkpoint = checkpoint  # None: serve nothing at start (a job will make the model)
         self.data_dir = data_dir or REPO / "data"
         self.device = device
         self.extra = env or {}
         self.unset = unset
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.api = f"http://127.0.0.1:{self.port}"  # every route (jobs, GET /model, ...)
+        # With replicas (FACEID_INFER_REPLICAS), /embed and /verify go to their port; else the main one
+        self.replicas = replicas
+        self.infer_port = free_port() if replicas else self.port
+        self.base = f"http://127.0.0.1:{self.infer_port}"
+        self.replica_pids: list[int] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="faceid-bench-server-"))
         self.log_path = self.tmp / "server.log"
         self.proc: Optional[subprocess.Popen] = None
@@ -133,12 +138,19 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def pids(self) -> list[int]:
+        """The main server's process and its inference replicas' (as they were at start)."""
+        return [self.pid, *self.replica_pids]
+
     def __enter__(self) -> "Server":
         env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_") and k not in self.unset}
         env.update(FACEID_MODELS_DIR=str(self.tmp / "models"), FACEID_DATA_DIR=str(self.data_dir),
                    FACEID_DEVICE=self.device, PYTHONPATH=pythonpath(), **self.extra)
         if self.checkpoint is not None:
             env["FACEID_CHECKPOINT"] = str(self.checkpoint)
+        if self.replicas:
+            env.update(FACEID_INFER_REPLICAS=str(self.replicas), FACEID_INFER_PORT=str(self.infer_port))
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
         with open(self.log_path, "wb") as log:
@@ -146,8 +158,12 @@ class Server:
         deadline = time.monotonic() + 180
         while True:
             try:
-                r = httpx.get(self.base + ("/ready" if self.checkpoint is not None else "/health"), timeout=5)
+                r = httpx.get(self.api + ("/ready" if self.checkpoint is not None else "/health"), timeout=5)
+                if r.status_code == 200 and self.replicas and self.checkpoint is not None:
+                    r = httpx.get(self.base + "/ready", timeout=5)  # the replicas have loaded the model too
                 if r.status_code == 200:
+                    if self.replicas:
+                        self.replica_pids = httpx.get(self.api + "/model", timeout=5).json()["replicas"]["pids"]
                     return self
                 if "cannot" in r.text or "failed" in r.text:
                     self.__exit__()
@@ -170,10 +186,14 @@ class Server:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def cpu_seconds(pid: int, thread_prefix: str = "faceid-embed") -> tuple[float, float]:
+def cpu_seconds(pid: "int | list[int]", thread_prefix: str = "faceid-embed") -> tuple[float, float]:
     """(CPU seconds of process `pid`, of which in its threads whose OS name starts with
     `thread_prefix`), from /proc (Linux): the server's forward-pass thread and the OpenMP threads it
-    started carry that name (app.serving), so the rest is HTTP, parsing, decoding and answering."""
+    started carry that name (app.serving), so the rest is HTTP, parsing, decoding and answering.
+    A list of pids: their sums (a server and its inference replicas)."""
+    if isinstance(pid, list):
+        parts = [cpu_seconds(p, thread_prefix) for p in pid]
+        return sum(t for t, _ in parts), sum(n for _, n in parts)
     tick = os.sysconf("SC_CLK_TCK")
 
     def stat(path: Path) -> tuple[str, float]:

@@ -288,9 +288,9 @@ async def server_rate(server: Server, clients: int, seconds: float, warmup: floa
         await run_clients(clients, warmup, one, c)
         record = True
         b0 = batching(server)
-        cpu0, client0 = cpu_seconds(server.pid), time.process_time()
+        cpu0, client0 = cpu_seconds(server.pids), time.process_time()
         wall = await run_clients(clients, seconds, one, c)
-        cpu1, client1 = cpu_seconds(server.pid), time.process_time()
+        cpu1, client1 = cpu_seconds(server.pids), time.process_time()
         b1 = batching(server)
     finally:
         await (c.aclose() if client_kind == "httpx" else c.close())
@@ -315,11 +315,13 @@ TIMING_PARTS = ("read", "decode", "queue", "forward", "handback", "total", "outs
 
 def batching(server: Server) -> dict[str, Any]:
     """The server's own count of forward passes and images (GET /model's `batching`)."""
-    return httpx.get(server.base + "/model", timeout=30).json()["batching"]
+    if server.replicas:  # each replica batches on its own and has no GET /model: not counted
+        return {"batches": 0, "images": 0}
+    return httpx.get(server.api + "/model", timeout=30).json()["batching"]
 
 
 def run_pairs(args: argparse.Namespace, ckpt: Path, key: tuple[str, str], plans: dict[int, int], wait: float,
-              bmax: int, most: int, jpeg: tuple[str, bytes]) -> list[dict[str, Any]]:
+              bmax: int, most: int, jpeg: tuple[str, bytes], replicas: int = 0) -> list[dict[str, Any]]:
     """Issue 6's goals measured in interleaved pairs: blocks of the offline forward pass and of the
     server, one right after the other, so that both see the same state of the machine (its speed
     drifts by 25 % within minutes here); the order flips every pair."""
@@ -333,7 +335,7 @@ def run_pairs(args: argparse.Namespace, ckpt: Path, key: tuple[str, str], plans:
         count = args.pairs // couples + (c < args.pairs % couples)
         child = OfflineChild(pol, ckpt, args, mode)
         try:
-            with Server(ckpt, device=args.device, env=env, unset=unset) as server:
+            with Server(ckpt, device=args.device, env=env, unset=unset, replicas=replicas) as server:
                 asyncio.run(server_rate(server, most, 1, 1, jpeg, args.client))  # warm both up once
                 for _ in range(count):
                     k = len(pairs)
@@ -365,12 +367,14 @@ def run_pairs(args: argparse.Namespace, ckpt: Path, key: tuple[str, str], plans:
 
 
 def print_pairs(args: argparse.Namespace, pairs: list[dict[str, Any]], key: tuple[str, str], plans: dict[int, int],
-                wait: float, bmax: int, most: int) -> None:
+                wait: float, bmax: int, most: int, replicas: int = 0) -> None:
     mode, pol = key
+    passes = replicas or plans[next(iter(plans))]
     print()
     print(f"Issue 6's goals in {len(pairs)} interleaved pairs of {args.pair_seconds:g} s blocks over "
           f"{max(p['couple'] for p in pairs)} fresh (offline process, server) couples (compile {mode}"
-          f"{', ' + pol if pol else ''}, wait {wait:g} ms, max {bmax}, workers {plans[next(iter(plans))]}): each "
+          f"{', ' + pol if pol else ''}, wait {wait:g} ms, max {bmax}, "
+          f"{f'{replicas} inference replicas' if replicas else f'workers {passes}'}): each "
           f"pair measures the offline single forward pass and the server with 1 client, then the offline batched "
           f"rate (one pass at a time, and passes at once) and the server with {most} clients, one "
           "block right after the other, the order flipped every pair; service = each request's latency minus "
@@ -382,7 +386,7 @@ def print_pairs(args: argparse.Namespace, pairs: list[dict[str, Any]], key: tupl
     # which would pick the luckier of two noisy figures every time.
     modes = {"batched_1": f"one pass of {args.batch} at a time"}
     if all(r["batched_w"] == r["batched_w"] for r in pairs):
-        modes["batched_w"] = f"{plans[next(iter(plans))]} passes of {args.batch // max(1, plans[next(iter(plans))])} at once"
+        modes["batched_w"] = f"{passes} passes of {args.batch // max(1, passes)} at once"
     ref = max(modes, key=lambda m: statistics.median(r[m] for r in pairs))
     print(f"| pair | couple | first | offline single forward ms | 1 client p50 ms | p99 ms | server forward ms | "
           f"service ms | p50 / offline forward | offline img/s, {' | offline img/s, '.join(modes.values())} | "
@@ -440,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                    "speed varies between processes here, so issue 6's goals are judged on the medians; 0: none")
     p.add_argument("--infer_workers", default="0", help="FACEID_INFER_WORKERS of the server (0: it decides, "
                    "app.serving.inference_plan); a comma list measures one server per value")
+    p.add_argument("--replicas", default="0", help="FACEID_INFER_REPLICAS of the server: clients then send to the "
+                   "replicas' port, and CPU time counts the replicas' processes; a comma list measures one server "
+                   "per value; the pairs use the first")
     p.add_argument("--pairs", type=int, default=8,
                    help="after the rows above, this many interleaved pairs of blocks judge issue 6's goals: the "
                    "offline single forward pass and the server with 1 client, the offline batched rate and the "
@@ -457,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     # The offline reference is the faster of one pass at a time on all threads and as many passes
     # at once as the server's most workers, so a server with workers is held to that rate too.
     plans = {int(w): inference_plan(int(w), args.device)[0] for w in args.infer_workers.split(",")}
-    if not args.offline_workers:
-        args.offline_workers = max(plans.values())
+    if not args.offline_workers:  # replicas run one pass each, at once
+        args.offline_workers = max(*plans.values(), *(int(x) for x in args.replicas.split(",")))
 
     jpeg = sample_images(1)[0]
     if args.offline_json:  # a child: the offline rows in a fresh process (its own OpenMP setting)
@@ -494,15 +501,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     waits = [float(w) for w in args.batch_wait_ms.split(",")]
     bmaxes = [int(b) for b in (args.server_batch or str(args.batch)).split(",")]
-    for mode, pol, wait, bmax, iw in [(m, p_, w, b, i) for m, p_ in keys for w in waits for b in bmaxes
-                                      for i in plans]:
+    replicas = [int(x) for x in args.replicas.split(",")]
+    for mode, pol, wait, bmax, iw, nrep in [(m, p_, w, b, i, n) for m, p_ in keys for w in waits for b in bmaxes
+                                            for i in plans for n in replicas]:
         env, unset = server_env(mode, pol, wait, bmax, iw)
-        with Server(ckpt, device=args.device, env=env, unset=unset) as server:
+        with Server(ckpt, device=args.device, env=env, unset=unset, replicas=nrep) as server:
             for n in [int(x) for x in args.clients.split(",")]:
                 rows.append({**asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg, args.client)),
-                             "wait": wait, "bmax": bmax, "compile": mode, "omp": pol, "workers": plans[iw]})
+                             "wait": wait, "bmax": bmax, "compile": mode, "omp": pol,
+                             "workers": f"{nrep} replicas" if nrep else plans[iw]})
                 print(f"server, compile {mode}{', ' + pol if pol else ''}, wait {wait:g} ms, max batch {bmax}, "
-                      f"workers {plans[iw]}, {n} clients: "
+                      f"workers {rows[-1]['workers']}, {n} clients: "
                       f"{rows[-1]['rate']:.1f} img/s", flush=True)
     rounds = []
     most = max(int(x) for x in args.clients.split(","))
@@ -520,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {k + 1}: offline {o['batched']:.1f} img/s batched, single forward {1000 * o['single']:.1f} ms "
                   f"(fresh process); {most} clients {many['rate']:.1f} img/s, 1 client p50 {1000 * one['p50']:.1f} ms "
                   f"(fresh server)", flush=True)
-    pairs = run_pairs(args, ckpt, keys[0], plans, waits[0], bmaxes[0], most, jpeg) if args.pairs > 0 else []
+    pairs = (run_pairs(args, ckpt, keys[0], plans, waits[0], bmaxes[0], most, jpeg, replicas[0])
+             if args.pairs > 0 else [])
     load_after = loadavg()
     off = offs[keys[0]]
 
@@ -610,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{max(r['batched'] for r in rounds):.1f} img/s and the single forward "
               f"{1000 * min(r['single'] for r in rounds):.1f} to {1000 * max(r['single'] for r in rounds):.1f} ms")
     if pairs:
-        print_pairs(args, pairs, keys[0], plans, waits[0], bmaxes[0], most)
+        print_pairs(args, pairs, keys[0], plans, waits[0], bmaxes[0], most, replicas[0])
     print()
     best_single = min(o["single"] for o in offs.values())
     for i, r in enumerate(rows):
