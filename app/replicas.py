@@ -18,7 +18,8 @@ activation) stays on the main server's port, which still answers /embed and /ver
   died within seconds of its start), and they stop with the main server. A replica also stops by
   itself when the main server's process is gone.
 - Each replica runs one inference worker on an equal share of the cores (OMP_NUM_THREADS, unless
-  set), since the replicas are what runs passes at once.
+  set), since the replicas are what runs passes at once. On a host with several GPUs, replicas
+  take them in turn (FACEID_DEVICE cuda or auto; cuda:N puts them all on GPU N).
 """
 
 from __future__ import annotations
@@ -94,8 +95,22 @@ class ReplicaSupervisor:
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
 
-    def _env(self) -> dict[str, str]:
+    def _device(self, index: int) -> str:
+        """Replica `index`'s FACEID_DEVICE: on a host with several GPUs, FACEID_DEVICE cuda or auto
+        spreads the replicas over them in turn (replica 0 on cuda:0, 1 on cuda:1, ...); a device
+        with an index, or cpu, is every replica's."""
+        device = self.settings.device
+        if device in ("cuda", "auto"):
+            import torch
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count > 1:
+                return f"cuda:{index % count}"
+        return device
+
+    def _env(self, index: int) -> dict[str, str]:
         env = dict(os.environ)
+        env["FACEID_DEVICE"] = self._device(index)
         root = str(Path(__file__).resolve().parent.parent)  # where the app package is, wherever we run
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["FACEID_REPLICA_PARENT"] = str(os.getpid())
@@ -111,12 +126,12 @@ class ReplicaSupervisor:
         try:
             fd = sock.fileno()
             r.proc = subprocess.Popen([sys.executable, "-m", "app.replicas", str(fd)], pass_fds=(fd,),
-                                      env=self._env(), stdin=subprocess.DEVNULL)
+                                      env=self._env(r.index), stdin=subprocess.DEVNULL)
         finally:
             sock.close()  # the replica holds it now
         r.started = time.monotonic()
-        log.info("inference replica %d started (pid %d) on %s:%s", r.index, r.proc.pid, self.settings.infer_host,
-                 self.settings.infer_port)
+        log.info("inference replica %d started (pid %d, device %s) on %s:%s", r.index, r.proc.pid,
+                 self._device(r.index), self.settings.infer_host, self.settings.infer_port)
 
     def start(self) -> None:
         """Start every replica; raises ConfigError when the port cannot be bound (none is left running)."""

@@ -54,6 +54,29 @@ def test_replicas_need_a_port_of_their_own():
     assert load_settings({}).infer_replicas == 0
     with pytest.raises(ConfigError, match="FACEID_INFER_PORT='http' is not a whole number"):
         load_settings({"FACEID_INFER_REPLICAS": "1", "FACEID_INFER_PORT": "http"})
+    with pytest.raises(ConfigError, match="FACEID_INFER_PORT=8000 is the main server's port"):
+        load_settings({"FACEID_INFER_REPLICAS": "1", "FACEID_INFER_PORT": "8000", "FACEID_PORT": "8000"})
+
+
+def test_each_replica_runs_one_worker_and_several_gpus_are_taken_in_turn(make_settings, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("FACEID_INFER_WORKERS", "4")  # the main server's setting; replicas run one each
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    sup = ReplicaSupervisor(make_settings(device="cuda", infer_replicas=3, infer_port=8001))
+    assert [sup._env(i)["FACEID_DEVICE"] for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    env = sup._env(0)
+    assert env["FACEID_INFER_WORKERS"] == "1" and env["FACEID_REPLICA_PARENT"] == str(os.getpid())
+    assert env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 3))
+    assert Path(env["FACEID_MODELS_DIR"]) == sup.settings.models_dir
+    for device in ("cuda:1", "cpu"):
+        sup = ReplicaSupervisor(make_settings(device=device, infer_replicas=2, infer_port=8001))
+        assert [sup._env(i)["FACEID_DEVICE"] for i in range(2)] == [device, device]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    sup = ReplicaSupervisor(make_settings(device="auto", infer_replicas=2, infer_port=8001))
+    assert [sup._env(i)["FACEID_DEVICE"] for i in range(2)] == ["auto", "auto"]
 
 
 def test_a_port_in_use_is_a_clear_error_and_starts_nothing(make_settings):
