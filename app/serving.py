@@ -403,7 +403,7 @@ class ModelManager:
                                                   max_batch=settings.batch_max_size, workers=workers,
                                                   threads=threads)
         self._current: Optional[ServedModel] = None
-        self._followed: Optional[dict[str, Any]] = None  # the database's state follow() last acted on
+        self._followed: Optional[tuple] = None  # (checkpoint, loaded_at) follow() last acted on
         self._switch = threading.Lock()  # one load at a time; readers never wait for it
         self.last_error: Optional[str] = None
         self._worker = EmbedWorker(settings.batch_max_size, settings.batch_wait_ms, workers)
@@ -452,9 +452,9 @@ class ModelManager:
                                  loaded_at=time.time(), verifier=verifier)
             self._current = served  # the switch: one reference assignment
             self.last_error = None
-            if remember:
+            if remember:  # loaded_at: a replica reloads a checkpoint rewritten in place (a resumed job)
                 self.store.set_state(STATE_KEY, {"checkpoint": str(path), "job_id": job_id, "source": source,
-                                                 "pinned": pinned})
+                                                 "pinned": pinned, "loaded_at": served.loaded_at})
         log.info("serving %s (%s)", served.id, path)
         return served
 
@@ -488,15 +488,16 @@ class ModelManager:
 
     def follow(self) -> bool:
         """An inference replica's step (app/replicas.py): serve the model the job database says the
-        main server serves. True when it switched; a checkpoint that fails to load is logged once
-        and tried again only when the database names another."""
+        main server serves, loading it again whenever the main server did (the file may have been
+        rewritten). True when it switched; a checkpoint that fails to load is logged once and tried
+        again only when the main server loads a model again."""
         state = self.store.get_state(STATE_KEY)
-        if not state or state == self._followed:
+        if not state:
             return False
-        self._followed = state
-        current = self._current
-        if current is not None and current.checkpoint == state["checkpoint"]:
+        key = (state.get("checkpoint"), state.get("loaded_at"))
+        if key == self._followed:
             return False
+        self._followed = key
         try:
             self.load(Path(state["checkpoint"]), job_id=state.get("job_id"), source=state.get("source", "job"),
                       pinned=bool(state.get("pinned")), remember=False)

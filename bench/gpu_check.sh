@@ -4,6 +4,7 @@
 #
 #   bash bench/gpu_check.sh prepare   # here, with network to the package index: fills .gpu/
 #   bash bench/gpu_check.sh run       # on the GPU machine, with .gpu/ carried beside the code
+#   bash bench/gpu_check.sh replicas  # the next GPU session's first step: see replicas() below
 #
 # `prepare` puts into .gpu/ (ignored by git, about 30 MB): wheels for Python 3.12 of the packages
 # the team's GPU image lacks (FastAPI, pydantic, uvicorn and their own needs, at the versions this
@@ -84,6 +85,18 @@ graphs() {
         --pair_processes 1 2>&1 | tee "$out/graphs_serve.txt"
 }
 
+# Inference replicas (FACEID_INFER_REPLICAS) sharing the GPU: the CUDA graph test first (never run on
+# a GPU yet), then the main port against 4 replicas with 1, 16 and 64 clients (one server process
+# capped the H200 at 550 to 850 requests/s); about 4 minutes.
+replicas() {
+    setup
+    timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_inference.py -k cuda_graph 2>&1 \
+        | tail -n 15 | tee "$out/graphs_test.txt"
+    timeout "${GPU_SERVE_LIMIT:-200}" python3 bench/serve_throughput.py --device "$device" --img_size "${GPU_IMG:-112}" \
+        --replicas "${GPU_REPLICAS:-4},0" --clients 1,16,64 --seconds 3 --warmup 1 --rounds 0 --pairs 2 \
+        --pair_seconds 2 --pair_processes 1 2>&1 | tee "$out/replicas_serve.txt"
+}
+
 run() {
     setup
     { nvidia-smi || true; nproc; python3 -c 'import torch, fastapi, pydantic; print("torch", torch.__version__, "cuda",
@@ -143,5 +156,6 @@ case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
     graphs) graphs ;;
-    *) echo "usage: bash bench/gpu_check.sh prepare|run|graphs" >&2; exit 2 ;;
+    replicas) replicas ;;
+    *) echo "usage: bash bench/gpu_check.sh prepare|run|graphs|replicas" >&2; exit 2 ;;
 esac

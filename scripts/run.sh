@@ -17,6 +17,7 @@ PORT="${FACEID_PORT:-8000}"
 PYTHON="${PYTHON:-python3}"
 VENV="${FACEID_VENV:-.venv}"
 EPOCHS="${FACEID_DEMO_EPOCHS:-5}"
+export FACEID_PORT="$PORT"  # the server refuses FACEID_INFER_PORT equal to it
 export FACEID_DATA_DIR="${FACEID_DATA_DIR:-$PWD/data}"
 export FACEID_MODELS_DIR="${FACEID_MODELS_DIR:-$PWD/models}"
 URL="http://$HOST:$PORT"
@@ -69,6 +70,10 @@ while True:
         sys.exit("error: the server did not answer /health within 120 s; see logs/server.log")
     time.sleep(0.5)
 print(f"   server is up: {url}/docs")
+if int(os.environ.get("FACEID_INFER_REPLICAS") or 0):
+    infer = f"http://{os.environ.get('FACEID_INFER_HOST') or '127.0.0.1'}:{os.environ.get('FACEID_INFER_PORT')}"
+    print(f"   {os.environ['FACEID_INFER_REPLICAS']} inference replicas answer {infer}/embed and {infer}/verify "
+          "once a model is served")
 
 if os.environ.get("FACEID_DEMO_TRAIN", "1") == "0":
     sys.exit(0)

@@ -107,23 +107,38 @@ def test_follow_loads_what_the_database_names_once_and_never_writes_it(make_sett
     try:
         assert follower.follow() is False and follower.current is None  # the main server serves nothing yet
         a, b = write_fake_checkpoint(tmp_path / "a.json"), write_fake_checkpoint(tmp_path / "b.json", epoch=2)
-        state_a = {"checkpoint": str(a), "job_id": None, "source": "env", "pinned": False}
+        state_a = {"checkpoint": str(a), "job_id": None, "source": "env", "pinned": False, "loaded_at": 1.0}
         store.set_state(STATE_KEY, state_a)
         assert follower.follow() is True and follower.current.checkpoint == str(a)
         assert follower.follow() is False and loads == [a]  # unchanged: not loaded again
         broken = tmp_path / "broken.json"
         broken.write_text("{")
-        store.set_state(STATE_KEY, {**state_a, "checkpoint": str(broken)})
+        store.set_state(STATE_KEY, {**state_a, "checkpoint": str(broken), "loaded_at": 2.0})
         assert follower.follow() is False and follower.follow() is False
         assert loads == [a, broken] and follower.current.checkpoint == str(a)  # tried once; the old model stays
-        state_b = {"checkpoint": str(b), "job_id": "x", "source": "activated", "pinned": True}
+        state_b = {"checkpoint": str(b), "job_id": "x", "source": "activated", "pinned": True, "loaded_at": 3.0}
         store.set_state(STATE_KEY, state_b)
         assert follower.follow() is True
         assert (follower.current.checkpoint, follower.current.pinned, follower.current.source) == (str(b), True, "activated")
         assert store.get_state(STATE_KEY) == state_b  # a follower records nothing
+        write_fake_checkpoint(b, epoch=5)  # rewritten in place (a resumed job) and loaded again by the main server
+        store.set_state(STATE_KEY, {**state_b, "loaded_at": 4.0})
+        assert follower.follow() is True and follower.current.verifier.info["epoch"] == 5
     finally:
         follower.close()
         store.close()
+
+
+@pytest.mark.anyio
+async def test_the_main_server_records_each_load_for_its_replicas(make_app, tmp_path):
+    ckpt = write_fake_checkpoint(tmp_path / "m.json")
+    app = make_app(checkpoint=ckpt)
+    async with running(app):
+        manager = app.state.models
+        first = manager.store.get_state(STATE_KEY)
+        assert first["checkpoint"] == str(ckpt.absolute()) and first["loaded_at"] == manager.current.loaded_at
+        manager.load(ckpt, job_id=None, source="env", pinned=False)  # the same file again
+        assert manager.store.get_state(STATE_KEY)["loaded_at"] == manager.current.loaded_at > first["loaded_at"]
 
 
 @pytest.mark.anyio
