@@ -19,6 +19,7 @@ API_KEY_HEADER = "x-api-key"
 OPEN_PATHS = frozenset({"/health"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 UPLOAD_PATHS = frozenset({"/embed", "/verify"})
+BATCH_PATH = "/embed/batch"  # up to FACEID_BATCH_MAX_SIZE images
 JSON_BODY_LIMIT = 1024 * 1024  # POST /jobs bodies are a few KB
 
 SettingsGetter = Callable[[], Optional[Settings]]
@@ -80,6 +81,8 @@ class BodyLimitMiddleware:
         settings = self.get_settings()
         if path in UPLOAD_PATHS and settings is not None:
             return 2 * settings.max_upload_bytes + 1024 * 1024
+        if path == BATCH_PATH and settings is not None:
+            return settings.batch_max_size * settings.max_upload_bytes + 1024 * 1024
         return JSON_BODY_LIMIT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -175,6 +175,17 @@ class EmbedOut(BaseModel):
     model: str = Field(description="id of the model that answered (see GET /model)")
 
 
+class EmbedBatchOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "embeddings": [[0.0123, -0.0456, "... 512 values"], [0.0311, 0.0022, "..."]], "count": 2, "dim": 512,
+        "model": _JOB_ID}]})
+
+    embeddings: list[list[float]] = Field(description="unit-norm embeddings, in the order the images were sent")
+    count: int
+    dim: int
+    model: str = Field(description="id of the model that answered (see GET /model)")
+
+
 class VerifyOut(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "similarity": 0.83, "threshold": 0.42, "threshold_name": "acc", "match": True, "model": _JOB_ID}]})

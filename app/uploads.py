@@ -10,7 +10,7 @@ names the field.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from fastapi import HTTPException, Request
 from starlette.requests import ClientDisconnect
@@ -41,10 +41,13 @@ def _mb(n: int) -> str:
 class _Collector:
     """python-multipart callbacks that keep the parts in memory, each within its limit."""
 
-    def __init__(self, files: set[str], fields: set[str], max_file_bytes: int) -> None:
-        self.files, self.fields = files, fields
+    def __init__(self, files: set[str], fields: set[str], max_file_bytes: int,
+                 repeated: Optional[dict[str, int]] = None) -> None:
+        self.repeated = dict(repeated or {})  # file fields sent once or more: name -> most times
+        self.files, self.fields = files | set(self.repeated), fields
         self.max_file_bytes = max_file_bytes
         self.parts: dict[str, Part] = {}
+        self.lists: dict[str, list[Part]] = {name: [] for name in self.repeated}
         self.ended = False
         self._header_name = b""
         self._header_value = b""
@@ -78,13 +81,19 @@ class _Collector:
                                 f"{', '.join(expected)}")
         if name in self.parts:
             raise HTTPException(422, f"form field {name!r} is sent twice; send it once")
+        if name in self.lists and len(self.lists[name]) >= self.repeated[name]:
+            raise HTTPException(422, f"more than {self.repeated[name]} files in form field {name!r}, the most one "
+                                "request may carry (FACEID_BATCH_MAX_SIZE); split them over several requests")
         filename = options.get(b"filename")
         ctype = self._headers.get(b"content-type")
         self._current = Part(name=name,
                              filename=filename.decode("utf-8", errors="replace")[:255] if filename else None,
                              content_type=ctype.decode("latin-1")[:255] if ctype else None)
         self._limit = self.max_file_bytes if name in self.files else MAX_FIELD_BYTES
-        self.parts[name] = self._current
+        if name in self.lists:
+            self.lists[name].append(self._current)
+        else:
+            self.parts[name] = self._current
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self._current
@@ -110,12 +119,14 @@ class _Collector:
 
 
 async def read_form(request: Request, *, files: set[str], fields: set[str] = frozenset(),
-                    required: set[str], max_file_bytes: int) -> dict[str, Part]:
-    """Parse the multipart body of `request` into {field name: Part}.
+                    required: set[str], max_file_bytes: int,
+                    repeated: Optional[dict[str, int]] = None) -> dict[str, Any]:
+    """Parse the multipart body of `request` into {field name: Part}; a field of `repeated`
+    (name -> most files) maps to the list of its Parts, in the order sent.
 
     Raises HTTPException: 415 not multipart/form-data, 413 a file over `max_file_bytes` or a
     Content-Length over what the fields can add up to, 400 a malformed body, 422 an unknown,
-    repeated or missing field.
+    repeated (beyond its count) or missing field.
     """
     ctype, options = parse_options_header(request.headers.get("content-type"))
     if ctype != b"multipart/form-data":
@@ -126,7 +137,7 @@ async def read_form(request: Request, *, files: set[str], fields: set[str] = fro
     boundary = options.get(b"boundary")
     if not boundary:
         raise HTTPException(400, "the multipart Content-Type header has no boundary")
-    limit = len(files) * max_file_bytes + MULTIPART_OVERHEAD
+    limit = (len(files) + sum((repeated or {}).values())) * max_file_bytes + MULTIPART_OVERHEAD
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -136,7 +147,7 @@ async def read_form(request: Request, *, files: set[str], fields: set[str] = fro
         if length > limit:
             raise HTTPException(413, f"the request body ({_mb(length)}) is larger than the upload limit "
                                 f"allows ({_mb(max_file_bytes)} per image, FACEID_MAX_UPLOAD_MB)")
-    collector = _Collector(files, set(fields), max_file_bytes)
+    collector = _Collector(files, set(fields), max_file_bytes, repeated)
     try:
         parser = MultipartParser(boundary, collector.callbacks())
     except (FormParserError, ValueError) as e:
@@ -158,9 +169,9 @@ async def read_form(request: Request, *, files: set[str], fields: set[str] = fro
     if not collector.ended:
         raise HTTPException(400, "the multipart body ended before its closing boundary; the upload "
                             "was cut off")
-    missing = sorted(required - set(collector.parts))
+    missing = sorted(required - set(collector.parts) - {n for n, parts in collector.lists.items() if parts})
     if missing:
         raise HTTPException(422, f"missing form field {', '.join(repr(m) for m in missing)}; send "
                             f"the image(s) as multipart/form-data, for example "
                             f"curl -F {missing[0]}=@photo.jpg")
-    return collector.parts
+    return {**collector.parts, **collector.lists}

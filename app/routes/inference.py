@@ -14,7 +14,7 @@ from faceid.errors import ConfigError
 from app.deps import get_models, get_settings
 from app.paths import FieldError
 from app.routes.jobs import UNAUTHORIZED, error
-from app.schemas import EmbedOut, VerifyOut
+from app.schemas import EmbedBatchOut, EmbedOut, VerifyOut
 from app.serving import ModelManager, Timing
 from app.settings import Settings
 from app.uploads import read_form
@@ -93,6 +93,32 @@ async def embed(request: Request, response: Response, settings: Settings = Depen
     vector = vectors[0].tolist()  # Python floats, as float(x) for each
     response.headers["Server-Timing"] = timing.header()
     return EmbedOut(embedding=vector, dim=len(vector), model=served.id)
+
+
+@router.post("/embed/batch", response_model=EmbedBatchOut, summary="Embed several face images in one request",
+             openapi_extra=_multipart({"images": {"type": "array", "items": _IMAGE,
+                                                  "description": "1 to FACEID_BATCH_MAX_SIZE (16) files, each in a "
+                                                                 "field named images"}}, ["images"]),
+             responses=IMAGE_ERRORS)
+async def embed_batch(request: Request, response: Response, settings: Settings = Depends(get_settings),
+                      models: ModelManager = Depends(get_models)) -> EmbedBatchOut:
+    """multipart field `images`, sent once per image (`curl -F images=@a.jpg -F images=@b.jpg`),
+    at most FACEID_BATCH_MAX_SIZE of them. Returns their embeddings in the order sent, from one
+    forward pass (shared with other requests when there is room). One HTTP request for many
+    images spends the service's per-request work once: for galleries, and for clients that
+    want more images/s than one image per request allows. A file that is not a usable image
+    fails the request, naming it (`images[2]`)."""
+    timing = Timing()
+    served = models.require()
+    parts = await read_form(request, files=set(), repeated={"images": settings.batch_max_size},
+                            required={"images"}, max_file_bytes=settings.max_upload_bytes)
+    t = timing.since("read", timing.start)
+    images = await asyncio.gather(*(models.decode(bytes(p.data), f"images[{i}]", served)
+                                    for i, p in enumerate(parts["images"])))
+    timing.since("decode", t)
+    vectors = await models.embed(served, images, timing)
+    response.headers["Server-Timing"] = timing.header()
+    return EmbedBatchOut(embeddings=vectors.tolist(), count=len(images), dim=int(vectors.shape[1]), model=served.id)
 
 
 @router.post("/verify", response_model=VerifyOut, summary="Are two face images the same person?",

@@ -38,7 +38,8 @@ def api_schema(tmp_path_factory):
 
 OPERATIONS = ["POST /jobs", "GET /jobs", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel",
               "POST /jobs/{job_id}/resume", "GET /jobs/{job_id}/logs", "GET /model",
-              "POST /models/{job_id}/activate", "POST /embed", "POST /verify", "GET /health", "GET /ready"]
+              "POST /models/{job_id}/activate", "POST /embed", "POST /embed/batch", "POST /verify", "GET /health",
+              "GET /ready"]
 
 
 def test_no_server_errors(api_schema):

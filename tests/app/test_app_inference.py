@@ -292,3 +292,51 @@ async def test_concurrent_requests_are_batched(served_app):
         # each answer is its own image's embedding
         alone = (await client.post("/embed", files={"image": ("a.png", face_like(5))})).json()["embedding"]
         assert np.allclose(alone, results[5].json()["embedding"], atol=1e-6)
+
+
+async def test_embed_batch_answers_each_image_as_embed_does_in_one_forward_pass(served_app):
+    app = served_app(batch_max_size=4)
+    async with running(app) as client:
+        files = [("images", ("a.png", face_like(1))), ("images", ("b.jpg", image_bytes(color=(10, 90, 200)))),
+                 ("images", ("c.png", face_like(3)))]
+        verifier = app.state.models.current.verifier
+        verifier.calls.clear()
+        r = await client.post("/embed/batch", files=files)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["count"] == 3 == len(body["embeddings"]) and body["dim"] == 12
+        assert body["model"].startswith("checkpoint-") and "forward" in r.headers["server-timing"]
+        assert verifier.calls == [3]  # one forward pass for the three
+        for (_, (name, data)), vector in zip(files, body["embeddings"]):
+            alone = (await client.post("/embed", files={"image": (name, data)})).json()["embedding"]
+            assert np.allclose(alone, vector, atol=1e-6), name
+        one = await client.post("/embed/batch", files=[("images", ("a.png", face_like(1)))])
+        assert one.status_code == 200 and one.json()["count"] == 1
+
+
+@pytest.mark.parametrize("files,status,needle", [
+    ([("images", ("a.png", face_like(i))) for i in range(5)], 422, "more than 4 files in form field 'images'"),
+    ([("images", ("a.png", face_like(1))), ("images", ("b.txt", b"not an image at all"))], 422, "images[1]"),
+    ([("image", ("a.png", face_like(1)))], 422, "unexpected form field 'image'; this route takes images"),
+    ([], 415, "multipart"),
+])
+async def test_bad_embed_batch_requests_name_the_fix(served_app, files, status, needle):
+    async with running(served_app(batch_max_size=4)) as client:
+        r = await client.post("/embed/batch", files=files) if files else await client.post("/embed/batch", data={})
+        assert r.status_code == status, r.text
+        assert needle in r.json()["detail"]
+        assert (await client.post("/embed/batch", files=[("images", ("ok.png", face_like(1)))])).status_code == 200
+
+
+async def test_embed_batch_body_limit_grows_with_the_batch_size(served_app):
+    noise = np.random.default_rng(0).integers(0, 256, (540, 540, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")
+    big = buf.getvalue()  # incompressible: about 0.85 MB, under the 1 MB per image
+    assert 0.8e6 < len(big) < 1024 * 1024
+    async with running(served_app(max_upload_mb=1, batch_max_size=4)) as client:
+        r = await client.post("/embed/batch", files=[("images", (f"{i}.png", big)) for i in range(3)])
+        assert r.status_code == 200 and r.json()["count"] == 3  # 2.6 MB: more than /embed's one image
+        headers = {"content-type": "multipart/form-data; boundary=XyZ", "content-length": str(int(5.5 * 1024 * 1024))}
+        r = await client.post("/embed/batch", content=b"x", headers=headers)  # over 4 images of 1 MB
+        assert r.status_code == 413 and "limit" in r.json()["detail"]

@@ -163,6 +163,8 @@ async def test_a_replica_serves_the_main_servers_model_and_follows_a_new_one(mak
             r = await replica.post("/verify", files={"image1": ("a.jpg", image_bytes(), "image/jpeg"),
                                                      "image2": ("b.png", image_bytes("PNG"), "image/png")})
             assert r.status_code == 200 and r.json()["model"] == job["id"]
+            r = await replica.post("/embed/batch", files=[("images", ("a.jpg", image_bytes(), "image/jpeg"))] * 2)
+            assert r.status_code == 200 and r.json()["count"] == 2
             assert (await replica.get("/ready")).json() == {"ready": True, "model": job["id"], "detail": None}
             for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/model"), ("GET", "/docs")):
                 assert (await replica.request(method, path)).status_code == 404, path
