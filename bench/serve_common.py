@@ -265,10 +265,13 @@ class RawClient:
         self.heads: dict[int, bytes] = {}  # the last response head of each task
 
     @staticmethod
-    def multipart(path: str, files: dict[str, tuple[str, bytes, str]], host: str) -> bytes:
+    def multipart(path: str, files: "dict[str, tuple[str, bytes, str]] | list[tuple[str, tuple[str, bytes, str]]]",
+                  host: str) -> bytes:
+        """The request's bytes; `files` as {field: (filename, data, type)}, or a list of
+        (field, (filename, data, type)) to send a field more than once."""
         boundary = "faceidbenchboundary7d1c"
         body = b""
-        for field, (name, data, ctype) in files.items():
+        for field, (name, data, ctype) in (files.items() if isinstance(files, dict) else files):
             body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
                      f"Content-Type: {ctype}\r\n\r\n").encode() + data + b"\r\n"
         body += f"--{boundary}--\r\n".encode()

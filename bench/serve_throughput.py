@@ -248,7 +248,10 @@ def offline_in_child(policy: str, ckpt: Path, args: argparse.Namespace, mode: st
 
 
 async def server_rate(server: Server, clients: int, seconds: float, warmup: float, jpeg: tuple[str, bytes],
-                      client_kind: str = "raw"):
+                      client_kind: str = "raw", images: int = 1):
+    """Images/s of `clients` clients sending back to back for `seconds`; with `images` > 1, each
+    request carries that many (POST /embed/batch; the raw client only), and the CPU figures are
+    per image."""
     lat: list[float] = []
     timings: list[dict[str, float]] = []  # the server's Server-Timing of each request, and "outside" it
     service: list[float] = []  # each request's latency minus its forward pass (ms): what the service adds
@@ -266,9 +269,17 @@ async def server_rate(server: Server, clients: int, seconds: float, warmup: floa
         c = async_client(server.base, clients + 2)
     else:
         c = RawClient(server.base)
-        request = RawClient.multipart("/embed", {"image": (jpeg[0], jpeg[1], "image/jpeg")}, f"127.0.0.1:{server.port}")
+        host = f"127.0.0.1:{server.infer_port}"
+        if images > 1:
+            request = RawClient.multipart("/embed/batch", [("images", (jpeg[0], jpeg[1], "image/jpeg"))] * images, host)
+            expect = b'{"embeddings":[['
+        else:
+            request = RawClient.multipart("/embed", {"image": (jpeg[0], jpeg[1], "image/jpeg")}, host)
+            expect = b'{"embedding":['
         status, body = await c.send(-1, request)  # one answer checked in full
-        if status != 200 or len(json.loads(body)["embedding"]) < 2:
+        answer = json.loads(body) if status == 200 else {}
+        if status != 200 or len(answer.get("embedding") or (answer.get("embeddings") or [[]])[-1]) < 2 or (
+                images > 1 and answer.get("count") != images):
             raise SystemExit(f"/embed answered {status}: {body[:300]!r}")
 
         async def one(c, task: int, i: int) -> None:
@@ -277,7 +288,7 @@ async def server_rate(server: Server, clients: int, seconds: float, warmup: floa
             status, body = await c.send(task, request)
             if record:
                 lat.append(time.perf_counter() - t0)
-                errors += status != 200 or not body.startswith(b'{"embedding":[')
+                errors += status != 200 or not body.startswith(expect)
                 st = c.server_timing(task)
                 if "total" in st:
                     timings.append({**st, "outside": 1000 * lat[-1] - st["total"]})
@@ -294,14 +305,14 @@ async def server_rate(server: Server, clients: int, seconds: float, warmup: floa
         b1 = batching(server)
     finally:
         await (c.aclose() if client_kind == "httpx" else c.close())
-    n = max(1, len(lat))
-    # CPU milliseconds per request: where the two cores went (clock-tick resolution, 10 ms, over
+    n = max(1, len(lat) * images)
+    # CPU milliseconds per image: where the two cores went (clock-tick resolution, 10 ms, over
     # seconds of load)
     cpu = {"cpu_forward": 1000 * (cpu1[1] - cpu0[1]) / n, "cpu_server_rest": 1000 * ((cpu1[0] - cpu1[1]) - (cpu0[0] - cpu0[1])) / n,
            "cpu_client": 1000 * (client1 - client0) / n, "cpu_idle": 1000 * max(0.0, (os.cpu_count() or 1) * wall - (
                cpu1[0] - cpu0[0]) - (client1 - client0)) / n}
     batches = b1["batches"] - b0["batches"]
-    return {"clients": clients, "rate": len(lat) / wall, "p50": percentile(lat, 50), "p99": percentile(lat, 99),
+    return {"clients": clients, "rate": len(lat) * images / wall, "images": images, "p50": percentile(lat, 50), "p99": percentile(lat, 99),
             "errors": errors, "n": len(lat), **cpu,
             "timing": {k: statistics.median(t[k] for t in timings if k in t) for k in TIMING_PARTS
                        if any(k in t for t in timings)},
@@ -321,7 +332,8 @@ def batching(server: Server) -> dict[str, Any]:
 
 
 def run_pairs(args: argparse.Namespace, ckpt: Path, key: tuple[str, str], plans: dict[int, int], wait: float,
-              bmax: int, most: int, jpeg: tuple[str, bytes], replicas: int = 0) -> list[dict[str, Any]]:
+              bmax: int, most: int, jpeg: tuple[str, bytes], replicas: int = 0,
+              images: int = 1) -> list[dict[str, Any]]:
     """Issue 6's goals measured in interleaved pairs: blocks of the offline forward pass and of the
     server, one right after the other, so that both see the same state of the machine (its speed
     drifts by 25 % within minutes here); the order flips every pair."""
@@ -348,8 +360,9 @@ def run_pairs(args: argparse.Namespace, ckpt: Path, key: tuple[str, str], plans:
                             if side == "offline":
                                 r[part] = child.measure(part, sec)
                             else:
-                                r[f"server_{part}"] = asyncio.run(server_rate(server, clients, sec, 0.5 if clients == 1
-                                                                              else 1.0, jpeg, args.client))
+                                r[f"server_{part}"] = asyncio.run(server_rate(
+                                    server, clients, sec, 0.5 if clients == 1 else 1.0, jpeg, args.client,
+                                    1 if clients == 1 else images))
                     one, many, b = r["server_single"], r["server_batched"], r["batched"]
                     pairs.append({"couple": c + 1, "offline_first": offline_first, "single": r["single"],
                                   "p50": one["p50"], "p99": one["p99"], "service": one["service"],
@@ -369,12 +382,14 @@ def run_pairs(args: argparse.Namespace, ckpt: Path, key: tuple[str, str], plans:
 def print_pairs(args: argparse.Namespace, pairs: list[dict[str, Any]], key: tuple[str, str], plans: dict[int, int],
                 wait: float, bmax: int, most: int, replicas: int = 0) -> None:
     mode, pol = key
+    images = int(args.images_per_request.split(",")[0])
     passes = replicas or plans[next(iter(plans))]
     print()
     print(f"Issue 6's goals in {len(pairs)} interleaved pairs of {args.pair_seconds:g} s blocks over "
           f"{max(p['couple'] for p in pairs)} fresh (offline process, server) couples (compile {mode}"
           f"{', ' + pol if pol else ''}, wait {wait:g} ms, max {bmax}, "
-          f"{f'{replicas} inference replicas' if replicas else f'workers {passes}'}): each "
+          f"{f'{replicas} inference replicas' if replicas else f'workers {passes}'}"
+          f"{f'; {most} clients send {images} images per request' if images > 1 else ''}): each "
           f"pair measures the offline single forward pass and the server with 1 client, then the offline batched "
           f"rate (one pass at a time, and passes at once) and the server with {most} clients, one "
           "block right after the other, the order flipped every pair; service = each request's latency minus "
@@ -447,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", default="0", help="FACEID_INFER_REPLICAS of the server: clients then send to the "
                    "replicas' port, and CPU time counts the replicas' processes; a comma list measures one server "
                    "per value; the pairs use the first")
+    p.add_argument("--images_per_request", default="1", help="images each request carries (more than 1: POST "
+                   "/embed/batch, the raw client); a comma list measures each on every server; the pairs use the first")
     p.add_argument("--pairs", type=int, default=8,
                    help="after the rows above, this many interleaved pairs of blocks judge issue 6's goals: the "
                    "offline single forward pass and the server with 1 client, the offline batched rate and the "
@@ -502,14 +519,16 @@ def main(argv: list[str] | None = None) -> int:
     waits = [float(w) for w in args.batch_wait_ms.split(",")]
     bmaxes = [int(b) for b in (args.server_batch or str(args.batch)).split(",")]
     replicas = [int(x) for x in args.replicas.split(",")]
+    per_request = [int(x) for x in args.images_per_request.split(",")]
     for mode, pol, wait, bmax, iw, nrep in [(m, p_, w, b, i, n) for m, p_ in keys for w in waits for b in bmaxes
                                             for i in plans for n in replicas]:
         env, unset = server_env(mode, pol, wait, bmax, iw)
         with Server(ckpt, device=args.device, env=env, unset=unset, replicas=nrep) as server:
-            for n in [int(x) for x in args.clients.split(",")]:
-                rows.append({**asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg, args.client)),
+            for n, k in [(n, k) for k in per_request for n in (int(x) for x in args.clients.split(","))]:
+                rows.append({**asyncio.run(server_rate(server, n, args.seconds, args.warmup, jpeg, args.client, k)),
                              "wait": wait, "bmax": bmax, "compile": mode, "omp": pol,
-                             "workers": f"{nrep} replicas" if nrep else plans[iw]})
+                             "workers": (f"{nrep} replicas" if nrep else str(plans[iw]))
+                             + (f", {k} images per request" if k > 1 else "")})
                 print(f"server, compile {mode}{', ' + pol if pol else ''}, wait {wait:g} ms, max batch {bmax}, "
                       f"workers {rows[-1]['workers']}, {n} clients: "
                       f"{rows[-1]['rate']:.1f} img/s", flush=True)
@@ -529,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {k + 1}: offline {o['batched']:.1f} img/s batched, single forward {1000 * o['single']:.1f} ms "
                   f"(fresh process); {most} clients {many['rate']:.1f} img/s, 1 client p50 {1000 * one['p50']:.1f} ms "
                   f"(fresh server)", flush=True)
-    pairs = (run_pairs(args, ckpt, keys[0], plans, waits[0], bmaxes[0], most, jpeg, replicas[0])
+    pairs = (run_pairs(args, ckpt, keys[0], plans, waits[0], bmaxes[0], most, jpeg, replicas[0], per_request[0])
              if args.pairs > 0 else [])
     load_after = loadavg()
     off = offs[keys[0]]
@@ -627,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         o = offs[(r["compile"], r["omp"])]
         what = (f"compile {r['compile']}{', ' + r['omp'] if r['omp'] else ''}, wait {r['wait']:g} ms, "
                 f"max batch {r['bmax']}, workers {r['workers']} (run {i})")
-        if r["clients"] == 1:
+        if r["clients"] == 1 and r.get("images", 1) == 1:
             print(f"{what}: single client p50 {1000 * r['p50']:.1f} ms vs one forward pass {1000 * o['single']:.1f} ms "
                   f"= {r['p50'] / o['single']:.2f}x (vs the fastest offline forward here, {1000 * best_single:.1f} ms: "
                   f"{r['p50'] / best_single:.2f}x; decode + resize of the JPEG alone: {1000 * o['decode']:.1f} ms)")
