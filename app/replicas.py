@@ -4,14 +4,14 @@ One server process parses every request's HTTP and multipart body, decodes its i
 it under one interpreter lock, and that caps it: on 2 CPU cores 16 clients got about 300 images/s
 from it, while two server processes with 8 clients each got about 380 (bench/README.md); on a GPU
 one process tops out at 550 to 850 requests/s while the GPU embeds 13,000 images/s. So with
-FACEID_INFER_REPLICAS=N the main server starts N replicas that answer /embed, /verify, /health
-and /ready on FACEID_INFER_PORT (FACEID_INFER_HOST, default 127.0.0.1): each has its own
+FACEID_INFER_REPLICAS=N the main server starts N replicas that answer /embed, /embed/batch,
+/verify, /health and /ready on FACEID_INFER_PORT (FACEID_INFER_HOST, default 127.0.0.1): each has its own
 socket on that port (SO_REUSEPORT, so the kernel spreads connections over them), its own
 interpreter, batching worker and copy of the model. Everything else (jobs, GET /model,
 activation) stays on the main server's port, which still answers /embed and /verify too.
 
 - A replica serves the model the main server serves: it reads the served checkpoint from the job
-  database every FACEID_POLL_INTERVAL_S and loads a new one before switching to it, as the main
+  database every half second (the job runner's poll interval) and loads a new one before switching to it, as the main
   server does (in flight requests finish on the old one). Until the main server has a model, it
   answers 503 with the same hint.
 - The main server supervises them: a replica that exits is started again (after a pause if it
@@ -52,6 +52,20 @@ log = logging.getLogger(__name__)
 
 QUICK_DEATH_S = 10.0  # a replica that dies sooner than this after its start is restarted after a pause
 RESTART_PAUSE_S = 5.0
+
+
+def _check_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on, even with SO_REUSEPORT: another FaceID server's
+    replicas (same user) could otherwise share it, and clients would get either server's model."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT are fine
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"the inference replicas cannot listen on {host}:{port} ({e.strerror or e}; is another "
+                              "server on it?); give FACEID_INFER_PORT a free port (not the main server's), or set "
+                              "FACEID_INFER_REPLICAS=0") from None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -125,8 +139,10 @@ class ReplicaSupervisor:
         sock = _bind(self.settings.infer_host, self.settings.infer_port)
         try:
             fd = sock.fileno()
+            # A session of its own: Ctrl-C on the server's terminal reaches the main server only,
+            # which then stops the replicas (none is restarted meanwhile).
             r.proc = subprocess.Popen([sys.executable, "-m", "app.replicas", str(fd)], pass_fds=(fd,),
-                                      env=self._env(r.index), stdin=subprocess.DEVNULL)
+                                      env=self._env(r.index), stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             sock.close()  # the replica holds it now
         r.started = time.monotonic()
@@ -136,6 +152,8 @@ class ReplicaSupervisor:
     def start(self) -> None:
         """Start every replica; raises ConfigError when the port cannot be bound (none is left running)."""
         self._replicas = [_Replica(i) for i in range(self.n)]
+        assert self.settings.infer_port is not None
+        _check_free(self.settings.infer_host, self.settings.infer_port)
         try:
             for r in self._replicas:
                 self._spawn(r)
@@ -205,8 +223,8 @@ def _describe(rc: Optional[int]) -> str:
 
 
 def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: Any = None) -> FastAPI:
-    """A replica: /embed, /verify, /health and /ready of the model the main server serves (read
-    from the job database in FACEID_MODELS_DIR)."""
+    """A replica: /embed, /embed/batch, /verify, /health and /ready of the model the main server
+    serves (read from the job database in FACEID_MODELS_DIR)."""
     from app.jobs import JobStore
     from app.routes import health, inference
     from app.serving import ModelManager

@@ -147,8 +147,9 @@ class EmbedWorker:
     """`workers` threads (default one) that run every forward pass, batching requests that wait.
 
     Requests queued while a forward pass runs share the next one. Under concurrent load (the last
-    batch held several requests, or more are queued already) the worker also waits for requests
-    still on their way: up to `wait_ms` for the next one, renewed by each arrival, until the
+    batch held several requests, others queued while it ran, or more are queued already) the
+    worker also waits for requests still on their way: up to `wait_ms` for the next one, renewed
+    by each arrival, until the
     clients its own last batch answered and those whose requests queued while it ran are in (at most
     `wait_ms` per image of a full batch in all); a lone request (one client) never waits.
 
@@ -162,8 +163,8 @@ class EmbedWorker:
         self.max_batch = max(1, max_batch)
         self.wait_s = max(0.0, wait_ms) / 1000.0
         self.workers = max(1, workers)
-        # Per worker: requests in its last batch (>1 means concurrent load), and those that queued
-        # while that batch ran.
+        # Per worker: requests in its last batch, and those that queued while that batch ran (either
+        # above 1 and 0 means concurrent load).
         self._last_requests = [0] * self.workers
         self._queued_during_last = [0] * self.workers
         self._batches = self._requests = self._images = 0  # since start
@@ -276,7 +277,11 @@ class EmbedWorker:
                     self._load, self._peak = self._peak, self._in_flight
             batch = [first] if first.future.set_running_or_notify_cancel() else []
             size = len(first.images) if batch else 0
-            concurrent = self._last_requests[index] > 1 or not self._queue.empty()
+            # Concurrent load: the last batch held several requests, others queued while it ran (two
+            # clients out of step: without this, one worker ran each of their requests alone, for
+            # ever), or more are queued now.
+            concurrent = (self._last_requests[index] > 1 or self._queued_during_last[index] > 0
+                          or not self._queue.empty())
             # Under concurrent load, wait while requests keep coming: each arrival allows another
             # wait_s for the next (clients answered by the last batch send their next requests one
             # after another, as fast as the event loop parses them), and the whole wait is at most

@@ -145,8 +145,8 @@ class Server:
 
     def __enter__(self) -> "Server":
         env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_") and k not in self.unset}
-        env.update(FACEID_MODELS_DIR=str(self.tmp / "models"), FACEID_DATA_DIR=str(self.data_dir),
-                   FACEID_DEVICE=self.device, PYTHONPATH=pythonpath(), **self.extra)
+        env.update({"FACEID_MODELS_DIR": str(self.tmp / "models"), "FACEID_DATA_DIR": str(self.data_dir),
+                    "FACEID_DEVICE": self.device, "PYTHONPATH": pythonpath(), **self.extra})
         if self.checkpoint is not None:
             env["FACEID_CHECKPOINT"] = str(self.checkpoint)
         if self.replicas:

@@ -419,3 +419,39 @@ async def test_random_load_with_cancellations_answers_every_request_with_its_own
         worker.close()
     assert sum(answered) > 60 and max(sizes) <= 6
     assert worker._in_flight == 0
+
+
+class SleepyVerifier:
+    """A forward pass of `seconds`, whatever the batch; records each batch's size."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.sizes: list[int] = []
+
+    def embed(self, images):
+        self.sizes.append(len(images))
+        threading.Event().wait(self.seconds)
+        return np.array([[float(i), 1.0] for i in images], np.float32)
+
+
+@pytest.mark.anyio
+async def test_two_clients_out_of_step_come_to_share_one_worker_s_passes():
+    """Client B sends while A's pass runs, A's next request then arrives while B's runs: without
+    counting the request that queued during the last pass as company, the one worker ran every
+    pass with one image, forever (an inference replica with 2 of 4 clients: 92 images/s against
+    141 for the main port's two workers; bench/README.md)."""
+    worker = EmbedWorker(max_batch=16, wait_ms=5, workers=1)
+    v = SleepyVerifier(0.02)
+    stop = asyncio.get_running_loop().time() + 0.8
+
+    async def client(delay: float) -> None:
+        await asyncio.sleep(delay)
+        while asyncio.get_running_loop().time() < stop:
+            await worker.embed(v, [1])
+
+    try:
+        await asyncio.gather(client(0.0), client(0.01))
+    finally:
+        worker.close()
+    later = v.sizes[len(v.sizes) // 2:]
+    assert sum(later) / len(later) > 1.8, v.sizes

@@ -88,6 +88,15 @@ def test_a_port_in_use_is_a_clear_error_and_starts_nothing(make_settings):
         with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port} .*give FACEID_INFER_PORT a free port"):
             sup.start()
         assert sup.describe()["pids"] == []
+    with socket.socket() as other:  # another server's replica: it shares ports with SO_REUSEPORT
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        sup = ReplicaSupervisor(make_settings(infer_replicas=1, infer_port=port))
+        with pytest.raises(ConfigError, match=r"is another server on it\?"):
+            sup.start()
+        assert sup.describe()["pids"] == []
 
 
 # -- following the main server's model (in process) ------------------------------------------------
