@@ -149,9 +149,9 @@ class EmbedWorker:
     Requests queued while a forward pass runs share the next one. Under concurrent load (the last
     batch held several requests, others queued while it ran, or more are queued already) the
     worker also waits for requests still on their way: up to `wait_ms` for the next one, renewed
-    by each arrival, until the
-    clients its own last batch answered and those whose requests queued while it ran are in (at most
-    `wait_ms` per image of a full batch in all); a lone request (one client) never waits.
+    by each arrival, until the clients its own last batch answered and those whose requests
+    queued while it ran are in (at most `wait_ms` per image of a full batch in all); a lone
+    request (one client) never waits.
 
     With several workers, a worker takes at most an even share of the images the clients keep in
     flight while a later worker is free (16 clients, two workers: 8 each; 4 clients: 2 each), so
