@@ -85,7 +85,8 @@ def validation_detail(errors: list[dict[str, Any]]) -> str:
     return "; ".join(lines) + (f"; and {more} more" if more > 0 else "")
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, routes_hint: str = "the routes are listed at /docs") -> None:
+    """The handlers below on `app`; `routes_hint` ends the answer to a route that does not exist."""
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         code = status_of(exc)
         body: dict[str, Any] = {"detail": str(exc)}
@@ -106,11 +107,11 @@ def install(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
-            detail = f"no route {request.method} {request.url.path[:100]}; the routes are listed at /docs"
+            detail = f"no route {request.method} {request.url.path[:100]}; {routes_hint}"
         elif exc.status_code == 400 and detail == "There was an error parsing the body":
             detail = _body_parse_error(exc.__cause__)
         elif exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path[:100]}; see /docs"
+            detail = f"{request.method} is not allowed on {request.url.path[:100]}; {routes_hint}"
         return JSONResponse({"detail": detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 

@@ -269,7 +269,8 @@ def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: 
     app.state.settings = None
     app.add_middleware(BodyLimitMiddleware, get_settings=lambda: app.state.settings)
     app.add_middleware(APIKeyMiddleware, get_settings=lambda: app.state.settings)
-    errors.install(app)
+    errors.install(app, routes_hint="this port is an inference replica's (/embed, /embed/batch, /verify, /health, "
+                   "/ready); jobs, GET /model, activation and /docs are on the main server's port")
     for module in (inference, health):
         app.include_router(module.router)
     return app

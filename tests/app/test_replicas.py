@@ -176,7 +176,11 @@ async def test_a_replica_serves_the_main_servers_model_and_follows_a_new_one(mak
             assert r.status_code == 200 and r.json()["count"] == 2
             assert (await replica.get("/ready")).json() == {"ready": True, "model": job["id"], "detail": None}
             for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/model"), ("GET", "/docs")):
-                assert (await replica.request(method, path)).status_code == 404, path
+                r = await replica.request(method, path)
+                assert r.status_code == 404 and "jobs, GET /model, activation and /docs are on the main server's port" \
+                    in r.json()["detail"], path
+            r = await replica.get("/embed")
+            assert r.status_code == 405 and "inference replica's" in r.json()["detail"]
 
 
 @pytest.mark.anyio
