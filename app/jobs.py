@@ -435,17 +435,18 @@ def _kill_group(pid: int, sig: int) -> None:
         pass
 
 
-def _describe_exit(rc: int) -> str:
+def describe_exit(rc: int, what: str = "the training process") -> str:
+    """Why process `what` ended, from its return code (negative: the signal that killed it)."""
     if rc < 0:
         try:
             name = signal.Signals(-rc).name
         except ValueError:
             name = f"signal {-rc}"
         hint = " (the out-of-memory killer does this)" if -rc == signal.SIGKILL else ""
-        return f"the training process was killed by {name}{hint}"
+        return f"{what} was killed by {name}{hint}"
     if rc == 143:
-        return "the training process was stopped by SIGTERM from outside the service"
-    return f"the training process exited with code {rc}"
+        return f"{what} was stopped by SIGTERM from outside the service"
+    return f"{what} exited with code {rc}"
 
 
 # -- runner ---------------------------------------------------------------------------------------
@@ -659,7 +660,7 @@ class JobRunner:
             error = state.error
         else:
             last = [ln.strip() for ln in tail_lines(log_path, 20) if ln.strip() and not ln.startswith("--- attempt")]
-            error = _describe_exit(rc) + (f"; last output: {last[-1][:500]}" if last else "")
+            error = describe_exit(rc) + (f"; last output: {last[-1][:500]}" if last else "")
         self.store.update(job_id, status="failed", finished_at=now, exit_code=rc, pid=None, error=error,
                           error_kind=state.error_kind or ("internal" if rc != 2 else "config"))
         log.warning("job %s failed: %s", job_id, error)

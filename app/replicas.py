@@ -44,6 +44,7 @@ from faceid.errors import ConfigError
 from faceid.omp import serving_defaults
 
 from app import errors
+from app.jobs import describe_exit
 from app.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from app.paths import usable_cpus
 from app.settings import Settings, load_settings
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 
 QUICK_DEATH_S = 10.0  # a replica that dies sooner than this after its start is restarted after a pause
 RESTART_PAUSE_S = 5.0
+
+
+def _port_error(host: str, port: int, e: OSError, why: str = "") -> ConfigError:
+    return ConfigError(f"the inference replicas cannot listen on {host}:{port} ({e.strerror or e}{why}); give "
+                       "FACEID_INFER_PORT a free port (not the main server's), or set FACEID_INFER_REPLICAS=0")
 
 
 def _check_free(host: str, port: int) -> None:
@@ -63,9 +69,7 @@ def _check_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as e:
-            raise ConfigError(f"the inference replicas cannot listen on {host}:{port} ({e.strerror or e}; is another "
-                              "server on it?); give FACEID_INFER_PORT a free port (not the main server's), or set "
-                              "FACEID_INFER_REPLICAS=0") from None
+            raise _port_error(host, port, e, "; is another server on it?") from None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -79,8 +83,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ConfigError(f"the inference replicas cannot listen on {host}:{port} ({e.strerror or e}); give "
-                          "FACEID_INFER_PORT a free port (not the main server's), or set FACEID_INFER_REPLICAS=0") from None
+        raise _port_error(host, port, e) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -170,8 +173,9 @@ class ReplicaSupervisor:
                     if self._stop.is_set() or r.proc is None or r.proc.poll() is None:
                         continue
                     quick = time.monotonic() - r.started < QUICK_DEATH_S
-                    log.error("inference replica %d (pid %d) exited (%s); starting it again%s", r.index, r.proc.pid,
-                              _describe(r.proc.returncode), f" in {RESTART_PAUSE_S:.0f} s" if quick else "")
+                    log.error("inference replica %d (pid %d): %s; starting it again%s", r.index, r.proc.pid,
+                              describe_exit(r.proc.returncode, "the replica"),
+                              f" in {RESTART_PAUSE_S:.0f} s" if quick else "")
                     r.proc = None
                 if quick and self._stop.wait(RESTART_PAUSE_S):
                     return
@@ -208,15 +212,6 @@ class ReplicaSupervisor:
                     p.wait()
             for r in self._replicas:
                 r.proc = None
-
-
-def _describe(rc: Optional[int]) -> str:
-    if rc is not None and rc < 0:
-        try:
-            return f"killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"signal {-rc}"
-    return f"exit code {rc}"
 
 
 # -- the replica's app ---------------------------------------------------------------------------
@@ -291,14 +286,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return os.getppid() == pid  # re-parented: the main server is gone even if its pid was reused
+def _alive(parent: int) -> bool:
+    """Whether the main server that started this replica still runs: once it is gone the replica
+    is re-parented, even if another process later gets the same pid."""
+    return os.getppid() == parent
 
 
 if __name__ == "__main__":
