@@ -79,22 +79,19 @@ def test_each_replica_runs_one_worker_and_several_gpus_are_taken_in_turn(make_se
     assert [sup._env(i)["FACEID_DEVICE"] for i in range(2)] == ["auto", "auto"]
 
 
-def test_a_port_in_use_is_a_clear_error_and_starts_nothing(make_settings):
-    with socket.socket() as taken:  # an ordinary listener (no SO_REUSEPORT), e.g. another server
+@pytest.mark.parametrize("reuse_port,needle", [
+    (False, r"give FACEID_INFER_PORT a free port"),  # an ordinary listener, e.g. another server
+    (True, r"is another server on it\?"),  # another server's replica: it could share the port
+])
+def test_a_port_in_use_is_a_clear_error_and_starts_nothing(make_settings, reuse_port, needle):
+    with socket.socket() as taken:
+        if reuse_port:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         sup = ReplicaSupervisor(make_settings(infer_replicas=2, infer_port=port))
-        with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port} .*give FACEID_INFER_PORT a free port"):
-            sup.start()
-        assert sup.describe()["pids"] == []
-    with socket.socket() as other:  # another server's replica: it shares ports with SO_REUSEPORT
-        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        other.bind(("127.0.0.1", 0))
-        other.listen()
-        port = other.getsockname()[1]
-        sup = ReplicaSupervisor(make_settings(infer_replicas=1, infer_port=port))
-        with pytest.raises(ConfigError, match=r"is another server on it\?"):
+        with pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{port} .*{needle}"):
             sup.start()
         assert sup.describe()["pids"] == []
 
