@@ -331,6 +331,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Before torch is imported: sleeping OpenMP threads, so inference and a training job can share
     # a small CPU (16 clients on 2 cores: 53% -> 74% of the offline batched rate, RELIABILITY.md).
     serving_defaults()
+    # The flags are the FACEID_* settings of the same names (docs/SERVICE.md); the app reads them
+    # from the environment. FACEID_PORT lets it refuse FACEID_INFER_PORT equal to this port.
+    os.environ["FACEID_PORT"] = str(args.port)
+    for flag, name in (("infer_replicas", "FACEID_INFER_REPLICAS"), ("infer_port", "FACEID_INFER_PORT"),
+                       ("infer_host", "FACEID_INFER_HOST")):
+        if getattr(args, flag) is not None:
+            os.environ[name] = str(getattr(args, flag))
     import uvicorn
 
     uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
@@ -375,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--log-level", default="info")
+    s.add_argument("--infer_replicas", type=int, default=None, metavar="N",
+                   help="also start N inference replicas answering /embed, /embed/batch and /verify on "
+                   "--infer_port (FACEID_INFER_REPLICAS; docs/SERVICE.md)")
+    s.add_argument("--infer_port", type=int, default=None, help="the replicas' port (FACEID_INFER_PORT)")
+    s.add_argument("--infer_host", default=None, help="the replicas' address (FACEID_INFER_HOST, default 127.0.0.1)")
     s.set_defaults(func=cmd_serve)
     return p
 

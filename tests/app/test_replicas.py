@@ -58,6 +58,25 @@ def test_replicas_need_a_port_of_their_own():
         load_settings({"FACEID_INFER_REPLICAS": "1", "FACEID_INFER_PORT": "8000", "FACEID_PORT": "8000"})
 
 
+def test_faceid_serve_flags_set_the_replica_settings(monkeypatch):
+    import uvicorn
+
+    import faceid.cli
+
+    for name in ("FACEID_PORT", "FACEID_INFER_REPLICAS", "FACEID_INFER_PORT", "FACEID_INFER_HOST"):
+        monkeypatch.setenv(name, "")  # restored (removed) after the test
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    monkeypatch.setattr(faceid.cli, "serving_defaults", lambda: None)  # it would set OMP_* for this process
+    assert faceid.cli.main(["serve", "--port", "8123", "--infer_replicas", "2", "--infer_port", "8124"]) == 0
+    assert ran["app"] == "app.main:create_app" and ran["port"] == 8123
+    s = load_settings()
+    assert (s.infer_replicas, s.infer_port, s.infer_host) == (2, 8124, "127.0.0.1")
+    faceid.cli.main(["serve", "--port", "8123", "--infer_replicas", "1", "--infer_port", "8123"])
+    with pytest.raises(ConfigError, match="FACEID_INFER_PORT=8123 is the main server's port"):
+        load_settings()
+
+
 def test_each_replica_runs_one_worker_and_several_gpus_are_taken_in_turn(make_settings, monkeypatch):
     import torch
 
