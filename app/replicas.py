@@ -144,13 +144,14 @@ class ReplicaSupervisor:
             fd = sock.fileno()
             # A session of its own: Ctrl-C on the server's terminal reaches the main server only,
             # which then stops the replicas (none is restarted meanwhile).
+            env = self._env(r.index)
             r.proc = subprocess.Popen([sys.executable, "-m", "app.replicas", str(fd)], pass_fds=(fd,),
-                                      env=self._env(r.index), stdin=subprocess.DEVNULL, start_new_session=True)
+                                      env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             sock.close()  # the replica holds it now
         r.started = time.monotonic()
         log.info("inference replica %d started (pid %d, device %s) on %s:%s", r.index, r.proc.pid,
-                 self._device(r.index), self.settings.infer_host, self.settings.infer_port)
+                 env["FACEID_DEVICE"], self.settings.infer_host, self.settings.infer_port)
 
     def start(self) -> None:
         """Start every replica; raises ConfigError when the port cannot be bound (none is left running)."""
