@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from faceid.errors import ConfigError
+from faceid.images import decoder_max_pixels
 
 ENV_PREFIX = "FACEID_"
 
@@ -113,6 +114,10 @@ def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
     if infer_port is not None and (env.get(ENV_PREFIX + "PORT") or "").strip() == str(infer_port):
         raise ConfigError(f"{ENV_PREFIX}INFER_PORT={infer_port} is the main server's port ({ENV_PREFIX}PORT); give the "
                           "replicas a port of their own, for example one above it")
+    max_pixels = int(_number(env, "MAX_PIXELS", 40_000_000, 1024, 1_000_000_000, integer=True))
+    if max_pixels > decoder_max_pixels():
+        raise ConfigError(f"{ENV_PREFIX}MAX_PIXELS={max_pixels} is above the {decoder_max_pixels():,} pixels the image "
+                          f"decoder (Pillow) accepts, so it would not take effect; use at most {decoder_max_pixels()}")
     checkpoint = env.get(ENV_PREFIX + "CHECKPOINT") or None
     trainer = env.get(ENV_PREFIX + "TRAINER_CMD")
     return Settings(
@@ -121,7 +126,7 @@ def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
         api_key=api_key,
         public_docs=_flag(env, "PUBLIC_DOCS", False),
         max_upload_mb=_number(env, "MAX_UPLOAD_MB", 10.0, 0.001, 1024),
-        max_pixels=int(_number(env, "MAX_PIXELS", 40_000_000, 1024, 1_000_000_000, integer=True)),
+        max_pixels=max_pixels,
         checkpoint=Path(checkpoint) if checkpoint else None,
         device=device,
         batch_max_size=int(_number(env, "BATCH_MAX_SIZE", 16, 1, 1024, integer=True)),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Union
@@ -34,6 +35,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # 40 megapixels: above any phone or consumer camera photo, far below what would exhaust memory
 # (a 40 MP RGB image decodes to 120 MB).
 DEFAULT_MAX_PIXELS = 40_000_000
+
+
+def decoder_max_pixels() -> int:
+    """The most pixels Pillow decodes without a decompression-bomb warning (`Image.MAX_IMAGE_PIXELS`,
+    89,478,485 unless changed); a `max_pixels` above it has no effect, so the settings refuse one."""
+    return int(Image.MAX_IMAGE_PIXELS or 2**62)
 DEFAULT_MIN_SIDE = 8
 
 # Pillow's plugin ids for the formats we decode. MPO is not a format of its own here: it is how
@@ -73,7 +80,7 @@ def open_image(
         source: the file's bytes, or a path to it.
         max_pixels: refuse images with more than this many pixels (width * height), checked from
             the header before decoding. Pillow's own decompression-bomb limit
-            (`Image.MAX_IMAGE_PIXELS`) also applies and is reported the same way.
+            (`Image.MAX_IMAGE_PIXELS`, see decoder_max_pixels) also applies, reported the same way.
         min_side: refuse images narrower or shorter than this.
         name: what to call the input in messages when `source` is bytes (an upload's file name);
             a path names itself.
@@ -157,6 +164,14 @@ def _open_source(source: ImageSource, name: str | None) -> tuple[str, io.IOBase]
         raise ImageError(f"cannot read {label}: {exc.strerror or exc}") from exc
 
 
+def _too_large(label: str, exc: Exception, max_pixels: int) -> ImageTooLargeError:
+    """Pillow's decompression-bomb refusal, told as ours: its message carries the pixel count."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow decodes"
+    return ImageTooLargeError(f"image too large: {label} has {pixels}, over the limit of "
+                              f"{min(max_pixels, decoder_max_pixels()):,}; downscale it (faces need well under 1000 px)")
+
+
 def _decode(stream: io.IOBase, label: str, *, max_pixels: int, min_side: int,
             reduce_to: int | None = None) -> Image.Image:
     """Identify, size-check, then decode the image in `stream` (still in its own mode): fully, or
@@ -172,7 +187,7 @@ def _decode(stream: io.IOBase, label: str, *, max_pixels: int, min_side: int,
             # Lazy: reads the header only. Only our four decoders are offered the bytes.
             image = Image.open(stream, formats=_DECODERS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"image too large: {label}: {exc} Downscale it.") from exc
+            raise _too_large(label, exc, max_pixels) from exc
         except UnidentifiedImageError as exc:
             raise _not_accepted(stream, label) from exc
         except _DECODE_ERRORS as exc:
@@ -204,7 +219,7 @@ def _decode(stream: io.IOBase, label: str, *, max_pixels: int, min_side: int,
         try:
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"image too large: {label}: {exc} Downscale it.") from exc
+            raise _too_large(label, exc, max_pixels) from exc
         except _DECODE_ERRORS as exc:
             raise ImageError(
                 f"corrupt or truncated image: {label} ({fmt}, {width}x{height}) could not be "

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, features
 
 from faceid.errors import ImageError, ImageTooLargeError
-from faceid.images import IMAGE_EXTENSIONS, is_image_file, open_image, to_rgb
+from faceid.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decoder_max_pixels, is_image_file, open_image, to_rgb
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -347,6 +347,17 @@ def test_declared_size_alone_is_refused():
 def test_bomb_refused_even_with_a_high_limit(bomb):
     with pytest.raises(ImageTooLargeError):
         open_image(bomb, max_pixels=10**12)
+
+
+@pytest.mark.parametrize("max_pixels,limit", [(DEFAULT_MAX_PIXELS, "40,000,000"), (10**12, "89,478,485")])
+def test_past_pillows_own_limit_the_message_names_the_size_and_the_limit_in_force(bomb, max_pixels, limit):
+    """Pillow refuses 900 MP before our header check can: the message is still ours, with the
+    pixel count and the limit that applies (Pillow's, when max_pixels is above it)."""
+    with pytest.raises(ImageTooLargeError) as e:
+        open_image(bomb, max_pixels=max_pixels, name="big.png")
+    assert str(e.value) == (f"image too large: big.png has 900,000,000 pixels, over the limit of {limit}; "
+                            "downscale it (faces need well under 1000 px)")
+    assert decoder_max_pixels() == 89_478_485
 
 
 def test_over_max_pixels_checked_from_header():

@@ -40,6 +40,7 @@ def test_values_from_environment(tmp_path):
     ({"FACEID_MAX_UPLOAD_MB": "-1"}, "out of range"),
     ({"FACEID_MAX_UPLOAD_MB": "nan"}, "out of range"),
     ({"FACEID_MAX_PIXELS": "1.5"}, "whole number"),
+    ({"FACEID_MAX_PIXELS": "100000000"}, "above the 89,478,485 pixels the image decoder .Pillow. accepts"),
     ({"FACEID_BATCH_MAX_SIZE": "0"}, "FACEID_BATCH_MAX_SIZE"),
     ({"FACEID_INFER_WORKERS": "-1"}, "FACEID_INFER_WORKERS"),
     ({"FACEID_INFER_WORKERS": "two"}, "FACEID_INFER_WORKERS"),
