@@ -333,14 +333,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serving_defaults()
     # The flags are the FACEID_* settings of the same names (docs/SERVICE.md); the app reads them
     # from the environment. FACEID_PORT lets it refuse FACEID_INFER_PORT equal to this port.
-    os.environ["FACEID_PORT"] = str(args.port)
+    host = args.host or os.environ.get("FACEID_HOST", "").strip() or "127.0.0.1"
+    port = args.port
+    if port is None:
+        raw = os.environ.get("FACEID_PORT", "").strip() or "8000"
+        if not raw.isdigit() or not 0 < int(raw) < 65536:
+            raise UserError(f"FACEID_PORT={raw!r} is not a port; set it to a number from 1 to 65535, or pass --port")
+        port = int(raw)
+    os.environ["FACEID_PORT"] = str(port)
     for flag, name in (("infer_replicas", "FACEID_INFER_REPLICAS"), ("infer_port", "FACEID_INFER_PORT"),
                        ("infer_host", "FACEID_INFER_HOST")):
         if getattr(args, flag) is not None:
             os.environ[name] = str(getattr(args, flag))
     import uvicorn
 
-    uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port,
                 log_level=args.log_level)
     return 0
 
@@ -379,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("serve", help="start the REST service (settings: FACEID_* environment)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default=None, help="address to listen on (default FACEID_HOST, else 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port to listen on (default FACEID_PORT, else 8000)")
     s.add_argument("--log-level", default="info")
     s.add_argument("--infer_replicas", type=int, default=None, metavar="N",
                    help="also start N inference replicas answering /embed, /embed/batch and /verify on "

@@ -77,6 +77,30 @@ def test_faceid_serve_flags_set_the_replica_settings(monkeypatch):
         load_settings()
 
 
+def test_faceid_serve_takes_its_address_from_the_environment_unless_flags_say_otherwise(monkeypatch, capsys):
+    import uvicorn
+
+    import faceid.cli
+
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(kw))
+    monkeypatch.setattr(faceid.cli, "serving_defaults", lambda: None)
+    monkeypatch.setenv("FACEID_PORT", "8311")
+    monkeypatch.setenv("FACEID_HOST", "0.0.0.0")
+    assert faceid.cli.main(["serve"]) == 0
+    assert (ran["host"], ran["port"]) == ("0.0.0.0", 8311)
+    assert faceid.cli.main(["serve", "--port", "8400", "--host", "127.0.0.1"]) == 0
+    assert (ran["host"], ran["port"], os.environ["FACEID_PORT"]) == ("127.0.0.1", 8400, "8400")
+    for name in ("FACEID_PORT", "FACEID_HOST"):
+        monkeypatch.delenv(name)
+    assert faceid.cli.main(["serve"]) == 0
+    assert (ran["host"], ran["port"]) == ("127.0.0.1", 8000)
+    monkeypatch.setenv("FACEID_PORT", "eighty")
+    ran.clear()
+    assert faceid.cli.main(["serve"]) == 2 and not ran
+    assert "FACEID_PORT='eighty' is not a port" in capsys.readouterr().err
+
+
 def test_each_replica_runs_one_worker_and_several_gpus_are_taken_in_turn(make_settings, monkeypatch):
     import torch
 
