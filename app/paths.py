@@ -150,6 +150,11 @@ def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: P
             raise FieldError(name, f"{getattr(cfg, name)} is more than this server allows ({limit}: "
                              f"{'one per CPU core' if name != 'workers' else 'the service maximum'}); "
                              f"ask for at most {limit}")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FieldError("device", "is cuda, and this server has no usable CUDA GPU; use auto or cpu")
     if cfg.nproc_per_node > 1:
         from faceid.runtime import gpu_shortage  # torch: only for a multi-process job
 

@@ -281,3 +281,16 @@ async def test_more_processes_than_gpus_is_422_and_names_the_fix(make_app, job_b
         assert (await client.get("/jobs")).json()["total"] == 0  # refused before a job was made
         cpu = await client.post("/jobs", json={**job_body, "nproc_per_node": 2, "device": "cpu"})
         assert cpu.status_code == 202, cpu.text
+
+
+async def test_a_cuda_job_on_a_server_without_a_gpu_is_422_not_a_failed_job(make_app, job_body, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    async with running(make_app()) as client:
+        r = await client.post("/jobs", json={**job_body, "device": "cuda"})
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == "device" and "no usable CUDA GPU; use auto or cpu" in r.json()["detail"]
+        assert (await client.get("/jobs")).json()["total"] == 0
+        auto = await client.post("/jobs", json={**job_body, "device": "auto"})
+        assert auto.status_code == 202, auto.text
