@@ -329,9 +329,12 @@ class JobProgress:
             self.progress["updated_at"] = ev.get("time")
         elif kind == "epoch" and ev.get("epoch") is not None:
             record = {k: v for k, v in ev.items() if k != "event"}
-            self.metrics = [m for m in self.metrics if m.get("epoch") != record.get("epoch")]
+            # One record per epoch and completeness: an epoch a stop ended part way keeps that
+            # record beside the one of its completion after a resume (a replayed event replaces)
+            key = (record.get("epoch"), record.get("complete", True) is not False)
+            self.metrics = [m for m in self.metrics if (m.get("epoch"), m.get("complete", True) is not False) != key]
             self.metrics.append(record)
-            self.metrics.sort(key=lambda m: m.get("epoch") or 0)
+            self.metrics.sort(key=lambda m: (m.get("epoch") or 0, m.get("complete", True) is not False))
             if ev.get("best_epoch") is not None:
                 keep = (self.best or {}).get("checkpoint") if (self.best or {}).get("epoch") == ev["best_epoch"] else None
                 self.best = {"epoch": ev["best_epoch"], "metric": self.best_metric,
@@ -355,7 +358,7 @@ class JobProgress:
                          "value": ev.get("best_value"), "checkpoint": ckpt}
             if isinstance(ev.get("thresholds"), dict):
                 self.thresholds = ev["thresholds"]
-            if self.progress is not None:
+            if self.progress is not None and not ev.get("stopped_early"):  # stopped: as far as it got
                 self.progress = {**self.progress, "percent": 100.0, "eta_s": 0.0, "updated_at": ev.get("time")}
         elif kind == "failed":
             if isinstance(ev.get("error"), str):

@@ -61,6 +61,7 @@ class RunResult:
 @dataclass
 class _State:
     epoch: int = 0                 # last completed epoch
+    partial_steps: int = 0         # steps of epoch `epoch + 1` trained before a stop (resume goes on from there)
     global_step: int = 0
     best_epoch: int = 0
     best_value: float = -math.inf
@@ -263,12 +264,15 @@ class Trainer:
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         b = ck.get("best") or {}
-        self.state = _State(epoch=int(ck["epoch"]), global_step=int(ck.get("global_step", 0)),
+        partial = int(ck.get("partial_steps") or 0)
+        self.state = _State(epoch=int(ck["epoch"]) - (1 if partial else 0), partial_steps=partial,
+                            global_step=int(ck.get("global_step", 0)),
                             best_epoch=int(b.get("epoch", 0)),
                             best_value=float(b.get("value", -math.inf)),
                             history=list(ck.get("history", [])))
         self._first_step = self.state.global_step
-        log.info("resumed from %s at epoch %d", path, self.state.epoch)
+        log.info("resumed from %s at epoch %d%s", path, self.state.epoch + 1,
+                 f", step {partial + 1}" if partial else "")
 
     def _pace(self, step: int) -> float:
         """How far the schedule (lr, margin warm-up) is, in steps. By steps, unless a time limit
@@ -300,9 +304,12 @@ class Trainer:
             _set_trunk_frozen(self.model, frozen)
             ddp = self._wrap(ddp, frozen)
             t_epoch = time.time()
-            loss, stopped = self._train_epoch(epoch, frozen, ddp, deadline)
-            st.epoch = epoch
-            self._end_epoch(epoch, loss, t_epoch)
+            loss, stopped, steps = self._train_epoch(epoch, frozen, ddp, deadline)
+            # Stopped before its last step, the epoch is evaluated and saved as it is, and
+            # last.pt says how far it got: a resume trains its remaining steps, not the next epoch.
+            complete = steps >= self.steps_per_epoch
+            st.epoch, st.partial_steps = (epoch, 0) if complete else (epoch - 1, steps)
+            self._end_epoch(epoch, loss, t_epoch, steps)
             if stopped:
                 break
         return self._finish(stopped)
@@ -321,19 +328,23 @@ class Trainer:
         ddp._faceid_frozen = key
         return ddp
 
-    def _train_epoch(self, epoch: int, frozen: bool, net: nn.Module, deadline: float) -> tuple[float, bool]:
+    def _train_epoch(self, epoch: int, frozen: bool, net: nn.Module, deadline: float) -> tuple[float, bool, int]:
+        """Train one epoch (its steps after those a resumed run already trained); returns the mean
+        loss, whether a stop ended it, and how many of its steps are now trained."""
         cfg, st = self.cfg, self.state
         rng = np.random.default_rng([cfg.seed, epoch])  # same batches on every rank: shard below
         batches = self.objective.epoch_batches(rng)[self.dist.rank::self.dist.world_size]
         batches = batches[:self.steps_per_epoch]
+        skip = st.partial_steps if epoch == st.epoch + 1 else 0  # the same batches as before the stop
+        i = skip
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + self.dist.rank)
         _train_mode(self.model, frozen)
         report_every = max(1, round(self.steps_per_epoch * cfg.progress_step_pct / 100))
         loss_sum, n_loss, seen, t_start = 0.0, 0, 0, time.time()
         stopped = False
-        images = batch_images(self.train_store, [b.indices for b in batches], workers=cfg.workers,
+        images = batch_images(self.train_store, [b.indices for b in batches[skip:]], workers=cfg.workers,
                               pin_memory=self.device.type == "cuda")
-        for i, (batch, raw) in enumerate(zip(batches, images), start=1):
+        for i, (batch, raw) in enumerate(zip(batches[skip:], images), start=skip + 1):
             epochs_done = (epoch - 1) + (i - 1) / len(batches)
             if self._time_share:
                 epochs_done = max(epochs_done, self._pace(st.global_step) / self.steps_per_epoch)
@@ -369,18 +380,19 @@ class Trainer:
             n_loss += 1
             seen += len(batch.indices)
             if i % report_every == 0 or i == len(batches) or stop_now:
-                self._progress(epoch, i, len(batches), loss_sum / n_loss, seen, t_start)
+                self._progress(epoch, i, len(batches), loss_sum / n_loss, seen, t_start, skip)
             if stop_now:
                 stopped = True
                 break
-        return loss_sum / max(1, n_loss), stopped
+        return loss_sum / max(1, n_loss), stopped, (self.steps_per_epoch if i >= len(batches) else i)
 
-    def _progress(self, epoch: int, step: int, steps: int, loss: float, seen: int, t_start: float) -> None:
+    def _progress(self, epoch: int, step: int, steps: int, loss: float, seen: int, t_start: float,
+                  skipped: int = 0) -> None:
         cfg = self.cfg
         elapsed = max(1e-9, time.time() - t_start)
         done = (epoch - 1) * steps + step
         total = cfg.epochs * steps
-        rate_steps = step / elapsed
+        rate_steps = max(1, step - skipped) / elapsed
         percent, eta = 100.0 * done / total, (total - done) / rate_steps
         if self._clock is not None:  # a time limit ends the run first: say so
             percent = max(percent, 100.0 * self._time_share)
@@ -409,15 +421,18 @@ class Trainer:
             metrics.update(score_protocol(pemb, ia, ib, labels, folds))
         return metrics
 
-    def _end_epoch(self, epoch: int, train_loss: float, t_epoch: float) -> None:
+    def _end_epoch(self, epoch: int, train_loss: float, t_epoch: float, steps: int) -> None:
         cfg, st = self.cfg, self.state
         if self.dist.is_main:
             metrics = self.evaluate()
             value = float(metrics[cfg.best_metric])
             is_best = value > st.best_value
+            # `complete` false: a stop ended the epoch after `epoch_steps` of its steps (trained
+            # since the start of the epoch, before and after any resume)
             record = {"epoch": epoch, "global_step": st.global_step, "train_loss": round(train_loss, 6),
                       "lr": self.optimizer.param_groups[1]["lr"], **metrics,
-                      "margin": getattr(getattr(self.objective, "head", None), "m", None)}
+                      "margin": getattr(getattr(self.objective, "head", None), "m", None),
+                      "complete": steps >= self.steps_per_epoch, "epoch_steps": steps}
             if is_best:
                 st.best_epoch, st.best_value = epoch, value
                 path = save_checkpoint(_checkpoint_dict(cfg, self.model, epoch, record),
@@ -428,10 +443,12 @@ class Trainer:
             self._save_last(epoch, record)
             with open(self.ckpt_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            log.info("epoch %d/%d loss %.4f acc %.4f th %.3f auc %.4f tar@1e-2 %.4f tar@1e-3 %.4f%s",
+            log.info("epoch %d/%d loss %.4f acc %.4f th %.3f auc %.4f tar@1e-2 %.4f tar@1e-3 %.4f%s%s",
                      epoch, cfg.epochs, train_loss, metrics["acc"], metrics["th"], metrics["auc"],
                      metrics["tar_1e-2"], metrics["tar_1e-3"],
-                     f" pairs_acc {metrics['pairs_acc']:.4f}" if "pairs_acc" in metrics else "")
+                     f" pairs_acc {metrics['pairs_acc']:.4f}" if "pairs_acc" in metrics else "",
+                     "" if record["complete"] else f" (stopped after {steps} of its {self.steps_per_epoch} "
+                     "steps; a resume trains the rest)")
             self.emit("epoch", **record, epoch_time_s=round(time.time() - t_epoch, 2))
         self.dist.barrier()
 
@@ -445,14 +462,17 @@ class Trainer:
                   scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
                   best={"epoch": self.state.best_epoch, "value": self.state.best_value,
                         "metric": self.cfg.best_metric},
-                  history=self.state.history, global_step=self.state.global_step)
+                  history=self.state.history, global_step=self.state.global_step,
+                  partial_steps=self.state.partial_steps)
         path = save_checkpoint(ck, self.ckpt_dir / "last.pt")
         self.emit("checkpoint", kind="last", path=str(path), epoch=epoch)
 
     def _finish(self, stopped: bool) -> RunResult:
         st = self.state
         best = self.ckpt_dir / "backbone_best.pt"
-        best_rec = next((h for h in st.history if h["epoch"] == st.best_epoch), {})
+        # The last record that was best is the one backbone_best.pt holds (an epoch stopped and
+        # then resumed has two records: as stopped and as completed)
+        best_rec = next((h for h in reversed(st.history) if h.get("is_best")), {})
         result = RunResult(best_epoch=st.best_epoch, best_metric=self.cfg.best_metric,
                            best_value=st.best_value, best_checkpoint=str(best) if best.exists() else None,
                            last_checkpoint=str(self.ckpt_dir / "last.pt"), history=st.history,

@@ -225,41 +225,52 @@ def test_sigterm_stops_saves_last_and_exits_143(stopped):
     fin = next(e for e in evs if e["event"] == "finished")
     assert fin["stopped_early"] is True
     progress = [e for e in evs if e["event"] == "progress"]
-    assert {e["epoch"] for e in progress} == {1} and progress[-1]["step"] < 4  # stopped mid-epoch
+    done = progress[-1]["step"]
+    assert {e["epoch"] for e in progress} == {1} and done < 4  # stopped mid-epoch
     last = load_checkpoint(models / "last.pt")
-    assert last["epoch"] == 1 and last["global_step"] == progress[-1]["step"]
-    assert [r["epoch"] for r in read_jsonl(models / "metrics.jsonl")] == [1]
+    # the weights are epoch 1's after `done` of its 4 steps, and last.pt says so
+    assert (last["epoch"], last["partial_steps"], last["global_step"]) == (1, done, done)
+    records = read_jsonl(models / "metrics.jsonl")
+    assert [(r["epoch"], r["complete"], r["epoch_steps"]) for r in records] == [(1, False, done)]
+    assert f"stopped after {done} of its 4 steps" in err
 
 
 @pytest.fixture
 def resumable(stopped, tmp_path):
-    """A copy of the stopped run's ckpt_dir (epoch 1 of 2 done), safe to write into."""
+    """A copy of the stopped run's ckpt_dir (epoch 1 of 2 stopped part way), safe to write into."""
     d = tmp_path / "models"
     shutil.copytree(stopped[2], d)
     return d
 
 
-def test_resume_continues_at_the_next_epoch(resumable, small, capsys):
+def test_resume_trains_the_rest_of_the_stopped_epoch_then_the_next(resumable, small, capsys):
+    """The resumed run ends with as many steps as one never stopped: the stopped epoch's other
+    steps (the same batches, in order), then epoch 2; the stopped epoch keeps both its records."""
     events = resumable / "events.jsonl"
     before = load_checkpoint(resumable / "last.pt")
+    done = before["partial_steps"]
+    assert 0 < done < 4
     rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface",
                    "--resume", str(resumable / "last.pt"), "--epochs", "2", "--events_file", str(events),
                    "--quiet", *tiny_flags(max_steps_per_epoch=4)])
     assert rc == 0, capsys.readouterr().err
 
-    assert [r["epoch"] for r in read_jsonl(resumable / "metrics.jsonl")] == [1, 2]
+    records = read_jsonl(resumable / "metrics.jsonl")
+    assert [(r["epoch"], r["complete"], r["epoch_steps"]) for r in records] == [(1, False, done), (1, True, 4),
+                                                                             (2, True, 4)]
     last = load_checkpoint(resumable / "last.pt")
-    assert last["epoch"] == 2
-    assert [h["epoch"] for h in last["history"]] == [1, 2]
+    assert (last["epoch"], last["partial_steps"]) == (2, 0)
+    assert [h["epoch"] for h in last["history"]] == [1, 1, 2]
     assert last["history"][0] == before["history"][0]
-    assert last["global_step"] == before["global_step"] + 4
+    assert last["global_step"] == 8  # 2 epochs of 4 steps, as if never stopped
     assert last["scheduler"]["last_epoch"] == last["global_step"]  # the schedule went on, too
-    evs = read_jsonl(events)
-    assert evs[0]["event"] == "start" and evs[0]["start_epoch"] == 2
-    assert {e["epoch"] for e in evs if e["event"] == "progress"} == {2}
-    pct = [e["percent"] for e in evs if e["event"] == "progress"]
-    assert pct[0] > 50 and pct[-1] == 100.0
-    assert evs[-1]["event"] == "finished"
+    resumed = read_jsonl(events)
+    assert resumed[0]["event"] == "start" and resumed[0]["start_epoch"] == 1
+    steps = [(e["epoch"], e["step"]) for e in resumed if e["event"] == "progress"]
+    assert steps[0][0] == 1 and steps[0][1] > done and steps[-1] == (2, 4)
+    pct = [e["percent"] for e in resumed if e["event"] == "progress"]
+    assert pct[0] > 100 * done / 8 and pct[-1] == 100.0
+    assert resumed[-1]["event"] == "finished"
 
 
 def test_resume_with_another_train_mode_is_a_user_error(resumable, small, capsys):

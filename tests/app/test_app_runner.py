@@ -232,6 +232,25 @@ def test_progress_keeps_history_across_resume():
     assert p.finished and p.thresholds == {"acc": 0.3}
 
 
+def test_an_epoch_stopped_part_way_keeps_its_record_beside_its_completion_and_its_percent():
+    p = JobProgress(best_metric="acc")
+    p.apply({"event": "progress", "epoch": 1, "epochs": 2, "step": 3, "steps": 10, "percent": 15.0, "eta_s": 9.0})
+    p.apply({"event": "epoch", "epoch": 1, "acc": 0.55, "complete": False, "epoch_steps": 3, "is_best": True,
+             "best_epoch": 1, "best_value": 0.55})
+    p.apply({"event": "finished", "best_epoch": 1, "best_metric": "acc", "best_value": 0.55, "stopped_early": True})
+    assert (p.progress["percent"], p.progress["eta_s"]) == (15.0, 9.0)  # not 100: it stopped at 15 %
+    # resumed: the epoch's other 7 steps, then epoch 2 (a replayed event replaces its own record)
+    for _ in range(2):
+        p.apply({"event": "epoch", "epoch": 1, "acc": 0.6, "complete": True, "epoch_steps": 10, "is_best": True,
+                 "best_epoch": 1, "best_value": 0.6})
+    p.apply({"event": "epoch", "epoch": 2, "acc": 0.62, "complete": True, "epoch_steps": 10, "is_best": True,
+             "best_epoch": 2, "best_value": 0.62})
+    assert [(m["epoch"], m["complete"], m["acc"]) for m in p.metrics] == [(1, False, 0.55), (1, True, 0.6),
+                                                                       (2, True, 0.62)]
+    p.apply({"event": "finished", "best_epoch": 2, "best_metric": "acc", "best_value": 0.62, "stopped_early": False})
+    assert (p.progress["percent"], p.progress["eta_s"]) == (100.0, 0.0)
+
+
 def test_tail_lines(tmp_path):
     path = tmp_path / "out.log"
     assert tail_lines(path, 5) == []
