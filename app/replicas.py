@@ -5,9 +5,9 @@ it under one interpreter lock, and that caps it: on 2 CPU cores 16 clients got a
 from it, while two server processes with 8 clients each got about 380 (bench/README.md); on a GPU
 one process tops out at 550 to 850 requests/s while the GPU embeds 13,000 images/s. So with
 FACEID_INFER_REPLICAS=N the main server starts N replicas that answer /embed, /embed/batch,
-/verify, /health and /ready on FACEID_INFER_PORT (FACEID_INFER_HOST, default 127.0.0.1): each has its own
-socket on that port (SO_REUSEPORT, so the kernel spreads connections over them), its own
-interpreter, batching worker and copy of the model. Everything else (jobs, GET /model,
+/verify, /health and /ready on FACEID_INFER_PORT (FACEID_INFER_HOST, default 127.0.0.1), each with its
+own interpreter, batching worker and copy of the model. The main server accepts the connections
+on that port and hands each to the next replica in turn; from then on the replica alone serves it. Everything else (jobs, GET /model,
 activation) stays on the main server's port, which still answers /embed and /verify too.
 
 - A replica serves the model the main server serves: it reads the served checkpoint from the job
@@ -24,6 +24,8 @@ activation) stays on the main server's port, which still answers /embed and /ver
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import signal
@@ -55,37 +57,24 @@ QUICK_DEATH_S = 10.0  # a replica that dies sooner than this after its start is 
 RESTART_PAUSE_S = 5.0
 
 
-def _port_error(host: str, port: int, e: OSError, why: str = "") -> ConfigError:
-    return ConfigError(f"the inference replicas cannot listen on {host}:{port} ({e.strerror or e}{why}); give "
-                       "FACEID_INFER_PORT a free port (not the main server's), or set FACEID_INFER_REPLICAS=0")
+def _port_error(host: str, port: int, e: OSError) -> ConfigError:
+    return ConfigError(f"the inference replicas cannot listen on {host}:{port} ({e.strerror or e}; is another "
+                       "server on it?); give FACEID_INFER_PORT a free port (not the main server's), or set "
+                       "FACEID_INFER_REPLICAS=0")
 
 
-def _check_free(host: str, port: int) -> None:
-    """Refuse a port something already listens on, even with SO_REUSEPORT: another FaceID server's
-    replicas (same user) could otherwise share it, and clients would get either server's model."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT are fine
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise _port_error(host, port, e, "; is another server on it?") from None
-
-
-def _bind(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int) -> socket.socket:
+    """The replicas' listening socket, accepted from by the main server only. No SO_REUSEPORT: a
+    port anything else listens on (another FaceID server's replicas too) is refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    # Handed down to accepted connections on Linux: no Nagle delay (64 ms per request without it)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections in TIME_WAIT are fine
     try:
         sock.bind((host, port))
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise _port_error(host, port, e) from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
     return sock
 
 
@@ -93,16 +82,25 @@ class _Replica:
     def __init__(self, index: int) -> None:
         self.index = index
         self.proc: Optional[subprocess.Popen] = None
+        self.channel: Optional[socket.socket] = None  # the main server's end: accepted connections go down it
         self.started = 0.0
         self.restarts = 0
+        self.handed = 0  # connections handed to it since the server started
+
+    def takes(self) -> bool:
+        return self.channel is not None and self.proc is not None and self.proc.poll() is None
 
 
 class ReplicaSupervisor:
-    """Starts `settings.infer_replicas` replica processes, restarts those that exit, stops them.
+    """Starts `settings.infer_replicas` replica processes, restarts those that exit, stops them, and
+    hands them the connections of their port in turn.
 
-    Each replica gets a socket of its own, bound here and then closed here: while a replica is
-    down, the kernel spreads new connections over the others instead of queueing them on a socket
-    nobody accepts from."""
+    The main server listens on FACEID_INFER_PORT itself and a thread of its own accepts there: each
+    new connection goes to the next replica that is up (round robin), down a Unix socket pair, so N
+    keep-alive connections are spread evenly (a socket per replica with SO_REUSEPORT let the kernel
+    pick by a hash: 4 connections landed 2 and 2 on 2 replicas only 3 times in 8). The main server
+    sees a connection once, when it opens; its requests go straight to the replica. While no
+    replica is up, new connections wait in the port's backlog."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -111,6 +109,9 @@ class ReplicaSupervisor:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
+        self._acceptor: Optional[threading.Thread] = None
+        self._listener: Optional[socket.socket] = None
+        self._next = 0
 
     def _device(self, index: int) -> str:
         """Replica `index`'s FACEID_DEVICE: on a host with several GPUs, FACEID_DEVICE cuda or auto
@@ -138,34 +139,81 @@ class ReplicaSupervisor:
         return env
 
     def _spawn(self, r: _Replica) -> None:
-        assert self.settings.infer_port is not None
-        sock = _bind(self.settings.infer_host, self.settings.infer_port)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            fd = sock.fileno()
+            fd = theirs.fileno()
             # A session of its own: Ctrl-C on the server's terminal reaches the main server only,
             # which then stops the replicas (none is restarted meanwhile).
             env = self._env(r.index)
             r.proc = subprocess.Popen([sys.executable, "-m", "app.replicas", str(fd)], pass_fds=(fd,),
                                       env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        except BaseException:
+            ours.close()
+            raise
         finally:
-            sock.close()  # the replica holds it now
+            theirs.close()  # the replica holds it now
+        ours.setblocking(False)  # a replica that stopped reading is passed over, never waited for
+        if r.channel is not None:
+            r.channel.close()
+        r.channel = ours
         r.started = time.monotonic()
         log.info("inference replica %d started (pid %d, device %s) on %s:%s", r.index, r.proc.pid,
                  env["FACEID_DEVICE"], self.settings.infer_host, self.settings.infer_port)
 
     def start(self) -> None:
-        """Start every replica; raises ConfigError when the port cannot be bound (none is left running)."""
-        self._replicas = [_Replica(i) for i in range(self.n)]
+        """Listen on the port and start every replica; raises ConfigError when the port cannot be
+        bound (nothing is left running then)."""
         assert self.settings.infer_port is not None
-        _check_free(self.settings.infer_host, self.settings.infer_port)
+        self._listener = _listen(self.settings.infer_host, self.settings.infer_port)
+        self._replicas = [_Replica(i) for i in range(self.n)]
         try:
             for r in self._replicas:
                 self._spawn(r)
-        except ConfigError:
+        except BaseException:
             self.stop()
             raise
         self._thread = threading.Thread(target=self._watch, name="faceid-replicas", daemon=True)
         self._thread.start()
+        self._acceptor = threading.Thread(target=self._accept, name="faceid-replica-accept", daemon=True)
+        self._acceptor.start()
+
+    def _hand(self, conn: socket.socket) -> bool:
+        """Give `conn` to the next replica that takes it; False when none does."""
+        with self._lock:
+            for _ in range(len(self._replicas)):
+                r = self._replicas[self._next % len(self._replicas)]
+                self._next += 1
+                if not r.takes():
+                    continue
+                try:
+                    socket.send_fds(r.channel, [b"c"], [conn.fileno()])
+                except OSError:  # it is gone (or not reading): the next one
+                    continue
+                r.handed += 1
+                return True
+        return False
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        listener = self._listener
+        listener.settimeout(0.5)  # to see the stop
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError as e:  # closed by stop(), or out of descriptors for a moment
+                if self._stop.is_set():
+                    return
+                log.error("accepting a connection on the replicas' port failed: %s", e)
+                self._stop.wait(0.1)
+                continue
+            with conn:
+                # Handed down with the descriptor: no Nagle delay (64 ms per request without it)
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                while not self._hand(conn):  # no replica up: this one waits for a restart, the rest in the backlog
+                    if self._stop.wait(0.2):
+                        return
 
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
@@ -186,19 +234,23 @@ class ReplicaSupervisor:
                     r.restarts += 1
                     try:
                         self._spawn(r)
-                    except (ConfigError, OSError) as e:  # tried again on the next round
+                    except OSError as e:  # tried again on the next round
                         log.error("inference replica %d cannot be started again: %s", r.index, e)
 
     def describe(self) -> dict[str, Any]:
         with self._lock:
             return {"replicas": self.n, "host": self.settings.infer_host, "port": self.settings.infer_port,
                     "pids": [r.proc.pid for r in self._replicas if r.proc is not None and r.proc.poll() is None],
-                    "restarts": sum(r.restarts for r in self._replicas)}
+                    "restarts": sum(r.restarts for r in self._replicas),
+                    "connections": [r.handed for r in self._replicas]}
 
     def stop(self, timeout: float = 15.0) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        for t in (self._thread, self._acceptor):
+            if t is not None:
+                t.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()  # connections not yet handed to a replica are refused from here
         with self._lock:
             procs = [r.proc for r in self._replicas if r.proc is not None]
             for p in procs:
@@ -213,6 +265,9 @@ class ReplicaSupervisor:
                     p.wait()
             for r in self._replicas:
                 r.proc = None
+                if r.channel is not None:
+                    r.channel.close()
+                    r.channel = None
 
 
 # -- the replica's app ---------------------------------------------------------------------------
@@ -272,8 +327,71 @@ def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: 
     return app
 
 
+def _replica_server_class() -> type:
+    import uvicorn
+
+    class ReplicaServer(uvicorn.Server):
+        """uvicorn serving the connections the main server hands down `channel` (a Unix socket: one
+        byte and one descriptor per accepted connection) instead of a listening socket of its own.
+        Each becomes a connection of uvicorn's own HTTP protocol, so keep-alive, limits and the
+        graceful stop (requests in flight finish) are uvicorn's. The channel's end (the main
+        server gone) stops the replica."""
+
+        def __init__(self, config: "uvicorn.Config", channel: socket.socket) -> None:
+            super().__init__(config)
+            self.channel = channel
+
+        async def startup(self, sockets: Optional[list] = None) -> None:
+            await super().startup(sockets=[])  # the app's lifespan (the model loaded); no listener
+            if self.should_exit:
+                return
+            loop = asyncio.get_running_loop()
+            config = self.config
+            self._protocol = functools.partial(config.http_protocol_class, config=config,
+                                               server_state=self.server_state, app_state=self.lifespan.state)
+            self.channel.setblocking(False)
+            loop.add_reader(self.channel.fileno(), self._receive, loop)
+
+        def _receive(self, loop: asyncio.AbstractEventLoop) -> None:
+            while True:
+                try:
+                    data, fds, _, _ = socket.recv_fds(self.channel, 16, 16)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:
+                    data, fds = b"", []
+                    log.error("the main server's channel failed: %s", e)
+                if not data and not fds:  # the main server closed its end: it stops, so does this replica
+                    loop.remove_reader(self.channel.fileno())
+                    self.should_exit = True
+                    return
+                for fd in fds:
+                    conn = socket.socket(fileno=fd)
+                    conn.setblocking(False)
+                    loop.create_task(self._adopt(loop, conn))
+
+        async def _adopt(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+            try:
+                await loop.connect_accepted_socket(self._protocol, conn)
+            except OSError as e:  # the client left before it was adopted
+                log.debug("a handed connection could not be served: %s", e)
+                conn.close()
+
+        async def shutdown(self, sockets: Optional[list] = None) -> None:
+            if self.channel.fileno() >= 0:
+                try:
+                    asyncio.get_running_loop().remove_reader(self.channel.fileno())
+                except (ValueError, OSError):
+                    pass
+            await super().shutdown(sockets=sockets)
+            self.channel.close()
+
+    return ReplicaServer
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m app.replicas FD`: a replica on the listening socket FD (the main server starts it)."""
+    """`python -m app.replicas FD`: a replica fed the connections the main server accepts on the
+    replicas' port, down the Unix socket FD (the main server starts it)."""
     import uvicorn
 
     args = sys.argv[1:] if argv is None else argv
@@ -281,9 +399,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("usage: python -m app.replicas FD (started by the FaceID server with FACEID_INFER_REPLICAS)",
               file=sys.stderr)
         return 2
-    sock = socket.socket(fileno=int(args[0]))  # its family and type from the descriptor itself
+    channel = socket.socket(fileno=int(args[0]))  # its family and type from the descriptor itself
     config = uvicorn.Config("app.replicas:create_replica_app", factory=True, log_level="warning", access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    _replica_server_class()(config, channel).run()
     return 0
 
 

@@ -133,6 +133,9 @@ class ReplicasOut(BaseModel):
     port: int = Field(description="FACEID_INFER_PORT, the port they share")
     pids: list[int] = Field(description="the replicas' processes running now")
     restarts: int = Field(description="replicas started again after exiting, since the server started")
+    connections: list[int] = Field(description="connections handed to each replica since the server started "
+                                   "(the main server accepts on their port and hands each new one to the next "
+                                   "replica that is up)")
 
 
 class ModelOut(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -111,6 +112,9 @@ def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
     if replicas and infer_port is None:
         raise ConfigError(f"{ENV_PREFIX}INFER_REPLICAS={replicas} needs {ENV_PREFIX}INFER_PORT, the port the replicas "
                           f"answer /embed and /verify on (not the main server's port); or set {ENV_PREFIX}INFER_REPLICAS=0")
+    if replicas and not hasattr(socket, "send_fds"):
+        raise ConfigError(f"{ENV_PREFIX}INFER_REPLICAS needs a system that passes sockets between processes (Linux or "
+                          f"macOS); set {ENV_PREFIX}INFER_REPLICAS=0 here")
     if infer_port is not None and (env.get(ENV_PREFIX + "PORT") or "").strip() == str(infer_port):
         raise ConfigError(f"{ENV_PREFIX}INFER_PORT={infer_port} is the main server's port ({ENV_PREFIX}PORT); give the "
                           "replicas a port of their own, for example one above it")

@@ -323,6 +323,20 @@ def test_replicas_answer_as_the_main_server_and_one_killed_is_started_again(tmp_
         assert np.allclose(replica.json()["embedding"], main.json()["embedding"], atol=5e-3)
         assert httpx.get(server.infer + "/jobs", timeout=10).status_code == 404
 
+        # The main server hands each new connection to the next replica: 4 keep-alive clients are
+        # 2 and 2, whatever their ports (the kernel's SO_REUSEPORT hash split them 2 and 2 only 3 times in 8)
+        before = server.replicas()["connections"]
+        clients = [httpx.Client(base_url=server.infer, timeout=60) for _ in range(4)]
+        try:
+            for _ in range(2):
+                for c in clients:
+                    r = c.post("/embed", files={"image": ("a.jpg", image, "image/jpeg")})
+                    assert r.status_code == 200, r.text
+        finally:
+            for c in clients:
+                c.close()
+        assert [a - b for a, b in zip(server.replicas()["connections"], before)] == [2, 2]
+
         victim, survivor = info["pids"]
         os.kill(victim, signal.SIGKILL)
         # Reaped by the server (within a second): its socket is gone too. A connection made in the
