@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code INTEGER,
     pid INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    events_offset INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE TABLE IF NOT EXISTS state (
@@ -68,7 +69,7 @@ _JSON_COLUMNS = ("config", "progress", "metrics", "best", "thresholds")
 # The only column names ever put into SQL text; every value goes through a ? parameter.
 _UPDATABLE = frozenset({"status", "config", "started_at", "finished_at", "progress", "metrics", "best",
                         "thresholds", "checkpoint", "last_checkpoint", "device", "error", "error_kind",
-                        "exit_code", "pid", "cancel_requested", "attempts"})
+                        "exit_code", "pid", "cancel_requested", "attempts", "events_offset"})
 
 
 class QueueFullError(Exception):
@@ -112,6 +113,9 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            if "events_offset" not in columns:  # a database from before the column
+                self._db.execute("ALTER TABLE jobs ADD COLUMN events_offset INTEGER")
 
     def close(self) -> None:
         with self._lock:
@@ -381,6 +385,11 @@ class EventTail:
         self.offset = offset
         self._partial = b""
 
+    @property
+    def consumed(self) -> int:
+        """Where the first line not yet returned starts."""
+        return self.offset - len(self._partial)
+
     def read(self) -> list[dict[str, Any]]:
         try:
             with open(self.path, "rb") as f:
@@ -502,8 +511,24 @@ class JobRunner:
                 while time.monotonic() < deadline and process_alive(pid):
                     time.sleep(0.1)
                 _kill_group(pid, signal.SIGKILL)
+            self._catch_up(job)
             log.warning("job %s was running when the server stopped; marked interrupted", job["id"])
         return jobs
+
+    def _catch_up(self, job: dict[str, Any]) -> None:
+        """Apply the events a dead server left unread: the last progress, and what its trainer did
+        when it was stopped (an evaluated epoch, a new best checkpoint, last.pt), so that the job's
+        metrics, best and thresholds describe the files in its folder."""
+        if job.get("events_offset") is None:
+            return
+        state = JobProgress.from_job(job)
+        tail = EventTail(self.job_dir(job["id"]) / "events.jsonl", int(job["events_offset"]))
+        events = tail.read()
+        for ev in events:
+            state.apply(ev)
+        if events:
+            self.store.update(job["id"], events_offset=tail.consumed, **state.columns())
+            log.info("job %s: %d events of its last run read after the restart", job["id"], len(events))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="faceid-job-runner", daemon=True)
@@ -575,6 +600,7 @@ class JobRunner:
         offset = events_path.stat().st_size if events_path.exists() else 0
         if not self.store.claim(job_id):
             return  # cancelled between next_queued and now
+        self.store.update(job_id, events_offset=offset)  # what a server that dies leaves unread starts here
         attempt = (self.store.get(job_id) or job)["attempts"]
         cmd = [*self.trainer_cmd, "--config", str(cfg_path), "--events_file", str(events_path)]
         env = _child_env()
@@ -605,7 +631,7 @@ class JobRunner:
                 for ev in events:
                     state.apply(ev)
                 if events:
-                    self.store.update(job_id, **state.columns())
+                    self.store.update(job_id, events_offset=tail.consumed, **state.columns())
                 if rc is not None:
                     break
                 with self._lock:

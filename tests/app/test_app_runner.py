@@ -159,7 +159,8 @@ async def test_restart_after_server_died_marks_interrupted_and_resumes(make_sett
     orphan = subprocess.Popen([sys.executable, str(FAKE_TRAINER), "--config", str(folder / "config.json"),
                                "--events_file", str(folder / "events.jsonl")], start_new_session=True,
                               stdout=subprocess.DEVNULL)
-    store.update(job_id, status="running", started_at=time.time(), pid=orphan.pid, attempts=1)
+    # as the runner leaves it once the trainer runs (events_offset: where this run's events start)
+    store.update(job_id, status="running", started_at=time.time(), pid=orphan.pid, attempts=1, events_offset=0)
     store.close()
     deadline = time.monotonic() + 10
     while not (folder / "events.jsonl").exists() or "progress" not in (folder / "events.jsonl").read_text():
@@ -171,11 +172,37 @@ async def test_restart_after_server_died_marks_interrupted_and_resumes(make_sett
         job = (await client.get(f"/jobs/{job_id}")).json()
         assert job["status"] == "interrupted"
         assert (folder / "last.pt").exists()
+        # what the orphan did before and on its SIGTERM, which no server was there to read: its
+        # progress, the epoch it evaluated, its best checkpoint and thresholds
+        assert job["progress"]["step"] >= 1 and [m["epoch"] for m in job["metrics"]] == [1]
+        assert job["best"]["epoch"] == 1 and job["best"]["checkpoint"] == str(folder / "backbone_best.pt")
+        assert job["thresholds"]["acc"] == 0.5 and job["last_checkpoint"] == str(folder / "last.pt")
         listed = (await client.get("/jobs", params={"status": "interrupted"})).json()
         assert [j["id"] for j in listed["jobs"]] == [job_id]
         assert (await client.post(f"/jobs/{job_id}/resume")).status_code == 202
         done = await wait_job(client, job_id)
         assert done["status"] == "succeeded"
+
+
+def test_a_database_from_before_events_offset_gets_the_column(tmp_path):
+    import sqlite3
+
+    from app.jobs import _SCHEMA
+
+    path = tmp_path / "jobs.db"
+    old = _SCHEMA.replace(",\n    events_offset INTEGER\n", "\n")
+    assert old != _SCHEMA
+    db = sqlite3.connect(str(path))
+    db.executescript(old)
+    db.execute("INSERT INTO jobs (id, status, config, created_at) VALUES (?, 'queued', '{}', 1.0)", ("c" * 32,))
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    try:
+        store.update("c" * 32, events_offset=123)
+        assert store.get("c" * 32)["events_offset"] == 123
+    finally:
+        store.close()
 
 
 async def test_interrupted_without_last_checkpoint_is_409(make_settings, make_app, job_body):
