@@ -71,6 +71,16 @@ def _body_parse_error(cause: Any) -> str:
             'example {"train": "sample/train", "val": "sample/val"}')
 
 
+def _not_json(err: dict[str, Any]) -> bool:
+    """The body as a whole is not an object: sent as text, a form, or JSON without its header."""
+    return tuple(err.get("loc", ())) == ("body",) and err.get("type") in ("model_attributes_type", "dict_type")
+
+
+def _field(err: dict[str, Any]) -> str:
+    """Which field an error is about; a JSON syntax error's location is a character offset."""
+    return "body" if err.get("type") == "json_invalid" else _loc(err.get("loc", ()))
+
+
 def validation_detail(errors: list[dict[str, Any]]) -> str:
     lines = []
     for err in errors[:5]:
@@ -80,7 +90,9 @@ def validation_detail(errors: list[dict[str, Any]]) -> str:
             msg = f"the body is not valid JSON ({ctx.get('error', 'decode error')})"
         if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
             msg = "a JSON body is required"
-        lines.append(f"{_loc(err.get('loc', ()))}: {msg}")
+        if _not_json(err):
+            msg = 'send one JSON object with the header Content-Type: application/json'
+        lines.append(f"{_field(err)}: {msg}")
     more = len(errors) - 5
     return "; ".join(lines) + (f"; and {more} more" if more > 0 else "")
 
@@ -90,7 +102,7 @@ def install(app: FastAPI, routes_hint: str = "the routes are listed at /docs") -
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         code = status_of(exc)
         body: dict[str, Any] = {"detail": str(exc)}
-        if isinstance(exc, FieldError):
+        if isinstance(exc, FieldError) or isinstance(getattr(exc, "field", None), str):
             body["field"] = exc.field
         headers = {"Retry-After": "60"} if code in (429, 503) else None
         return JSONResponse(body, status_code=code, headers=headers)
@@ -101,7 +113,7 @@ def install(app: FastAPI, routes_hint: str = "the routes are listed at /docs") -
                   "type": str(e.get("type", ""))} for e in errors[:50]]
         body: dict[str, Any] = {"detail": validation_detail(errors), "errors": clean}
         if clean:
-            body["field"] = _loc(errors[0].get("loc", ()))
+            body["field"] = _field(errors[0])
         return JSONResponse(body, status_code=422)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -112,8 +124,10 @@ def install(app: FastAPI, routes_hint: str = "the routes are listed at /docs") -
             detail = _body_parse_error(exc.__cause__)
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path[:100]}; {routes_hint}"
-        return JSONResponse({"detail": detail}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        body: dict[str, Any] = {"detail": detail}
+        if isinstance(getattr(exc, "field", None), str):
+            body["field"] = exc.field
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import anyio
 
-from faceid.errors import CheckpointError, FaceIDError, ModelNotReadyError
+from faceid.errors import CheckpointError, FaceIDError, ImageError, ModelNotReadyError
 
 from app.jobs import JobStateError, JobStore
 from app.paths import usable_cpus
@@ -539,7 +539,11 @@ class ModelManager:
         side = getattr(model.verifier, "decode_side", None)  # large JPEGs as its training decoded them
 
         def work() -> Any:
-            img = open_upload(data, max_pixels=self.settings.max_pixels, name=name, reduce_to=side)
+            try:
+                img = open_upload(data, max_pixels=self.settings.max_pixels, name=name, reduce_to=side)
+            except ImageError as e:
+                e.field = name  # the answer's "field", as for the other refused fields
+                raise
             return prepare(img) if prepare is not None else img
 
         return await anyio.to_thread.run_sync(work, limiter=self._decode_limiter)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException as _HTTPException
+from fastapi import Request
 from starlette.requests import ClientDisconnect
 
 try:  # python-multipart >= 0.0.13
@@ -78,12 +79,13 @@ class _Collector:
         expected = sorted(self.files | self.fields)
         if name not in self.files and name not in self.fields:
             raise HTTPException(422, f"unexpected form field {name[:100]!r}; this route takes "
-                                f"{', '.join(expected)}")
+                                f"{', '.join(expected)}", field=name[:100])
         if name in self.parts:
-            raise HTTPException(422, f"form field {name!r} is sent twice; send it once")
+            raise HTTPException(422, f"form field {name!r} is sent twice; send it once", field=name)
         if name in self.lists and len(self.lists[name]) >= self.repeated[name]:
             raise HTTPException(422, f"more than {self.repeated[name]} files in form field {name!r}, the most one "
-                                "request may carry (FACEID_BATCH_MAX_SIZE); split them over several requests")
+                                "request may carry (FACEID_BATCH_MAX_SIZE); split them over several requests",
+                                field=name)
         filename = options.get(b"filename")
         ctype = self._headers.get(b"content-type")
         self._current = Part(name=name,
@@ -102,8 +104,10 @@ class _Collector:
         if len(part.data) + (end - start) > self._limit:
             if part.name in self.files:
                 raise HTTPException(413, f"file {part.name!r} is larger than the upload limit of "
-                                    f"{_mb(self.max_file_bytes)} (FACEID_MAX_UPLOAD_MB); send a smaller image")
-            raise HTTPException(422, f"form field {part.name!r} is too long (over {self._limit} bytes)")
+                                    f"{_mb(self.max_file_bytes)} (FACEID_MAX_UPLOAD_MB); send a smaller image",
+                                    field=part.name)
+            raise HTTPException(422, f"form field {part.name!r} is too long (over {self._limit} bytes)",
+                                field=part.name)
         part.data += data[start:end]
 
     def on_part_end(self) -> None:
@@ -118,6 +122,14 @@ class _Collector:
             "on_header_end", "on_headers_finished", "on_end")}
 
 
+class HTTPException(_HTTPException):
+    """An upload refused because of one form field, which `field` names (the answer's "field")."""
+
+    def __init__(self, status_code: int, detail: str, field: Optional[str] = None) -> None:
+        super().__init__(status_code, detail)
+        self.field = field
+
+
 async def read_form(request: Request, *, files: set[str], fields: set[str] = frozenset(),
                     required: set[str], max_file_bytes: int,
                     repeated: Optional[dict[str, int]] = None) -> dict[str, Any]:
@@ -130,7 +142,7 @@ async def read_form(request: Request, *, files: set[str], fields: set[str] = fro
     """
     ctype, options = parse_options_header(request.headers.get("content-type"))
     if ctype != b"multipart/form-data":
-        shown = ctype.decode("latin-1")[:100] or "none"
+        shown = ctype.decode("latin-1")[:100] or "a request without a Content-Type"
         raise HTTPException(415, f"send the image as multipart/form-data (field "
                             f"{', '.join(sorted(required))}), not {shown}; for example "
                             f"curl -F {sorted(required)[0]}=@photo.jpg")
@@ -173,5 +185,5 @@ async def read_form(request: Request, *, files: set[str], fields: set[str] = fro
     if missing:
         raise HTTPException(422, f"missing form field {', '.join(repr(m) for m in missing)}; send "
                             f"the image(s) as multipart/form-data, for example "
-                            f"curl -F {missing[0]}=@photo.jpg")
+                            f"curl -F {missing[0]}=@photo.jpg", field=missing[0])
     return {**collector.parts, **collector.lists}

@@ -33,5 +33,6 @@ async def ready(request: Request):
                 models.require()
             except Exception as e:  # ModelNotReadyError: its message says how to get a model
                 detail = str(e)
-        return JSONResponse(ReadyOut(ready=False, detail=detail).model_dump(), status_code=503)
+        return JSONResponse(ReadyOut(ready=False, detail=detail).model_dump(), status_code=503,
+                            headers={"Retry-After": "60"})
     return ReadyOut(ready=True, model=served.id)

@@ -70,6 +70,7 @@ async def test_503_before_any_model(make_app):
             assert r.headers.get("retry-after")
         r = await client.get("/ready")
         assert r.status_code == 503 and r.json()["ready"] is False and "POST /jobs" in r.json()["detail"]
+        assert r.headers.get("retry-after") == "60"
 
 
 async def test_embed(served_app):

@@ -149,6 +149,18 @@ async def test_parse_bombs_and_odd_json(make_app, name, body, needle):
         await still_serving(client)
 
 
+async def test_a_body_that_is_not_json_says_so_and_names_the_body_not_an_offset(make_app):
+    async with running(make_app()) as client:
+        r = await post_raw(client, "not json")
+        assert r.status_code == 422 and r.json()["field"] == "body", r.text
+        assert r.json()["detail"].startswith("body: the body is not valid JSON")
+        for ctype, body in (("text/plain", json.dumps(VALID)), ("application/x-www-form-urlencoded", "train=x")):
+            r = await client.post("/jobs", content=body, headers={"content-type": ctype})
+            assert r.status_code == 422 and r.json()["field"] == "body", (ctype, r.text)
+            assert "Content-Type: application/json" in r.json()["detail"], (ctype, r.text)
+        await still_serving(client)
+
+
 PATH_FIELDS = {"train": "dir", "val": "dir", "pairs_file": "file", "pretrained_weights": "file"}
 BAD_PATHS = [
     ("sample/train/..", "'..'"), ("./../outside", "'..'"), ("sample/./../../outside/eve", "'..'"),

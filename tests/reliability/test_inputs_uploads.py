@@ -223,6 +223,20 @@ BAD_HEADERS = [
 ]
 
 
+async def test_a_refused_upload_field_is_named_in_field_as_job_fields_are(served_app):
+    async with running(served_app()) as client:
+        for path, files, field, status in [
+            ("/verify", {"image1": ("a.png", IMG)}, "image2", 422),
+            ("/embed", {"photo": ("a.png", IMG)}, "photo", 422),
+            ("/verify", {"image1": ("a.png", IMG), "image2": ("b.png", b"<html>")}, "image2", 422),
+            ("/embed/batch", [("images", ("a.png", IMG)), ("images", ("b.png", b"junk"))], "images[1]", 422),
+        ]:
+            r = await client.post(path, files=files)
+            assert (r.status_code, r.json().get("field")) == (status, field), (path, r.text)
+        r = await client.post("/embed", content=b"")
+        assert r.status_code == 415 and "not a request without a Content-Type" in r.json()["detail"], r.text
+
+
 async def test_odd_multipart_bodies_and_headers(served_app):
     async with running(served_app()) as client:
         for name, parts, statuses in ODD_FORMS:
