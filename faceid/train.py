@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -165,12 +166,13 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
         if self.dist.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                what = "is a file" if self.ckpt_dir.is_file() else f"cannot be created ({e.strerror or e})"
+                raise ConfigError(f"ckpt_dir {self.ckpt_dir} {what}; choose another --ckpt_dir") from None
             if not os.access(self.ckpt_dir, os.W_OK):
                 raise ConfigError(f"ckpt_dir {self.ckpt_dir} is not writable; choose another --ckpt_dir")
-            tmp = self.ckpt_dir / ".config.json.tmp"
-            tmp.write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
-            os.replace(tmp, self.ckpt_dir / "config.json")
 
         train = scan_folder(cfg.train, what="--train", min_identities=2)
         # --val needs 2 people with 2+ images each: same-person and different-person pairs.
@@ -240,6 +242,30 @@ class Trainer:
         self.state = _State()
         if cfg.resume:
             self._resume(cfg.resume)
+        if self.dist.is_main:
+            self._start_files()
+
+    def _start_files(self) -> None:
+        """Once the run can start: its config.json, and a fresh metrics.jsonl unless it resumes (so
+        neither a run refused at setup nor a new run in the same folder mixes with the last one)."""
+        cfg = self.cfg
+        tmp = self.ckpt_dir / ".config.json.tmp"
+        tmp.write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
+        os.replace(tmp, self.ckpt_dir / "config.json")
+        metrics = self.ckpt_dir / "metrics.jsonl"
+        if not cfg.resume and metrics.exists():
+            log.warning("%s: a new run (no --resume) starts a new metrics.jsonl; the checkpoints there "
+                        "are replaced as it saves its own", self.ckpt_dir)
+            metrics.unlink()
+        if cfg.resume:
+            # Resumed into another folder: the best model so far comes along, so that the folder
+            # holds a backbone_best.pt even if no later epoch beats it
+            best, source = self.ckpt_dir / "backbone_best.pt", Path(cfg.resume).parent / "backbone_best.pt"
+            if not best.exists() and source.is_file() and source.resolve() != best.resolve():
+                tmp = self.ckpt_dir / ".backbone_best.pt.copy.tmp"
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, best)
+                log.info("copied %s (the best epoch so far) into %s", source, self.ckpt_dir)
 
     def _resume(self, path: str) -> None:
         ck = load_checkpoint(path, map_location=self.device)
@@ -256,6 +282,11 @@ class Trainer:
         if head is not None and head["weight"].shape[0] != self.train_folder.num_identities:
             raise ConfigError(f"cannot resume {path}: it was trained on {head['weight'].shape[0]} "
                               f"identities, --train now has {self.train_folder.num_identities}")
+        b = ck.get("best") or {}
+        if b.get("metric") and b["metric"] != self.cfg.best_metric:
+            raise ConfigError(f"cannot resume {path}: its best epoch was chosen by best_metric={b['metric']!r}, "
+                              f"this run has {self.cfg.best_metric!r}; resume with --best_metric {b['metric']}, "
+                              "or start a new run")
         self.model.load_state_dict(ck["model"])
         if head is not None:
             self.objective.head.load_state_dict(head)
@@ -263,7 +294,6 @@ class Trainer:
         self.scheduler.load_state_dict(ck["scheduler"])
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
-        b = ck.get("best") or {}
         partial = int(ck.get("partial_steps") or 0)
         self.state = _State(epoch=int(ck["epoch"]) - (1 if partial else 0), partial_steps=partial,
                             global_step=int(ck.get("global_step", 0)),

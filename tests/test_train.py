@@ -273,6 +273,48 @@ def test_resume_trains_the_rest_of_the_stopped_epoch_then_the_next(resumable, sm
     assert resumed[-1]["event"] == "finished"
 
 
+def test_resume_with_another_best_metric_is_a_user_error(resumable, small, capsys):
+    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface", "--best_metric", "auc",
+                   "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet", *tiny_flags()])
+    line = _one_line_error(rc, capsys.readouterr().err)
+    assert "chosen by best_metric='acc'" in line and "resume with --best_metric acc" in line
+
+
+def test_resume_into_another_folder_brings_the_best_checkpoint(resumable, small, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    rc = cli.main(["train", *small, "--ckpt_dir", str(elsewhere), "--train_mode", "arcface",
+                   "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet",
+                   *tiny_flags(max_steps_per_epoch=4)])
+    assert rc == 0, capsys.readouterr().err
+    assert load_checkpoint(elsewhere / "backbone_best.pt")["epoch"] in (1, 2)
+    assert (elsewhere / "last.pt").exists() and (elsewhere / "config.json").exists()
+
+
+def test_a_refused_run_leaves_the_folder_as_it_was_and_a_new_run_starts_its_own_metrics(resumable, small, tmp_path,
+                                                                                       capsys):
+    config = (resumable / "config.json").read_text()
+    metrics = (resumable / "metrics.jsonl").read_text()
+    rc = cli.main(["train", "--train", str(tmp_path / "missing"), "--val", small[3], "--ckpt_dir", str(resumable),
+                   "--quiet", *tiny_flags()])
+    _one_line_error(rc, capsys.readouterr().err)
+    assert (resumable / "config.json").read_text() == config  # still the run its checkpoints are from
+    assert (resumable / "metrics.jsonl").read_text() == metrics
+    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface", "--epochs", "1",
+                   "--quiet", *tiny_flags(max_steps_per_epoch=2)])
+    assert rc == 0, capsys.readouterr().err
+    assert [(r["epoch"], r["complete"]) for r in read_jsonl(resumable / "metrics.jsonl")] == [(1, True)]
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file"])
+def test_a_ckpt_dir_that_cannot_be_a_folder_is_a_user_error(small, tmp_path, capsys, kind):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    target = blocker if kind == "a file" else blocker / "models"
+    rc = cli.main(["train", *small, "--ckpt_dir", str(target), "--quiet", *tiny_flags()])
+    line = _one_line_error(rc, capsys.readouterr().err)
+    assert f"ckpt_dir {target}" in line and "choose another --ckpt_dir" in line
+
+
 def test_resume_with_another_train_mode_is_a_user_error(resumable, small, capsys):
     rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "pair",
                    "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet", *tiny_flags()])
