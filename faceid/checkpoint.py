@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -15,6 +16,13 @@ FORMAT = "faceid-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "arch", "embedding_size", "img_size", "normalize",
                  "config", "epoch", "metrics", "thresholds", "model")
+CHECKPOINT_FILES = ("backbone_best.pt", "last.pt")
+EXPECTED_CHECKPOINT = "a backbone_best.pt or last.pt written by faceid train"
+
+# torch.save writes a zip archive, or (the legacy format, and torch.save(..., pickle_protocol>=2))
+# a pickle, whose first byte is the PROTO opcode 0x80. Anything else is not a file it wrote.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
@@ -38,23 +46,74 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a FaceID checkpoint with weights_only=True. Raises CheckpointError naming
-    the file and what is wrong with it."""
+def torch_file_problem(path: str | Path, *, what: str, noun: str, expected: str,
+                       look_for: tuple[str, ...] = ()) -> Optional[str]:
+    """Why `path` cannot be a file torch.save wrote, as a one-line message naming the file and
+    `expected` (None when it may be one). Reads the first bytes only, so a text file or a folder
+    is named as such instead of surfacing the unpickler's advice. `what` is the subject ("checkpoint",
+    "--pretrained_weights"), `noun` what the file should be ("PyTorch checkpoint"); for a folder,
+    the first of `look_for` inside it is named as the file to give."""
     path = Path(path)
+    if path.is_dir():
+        inside = next((path / name for name in look_for if (path / name).is_file()), None)
+        fix = f"give the file inside it, {inside}" if inside else f"give {expected}, not a folder"
+        return f"{what} file not found: {path} is a folder; {fix}"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        return f"{what} not found: {path}; give {expected}"
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"cannot read {what} {path}: {e.strerror or type(e).__name__}"
+    if not head:
+        return f"cannot read {what} {path}: the file is empty (corrupt, or cut short when written); give {expected}"
+    if head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTO:
+        return None
+    kind = "it is text, not" if _looks_like_text(head) else "its first bytes are not those of"
+    return f"{what} {path} is not a {noun}: {kind} a file torch.save writes (another kind of file, or a corrupt one); give {expected}"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut at the end of the read is still text
+        if e.reason != "unexpected end of data" or e.start < len(head) - 3:
+            return False
+        text = head[:e.start].decode("utf-8")
+    return bool(text) and all(c.isprintable() or c.isspace() for c in text)
+
+
+def load_torch_file(path: str | Path, *, what: str, noun: str, expected: str, look_for: tuple[str, ...] = (),
+                    error: type[Exception] = CheckpointError, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True) of a file a user named. Raises `error` with one line naming
+    the file, what is wrong and `expected`, never PyTorch's own text (it advises weights_only=False,
+    which would run the file's code)."""
+    problem = torch_file_problem(path, what=what, noun=noun, expected=expected, look_for=look_for)
+    if problem:
+        raise error(problem)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged file makes the unpickler raise almost anything
         # (UnpicklingError, BadZipFile, RuntimeError, EOFError, IndexError, KeyError, ...); with
-        # weights_only=True none of it ran code, and all of it means "not a readable checkpoint".
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a "
-                              f"weights-only PyTorch file ({first[:200]})") from None
+        # weights_only=True none of it ran code, and all of it means "not a readable file".
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower().replace("_", " "):
+            raise error(f"cannot read {what} {path}: it holds Python objects other than tensors, which a "
+                        f"weights-only load refuses (loading them could run code); give {expected}") from None
+        raise error(f"cannot read {what} {path}: it is corrupt or truncated (a PyTorch file that cannot "
+                    f"be read to the end); give {expected}") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    what: str = "checkpoint", look_for: tuple[str, ...] = CHECKPOINT_FILES) -> dict[str, Any]:
+    """Load and check a FaceID checkpoint with weights_only=True. Raises CheckpointError naming
+    the file and what is wrong with it; `what` names it in those messages (e.g. "--resume
+    checkpoint"), `look_for` are the files suggested when `path` is their folder."""
+    path = Path(path)
+    obj = load_torch_file(path, what=what, noun="PyTorch checkpoint", expected=EXPECTED_CHECKPOINT,
+                          look_for=look_for, map_location=map_location)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a FaceID checkpoint (no format '{FORMAT}'); give a "
-                              "backbone_best.pt or last.pt written by faceid train")
+        raise CheckpointError(f"{path} is not a FaceID checkpoint (no format '{FORMAT}'); give "
+                              f"{EXPECTED_CHECKPOINT}")
     if obj.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {obj.get('format_version')}; "
                               f"this FaceID reads version {FORMAT_VERSION}")

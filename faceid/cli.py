@@ -33,6 +33,15 @@ EXIT_TERMINATED = 143
 
 # --- TrainConfig -> argparse ----------------------------------------------------------------
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: a bad flag is one line, not the whole usage
+    (about 30 lines for faceid train) followed by the message. --help is unchanged."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"error: {' '.join(message.split())}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
 def _unwrap_optional(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -47,7 +56,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training configuration (TrainConfig; also the POST /jobs body)")
     for name, f in TrainConfig.model_fields.items():
         tp = _unwrap_optional(f.annotation)
-        help_ = f"{f.description} (default: {f.default})"
+        # a description that explains its own default (pairs_folds: "default: all") keeps it alone
+        help_ = f.description if "(default:" in f.description else f"{f.description} (default: {f.default})"
         kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_, "dest": name}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -70,6 +80,10 @@ def config_from_args(ns: argparse.Namespace, config_file: Optional[str] = None) 
             data = json.loads(Path(config_file).read_text())
         except FileNotFoundError:
             raise UserError(f"config file not found: {config_file}") from None
+        except IsADirectoryError:
+            raise UserError(f"--config {config_file} is a folder; give a JSON file of TrainConfig fields") from None
+        except OSError as e:
+            raise UserError(f"cannot read config file {config_file}: {e.strerror or type(e).__name__}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"config file {config_file} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
@@ -77,6 +91,10 @@ def config_from_args(ns: argparse.Namespace, config_file: Optional[str] = None) 
     for name in TrainConfig.model_fields:
         if hasattr(ns, name):
             data[name] = getattr(ns, name)
+    if getattr(ns, "pretrained", None) is False and data.get("pretrained_weights") is not None:
+        raise UserError("--pretrained_weights is given together with --no-pretrained; leave out --no-pretrained "
+                        "to start from these weights (a file implies --pretrained), or leave out "
+                        "--pretrained_weights to train from scratch")
     try:
         return TrainConfig(**data)
     except ValidationError as e:
@@ -87,7 +105,8 @@ def validation_message(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"])
-        parts.append(f"--{loc}: {err['msg']}" if loc else err["msg"].removeprefix("Value error, "))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"--{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
@@ -169,9 +188,9 @@ def _launch_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
 
 
 def build_train_parser(prog: str = "faceid train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a ResNet-50 face-verification model "
-                                "(pair or ArcFace objective) on ImageFolder data.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog=prog, description="Train a ResNet-50 face-verification model "
+               "(pair or ArcFace objective) on ImageFolder data.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields; flags override it")
     p.add_argument("--events_file", metavar="FILE", help="append machine-readable JSON-lines events here")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -189,10 +208,13 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         cfg = config_from_args(args, args.config)
         if cfg.world_size > 1 and "LOCAL_RANK" not in os.environ:
             return _launch_torchrun(cfg, argv)
+        from faceid.data import NoSamePersonPairError
+        from faceid.errors import DataError
         from faceid.train import run  # torch is imported only once the arguments are valid
 
         events = EventWriter(args.events_file if int(os.environ.get("RANK", "0")) == 0 else None,
                              quiet=args.quiet)
+        _check_weight_files(cfg)
         stop = threading.Event()
         got_signal: list[int] = []
 
@@ -205,6 +227,11 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             run(cfg, on_event=events, stop=stop)
+        except NoSamePersonPairError:
+            # Only pair mode samples pairs from --train (--val is checked for pairs when scanned).
+            raise DataError(f"--train folder {cfg.train} has no identity with 2 or more readable images, so "
+                            "--train_mode pair cannot draw a same-person pair; add a second image for some "
+                            "people, or use --train_mode arcface") from None
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -230,6 +257,25 @@ def train_main(argv: Optional[list[str]] = None) -> int:
             events.close()
 
 
+def _check_weight_files(cfg: TrainConfig) -> None:
+    """Name a folder, a text file or a missing file given as --pretrained_weights or --resume
+    before any data is read (reads a few bytes of each; the full load comes later)."""
+    from faceid.checkpoint import EXPECTED_CHECKPOINT, torch_file_problem
+    from faceid.errors import CheckpointError, ConfigError
+
+    if cfg.pretrained_weights:
+        problem = torch_file_problem(cfg.pretrained_weights, what="--pretrained_weights", noun="PyTorch state dict",
+                                     expected="a torchvision resnet50 state-dict file (such as resnet50-11ad3fa6.pth)")
+        if problem:
+            raise ConfigError(problem)
+    if cfg.resume:
+        problem = torch_file_problem(cfg.resume, what="--resume checkpoint", noun="PyTorch checkpoint",
+                                     expected=f"the last.pt of the run to continue ({EXPECTED_CHECKPOINT})",
+                                     look_for=("last.pt",))
+        if problem:
+            raise CheckpointError(problem)
+
+
 def _user_error(msg: str, events: Optional[EventWriter], kind: str) -> int:
     one_line = " ".join(msg.split())
     print(f"error: {one_line}", file=sys.stderr)
@@ -251,55 +297,112 @@ def _load_verifier(path: str, device: str):
     return Verifier.from_checkpoint(path, device=device)
 
 
+# Flags of `faceid evaluate` that default to the checkpoint's training config, so that its numbers
+# are those of the training log for the same checkpoint and --val.
+EVAL_FROM_CHECKPOINT = ("eval_pairs", "seed")
+
+
+def _check_evaluate_flags(args: argparse.Namespace) -> None:
+    """The bounds of the TrainConfig fields of the same names, with the same messages."""
+    given = {k: getattr(args, k) for k in (*EVAL_FROM_CHECKPOINT, "workers") if getattr(args, k) is not None}
+    try:
+        TrainConfig(**given)
+    except ValidationError as e:
+        raise UserError(validation_message(e)) from None
+    if args.pairs_folds and not args.pairs_file:
+        raise UserError("--pairs_folds selects folds of --pairs_file, which is not given; add --pairs_file "
+                        "FILE or leave out --pairs_folds")
+
+
+def _checkpoint_setting(config: dict[str, Any], name: str) -> Any:
+    """The checkpoint config's `name` if TrainConfig accepts it, else the TrainConfig default."""
+    if name in config:
+        try:
+            return getattr(TrainConfig(**{name: config[name]}), name)
+        except ValidationError:
+            log.warning("checkpoint config has an invalid %s (%r); using the default", name, config[name])
+    return TrainConfig.model_fields[name].default
+
+
+def _eval_amp(config: dict[str, Any], device: str) -> str:
+    """The mixed precision the training evaluated with, where this device has it: a run trained
+    with --amp off evaluates in fp32 here too, not in bf16 that auto picks on some CPUs."""
+    amp = config.get("amp", "auto")
+    if amp not in ("auto", "off", "bf16", "fp16"):
+        return "auto"
+    if amp == "fp16" and device == "cpu":
+        return "auto"
+    if amp == "fp16" and device == "auto":
+        import torch
+
+        return amp if torch.cuda.is_available() else "auto"
+    return amp
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from faceid.checkpoint import load_checkpoint
     from faceid.data import load_images, scan_folder
     from faceid.errors import DataError
     from faceid.evaluate import EvalPairs, cosine_scores, protocol_folder, score_protocol, score_sampled
+    from faceid.inference import Verifier
 
-    v = _load_verifier(args.checkpoint, args.device)
+    _check_evaluate_flags(args)
+    if not args.val and not args.pairs_file:
+        raise UserError("give --val FOLDER and/or --pairs_file FILE to evaluate on")
+    ck = load_checkpoint(args.checkpoint)
+    config = ck["config"] if isinstance(ck.get("config"), dict) else {}
+    v = Verifier(ck, args.checkpoint, device=args.device, amp=_eval_amp(config, args.device))
+    del ck
     out: dict[str, Any] = {"checkpoint": args.checkpoint, "epoch": v.epoch}
     if args.val:
+        for name in EVAL_FROM_CHECKPOINT:
+            if getattr(args, name) is None:
+                setattr(args, name, _checkpoint_setting(config, name))
         folder = scan_folder(args.val, what="--val", min_identities=2, min_per_identity=2)
         folder, store = load_images(folder, v.img_size, workers=args.workers, crop=v.crop, what="--val",
                                     min_identities=2, min_per_identity=2)
-        emb = _embed_store(v, store)
+        emb = _embed_store(v, store, config)
+        out.update(eval_pairs=args.eval_pairs, seed=args.seed)
         out.update(score_sampled(emb, EvalPairs.sample(folder, args.eval_pairs, args.seed)))
     if args.pairs_file:
         from faceid.pairs import load_pairs
 
         try:  # images beside the pairs file (LFW layout), else under --val, as faceid train does
             proto = load_pairs(args.pairs_file, root=args.pairs_root, folds=args.pairs_folds)
-        except DataError:
+        except DataError as e:
             if args.pairs_root or not args.val:
-                raise
+                msg = str(e)
+                if "point root at the folder" in msg:  # missing images: the root is --pairs_root here
+                    msg = (msg.replace("point root at the folder", "give --pairs_root DIR, the folder")
+                           + ("" if args.pairs_root else " (or --val DIR)"))
+                raise DataError(msg) from None
             proto = load_pairs(args.pairs_file, root=args.val, folds=args.pairs_folds)
         paths = proto.unique_paths()
         folder, store = load_images(protocol_folder(paths), v.img_size, workers=args.workers,
                                     crop=v.crop, what="--pairs_file images", min_identities=1)
         if len(folder) != len(paths):
             raise UserError(f"{len(paths) - len(folder)} image(s) of {args.pairs_file} cannot be read")
-        emb = _embed_store(v, store)
+        emb = _embed_store(v, store, config)
         ia, ib = proto.index_pairs({p: i for i, p in enumerate(paths)})
         out.update(score_protocol(emb, ia, ib, proto.labels, proto.folds))
         th = v.thresholds.get("acc")
         if th is not None:
             s = cosine_scores(emb, ia, ib)
             out["pairs_acc_at_checkpoint_th"] = float(np.mean((s >= th) == (proto.labels == 1)))
-    if not args.val and not args.pairs_file:
-        raise UserError("give --val FOLDER and/or --pairs_file FILE to evaluate on")
     print(json.dumps(out, indent=2))
     return 0
 
 
-def _embed_store(v, store):
-    import numpy as np
+def _embed_store(v, store, config: Optional[dict[str, Any]] = None):
+    """Embeddings of every image of `store`, computed as training's evaluation computes them (the
+    same function and batch size, up to 512), so that the scores match the training log."""
+    from faceid.evaluate import embed_store
 
-    from faceid.data import iterate_in_batches
-
-    parts = [v.embed_tensors(store.batch(idx)) for idx in iterate_in_batches(len(store.folder), 128)]
-    return np.concatenate(parts)
+    # training evaluates in batches of max(batch_size, 64); a GPU run's 4096 would not fit a laptop
+    batch_size = min(max(int(_checkpoint_setting(config or {}, "batch_size")), 64), 512)
+    return embed_store(v.model, store, v.transform, batch_size=batch_size, amp_dtype=v.amp_dtype, flip=v.flip)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -353,21 +456,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="faceid", description="Train and serve face verification.")
+    p = Parser(prog="faceid", description="Train and serve face verification.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a model (all flags: faceid train --help)", add_help=False)
 
     ckpt_default = os.path.join("models", "backbone_best.pt")
-    e = sub.add_parser("evaluate", help="score a checkpoint on a folder and/or a pairs file")
-    e.add_argument("checkpoint", nargs="?", default=ckpt_default)
-    e.add_argument("--val", help="ImageFolder root; balanced pairs are sampled from it")
-    e.add_argument("--pairs_file", help="LFW pairs.txt-style protocol")
-    e.add_argument("--pairs_root", help="image root of --pairs_file (default: its folder, then --val)")
-    e.add_argument("--pairs_folds", type=int, nargs="+", help="1-based folds to use")
-    e.add_argument("--eval_pairs", type=int, default=20000)
-    e.add_argument("--seed", type=int, default=42)
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e = sub.add_parser("evaluate", help="score a checkpoint on a folder and/or a pairs file",
+                       description="Score a checkpoint on balanced pairs sampled from --val and/or on a "
+                       "pairs file. The pairs are sampled, and images embedded (mirror averaging too), "
+                       "as the training's evaluation did: for the same checkpoint and --val the numbers "
+                       "are those of its metrics.jsonl.")
+    e.add_argument("checkpoint", nargs="?", default=ckpt_default,
+                   help=f"backbone_best.pt or last.pt written by faceid train (default: {ckpt_default})")
+    e.add_argument("--val", metavar="FOLDER", help="ImageFolder root; balanced pairs are sampled from it")
+    e.add_argument("--pairs_file", metavar="FILE", help="LFW pairs.txt-style protocol")
+    e.add_argument("--pairs_root", metavar="DIR",
+                   help="image root of --pairs_file (default: its folder, then --val)")
+    e.add_argument("--pairs_folds", type=int, nargs="+", metavar="N",
+                   help="1-based folds of --pairs_file to use (default: all)")
+    e.add_argument("--eval_pairs", type=int, default=None, metavar="N",
+                   help="balanced pairs sampled from --val (default: the checkpoint's eval_pairs, "
+                   f"else {TrainConfig.model_fields['eval_pairs'].default})")
+    e.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="seed of the sampled pairs (default: the checkpoint's seed, else "
+                   f"{TrainConfig.model_fields['seed'].default})")
+    e.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="image-decoding worker processes (default: 2)")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     e.set_defaults(func=cmd_evaluate)
 
     m = sub.add_parser("embed", help="print the embedding of one or more images (JSON lines)")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 BEST_METRICS = ("acc", "auc", "tar_1e-2", "tar_1e-3", "pairs_acc", "pairs_auc")
 
@@ -164,21 +165,51 @@ class TrainConfig(BaseModel):
                 data = {**preset, **data}
         return data
 
-    @field_validator("arcface_s", "arcface_m", "scale_logits", "lr", "weight_decay", "backbone_lr_scale",
-                     "warmup_epochs", "clip_grad_norm", "margin_warmup_epochs", "cache_max_gb",
-                     "progress_step_pct", "time_limit_min")
+    @model_validator(mode="before")
     @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
+    def _weights_imply_pretrained(cls, data: Any) -> Any:
+        # The weights are loaded whenever a file is given; recording pretrained as true keeps the
+        # stored config true to the run (configs stored before said false; they still load). The
+        # command line refuses --no-pretrained with a file, which can only be a mistake there.
+        if isinstance(data, dict) and data.get("pretrained_weights") is not None:
+            data = {**data, "pretrained": True}
+        return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """Numbers must be numbers: pydantic would read true as 1 and "3" as 3, so a typo in a
+        JSON body or --config file would run silently. Non-finite floats are named as such
+        before a bound check says "less than or equal to 10" of a NaN."""
+        tp = cls.model_fields[info.field_name].annotation
+        if tp not in (int, float):
+            return v
+        word = "a whole number" if tp is int else "a number"
+        if isinstance(v, bool):
+            raise PydanticCustomError("number_type", f"must be {word}, not {str(v).lower()}")
+        if isinstance(v, (str, bytes)):
+            raise PydanticCustomError("number_type", f'must be {word}, not a string; write 3, not "3"')
+        if tp is float and isinstance(v, float) and not math.isfinite(v):
+            raise PydanticCustomError("finite_number", "must be a finite number")
+        return v
+
+    @field_validator("pairs_folds", mode="before")
+    @classmethod
+    def _fold_numbers(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(isinstance(f, (bool, str, bytes)) for f in v):
+            raise PydanticCustomError("number_type", "folds are whole numbers, for example [1] or [1, 2]")
         return v
 
     @field_validator("pairs_folds")
     @classmethod
-    def _folds(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+    def _folds(cls, v: Optional[list[int]], info: ValidationInfo) -> Optional[list[int]]:
         if v is not None:
             if not v or any(f < 1 or f > 1000 for f in v):
                 raise ValueError("folds are 1-based numbers, for example [1] or [1, 2]")
+            # pairs_file is validated first; absent from info.data when it was itself invalid
+            if "pairs_file" in info.data and info.data["pairs_file"] is None:
+                raise PydanticCustomError("folds_without_pairs_file", "selects folds of pairs_file, which is "
+                                          "not set; set pairs_file (--pairs_file FILE) or leave pairs_folds out")
             v = sorted(set(v))
         return v
 

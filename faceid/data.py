@@ -93,18 +93,29 @@ def scan_folder(root: str | Path, *, what: str = "dataset", min_identities: int 
 
 def check_identities(folder: IdentityFolder, *, what: str, min_identities: int,
                      min_per_identity: int) -> None:
+    # After unreadable images were dropped, count what is left as such: "has 1 identity folder"
+    # of a folder with 40 would send the user looking for missing folders, not broken files.
+    readable = " readable" if folder.skipped else ""
+    skipped = (f" ({len(folder.skipped)} unreadable image(s) were skipped; replace or remove them)"
+               if folder.skipped else "")
     if min_per_identity >= 2:
         n = int((folder.counts() >= 2).sum())
         if n < 1:
-            raise DataError(f"{what} folder {folder.root} has no identity with 2 or more images, so "
-                            "no same-person pair can be scored; add a second image for some people")
+            raise DataError(f"{what} folder {folder.root} has no identity with 2 or more{readable} images, so "
+                            f"no same-person pair can be scored{skipped}; add a second image for some people")
         if n < min_identities:
-            raise DataError(f"{what} folder {folder.root} has {n} identity folder(s) with 2 or more "
-                            f"images; at least {min_identities} are needed (same-person and "
+            raise DataError(f"{what} folder {folder.root} has {n} identity folder(s) with 2 or more{readable} "
+                            f"images{skipped}; at least {min_identities} are needed (same-person and "
                             "different-person pairs are scored)")
     elif folder.num_identities < min_identities:
-        raise DataError(f"{what} folder {folder.root} has {folder.num_identities} identity folder(s); "
+        which = "identity folder(s) with readable images" if folder.skipped else "identity folder(s)"
+        raise DataError(f"{what} folder {folder.root} has {folder.num_identities} {which}{skipped}; "
                         f"at least {min_identities} are needed (one sub-folder per person)")
+
+
+class NoSamePersonPairError(DataError):
+    """sample_pairs found no identity with 2 or more images. The caller knows which folder and
+    which option asked for pairs, and names them (faceid.cli: pair mode on --train)."""
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -293,7 +304,8 @@ def sample_pairs(labels: np.ndarray, n_pairs: int, rng: np.random.Generator
     ids, counts = np.unique(labels, return_counts=True)
     multi = ids[counts >= 2]
     if len(multi) == 0:
-        raise DataError("no identity has 2 or more images, so no same-person pair can be drawn")
+        raise NoSamePersonPairError("no identity has 2 or more images, so no same-person pair can be "
+                                    "drawn; add a second image for some people")
     if len(ids) < 2:
         raise DataError("only one identity: no different-person pair can be drawn")
     order = np.argsort(labels, kind="stable")

@@ -125,11 +125,11 @@ def load_imagenet_weights(path: Optional[str]) -> dict[str, torch.Tensor]:
         candidates.append(candidates[0].parent / os.path.basename(ResNet50_Weights.IMAGENET1K_V1.url))
     for p in candidates:
         if p.is_file():
-            try:
-                state = torch.load(p, map_location="cpu", weights_only=True)
-            except Exception as e:  # corrupt or not a state dict
-                raise ConfigError(f"cannot read pretrained weights {p}: {e}; give a torchvision "
-                                  "resnet50 state-dict file") from None
+            from faceid.checkpoint import load_torch_file
+
+            # one line naming the file, never PyTorch's own advice (weights_only=False)
+            state = load_torch_file(p, what="pretrained weights", noun="PyTorch state dict",
+                                    expected="a torchvision resnet50 state-dict file", error=ConfigError)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
             if not isinstance(state, dict):

@@ -256,3 +256,78 @@ def test_train_help_mentions_every_field():
         first_words = " ".join(f.description.split()[:3])
         assert first_words in flat, (name, first_words)
     assert "default: 256" in flat  # defaults are shown
+
+
+# --- strict numbers, finite floats, contradictory fields ----------------------------------------
+
+NUMBER_FIELDS = [n for n, f in FIELDS.items() if f.annotation in (int, float)]
+FLOAT_FIELDS = [n for n in NUMBER_FIELDS if FIELDS[n].annotation is float]
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_float_is_named_as_such(name, value):
+    # before: a bound check answered first ("--lr: Input should be less than or equal to 10")
+    assert _user_error([f"--{name}={value}"]) == f"--{name}: must be a finite number"
+
+
+@pytest.mark.parametrize("name", NUMBER_FIELDS)
+@pytest.mark.parametrize("value,words", [(True, "not true"), (False, "not false"), ("3", "not a string")])
+def test_a_number_field_refuses_booleans_and_strings(name, value, words):
+    with pytest.raises(ValidationError) as ei:
+        TrainConfig(**{name: value})
+    errors = ei.value.errors()
+    assert [e["loc"] for e in errors] == [(name,)]
+    assert words in errors[0]["msg"]
+
+
+def test_a_boolean_number_in_a_config_file_names_the_field(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"epochs": True, "lr": "0.01"}))
+    msg = _user_error(["--config", str(f)])
+    assert "--epochs: must be a whole number, not true" in msg and "--lr: must be a number, not a string" in msg
+
+
+def test_numbers_and_strings_still_fit_their_fields():
+    cfg = TrainConfig(epochs=3.0, lr=1, train="some/dir", pretrained_weights="w.pth", resume="r/last.pt",
+                      pairs_file="p.txt", pairs_folds=[2, 1])
+    assert cfg.epochs == 3 and cfg.lr == 1.0 and cfg.train == "some/dir" and cfg.pairs_folds == [1, 2]
+    with pytest.raises(ValidationError):
+        TrainConfig(pairs_file="p.txt", pairs_folds=[True])
+
+
+def test_pretrained_weights_imply_and_record_pretrained(tmp_path):
+    cfg = parse(["--pretrained_weights", "w.pth"])
+    assert cfg.pretrained is True and cfg.to_json_dict()["pretrained"] is True
+    assert parse(["--pretrained", "--pretrained_weights", "w.pth"]).pretrained is True
+    # the stored config reads back as it was
+    assert TrainConfig(**cfg.to_json_dict()) == cfg
+
+
+def test_no_pretrained_with_pretrained_weights_is_refused_on_the_command_line(tmp_path):
+    msg = _user_error(["--no-pretrained", "--pretrained_weights", "w.pth"])
+    assert msg.startswith("--pretrained_weights is given together with --no-pretrained") and "from scratch" in msg
+    # a config stored before weights implied pretrained (it said false) still loads, now true to its run
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"pretrained": False, "pretrained_weights": "w.pth"}))
+    assert parse(["--config", str(f)]).pretrained is True
+
+
+def test_pairs_folds_need_a_pairs_file():
+    msg = _user_error(["--pairs_folds", "3"])
+    assert msg.startswith("--pairs_folds:") and "--pairs_file" in msg
+    with pytest.raises(ValidationError) as ei:  # the POST /jobs body: a 422 on field pairs_folds
+        TrainConfig(pairs_folds=[3])
+    assert [e["loc"] for e in ei.value.errors()] == [("pairs_folds",)]
+    assert parse(["--pairs_folds", "3", "--pairs_file", "p.txt"]).pairs_folds == [3]
+
+
+def test_a_folder_as_config_file(tmp_path):
+    msg = _user_error(["--config", str(tmp_path)])
+    assert str(tmp_path) in msg and "folder" in msg and "JSON file" in msg
+
+
+def test_help_states_each_default_once():
+    text = build_train_parser().format_help()
+    entry = " ".join(text.split("--pairs_folds PAIRS_FOLDS")[-1].split("--ckpt_dir")[0].split())
+    assert entry.count("(default:") == 1 and "(default: all)" in entry

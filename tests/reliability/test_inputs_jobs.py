@@ -106,7 +106,7 @@ async def test_absurd_values_are_422_naming_the_field(make_app):
 
 async def test_wrong_types_in_every_field_are_422(make_app):
     """A list, an object, or a nested structure where a scalar belongs; a number where a string
-    belongs. (Lax coercions pydantic documents, such as "3" -> 3, stay allowed.)"""
+    belongs. (Booleans and numeric strings in number fields are refused too: tests/test_config.py.)"""
     async with running(make_app()) as client:
         for name, field in TrainConfig.model_fields.items():
             wrong = [{"a": 1}, [[1]], {"$gt": ""}]
