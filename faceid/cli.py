@@ -170,6 +170,10 @@ def _launch_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
     problem = gpu_shortage(cfg.device, cfg.nproc_per_node)
     if problem:
         raise UserError(f"--nproc_per_node: {problem}")
+    from faceid.train import check_before_launch
+
+    # what every process would fail alike: one line here, not N error lines and torchrun's traceback
+    check_before_launch(cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}",
            f"--nnodes={cfg.nnodes}"]
     if cfg.nnodes == 1 and not cfg.rdzv_endpoint:

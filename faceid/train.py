@@ -513,6 +513,21 @@ class Trainer:
         return result
 
 
+def check_before_launch(cfg: TrainConfig) -> None:
+    """The checks every process of a multi-process run would fail alike, made once before torchrun
+    starts them: the device, the data folders, the pretrained weights. Raises ConfigError or
+    DataError (one line for the user) instead of every rank failing and torchrun's traceback."""
+    from faceid.model import load_imagenet_weights
+
+    resolve_device(cfg.device)
+    scan_folder(cfg.train, what="--train", min_identities=2)
+    scan_folder(cfg.val, what="--val", min_identities=2, min_per_identity=2)
+    if cfg.pairs_file and not Path(cfg.pairs_file).is_file() and not (Path(cfg.val) / cfg.pairs_file).is_file():
+        raise DataError(f"--pairs_file not found: {cfg.pairs_file}; give an LFW-style pairs.txt")
+    if cfg.pretrained or cfg.pretrained_weights:
+        load_imagenet_weights(cfg.pretrained_weights)
+
+
 def run(cfg: TrainConfig, on_event: Optional[EventSink] = None,
         stop: Optional[threading.Event] = None) -> RunResult:
     """Train with `cfg`; events go to `on_event`; setting `stop` ends the run after the current step

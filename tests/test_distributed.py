@@ -49,6 +49,20 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--train", "no/such/folder", "--val", str(SAMPLE / "val")], "--train folder not found: no/such/folder"),
+    (["--train", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"), "--pretrained_weights", "missing.pth"],
+     "pretrained weights"),
+])
+def test_what_every_rank_would_fail_is_one_line_before_torchrun_starts(tmp_path, flags, needle):
+    proc = subprocess.run([sys.executable, "-m", "faceid.cli", "train", *SMALL, *flags, "--ckpt_dir",
+                           str(tmp_path / "m")], capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "launching" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr[-2000:]
+    assert "torch.distributed" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_two_process_gloo_training_through_the_cli(tmp_path):
     ck, ev = tmp_path / "ck", tmp_path / "events.jsonl"
     r = subprocess.run([sys.executable, "-m", "faceid.train", "--train", str(SAMPLE / "train"),
