@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command from a fresh checkout to a served model:
-#   1. creates .venv (torch 2.14.1 CPU/CUDA wheels from PyPI, then this package) if it is missing,
+#   1. sets up .venv with scripts/setup.sh (torch 2.14.1, then this package; again after pyproject.toml changes),
 #   2. starts the REST service on 127.0.0.1:8000 in the background (log: logs/server.log),
 #   3. trains a small model on data/sample through POST /jobs, printing its progress,
 #   4. prints the calls to make next (curl) and runs one /verify,
@@ -22,16 +22,15 @@ export FACEID_DATA_DIR="${FACEID_DATA_DIR:-$PWD/data}"
 export FACEID_MODELS_DIR="${FACEID_MODELS_DIR:-$PWD/models}"
 URL="http://$HOST:$PORT"
 
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "== creating $VENV (first run only; torch is a large download)"
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/pip" install --upgrade pip
-    "$VENV/bin/pip" install torch==2.14.1 torchvision==0.29.1
-    "$VENV/bin/pip" install -e '.[test]'
-elif ! "$VENV/bin/python" -c 'import faceid, app, fastapi, uvicorn' 2>/dev/null; then
-    "$VENV/bin/pip" install -e '.[test]'
-fi
+[ -x "$VENV/bin/python" ] || echo "== creating $VENV (first run only; torch is a large download)"
+VENV="$VENV" PYTHON="$PYTHON" bash scripts/setup.sh
 PY="$VENV/bin/python"
+
+# Another server already on the port would answer the checks below in this one's place.
+if ! "$PY" -c 'import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], int(sys.argv[2])))' "$HOST" "$PORT" 2>/dev/null; then
+    echo "error: $HOST:$PORT is taken (another server?); stop it, or run with FACEID_PORT=<a free port>" >&2
+    exit 1
+fi
 
 mkdir -p logs
 echo "== starting the server on $URL (data: $FACEID_DATA_DIR, models: $FACEID_MODELS_DIR)"
