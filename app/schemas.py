@@ -70,7 +70,8 @@ class JobOut(BaseModel):
                                           "th, auc, tar_1e-2, tar_1e-3, ...)")
     best: Optional[Best] = None
     thresholds: Optional[dict[str, Optional[float]]] = Field(
-        None, description="cosine thresholds of the best epoch: acc, far_1e-2, far_1e-3")
+        None, description="cosine thresholds of the best epoch: acc, far_1e-2, far_1e-3, and pairs_acc with a "
+        "pairs file")
     checkpoint: Optional[str] = Field(None, description="the best checkpoint (backbone_best.pt) once there is one")
     last_checkpoint: Optional[str] = Field(None, description="last.pt, which resume continues from")
     error: Optional[str] = None
@@ -195,7 +196,7 @@ class VerifyOut(BaseModel):
 
     similarity: float = Field(description="cosine similarity of the two embeddings, in [-1, 1]")
     threshold: float
-    threshold_name: str = Field(description="acc, far_1e-2, far_1e-3, or custom for a number you sent")
+    threshold_name: str = Field(description="acc, far_1e-2, far_1e-3, pairs_acc, or custom for a number you sent")
     match: bool = Field(description="similarity >= threshold")
     model: str
 

@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("image1")
     v.add_argument("image2")
     v.add_argument("--checkpoint", default=ckpt_default)
-    v.add_argument("--threshold", help="cosine in [-1, 1] or acc | far_1e-2 | far_1e-3 (default acc)")
+    v.add_argument("--threshold", help="cosine in [-1, 1] or acc | far_1e-2 | far_1e-3, or pairs_acc for a model trained "
+                   "with a pairs file (default acc)")
     v.add_argument("--json", action="store_true", help="print a JSON object")
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     v.set_defaults(func=cmd_verify)

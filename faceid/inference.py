@@ -245,7 +245,7 @@ class Verifier:
         t = float(threshold)
         if not (-1.0 <= t <= 1.0):
             raise ConfigError(f"threshold {t} is outside [-1, 1]; give a cosine value or a named "
-                              "operating point (acc, far_1e-2, far_1e-3)")
+                              f"operating point ({', '.join(sorted(self.thresholds))})")
         return t, "custom"
 
     def compare(self, e1: np.ndarray, e2: np.ndarray, threshold: Threshold = None) -> dict[str, Any]:

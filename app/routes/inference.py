@@ -61,8 +61,9 @@ def parse_threshold(raw: Optional[str]) -> Union[None, str, float]:
     except ValueError:
         number = math.nan
     if not math.isfinite(number) or not -1.0 <= number <= 1.0:
-        raise FieldError("threshold", f"{value[:40]!r} is neither a cosine value in [-1, 1] nor one of "
-                         f"{', '.join(THRESHOLD_NAMES)}")
+        raise FieldError("threshold", f"{value[:40]!r} is neither a cosine value in [-1, 1] nor the name of "
+                         f"one of the model's thresholds ({', '.join(THRESHOLD_NAMES)}, and pairs_acc for a "
+                         "model trained with a pairs file; GET /model lists them)")
     return number
 
 
