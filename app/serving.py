@@ -407,6 +407,9 @@ class ModelManager:
         self.loader = loader or functools.partial(load_verifier, compile=settings.compile,
                                                   max_batch=settings.batch_max_size, workers=workers,
                                                   threads=threads)
+        # Whether a checkpoint could be served, without serving it (a job that succeeds while a
+        # model is pinned): built as the loader builds it, but never compiled
+        self.checker = loader or load_verifier
         self._current: Optional[ServedModel] = None
         self._followed: Optional[tuple] = None  # (checkpoint, loaded_at) follow() last acted on
         self._switch = threading.Lock()  # one load at a time; readers never wait for it
@@ -441,6 +444,13 @@ class ModelManager:
         With `remember`, the job database records it (a replica, which follows it, does not)."""
         with self._switch:
             if unless_pinned and self._current is not None and self._current.pinned:
+                # Not served, but checked: a job must not be `succeeded` with a model that cannot be
+                try:
+                    self.checker(Path(path), self.settings.device)
+                except FaceIDError:
+                    raise
+                except Exception as e:  # out of memory on the device, a loader bug
+                    raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {str(e)[:200]}") from None
                 log.info("keeping the pinned model %s; %s is not served", self._current.id, path)
                 return None
             try:
@@ -473,9 +483,12 @@ class ModelManager:
                 try:
                     self.load(env_path, job_id=None, source="env", pinned=False)
                     self.store.set_state(ENV_STATE_KEY, str(env_path))
-                    return
                 except FaceIDError as e:
+                    # The operator asked for this model: none rather than the previous one, so that
+                    # /ready says why (tried again at the next start)
                     log.error("FACEID_CHECKPOINT %s cannot be served: %s", env_path, e)
+                    self.last_error = f"FACEID_CHECKPOINT {env_path} cannot be served: {e}"
+                return
         remembered = self.store.get_state(STATE_KEY)
         if remembered:
             try:
@@ -484,12 +497,15 @@ class ModelManager:
                 return
             except FaceIDError as e:
                 log.error("the model served before the restart cannot be loaded: %s", e)
-        jobs, _ = self.store.list(status="succeeded", limit=1)
-        if jobs and jobs[0].get("checkpoint"):
+        jobs, _ = self.store.list(status="succeeded", limit=50)
+        for job in jobs:  # newest first, until one loads
+            if not job.get("checkpoint"):
+                continue
             try:
-                self.load(Path(jobs[0]["checkpoint"]), job_id=jobs[0]["id"], source="job", pinned=False)
+                self.load(Path(job["checkpoint"]), job_id=job["id"], source="job", pinned=False)
+                return
             except FaceIDError as e:
-                log.error("job %s's checkpoint cannot be served: %s", jobs[0]["id"], e)
+                log.error("job %s's checkpoint cannot be served: %s; trying the job before it", job["id"], e)
 
     def follow(self) -> bool:
         """An inference replica's step (app/replicas.py): serve the model the job database says the

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from app.serving import inference_plan
+from app.jobs import JobStore
+from app.serving import STATE_KEY, inference_plan
 
 from service_helpers import MODE, face_like, running, wait_job, write_fake_checkpoint
 
@@ -153,6 +155,33 @@ async def test_bad_checkpoint_at_start_leaves_server_up(make_app, make_settings,
         assert r.status_code == 503 and "cannot read checkpoint" in r.json()["detail"]
         r = await client.post("/embed", files={"image": ("a.png", face_like(1))})
         assert r.status_code == 503 and "last load failed" in r.json()["detail"]
+
+
+async def test_a_new_checkpoint_from_the_environment_that_cannot_load_is_not_replaced_by_the_old_model(
+        make_app, make_settings, job_body, tmp_path):
+    """The operator asked for a new model: /ready says it failed, rather than serving the previous
+    one as if nothing were wrong."""
+    async with running(make_app(make_settings())) as client:
+        await _train(client, job_body)
+        assert (await client.get("/ready")).status_code == 200
+    missing = tmp_path / "typo" / "backbone_best.pt"
+    async with running(make_app(make_settings(checkpoint=missing))) as client:
+        r = await client.get("/ready")
+        assert r.status_code == 503 and f"FACEID_CHECKPOINT {missing} cannot be served" in r.json()["detail"]
+
+
+async def test_the_start_falls_back_past_succeeded_jobs_whose_checkpoints_are_gone(make_app, make_settings,
+                                                                                    job_body):
+    settings = make_settings()
+    async with running(make_app(settings)) as client:
+        older = await _train(client, job_body)
+        newer = await _train(client, job_body)
+    Path(newer["checkpoint"]).unlink()
+    store = JobStore(settings.db_path)
+    store.set_state(STATE_KEY, None)  # nothing remembered: the newest succeeded job is tried, then the one before
+    store.close()
+    async with running(make_app(settings)) as client:
+        assert (await client.get("/model")).json()["job_id"] == older["id"]
 
 
 async def test_missing_remembered_checkpoint_falls_back_to_newest_job(make_app, make_settings, job_body):

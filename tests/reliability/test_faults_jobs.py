@@ -115,6 +115,20 @@ async def test_trainer_exits_zero_with_a_corrupt_checkpoint(make_app, job_body):
         assert r.status_code == 409
 
 
+async def test_a_corrupt_checkpoint_fails_its_job_while_a_model_is_pinned_too(make_app, job_body):
+    """With a pinned model the new checkpoint is not served, but it is still checked: `succeeded`
+    promises a model that activation can serve."""
+    async with running(make_app()) as client:
+        good = await wait_job(client, (await client.post("/jobs", json=job_body)).json()["id"])
+        assert (await client.post(f"/models/{good['id']}/activate")).json()["pinned"] is True
+    app = make_app(trainer_cmd=(sys.executable, str(TRAINERS), "corrupt_best"))
+    async with running(app) as client:
+        bad = await wait_job(client, (await client.post("/jobs", json=job_body)).json()["id"])
+        assert bad["status"] == "failed" and bad["error_kind"] == "checkpoint", bad
+        model = (await client.get("/model")).json()
+        assert (model["job_id"], model["pinned"]) == (good["id"], True)
+
+
 async def test_junk_in_the_events_file_does_not_break_the_runner(make_app, job_body):
     app = make_app(trainer_cmd=(sys.executable, str(TRAINERS), "garbage_events"))
     async with running(app) as client:
