@@ -86,9 +86,21 @@ class _Replica:
         self.started = 0.0
         self.restarts = 0
         self.handed = 0  # connections handed to it since the server started
+        self.ready = False  # it said so down its channel once its model was loaded
 
     def takes(self) -> bool:
         return self.channel is not None and self.proc is not None and self.proc.poll() is None
+
+    def is_ready(self) -> bool:
+        """Up and done starting: a replica sends one byte down its channel when it can answer."""
+        if not self.ready and self.takes():
+            try:
+                self.ready = bool(self.channel.recv(64))
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:  # gone: takes() will say so
+                pass
+        return self.ready and self.takes()
 
 
 class ReplicaSupervisor:
@@ -155,7 +167,7 @@ class ReplicaSupervisor:
         ours.setblocking(False)  # a replica that stopped reading is passed over, never waited for
         if r.channel is not None:
             r.channel.close()
-        r.channel = ours
+        r.channel, r.ready = ours, False
         r.started = time.monotonic()
         log.info("inference replica %d started (pid %d, device %s) on %s:%s", r.index, r.proc.pid,
                  env["FACEID_DEVICE"], self.settings.infer_host, self.settings.infer_port)
@@ -178,17 +190,20 @@ class ReplicaSupervisor:
         self._acceptor.start()
 
     def _hand(self, conn: socket.socket) -> bool:
-        """Give `conn` to the next replica that takes it; False when none does."""
+        """Give `conn` to the next replica that is ready (one still loading its model only when
+        none is); False when none takes it."""
         with self._lock:
-            for _ in range(len(self._replicas)):
-                r = self._replicas[self._next % len(self._replicas)]
-                self._next += 1
-                if not r.takes():
+            n = len(self._replicas)
+            ready = [r for r in self._replicas if r.is_ready()]
+            for i in range(n):
+                r = self._replicas[(self._next + i) % n]
+                if not r.takes() or (ready and r not in ready):
                     continue
                 try:
                     socket.send_fds(r.channel, [b"c"], [conn.fileno()])
                 except OSError:  # it is gone (or not reading): the next one
                     continue
+                self._next = r.index + 1
                 r.handed += 1
                 return True
         return False
@@ -344,6 +359,11 @@ def _replica_server_class() -> type:
         async def startup(self, sockets: Optional[list] = None) -> None:
             await super().startup(sockets=[])  # the app's lifespan (the model loaded); no listener
             if self.should_exit:
+                return
+            try:
+                self.channel.send(b"r")  # ready: the main server hands connections to replicas that are
+            except OSError:
+                self.should_exit = True  # the main server is gone
                 return
             loop = asyncio.get_running_loop()
             config = self.config

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.replicas import ReplicaSupervisor, create_replica_app
+from app.replicas import ReplicaSupervisor, _Replica, create_replica_app
 from app.serving import STATE_KEY, ModelManager
 from app.jobs import JobStore
 from app.settings import load_settings
@@ -140,6 +140,50 @@ def test_a_port_in_use_is_a_clear_error_and_starts_nothing(make_settings, reuse_
 
 
 # -- following the main server's model (in process) ------------------------------------------------
+
+
+class _Alive:
+    def poll(self):
+        return None
+
+
+def test_connections_go_to_ready_replicas_in_turn_and_to_one_still_loading_only_when_none_is(make_settings):
+    """A replica says it is ready (one byte down its channel) once its model is loaded; until then
+    a restarted replica gets no connection while another one can take it."""
+    sup = ReplicaSupervisor(make_settings(infer_replicas=2, infer_port=1))
+    theirs = []
+    for i in range(2):
+        r = _Replica(i)
+        ours, other = socket.socketpair()
+        ours.setblocking(False)
+        r.channel, r.proc = ours, _Alive()
+        sup._replicas.append(r)
+        theirs.append(other)
+
+    def hand(k: int) -> list[int]:
+        got = []
+        for _ in range(k):
+            a, b = socket.socketpair()
+            with a, b:
+                assert sup._hand(a)
+            for i, other in enumerate(theirs):
+                other.setblocking(False)
+                try:
+                    _, fds, _, _ = socket.recv_fds(other, 1, 1)
+                except BlockingIOError:
+                    continue
+                for fd in fds:
+                    os.close(fd)
+                got.append(i)
+        return got
+
+    assert sorted(hand(4)) == [0, 0, 1, 1]  # neither has said it is ready: both take turns
+    theirs[1].send(b"r")
+    assert hand(4) == [1, 1, 1, 1]  # only the ready one
+    theirs[0].send(b"r")
+    assert sorted(hand(4)) == [0, 0, 1, 1]
+    for c in theirs + [r.channel for r in sup._replicas]:
+        c.close()
 
 
 def test_follow_loads_what_the_database_names_once_and_never_writes_it(make_settings, tmp_path):
