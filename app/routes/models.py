@@ -18,17 +18,10 @@ router = APIRouter(tags=["models"])
 NO_MODEL = {503: error("no model yet", "no model is loaded yet: train one with POST /jobs ...")}
 
 
-def model_out(served: ServedModel) -> ModelOut:
+def model_out(served: ServedModel, request: Request, models: ModelManager) -> ModelOut:
+    """The model's description, with the batching figures and the replicas (as GET /model)."""
     info = served.describe()
-    return ModelOut(**{**info, "loaded_at": iso(info["loaded_at"])})
-
-
-@router.get("/model", response_model=ModelOut, summary="The served model",
-            responses={**UNAUTHORIZED, **NO_MODEL})
-def get_model(request: Request, models: ModelManager = Depends(get_models)) -> ModelOut:
-    """The model /embed and /verify use: its job, checkpoint, metrics, thresholds, image size;
-    how requests have been batched since the server started; the inference replicas, if any."""
-    out = model_out(models.require())
+    out = ModelOut(**{**info, "loaded_at": iso(info["loaded_at"])})
     out.batching = BatchingOut(**models.batching())
     replicas = getattr(request.app.state, "replicas", None)
     if replicas is not None:
@@ -36,12 +29,20 @@ def get_model(request: Request, models: ModelManager = Depends(get_models)) -> M
     return out
 
 
+@router.get("/model", response_model=ModelOut, summary="The served model",
+            responses={**UNAUTHORIZED, **NO_MODEL})
+def get_model(request: Request, models: ModelManager = Depends(get_models)) -> ModelOut:
+    """The model /embed and /verify use: its job, checkpoint, metrics, thresholds, image size;
+    how requests have been batched since the server started; the inference replicas, if any."""
+    return model_out(models.require(), request, models)
+
+
 @router.post(
     "/models/{job_id}/activate", response_model=ModelOut, summary="Serve a finished job's model",
     responses={**UNAUTHORIZED, **NOT_FOUND,
                409: error("the job has no usable model", "job 3f2b... is running; only a succeeded job "
                           "has a model to serve")})
-async def activate(job_id: Annotated[str, JOB_ID],
+async def activate(request: Request, job_id: Annotated[str, JOB_ID],
                    pin: Annotated[bool, Query(description="keep this model when later jobs succeed "
                                                           "(false: the next succeeded job replaces it)")] = True,
                    models: ModelManager = Depends(get_models),
@@ -53,4 +54,4 @@ async def activate(job_id: Annotated[str, JOB_ID],
         served = await run_in_threadpool(models.activate, job_id, pin)
     except KeyError:
         raise HTTPException(404, f"no job {job_id[:64]!r}; GET /jobs lists the jobs") from None
-    return model_out(served)
+    return model_out(served, request, models)

@@ -79,6 +79,8 @@ async def test_activate_pins_and_pin_false_follows(make_app, job_body):
         assert r.status_code == 200, r.text
         assert r.json()["job_id"] == first["id"] and r.json()["pinned"] is True
         assert r.json()["source"] == "activated"
+        # the same description as GET /model, batching figures included
+        assert r.json()["batching"] == (await client.get("/model")).json()["batching"] is not None
         third = await _train(client, job_body)
         assert (await client.get("/model")).json()["job_id"] == first["id"]  # pinned stays
         r = await client.post(f"/models/{second['id']}/activate", params={"pin": "false"})
