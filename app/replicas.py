@@ -212,6 +212,7 @@ class ReplicaSupervisor:
         assert self._listener is not None
         listener = self._listener
         listener.settimeout(0.5)  # to see the stop
+        failing = False
         while not self._stop.is_set():
             try:
                 conn, _ = listener.accept()
@@ -220,15 +221,23 @@ class ReplicaSupervisor:
             except OSError as e:  # closed by stop(), or out of descriptors for a moment
                 if self._stop.is_set():
                     return
-                log.error("accepting a connection on the replicas' port failed: %s", e)
-                self._stop.wait(0.1)
+                if not failing:  # once per episode, not every half second
+                    log.error("accepting a connection on the replicas' port failed: %s", e)
+                failing = True
+                self._stop.wait(0.5)
                 continue
-            with conn:
-                # Handed down with the descriptor: no Nagle delay (64 ms per request without it)
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                while not self._hand(conn):  # no replica up: this one waits for a restart, the rest in the backlog
-                    if self._stop.wait(0.2):
-                        return
+            failing = False
+            try:
+                with conn:
+                    try:  # handed down with the descriptor: no Nagle delay (64 ms per request without it)
+                        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    except OSError:  # the client already reset it (some systems say so here)
+                        continue
+                    while not self._hand(conn):  # none up: this one waits for a restart, the rest in the backlog
+                        if self._stop.wait(0.2):
+                            return
+            except Exception:  # noqa: BLE001 - this thread is the port's only way in: it must not end
+                log.exception("handing a connection to a replica failed")
 
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
@@ -257,6 +266,7 @@ class ReplicaSupervisor:
             return {"replicas": self.n, "host": self.settings.infer_host, "port": self.settings.infer_port,
                     "pids": [r.proc.pid for r in self._replicas if r.proc is not None and r.proc.poll() is None],
                     "restarts": sum(r.restarts for r in self._replicas),
+                    "ready": sum(r.is_ready() for r in self._replicas),
                     "connections": [r.handed for r in self._replicas]}
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -386,6 +396,7 @@ def _replica_server_class() -> type:
                     self.should_exit = True
                     return
                 for fd in fds:
+                    os.set_inheritable(fd, False)  # a process this one starts must not hold a client open
                     conn = socket.socket(fileno=fd)
                     conn.setblocking(False)
                     loop.create_task(self._adopt(loop, conn))
@@ -420,6 +431,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     channel = socket.socket(fileno=int(args[0]))  # its family and type from the descriptor itself
+    channel.set_inheritable(False)
     config = uvicorn.Config("app.replicas:create_replica_app", factory=True, log_level="warning", access_log=False)
     _replica_server_class()(config, channel).run()
     return 0

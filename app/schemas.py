@@ -134,6 +134,8 @@ class ReplicasOut(BaseModel):
     port: int = Field(description="FACEID_INFER_PORT, the port they share")
     pids: list[int] = Field(description="the replicas' processes running now")
     restarts: int = Field(description="replicas started again after exiting, since the server started")
+    ready: int = Field(0, description="replicas that have started and loaded the served model (a "
+                       "restarted one gets new connections once it is ready)")
     connections: list[int] = Field(description="connections handed to each replica since the server started "
                                    "(the main server accepts on their port and hands each new one to the next "
                                    "replica that is up)")

@@ -488,6 +488,7 @@ class ModelManager:
                     # /ready says why (tried again at the next start)
                     log.error("FACEID_CHECKPOINT %s cannot be served: %s", env_path, e)
                     self.last_error = f"FACEID_CHECKPOINT {env_path} cannot be served: {e}"
+                    self.store.set_state(STATE_KEY, None)  # nor by the replicas, which follow this record
                 return
         remembered = self.store.get_state(STATE_KEY)
         if remembered:

@@ -162,9 +162,13 @@ class Server:
                 if r.status_code == 200 and self.replicas and self.checkpoint is not None:
                     r = httpx.get(self.base + "/ready", timeout=5)  # the replicas have loaded the model too
                 if r.status_code == 200:
-                    if self.replicas:
-                        self.replica_pids = httpx.get(self.api + "/model", timeout=5).json()["replicas"]["pids"]
-                    return self
+                    if not self.replicas:
+                        return self
+                    m = httpx.get(self.api + "/model", timeout=5)
+                    info = (m.json().get("replicas") or {}) if m.status_code == 200 else {}
+                    if info.get("ready", self.replicas) >= self.replicas:  # all of them get connections
+                        self.replica_pids = info.get("pids", [])
+                        return self
                 if "cannot" in r.text or "failed" in r.text:
                     self.__exit__()
                     raise SystemExit(f"the server cannot serve {self.checkpoint}: {r.text}")

@@ -167,9 +167,16 @@ async def test_a_new_checkpoint_from_the_environment_that_cannot_load_is_not_rep
         await _train(client, job_body)
         assert (await client.get("/ready")).status_code == 200
     missing = tmp_path / "typo" / "backbone_best.pt"
-    async with running(make_app(make_settings(checkpoint=missing))) as client:
+    settings = make_settings(checkpoint=missing)
+    async with running(make_app(settings)) as client:
         r = await client.get("/ready")
         assert r.status_code == 503 and f"FACEID_CHECKPOINT {missing} cannot be served" in r.json()["detail"]
+        # the record the inference replicas follow names no model either
+        store = JobStore(settings.db_path)
+        try:
+            assert store.get_state(STATE_KEY) is None
+        finally:
+            store.close()
 
 
 async def test_the_start_falls_back_past_succeeded_jobs_whose_checkpoints_are_gone(make_app, make_settings,

@@ -308,8 +308,8 @@ class MainServer:
             self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
                                           "--host", "127.0.0.1", "--port", str(self.port)],
                                          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self.wait(lambda: self.get(self.infer + "/ready") == 200 and self.get(self.base + "/ready") == 200,
-                  120, "the server and its replicas to be ready")
+        self.wait(lambda: self.get(self.infer + "/ready") == 200 and self.get(self.base + "/ready") == 200
+                  and self.replicas()["ready"] == replicas, 120, "the server and its replicas to be ready")
 
     def get(self, url: str) -> int:
         try:
@@ -359,7 +359,8 @@ def test_replicas_answer_as_the_main_server_and_one_killed_is_started_again(tmp_
     server = MainServer(tmp_path, checkpoint, replicas=2)
     try:
         info = server.replicas()
-        assert (info["replicas"], info["port"], info["host"], info["restarts"]) == (2, server.infer_port, "127.0.0.1", 0)
+        assert (info["replicas"], info["port"], info["host"], info["restarts"], info["ready"]) == \
+            (2, server.infer_port, "127.0.0.1", 0, 2)
         assert len(info["pids"]) == 2 and all(_alive(p) for p in info["pids"])
         main, replica = _embed(server.base, image), _embed(server.infer, image)
         assert main.status_code == replica.status_code == 200, replica.text
@@ -389,8 +390,8 @@ def test_replicas_answer_as_the_main_server_and_one_killed_is_started_again(tmp_
         for _ in range(8):  # new connections go to the replica still running
             r = _embed(server.infer, image)
             assert r.status_code == 200, r.text
-        server.wait(lambda: server.replicas()["restarts"] == 1 and len(server.replicas()["pids"]) == 2, 60,
-                    "the killed replica to be started again")
+        server.wait(lambda: server.replicas()["restarts"] == 1 and len(server.replicas()["pids"]) == 2
+                    and server.replicas()["ready"] == 2, 60, "the killed replica to be started again")
         pids = server.replicas()["pids"]
         assert survivor in pids and victim not in pids
         assert "inference replica" in server.log.read_text() and "killed by SIGKILL" in server.log.read_text()
