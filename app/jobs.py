@@ -521,14 +521,24 @@ class JobRunner:
         metrics, best and thresholds describe the files in its folder."""
         if job.get("events_offset") is None:
             return
-        state = JobProgress.from_job(job)
-        tail = EventTail(self.job_dir(job["id"]) / "events.jsonl", int(job["events_offset"]))
-        events = tail.read()
-        for ev in events:
-            state.apply(ev)
-        if events:
-            self.store.update(job["id"], events_offset=tail.consumed, **state.columns())
-            log.info("job %s: %d events of its last run read after the restart", job["id"], len(events))
+        try:
+            state = JobProgress.from_job(job)
+            tail = EventTail(self.job_dir(job["id"]) / "events.jsonl", int(job["events_offset"]))
+            count = 0
+            while True:  # to the end: one read takes at most 8 MB
+                events = tail.read()
+                if not events and tail.consumed == tail.offset:
+                    break
+                for ev in events:
+                    state.apply(ev)
+                count += len(events)
+                if not events and tail.offset >= tail.path.stat().st_size:
+                    break
+            if count:
+                self.store.update(job["id"], events_offset=tail.consumed, **state.columns())
+                log.info("job %s: %d events of its last run read after the restart", job["id"], count)
+        except Exception:  # noqa: BLE001 - an unreadable events file must not stop the server's start
+            log.exception("job %s: the events of its last run could not be read", job["id"])
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="faceid-job-runner", daemon=True)
@@ -648,9 +658,17 @@ class JobRunner:
                 self._current = None
         self._finish(job_id, job_dir, rc, state, log_path)
 
+    def _settle(self, job_id: str, state: JobProgress, done: bool) -> None:
+        """The progress a finished job shows: all of it when it succeeded (a time limit that ended
+        it early included), else as far as it got, with no time left to wait for."""
+        if state.progress:
+            extra = {"percent": 100.0, "eta_s": 0.0} if done else {"eta_s": None}
+            self.store.update(job_id, progress={**state.progress, **extra})
+
     def _finish(self, job_id: str, job_dir: Path, rc: int, state: JobProgress, log_path: Path) -> None:
         current = self.store.get(job_id) or {}
         now = time.time()
+        self._settle(job_id, state, done=rc == 0)
         if rc == 0:
             ckpt = Path(state.checkpoint) if state.checkpoint else job_dir / "backbone_best.pt"
             if ckpt.is_file():

@@ -173,6 +173,7 @@ def _launch_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
     from faceid.train import check_before_launch
 
     # what every process would fail alike: one line here, not N error lines and torchrun's traceback
+    _check_weight_files(cfg)
     check_before_launch(cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}",
            f"--nnodes={cfg.nnodes}"]

@@ -295,6 +295,13 @@ class Trainer:
         if ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
         partial = int(ck.get("partial_steps") or 0)
+        plan = {"steps": self.steps_per_epoch, "world_size": self.dist.world_size}
+        if partial and ck.get("epoch_plan") != plan:
+            # Other batches now (another batch size, process count or step cap): the stopped
+            # epoch's remaining steps are not known, so it counts as done, as a complete one would
+            log.warning("%s stopped epoch %d after %d steps of a different plan (%s, now %s); this run "
+                        "goes on with the next epoch", path, int(ck["epoch"]), partial, ck.get("epoch_plan"), plan)
+            partial = 0
         self.state = _State(epoch=int(ck["epoch"]) - (1 if partial else 0), partial_steps=partial,
                             global_step=int(ck.get("global_step", 0)),
                             best_epoch=int(b.get("epoch", 0)),
@@ -493,7 +500,8 @@ class Trainer:
                   best={"epoch": self.state.best_epoch, "value": self.state.best_value,
                         "metric": self.cfg.best_metric},
                   history=self.state.history, global_step=self.state.global_step,
-                  partial_steps=self.state.partial_steps)
+                  partial_steps=self.state.partial_steps,
+                  epoch_plan={"steps": self.steps_per_epoch, "world_size": self.dist.world_size})
         path = save_checkpoint(ck, self.ckpt_dir / "last.pt")
         self.emit("checkpoint", kind="last", path=str(path), epoch=epoch)
 

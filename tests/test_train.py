@@ -273,6 +273,18 @@ def test_resume_trains_the_rest_of_the_stopped_epoch_then_the_next(resumable, sm
     assert resumed[-1]["event"] == "finished"
 
 
+def test_resume_with_other_batches_goes_on_with_the_next_epoch(resumable, small, capsys):
+    """Another step cap (or batch size, or process count) makes other batches: the stopped epoch's
+    remaining steps are unknown, so it counts as done and the next epoch follows."""
+    done = load_checkpoint(resumable / "last.pt")["partial_steps"]
+    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface",
+                   "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet",
+                   *tiny_flags(max_steps_per_epoch=3)])
+    assert rc == 0, capsys.readouterr().err
+    records = read_jsonl(resumable / "metrics.jsonl")
+    assert [(r["epoch"], r["complete"], r["epoch_steps"]) for r in records] == [(1, False, done), (2, True, 3)]
+
+
 def test_resume_with_another_best_metric_is_a_user_error(resumable, small, capsys):
     rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface", "--best_metric", "auc",
                    "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet", *tiny_flags()])
@@ -281,13 +293,14 @@ def test_resume_with_another_best_metric_is_a_user_error(resumable, small, capsy
 
 
 def test_resume_into_another_folder_brings_the_best_checkpoint(resumable, small, tmp_path, capsys):
+    flags = ["train", *small, "--train_mode", "arcface", "--resume", str(resumable / "last.pt"), "--epochs", "2",
+             "--quiet", *tiny_flags(max_steps_per_epoch=4)]
+    assert cli.main([*flags, "--ckpt_dir", str(resumable)]) == 0, capsys.readouterr().err  # run to its end
     elsewhere = tmp_path / "elsewhere"
-    rc = cli.main(["train", *small, "--ckpt_dir", str(elsewhere), "--train_mode", "arcface",
-                   "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet",
-                   *tiny_flags(max_steps_per_epoch=4)])
-    assert rc == 0, capsys.readouterr().err
-    assert load_checkpoint(elsewhere / "backbone_best.pt")["epoch"] in (1, 2)
-    assert (elsewhere / "last.pt").exists() and (elsewhere / "config.json").exists()
+    # nothing left to train: the folder's backbone_best.pt can only be the one brought along
+    assert cli.main([*flags, "--ckpt_dir", str(elsewhere)]) == 0, capsys.readouterr().err
+    assert (elsewhere / "backbone_best.pt").read_bytes() == (resumable / "backbone_best.pt").read_bytes()
+    assert (elsewhere / "config.json").exists()
 
 
 def test_a_refused_run_leaves_the_folder_as_it_was_and_a_new_run_starts_its_own_metrics(resumable, small, tmp_path,

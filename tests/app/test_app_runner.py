@@ -85,6 +85,8 @@ async def test_cancel_running_job_stops_its_process_group(make_app, job_body, tm
         assert r.status_code == 202 and r.json()["cancel_requested"] is True
         done = await wait_job(client, job["id"])
         assert done["status"] == "cancelled" and done["exit_code"] == 143 and done["error"] is None
+        # as far as it got, with no time left to wait for
+        assert done["progress"]["percent"] < 100 and done["progress"]["eta_s"] is None
         await wait_for(lambda: not process_alive(child), what="the grandchild to be killed")
         # it saved last.pt on SIGTERM, so it can be resumed
         assert (folder / "last.pt").exists()
@@ -92,6 +94,7 @@ async def test_cancel_running_job_stops_its_process_group(make_app, job_body, tm
         assert r.status_code == 202 and r.json()["status"] == "queued"
         done = await wait_job(client, job["id"])
         assert done["status"] == "succeeded" and done["attempts"] == 2
+        assert (done["progress"]["percent"], done["progress"]["eta_s"]) == (100.0, 0.0)
 
 
 async def test_cancel_escalates_to_sigkill(make_app, job_body, tmp_path):
