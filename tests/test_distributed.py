@@ -52,7 +52,7 @@ def _descendants(pid: int) -> list[int]:
 @pytest.mark.parametrize("flags,needle", [
     (["--train", "no/such/folder", "--val", str(SAMPLE / "val")], "--train folder not found: no/such/folder"),
     (["--train", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"), "--pretrained_weights", "missing.pth"],
-     "pretrained weights"),
+     "--pretrained_weights not found: missing.pth"),
 ])
 def test_what_every_rank_would_fail_is_one_line_before_torchrun_starts(tmp_path, flags, needle):
     proc = subprocess.run([sys.executable, "-m", "faceid.cli", "train", *SMALL, *flags, "--ckpt_dir",
