@@ -200,15 +200,17 @@ class JobStore:
                                    (*params, job_id, *allowed))
         return cur.rowcount == 1
 
-    def claim(self, job_id: str) -> bool:
-        """queued -> running; False when the job left the queue meanwhile (cancelled)."""
+    def claim(self, job_id: str, events_offset: Optional[int] = None) -> bool:
+        """queued -> running, with where this run's events start in its events file; False when
+        the job left the queue meanwhile (cancelled)."""
         with self._lock:
             job = self.get(job_id)
             if job is None:
                 return False
             return self._transition(job_id, ("queued",), status="running", started_at=time.time(),
                                     finished_at=None, error=None, error_kind=None, exit_code=None,
-                                    cancel_requested=0, attempts=job["attempts"] + 1)
+                                    cancel_requested=0, attempts=job["attempts"] + 1,
+                                    events_offset=events_offset)
 
     def cancel_queued(self, job_id: str) -> bool:
         return self._transition(job_id, ("queued",), status="cancelled", finished_at=time.time(),
@@ -608,9 +610,8 @@ class JobRunner:
         log_path = job_dir / "output.log"
         _write_json_atomic(cfg_path, job["config"])
         offset = events_path.stat().st_size if events_path.exists() else 0
-        if not self.store.claim(job_id):
+        if not self.store.claim(job_id, events_offset=offset):  # a dead server's unread events start there
             return  # cancelled between next_queued and now
-        self.store.update(job_id, events_offset=offset)  # what a server that dies leaves unread starts here
         attempt = (self.store.get(job_id) or job)["attempts"]
         cmd = [*self.trainer_cmd, "--config", str(cfg_path), "--events_file", str(events_path)]
         env = _child_env()

@@ -187,6 +187,17 @@ async def test_restart_after_server_died_marks_interrupted_and_resumes(make_sett
         assert done["status"] == "succeeded"
 
 
+def test_claiming_a_job_records_where_its_events_start_in_the_same_write(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    try:
+        store.create("d" * 32, {}, 10)
+        assert store.claim("d" * 32, events_offset=4096)
+        job = store.get("d" * 32)
+        assert (job["status"], job["events_offset"], job["attempts"]) == ("running", 4096, 1)
+    finally:
+        store.close()
+
+
 def test_a_database_from_before_events_offset_gets_the_column(tmp_path):
     import sqlite3
 
