@@ -528,19 +528,25 @@ class JobRunner:
             tail = EventTail(self.job_dir(job["id"]) / "events.jsonl", int(job["events_offset"]))
             count = 0
             while True:  # to the end: one read takes at most 8 MB
-                events = tail.read()
-                if not events and tail.consumed == tail.offset:
-                    break
-                for ev in events:
-                    state.apply(ev)
-                count += len(events)
-                if not events and tail.offset >= tail.path.stat().st_size:
+                before = tail.offset
+                n = self._take_events(job["id"], state, tail)
+                count += n
+                if not n and tail.offset == before:
                     break
             if count:
-                self.store.update(job["id"], events_offset=tail.consumed, **state.columns())
                 log.info("job %s: %d events of its last run read after the restart", job["id"], count)
         except Exception:  # noqa: BLE001 - an unreadable events file must not stop the server's start
             log.exception("job %s: the events of its last run could not be read", job["id"])
+
+    def _take_events(self, job_id: str, state: JobProgress, tail: "EventTail") -> int:
+        """Apply the complete events appended since the tail's last read; store the job's columns
+        and how far its events are read. Returns how many there were."""
+        events = tail.read()
+        for ev in events:
+            state.apply(ev)
+        if events:
+            self.store.update(job_id, events_offset=tail.consumed, **state.columns())
+        return len(events)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="faceid-job-runner", daemon=True)
@@ -638,11 +644,7 @@ class JobRunner:
         try:
             while True:
                 rc = proc.poll()
-                events = tail.read()
-                for ev in events:
-                    state.apply(ev)
-                if events:
-                    self.store.update(job_id, events_offset=tail.consumed, **state.columns())
+                self._take_events(job_id, state, tail)
                 if rc is not None:
                     break
                 with self._lock:
