@@ -31,6 +31,11 @@ class Progress(BaseModel):
     images_per_s: Optional[float] = None
     lr: Optional[float] = None
     eta_s: Optional[float] = Field(None, description="estimated seconds left")
+    phase: Optional[str] = Field(None, description="faces: finding the faces of the data (before the first "
+                                 "epoch; detections are cached for later jobs); train: training")
+    faces_done: Optional[int] = Field(None, description="images whose faces were found so far, in faces_set")
+    faces_total: Optional[int] = Field(None, description="images of faces_set that needed detection")
+    faces_set: Optional[str] = Field(None, description="--train, --val or --pairs_file")
     updated_at: Optional[str] = None
 
 
@@ -141,6 +146,29 @@ class ReplicasOut(BaseModel):
                                    "replica that is up)")
 
 
+class PreparationOut(BaseModel):
+    align: str = Field(description="arcface: the largest face found is aligned onto the ArcFace template; "
+                       "none: the centred crop square is resized (models trained before alignment)")
+    img_size: int
+    crop: float
+    template: Optional[str] = Field(default=None, description="the five-point template (arcface-112)")
+    detector: Optional[dict[str, Any]] = Field(default=None, description="the face detector and its settings "
+                                               "(name, max_side, min_face, min_score)")
+
+
+class FaceOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "box": [412.3, 208.9, 601.7, 447.2], "landmarks": [[467.1, 309.4], [551.0, 306.2], [510.3, 354.8],
+                                                         [475.6, 398.0], [545.2, 395.1]],
+        "score": 0.99987, "faces_found": 1}]})
+
+    box: list[float] = Field(description="x1, y1, x2, y2 in the uploaded image's pixels (after its EXIF rotation)")
+    landmarks: list[list[float]] = Field(description="five (x, y): left eye, right eye, nose tip, left and right "
+                                         "mouth corner (left and right as seen in the image)")
+    score: float = Field(description="the detector's confidence, 0 to 1")
+    faces_found: int = Field(description="faces found in the image; the largest is the one used")
+
+
 class ModelOut(BaseModel):
     model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [{
         "id": _JOB_ID, "job_id": _JOB_ID, "checkpoint": f"/srv/models/jobs/{_JOB_ID}/backbone_best.pt",
@@ -166,6 +194,8 @@ class ModelOut(BaseModel):
     embedding_size: Optional[int] = None
     arch: Optional[str] = None
     train_mode: Optional[str] = None
+    faces: Optional[PreparationOut] = Field(default=None, description="how uploads are made into the "
+                                            "model's input, as its training data was")
     batching: Optional[BatchingOut] = Field(default=None, description="how /embed and /verify requests "
                                             "have been batched since the server started (on this port)")
     replicas: Optional[ReplicasOut] = Field(default=None, description="the inference replicas (null: none); "
@@ -178,6 +208,8 @@ class EmbedOut(BaseModel):
 
     embedding: list[float] = Field(description="unit-norm embedding")
     dim: int
+    face: Optional[FaceOut] = Field(default=None, description="the face that was embedded (null: the model "
+                                    "does not align faces, or detect=false)")
     model: str = Field(description="id of the model that answered (see GET /model)")
 
 
@@ -189,6 +221,8 @@ class EmbedBatchOut(BaseModel):
     embeddings: list[list[float]] = Field(description="unit-norm embeddings, in the order the images were sent")
     count: int
     dim: int
+    faces: list[Optional[FaceOut]] = Field(default_factory=list, description="the face embedded from each "
+                                           "image, in order (null entries: no detection)")
     model: str = Field(description="id of the model that answered (see GET /model)")
 
 
@@ -201,6 +235,9 @@ class VerifyOut(BaseModel):
     threshold_name: str = Field(description="acc, far_1e-2, far_1e-3, pairs_acc, or custom for a number you sent")
     match: bool = Field(description="similarity >= threshold")
     model: str
+    face1: Optional[FaceOut] = Field(default=None, description="the face compared from image1 (null: the model "
+                                     "does not align faces, or detect=false)")
+    face2: Optional[FaceOut] = Field(default=None, description="the face compared from image2")
 
 
 class HealthOut(BaseModel):

@@ -124,7 +124,7 @@ class ServedModel:
                 "epoch": info.get("epoch"), "metrics": info.get("metrics") or {},
                 "thresholds": info.get("thresholds") or {}, "img_size": info.get("img_size"),
                 "crop": info.get("crop"), "embedding_size": info.get("embedding_size"), "arch": info.get("arch"),
-                "train_mode": info.get("train_mode")}
+                "train_mode": info.get("train_mode"), "faces": info.get("faces")}
 
 
 def _checkpoint_id(path: Path) -> str:
@@ -548,16 +548,21 @@ class ModelManager:
 
     # -- inference ---------------------------------------------------------------------------
 
-    async def decode(self, data: bytes, name: str, model: ServedModel) -> Any:
+    async def decode(self, data: bytes, name: str, model: ServedModel, detect: bool = True) -> Any:
         """The upload as the image `model` embeds, decoded off the event loop and prepared for it
-        there (its `prepare`, when it has one: resized to its input size), so the worker's batch
-        only stacks and runs the network."""
+        there (its `prepare_face`, when it has one: the face found and aligned, or the image
+        resized to its input size), so the worker's batch only stacks and runs the network. An
+        upload that is not an image, or that shows no face an aligned model can use, is an
+        ImageError naming the form field."""
+        prepare_face = getattr(model.verifier, "prepare_face", None)
         prepare = getattr(model.verifier, "prepare", None)
         side = getattr(model.verifier, "decode_side", None)  # large JPEGs as its training decoded them
 
         def work() -> Any:
             try:
                 img = open_upload(data, max_pixels=self.settings.max_pixels, name=name, reduce_to=side)
+                if prepare_face is not None:
+                    return prepare_face(img, detect)
             except ImageError as e:
                 e.field = name  # the answer's "field", as for the other refused fields
                 raise

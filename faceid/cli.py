@@ -367,7 +367,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 setattr(args, name, _checkpoint_setting(config, name))
         folder = scan_folder(args.val, what="--val", min_identities=2, min_per_identity=2)
         folder, store = load_images(folder, v.img_size, workers=args.workers, crop=v.crop, what="--val",
-                                    min_identities=2, min_per_identity=2)
+                                    min_identities=2, min_per_identity=2, **_faces_of(v))
+        if folder.no_face:
+            out["val_no_face"] = len(folder.no_face)
         emb = _embed_store(v, store, config)
         out.update(eval_pairs=args.eval_pairs, seed=args.seed)
         out.update(score_sampled(emb, EvalPairs.sample(folder, args.eval_pairs, args.seed)))
@@ -386,7 +388,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             proto = load_pairs(args.pairs_file, root=args.val, folds=args.pairs_folds)
         paths = proto.unique_paths()
         folder, store = load_images(protocol_folder(paths), v.img_size, workers=args.workers,
-                                    crop=v.crop, what="--pairs_file images", min_identities=1)
+                                    crop=v.crop, what="--pairs_file images", min_identities=1, no_face="center",
+                                    **_faces_of(v))
+        if folder.no_face:
+            out["pairs_no_face"] = len(folder.no_face)
         if len(folder) != len(paths):
             raise UserError(f"{len(paths) - len(folder)} image(s) of {args.pairs_file} cannot be read")
         emb = _embed_store(v, store, config)
@@ -400,6 +405,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _faces_of(v) -> dict[str, Any]:
+    """load_images' arguments that prepare images as the checkpoint's training did."""
+    prep = v.preparation
+    return {"align": prep.align, "detector": prep.detector, "device": v.device}
+
+
 def _embed_store(v, store, config: Optional[dict[str, Any]] = None):
     """Embeddings of every image of `store`, computed as training's evaluation computes them (the
     same function and batch size, up to 512), so that the scores match the training log."""
@@ -410,11 +421,23 @@ def _embed_store(v, store, config: Optional[dict[str, Any]] = None):
     return embed_store(v.model, store, v.transform, batch_size=batch_size, amp_dtype=v.amp_dtype, flip=v.flip)
 
 
+def _prepared(v, path: str, detect: bool):
+    """The image at `path` as the checkpoint's model takes it, with the face it was made from."""
+    from faceid.faces import NoFaceError
+
+    try:
+        return v.prepare_face(v.open(path), detect)
+    except NoFaceError as e:
+        raise NoFaceError(f"{path}: {e}".replace("set detect=false", "pass --no-detect")) from None
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     v = _load_verifier(args.checkpoint, args.device)
-    emb = v.embed([v.open(p) for p in args.images])
-    for p, e in zip(args.images, emb):
-        print(json.dumps({"image": p, "dim": len(e), "embedding": [round(float(x), 6) for x in e]}))
+    items = [_prepared(v, p, args.detect) for p in args.images]
+    emb = v.embed(items)
+    for p, item, e in zip(args.images, items, emb):
+        print(json.dumps({"image": p, "dim": len(e), "face": item.face_json(),
+                          "embedding": [round(float(x), 6) for x in e]}))
     return 0
 
 
@@ -426,12 +449,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
             th = float(th)
         except ValueError:
             pass
-    res = v.verify(v.open(args.image1), v.open(args.image2), th)
+    v.resolve_threshold(th)  # a bad threshold fails before any detection
+    items = [_prepared(v, p, args.detect) for p in (args.image1, args.image2)]
+    e = v.embed(items)
+    res = {**v.compare(e[0], e[1], th), "face1": items[0].face_json(), "face2": items[1].face_json()}
     if args.json:
         print(json.dumps(res))
     else:
+        faces = "".join(f"  image{i}: face score {f['score']:.3f} of {f['faces_found']} found"
+                        for i, f in ((1, res["face1"]), (2, res["face2"])) if f)
         print(f"similarity {res['similarity']:.4f}  threshold {res['threshold']:.4f} "
-              f"({res['threshold_name']})  -> {'MATCH' if res['match'] else 'NO MATCH'}")
+              f"({res['threshold_name']})  -> {'MATCH' if res['match'] else 'NO MATCH'}{faces}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Find the faces of every image in the folders now, so training runs and jobs read them from
+    the cache; print what was found, and list the images without a face."""
+    from faceid.data import scan_folder
+    from faceid.facecache import FaceCache, find_faces
+    from faceid.faces import DetectorSpec
+    from faceid.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    spec = DetectorSpec()
+    total = {"images": 0, "with_face": 0, "no_face": 0, "unreadable": 0}
+    for root in args.folders:
+        folder = scan_folder(root, what="folder", min_identities=1)
+        found = find_faces(folder.paths, spec, workers=args.workers, device=device, what=root)
+        counts = {"images": len(found), "with_face": sum(bool(f) for f in found),
+                  "no_face": sum(f is not None and not f for f in found), "unreadable": sum(f is None for f in found)}
+        for k in total:
+            total[k] += counts[k]
+        print(json.dumps({"folder": root, **counts,
+                          "several_faces": sum(f is not None and len(f) > 1 for f in found)}))
+        for p, f in zip(folder.paths, found):
+            if f is not None and not f:
+                print(json.dumps({"no_face": str(p)}))
+    cache = FaceCache(spec)
+    print(json.dumps({"total": total, "cache": str(cache.path)}))
+    cache.close()
     return 0
 
 
@@ -494,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("images", nargs="+")
     m.add_argument("--checkpoint", default=ckpt_default)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    m.add_argument("--no-detect", dest="detect", action="store_false",
+                   help="the images are aligned face crops already: skip face detection")
     m.set_defaults(func=cmd_embed)
 
     v = sub.add_parser("verify", help="are two images the same person? (the checkpoint's threshold)")
@@ -504,7 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "with a pairs file (default acc)")
     v.add_argument("--json", action="store_true", help="print a JSON object")
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    v.add_argument("--no-detect", dest="detect", action="store_false",
+                   help="the images are aligned face crops already: skip face detection")
     v.set_defaults(func=cmd_verify)
+
+    r = sub.add_parser("prepare", help="find the faces in dataset folders ahead of training (cached)",
+                       description="Detect the faces (five landmarks) of every image in each ImageFolder "
+                       "root and keep them in the face cache (FACEID_CACHE_DIR, default ~/.cache/faceid), "
+                       "so training runs and jobs with --align arcface start at once. Prints one JSON "
+                       "line per folder with its counts, and one per image where no face was found.")
+    r.add_argument("folders", nargs="+", metavar="FOLDER", help="ImageFolder root (one sub-folder per person)")
+    r.add_argument("--workers", type=int, default=2, metavar="N", help="detection processes (default: 2)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    r.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("serve", help="start the REST service (settings: FACEID_* environment)")
     s.add_argument("--host", default=None, help="address to listen on (default FACEID_HOST, else 127.0.0.1)")

@@ -96,6 +96,11 @@ class TrainConfig(BaseModel):
                         "is resized to img_size, as a fraction of its shorter side (1: all of it; about "
                         "0.8 puts more pixels on the face of loosely framed photos like LFW's); the served "
                         "model applies it too")
+    align: Literal["none", "arcface"] = Field(
+        "arcface", description="how a photo becomes the model's input: arcface = find its largest face "
+        "(MTCNN, five landmarks) and align it onto the ArcFace template scaled to img_size (images with "
+        "no face are left out and listed in no_face.txt; detections are cached); none = the centred "
+        "crop square, for faces that are already cropped. The served model prepares uploads the same way")
     neck: Literal["gap", "flat"] = Field(
         "gap", description="what the embedding layer sees: gap = the trunk's 2048 channels averaged "
         "over the image (the origin's); flat = the whole last feature map flattened, keeping where "

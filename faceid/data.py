@@ -16,13 +16,14 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from faceid.errors import DataError
+from faceid.faces import DetectorSpec, Face, align_face, pick_face
 from faceid.images import open_image
 from faceid.model import IMAGENET_MEAN, IMAGENET_STD
 
@@ -40,6 +41,7 @@ class IdentityFolder:
     labels: np.ndarray  # [N] int64, index into `names`
     names: list[str]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    no_face: list[Path] = field(default_factory=list)  # images left out: no face was found in them
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,7 +60,8 @@ class IdentityFolder:
         used = np.unique(old)
         remap = np.full(len(self.names), -1, dtype=np.int64)
         remap[used] = np.arange(len(used))
-        return IdentityFolder(self.root, paths, remap[old], [self.names[i] for i in used], self.skipped)
+        return IdentityFolder(self.root, paths, remap[old], [self.names[i] for i in used], self.skipped,
+                              self.no_face)
 
 
 def scan_folder(root: str | Path, *, what: str = "dataset", min_identities: int = 2,
@@ -95,9 +98,12 @@ def check_identities(folder: IdentityFolder, *, what: str, min_identities: int,
                      min_per_identity: int) -> None:
     # After unreadable images were dropped, count what is left as such: "has 1 identity folder"
     # of a folder with 40 would send the user looking for missing folders, not broken files.
-    readable = " readable" if folder.skipped else ""
+    readable = " readable" if folder.skipped else (" usable" if folder.no_face else "")
     skipped = (f" ({len(folder.skipped)} unreadable image(s) were skipped; replace or remove them)"
                if folder.skipped else "")
+    if folder.no_face:
+        skipped += (f" ({len(folder.no_face)} image(s) with no face found were left out, first "
+                    f"{folder.no_face[0]}; add photos where the face is visible, or train with --align none)")
     if min_per_identity >= 2:
         n = int((folder.counts() >= 2).sum())
         if n < 1:
@@ -108,7 +114,8 @@ def check_identities(folder: IdentityFolder, *, what: str, min_identities: int,
                             f"images{skipped}; at least {min_identities} are needed (same-person and "
                             "different-person pairs are scored)")
     elif folder.num_identities < min_identities:
-        which = "identity folder(s) with readable images" if folder.skipped else "identity folder(s)"
+        which = ("identity folder(s) with readable images" if folder.skipped else
+                 "identity folder(s) with usable images" if folder.no_face else "identity folder(s)")
         raise DataError(f"{what} folder {folder.root} has {folder.num_identities} {which}{skipped}; "
                         f"at least {min_identities} are needed (one sub-folder per person)")
 
@@ -132,11 +139,14 @@ def decode_side(size: int, crop: float = 1.0) -> int:
     return math.ceil(DECODE_MARGIN * size / crop)
 
 
-def decode_image(path: Path, size: int, crop: float = 1.0) -> np.ndarray:
-    """File -> uint8 [3, size, size]: read by faceid.images.open_image (RGB, EXIF orientation
-    applied; a large JPEG at a reduced scale, down to `decode_side`) and `resize_center_crop`ped,
-    exactly as the Verifier reads a photo it serves, so evaluation embeddings and thresholds match
-    served ones."""
+def decode_image(path: Path, size: int, crop: float = 1.0, face: Optional[Face] = None) -> np.ndarray:
+    """File -> uint8 [3, size, size], exactly as the Verifier prepares a photo it serves, so
+    evaluation embeddings and thresholds match served ones: read by faceid.images.open_image (RGB,
+    EXIF orientation applied), then with a `face` aligned onto the ArcFace template
+    (faceid.faces.align_face), without one `resize_center_crop`ped (a large JPEG decoded at a
+    reduced scale, down to `decode_side`)."""
+    if face is not None:
+        return align_face(open_image(path), face.landmarks, size, crop)
     return resize_center_crop(open_image(path, reduce_to=decode_side(size, crop)), size, crop)
 
 
@@ -161,15 +171,17 @@ def resize_center_crop(img: Image.Image, size: int, crop: float = 1.0) -> np.nda
 
 
 class _DecodeOne(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[Path], size: int, crop: float) -> None:
+    def __init__(self, paths: Sequence[Path], size: int, crop: float,
+                 faces: Optional[Sequence[Optional[Face]]] = None) -> None:
         self.paths, self.size, self.crop = paths, size, crop
+        self.faces = faces if faces is not None else [None] * len(paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, torch.from_numpy(decode_image(self.paths[i], self.size, self.crop)), ""
+            return i, torch.from_numpy(decode_image(self.paths[i], self.size, self.crop, self.faces[i])), ""
         except Exception as e:  # unreadable file: reported and skipped by the caller
             return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
@@ -181,11 +193,13 @@ def _collate(items):
     return idx, imgs, errs
 
 
-def decode_all(paths: Sequence[Path], size: int, workers: int, crop: float = 1.0) -> tuple[torch.Tensor, list[str]]:
-    """Decode every file once. Returns uint8 [N, 3, S, S] and one error string per file ('' = ok)."""
+def decode_all(paths: Sequence[Path], size: int, workers: int, crop: float = 1.0,
+               faces: Optional[Sequence[Optional[Face]]] = None) -> tuple[torch.Tensor, list[str]]:
+    """Decode every file once (aligned where `faces` gives its face). Returns uint8 [N, 3, S, S]
+    and one error string per file ('' = ok)."""
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     errors = [""] * len(paths)
-    loader = torch.utils.data.DataLoader(_DecodeOne(paths, size, crop), batch_size=64, num_workers=workers,
+    loader = torch.utils.data.DataLoader(_DecodeOne(paths, size, crop, faces), batch_size=64, num_workers=workers,
                                          collate_fn=_collate)
     for idx, imgs, errs in loader:
         out[idx] = imgs
@@ -197,8 +211,10 @@ def decode_all(paths: Sequence[Path], size: int, workers: int, crop: float = 1.0
 class ImageStore:
     """uint8 images of an IdentityFolder, by index: `batch(indices) -> [B, 3, S, S]`."""
 
-    def __init__(self, folder: IdentityFolder, size: int, cached: Optional[torch.Tensor], crop: float = 1.0) -> None:
+    def __init__(self, folder: IdentityFolder, size: int, cached: Optional[torch.Tensor], crop: float = 1.0,
+                 faces: Optional[Sequence[Optional[Face]]] = None) -> None:
         self.folder, self.size, self.cached, self.crop = folder, size, cached, crop
+        self.faces = list(faces) if faces is not None else [None] * len(folder)
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
@@ -207,7 +223,8 @@ class ImageStore:
         arrs = []
         for i in idx.tolist():
             try:
-                arrs.append(torch.from_numpy(decode_image(self.folder.paths[i], self.size, self.crop)))
+                arrs.append(torch.from_numpy(decode_image(self.folder.paths[i], self.size, self.crop,
+                                                          self.faces[i])))
             except Exception as e:  # became unreadable after the scan
                 log.warning("unreadable image skipped in batch (black image used): %s: %s",
                             self.folder.paths[i], e)
@@ -217,14 +234,27 @@ class ImageStore:
 
 def load_images(folder: IdentityFolder, size: int, *, workers: int, crop: float = 1.0, cache: str = "auto",
                 cache_max_gb: float = 4.0, what: str = "dataset", min_identities: int = 2,
-                min_per_identity: int = 1) -> tuple[IdentityFolder, ImageStore]:
+                min_per_identity: int = 1, align: str = "none", detector: Optional[DetectorSpec] = None,
+                device: str | torch.device = "cpu", no_face: str = "drop",
+                progress: Optional[Callable[[int, int], None]] = None) -> tuple[IdentityFolder, ImageStore]:
     """Decode (or check) every image once; drop unreadable ones with a counted warning.
 
+    With `align` "arcface" each image's faces are found first (faceid.facecache: detected once,
+    then cached) and the largest is aligned. An image with no face is left out (`no_face` "drop",
+    listed in the returned folder's `no_face`) or, with "center", prepared as an unaligned image
+    (a pairs protocol keeps all its pairs).
+
     Returns the folder without the skipped files and a store over it."""
+    faces: Optional[list[Optional[Face]]] = None
+    if align != "none":
+        folder, faces = _folder_faces(folder, detector or DetectorSpec(), workers=workers, device=device,
+                                      what=what, no_face=no_face, progress=progress)
+        if no_face == "drop":
+            check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
     nbytes = len(folder) * 3 * size * size
     use_cache = cache == "on" or (cache == "auto" and nbytes <= cache_max_gb * 1e9)
     if use_cache:
-        images, errors = decode_all(folder.paths, size, workers, crop)
+        images, errors = decode_all(folder.paths, size, workers, crop, faces)
     else:
         images, errors = None, _check_headers(folder.paths, workers)
     bad = np.array([bool(e) for e in errors])
@@ -236,13 +266,47 @@ def load_images(folder: IdentityFolder, size: int, *, workers: int, crop: float 
         keep = ~bad
         folder = folder.subset(keep)
         folder.skipped = skipped
+        if faces is not None:
+            faces = [f for f, k in zip(faces, keep) if k]
         if images is not None:
             images = images[torch.from_numpy(keep)]
         if len(folder) == 0:
             raise DataError(f"{what} folder {folder.root}: none of the images could be read "
                             f"(first: {first}); check the files are JPEG/PNG/WebP/BMP images")
         check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
-    return folder, ImageStore(folder, size, images, crop)
+    return folder, ImageStore(folder, size, images, crop, faces)
+
+
+def _folder_faces(folder: IdentityFolder, spec: DetectorSpec, *, workers: int, device: str | torch.device,
+                  what: str, no_face: str, progress: Optional[Callable[[int, int], None]]
+                  ) -> tuple[IdentityFolder, list[Optional[Face]]]:
+    """The face each image is aligned by (the largest found), with images without one dropped or
+    kept unaligned as `no_face` says. Unreadable images stay in, to be reported as such."""
+    from faceid.facecache import find_faces
+
+    found = find_faces(folder.paths, spec, workers=workers, device=device, progress=progress, what=what)
+    missing = [i for i, f in enumerate(found) if f is not None and not f]
+    faces = [pick_face(f) if f else None for f in found]
+    if not missing:
+        return folder, faces
+    listed = [folder.paths[i] for i in missing]
+    examples = ", ".join(str(p) for p in listed[:3])
+    if no_face != "drop":
+        log.warning("%s: no face found in %d of %d images; they are used unaligned (first: %s)",
+                    what, len(listed), len(folder), examples)
+        folder.no_face = listed
+        return folder, faces
+    if len(listed) == len(folder):
+        raise DataError(f"{what} folder {folder.root}: no face was found in any of its {len(folder)} images "
+                        f"(first: {examples}); give photos of faces, or --align none for images the "
+                        "detector cannot read (already cropped and aligned faces, drawings)")
+    log.warning("%s: no face found in %d of %d images; training goes on without them (first: %s)",
+                what, len(listed), len(folder), examples)
+    keep = np.ones(len(folder), dtype=bool)
+    keep[missing] = False
+    kept = folder.subset(keep)
+    kept.no_face = listed
+    return kept, [f for f, k in zip(faces, keep) if k]
 
 
 def _check_one(path: Path) -> str:

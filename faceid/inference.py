@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -16,6 +17,7 @@ from faceid.checkpoint import load_checkpoint
 from faceid.data import BatchTransform, decode_side, resize_center_crop
 from faceid.errors import CheckpointError, ConfigError
 from faceid.evaluate import autocast_ctx
+from faceid.faces import Face, NoFaceError, Preparation, align_face, build_detector, pick_face
 from faceid.model import NECKS, EmbeddingNet
 from faceid.runtime import resolve_amp, resolve_device
 
@@ -47,6 +49,21 @@ def _threads(n: Optional[int]):
         torch.set_num_threads(before)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """An image ready for the network (uint8 [3, S, S]) and, for an aligned model that detected,
+    the face it shows and how many faces the photo held."""
+
+    tensor: torch.Tensor
+    face: Optional[Face] = None
+    faces_found: Optional[int] = None
+
+    def face_json(self) -> Optional[dict[str, Any]]:
+        if self.face is None:
+            return None
+        return {**self.face.to_json(), "faces_found": self.faces_found}
+
+
 def to_uint8_tensor(img: Image.Image, size: int, crop: float = 1.0) -> torch.Tensor:
     """PIL image -> uint8 [3, size, size]: RGB, centre-cropped (`crop` of the shorter side) and
     resized (the same function as training and evaluation use, faceid.data.decode_image)."""
@@ -71,6 +88,7 @@ class Verifier:
             self.crop = float(ckpt.get("crop", 1.0))  # checkpoints from before the option: 1
             if not 0.0 < self.crop <= 1.0:
                 raise ValueError(f"crop {self.crop} is outside (0, 1]")
+            self.preparation = Preparation.from_checkpoint(ckpt)
             self.embedding_size = int(ckpt["embedding_size"])
             self.epoch = int(ckpt["epoch"])
             self.metrics = dict(ckpt["metrics"])
@@ -101,6 +119,10 @@ class Verifier:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.transform = BatchTransform(self.device, augment=False, channels_last=self.channels_last)
+        # An aligned model finds the face in each photo with the detector its training data was
+        # prepared with, on the model's device
+        self.detector = (build_detector(self.preparation.detector, self.device)
+                         if self.preparation.aligned else None)
         self._lock = threading.Lock()
         # True: forward passes may run at once from several threads (a server's inference
         # workers), each on the compute threads torch is set to; False: one at a time, batches of
@@ -185,7 +207,8 @@ class Verifier:
         return {"checkpoint": self.path, "epoch": self.epoch, "metrics": self.metrics,
                 "thresholds": self.thresholds, "img_size": self.img_size, "crop": self.crop,
                 "embedding_size": self.embedding_size, "arch": "resnet50",
-                "train_mode": self.config.get("train_mode"), "config": self.config}
+                "train_mode": self.config.get("train_mode"), "config": self.config,
+                "faces": self.preparation.to_json()}
 
     @torch.inference_mode()
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
@@ -207,10 +230,15 @@ class Verifier:
             return torch.nn.functional.normalize(e, dim=1).cpu().numpy()
 
     @property
-    def decode_side(self) -> int:
+    def aligned(self) -> bool:
+        return self.detector is not None
+
+    @property
+    def decode_side(self) -> Optional[int]:
         """The shorter side a JPEG is decoded at, at least, before resizing for this model (the
-        `reduce_to` of faceid.images.open_image; training and evaluation decode the same way)."""
-        return decode_side(self.img_size, self.crop)
+        `reduce_to` of faceid.images.open_image; training and evaluation decode the same way).
+        None for an aligned model: the face is warped from the full-size photo."""
+        return None if self.aligned else decode_side(self.img_size, self.crop)
 
     def open(self, source: Any, **kwargs: Any) -> Image.Image:
         """An image file or upload's bytes, decoded as this model's training and evaluation
@@ -219,11 +247,27 @@ class Verifier:
 
         return open_image(source, reduce_to=self.decode_side, **kwargs)
 
+    def prepare_face(self, img: Image.Image, detect: bool = True) -> Prepared:
+        """PIL image -> what `embed` takes for it, and the face it was made from. An aligned model
+        detects the faces and aligns the largest (NoFaceError when there is none); with `detect`
+        False the image is taken to be an aligned face crop already, and only resized. A model
+        trained without alignment resizes and centre-crops (`crop`). A server calls it where it
+        decodes each upload, so a batch's forward pass does not wait for this work."""
+        if self.detector is None or not detect:
+            return Prepared(to_uint8_tensor(img, self.img_size, self.crop))
+        faces = self.detector.detect([img])[0]
+        face = pick_face(faces)
+        if face is None:
+            w, h = img.size
+            raise NoFaceError(f"no face found in the {w}x{h} image; send a photo where a face is visible "
+                              "(at least about 20 px across once the photo is shrunk to "
+                              f"{self.preparation.detector.max_side} px), or, if it is already an aligned "
+                              "face crop, set detect=false")
+        return Prepared(torch.from_numpy(align_face(img, face.landmarks, self.img_size, self.crop)), face, len(faces))
+
     def prepare(self, img: Image.Image) -> torch.Tensor:
-        """PIL image -> the uint8 [3, S, S] tensor `embed` takes for it (resized and centre-cropped
-        to this model's input size). A server calls it where it decodes each upload, so a batch's
-        forward pass does not wait for the resizing of its images."""
-        return to_uint8_tensor(img, self.img_size, self.crop)
+        """PIL image -> the uint8 [3, S, S] tensor `embed` takes for it (`prepare_face`)."""
+        return self.prepare_face(img).tensor
 
     def embed(self, images: Sequence[Union[Image.Image, torch.Tensor]]) -> np.ndarray:
         """PIL images, or tensors from `prepare`, -> float32 [N, D], unit norm. Open files with
@@ -231,8 +275,9 @@ class Verifier:
         PIL is decoded at full scale: the same face, within a fraction of a grey level)."""
         if not images:
             return np.zeros((0, self.embedding_size), np.float32)
-        return self.embed_tensors(torch.stack([im if isinstance(im, torch.Tensor) else self.prepare(im)
-                                               for im in images]))
+        return self.embed_tensors(torch.stack([
+            im.tensor if isinstance(im, Prepared) else im if isinstance(im, torch.Tensor) else self.prepare(im)
+            for im in images]))
 
     def resolve_threshold(self, threshold: Threshold) -> tuple[float, str]:
         if threshold is None:

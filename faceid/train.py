@@ -33,6 +33,7 @@ from faceid.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_chec
 from faceid.config import TrainConfig
 from faceid.data import BatchTransform, batch_images, load_images, scan_folder
 from faceid.errors import CheckpointError, ConfigError, DataError, FaceIDError
+from faceid.faces import DetectorSpec, Preparation
 from faceid.evaluate import (EvalPairs, autocast_ctx, embed_store, protocol_folder, same_files, score_protocol,
                              score_sampled)
 from faceid.model import ARCH, IMAGENET_MEAN, IMAGENET_STD, build_model
@@ -117,6 +118,8 @@ def _checkpoint_dict(cfg: TrainConfig, model: nn.Module, epoch: int, metrics: di
         "format": FORMAT, "format_version": FORMAT_VERSION, "arch": ARCH,
         "embedding_size": cfg.embedding_size, "img_size": cfg.img_size, "crop": cfg.crop,
         "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        # how photos become its input (faceid.faces.Preparation): the server prepares uploads so
+        "faces": Preparation(cfg.align, cfg.img_size, cfg.crop, DetectorSpec()).to_json(),
         "config": cfg.to_json_dict(), "epoch": epoch, "metrics": metrics,
         "thresholds": thresholds_of(metrics),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -181,15 +184,18 @@ class Trainer:
         model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
                             pretrained_weights=cfg.pretrained_weights, neck=cfg.neck,
                             img_size=cfg.img_size, dropout=cfg.dropout)
-        common = dict(workers=cfg.workers, crop=cfg.crop, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb)
+        common = dict(workers=cfg.workers, crop=cfg.crop, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb,
+                      align=cfg.align, detector=DetectorSpec(), device=self.device)
         self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
-                                                          min_identities=2, **common)
+                                                          min_identities=2, progress=self._faces_progress("--train"),
+                                                          **common)
         # Only rank 0 evaluates: the other ranks check the validation images' headers, not decode them.
         common_eval = common if self.dist.is_main else {**common, "cache": "off"}
         self.val_folder, self.val_store = load_images(val, cfg.img_size, what="--val", min_identities=2,
+                                                      progress=self._faces_progress("--val"),
                                                       min_per_identity=2, **common_eval)
         self.eval_pairs = EvalPairs.sample(self.val_folder, cfg.eval_pairs, cfg.seed)
-        self.protocol = None
+        self.protocol, self._protocol_folder = None, None
         if cfg.pairs_file:
             from faceid.pairs import load_pairs
 
@@ -210,6 +216,7 @@ class Trainer:
                                 "matched and 2 mismatched pairs")
             paths = proto.unique_paths()
             folder, store = load_images(protocol_folder(paths), cfg.img_size, what="--pairs_file images",
+                                        no_face="center", progress=self._faces_progress("--pairs_file"),
                                         min_identities=1, **common_eval)
             if len(folder) != len(paths):
                 raise DataError(f"{len(paths) - len(folder)} image(s) named in {pf} cannot be read "
@@ -217,7 +224,7 @@ class Trainer:
             ia, ib = proto.index_pairs({p: i for i, p in enumerate(paths)})
             # Images that --val holds too (the same files) are embedded once, with --val's.
             self._protocol_in_val = same_files(list(folder.paths), list(self.val_folder.paths))
-            self.protocol = (store, ia, ib, proto.labels, proto.folds)
+            self.protocol, self._protocol_folder = (store, ia, ib, proto.labels, proto.folds), folder
         set_threads(cfg, self.device, cached=self.train_store.cached is not None)
 
         objective = build_objective(cfg, self.train_folder.labels, self.train_folder.num_identities)
@@ -245,6 +252,25 @@ class Trainer:
         if self.dist.is_main:
             self._start_files()
 
+    def _faces_progress(self, what: str):
+        def report(done: int, total: int) -> None:
+            self.emit("faces", what=what, done=done, total=total)
+        return report
+
+    def _write_no_face(self) -> None:
+        """no_face.txt: every image left out (or, in a pairs protocol, used unaligned) because no
+        face was found in it, one per line after its set; removed when there is none."""
+        path = self.ckpt_dir / "no_face.txt"
+        lines = [f"{what}\t{p}" for what, folder in (("train", self.train_folder), ("val", self.val_folder),
+                                                    ("pairs_file", self._protocol_folder))
+                 if folder is not None for p in folder.no_face]
+        if lines:
+            tmp = self.ckpt_dir / ".no_face.txt.tmp"
+            tmp.write_text("\n".join(lines) + "\n")
+            os.replace(tmp, path)
+        elif path.exists():
+            path.unlink()
+
     def _start_files(self) -> None:
         """Once the run can start: its config.json, and a fresh metrics.jsonl unless it resumes (so
         neither a run refused at setup nor a new run in the same folder mixes with the last one)."""
@@ -252,6 +278,7 @@ class Trainer:
         tmp = self.ckpt_dir / ".config.json.tmp"
         tmp.write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
         os.replace(tmp, self.ckpt_dir / "config.json")
+        self._write_no_face()
         metrics = self.ckpt_dir / "metrics.jsonl"
         if not cfg.resume and metrics.exists():
             log.warning("%s: a new run (no --resume) starts a new metrics.jsonl; the checkpoints there "
@@ -271,9 +298,9 @@ class Trainer:
         ck = load_checkpoint(path, map_location=self.device)
         if "optimizer" not in ck:
             raise CheckpointError(f"{path} is a best-model checkpoint; resume needs last.pt")
-        old = {"neck": "gap", **ck["config"]}  # checkpoints from before the option are gap
+        old = {"neck": "gap", "align": "none", **ck["config"]}  # checkpoints from before these options
         # the flat neck's weights are sized by the image size; gap's are not
-        keys = ("train_mode", "embedding_size", "neck") + (("img_size",) if self.cfg.neck == "flat" else ())
+        keys = ("train_mode", "embedding_size", "neck", "align") + (("img_size",) if self.cfg.neck == "flat" else ())
         for key in keys:
             if old.get(key) != getattr(self.cfg, key):
                 raise ConfigError(f"cannot resume {path}: it was trained with {key}={old.get(key)!r}, "
@@ -330,7 +357,8 @@ class Trainer:
                   world_size=self.dist.world_size, start_epoch=st.epoch + 1,
                   train_images=len(self.train_folder), train_identities=self.train_folder.num_identities,
                   val_images=len(self.val_folder), skipped_images=len(self.train_folder.skipped)
-                  + len(self.val_folder.skipped), config=cfg.to_json_dict())
+                  + len(self.val_folder.skipped), no_face_images=len(self.train_folder.no_face)
+                  + len(self.val_folder.no_face), config=cfg.to_json_dict())
         deadline = t0 + cfg.time_limit_min * 60 if cfg.time_limit_min else math.inf
         # The schedule's clock starts with the first step (after decoding), the limit's with fit().
         self._clock = (time.time(), deadline) if cfg.fit_to_time_limit and cfg.time_limit_min else None

@@ -38,6 +38,8 @@ TINY: dict[str, Any] = {
     # One compute thread: on a shared 2-core machine two OpenMP threads wait on each other at
     # every small op whenever another process holds a core (measured: 12x slower backward).
     "threads": 1,
+    # Most behaviour tests run on the raw images; alignment has tests of its own (test_faces.py)
+    "align": "none",
 }
 
 
@@ -147,3 +149,21 @@ def tiny_arcface_run(tmp_path_factory) -> TinyRun:
         result = run(cfg, on_event=events.append)
         _CACHE["arcface"] = TinyRun(cfg, ckpt_dir, result, events)
     return _CACHE["arcface"]
+
+
+def tiny_aligned_run(tmp_path_factory) -> TinyRun:
+    """Train arcface for 1 epoch on the small sample with faces aligned (align arcface), once per
+    session: a checkpoint whose served model detects and aligns. Callers must not write into its
+    ckpt_dir."""
+    if "aligned" not in _CACHE:
+        from faceid.config import TrainConfig
+        from faceid.train import run
+
+        train, val = small_sample(tmp_path_factory)
+        ckpt_dir = tmp_path_factory.mktemp("tiny_aligned")
+        cfg = TrainConfig(train=str(train), val=str(val), ckpt_dir=str(ckpt_dir), train_mode="arcface",
+                          epochs=1, **{**TINY, "align": "arcface"})
+        events: list[dict[str, Any]] = []
+        result = run(cfg, on_event=events.append)
+        _CACHE["aligned"] = TinyRun(cfg, ckpt_dir, result, events)
+    return _CACHE["aligned"]

@@ -67,6 +67,31 @@ def parse_threshold(raw: Optional[str]) -> Union[None, str, float]:
     return number
 
 
+_DETECT = {"type": "string", "enum": ["true", "false"], "default": "true",
+           "description": "false: the image is already an aligned face crop; skip detection (models "
+                          "trained with alignment only)"}
+
+
+def parse_detect(parts: dict[str, Any]) -> bool:
+    """The `detect` form field: true (default) or false."""
+    raw = parts.get("detect")
+    if raw is None:
+        return True
+    value = raw.data.decode("utf-8", errors="replace").strip().lower()
+    if value in ("", "true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise FieldError("detect", f"{value[:40]!r} is not true or false; send detect=false to skip face "
+                     "detection for an image that is already an aligned face crop")
+
+
+def face_of(image: Any) -> Optional[dict[str, Any]]:
+    """The detected face a prepared upload was made from (None without detection)."""
+    face_json = getattr(image, "face_json", None)
+    return face_json() if face_json is not None else None
+
+
 def resolve_threshold(served: Any, threshold: Union[None, str, float]) -> None:
     """Check the threshold against the model before any work: a name it lacks is a 422."""
     try:
@@ -78,28 +103,32 @@ def resolve_threshold(served: Any, threshold: Union[None, str, float]) -> None:
 
 
 @router.post("/embed", response_model=EmbedOut, summary="Embed one face image",
-             openapi_extra=_multipart({"image": _IMAGE}, ["image"]), responses=IMAGE_ERRORS)
+             openapi_extra=_multipart({"image": _IMAGE, "detect": _DETECT}, ["image"]), responses=IMAGE_ERRORS)
 async def embed(request: Request, response: Response, settings: Settings = Depends(get_settings),
                 models: ModelManager = Depends(get_models)) -> EmbedOut:
-    """multipart field `image`. Returns its unit-norm embedding from the served model. The
-    `Server-Timing` header says where the request's time went (milliseconds)."""
+    """multipart field `image`, optional `detect`. Returns its unit-norm embedding from the served
+    model and, for a model trained on aligned faces, the face it found and embedded (the largest;
+    a 422 naming the field when there is none). The `Server-Timing` header says where the
+    request's time went (milliseconds)."""
     timing = Timing()
     served = models.require()  # 503 before reading an upload we could not use
-    parts = await read_form(request, files={"image"}, required={"image"},
+    parts = await read_form(request, files={"image"}, fields={"detect"}, required={"image"},
                             max_file_bytes=settings.max_upload_bytes)
     t = timing.since("read", timing.start)
-    image = await models.decode(bytes(parts["image"].data), "image", served)
+    detect = parse_detect(parts)
+    image = await models.decode(bytes(parts["image"].data), "image", served, detect)
     timing.since("decode", t)
     vectors = await models.embed(served, [image], timing)
     vector = vectors[0].tolist()  # Python floats, as float(x) for each
     response.headers["Server-Timing"] = timing.header()
-    return EmbedOut(embedding=vector, dim=len(vector), model=served.id)
+    return EmbedOut(embedding=vector, dim=len(vector), model=served.id, face=face_of(image))
 
 
 @router.post("/embed/batch", response_model=EmbedBatchOut, summary="Embed several face images in one request",
              openapi_extra=_multipart({"images": {"type": "array", "items": _IMAGE,
                                                   "description": "1 to FACEID_BATCH_MAX_SIZE (16) files, each in a "
-                                                                 "field named images"}}, ["images"]),
+                                                                 "field named images"},
+                                        "detect": _DETECT}, ["images"]),
              responses=IMAGE_ERRORS)
 async def embed_batch(request: Request, response: Response, settings: Settings = Depends(get_settings),
                       models: ModelManager = Depends(get_models)) -> EmbedBatchOut:
@@ -111,15 +140,17 @@ async def embed_batch(request: Request, response: Response, settings: Settings =
     fails the request, naming it (`images[2]`)."""
     timing = Timing()
     served = models.require()
-    parts = await read_form(request, files=set(), repeated={"images": settings.batch_max_size},
+    parts = await read_form(request, files=set(), fields={"detect"}, repeated={"images": settings.batch_max_size},
                             required={"images"}, max_file_bytes=settings.max_upload_bytes)
     t = timing.since("read", timing.start)
-    images = await asyncio.gather(*(models.decode(bytes(p.data), f"images[{i}]", served)
+    detect = parse_detect(parts)
+    images = await asyncio.gather(*(models.decode(bytes(p.data), f"images[{i}]", served, detect)
                                     for i, p in enumerate(parts["images"])))
     timing.since("decode", t)
     vectors = await models.embed(served, images, timing)
     response.headers["Server-Timing"] = timing.header()
-    return EmbedBatchOut(embeddings=vectors.tolist(), count=len(images), dim=int(vectors.shape[1]), model=served.id)
+    return EmbedBatchOut(embeddings=vectors.tolist(), count=len(images), dim=int(vectors.shape[1]), model=served.id,
+                         faces=[face_of(im) for im in images])
 
 
 @router.post("/verify", response_model=VerifyOut, summary="Are two face images the same person?",
@@ -128,27 +159,31 @@ async def embed_batch(request: Request, response: Response, settings: Settings =
                  "threshold": {"type": "string", "examples": ["acc", "far_1e-3", "0.35"],
                                "description": "a cosine value in [-1, 1] or acc | far_1e-2 | far_1e-3 "
                                               "(default acc: the model's best-accuracy threshold); "
-                                              "GET /model lists the model's named thresholds"}},
+                                              "GET /model lists the model's named thresholds"},
+                 "detect": _DETECT},
                  ["image1", "image2"]),
              responses=IMAGE_ERRORS)
 async def verify(request: Request, response: Response, settings: Settings = Depends(get_settings),
                  models: ModelManager = Depends(get_models)) -> VerifyOut:
-    """multipart fields `image1`, `image2`, optional `threshold`. `match` is
-    `similarity >= threshold`, the cosine similarity of the two embeddings. The `Server-Timing`
+    """multipart fields `image1`, `image2`, optional `threshold` and `detect`. `match` is
+    `similarity >= threshold`, the cosine similarity of the two embeddings; `face1` and `face2`
+    are the faces compared (an image without a face is a 422 naming it). The `Server-Timing`
     header says where the request's time went (milliseconds)."""
     timing = Timing()
     served = models.require()
-    parts = await read_form(request, files={"image1", "image2"}, fields={"threshold"},
+    parts = await read_form(request, files={"image1", "image2"}, fields={"threshold", "detect"},
                             required={"image1", "image2"}, max_file_bytes=settings.max_upload_bytes)
     t = timing.since("read", timing.start)
     raw = parts.get("threshold")
     threshold = parse_threshold(raw.data.decode("utf-8", errors="replace") if raw else None)
     resolve_threshold(served, threshold)
-    img1, img2 = await asyncio.gather(models.decode(bytes(parts["image1"].data), "image1", served),
-                                      models.decode(bytes(parts["image2"].data), "image2", served))
+    detect = parse_detect(parts)
+    img1, img2 = await asyncio.gather(models.decode(bytes(parts["image1"].data), "image1", served, detect),
+                                      models.decode(bytes(parts["image2"].data), "image2", served, detect))
     timing.since("decode", t)
     vectors = await models.embed(served, [img1, img2], timing)
     result = served.verifier.compare(vectors[0], vectors[1], threshold)
     response.headers["Server-Timing"] = timing.header()
     return VerifyOut(similarity=result["similarity"], threshold=result["threshold"],
-                     threshold_name=result["threshold_name"], match=bool(result["match"]), model=served.id)
+                     threshold_name=result["threshold_name"], match=bool(result["match"]), model=served.id,
+                     face1=face_of(img1), face2=face_of(img2))

@@ -1,0 +1,179 @@
+"""Faces of a dataset's images, detected once and cached.
+
+`find_faces(paths, spec, ...)` returns every face of each file. What a detector found in a file is
+kept in a SQLite file per detector setting (`<cache dir>/faces-<spec.key>.sqlite`), keyed by the
+file's absolute path, size and modification time: a later run or job reads it back, a changed
+image is detected again on its own, and other detector settings have a cache of their own.
+
+The cache folder is FACEID_CACHE_DIR, else `$XDG_CACHE_HOME/faceid`, else `~/.cache/faceid`.
+Detection runs in `workers` processes on a CPU (one compute thread each), or on the GPU when
+`device` is one (the files decoded by the workers). Progress is logged every few seconds and
+handed to `progress(done, total)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from faceid.faces import DetectorSpec, Face, build_detector, shrink_for_detection
+from faceid.images import open_image
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("FACEID_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "faceid"
+
+
+class FaceCache:
+    """path -> faces, for one detector setting, valid while the file's size and mtime hold."""
+
+    def __init__(self, spec: DetectorSpec, folder: Optional[Path] = None) -> None:
+        folder = folder or cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"faces-{spec.key}.sqlite"
+        self.db = sqlite3.connect(self.path, timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS faces (path TEXT PRIMARY KEY, size INTEGER, "
+                        "mtime_ns INTEGER, faces TEXT)")
+
+    @staticmethod
+    def _stamp(path: Path) -> Optional[tuple[int, int]]:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def get_many(self, paths: Sequence[Path]) -> list[Optional[list[Face]]]:
+        out: list[Optional[list[Face]]] = []
+        cur = self.db.cursor()
+        for p in paths:
+            stamp = self._stamp(p)
+            row = cur.execute("SELECT size, mtime_ns, faces FROM faces WHERE path = ?",
+                              (str(p.absolute()),)).fetchone() if stamp else None
+            if row is None or (row[0], row[1]) != stamp:
+                out.append(None)
+            else:
+                out.append([Face.from_json(f) for f in json.loads(row[2])])
+        return out
+
+    def put_many(self, items: Sequence[tuple[Path, list[Face]]]) -> None:
+        rows = []
+        for p, faces in items:
+            stamp = self._stamp(p)
+            if stamp is not None:
+                rows.append((str(p.absolute()), stamp[0], stamp[1], json.dumps([f.to_json(exact=True) for f in faces])))
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO faces VALUES (?, ?, ?, ?)", rows)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class _DetectFiles(torch.utils.data.Dataset):
+    """Item i: (i, faces of file i or None, error). With `detect` False the worker only decodes
+    (for detection on the GPU): (i, the shrunk image as uint8 HWC, factor, error)."""
+
+    def __init__(self, paths: Sequence[Path], spec: DetectorSpec, detect: bool) -> None:
+        self.paths, self.spec, self.detect = list(paths), spec, detect
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = open_image(self.paths[i], reduce_to=self.spec.max_side)
+        except Exception as e:  # unreadable: the caller's image check reports it
+            return i, None, f"{type(e).__name__}: {e}"
+        if not self.detect:
+            small, factor = shrink_for_detection(img, self.spec.max_side)
+            return i, (small, factor), ""
+        if torch.utils.data.get_worker_info() is not None:
+            torch.set_num_threads(1)
+        return i, build_detector(self.spec).detect([img])[0], ""
+
+
+def find_faces(paths: Sequence[Path], spec: DetectorSpec = DetectorSpec(), *, workers: int = 0,
+               device: str | torch.device = "cpu", progress: Optional[Progress] = None,
+               what: str = "images", folder: Optional[Path] = None) -> list[Optional[list[Face]]]:
+    """Faces of each file (largest first; [] when none was found, None when it cannot be read),
+    from the cache where it holds them, detected otherwise (and cached)."""
+    paths = [Path(p) for p in paths]
+    cache = FaceCache(spec, folder)
+    try:
+        found = cache.get_many(paths)
+        todo = [i for i, f in enumerate(found) if f is None]
+        if not todo:
+            log.info("%s: faces of all %d images from the cache %s", what, len(paths), cache.path)
+            return found
+        log.info("%s: detecting faces in %d of %d images (%d from the cache %s)", what, len(todo), len(paths),
+                 len(paths) - len(todo), cache.path)
+        device = torch.device(device)
+        on_gpu = device.type == "cuda"
+        loader = torch.utils.data.DataLoader(_DetectFiles([paths[i] for i in todo], spec, detect=not on_gpu),
+                                             batch_size=None, num_workers=workers, collate_fn=None)
+        detector = build_detector(spec, device) if on_gpu else None
+        start = last = time.monotonic()
+        pending: list[tuple[Path, list[Face]]] = []
+        done = none_found = 0
+        for j, result, error in _items(loader, detector):
+            i = todo[j]
+            done += 1
+            if not error:
+                found[i] = result
+                none_found += not result
+                pending.append((paths[i], result))
+            if len(pending) >= 256:
+                cache.put_many(pending)
+                pending = []
+            now = time.monotonic()
+            if now - last >= 5 or done == len(todo):
+                last = now
+                rate = done / max(now - start, 1e-9)
+                log.info("%s: faces %d/%d (%.0f %%), %.0f images/s, %.0f s left, %d without a face so far",
+                         what, done, len(todo), 100 * done / len(todo), rate, (len(todo) - done) / rate, none_found)
+                if progress is not None:
+                    progress(done, len(todo))
+        cache.put_many(pending)
+        return found
+    finally:
+        cache.close()
+
+
+def _items(loader, detector):
+    """(index, faces, error) per file: as the workers detected them, or detected here on the GPU
+    in batches of same-size images."""
+    if detector is None:
+        yield from loader
+        return
+    batch: list[tuple[int, Any, str]] = []
+
+    def flush():
+        ok = [(j, r) for j, r, e in batch if not e]
+        faces = detector.detect([r[0] for _, r in ok]) if ok else []
+        results = {j: [f.scaled(r[1]) for f in fs] for (j, r), fs in zip(ok, faces)}
+        for j, r, e in batch:
+            yield j, results.get(j), e
+
+    for item in loader:
+        batch.append(item)
+        if len(batch) >= 256:
+            yield from flush()
+            batch = []
+    if batch:
+        yield from flush()

@@ -1,0 +1,257 @@
+"""Faces in photos: a detector that finds each face with five landmarks, and the alignment that
+maps those landmarks onto the ArcFace template.
+
+- `Face`: a box, five landmarks (left eye, right eye, nose tip, left and right mouth corner, left
+  and right as seen in the image) and a detection score, in the photo's pixel coordinates.
+- `FaceDetector`: the one small interface a detector implements (`detect(images)`); `MTCNNDetector`
+  wraps the MTCNN of facenet-pytorch, whose weights ship inside its wheel, so nothing is downloaded.
+  `build_detector(spec)` makes the detector a `DetectorSpec` names: a checkpoint records its spec,
+  and the server detects with the same settings the training data was prepared with.
+- `align_face`: the similarity transform (scikit-image's least-squares estimate) from the five
+  landmarks onto the ArcFace 112x112 template scaled to `size`, and the warp (Pillow's affine
+  transform). `crop` keeps the centred share of the template's square, as it does for unaligned
+  images.
+
+`Preparation` says how a model's faces were prepared (aligned or not, template, size, crop,
+detector); faceid.data, faceid.inference and the server all prepare images through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from faceid.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+ALIGN_MODES = ("none", "arcface")
+TEMPLATE = "arcface-112"
+TEMPLATE_SIZE = 112
+# Where ArcFace's 112x112 crops put the five landmarks (InsightFace's reference points), in the
+# order Face.landmarks uses.
+ARCFACE_POINTS = np.array([
+    [38.2946, 51.6963],  # left eye
+    [73.5318, 51.5014],  # right eye
+    [56.0252, 71.7366],  # nose tip
+    [41.5493, 92.3655],  # left mouth corner
+    [70.7299, 92.2041],  # right mouth corner
+], dtype=np.float64)
+
+
+class NoFaceError(ImageError):
+    """No face was found in an image that had to have one."""
+
+
+@dataclass(frozen=True)
+class Face:
+    box: tuple[float, float, float, float]          # x1, y1, x2, y2
+    landmarks: tuple[tuple[float, float], ...]      # 5 x (x, y)
+    score: float
+
+    @property
+    def area(self) -> float:
+        x1, y1, x2, y2 = self.box
+        return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+    def to_json(self, exact: bool = False) -> dict[str, Any]:
+        """For an answer (rounded to 0.01 px), or `exact` (as found: a cache must give back the
+        very landmarks a fresh detection gives, or the aligned crops would differ)."""
+        if exact:
+            return {"box": list(self.box), "landmarks": [list(p) for p in self.landmarks], "score": self.score}
+        return {"box": [round(v, 2) for v in self.box],
+                "landmarks": [[round(x, 2), round(y, 2)] for x, y in self.landmarks],
+                "score": round(self.score, 5)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Face":
+        return cls(tuple(float(v) for v in d["box"]), tuple((float(x), float(y)) for x, y in d["landmarks"]),
+                   float(d["score"]))
+
+    def scaled(self, factor: float) -> "Face":
+        return Face(tuple(v * factor for v in self.box), tuple((x * factor, y * factor) for x, y in self.landmarks),
+                    self.score)
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """A detector and its settings: what a checkpoint records and a face cache is keyed by."""
+
+    name: str = "mtcnn"
+    max_side: int = 640      # photos are shrunk to this longer side for detection (not for alignment)
+    min_face: int = 20       # smallest face searched for, in pixels of the shrunk photo
+    min_score: float = 0.9   # detections below this score are not faces
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{self.max_side}-{self.min_face}-{self.min_score:g}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "DetectorSpec":
+        return cls(**{k: d[k] for k in ("name", "max_side", "min_face", "min_score") if k in d})
+
+
+class FaceDetector(Protocol):
+    spec: DetectorSpec
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[Face]]:
+        """Every face in each RGB image, largest first, in that image's pixel coordinates."""
+
+
+def shrink_for_detection(img: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    """(the image with its longer side at most `max_side`, the factor back to the original)."""
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img, 1.0
+    s = max_side / max(w, h)
+    small = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR, reducing_gap=2.0)
+    return small, w / small.size[0]
+
+
+class MTCNNDetector:
+    """facenet-pytorch's MTCNN (P-, R- and O-net; weights inside the package). Same-size images are
+    detected in one batch; on a GPU give `device` "cuda"."""
+
+    def __init__(self, spec: DetectorSpec = DetectorSpec(), device: Any = "cpu") -> None:
+        import torch
+        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+
+        self.spec = spec
+        self.device = torch.device(device)
+        self.nets = [net.to(self.device).eval() for net in (PNet(), RNet(), ONet())]
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[Face]]:
+        import torch
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        out: list[list[Face]] = [[] for _ in images]
+        shrunk = [shrink_for_detection(im, self.spec.max_side) for im in images]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, (im, _) in enumerate(shrunk):
+            by_size.setdefault(im.size, []).append(i)
+        for (w, h), idx in by_size.items():
+            if min(w, h) < 12:  # below P-net's window: nothing to find
+                continue
+            batch = np.stack([np.asarray(shrunk[i][0], dtype=np.uint8) for i in idx])
+            with torch.inference_mode():
+                boxes, points = detect_face(torch.from_numpy(batch).to(self.device), self.spec.min_face,
+                                            *self.nets, [0.6, 0.7, 0.7], 0.709, self.device)
+            for j, i in enumerate(idx):
+                factor = shrunk[i][1]
+                faces = []
+                for b, p in zip(np.asarray(boxes[j], dtype=np.float64).reshape(-1, 5),
+                                np.asarray(points[j], dtype=np.float64).reshape(-1, 5, 2)):
+                    if b[4] < self.spec.min_score or not np.isfinite(b).all() or not np.isfinite(p).all():
+                        continue
+                    faces.append(Face(tuple(float(v) for v in b[:4]), tuple((float(x), float(y)) for x, y in p),
+                                      float(b[4])).scaled(factor))
+                out[i] = sorted(faces, key=lambda f: -f.area)
+        return out
+
+
+_DETECTORS: dict[tuple[DetectorSpec, str], FaceDetector] = {}
+_DETECTORS_LOCK = threading.Lock()
+
+
+def build_detector(spec: DetectorSpec, device: Any = "cpu") -> FaceDetector:
+    """The detector `spec` names on `device`, built once per process (its weights are read once)."""
+    if spec.name != "mtcnn":
+        raise ValueError(f"unknown face detector {spec.name!r}; this FaceID has mtcnn")
+    key = (spec, str(device))
+    with _DETECTORS_LOCK:
+        if key not in _DETECTORS:
+            _DETECTORS[key] = MTCNNDetector(spec, device)
+        return _DETECTORS[key]
+
+
+def template_points(size: int, crop: float = 1.0) -> np.ndarray:
+    """The ArcFace template's five points in a `size` x `size` crop that keeps the centred `crop`
+    share of the template's square."""
+    c = TEMPLATE_SIZE / 2
+    return (ARCFACE_POINTS - c) * (size / (TEMPLATE_SIZE * crop)) + size / 2
+
+
+def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The 3x3 similarity (rotation, uniform scale, translation) taking `src` points onto `dst`
+    in the least-squares sense (scikit-image's Umeyama estimate)."""
+    from skimage.transform import SimilarityTransform
+
+    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
+        tform = SimilarityTransform.from_estimate(src, dst)
+        ok = bool(tform)
+    else:  # pragma: no cover - older scikit-image
+        tform = SimilarityTransform()
+        ok = tform.estimate(src, dst)
+    if not ok or not np.isfinite(tform.params).all():
+        raise ValueError("the landmarks do not determine a similarity transform (all points coincide)")
+    return np.asarray(tform.params, dtype=np.float64)
+
+
+def align_face(img: Image.Image, landmarks: Any, size: int, crop: float = 1.0) -> np.ndarray:
+    """RGB image and its face's five landmarks -> uint8 [3, size, size]: the face turned, scaled and
+    moved so that its landmarks fall on the ArcFace template (`template_points(size, crop)`).
+    Areas outside the photo come out black. A face much larger than `size` is first reduced by a
+    whole factor (a box filter), so the bilinear warp does not alias."""
+    src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    dst = template_points(size, crop)
+    m = _similarity(src, dst)
+    scale = math.sqrt(abs(np.linalg.det(m[:2, :2])))
+    factor = int(0.5 / scale) if scale > 0 else 1
+    if factor >= 2:
+        img = img.reduce(factor)
+        m = _similarity((src + 0.5) / factor - 0.5, dst)
+    inverse = np.linalg.inv(m)
+    warped = img.convert("RGB").transform((size, size), Image.AFFINE, data=tuple(inverse[:2].ravel()),
+                                          resample=Image.BILINEAR)
+    return np.ascontiguousarray(np.asarray(warped, dtype=np.uint8).transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """How a model's input images are made from photos. align "none": the centred `crop` square
+    resized to img_size (checkpoints from before alignment); "arcface": the largest face the
+    detector finds, aligned onto the ArcFace template."""
+
+    align: str = "none"
+    img_size: int = 112
+    crop: float = 1.0
+    detector: DetectorSpec = field(default_factory=DetectorSpec)
+    template: str = TEMPLATE
+
+    @property
+    def aligned(self) -> bool:
+        return self.align != "none"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"align": self.align, "img_size": self.img_size, "crop": self.crop}
+        if self.aligned:
+            out.update(template=self.template, detector=self.detector.to_json())
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> "Preparation":
+        """The record a checkpoint holds under "faces"; a checkpoint without one (written before
+        alignment existed) is prepared as it always was: unaligned."""
+        rec = ckpt.get("faces")
+        img_size, crop = int(ckpt["img_size"]), float(ckpt.get("crop", 1.0))
+        if not isinstance(rec, dict) or rec.get("align", "none") == "none":
+            return cls("none", img_size, crop)
+        if rec.get("align") not in ALIGN_MODES:
+            raise ValueError(f"faces.align {rec.get('align')!r} is not one of {', '.join(ALIGN_MODES)}")
+        if rec.get("template", TEMPLATE) != TEMPLATE:
+            raise ValueError(f"faces.template {rec.get('template')!r}; this FaceID knows {TEMPLATE}")
+        return cls(str(rec["align"]), img_size, crop, DetectorSpec.from_json(rec.get("detector") or {}))
+
+
+def pick_face(faces: Sequence[Face]) -> Optional[Face]:
+    """The face a photo is embedded by: the largest one (faces come largest first)."""
+    return max(faces, key=lambda f: f.area) if faces else None

@@ -1,0 +1,275 @@
+"""Faces in photos: detection (five landmarks), alignment onto the ArcFace template, the face
+cache, and training and embedding with aligned faces.
+
+Scene photos are made from real faces (the shipped sample; LFW too when FACEID_LFW_DIR is set):
+each face pasted at a random scale, place and in-plane rotation of up to 30 degrees onto a
+cluttered background (faceid.scenes), with scenes of no face and of two faces."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core_fixtures import SAMPLE_VAL, TINY, small_sample, tiny_aligned_run, write_image
+from faceid.data import load_images, scan_folder
+from faceid.errors import DataError
+from faceid.facecache import FaceCache, find_faces
+from faceid.faces import (ARCFACE_POINTS, DetectorSpec, NoFaceError, Preparation, align_face, build_detector,
+                          template_points)
+from faceid.scenes import make_scene
+
+
+def _faces(n: int) -> list[Path]:
+    """n real face crops of different people: the sample's, then LFW's when it is there."""
+    people = sorted(d for d in SAMPLE_VAL.iterdir() if d.is_dir())
+    files = [sorted(d.glob("*.jpg"))[0] for d in people]
+    lfw = os.environ.get("FACEID_LFW_DIR")
+    if lfw and Path(lfw).is_dir():
+        names = sorted(d for d in Path(lfw).iterdir() if d.is_dir())[::400]
+        files += [sorted(d.glob("*.jpg"))[0] for d in names]
+    return files[:n]
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.set_num_threads(1)
+    return build_detector(DetectorSpec())
+
+
+def _eye_angle(face) -> float:
+    """The eye line's angle in degrees, counter-clockwise as Pillow's rotate."""
+    (lx, ly), (rx, ry) = face.landmarks[0], face.landmarks[1]
+    return -math.degrees(math.atan2(ry - ly, rx - lx))
+
+
+def test_detects_the_pasted_face_where_and_as_turned_as_it_was_pasted(detector):
+    rng = np.random.default_rng(7)
+    files = _faces(24)
+    for f in files:
+        face = Image.open(f).convert("RGB")
+        upright = _eye_angle(detector.detect([face])[0][0])  # the head's own tilt in the crop
+        scene, (placed,) = make_scene([face], rng)
+        found = detector.detect([scene])[0]
+        assert found, f"no face found in the scene made from {f}"
+        best = found[0]
+        x1, y1, x2, y2 = best.box
+        centre = ((x1 + x2) / 2, (y1 + y2) / 2)
+        # LFW crops are centred on the face: the box centre is near the pasted crop's centre
+        assert math.dist(centre, placed.center) < 0.2 * placed.side, (f, centre, placed)
+        # the box covers the face, not the whole pasted crop nor a speck
+        assert 0.3 * placed.side < x2 - x1 < 1.1 * placed.side
+        # the eyes are turned as the crop was
+        assert abs(_eye_angle(best) - upright - placed.angle) < 8, (f, _eye_angle(best), upright, placed.angle)
+        assert 0.9 <= best.score <= 1.0
+
+
+def test_a_scene_without_a_face_has_none_and_a_scene_with_two_has_both(detector):
+    rng = np.random.default_rng(3)
+    for _ in range(6):
+        scene, _ = make_scene([], rng)
+        assert detector.detect([scene])[0] == []
+    a, b = (Image.open(f) for f in _faces(2))
+    scene, placed = make_scene([a, b], rng, size=(800, 500), side_range=(0.3, 0.45))
+    found = detector.detect([scene])[0]
+    assert len(found) == 2
+    assert found[0].area >= found[1].area  # largest first
+    centres = [((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2) for f in found]
+    for p in placed:
+        assert min(math.dist(c, p.center) for c in centres) < 0.2 * p.side
+
+
+def test_alignment_puts_the_landmarks_on_the_template():
+    # A picture whose five landmarks are exactly the template's comes out unchanged at 112 px
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    out = align_face(img, ARCFACE_POINTS, 112)
+    assert np.abs(out.astype(int) - np.asarray(img).transpose(2, 0, 1).astype(int)).mean() < 1.0
+    # The same picture turned by 25 degrees, scaled by 3 and moved: aligning it undoes that
+    angle, scale = math.radians(25), 3.0
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) * scale
+    shift = np.array([200.0, 150.0])
+    big = Image.new("RGB", (700, 700))
+    inverse = np.linalg.inv(np.vstack([np.hstack([rot, shift[:, None]]), [0, 0, 1]]))
+    big = img.transform((700, 700), Image.AFFINE, tuple(inverse[:2].ravel()), Image.BILINEAR)
+    moved = ARCFACE_POINTS @ rot.T + shift
+    back = align_face(big, moved, 112)
+    inner = (slice(None), slice(8, 104), slice(8, 104))  # the warped picture's edges are black
+    diff = np.abs(back[inner].astype(int) - np.asarray(img).transpose(2, 0, 1)[inner].astype(int)).mean()
+    assert diff < 40  # random pixels resampled twice; an unaligned crop differs by ~85
+    # scaled to img_size, and crop keeps the centred share of the template's square
+    assert np.allclose(template_points(56), ARCFACE_POINTS / 2)
+    t = template_points(100, crop=0.5)
+    assert np.allclose(t - 50, (ARCFACE_POINTS - 56) * 100 / 56)
+
+
+def test_aligned_crops_of_a_face_and_of_its_turned_copy_in_a_scene_embed_close_together(detector):
+    """With any fixed network (here an untrained ResNet-18), the aligned crop of a face found in a
+    scene embeds nearest to the aligned crop of the original photo, among 12 people; the centre
+    crop of the same scene does not."""
+    from torchvision.models import resnet18
+
+    from faceid.data import resize_center_crop
+
+    torch.manual_seed(0)
+    net = resnet18(num_classes=128).eval()
+
+    def embed(arrays: list[np.ndarray]) -> torch.Tensor:
+        x = torch.from_numpy(np.stack(arrays)).float() / 255.0
+        with torch.inference_mode():
+            return net((x - x.mean(dim=(0, 2, 3), keepdim=True)) / 0.25)
+
+    rng = np.random.default_rng(11)
+    refs, moved, plain = [], [], []
+    for f in _faces(12):
+        face = Image.open(f).convert("RGB")
+        refs.append(align_face(face, detector.detect([face])[0][0].landmarks, 112))
+        scene, _ = make_scene([face], rng, max_angle=30)
+        moved.append(align_face(scene, detector.detect([scene])[0][0].landmarks, 112))
+        plain.append(resize_center_crop(scene, 112))
+    r, m, p = embed(refs), embed(moved), embed(plain)
+    centre = r.mean(0)
+
+    def cosines(a: torch.Tensor) -> torch.Tensor:  # [12 probes, 12 references]
+        a = torch.nn.functional.normalize(a - centre, dim=1)
+        return a @ torch.nn.functional.normalize(r - centre, dim=1).T
+
+    aligned, unaligned = cosines(m), cosines(p)
+    assert (aligned.argmax(1) == torch.arange(12)).sum() >= 10, aligned.argmax(1)
+    assert aligned.diagonal().mean() > unaligned.diagonal().mean() + 0.3
+    assert (unaligned.argmax(1) == torch.arange(12)).sum() <= 4
+
+
+def test_the_face_cache_detects_each_file_once_and_again_only_when_it_changes(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    files = []
+    for i, f in enumerate(_faces(4)):
+        files.append(Path(shutil.copy(f, folder / f"{i}.jpg")))
+    write_image(folder / "noise.png", seed=1, size=(80, 80))
+    files.append(folder / "noise.png")
+    spec = DetectorSpec()
+    cache_dir = tmp_path / "cache"
+    first = find_faces(files, spec, folder=cache_dir)
+    assert [bool(f) for f in first] == [True, True, True, True, False]
+
+    calls: list[int] = []
+    import faceid.facecache as facecache
+
+    real = facecache.build_detector
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.spec = inner, inner.spec
+
+        def detect(self, images):
+            calls.append(len(images))
+            return self.inner.detect(images)
+
+    monkeypatch.setattr(facecache, "build_detector", lambda s, device="cpu": Counting(real(s, device)))
+    again = find_faces(files, spec, folder=cache_dir)
+    assert calls == [] and again == first
+    # one file changes (another face copied over it): only it is detected again
+    shutil.copy(files[0], files[1])
+    os.utime(files[1], ns=(1, 1))
+    changed = find_faces(files, spec, folder=cache_dir)
+    assert calls == [1]
+    assert changed[1] == changed[0] and changed[2:] == first[2:]
+    # other detector settings have a cache of their own
+    other = DetectorSpec(min_score=0.95)
+    find_faces(files, other, folder=cache_dir)
+    assert len(calls) == 1 + len(files)
+    assert FaceCache(other, cache_dir).path != FaceCache(spec, cache_dir).path
+
+
+def test_training_data_without_a_face_is_left_out_listed_and_refused_when_too_little_is_left(tmp_path_factory,
+                                                                                             tmp_path):
+    train, _ = small_sample(tmp_path_factory)
+    data = tmp_path / "train"
+    shutil.copytree(train, data)
+    first = sorted(d for d in data.iterdir())[0]
+    noise = write_image(first / "zz_noise.png", seed=5, size=(90, 90))
+    folder = scan_folder(data, what="--train")
+    kept, store = load_images(folder, 32, workers=0, what="--train", align="arcface")
+    assert kept.no_face == [noise]
+    assert len(kept) == len(folder) - 1 and noise not in kept.paths
+    # the pairs protocol keeps such an image, unaligned
+    kept, store = load_images(folder, 32, workers=0, what="--pairs_file images", align="arcface", no_face="center")
+    assert kept.no_face == [noise] and len(kept) == len(folder)
+    # a folder where no image shows a face: refused, naming the folder and the fix
+    junk = tmp_path / "junk"
+    for person in ("a", "b"):
+        for i in range(2):
+            write_image(junk / person / f"{i}.png", seed=10 * i + ord(person), size=(64, 64))
+    with pytest.raises(DataError, match=r"no face was found in any of its 4 images.*--align none"):
+        load_images(scan_folder(junk, what="--train"), 32, workers=0, what="--train", align="arcface")
+    # one person left with faces: too few identities, and the message says why
+    mixed = tmp_path / "mixed"
+    shutil.copytree(first, mixed / first.name)
+    for i in range(2):
+        write_image(mixed / "nobody" / f"{i}.png", seed=40 + i, size=(64, 64))
+    with pytest.raises(DataError, match=r"1 identity folder\(s\) with usable images.*no face found were left out"):
+        load_images(scan_folder(mixed, what="--train"), 32, workers=0, what="--train", align="arcface")
+
+
+def test_an_aligned_run_records_how_its_faces_were_prepared_and_the_verifier_prepares_alike(tmp_path_factory):
+    from faceid.checkpoint import load_checkpoint
+    from faceid.data import decode_image
+    from faceid.inference import Verifier
+
+    run = tiny_aligned_run(tmp_path_factory)
+    ck = load_checkpoint(run.best)
+    assert ck["faces"] == {"align": "arcface", "img_size": 32, "crop": 1.0, "template": "arcface-112",
+                           "detector": DetectorSpec().to_json()}
+    assert ck["config"]["align"] == "arcface"
+    assert not (run.ckpt_dir / "no_face.txt").exists()
+    assert any(e["event"] == "faces" for e in run.events)
+    v = Verifier(ck, str(run.best), device="cpu")
+    assert v.aligned and v.info["faces"]["align"] == "arcface"
+    photo = _faces(1)[0]
+    prepared = v.prepare_face(v.open(photo))
+    # the training's decoding of the same file, with the cached face, gives the same input
+    face = find_faces([photo])[0][0]
+    assert torch.equal(prepared.tensor, torch.from_numpy(decode_image(photo, 32, 1.0, face)))
+    assert prepared.faces_found == 1 and prepared.face_json()["score"] > 0.9
+    # an image without a face: named error; detect=False takes it as an aligned crop
+    noise = Image.fromarray(np.random.default_rng(2).integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    with pytest.raises(NoFaceError, match="no face found in the 80x80 image.*detect=false"):
+        v.prepare_face(noise)
+    assert v.prepare_face(noise, detect=False).face is None
+
+
+def test_checkpoints_without_a_faces_record_are_served_unaligned(tmp_path_factory):
+    from faceid.checkpoint import load_checkpoint
+    from faceid.inference import Verifier
+
+    run = tiny_aligned_run(tmp_path_factory)
+    ck = load_checkpoint(run.best)
+    del ck["faces"]
+    assert Preparation.from_checkpoint(ck).align == "none"
+    v = Verifier(ck, "old.pt", device="cpu")
+    assert not v.aligned and v.decode_side is not None
+    noise = Image.fromarray(np.random.default_rng(2).integers(0, 256, (80, 80, 3), dtype=np.uint8))
+    assert v.prepare_face(noise).face is None  # no detection, no error
+    ck["faces"] = {"align": "arcface", "template": "dlib-68"}
+    with pytest.raises(Exception, match="template"):
+        Verifier(ck, "odd.pt", device="cpu")
+
+
+def test_resume_refuses_another_alignment(tmp_path_factory, tmp_path):
+    from faceid.config import TrainConfig
+    from faceid.errors import ConfigError
+    from faceid.train import Trainer
+
+    run = tiny_aligned_run(tmp_path_factory)
+    train, val = small_sample(tmp_path_factory)
+    cfg = TrainConfig(train=str(train), val=str(val), ckpt_dir=str(tmp_path / "r"), train_mode="arcface",
+                      epochs=2, resume=str(run.last), **{**TINY, "align": "none"})
+    with pytest.raises(ConfigError, match="align='arcface'"):
+        Trainer(cfg).setup()
