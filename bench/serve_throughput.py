@@ -385,7 +385,7 @@ def print_pairs(args: argparse.Namespace, pairs: list[dict[str, Any]], key: tupl
     images = int(args.images_per_request.split(",")[0])
     passes = replicas or plans[next(iter(plans))]
     print()
-    print(f"Issue 6's goals in {len(pairs)} interleaved pairs of {args.pair_seconds:g} s blocks over "
+    print(f"The serving targets in {len(pairs)} interleaved pairs of {args.pair_seconds:g} s blocks over "
           f"{max(p['couple'] for p in pairs)} fresh (offline process, server) couples (compile {mode}"
           f"{', ' + pol if pol else ''}, wait {wait:g} ms, max {bmax}, "
           f"{f'{replicas} inference replicas' if replicas else f'workers {passes}'}"
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=0,
                    help="after the rows above, this many rounds of (a fresh process's offline rows, a fresh "
                    "server with 1 client and with the most clients), alternating: a process's forward pass "
-                   "speed varies between processes here, so issue 6's goals are judged on the medians; 0: none")
+                   "speed varies between processes here, so the serving targets are judged on the medians; 0: none")
     p.add_argument("--infer_workers", default="0", help="FACEID_INFER_WORKERS of the server (0: it decides, "
                    "app.serving.inference_plan); a comma list measures one server per value")
     p.add_argument("--replicas", default="0", help="FACEID_INFER_REPLICAS of the server: clients then send to the "
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images_per_request", default="1", help="images each request carries (more than 1: POST "
                    "/embed/batch, the raw client); a comma list measures each on every server; the pairs use the first")
     p.add_argument("--pairs", type=int, default=8,
-                   help="after the rows above, this many interleaved pairs of blocks judge issue 6's goals: the "
+                   help="after the rows above, this many interleaved pairs of blocks judge the serving targets: the "
                    "offline single forward pass and the server with 1 client, the offline batched rate and the "
                    "server with the most clients, each block --pair_seconds long, one after the other with the "
                    "order flipped every pair, split over --pair_processes fresh (offline process, server) "
@@ -611,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     if rounds:
         mode, pol = keys[0]
         print()
-        print(f"Issue 6's goals over {len(rounds)} rounds of a fresh process's offline rows then a fresh server "
+        print(f"The serving targets over {len(rounds)} rounds of a fresh process's offline rows then a fresh server "
               f"with 1 and {most} clients (compile {mode}{', ' + pol if pol else ''}, wait {waits[0]:g} ms, max "
               f"{bmaxes[0]}, workers {plans[next(iter(plans))]}); offline batched = the faster of one pass at a time "
               "and passes at once; server forward = the Server-Timing forward part, service = each request's latency "
