@@ -1,9 +1,8 @@
 """Inference replicas: more server processes that answer /embed and /verify (FACEID_INFER_REPLICAS).
 
 One server process parses every request's HTTP and multipart body, decodes its image and answers
-it under one interpreter lock, and that caps it: on 2 CPU cores 16 clients got about 300 images/s
-from it, while two server processes with 8 clients each got about 380 (bench/README.md); on a GPU
-one process tops out at 550 to 850 requests/s while the GPU embeds 13,000 images/s. So with
+it under one interpreter lock, and that caps it, on a small CPU and far more on a GPU, which
+embeds batches much faster than one process can feed it (bench/README.md, serve_throughput). So with
 FACEID_INFER_REPLICAS=N the main server starts N replicas that answer /embed, /embed/batch,
 /verify, /health and /ready on FACEID_INFER_PORT (FACEID_INFER_HOST, default 127.0.0.1), each with its
 own interpreter, batching worker and copy of the model. The main server accepts the connections

@@ -10,9 +10,9 @@
   the next batch (up to FACEID_BATCH_MAX_SIZE images). Under concurrent load a worker also waits
   for requests still on their way, as long as each arrives within FACEID_BATCH_WAIT_MS (5) of the
   one before and fewer are in than the clients its own last batch answered plus those that
-  queued while it ran: with clients sending back to back, 0 ms split the load into small batches
-  and lost a quarter of the throughput, and expecting only the last batch's count let them settle
-  into alternating half batches (bench/README.md, serve_throughput); a lone request never waits.
+  queued while it ran: with clients sending back to back, no wait splits the load into small
+  batches, and expecting only the last batch's count lets them settle into alternating half
+  batches; a lone request never waits.
 - Each upload is decoded and resized to the model's input size on a decoding thread as it arrives
   (`Verifier.prepare`), so a batch's forward pass only stacks its images; GET /model reports how
   requests were batched.
@@ -56,11 +56,10 @@ VerifierLoader = Callable[[Path, str], Any]
 def inference_plan(requested: int, device: str) -> tuple[int, int]:
     """(forward passes run at once, torch compute threads for each) for FACEID_INFER_WORKERS =
     `requested` (0: decide) on FACEID_DEVICE = `device`. By default two on a CPU with two or more
-    cores, each on half of them; a GPU runs one at a time. Measured on 2 cores (bench/README.md,
-    serve_throughput): two single-thread workers served 16 clients at 107 to 114 images/s against
-    80 to 94 for one worker on both threads, which left a core idle while the event loop answered
-    a batch and parsed the next; with the second worker taking work only while the first is busy,
-    a lone request is answered as fast as with one worker."""
+    cores, each on half of them; a GPU runs one at a time. On a CPU one worker on all threads
+    leaves a core idle while the event loop answers a batch and parses the next; two workers keep
+    both busy, and with the second taking work only while the first is busy, a lone request is
+    answered as fast as with one worker."""
     cores = usable_cpus()
     if device.startswith("cuda"):
         on_gpu = True
@@ -156,8 +155,7 @@ class EmbedWorker:
     With several workers, a worker takes at most an even share of the images the clients keep in
     flight while a later worker is free (16 clients, two workers: 8 each; 4 clients: 2 each), so
     the rest go to that worker the moment this one starts its forward pass. Without the share one
-    worker could take all 16 (or all 4) every time while the other core idled (49 % idle CPU,
-    bench/README.md)."""
+    worker could take all 16 (or all 4) every time while the other core idled."""
 
     def __init__(self, max_batch: int = 16, wait_ms: float = 5.0, workers: int = 1) -> None:
         self.max_batch = max(1, max_batch)
@@ -174,7 +172,7 @@ class EmbedWorker:
         self._count = threading.Lock()  # for the counts above
         self._queue: queue.Queue[Optional[_Work]] = queue.Queue()
         # Worker i > 0 takes work only while workers 0..i-1 are all in a forward pass, so a lone
-        # request always lands on worker 0 (alternating threads cost it 4 to 10 ms here).
+        # request always lands on worker 0 (alternating threads cost it its warm caches).
         self._busy = [False] * self.workers
         self._busy_changed = threading.Condition()
         self._closing = False
@@ -227,9 +225,9 @@ class EmbedWorker:
 
     def _next(self, index: int) -> Optional[_Work]:
         """The next request for worker `index`: worker 0 waits for one; another worker only takes
-        what queues while every worker before it is busy. Helpers sleep until a request is queued
-        while those workers are busy: no polling (a 2 ms poll cost 1.6 ms of CPU and 15 wake-ups
-        per lone request, beside its forward pass; bench/README.md)."""
+        what queues while every worker before it is busy. The later workers sleep until a request
+        is queued while those workers are busy: no polling, which would cost CPU and wake-ups
+        beside every lone request's forward pass."""
         if index == 0:
             return self._queue.get()
         while True:
@@ -287,9 +285,8 @@ class EmbedWorker:
             # after another, as fast as the event loop parses them), and the whole wait is at most
             # one wait_s per image of a full batch. Expected are the clients the last batch answered
             # plus those whose requests queued while it ran; once that many are in, it takes only
-            # what is already queued. (Expecting only the last batch's count let 16 clients settle
-            # into two alternating half batches: 7.9 images per forward pass, 67% of the offline
-            # rate; bench/README.md.)
+            # what is already queued. (Expecting only the last batch's count lets 16 clients settle
+            # into two alternating half batches of about 8 images per forward pass.)
             expected = self._last_requests[index] + self._queued_during_last[index]
             start = time.monotonic()
             deadline = start + (self.wait_s if concurrent else 0.0)
@@ -417,7 +414,7 @@ class ModelManager:
         self._worker = EmbedWorker(settings.batch_max_size, settings.batch_wait_ms, workers)
         # Decoding is CPU work too; bound how many images are decoded at once (and held in memory):
         # one per core, at least two (Pillow decodes without the GIL, so a many-core host feeding
-        # a GPU decodes phone photos in parallel; a 12 MP JPEG still takes ~33 ms to read).
+        # a GPU decodes phone photos in parallel; bench/README.md, decode_speed, has the times).
         self._decode_limiter = anyio.CapacityLimiter(max(2, usable_cpus()))
 
     # -- which model ------------------------------------------------------------------------

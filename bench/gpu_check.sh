@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Issue 6's GPU check in one prepared run: bench/train_throughput.py and bench/serve_throughput.py
-# with --device cuda, their tables written to $OUT. Two steps:
+# The GPU check in one prepared run: bench/train_throughput.py and bench/serve_throughput.py
+# with --device cuda, their tables written to $OUT (default /tmp/faceid-gpu):
 #
-#   bash bench/gpu_check.sh prepare   # here, with network to the package index: fills .gpu/
-#   bash bench/gpu_check.sh run       # on the GPU machine, with .gpu/ carried beside the code
-#   bash bench/gpu_check.sh replicas  # the next GPU session's first step: see replicas() below
+#   bash bench/gpu_check.sh prepare   # on a machine with network to the package index: fills .gpu/
+#   bash bench/gpu_check.sh run       # on the GPU host, after copying the tree (with .gpu/) there
+#   bash bench/gpu_check.sh graphs    # the CUDA graph test and FACEID_COMPILE=off,cudagraph served
+#   bash bench/gpu_check.sh replicas  # the CUDA graph test, then replicas sharing the GPU
 #
 # `prepare` puts into .gpu/ (ignored by git, about 30 MB): wheels for Python 3.12 of the packages
-# the team's GPU image lacks (FastAPI, pydantic, uvicorn and their own needs, at the versions this
-# checkout's .venv has), and 4,000 LFW images of people with two or more pictures, enough for
-# steady GPU batches (data/sample has 300 training images). `run` installs the wheels into
+# a GPU host with only torch installed lacks (FastAPI, pydantic, uvicorn and their own needs, at
+# the versions this checkout's .venv has), and 4,000 LFW images (from FACEID_LFW_DIR, or LFW) of
+# people with two or more pictures, enough for steady GPU batches (data/sample has 300 training
+# images). `run` installs the wheels into
 # /tmp/site, records nvidia-smi, runs both benchmarks, then checks the product on the GPU host
 # (CLI train/evaluate/verify, the refusal of more processes than GPUs, the gloo DDP tests and
 # scripts/run.sh); about 8 minutes at most.
@@ -37,8 +39,8 @@ prepare() {
     "$venv_py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform any -d "$GPU_DIR/whl" "${specs[@]}" || { echo "error: pip download failed" >&2; exit 1; }
-    local lfw=${LFW:-${FACEID_LFW_DIR:-../shared/data/lfw}}
-    [ -d "$lfw" ] || { echo "error: no LFW folder at $lfw; set LFW=path" >&2; exit 2; }
+    local lfw=${LFW:-${FACEID_LFW_DIR:-}}
+    [ -n "$lfw" ] && [ -d "$lfw" ] || { echo "error: no LFW folder at '$lfw'; set FACEID_LFW_DIR (or LFW) to it" >&2; exit 2; }
     rm -rf "$GPU_DIR/lfw"
     "$venv_py" - "$lfw" "$GPU_DIR/lfw" <<'PY'
 import shutil, sys
@@ -57,7 +59,7 @@ for person in sorted(p for p in src.iterdir() if p.is_dir()):
 print(f"{n} images of {len(list(dst.iterdir()))} people in {dst}")
 PY
     du -sh "$GPU_DIR"
-    echo "now: run(command=\"bash bench/gpu_check.sh run\", carry=[\"$GPU_DIR\"], timeout_s=560)"
+    echo "now: copy this tree, $GPU_DIR/ included, to the GPU host and run: bash bench/gpu_check.sh run"
 }
 
 setup() {
@@ -67,7 +69,7 @@ setup() {
     device=${GPU_DEVICE:-cuda}
     if [ "$device" = cuda ] && [ -d "$GPU_DIR/whl" ]; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-            "$GPU_DIR"/whl/*.whl || { echo "error: installing the carried wheels failed" >&2; exit 1; }
+            "$GPU_DIR"/whl/*.whl || { echo "error: installing the wheels in $GPU_DIR/whl failed" >&2; exit 1; }
         export PYTHONPATH=/tmp/site:$PWD
     else
         export PYTHONPATH=$PWD
@@ -85,9 +87,9 @@ graphs() {
         --pair_processes 1 2>&1 | tee "$out/graphs_serve.txt"
 }
 
-# Inference replicas (FACEID_INFER_REPLICAS) sharing the GPU: the CUDA graph test first (never run on
-# a GPU yet), then the main port against 4 replicas with 1, 16 and 64 clients (one server process
-# capped the H200 at 550 to 850 requests/s); about 4 minutes.
+# Inference replicas (FACEID_INFER_REPLICAS) sharing the GPU: the CUDA graph test first, then the
+# main port against 4 replicas with 1, 16 and 64 clients (one server process cannot keep a GPU busy:
+# bench/README.md, serve_throughput); about 4 minutes.
 replicas() {
     setup
     timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_inference.py -k cuda_graph 2>&1 \
@@ -103,7 +105,7 @@ run() {
 torch.cuda.is_available(), "fastapi", fastapi.__version__, "pydantic", pydantic.VERSION)'; } 2>&1 | tee "$out/env.txt"
     local data=$GPU_DIR/lfw
     [ -d "$data" ] || data=data/sample/train
-    # 1. The benchmarks: issue 6's GPU table.
+    # 1. The benchmarks (bench/README.md, the GPU tables).
     timeout "${GPU_TRAIN_LIMIT:-140}" python3 bench/train_throughput.py --device "$device" --data "$data" \
         --img_size "${GPU_IMG:-112}" --batch_size "${GPU_BATCH:-128}" --warmup 3 --steps "${GPU_STEPS:-15}" \
         --workers "${GPU_WORKERS:-8}" --rows matmul,data,plain,faceid,off,bf16,ddp --json "$out/train.json" 2>&1 \
@@ -113,7 +115,7 @@ torch.cuda.is_available(), "fastapi", fastapi.__version__, "pydantic", pydantic.
         --pair_processes 1 2>&1 | tee "$out/serve.txt"
     # 2. The product on a GPU host, everything into one log: training, evaluate and verify on the GPU from
     # the CLI; more processes than GPUs refused with the fix named; the gloo DDP tests (CPU processes on a
-    # GPU host); README's main command (scripts/run.sh: server, POST /jobs, /verify) with the GPU's python.
+    # GPU host); the main command, scripts/run.sh (server, POST /jobs, /verify), with the GPU's python.
     local smoke=/tmp/faceid-smoke
     # scripts/run.sh wants a venv: a stand-in whose python runs this python3 (a link would lose its venv).
     rm -rf "$smoke" && mkdir -p "$smoke/venv/bin"
@@ -145,7 +147,7 @@ torch.cuda.is_available(), "fastapi", fastapi.__version__, "pydantic", pydantic.
         echo "== gloo DDP tests on this host"
         timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_dist.py tests/test_distributed.py \
             2>&1 | tail -n 15
-        echo "== scripts/run.sh (README's main command) with 2 epochs"
+        echo "== scripts/run.sh with 2 epochs"
         FACEID_VENV=$smoke/venv FACEID_PORT=8129 FACEID_MODELS_DIR=$smoke/models FACEID_DEMO_EPOCHS=2 \
             timeout -s INT 80 ./scripts/run.sh; echo "rc $?"
         tail -n 20 logs/server.log 2>/dev/null | grep -i -E "error|traceback|device|cuda" | head

@@ -1,15 +1,14 @@
 """Learning curve on real faces: LFW fold-1 AUC at fixed wall-clock points of a training job.
 
 Trains on the LFW people who are not in pairs.txt fold 1 (all of them, those with a single image
-too: each person is a class; `--min_images 2` keeps only people with 2+ images, as the runs before
-2026-11-29 05:00 did) and scores fold 1 (the official 600 pairs: AUC and 10-fold accuracy) plus
+too: each person is a class; `--min_images 2` keeps only people with 2+ images) and scores fold 1 (the official 600 pairs: AUC and 10-fold accuracy) plus
 sampled pairs of the fold-1 people with 2+ images, for, in one run:
 
   untrained  the network as initialised, scored in this process (the score to beat; not chance)
-  plain      the recipe of shared/MEASURED.md: random init, 112 px, ArcFace s=64 m=0.5, SGD lr 0.1,
+  plain      a plain ArcFace recipe: random init, 112 px, ArcFace s=64 m=0.5, SGD lr 0.1,
              warm-up 300 steps (or 30% of the run if that is shorter: at fp32 on 2 cores the whole
              run is about 250 steps), batch 64, natural class frequencies, no flip at evaluation
-  faceid     `"preset": "cpu-small"` (README, "Training recipe")
+  faceid     `"preset": "cpu-small"` (docs/CLI.md, "Training recipe")
   faceid_drop0.4   the preset with `dropout` 0.4 (not in the default --recipes)
   faceid_56c08     the preset at 56 px with `crop` 0.8 (the centred 80% of each photo's side), and
   faceid_64c08     at 64 px with `crop` 0.8: the runs that chose the preset's crop (bench/README.md)
@@ -26,7 +25,7 @@ Every recipe's epochs are capped at about 3 minutes of steps at the probed rate
 (`max_steps_per_epoch`; an epoch of the faceid recipe is then about 160 steps, 85% of a pass over
 the 12,052 images), so each job has an evaluated point by 5 minutes and about as many as the others.
 
-    python bench/learning_curve.py --lfw ../shared/data/lfw                 # about 70 min here
+    python bench/learning_curve.py --lfw "$FACEID_LFW_DIR"                   # about 70 min on 2 cores
     python bench/learning_curve.py --minutes 0,2,4 --recipes faceid         # a quick look
 
 Prints one table per time point, then every epoch of every job.

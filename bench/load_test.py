@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Load test of the REST service (issue 4, item 4): a real uvicorn server under 16 concurrent
+"""Load test of the REST service: a real uvicorn server under 16 concurrent
 /verify clients for a bounded time, /health polled meanwhile, optionally with a training job
 running; prints requests, errors, wrong answers, p50/p99 latency of /verify and /health, and the
 server's memory after warm-up and at the end. Asserts nothing.

@@ -2,7 +2,7 @@
 
 Each variant is the cpu-small preset with one or two fields changed. All variants train for the
 same number of steps on the same data (the LFW people outside pairs.txt fold 1; `--min_images 2`:
-only those with 2+ images, as the tables before 2026-11-29 05:00) from the same seed, then score fold 1 (the official 600 pairs: AUC and 10-fold accuracy) and sampled
+only those with 2+ images) from the same seed, then score fold 1 (the official 600 pairs: AUC and 10-fold accuracy) and sampled
 pairs of the fold-1 people. Steps, not minutes, are the budget, so the comparison holds whatever
 else the machine is doing, and variants can run side by side (one per process, `--threads 1`);
 at 64 px every variant here costs the same per step, except `img48`.

@@ -81,7 +81,7 @@ def cpu_flags() -> set[str]:
 # --- helpers --------------------------------------------------------------------------------
 
 def resolve_data(arg: Optional[str]) -> Path:
-    """--data: a folder, or 'lfw' for $FACEID_LFW_DIR (else ../shared/data/lfw)."""
+    """--data: a folder, or 'lfw' for $FACEID_LFW_DIR."""
     if arg in (None, ""):
         arg = str(REPO / "data" / "sample" / "train")
     if arg == "lfw":
@@ -343,7 +343,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="data/sample/train", help="ImageFolder root of real JPEGs, or "
-                   "'lfw' for $FACEID_LFW_DIR (else ../shared/data/lfw)")
+                   "'lfw' for $FACEID_LFW_DIR")
     p.add_argument("--img_size", type=int, default=112)
     p.add_argument("--batch_size", type=int, default=32, help="per process")
     p.add_argument("--steps", type=int, default=3, help="measured training steps per row")

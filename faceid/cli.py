@@ -494,7 +494,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     # Before torch is imported: sleeping OpenMP threads, so inference and a training job can share
-    # a small CPU (16 clients on 2 cores: 53% -> 74% of the offline batched rate, RELIABILITY.md).
+    # a small CPU (bench/README.md, omp_wait).
     serving_defaults()
     # The flags are the FACEID_* settings of the same names (docs/SERVICE.md); the app reads them
     # from the environment. FACEID_PORT lets it refuse FACEID_INFER_PORT equal to this port.

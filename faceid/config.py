@@ -23,7 +23,7 @@ BEST_METRICS = ("acc", "auc", "tar_1e-2", "tar_1e-3", "pairs_acc", "pairs_auc")
 # Named presets: values measured to work for a use case. A preset fills only the fields that the
 # caller did not set explicitly, so `--preset cpu-small --epochs 3` keeps epochs=3.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Small data, no pretrained trunk, a CPU: see README "Training recipe" and bench/README.md.
+    # Small data, no pretrained trunk, a CPU: see docs/CLI.md "Training recipe" and bench/README.md.
     "cpu-small": {
         "train_mode": "arcface",
         "img_size": 56,

@@ -129,8 +129,8 @@ class NoSamePersonPairError(DataError):
 
 # A large JPEG is decoded at a reduced scale (1/2, 1/4, 1/8) as long as its shorter side keeps
 # this many times the pixels the crop needs; the bilinear resize then reduces it further. Against
-# a full decode that changed the model's input by 0.13 to 0.36 grey levels on average and the
-# embedding's cosine by under 1e-6, and made a 12 MP photo 3 to 4x faster (bench/decode_speed.py).
+# a full decode it changes the model's input by a fraction of a grey level and the embedding's
+# cosine by under 1e-6, and reads a phone photo several times faster (bench/README.md, decode_speed).
 DECODE_MARGIN = 2
 
 

@@ -28,10 +28,9 @@ COMPILE_MODES = ("off", "freeze", "cudagraph")
 Threshold = Union[None, str, float]
 
 
-# Measured on a 2-core CPU (bench/README.md, serve_throughput): one or two images (two or four
-# views with eval_flip) embed faster on one compute thread (26 to 35 ms for one image) than on two
-# (38 to 46 ms, and 110 to 145 ms in some processes, whose OpenMP threads spent most of it in the
-# kernel waking each other); from about 4 images on, two threads are as fast or faster.
+# Measured on a 2-core CPU: one or two images (two or four views with eval_flip) embed faster
+# and more steadily on one compute thread than on two (whose OpenMP threads can spend most of a
+# pass in the kernel waking each other); from about 4 images on, two threads are as fast or faster.
 ONE_THREAD_MAX_IMAGES = 2
 
 

@@ -46,7 +46,7 @@ class ArcFaceObjective(nn.Module):
     def set_progress(self, epochs_done: float) -> None:
         """Margin warm-up: m rises linearly from 0 to arcface_m over margin_warmup_epochs. A
         margin from the first step pushes randomly initialised embeddings apart before any class
-        structure exists, and small-data runs then stall (see README, training recipe)."""
+        structure exists, and small-data runs then stall (see docs/CLI.md, training recipe)."""
         if self.margin_warmup_epochs > 0:
             frac = min(1.0, epochs_done / self.margin_warmup_epochs)
             self.head.set_margin(self.target_m * frac)

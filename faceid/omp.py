@@ -1,10 +1,10 @@
 """How OpenMP's idle threads wait, chosen before torch (and with it libgomp) is loaded.
 
-Measured by bench/omp_wait.py (training, 2 cores, cpu-small preset): sleeping at once
-(OMP_WAIT_POLICY=PASSIVE) costs about 16% when the job has the machine to itself and gains about
-1.6x beside a process that keeps a core busy; libgomp's default spin loses 3x in that second case.
-A short spin (GOMP_SPINCOUNT=10000) keeps the idle speed and recovers most of the loss under load,
-so training uses it. The server's own forward passes sleep (PASSIVE): they share the cores with
+Measured by bench/omp_wait.py (bench/README.md, omp_wait): for training, sleeping at once
+(OMP_WAIT_POLICY=PASSIVE) is slower when the job has the machine to itself and faster beside a
+process that keeps a core busy, where libgomp's default spin loses most. A short spin
+(GOMP_SPINCOUNT=10000) keeps the idle speed and recovers most of the loss under load, so
+training uses it. The server's own forward passes sleep (PASSIVE): they share the cores with
 request handling and with training jobs. Whatever a user sets wins.
 """
 

@@ -99,7 +99,7 @@ def resolve_device(name: str, dist: Optional[DistEnv] = None) -> torch.device:
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX), where bf16 autocast pays
-    off (the trainer's steps 1.65x faster than fp32 on a 2-core AMD EPYC, bench/README.md).
+    off (bench/README.md, train_throughput).
     Without it oneDNN emulates bf16 and it is slower than fp32."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -131,8 +131,8 @@ def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
 
 def set_threads(cfg, device: torch.device, *, cached: bool) -> int:
     """Pick torch's compute threads. On a small CPU a decoding worker that competes with the
-    compute threads collapses throughput (2 threads + 1 busy worker ran 4x slower than 1 thread
-    on 2 cores, see README), so leave one core per busy worker."""
+    compute threads collapses throughput (OpenMP's threads wait for each other whenever one is
+    descheduled), so leave one core per busy worker."""
     if cfg.threads:
         n = cfg.threads
     elif device.type == "cuda":

@@ -4,7 +4,7 @@ The sample is an ImageFolder pair of splits with disjoint identities, plus a `pa
 val split in the LFW protocol format, so that every FaceID feature (training, sampled-pair
 evaluation, pairs-file evaluation, inference) can be tried in seconds without downloading LFW:
 
-    python scripts/make_sample.py --lfw /work/shared/data/lfw --out data/sample
+    python scripts/make_sample.py --lfw "$FACEID_LFW_DIR" --out data/sample
 
 Everything is chosen by one seeded `random.Random` over sorted name lists, so the same LFW folder
 and the same arguments always give the same files. JPEGs are copied byte for byte, under their

@@ -23,7 +23,7 @@ SAMPLE_TRAIN = SAMPLE / "train"
 SAMPLE_VAL = SAMPLE / "val"
 SAMPLE_PAIRS = SAMPLE / "pairs.txt"
 
-# Keys every metrics.jsonl line must have (issue 2, item 7).
+# Keys every metrics.jsonl line must have (docs/CLI.md, metrics and artifacts).
 METRIC_KEYS = ("epoch", "train_loss", "acc", "th", "auc", "tar_1e-2", "tar_1e-3")
 
 TINY: dict[str, Any] = {

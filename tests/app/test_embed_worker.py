@@ -438,8 +438,8 @@ class SleepyVerifier:
 async def test_two_clients_out_of_step_come_to_share_one_worker_s_passes():
     """Client B sends while A's pass runs, A's next request then arrives while B's runs: without
     counting the request that queued during the last pass as company, the one worker ran every
-    pass with one image, forever (an inference replica with 2 of 4 clients: 92 images/s against
-    141 for the main port's two workers; bench/README.md)."""
+    pass with one image, forever (an inference replica, which runs one worker, served a few
+    clients far slower than the main port's two workers)."""
     worker = EmbedWorker(max_batch=16, wait_ms=5, workers=1)
     v = SleepyVerifier(0.02)
     stop = asyncio.get_running_loop().time() + 0.8

@@ -1,4 +1,4 @@
-"""Fixtures of the reliability tests (issue 4): a data root, apps with the fake trainer and the fake
+"""Fixtures of the reliability tests (docs/RELIABILITY.md): a data root, apps with the fake trainer and the fake
 or the real model loader, and a real checkpoint.
 
 No __init__.py here, on purpose (like tests/app): a package named `tests.reliability` is not

@@ -1,4 +1,4 @@
-"""Property (issue 4, item 2): no TrainConfig that validation accepts crashes the trainer at start.
+"""Property: no TrainConfig that validation accepts crashes the trainer at start.
 
 Hypothesis draws configs over every field of TrainConfig, most across their whole validated range
 (see COST_BOUNDED for the few held small to keep this fast), and runs the real

@@ -1,8 +1,8 @@
-"""Load (issue 4, item 4) as a short test: bench/load_test.py's measurement against a real uvicorn
+"""Load as a short test: bench/load_test.py's measurement against a real uvicorn
 server with a real (tiny, 32 px) model, 8 clients for a few seconds. Every /verify answer is
 right (same similarity as when sent alone), none fails, /health keeps answering while inference
 runs, and the server's memory does not grow. The full run with the figures is
-`bench/load_test.py` (RELIABILITY.md); the bounds here are loose because the machine is shared.
+`bench/load_test.py` (bench/README.md); the bounds here are loose because the machine is shared.
 """
 
 from __future__ import annotations

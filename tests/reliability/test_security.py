@@ -1,4 +1,4 @@
-"""Security rules of issue 4 (item 5) checked on the source and at run time: checkpoints only
+"""Security rules checked on the source and at run time: checkpoints only
 loaded with weights_only=True, no shell anywhere, SQL only with parameters, the API key compared
 in constant time, needed on every route the app has (not only the ones listed in tests/app), and
 never handed to a training process or written to a log.
