@@ -318,7 +318,7 @@ async def test_embed_batch_answers_each_image_as_embed_does_in_one_forward_pass(
 @pytest.mark.parametrize("files,status,needle", [
     ([("images", ("a.png", face_like(i))) for i in range(5)], 422, "more than 4 files in form field 'images'"),
     ([("images", ("a.png", face_like(1))), ("images", ("b.txt", b"not an image at all"))], 422, "images[1]"),
-    ([("image", ("a.png", face_like(1)))], 422, "unexpected form field 'image'; this route takes images"),
+    ([("image", ("a.png", face_like(1)))], 422, "unexpected form field 'image'; this route takes detect, images"),
     ([], 415, "multipart"),
 ])
 async def test_bad_embed_batch_requests_name_the_fix(served_app, files, status, needle):

@@ -127,8 +127,9 @@ def test_train_then_verify(server):
         r = client.post("/embed", files={"image": (one.name, one.read_bytes(), "image/jpeg")})
         assert r.status_code == 200 and r.json()["dim"] == 512 and r.json()["model"] == job_id
         assert abs(np.linalg.norm(r.json()["embedding"]) - 1) < 1e-3
-        # a phone-sized photo: the server decodes it at a reduced scale exactly as the model's
-        # own Verifier (and evaluation) does, so the answer is that embedding
+        assert r.json()["face"]["faces_found"] == 1 and r.json()["face"]["score"] > 0.9
+        # a phone-sized photo: the server finds and aligns its face exactly as the model's own
+        # Verifier (and evaluation) does, so the answer is that embedding
         import io
 
         from PIL import Image
@@ -141,8 +142,10 @@ def test_train_then_verify(server):
         r = client.post("/embed", files={"image": ("big.jpg", buf.getvalue(), "image/jpeg")})
         assert r.status_code == 200, r.text
         v = Verifier.from_checkpoint(job["checkpoint"], device="cpu")
-        assert v.open(buf.getvalue()).size == (200, 200)  # 1/8 scale keeps over 2 x 32 px
-        np.testing.assert_allclose(r.json()["embedding"], v.embed([v.open(buf.getvalue())])[0], atol=1e-5)
+        assert v.aligned and model["faces"]["align"] == "arcface"  # the default for new jobs
+        prepared = v.prepare_face(v.open(buf.getvalue()))
+        np.testing.assert_allclose(r.json()["embedding"], v.embed([prepared])[0], atol=1e-5)
+        assert r.json()["face"] == prepared.face_json()
 
         same_pairs, diff_pairs = _pairs(30)
         scores = {}

@@ -48,6 +48,8 @@ COST_BOUNDED = {
     "embedding_size": st.integers(2, 1024),
     "threads": st.integers(0, 2),
     "max_steps_per_epoch": st.integers(0, 3),
+    # random pixels show no face: alignment is exercised in tests/test_faces.py
+    "align": st.just("none"),
 }
 
 FIELDS = {
@@ -71,7 +73,11 @@ FIELDS = {
     "warmup_epochs": st.floats(0, 100_000),
     "clip_grad_norm": st.floats(0, 1e6),
     "balanced_sampling": st.booleans(),
-    "augment": st.sampled_from(["none", "light"]),
+    "augment": st.sampled_from(["none", "flip", "light"]),
+    "neck": st.sampled_from(["gap", "flat"]),
+    "crop": st.floats(0.3, 1.0),
+    "dropout": st.floats(0, 0.99),
+    "pretrained": st.booleans(),
     "eval_flip": st.booleans(),
     "best_metric": st.sampled_from(["acc", "auc", "tar_1e-2", "tar_1e-3", "pairs_acc", "pairs_auc"]),
     "device": st.sampled_from(["auto", "cpu", "cuda"]),

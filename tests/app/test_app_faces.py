@@ -1,0 +1,98 @@
+"""The served model finds and aligns faces: /embed, /embed/batch and /verify with a model trained
+on aligned faces (a real checkpoint), on whole-scene photos, photos without a face and with two."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service_helpers import running
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core_fixtures import SAMPLE_VAL, tiny_aligned_run  # noqa: E402
+from faceid.scenes import make_scene  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def aligned_checkpoint(tmp_path_factory) -> Path:
+    return tiny_aligned_run(tmp_path_factory).best
+
+
+@pytest.fixture
+def app(make_settings, aligned_checkpoint):
+    from app.main import create_app
+
+    return create_app(make_settings(checkpoint=aligned_checkpoint, device="cpu"))
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _people() -> list[Path]:
+    return [sorted(d.glob("*.jpg"))[0] for d in sorted(SAMPLE_VAL.iterdir()) if d.is_dir()]
+
+
+async def test_verify_answers_with_the_faces_it_compared_in_whole_scene_photos(app):
+    rng = np.random.default_rng(5)
+    a, b = (Image.open(p) for p in _people()[:2])
+    scene_a, (placed,) = make_scene([a], rng)
+    async with running(app) as client:
+        model = (await client.get("/model")).json()
+        assert model["faces"]["align"] == "arcface" and model["faces"]["template"] == "arcface-112"
+        r = await client.post("/verify", files={"image1": ("a.jpg", _jpeg(scene_a)), "image2": ("b.jpg", _jpeg(b))})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        f1, f2 = out["face1"], out["face2"]
+        assert f1["faces_found"] == 1 and f2["faces_found"] == 1 and f1["score"] > 0.9
+        x1, y1, x2, y2 = f1["box"]
+        assert abs((x1 + x2) / 2 - placed.center[0]) < 0.2 * placed.side
+        assert abs((y1 + y2) / 2 - placed.center[1]) < 0.2 * placed.side
+        assert len(f1["landmarks"]) == 5 and all(len(p) == 2 for p in f1["landmarks"])
+        # the face of a crop lies inside it
+        assert 0 <= f2["box"][0] < f2["box"][2] <= b.size[0] + 5
+
+
+async def test_no_face_is_a_422_naming_the_image_and_the_server_keeps_serving(app):
+    rng = np.random.default_rng(9)
+    empty, _ = make_scene([], rng)
+    face = _jpeg(Image.open(_people()[0]))
+    async with running(app) as client:
+        r = await client.post("/verify", files={"image1": ("a.jpg", face), "image2": ("empty.jpg", _jpeg(empty))})
+        assert r.status_code == 422
+        body = r.json()
+        assert body["field"] == "image2" and "no face found" in body["detail"] and "detect=false" in body["detail"]
+        r = await client.post("/embed", files={"image": ("empty.jpg", _jpeg(empty))})
+        assert r.status_code == 422 and r.json()["field"] == "image"
+        r = await client.post("/embed/batch", files=[("images", ("a.jpg", face)), ("images", ("e.jpg", _jpeg(empty)))])
+        assert r.status_code == 422 and r.json()["field"] == "images[1]"
+        # detect=false: the upload is taken as an aligned crop, and no face is reported
+        r = await client.post("/embed", files={"image": ("empty.jpg", _jpeg(empty))}, data={"detect": "false"})
+        assert r.status_code == 200 and r.json()["face"] is None
+        r = await client.post("/embed", files={"image": ("a.jpg", face)}, data={"detect": "maybe"})
+        assert r.status_code == 422 and r.json()["field"] == "detect"
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_two_faces_the_largest_is_used_and_the_count_is_given(app):
+    rng = np.random.default_rng(21)
+    a, b = (Image.open(p) for p in _people()[2:4])
+    scene, placed = make_scene([a, b], rng, size=(800, 500), side_range=(0.3, 0.45))
+    big = max(placed, key=lambda p: p.side)
+    async with running(app) as client:
+        r = await client.post("/embed/batch", files=[("images", ("two.jpg", _jpeg(scene))),
+                                                     ("images", ("one.jpg", _jpeg(a)))])
+        assert r.status_code == 200, r.text
+        faces = r.json()["faces"]
+        assert faces[0]["faces_found"] == 2 and faces[1]["faces_found"] == 1
+        x1, y1, x2, y2 = faces[0]["box"]
+        assert abs((x1 + x2) / 2 - big.center[0]) < 0.2 * big.side
