@@ -23,7 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
 WHEELS=(fastapi starlette pydantic pydantic_core annotated-types typing-inspection annotated-doc opentelemetry-api typing_extensions
-        uvicorn httptools python-multipart anyio h11)
+        uvicorn httptools python-multipart anyio h11 facenet-pytorch)
 
 prepare() {
     local venv_py=.venv/bin/python
@@ -57,6 +57,24 @@ for person in sorted(p for p in src.iterdir() if p.is_dir()):
     if n >= 4000:
         break
 print(f"{n} images of {len(list(dst.iterdir()))} people in {dst}")
+PY
+    # For `align`: every person with 2+ images, and everyone named in pairs.txt fold 1, with pairs.txt
+    rm -rf "$GPU_DIR/lfwa" && mkdir -p "$GPU_DIR/lfwa"
+    "$venv_py" - "$lfw" "$GPU_DIR/lfwa" <<'PY'
+import shutil, sys
+from pathlib import Path
+sys.path.insert(0, ".")
+from faceid.pairs import identities_in, load_pairs
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+fold1 = identities_in(load_pairs(src / "pairs.txt", folds=[1]))
+n = 0
+for person in sorted(p for p in src.iterdir() if p.is_dir()):
+    images = sorted(person.glob("*.jpg"))
+    if len(images) >= 2 or person.name in fold1:
+        shutil.copytree(person, dst / person.name)
+        n += len(images)
+shutil.copyfile(src / "pairs.txt", dst / "pairs.txt")
+print(f"{n} images in {dst}")
 PY
     du -sh "$GPU_DIR"
     echo "now: copy this tree, $GPU_DIR/ included, to the GPU host and run: bash bench/gpu_check.sh run"
@@ -97,6 +115,18 @@ replicas() {
     timeout "${GPU_SERVE_LIMIT:-200}" python3 bench/serve_throughput.py --device "$device" --img_size "${GPU_IMG:-112}" \
         --replicas "${GPU_REPLICAS:-4},0" --clients 1,16,64 --seconds 3 --warmup 1 --rounds 0 --pairs 2 \
         --pair_seconds 2 --pair_processes 1 2>&1 | tee "$out/replicas_serve.txt"
+}
+
+# Aligned against unaligned faces (bench/align_compare.py) with the preset and three aligned variants,
+# on the GPU; about 5 minutes.
+align() {
+    setup
+    python3 -c 'import torch, skimage, facenet_pytorch; print("torch", torch.__version__, "skimage", skimage.__version__)' \
+        2>&1 | tee "$out/align_env.txt"
+    timeout "${GPU_ALIGN_LIMIT:-420}" python3 bench/align_compare.py --lfw "${GPU_LFW:-$GPU_DIR/lfwa}" --device "$device" \
+        --workers "${GPU_WORKERS:-12}" --recipes "${GPU_RECIPES:-none,arcface,arcface_light,arcface_64}" \
+        --work /tmp/faceid-align --json "$out/align.json" ${GPU_ALIGN_ARGS:-} 2>&1 | tee "$out/align.txt" \
+        | grep -v " INFO faceid\\." 
 }
 
 run() {
@@ -159,5 +189,6 @@ case "${1:-}" in
     run) run ;;
     graphs) graphs ;;
     replicas) replicas ;;
+    align) align ;;
     *) echo "usage: bash bench/gpu_check.sh prepare|run|graphs|replicas" >&2; exit 2 ;;
 esac
