@@ -142,7 +142,11 @@ class MTCNNDetector:
             if min(w, h) < 12:  # below P-net's window: nothing to find
                 continue
             batch = np.stack([np.asarray(shrunk[i][0], dtype=np.uint8) for i in idx])
-            with torch.inference_mode():
+            # Photos come in every size, and each size is a new pyramid of shapes: cuDNN's search
+            # for the fastest kernels (on while a GPU trains) would run again for each, for minutes
+            cudnn = torch.backends.cudnn
+            with torch.inference_mode(), cudnn.flags(enabled=cudnn.enabled, benchmark=False,
+                                                     deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
                 boxes, points = detect_face(torch.from_numpy(batch).to(self.device), self.spec.min_face,
                                             *self.nets, [0.6, 0.7, 0.7], 0.709, self.device)
             for j, i in enumerate(idx):
