@@ -84,20 +84,26 @@ class DetectorSpec:
     """A detector and its settings: what a checkpoint records and a face cache is keyed by."""
 
     name: str = "mtcnn"
-    max_side: int = 640      # photos are shrunk to this longer side for detection (not for alignment)
-    min_face: int = 20       # smallest face searched for, in pixels of the shrunk photo
+    max_side: int = 480      # photos are shrunk to this longer side for detection (not for alignment)
+    min_face: int = 40       # smallest face searched for, in pixels of the shrunk photo
     min_score: float = 0.9   # detections below this score are not faces
+    factor: float = 0.6      # the image pyramid's step
+    thresholds: tuple[float, float, float] = (0.7, 0.8, 0.8)  # P-, R- and O-net's score thresholds
 
     @property
     def key(self) -> str:
-        return f"{self.name}-{self.max_side}-{self.min_face}-{self.min_score:g}"
+        t = "-".join(f"{v:g}" for v in self.thresholds)
+        return f"{self.name}-{self.max_side}-{self.min_face}-{self.min_score:g}-{self.factor:g}-{t}"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "thresholds": list(self.thresholds)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "DetectorSpec":
-        return cls(**{k: d[k] for k in ("name", "max_side", "min_face", "min_score") if k in d})
+        fields = {k: d[k] for k in ("name", "max_side", "min_face", "min_score", "factor") if k in d}
+        if "thresholds" in d:
+            fields["thresholds"] = tuple(float(v) for v in d["thresholds"])
+        return cls(**fields)
 
 
 class FaceDetector(Protocol):
@@ -127,12 +133,24 @@ class MTCNNDetector:
 
         self.spec = spec
         self.device = torch.device(device)
-        self.nets = [net.to(self.device).eval() for net in (PNet(), RNet(), ONet())]
+        # channels_last: on CPUs PyTorch's max pooling is about 10x faster in it, and the R- and O-nets
+        # spend most of their time there (bench/README.md, align_cost)
+        self.nets = [net.to(self.device, memory_format=torch.channels_last).eval() for net in (PNet(), RNet(), ONet())]
 
     def detect(self, images: Sequence[Image.Image]) -> list[list[Face]]:
         import torch
         from facenet_pytorch.models.utils.detect_face import detect_face
 
+        if self.device.type == "cpu" and torch.get_num_threads() != 1:
+            # One compute thread: these are small tensors, and a server detects on several decoding
+            # threads at once beside its inference workers (each OpenMP thread team would take
+            # every core: 16 clients then got a third of the images/s, bench/README.md, align_cost)
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return self.detect(images)
+            finally:
+                torch.set_num_threads(before)
         out: list[list[Face]] = [[] for _ in images]
         shrunk = [shrink_for_detection(im, self.spec.max_side) for im in images]
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -148,7 +166,7 @@ class MTCNNDetector:
             with torch.inference_mode(), cudnn.flags(enabled=cudnn.enabled, benchmark=False,
                                                      deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
                 boxes, points = detect_face(torch.from_numpy(batch).to(self.device), self.spec.min_face,
-                                            *self.nets, [0.6, 0.7, 0.7], 0.709, self.device)
+                                            *self.nets, list(self.spec.thresholds), self.spec.factor, self.device)
             for j, i in enumerate(idx):
                 factor = shrunk[i][1]
                 faces = []

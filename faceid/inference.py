@@ -258,9 +258,10 @@ class Verifier:
         face = pick_face(faces)
         if face is None:
             w, h = img.size
-            raise NoFaceError(f"no face found in the {w}x{h} image; send a photo where a face is visible "
-                              "(at least about 20 px across once the photo is shrunk to "
-                              f"{self.preparation.detector.max_side} px), or, if it is already an aligned "
+            spec = self.preparation.detector
+            raise NoFaceError(f"no face found in the {w}x{h} image; send a photo where a face is visible and "
+                              f"at least {100 * spec.min_face / spec.max_side:.0f}% of the photo's longer side "
+                              "across (crop a group photo around the person), or, if it is already an aligned "
                               "face crop, set detect=false")
         return Prepared(torch.from_numpy(align_face(img, face.landmarks, self.img_size, self.crop)), face, len(faces))
 

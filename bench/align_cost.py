@@ -1,0 +1,146 @@
+"""What finding and aligning faces costs the server: the same quick preset model served aligned and
+unaligned, measured side by side.
+
+Two checkpoints are trained here for a few steps with the cpu-small preset (56 px, mirror views),
+one with `align` arcface and one with `align` none, and served by two server processes started
+together. In alternating blocks, so both see the same machine:
+  lone /verify   one client, back-to-back /verify of two sample photos (154 px face crops), and
+                 of two whole-scene photos (faceid.scenes, about 700 px): median latency
+  16 clients     16 concurrent clients posting /embed of a sample photo: images/s
+and the table gives each with the aligned/unaligned ratio.
+
+    python bench/align_cost.py                       # about 4 minutes on 2 cores
+    python bench/align_cost.py --blocks 2 --seconds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_common import REPO, SAMPLE, RawClient, Server, machine, pythonpath, sample_images  # noqa: E402
+
+from faceid.scenes import make_scene  # noqa: E402
+
+
+def train(align: str, out: Path) -> Path:
+    cmd = [sys.executable, "-m", "faceid.train", "--preset", "cpu-small", "--align", align,
+           "--train", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"), "--ckpt_dir", str(out),
+           "--epochs", "1", "--max_steps_per_epoch", "2", "--eval_pairs", "200", "--workers", "0",
+           "--device", "cpu", "--quiet"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": pythonpath(),
+                                                                           **_env()})
+    if r.returncode != 0:
+        raise SystemExit(f"training the {align} checkpoint failed:\n{r.stderr[-3000:]}")
+    return out / "backbone_best.pt"
+
+
+def _env() -> dict:
+    import os
+
+    return dict(os.environ)
+
+
+async def lone(server: Server, files: dict, seconds: float) -> list[float]:
+    client = RawClient(server.base)
+    req = RawClient.multipart("/verify", files, "bench")
+    times = []
+    end = time.perf_counter() + seconds
+    try:
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            status, body = await client.send(0, req)
+            if status != 200:
+                raise SystemExit(f"/verify answered {status}: {body[:300]!r}")
+            times.append(time.perf_counter() - t)
+    finally:
+        await client.close()
+    return times
+
+
+async def load(server: Server, image: tuple[str, bytes], clients: int, seconds: float) -> float:
+    client = RawClient(server.base)
+    req = RawClient.multipart("/embed", {"image": (image[0], image[1], "image/jpeg")}, "bench")
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def one(task: int) -> None:
+        nonlocal done
+        while time.perf_counter() < end:
+            status, body = await client.send(task, req)
+            if status != 200:
+                raise SystemExit(f"/embed answered {status}: {body[:300]!r}")
+            done += 1
+
+    t = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(i) for i in range(clients)))
+    finally:
+        await client.close()
+    return done / (time.perf_counter() - t)
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--blocks", type=int, default=4, help="alternating blocks per measurement and server")
+    p.add_argument("--seconds", type=float, default=4, help="length of each block")
+    p.add_argument("--clients", type=int, default=16)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="align_cost-"))
+    started = datetime.now().strftime("%Y-%m-%d %H:%M")
+    print("training the two quick checkpoints ...", flush=True)
+    ckpts = {a: train(a, work / a) for a in ("none", "arcface")}
+    (n1, b1), (n2, b2) = sample_images(40)[0], sample_images(40)[30]
+    crops = {"image1": (n1, b1, "image/jpeg"), "image2": (n2, b2, "image/jpeg")}
+    rng = np.random.default_rng(0)
+    s1, _ = make_scene([Image.open(io.BytesIO(b1))], rng, size=(720, 540))
+    s2, _ = make_scene([Image.open(io.BytesIO(b2))], rng, size=(720, 540))
+    scenes = {"image1": ("s1.jpg", jpeg(s1), "image/jpeg"), "image2": ("s2.jpg", jpeg(s2), "image/jpeg")}
+    results: dict[str, dict[str, list[float]]] = {a: {"crops": [], "scenes": [], "load": []} for a in ckpts}
+    env = {"FACEID_CACHE_DIR": str(work / "cache")}
+    with Server(ckpts["none"], env=env) as plain, Server(ckpts["arcface"], env=env) as aligned:
+        servers = {"none": plain, "arcface": aligned}
+        for s in servers.values():  # warm up: first requests load lazily built pieces
+            asyncio.run(lone(s, crops, 1.0))
+            asyncio.run(lone(s, scenes, 1.0))
+            asyncio.run(load(s, (n1, b1), args.clients, 1.0))
+        for block in range(args.blocks):
+            order = ("none", "arcface") if block % 2 == 0 else ("arcface", "none")
+            for a in order:
+                results[a]["crops"] += asyncio.run(lone(servers[a], crops, args.seconds))
+                results[a]["scenes"] += asyncio.run(lone(servers[a], scenes, args.seconds))
+                results[a]["load"].append(asyncio.run(load(servers[a], (n1, b1), args.clients, args.seconds)))
+            print(f"block {block + 1}/{args.blocks} done", flush=True)
+    med = {a: {k: statistics.median(v) for k, v in r.items()} for a, r in results.items()}
+    print(f"\n{started}, {machine()}, {args.blocks} alternating blocks of {args.seconds:g} s per row and server")
+    print("| measurement | unaligned | aligned | aligned / unaligned |")
+    print("|---|---|---|---|")
+    for key, what, unit, scale in (("crops", "lone /verify, two 154 px face crops", "ms", 1000),
+                                   ("scenes", "lone /verify, two 720x540 scene photos", "ms", 1000),
+                                   ("load", f"/embed with {args.clients} clients", "images/s", 1)):
+        u, a = med["none"][key] * scale, med["arcface"][key] * scale
+        print(f"| {what} | {u:.1f} {unit} | {a:.1f} {unit} | {a / u:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
