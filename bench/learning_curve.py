@@ -185,13 +185,16 @@ def run_job(server: Server, body: dict, minutes: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR", "../shared/data/lfw"))
+    ap.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR"),
+                    help="the LFW folder with pairs.txt (default: FACEID_LFW_DIR)")
     ap.add_argument("--minutes", default="0,5,10,20,30")
     ap.add_argument("--recipes", default="plain,faceid", help=f"any of {','.join(RECIPES)}")
     ap.add_argument("--min_images", type=int, default=1, help="train on the people outside fold 1 with at "
                     "least this many images (1: all of them; 2: the split of the runs before 2026-11-29 05:00)")
     ap.add_argument("--out", help="also write every epoch record of every job as JSON lines here")
     args = ap.parse_args()
+    if not args.lfw or not (Path(args.lfw) / "pairs.txt").is_file():
+        ap.error("give --lfw DIR or set FACEID_LFW_DIR to the LFW folder (with pairs.txt)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     minutes = [float(x) for x in args.minutes.split(",")]

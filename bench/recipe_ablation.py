@@ -81,7 +81,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR", "../shared/data/lfw"))
+    ap.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR"),
+                    help="the LFW folder with pairs.txt (default: FACEID_LFW_DIR)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {','.join(VARIANTS)}")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--steps_per_epoch", type=int, default=80)
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--out", help="append one JSON line per variant here")
     ap.add_argument("--table", metavar="FILE", help="only print the table of an --out file")
     args = ap.parse_args()
+    if not args.lfw or not (Path(args.lfw) / "pairs.txt").is_file():
+        ap.error("give --lfw DIR or set FACEID_LFW_DIR to the LFW folder (with pairs.txt)")
     if args.table:
         print(table([json.loads(x) for x in Path(args.table).read_text().splitlines() if x.strip()]))
         return

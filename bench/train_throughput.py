@@ -85,8 +85,9 @@ def resolve_data(arg: Optional[str]) -> Path:
     if arg in (None, ""):
         arg = str(REPO / "data" / "sample" / "train")
     if arg == "lfw":
-        env = os.environ.get("FACEID_LFW_DIR")
-        arg = env or str(REPO.parent / "shared" / "data" / "lfw")
+        arg = os.environ.get("FACEID_LFW_DIR")
+        if not arg:
+            sys.exit("error: --data lfw reads FACEID_LFW_DIR; set it to the LFW folder")
     p = Path(arg)
     if not p.is_absolute() and not p.exists():
         p = REPO / p
