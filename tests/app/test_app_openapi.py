@@ -12,7 +12,7 @@ pytestmark = pytest.mark.anyio
 
 ROUTES = [("post", "/jobs"), ("get", "/jobs"), ("get", "/jobs/{job_id}"), ("post", "/jobs/{job_id}/cancel"),
           ("post", "/jobs/{job_id}/resume"), ("get", "/jobs/{job_id}/logs"), ("get", "/model"),
-          ("post", "/models/{job_id}/activate"), ("post", "/embed"), ("post", "/verify"),
+          ("post", "/models/{job_id}/activate"), ("post", "/embed"), ("post", "/embed/batch"), ("post", "/verify"),
           ("get", "/health"), ("get", "/ready")]
 
 
@@ -25,6 +25,8 @@ async def test_every_route_documented_with_an_example(make_app):
     async with running(make_app()) as client:
         schema = (await client.get("/openapi.json")).json()
     components = schema["components"]["schemas"]
+    served = {(method, path) for path, ops in schema["paths"].items() for method in ops}
+    assert served == set(ROUTES), "a route was added or removed: update ROUTES"
     for method, path in ROUTES:
         op = schema["paths"][path][method]
         assert op.get("summary"), path
