@@ -141,16 +141,6 @@ class MTCNNDetector:
         import torch
         from facenet_pytorch.models.utils.detect_face import detect_face
 
-        if self.device.type == "cpu" and torch.get_num_threads() != 1:
-            # One compute thread: these are small tensors, and a server detects on several decoding
-            # threads at once beside its inference workers (each OpenMP thread team would take
-            # every core: 16 clients then got a third of the images/s, bench/README.md, align_cost)
-            before = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                return self.detect(images)
-            finally:
-                torch.set_num_threads(before)
         out: list[list[Face]] = [[] for _ in images]
         shrunk = [shrink_for_detection(im, self.spec.max_side) for im in images]
         by_size: dict[tuple[int, int], list[int]] = {}
