@@ -8,7 +8,8 @@ sampled pairs of the fold-1 people with 2+ images, for, in one run:
   plain      a plain ArcFace recipe: random init, 112 px, ArcFace s=64 m=0.5, SGD lr 0.1,
              warm-up 300 steps (or 30% of the run if that is shorter: at fp32 on 2 cores the whole
              run is about 250 steps), batch 64, natural class frequencies, no flip at evaluation
-  faceid     `"preset": "cpu-small"` (docs/CLI.md, "Training recipe")
+  faceid     `"preset": "cpu-small"` (docs/CLI.md, "Training recipe"), on aligned faces
+  faceid_noalign   the preset with `align` none: the centred photo, as before alignment
   faceid_drop0.4   the preset with `dropout` 0.4 (not in the default --recipes)
   faceid_56c08     the preset at 56 px with `crop` 0.8 (the centred 80% of each photo's side), and
   faceid_64c08     at 64 px with `crop` 0.8: the runs that chose the preset's crop (bench/README.md)
@@ -62,7 +63,8 @@ RECIPES = {
     "plain": {"train_mode": "arcface", "img_size": 112, "batch_size": 64, "optimizer": "sgd", "lr": 0.1,
               "arcface_s": 64.0, "arcface_m": 0.5, "weight_decay": 5e-4, "scheduler": "cosine",
               "balanced_sampling": False, "augment": "none", "eval_flip": False, "eval_pairs": 6000},
-    "faceid": {"preset": "cpu-small"},
+    "faceid": {"preset": "cpu-small"},  # faces found and aligned (align arcface, the default)
+    "faceid_noalign": {"preset": "cpu-small", "align": "none"},  # the same on the unaligned photos
     "faceid_drop0.4": {"preset": "cpu-small", "dropout": 0.4},
     "faceid_56c08": {"preset": "cpu-small", "img_size": 56, "crop": 0.8},
     "faceid_64c08": {"preset": "cpu-small", "crop": 0.8},
@@ -188,7 +190,7 @@ def main() -> None:
     ap.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR"),
                     help="the LFW folder with pairs.txt (default: FACEID_LFW_DIR)")
     ap.add_argument("--minutes", default="0,5,10,20,30")
-    ap.add_argument("--recipes", default="plain,faceid", help=f"any of {','.join(RECIPES)}")
+    ap.add_argument("--recipes", default="plain,faceid_noalign,faceid", help=f"any of {','.join(RECIPES)}")
     ap.add_argument("--min_images", type=int, default=1, help="train on the people outside fold 1 with at "
                     "least this many images (1: all of them; 2: the split of the runs before 2026-11-29 05:00)")
     ap.add_argument("--out", help="also write every epoch record of every job as JSON lines here")
