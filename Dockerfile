@@ -29,7 +29,8 @@ RUN pip install . \
 
 USER faceid
 ENV FACEID_DATA_DIR=/data \
-    FACEID_MODELS_DIR=/models
+    FACEID_MODELS_DIR=/models \
+    FACEID_CACHE_DIR=/models/cache
 VOLUME ["/models"]
 EXPOSE 8000
 
