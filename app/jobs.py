@@ -284,7 +284,8 @@ class JobProgress:
     # Fields of the events contract with a type the job's JSON promises. A value that is not a
     # number there (a trainer of another version, a custom FACEID_TRAINER_CMD) is stored as None:
     # kept as it came, one bad value would make every later GET /jobs answer 500.
-    _INTS = frozenset({"epoch", "epochs", "step", "steps", "steps_per_epoch", "best_epoch", "done", "total"})
+    _INTS = frozenset({"epoch", "epochs", "step", "steps", "steps_per_epoch", "best_epoch", "done", "total",
+                       "no_face_images"})
     _NUMBERS = frozenset({"time", "percent", "loss", "images_per_s", "lr", "eta_s", "best_value", "th",
                           "th_far_1e-2", "th_far_1e-3"})
 
@@ -328,16 +329,19 @@ class JobProgress:
             prev = self.progress or {}
             self.progress = {**prev, "epochs": ev.get("epochs"), "steps": ev.get("steps_per_epoch"),
                              "epoch": prev.get("epoch", 0), "step": prev.get("step", 0),
-                             "percent": prev.get("percent", 0.0), "updated_at": ev.get("time"), "phase": "train"}
+                             "percent": prev.get("percent", 0.0), "updated_at": ev.get("time"), "phase": "train",
+                             "no_face_images": ev.get("no_face_images")}
         elif kind == "faces":  # finding the data's faces, before the first epoch
             prev = self.progress or {}
             self.progress = {**prev, "phase": "faces", "faces_set": ev.get("what") if isinstance(ev.get("what"), str)
                              else None, "faces_done": ev.get("done"), "faces_total": ev.get("total"),
                              "percent": prev.get("percent", 0.0), "updated_at": ev.get("time")}
         elif kind == "progress":
+            prev_progress = self.progress
             self.progress = {k: ev.get(k) for k in ("epoch", "epochs", "step", "steps", "percent", "loss",
                                                     "images_per_s", "lr", "eta_s")}
-            self.progress.update(updated_at=ev.get("time"), phase="train")
+            self.progress.update(updated_at=ev.get("time"), phase="train",
+                                 no_face_images=(prev_progress or {}).get("no_face_images"))
         elif kind == "epoch" and ev.get("epoch") is not None:
             record = {k: v for k, v in ev.items() if k != "event"}
             # One record per epoch and completeness: an epoch a stop ended part way keeps that

@@ -36,6 +36,8 @@ class Progress(BaseModel):
     faces_done: Optional[int] = Field(None, description="images whose faces were found so far, in faces_set")
     faces_total: Optional[int] = Field(None, description="images of faces_set that needed detection")
     faces_set: Optional[str] = Field(None, description="--train, --val or --pairs_file")
+    no_face_images: Optional[int] = Field(None, description="training and validation images left out because "
+                                          "no face was found in them; no_face.txt in the job's folder lists them")
     updated_at: Optional[str] = None
 
 

@@ -309,3 +309,14 @@ async def test_a_relative_trainer_path_means_the_servers_folder(make_app, job_bo
         job = (await client.post("/jobs", json=job_body)).json()
         done = await wait_job(client, job["id"])
         assert done["status"] == "succeeded", done.get("error")
+
+
+def test_progress_shows_finding_faces_then_training_and_the_images_without_a_face():
+    p = JobProgress(best_metric="acc")
+    p.apply({"event": "faces", "time": 1.0, "what": "--train", "done": 640, "total": 8243})
+    assert p.progress["phase"] == "faces" and p.progress["faces_set"] == "--train"
+    assert (p.progress["faces_done"], p.progress["faces_total"], p.progress["percent"]) == (640, 8243, 0.0)
+    p.apply({"event": "start", "time": 2.0, "epochs": 2, "steps_per_epoch": 4, "no_face_images": 3})
+    assert p.progress["phase"] == "train" and p.progress["no_face_images"] == 3
+    p.apply({"event": "progress", "time": 3.0, "epoch": 1, "epochs": 2, "step": 1, "steps": 4, "percent": 12.5})
+    assert p.progress["phase"] == "train" and p.progress["no_face_images"] == 3 and p.progress["percent"] == 12.5
