@@ -575,11 +575,9 @@ def run(cfg: TrainConfig, on_event: Optional[EventSink] = None,
         trainer.dist.close()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+if __name__ == "__main__":
+    # `python -m faceid.train` is `faceid train`: the command line lives in faceid.cli, which imports
+    # this module (never the other way round)
     from faceid.cli import train_main
 
-    return train_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

@@ -538,3 +538,15 @@ def test_crop_outside_its_range_is_refused(capsys):
     assert cli.main(["train", "--crop", "0.1"]) == 2
     err = capsys.readouterr().err
     assert "crop" in err and "0.3" in err
+
+
+def test_the_trainer_does_not_import_the_command_line():
+    """faceid.cli imports faceid.train, never the other way round (no import circle)."""
+    import subprocess
+    import sys
+
+    from core_fixtures import subprocess_env
+
+    code = "import sys, faceid.train; print('faceid.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
