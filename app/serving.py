@@ -46,6 +46,10 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 STATE_KEY = "served_model"
+# What a request needing a model is told before there is one (the 503s of /embed, /verify, /ready, /model)
+NO_MODEL = ("no model is loaded yet: train one with POST /jobs (it is served when the job succeeds), serve a "
+            "finished job with POST /models/{job_id}/activate, or start the server with "
+            "FACEID_CHECKPOINT=path/to/backbone_best.pt")
 ENV_STATE_KEY = "env_checkpoint_applied"
 
 # (checkpoint path, device) -> an object with embed(images), compare(e1, e2, threshold),
@@ -426,9 +430,7 @@ class ModelManager:
     def require(self) -> ServedModel:
         model = self._current
         if model is None:
-            hint = ("no model is loaded yet: train one with POST /jobs (it is served when the job "
-                    "succeeds), serve a finished job with POST /models/{job_id}/activate, or start the "
-                    "server with FACEID_CHECKPOINT=path/to/backbone_best.pt")
+            hint = NO_MODEL
             if self.last_error:
                 hint += f" (the last load failed: {self.last_error})"
             raise ModelNotReadyError(hint)

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 import faceid
 from app.schemas import HealthOut, ReadyOut
+from app.serving import NO_MODEL
 
 router = APIRouter(tags=["health"])
 
@@ -21,7 +22,7 @@ async def health() -> HealthOut:
             responses={503: {"model": ReadyOut, "description": "no model yet",
                              "content": {"application/json": {"example": {
                                  "ready": False, "model": None,
-                                 "detail": "no model is loaded yet: train one with POST /jobs ..."}}}}})
+                                 "detail": NO_MODEL}}}}})
 async def ready(request: Request):
     """200 when /embed and /verify can answer, 503 (with the reason) before."""
     models = getattr(request.app.state, "models", None)

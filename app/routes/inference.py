@@ -15,7 +15,7 @@ from app.deps import get_models, get_settings
 from app.paths import FieldError
 from app.routes.jobs import UNAUTHORIZED, error
 from app.schemas import EmbedBatchOut, EmbedOut, VerifyOut
-from app.serving import ModelManager, Timing
+from app.serving import NO_MODEL, ModelManager, Timing
 from app.settings import Settings
 from app.uploads import read_form
 
@@ -41,9 +41,7 @@ IMAGE_ERRORS = {
                "application/json; for example curl -F image=@photo.jpg"),
     422: error("not a usable image, or a missing field", "not an image: image1; accepted formats are "
                "JPEG, PNG, WebP, BMP"),
-    503: error("no model yet", "no model is loaded yet: train one with POST /jobs (it is served when the "
-               "job succeeds), serve a finished job with POST /models/{job_id}/activate, or start the "
-               "server with FACEID_CHECKPOINT=path/to/backbone_best.pt"),
+    503: error("no model yet", NO_MODEL),
 }
 
 

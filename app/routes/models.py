@@ -11,11 +11,11 @@ from app.deps import get_models, get_store, job_or_404
 from app.jobs import JobStore
 from app.routes.jobs import JOB_ID, NOT_FOUND, UNAUTHORIZED, error
 from app.schemas import BatchingOut, ModelOut, ReplicasOut, iso
-from app.serving import ModelManager, ServedModel
+from app.serving import NO_MODEL, ModelManager, ServedModel
 
 router = APIRouter(tags=["models"])
 
-NO_MODEL = {503: error("no model yet", "no model is loaded yet: train one with POST /jobs ...")}
+NO_MODEL_ERRORS = {503: error("no model yet", NO_MODEL)}
 
 
 def model_out(served: ServedModel, request: Request, models: ModelManager) -> ModelOut:
@@ -30,7 +30,7 @@ def model_out(served: ServedModel, request: Request, models: ModelManager) -> Mo
 
 
 @router.get("/model", response_model=ModelOut, summary="The served model",
-            responses={**UNAUTHORIZED, **NO_MODEL})
+            responses={**UNAUTHORIZED, **NO_MODEL_ERRORS})
 def get_model(request: Request, models: ModelManager = Depends(get_models)) -> ModelOut:
     """The model /embed and /verify use: its job, checkpoint, metrics, thresholds, image size;
     how requests have been batched since the server started; the inference replicas, if any."""
