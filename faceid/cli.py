@@ -23,6 +23,7 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from faceid.config import TrainConfig
+from faceid.events import Event, Failed, Finished, Progress, Start, parse_event
 from faceid.omp import serving_defaults, training_defaults
 
 log = logging.getLogger("faceid")
@@ -130,33 +131,33 @@ class EventWriter:
         self.tty = sys.stderr.isatty() and not quiet
         self.quiet = quiet
 
-    def __call__(self, ev: dict[str, Any]) -> None:
+    def __call__(self, event: Event | dict[str, Any]) -> None:
+        """One event: a model of faceid.events, or its JSON object (what Trainer's sink receives)."""
+        ev = parse_event(event) if isinstance(event, dict) else event
         if self.fh:
-            self.fh.write(json.dumps(ev, default=str) + "\n")
+            self.fh.write(json.dumps(ev.to_json(), default=str) + "\n")
             self.fh.flush()
         if self.quiet:
             return
-        kind = ev["event"]
-        if kind == "progress":
-            eta = time.strftime("%H:%M:%S", time.gmtime(ev["eta_s"]))
-            text = (f"epoch {ev['epoch']}/{ev['epochs']} step {ev['step']}/{ev['steps']} "
-                    f"loss {ev['loss']:.4f} {ev['images_per_s']:.1f} img/s lr {ev['lr']:.2e} ETA {eta}")
+        if isinstance(ev, Progress):
+            eta = time.strftime("%H:%M:%S", time.gmtime(ev.eta_s))
+            text = (f"epoch {ev.epoch}/{ev.epochs} step {ev.step}/{ev.steps} "
+                    f"loss {ev.loss:.4f} {ev.images_per_s:.1f} img/s lr {ev.lr:.2e} ETA {eta}")
             if self.tty:
                 width = 24
-                done = int(width * ev["step"] / ev["steps"])
+                done = int(width * ev.step / ev.steps)
                 sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}\x1b[K")
                 sys.stderr.flush()
-                if ev["step"] == ev["steps"]:
+                if ev.step == ev.steps:
                     sys.stderr.write("\n")
             else:
                 log.info("%s", text)
-        elif kind == "start":
-            log.info("training on %s (amp %s): %d images of %d identities, %d steps per epoch",
-                     ev["device"], ev["amp"], ev["train_images"], ev["train_identities"],
-                     ev["steps_per_epoch"])
-        elif kind == "finished":
-            log.info("best epoch %s: %s %.4f -> %s", ev["best_epoch"], ev["best_metric"],
-                     ev["best_value"], ev["best_checkpoint"])
+        elif isinstance(ev, Start):
+            log.info("training on %s (amp %s): %s images of %s identities, %d steps per epoch",
+                     ev.device, ev.amp, ev.train_images, ev.train_identities, ev.steps_per_epoch)
+        elif isinstance(ev, Finished):
+            log.info("best epoch %s: %s %.4f -> %s", ev.best_epoch, ev.best_metric, ev.best_value,
+                     ev.best_checkpoint)
 
     def close(self) -> None:
         if self.fh:
@@ -241,8 +242,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if got_signal:
-            events({"event": "failed", "time": time.time(), "kind": "cancelled",
-                    "error": f"stopped by signal {got_signal[0]}; resume from last.pt"})
+            events(Failed(kind="cancelled", error=f"stopped by signal {got_signal[0]}; resume from last.pt"))
             return EXIT_TERMINATED
         return 0
     except UserError as e:
@@ -254,8 +254,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
             kind = "data" if isinstance(e, DataError) else "config" if isinstance(e, ConfigError) else "checkpoint"
             return _user_error(str(e), events, kind)
         if events:
-            events({"event": "failed", "time": time.time(), "kind": "internal",
-                    "error": f"{type(e).__name__}: {e}"})
+            events(Failed(kind="internal", error=f"{type(e).__name__}: {e}"))
         raise
     finally:
         if events:
@@ -285,7 +284,7 @@ def _user_error(msg: str, events: Optional[EventWriter], kind: str) -> int:
     one_line = " ".join(msg.split())
     print(f"error: {one_line}", file=sys.stderr)
     if events:
-        events({"event": "failed", "time": time.time(), "kind": kind, "error": one_line})
+        events(Failed(kind=kind, error=one_line))
     return EXIT_USER_ERROR
 
 

@@ -32,7 +32,9 @@ from torch import nn
 from faceid.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from faceid.config import TrainConfig
 from faceid.data import BatchTransform, batch_images, load_images, scan_folder
+from faceid import events
 from faceid.errors import CheckpointError, ConfigError, DataError, FaceIDError
+from faceid.events import thresholds_of
 from faceid.faces import DetectorSpec, Preparation
 from faceid.evaluate import (EvalPairs, autocast_ctx, embed_store, protocol_folder, same_files, score_protocol,
                              score_sampled)
@@ -126,15 +128,6 @@ def _checkpoint_dict(cfg: TrainConfig, model: nn.Module, epoch: int, metrics: di
     }
 
 
-def thresholds_of(metrics: dict[str, Any]) -> dict[str, float]:
-    out = {"acc": metrics.get("th")}
-    for far in ("1e-2", "1e-3"):
-        out[f"far_{far}"] = metrics.get(f"th_far_{far}")
-    if metrics.get("pairs_th") is not None:
-        out["pairs_acc"] = metrics["pairs_th"]
-    return {k: float(v) for k, v in out.items() if v is not None}
-
-
 class Trainer:
     """Holds everything of one run; `fit()` runs it."""
 
@@ -149,9 +142,9 @@ class Trainer:
         self.ckpt_dir = Path(cfg.ckpt_dir)
 
     # -- events ----------------------------------------------------------------------------
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: events.Event) -> None:
         if self.dist.is_main and self.emit_fn is not None:
-            self.emit_fn({"event": event, "time": time.time(), **fields})
+            self.emit_fn(event.to_json())
 
     # -- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -254,7 +247,7 @@ class Trainer:
 
     def _faces_progress(self, what: str):
         def report(done: int, total: int) -> None:
-            self.emit("faces", what=what, done=done, total=total)
+            self.emit(events.Faces(what=what, done=done, total=total))
         return report
 
     def _write_no_face(self) -> None:
@@ -352,13 +345,13 @@ class Trainer:
         t0 = time.time()
         self.setup()
         cfg, st = self.cfg, self.state
-        self.emit("start", epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch, device=str(self.device),
+        self.emit(events.Start(epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch, device=str(self.device),
                   amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
                   world_size=self.dist.world_size, start_epoch=st.epoch + 1,
                   train_images=len(self.train_folder), train_identities=self.train_folder.num_identities,
                   val_images=len(self.val_folder), skipped_images=len(self.train_folder.skipped)
                   + len(self.val_folder.skipped), no_face_images=len(self.train_folder.no_face)
-                  + len(self.val_folder.no_face), config=cfg.to_json_dict())
+                  + len(self.val_folder.no_face), config=cfg.to_json_dict()))
         deadline = t0 + cfg.time_limit_min * 60 if cfg.time_limit_min else math.inf
         # The schedule's clock starts with the first step (after decoding), the limit's with fit().
         self._clock = (time.time(), deadline) if cfg.fit_to_time_limit and cfg.time_limit_min else None
@@ -462,10 +455,10 @@ class Trainer:
         if self._clock is not None:  # a time limit ends the run first: say so
             percent = max(percent, 100.0 * self._time_share)
             eta = min(eta, max(0.0, self._clock[1] - time.time()))
-        self.emit("progress", epoch=epoch, epochs=cfg.epochs, step=step, steps=steps,
+        self.emit(events.Progress(epoch=epoch, epochs=cfg.epochs, step=step, steps=steps,
                   percent=round(percent, 2), loss=round(loss, 5),
                   images_per_s=round(seen * self.dist.world_size / elapsed, 2),
-                  lr=self.optimizer.param_groups[1]["lr"], eta_s=round(eta, 1))
+                  lr=self.optimizer.param_groups[1]["lr"], eta_s=round(eta, 1)))
 
     def evaluate(self) -> dict[str, Any]:
         """Metrics of the current model on --val (and --pairs_file)."""
@@ -502,7 +495,7 @@ class Trainer:
                 st.best_epoch, st.best_value = epoch, value
                 path = save_checkpoint(_checkpoint_dict(cfg, self.model, epoch, record),
                                        self.ckpt_dir / "backbone_best.pt")
-                self.emit("checkpoint", kind="best", path=str(path), epoch=epoch)
+                self.emit(events.Checkpoint(kind="best", path=str(path), epoch=epoch))
             record.update(is_best=is_best, best_epoch=st.best_epoch, best_value=st.best_value)
             st.history.append(record)
             self._save_last(epoch, record)
@@ -514,7 +507,7 @@ class Trainer:
                      f" pairs_acc {metrics['pairs_acc']:.4f}" if "pairs_acc" in metrics else "",
                      "" if record["complete"] else f" (stopped after {steps} of its {self.steps_per_epoch} "
                      "steps; a resume trains the rest)")
-            self.emit("epoch", **record, epoch_time_s=round(time.time() - t_epoch, 2))
+            self.emit(events.EpochEnd(**record, epoch_time_s=round(time.time() - t_epoch, 2)))
         self.dist.barrier()
 
     def _save_last(self, epoch: int, record: dict[str, Any]) -> None:
@@ -531,7 +524,7 @@ class Trainer:
                   partial_steps=self.state.partial_steps,
                   epoch_plan={"steps": self.steps_per_epoch, "world_size": self.dist.world_size})
         path = save_checkpoint(ck, self.ckpt_dir / "last.pt")
-        self.emit("checkpoint", kind="last", path=str(path), epoch=epoch)
+        self.emit(events.Checkpoint(kind="last", path=str(path), epoch=epoch))
 
     def _finish(self, stopped: bool) -> RunResult:
         st = self.state
@@ -543,9 +536,9 @@ class Trainer:
                            best_value=st.best_value, best_checkpoint=str(best) if best.exists() else None,
                            last_checkpoint=str(self.ckpt_dir / "last.pt"), history=st.history,
                            thresholds=thresholds_of(best_rec), stopped_early=stopped)
-        self.emit("finished", best_epoch=result.best_epoch, best_metric=result.best_metric,
-                  best_value=result.best_value, best_checkpoint=result.best_checkpoint,
-                  thresholds=result.thresholds, stopped_early=stopped)
+        self.emit(events.Finished(best_epoch=result.best_epoch, best_metric=result.best_metric,
+                                  best_value=result.best_value, best_checkpoint=result.best_checkpoint,
+                                  thresholds=result.thresholds, stopped_early=stopped))
         return result
 
 
