@@ -2,9 +2,11 @@
 
 Starts `uvicorn --factory app.main:create_app` on a free loopback port with the repository's data
 root and a temporary models folder, trains a tiny model (2 short epochs at 32 px, about a minute on
-two CPU cores), watches its progress, and checks the served model's answers on the sample's
-pairs.txt: same-person pairs score higher on average than different-person pairs, and `match`
-agrees with the threshold.
+two CPU cores), watches its progress, and checks that the server answers with that job's model:
+its /embed and /verify answers on the sample's pairs.txt are the ones the job's checkpoint gives
+through faceid.inference, with the job's calibrated threshold. Ten steps teach the network little;
+that training learns is tests/test_learning.py's claim, on real faces against the untrained
+network.
 """
 
 from __future__ import annotations
@@ -147,19 +149,17 @@ def test_train_then_verify(server):
         np.testing.assert_allclose(r.json()["embedding"], v.embed([prepared])[0], atol=1e-5)
         assert r.json()["face"] == prepared.face_json()
 
-        same_pairs, diff_pairs = _pairs(30)
-        scores = {}
-        for kind, pairs in (("same", same_pairs), ("diff", diff_pairs)):
-            scores[kind] = []
-            for a, b in pairs:
-                r = client.post("/verify", files={"image1": (a.name, a.read_bytes(), "image/jpeg"),
-                                                  "image2": (b.name, b.read_bytes(), "image/jpeg")})
-                assert r.status_code == 200, r.text
-                res = r.json()
-                assert res["match"] == (res["similarity"] >= res["threshold"])
-                assert res["threshold_name"] == "acc" and res["model"] == job_id
-                scores[kind].append(res["similarity"])
-        assert np.mean(scores["same"]) > np.mean(scores["diff"]), scores
+        same_pairs, diff_pairs = _pairs(8)
+        for a, b in same_pairs + diff_pairs:
+            r = client.post("/verify", files={"image1": (a.name, a.read_bytes(), "image/jpeg"),
+                                              "image2": (b.name, b.read_bytes(), "image/jpeg")})
+            assert r.status_code == 200, r.text
+            res = r.json()
+            assert res["threshold_name"] == "acc" and res["model"] == job_id
+            assert res["threshold"] == pytest.approx(job["thresholds"]["acc"], abs=1e-6)
+            expected = v.verify(v.prepare_face(v.open(a)), v.prepare_face(v.open(b)))
+            assert res["similarity"] == pytest.approx(expected["similarity"], abs=1e-4), (a, b)
+            assert res["match"] == expected["match"] == (res["similarity"] >= res["threshold"])
 
         r = client.post("/verify", files={"image1": ("x.jpg", b"not an image"), "image2": ("y.jpg", b"")})
         assert r.status_code == 422
