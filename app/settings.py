@@ -1,4 +1,4 @@
-"""Service settings, read from the environment by `load_settings()` (never at import).
+"""Service settings: a pydantic model, read from the environment by `load_settings()` (never at import).
 
 Every setting has a `FACEID_*` variable; docs/SERVICE.md has the table. Values are checked here so
 a wrong one stops the server at start with a message that names the variable and the fix, instead
@@ -7,15 +7,16 @@ of failing at the first request or the first job.
 
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
+
+import annotated_types
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from faceid.errors import ConfigError
 from faceid.images import decoder_max_pixels
@@ -23,31 +24,90 @@ from faceid.images import decoder_max_pixels
 ENV_PREFIX = "FACEID_"
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(BaseModel):
+    """The service's settings. Each field `name` is the variable FACEID_<NAME> (docs/SERVICE.md),
+    except `poll_interval_s`, which only tests change. Building one never reads the environment;
+    `load_settings` does."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     data_dir: Path = Path("data")
     models_dir: Path = Path("models")
     # repr=False: the key must never reach a log line or an error message.
-    api_key: Optional[str] = field(default=None, repr=False)
+    api_key: Optional[str] = Field(None, repr=False, min_length=8)
     public_docs: bool = False
-    max_upload_mb: float = 10.0
-    max_pixels: int = 40_000_000  # faceid.images.DEFAULT_MAX_PIXELS
+    max_upload_mb: float = Field(10.0, ge=0.001, le=1024, allow_inf_nan=False)
+    max_pixels: int = Field(40_000_000, ge=1024, le=1_000_000_000)  # faceid.images.DEFAULT_MAX_PIXELS
     checkpoint: Optional[Path] = None
     device: str = "auto"
-    batch_max_size: int = 16
-    batch_wait_ms: float = 5.0
-    infer_workers: int = 0  # forward passes run at once; 0: app.serving.inference_plan decides
-    compile: str = "off"  # faceid.inference.COMPILE_MODES
+    batch_max_size: int = Field(16, ge=1, le=1024)
+    batch_wait_ms: float = Field(5.0, ge=0, le=10_000, allow_inf_nan=False)
+    infer_workers: int = Field(0, ge=0, le=64)  # forward passes run at once; 0: app.serving.inference_plan decides
+    compile: Literal["off", "freeze", "cudagraph"] = "off"  # faceid.inference.COMPILE_MODES
     # Extra server processes answering /embed and /verify on infer_port (app/replicas.py); 0: none.
-    infer_replicas: int = 0
-    infer_port: Optional[int] = None
+    infer_replicas: int = Field(0, ge=0, le=64)
+    infer_port: Optional[int] = Field(None, ge=0, le=65535)
     infer_host: str = "127.0.0.1"
-    max_queued_jobs: int = 100
-    cancel_grace_s: float = 30.0
+    port: Optional[int] = Field(None, ge=1, le=65535)  # the main server's, when known: infer_port must differ
+    max_queued_jobs: int = Field(100, ge=1, le=100_000)
+    cancel_grace_s: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False)
     poll_interval_s: float = 0.5
-    # The training entry point as an argument list; the runner appends
-    # `--config FILE --events_file FILE`. Tests point it at a fake trainer.
+    # The training entry point as an argument list (a string is split as a shell would split it);
+    # the runner appends `--config FILE --events_file FILE`. Tests point it at a fake trainer.
     trainer_cmd: tuple[str, ...] = (sys.executable, "-m", "faceid.train")
+
+    @field_validator("device", "compile", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("infer_host", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("infer_port", mode="before")
+    @classmethod
+    def _zero_is_unset(cls, value: Any) -> Any:
+        return None if str(value).strip() == "0" else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("is not a device; use auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _decodable(cls, value: int) -> int:
+        limit = decoder_max_pixels()
+        if value > limit:
+            raise ValueError(f"is above the {limit:,} pixels the image decoder (Pillow) accepts, so it would not "
+                             f"take effect; use at most {limit}")
+        return value
+
+    @field_validator("trainer_cmd", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return tuple(shlex.split(value)) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        p = ENV_PREFIX
+        if self.compile == "cudagraph" and self.device == "cpu":
+            raise ConfigError(f"{p}COMPILE=cudagraph needs a CUDA GPU and {p}DEVICE is cpu; use {p}COMPILE=off "
+                              "or freeze on a CPU")
+        if self.infer_replicas and self.infer_port is None:
+            raise ConfigError(f"{p}INFER_REPLICAS={self.infer_replicas} needs {p}INFER_PORT, the port the replicas "
+                              f"answer /embed and /verify on (not the main server's port); or set {p}INFER_REPLICAS=0")
+        if self.infer_replicas and not hasattr(socket, "send_fds"):
+            raise ConfigError(f"{p}INFER_REPLICAS needs a system that passes sockets between processes (Linux or "
+                              f"macOS); set {p}INFER_REPLICAS=0 here")
+        if self.infer_port is not None and self.infer_port == self.port:
+            raise ConfigError(f"{p}INFER_PORT={self.infer_port} is the main server's port ({p}PORT); give the "
+                              "replicas a port of their own, for example one above it")
+        return self
 
     @property
     def max_upload_bytes(self) -> int:
@@ -62,88 +122,57 @@ class Settings:
         return self.models_dir / "jobs.db"
 
 
-def _number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float,
-            integer: bool = False) -> float:
-    raw = env.get(ENV_PREFIX + name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "a whole number" if integer else "a number"
-        raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} is not {kind}; set it to {kind} between "
-                          f"{lo:g} and {hi:g} or unset it (default {default:g})") from None
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} is out of range; use a value between "
-                          f"{lo:g} and {hi:g} (default {default:g})")
-    return value
+_ENV_FIELDS = tuple(name for name in Settings.model_fields if name != "poll_interval_s")
 
 
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(ENV_PREFIX + name)
-    if raw is None or raw.strip() == "":
-        return default
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} is not a yes/no value; use 1 or 0")
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
-def load_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
-    """Build Settings from `env` (default: os.environ). Raises ConfigError on a bad value."""
+def _message(err: dict[str, Any], env: Mapping[str, str]) -> str:
+    """One pydantic error as a line that names the variable and the fix."""
+    name = str(err["loc"][0]) if err["loc"] else ""
+    var = ENV_PREFIX + name.upper()
+    raw = env.get(var, err.get("input"))
+    field = Settings.model_fields.get(name)
+    kind = err["type"]
+    if name == "api_key":  # never echo the key
+        return f"{var} is too short ({len(str(raw))} characters); use at least 8, for example the output of " \
+               "`openssl rand -hex 24`"
+    if kind == "bool_parsing":
+        return f"{var}={raw!r} is not a yes/no value; use 1 or 0"
+    if kind == "literal_error":
+        return f"{var}={raw!r} is not a mode; use {err['ctx']['expected'].replace(chr(39), '')}"
+    if kind == "value_error":
+        return f"{var}={raw!r} {err['ctx']['error']}"
+    metadata = field.metadata if field else []
+    lo = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
+    hi = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+    default = "unset" if field is None or field.default is None else _number(field.default)
+    span = f" between {_number(lo)} and {_number(hi)}" if lo is not None and hi is not None else ""
+    if kind in ("int_parsing", "int_from_float", "int_type"):
+        return f"{var}={raw!r} is not a whole number; set it to a whole number{span} or unset it (default {default})"
+    if kind in ("float_parsing", "float_type"):
+        return f"{var}={raw!r} is not a number; set it to a number{span} or unset it (default {default})"
+    if kind in ("greater_than_equal", "less_than_equal", "finite_number"):
+        return f"{var}={raw!r} is out of range; use a value{span} (default {default})"
+    return f"{var}={raw!r}: {err['msg']}"
+
+
+def load_settings(env: Optional[Mapping[str, str]] = None, **given: Any) -> Settings:
+    """Settings from FACEID_* variables in `env` (default: os.environ), an empty value meaning unset;
+    `given` values (the `faceid serve` flags) win. Raises ConfigError naming the variable and the fix."""
     env = os.environ if env is None else env
-    api_key = env.get(ENV_PREFIX + "API_KEY") or None
-    if api_key is not None and len(api_key) < 8:
-        raise ConfigError(f"{ENV_PREFIX}API_KEY is too short ({len(api_key)} characters); use at "
-                          "least 8, for example the output of `openssl rand -hex 24`")
-    device = (env.get(ENV_PREFIX + "DEVICE") or "auto").strip().lower()
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"{ENV_PREFIX}DEVICE={device!r} is not a device; use auto, cpu, cuda or cuda:N")
-    compile_mode = (env.get(ENV_PREFIX + "COMPILE") or "off").strip().lower()
-    if compile_mode not in ("off", "freeze", "cudagraph"):
-        raise ConfigError(f"{ENV_PREFIX}COMPILE={compile_mode!r} is not a mode; use off, freeze or cudagraph")
-    if compile_mode == "cudagraph" and device == "cpu":
-        raise ConfigError(f"{ENV_PREFIX}COMPILE=cudagraph needs a CUDA GPU and {ENV_PREFIX}DEVICE is cpu; use "
-                          f"{ENV_PREFIX}COMPILE=off or freeze on a CPU")
-    replicas = int(_number(env, "INFER_REPLICAS", 0, 0, 64, integer=True))
-    infer_port = int(_number(env, "INFER_PORT", 0, 0, 65535, integer=True)) or None
-    if replicas and infer_port is None:
-        raise ConfigError(f"{ENV_PREFIX}INFER_REPLICAS={replicas} needs {ENV_PREFIX}INFER_PORT, the port the replicas "
-                          f"answer /embed and /verify on (not the main server's port); or set {ENV_PREFIX}INFER_REPLICAS=0")
-    if replicas and not hasattr(socket, "send_fds"):
-        raise ConfigError(f"{ENV_PREFIX}INFER_REPLICAS needs a system that passes sockets between processes (Linux or "
-                          f"macOS); set {ENV_PREFIX}INFER_REPLICAS=0 here")
-    if infer_port is not None and (env.get(ENV_PREFIX + "PORT") or "").strip() == str(infer_port):
-        raise ConfigError(f"{ENV_PREFIX}INFER_PORT={infer_port} is the main server's port ({ENV_PREFIX}PORT); give the "
-                          "replicas a port of their own, for example one above it")
-    max_pixels = int(_number(env, "MAX_PIXELS", 40_000_000, 1024, 1_000_000_000, integer=True))
-    if max_pixels > decoder_max_pixels():
-        raise ConfigError(f"{ENV_PREFIX}MAX_PIXELS={max_pixels} is above the {decoder_max_pixels():,} pixels the image "
-                          f"decoder (Pillow) accepts, so it would not take effect; use at most {decoder_max_pixels()}")
-    checkpoint = env.get(ENV_PREFIX + "CHECKPOINT") or None
-    trainer = env.get(ENV_PREFIX + "TRAINER_CMD")
-    return Settings(
-        data_dir=Path(env.get(ENV_PREFIX + "DATA_DIR") or "data"),
-        models_dir=Path(env.get(ENV_PREFIX + "MODELS_DIR") or "models"),
-        api_key=api_key,
-        public_docs=_flag(env, "PUBLIC_DOCS", False),
-        max_upload_mb=_number(env, "MAX_UPLOAD_MB", 10.0, 0.001, 1024),
-        max_pixels=max_pixels,
-        checkpoint=Path(checkpoint) if checkpoint else None,
-        device=device,
-        batch_max_size=int(_number(env, "BATCH_MAX_SIZE", 16, 1, 1024, integer=True)),
-        batch_wait_ms=_number(env, "BATCH_WAIT_MS", 5.0, 0, 10_000),
-        infer_workers=int(_number(env, "INFER_WORKERS", 0, 0, 64, integer=True)),
-        compile=compile_mode,
-        infer_replicas=replicas,
-        infer_port=infer_port,
-        infer_host=(env.get(ENV_PREFIX + "INFER_HOST") or "127.0.0.1").strip(),
-        max_queued_jobs=int(_number(env, "MAX_QUEUED_JOBS", 100, 1, 100_000, integer=True)),
-        cancel_grace_s=_number(env, "CANCEL_GRACE_S", 30.0, 0, 3600),
-        trainer_cmd=tuple(shlex.split(trainer)) if trainer else Settings.trainer_cmd,
-    )
+    values: dict[str, Any] = {}
+    for name in _ENV_FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw.strip() != "":
+            values[name] = raw
+    values.update({k: v for k, v in given.items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as e:
+        raise ConfigError(_message(e.errors(include_url=False)[0], env)) from None
 
 
 def prepare_dirs(settings: Settings) -> Settings:
@@ -160,4 +189,4 @@ def prepare_dirs(settings: Settings) -> Settings:
                           f"{ENV_PREFIX}MODELS_DIR at a folder this user can write, or fix its "
                           "permissions") from None
     data = settings.data_dir.expanduser().absolute()
-    return replace(settings, models_dir=models, data_dir=data)
+    return settings.model_copy(update={"models_dir": models, "data_dir": data})

@@ -7,7 +7,6 @@ import json
 import sys
 import time
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -81,7 +80,7 @@ def service_settings(**fields: Any) -> Settings:
     (data_dir, models_dir, anything else) override."""
     base = Settings(trainer_cmd=(sys.executable, str(FAKE_TRAINER)), cancel_grace_s=2.0, poll_interval_s=0.02,
                     batch_wait_ms=1.0)
-    return replace(base, **fields)
+    return base.model_copy(update=fields)
 
 
 def fake_loader(path: Path, device: str) -> FakeVerifier:
