@@ -176,7 +176,10 @@ class ModelOut(BaseModel):
         "id": _JOB_ID, "job_id": _JOB_ID, "checkpoint": f"/srv/models/jobs/{_JOB_ID}/backbone_best.pt",
         "source": "job", "pinned": False, "loaded_at": "2025-01-01T12:05:00+00:00", "epoch": 2,
         "metrics": {"acc": 0.66, "th": 0.42, "auc": 0.71, "tar_1e-2": 0.06, "tar_1e-3": 0.01},
-        "thresholds": {"acc": 0.42, "far_1e-2": 0.77, "far_1e-3": 0.85}, "img_size": 64,
+        "thresholds": {"acc": 0.42, "far_1e-2": 0.77, "far_1e-3": 0.85},
+        "operating_points": {"acc": {"threshold": 0.42, "accuracy": 0.66, "pairs": 20000},
+                             "far_1e-3": {"threshold": 0.85, "far": 0.001, "tar": 0.01, "negatives": 10000,
+                                          "false_accepts": 10, "resolved": True}}, "img_size": 64,
         "crop": 1.0, "embedding_size": 512, "arch": "resnet50", "train_mode": "arcface",
         "batching": {"max_batch_size": 16, "wait_ms": 2.0, "workers": 2, "batches": 120, "requests": 900, "images": 1000,
                      "mean_batch_images": 8.33}}]})
@@ -190,6 +193,10 @@ class ModelOut(BaseModel):
     epoch: Optional[int] = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     thresholds: dict[str, Optional[float]] = Field(default_factory=dict)
+    operating_points: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "each threshold with the evidence behind it: for far_1e-2 and far_1e-3 the TAR, the negative "
+        "pairs that calibrated it and `resolved` (at least 10 false accepts define it: FAR 1e-3 needs "
+        "10,000 negatives); for acc and pairs_acc the accuracy and the pairs"))
     img_size: Optional[int] = None
     crop: Optional[float] = Field(default=None, description="the centred share of each image's shorter "
                                   "side the model sees (resized to img_size); 1 = the whole image")

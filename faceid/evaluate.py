@@ -100,7 +100,7 @@ def score_protocol(emb: np.ndarray, ia: np.ndarray, ib: np.ndarray, labels: np.n
         folds = stratified_folds(labels, 10)
     kf = kfold_accuracy(scores, labels, folds)
     return {**kf, "pairs_auc": rep["auc"], "pairs_tar_1e-2": rep["tar_1e-2"],
-            "pairs_tar_1e-3": rep["tar_1e-3"], "pairs_n": int(len(labels))}
+            "pairs_tar_1e-3": rep["tar_1e-3"], "pairs_n": int(len(labels)), "pairs_n_neg": rep["n_neg"]}
 
 
 def stratified_folds(labels: np.ndarray, k: int) -> np.ndarray:

@@ -29,8 +29,13 @@ __all__ = [
     "best_threshold",
     "far_key",
     "kfold_accuracy",
+    "operating_points",
     "verification_report",
 ]
+
+# A FAR threshold is resolved when at least this many false accepts define it: FAR 1e-3 needs
+# 10,000 negative pairs.
+MIN_FALSE_ACCEPTS = 10
 
 
 def far_key(far: float) -> str:
@@ -295,3 +300,32 @@ def kfold_accuracy(
         "pairs_acc_std": float(accs.std()),
         "pairs_th": float(ths.mean()),
     }
+
+
+def operating_points(metrics: dict) -> dict[str, dict]:
+    """Each calibrated threshold of an epoch's `metrics` with the evidence behind it.
+
+    acc (and pairs_acc with a pairs file): the threshold, its accuracy and the pairs it was chosen
+    on. far_<far>: the threshold, the TAR it reaches, the negative pairs behind it
+    (`negatives`), how many of them it lets through (`false_accepts`, at most far x negatives),
+    and `resolved`: whether at least MIN_FALSE_ACCEPTS false accepts define it. With fewer, the
+    threshold rests on a handful of pairs and the true FAR on new pairs may be several times
+    `far`. Counts are null for metrics recorded without them.
+    """
+    n_pos, n_neg = metrics.get("n_pos"), metrics.get("n_neg")
+    out: dict[str, dict] = {}
+    if metrics.get("th") is not None:
+        out["acc"] = {"threshold": metrics["th"], "accuracy": metrics.get("acc"),
+                      "pairs": n_pos + n_neg if n_pos is not None and n_neg is not None else None}
+    for far in DEFAULT_FARS:
+        key = far_key(far)
+        if metrics.get(f"th_far_{key}") is None:
+            continue
+        out[f"far_{key}"] = {
+            "threshold": metrics[f"th_far_{key}"], "far": far, "tar": metrics.get(f"tar_{key}"),
+            "negatives": n_neg, "false_accepts": int(far * n_neg) if n_neg is not None else None,
+            "resolved": n_neg * far >= MIN_FALSE_ACCEPTS if n_neg is not None else None}
+    if metrics.get("pairs_th") is not None:
+        out["pairs_acc"] = {"threshold": metrics["pairs_th"], "accuracy": metrics.get("pairs_acc"),
+                            "pairs": metrics.get("pairs_n")}
+    return out

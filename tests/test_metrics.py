@@ -297,3 +297,22 @@ def test_error_bad_labels_and_empty():
         verification_report(np.array([]), np.array([]))
     with pytest.raises(ValueError, match="1-D"):
         verification_report(np.zeros((2, 2)), np.zeros((2, 2)))
+
+
+def test_operating_points_carry_the_negatives_behind_each_far_threshold():
+    from faceid.metrics import operating_points
+
+    s, y = _random_pairs(20_000, seed=3)
+    metrics = verification_report(s, y).as_dict()
+    points = operating_points(metrics)
+    n_neg = int((y == 0).sum())
+    assert points["far_1e-3"]["negatives"] == n_neg and points["far_1e-3"]["threshold"] == metrics["th_far_1e-3"]
+    assert points["far_1e-3"]["false_accepts"] == int(n_neg * 1e-3)
+    # 20,000 pairs with 30 % positives: 14,000 negatives resolve FAR 1e-3 (14 false accepts)
+    assert points["far_1e-3"]["resolved"] and points["far_1e-2"]["resolved"]
+    few = operating_points(verification_report(s[:3000], y[:3000]).as_dict())
+    assert not few["far_1e-3"]["resolved"] and few["far_1e-2"]["resolved"]
+    assert points["acc"]["pairs"] == 20_000 and "pairs_acc" not in points
+    # metrics recorded before the counts existed: thresholds without evidence, said so
+    old = {k: v for k, v in metrics.items() if k not in ("n_pos", "n_neg")}
+    assert operating_points(old)["far_1e-3"]["negatives"] is None

@@ -7,6 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from faceid.metrics import operating_points
+
 from app.deps import get_models, get_store, job_or_404
 from app.jobs import JobStore
 from app.routes.jobs import JOB_ID, NOT_FOUND, UNAUTHORIZED, error
@@ -21,7 +23,8 @@ NO_MODEL_ERRORS = {503: error("no model yet", NO_MODEL)}
 def model_out(served: ServedModel, request: Request, models: ModelManager) -> ModelOut:
     """The model's description, with the batching figures and the replicas (as GET /model)."""
     info = served.describe()
-    out = ModelOut(**{**info, "loaded_at": iso(info["loaded_at"])})
+    out = ModelOut(**{**info, "loaded_at": iso(info["loaded_at"]),
+                      "operating_points": operating_points(info["metrics"])})
     out.batching = BatchingOut(**models.batching())
     replicas = getattr(request.app.state, "replicas", None)
     if replicas is not None:

@@ -96,3 +96,17 @@ async def test_two_faces_the_largest_is_used_and_the_count_is_given(app):
         assert faces[0]["faces_found"] == 2 and faces[1]["faces_found"] == 1
         x1, y1, x2, y2 = faces[0]["box"]
         assert abs((x1 + x2) / 2 - big.center[0]) < 0.2 * big.side
+
+
+async def test_get_model_says_how_many_negative_pairs_back_each_far_threshold(app, aligned_checkpoint):
+    """The tiny run evaluated 200 pairs (100 negatives): its FAR 1e-3 threshold lets none through and
+    is flagged unresolved; its acc threshold names the 200 pairs it was chosen on."""
+    async with running(app) as client:
+        model = (await client.get("/model")).json()
+    points, metrics = model["operating_points"], model["metrics"]
+    assert metrics["n_neg"] == 100
+    assert points["far_1e-3"] == {"threshold": model["thresholds"]["far_1e-3"], "far": 0.001,
+                                  "tar": metrics["tar_1e-3"], "negatives": 100, "false_accepts": 0,
+                                  "resolved": False}
+    assert points["far_1e-2"]["false_accepts"] == 1 and points["far_1e-2"]["resolved"] is False
+    assert points["acc"] == {"threshold": model["thresholds"]["acc"], "accuracy": metrics["acc"], "pairs": 200}
