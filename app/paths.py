@@ -135,9 +135,30 @@ def _confine_weights(value: str, data_dir: Path, models_dir: Path) -> Path:
     raise first
 
 
-def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: Path) -> dict[str, Any]:
+def base_checkpoint(cfg: TrainConfig, base_job: Optional[dict[str, Any]]) -> Path:
+    """The model a job fine-tunes: `cfg.init_from` names a job (`base_job`, None when there is no
+    such job), which must have succeeded with a checkpoint that fits `cfg`. FieldError otherwise."""
+    from faceid.finetune import check_fits
+
+    if base_job is None:
+        raise FieldError("init_from", f"{cfg.init_from!r} is not a job of this server; give the id of a "
+                         "succeeded job (GET /jobs?status=succeeded)")
+    ckpt = base_job.get("checkpoint")
+    if base_job["status"] != "succeeded" or not ckpt or not Path(ckpt).is_file():
+        raise FieldError("init_from", f"job {base_job['id']} is {base_job['status']} and has no model to start "
+                         "from; give the id of a succeeded job")
+    try:
+        check_fits(cfg, base_job["config"], f"job {base_job['id']}")
+    except ConfigError as e:
+        raise FieldError("init_from", str(e)) from None
+    return Path(ckpt)
+
+
+def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: Path,
+               init_from: Optional[Path] = None) -> dict[str, Any]:
     """The config (a JSON dict) the training process of a new job runs with: data paths resolved
-    and confined, ckpt_dir set to the job folder. Raises FieldError for a refused field."""
+    and confined, ckpt_dir set to the job folder, init_from the base job's checkpoint
+    (`base_checkpoint`). Raises FieldError for a refused field."""
     for name, why in _SERVICE_MANAGED.items():
         if name in cfg.model_fields_set and getattr(cfg, name) not in (None, ""):
             raise FieldError(name, f"is set by the service: {why}")
@@ -170,6 +191,7 @@ def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: P
         out["pairs_file"] = str(confine(data_dir, cfg.pairs_file, "pairs_file", "file"))
     if cfg.pretrained_weights is not None:
         out["pretrained_weights"] = str(_confine_weights(cfg.pretrained_weights, data_dir, models_dir))
+    out["init_from"] = str(init_from) if init_from is not None else None
     out["ckpt_dir"] = str(job_dir)
     out["resume"] = None
     # Round-trip through the model so the stored config is one the trainer accepts.

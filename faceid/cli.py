@@ -262,7 +262,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
 
 
 def _check_weight_files(cfg: TrainConfig) -> None:
-    """Name a folder, a text file or a missing file given as --pretrained_weights or --resume
+    """Name a folder, a text file or a missing file given as --pretrained_weights, --init_from or --resume
     before any data is read (reads a few bytes of each; the full load comes later)."""
     from faceid.checkpoint import EXPECTED_CHECKPOINT, torch_file_problem
     from faceid.errors import CheckpointError, ConfigError
@@ -272,6 +272,12 @@ def _check_weight_files(cfg: TrainConfig) -> None:
                                      expected="a torchvision resnet50 state-dict file (such as resnet50-11ad3fa6.pth)")
         if problem:
             raise ConfigError(problem)
+    if cfg.init_from:
+        problem = torch_file_problem(cfg.init_from, what="--init_from model", noun="PyTorch checkpoint",
+                                     expected=f"the model to fine-tune ({EXPECTED_CHECKPOINT})",
+                                     look_for=("backbone_best.pt",))
+        if problem:
+            raise CheckpointError(problem)
     if cfg.resume:
         problem = torch_file_problem(cfg.resume, what="--resume checkpoint", noun="PyTorch checkpoint",
                                      expected=f"the last.pt of the run to continue ({EXPECTED_CHECKPOINT})",

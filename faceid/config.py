@@ -89,6 +89,10 @@ class TrainConfig(BaseModel):
                              "(torch cache or --pretrained_weights)")
     pretrained_weights: Optional[str] = Field(
         None, max_length=4096, description="local ImageNet ResNet-50 state-dict file (implies --pretrained)")
+    init_from: Optional[str] = Field(
+        None, max_length=4096, description="fine-tune a FaceID model: its trunk and embedding layer start "
+        "the run, the objective is new (an ArcFace head for this run's people) (a backbone_best.pt on the command line, a "
+        "succeeded job's id through the API)")
     freeze_backbone_epochs: int = Field(0, ge=0, le=100_000, description="train only the embedding layer "
                                         "and head for this many first epochs")
     img_size: int = Field(224, ge=32, le=1024, description="square input size in pixels")
@@ -223,6 +227,9 @@ class TrainConfig(BaseModel):
         if self.best_metric.startswith("pairs_") and not self.pairs_file:
             raise ValueError(f"best_metric {self.best_metric!r} needs pairs_file; set pairs_file or "
                              "choose acc, auc, tar_1e-2 or tar_1e-3")
+        if self.init_from is not None and self.uses_pretrained:
+            raise ValueError("init_from and pretrained both give the trunk its first weights; keep init_from "
+                             "(a FaceID model) or pretrained (ImageNet), not both")
         if self.freeze_backbone_epochs >= self.epochs and self.freeze_backbone_epochs > 0:
             raise ValueError(f"freeze_backbone_epochs ({self.freeze_backbone_epochs}) must be smaller than "
                              f"epochs ({self.epochs}), or the backbone never trains")

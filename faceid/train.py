@@ -177,6 +177,13 @@ class Trainer:
         model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
                             pretrained_weights=cfg.pretrained_weights, neck=cfg.neck,
                             img_size=cfg.img_size, dropout=cfg.dropout)
+        if cfg.init_from and not cfg.resume:  # a resume's last.pt holds the fine-tuned weights already
+            from faceid.finetune import load_base
+
+            base = load_base(model, cfg)
+            log.info("fine-tuning %s (epoch %s, %s)", cfg.init_from, base["epoch"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in base["metrics"].items()
+                               if k in ("auc", "acc", "tar_1e-3") and isinstance(v, (int, float))))
         common = dict(workers=cfg.workers, crop=cfg.crop, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb,
                       align=cfg.align, detector=DetectorSpec(), device=self.device)
         self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
@@ -544,7 +551,7 @@ class Trainer:
 
 def check_before_launch(cfg: TrainConfig) -> None:
     """The checks every process of a multi-process run would fail alike, made once before torchrun
-    starts them: the device, the data folders, the pretrained weights. Raises ConfigError or
+    starts them: the device, the data folders, the pretrained weights, the init_from model. Raises ConfigError or
     DataError (one line for the user) instead of every rank failing and torchrun's traceback."""
     from faceid.model import load_imagenet_weights
 
@@ -555,6 +562,12 @@ def check_before_launch(cfg: TrainConfig) -> None:
         raise DataError(f"--pairs_file not found: {cfg.pairs_file}; give an LFW-style pairs.txt")
     if cfg.pretrained or cfg.pretrained_weights:
         load_imagenet_weights(cfg.pretrained_weights)
+    if cfg.init_from and not cfg.resume:
+        from faceid.finetune import load_base
+        from faceid.model import build_model
+
+        load_base(build_model(embedding_size=cfg.embedding_size, neck=cfg.neck, img_size=cfg.img_size,
+                              dropout=cfg.dropout), cfg)
 
 
 def run(cfg: TrainConfig, on_event: Optional[EventSink] = None,

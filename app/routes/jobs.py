@@ -13,8 +13,8 @@ from fastapi import APIRouter, Body, Depends, Path, Query, Response
 from faceid.config import TrainConfig
 
 from app.deps import get_runner, get_settings, get_store, job_or_404
-from app.jobs import RESUMABLE, JobRunner, JobStateError, JobStore, new_job_id, tail_lines
-from app.paths import job_config
+from app.jobs import RESUMABLE, JobRunner, JobStateError, JobStore, is_job_id, new_job_id, tail_lines
+from app.paths import base_checkpoint, job_config
 from app.schemas import ErrorOut, JobList, JobLogs, JobOut, JobStatus
 from app.settings import Settings
 
@@ -66,10 +66,14 @@ def submit_job(
 ) -> JobOut:
     """The body is a TrainConfig: the same fields and defaults as `faceid train`. `train`, `val`,
     `pairs_file` and `pretrained_weights` are paths relative to the data root (FACEID_DATA_DIR);
+    `init_from` is the id of a succeeded job whose model the new one fine-tunes;
     `ckpt_dir` and `resume` are managed by the service. Jobs run one at a time, in order."""
     job_id = new_job_id()
+    base = None
+    if cfg.init_from is not None:
+        base = base_checkpoint(cfg, store.get(cfg.init_from) if is_job_id(cfg.init_from) else None)
     config = job_config(cfg, data_dir=settings.data_dir, models_dir=settings.models_dir,
-                        job_dir=settings.jobs_dir / job_id)
+                        job_dir=settings.jobs_dir / job_id, init_from=base)
     job = store.create(job_id, config, settings.max_queued_jobs)
     runner.wake()
     response.headers["Location"] = f"/jobs/{job_id}"

@@ -45,7 +45,7 @@ def main() -> int:
         tmp.write_text(json.dumps({"format": "fake", "epoch": epoch, "embedding_size": 12,
                                    "img_size": cfg["img_size"],
                                    "thresholds": {"acc": 0.5, "far_1e-2": 0.8, "far_1e-3": 0.9},
-                                   "metrics": {"acc": 0.6 + 0.01 * epoch}, **extra}))
+                                   "metrics": {"acc": 0.6 + 0.01 * epoch}, "init_from": cfg.get("init_from"), **extra}))
         os.replace(tmp, path)
         return path
 
@@ -62,6 +62,11 @@ def main() -> int:
     if mode == "data_error":
         msg = "--train /nowhere has no identity folders; give an ImageFolder root"
         emit("failed", error=msg, kind="data")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    if cfg.get("init_from") and not Path(cfg["init_from"]).is_file():
+        msg = f"init_from model not found: {cfg['init_from']}"
+        emit("failed", error=msg, kind="config")
         print(f"error: {msg}", file=sys.stderr)
         return 2
     if mode == "crash":
