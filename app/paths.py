@@ -135,10 +135,13 @@ def _confine_weights(value: str, data_dir: Path, models_dir: Path) -> Path:
     raise first
 
 
-def base_checkpoint(cfg: TrainConfig, base_job: Optional[dict[str, Any]]) -> Path:
-    """The model a job fine-tunes: `cfg.init_from` names a job (`base_job`, None when there is no
-    such job), which must have succeeded with a checkpoint that fits `cfg`. FieldError otherwise."""
-    from faceid.finetune import check_fits
+def base_checkpoint(cfg: TrainConfig, base_job: Optional[dict[str, Any]]) -> tuple[TrainConfig, Path]:
+    """The config of a job that fine-tunes, and the model it starts from: `cfg.init_from` names a
+    job (`base_job`, None when there is no such job), which must have succeeded with a checkpoint.
+    The settings that job's model fixes fill the fields the body left out (or a preset filled);
+    one set otherwise must agree with it. FieldError otherwise."""
+    from faceid.config import PRESETS
+    from faceid.finetune import FIXED, check_fits, inherit
 
     if base_job is None:
         raise FieldError("init_from", f"{cfg.init_from!r} is not a job of this server; give the id of a "
@@ -147,11 +150,19 @@ def base_checkpoint(cfg: TrainConfig, base_job: Optional[dict[str, Any]]) -> Pat
     if base_job["status"] != "succeeded" or not ckpt or not Path(ckpt).is_file():
         raise FieldError("init_from", f"job {base_job['id']} is {base_job['status']} and has no model to start "
                          "from; give the id of a succeeded job")
+    given = {k: getattr(cfg, k) for k in cfg.model_fields_set}
+    preset = PRESETS.get(cfg.preset or "", {})
+    for k in FIXED:  # a preset's value yields to the base's, as on the command line
+        if k in preset and given.get(k) == preset[k]:
+            given.pop(k)
     try:
+        cfg = TrainConfig(**inherit(given, base_job["config"]))
         check_fits(cfg, base_job["config"], f"job {base_job['id']}")
     except ConfigError as e:
         raise FieldError("init_from", str(e)) from None
-    return Path(ckpt)
+    except ValueError as e:  # what the base brings makes an invalid config (pydantic's ValidationError)
+        raise FieldError("init_from", " ".join(str(e).split())) from None
+    return cfg, Path(ckpt)
 
 
 def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: Path,

@@ -96,6 +96,11 @@ def config_from_args(ns: argparse.Namespace, config_file: Optional[str] = None) 
         raise UserError("--pretrained_weights is given together with --no-pretrained; leave out --no-pretrained "
                         "to start from these weights (a file implies --pretrained), or leave out "
                         "--pretrained_weights to train from scratch")
+    if isinstance(data.get("init_from"), str):
+        from faceid.finetune import base_config_of, inherit
+
+        base = base_config_of(data["init_from"])
+        data = inherit(data, base) if base is not None else data
     try:
         return TrainConfig(**data)
     except ValidationError as e:

@@ -44,6 +44,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 10,
         "workers": 2,
     },
+    # Fine-tuning a FaceID model (init_from) on a few photos of each of your people: the settings
+    # the base fixes (img_size, neck, align, ...) come from it. See docs/CLI.md "Fine-tuning".
+    "finetune": {
+        "train_mode": "arcface",
+        "batch_size": 64,
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 5e-4,
+        "scheduler": "cosine",
+        "warmup_epochs": 0,
+        "freeze_backbone_epochs": 2,
+        "backbone_lr_scale": 0.1,
+        "arcface_s": 32.0,
+        "arcface_m": 0.3,
+        "margin_warmup_epochs": 0,
+        "augment": "flip",
+        "eval_flip": True,
+        "eval_pairs": 20000,
+        "epochs": 10,
+        "workers": 2,
+    },
 }
 
 
@@ -52,9 +73,10 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
 
-    preset: Optional[Literal["cpu-small"]] = Field(
+    preset: Optional[Literal["cpu-small", "finetune"]] = Field(
         None, description="named recipe that fills every field you do not set (cpu-small: ArcFace "
-        "from scratch on small data on a CPU)")
+        "from scratch on small data on a CPU; finetune: a FaceID model given as init_from, on few "
+        "photos per person)")
 
     # --- data -------------------------------------------------------------------------------
     train: str = Field("data/train", max_length=4096,

@@ -8,17 +8,47 @@ the same way. A mismatch stops the run before any data is read, with the flags t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from faceid.config import TrainConfig
-from faceid.errors import CheckpointError, ConfigError
+from faceid.errors import CheckpointError, ConfigError, FaceIDError
+
+
+# What a base model fixes for the runs fine-tuned from it (its weights' shapes and what they learned
+# to see), with the value a config from before the field existed meant.
+FIXED: dict[str, Any] = {"embedding_size": 512, "neck": "gap", "img_size": None, "align": "none", "crop": 1.0}
 
 
 def base_settings(config: dict[str, Any]) -> dict[str, Any]:
     """What a base model fixes for the runs fine-tuned from it, from its (training) config dict."""
-    return {"embedding_size": config.get("embedding_size", 512), "neck": config.get("neck", "gap"),
-            "img_size": config.get("img_size"), "align": config.get("align", "none"),
-            "crop": config.get("crop", 1.0)}
+    return {k: config.get(k, default) for k, default in FIXED.items()}
+
+
+def inherit(data: dict[str, Any], base_config: dict[str, Any]) -> dict[str, Any]:
+    """Config fields `data` (what the caller set) with the settings the base fixes filled in where
+    it leaves them out, so that fine-tuning needs no more than `init_from`; a value the caller
+    set that differs from the base's is left for `check_fits` to refuse."""
+    fixed = {k: v for k, v in base_settings(base_config).items() if v is not None and k not in data}
+    return {**data, **fixed}
+
+
+def _checkpoint_config(ck: dict[str, Any]) -> dict[str, Any]:
+    config = dict(ck.get("config") or {})
+    config.setdefault("embedding_size", ck.get("embedding_size"))
+    config.setdefault("img_size", ck.get("img_size"))
+    config["align"] = (ck.get("faces") or {}).get("align", "none")
+    return config
+
+
+def base_config_of(path: str) -> Optional[dict[str, Any]]:
+    """The training config of the FaceID model at `path`, or None when it cannot be read as one
+    (the run's own checks then name what is wrong with the file)."""
+    from faceid.checkpoint import load_checkpoint
+
+    try:
+        return _checkpoint_config(load_checkpoint(path, what="init_from model"))
+    except FaceIDError:
+        return None
 
 
 def check_fits(cfg: TrainConfig, base: dict[str, Any], what: str) -> None:
@@ -39,10 +69,7 @@ def load_base(model: Any, cfg: TrainConfig) -> dict[str, Any]:
     from faceid.checkpoint import load_checkpoint
 
     ck = load_checkpoint(cfg.init_from, what="init_from model")
-    base_config = dict(ck.get("config") or {})
-    base_config.setdefault("embedding_size", ck.get("embedding_size"))
-    base_config.setdefault("img_size", ck.get("img_size"))
-    base_config["align"] = (ck.get("faces") or {}).get("align", "none")
+    base_config = _checkpoint_config(ck)
     check_fits(cfg, base_config, cfg.init_from)
     try:
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)

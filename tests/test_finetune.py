@@ -11,6 +11,7 @@ import torch
 
 from core_fixtures import TINY, small_sample, tiny_arcface_run, tiny_flags
 from faceid import cli
+from faceid.cli import build_train_parser, config_from_args
 from faceid.checkpoint import load_checkpoint
 from faceid.config import TrainConfig
 from faceid.errors import ConfigError
@@ -125,4 +126,21 @@ def test_the_launch_check_refuses_a_base_that_does_not_fit(base, small, tmp_path
     cfg = TrainConfig(train=str(train), val=str(val), ckpt_dir=str(tmp_path / "ft"), init_from=str(base.best),
                       **{**TINY, "neck": "flat"})
     with pytest.raises(ConfigError, match="set --neck gap to fine-tune it"):
+        check_before_launch(cfg)
+
+
+def test_settings_the_base_fixes_come_from_it_unless_given(base, small, tmp_path):
+    train, val = small
+    common = ["--train", str(train), "--val", str(val), "--init_from", str(base.best)]
+    cfg = config_from_args(build_train_parser().parse_args([*common, "--preset", "cpu-small"]))
+    # the base is TINY (32 px, no alignment) with the default neck: the preset's 56 px, aligned,
+    # flat-neck values yield to it, the rest of the preset stays
+    assert (cfg.img_size, cfg.align, cfg.neck, cfg.embedding_size, cfg.crop) == (32, "none", "gap", 512, 1.0)
+    assert cfg.lr == 1e-3 and cfg.optimizer == "adamw"
+    check_before_launch(cfg)
+    cfg = config_from_args(build_train_parser().parse_args([*common, "--preset", "finetune"]))
+    assert cfg.img_size == 32 and cfg.freeze_backbone_epochs == 2 and cfg.backbone_lr_scale == 0.1
+    # a value given on the command line is the caller's, and is refused when it does not fit
+    cfg = config_from_args(build_train_parser().parse_args([*common, "--img_size", "64"]))
+    with pytest.raises(ConfigError, match="set --img_size 32 to fine-tune it"):
         check_before_launch(cfg)

@@ -71,7 +71,7 @@ def submit_job(
     job_id = new_job_id()
     base = None
     if cfg.init_from is not None:
-        base = base_checkpoint(cfg, store.get(cfg.init_from) if is_job_id(cfg.init_from) else None)
+        cfg, base = base_checkpoint(cfg, store.get(cfg.init_from) if is_job_id(cfg.init_from) else None)
     config = job_config(cfg, data_dir=settings.data_dir, models_dir=settings.models_dir,
                         job_dir=settings.jobs_dir / job_id, init_from=base)
     job = store.create(job_id, config, settings.max_queued_jobs)

@@ -67,3 +67,19 @@ async def test_a_base_the_new_config_does_not_fit_is_422_naming_the_settings(mak
         assert r.status_code == 422 and "init_from and pretrained" in r.json()["detail"], r.text
         assert (await client.get("/jobs")).json()["total"] == 1
 
+
+
+async def test_what_the_body_leaves_out_of_the_fixed_settings_comes_from_the_base(make_app, job_body):
+    async with running(make_app()) as client:
+        base = await _succeeded(client, {**job_body, "img_size": 40, "embedding_size": 64})
+        body = {"train": job_body["train"], "val": job_body["val"], "init_from": base["id"], "preset": "finetune",
+                "epochs": 3}
+        r = await client.post("/jobs", json=body)
+        assert r.status_code == 202, r.text
+        cfg = r.json()["config"]
+        assert (cfg["img_size"], cfg["embedding_size"], cfg["epochs"]) == (40, 64, 3)
+        assert cfg["freeze_backbone_epochs"] == 2 and cfg["preset"] == "finetune"
+        # the cpu-small preset's 56 px and flat neck yield to the base as well
+        r = await client.post("/jobs", json={**body, "preset": "cpu-small"})
+        assert r.status_code == 202, r.text
+        assert (r.json()["config"]["img_size"], r.json()["config"]["neck"]) == (40, "gap")
