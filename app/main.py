@@ -33,7 +33,8 @@ from app import errors
 from app.jobs import JobRunner, JobStore
 from app.middleware import DOCS_PATHS, OPEN_PATHS, APIKeyMiddleware, BodyLimitMiddleware
 from app.replicas import ReplicaSupervisor
-from app.routes import health, inference, jobs, models
+from app.galleries import GalleryService
+from app.routes import galleries, health, inference, jobs, models
 from app.serving import ModelManager, VerifierLoader
 from app.settings import Settings, load_settings, prepare_dirs
 
@@ -115,6 +116,9 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
                 replicas.start()
             app.state.store, app.state.runner, app.state.models = store, runner, manager
             app.state.replicas = replicas
+            app.state.galleries = GalleryService(s, manager)  # MODELS_DIR/galleries.db
+            await anyio.to_thread.run_sync(app.state.galleries.load)
+            app.state.galleries.start()
             app.state.settings = s  # last: the API-key middleware answers 503 until it is set
             log.info("FaceID service ready: data %s, models %s, model %s, API key %s", s.data_dir,
                      s.models_dir, manager.current.id if manager.current else "none",
@@ -125,6 +129,9 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
             if replicas is not None:
                 await anyio.to_thread.run_sync(replicas.stop)
             await anyio.to_thread.run_sync(runner.stop)
+            if getattr(app.state, "galleries", None) is not None:
+                await app.state.galleries.close()
+                app.state.galleries = None
             manager.close()
             store.close()
             lock.release()
@@ -135,7 +142,7 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
     # Added last, so it runs first: no body is read for a request without the key.
     app.add_middleware(APIKeyMiddleware, get_settings=lambda: app.state.settings)
     errors.install(app)
-    for module in (jobs, inference, models, health):
+    for module in (jobs, inference, models, galleries, health):
         app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:
