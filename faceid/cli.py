@@ -597,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--infer_port", type=int, default=None, help="the replicas' port (FACEID_INFER_PORT)")
     s.add_argument("--infer_host", default=None, help="the replicas' address (FACEID_INFER_HOST, default 127.0.0.1)")
     s.set_defaults(func=cmd_serve)
+    from faceid.cli_gallery import add_parser as add_gallery_parser  # faceid gallery ...
+
+    add_gallery_parser(sub)
     return p
 
 
