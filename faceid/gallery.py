@@ -110,7 +110,27 @@ def normalize_rows(vectors: Any, dim: Optional[int] = None, field: str = "embedd
     return np.ascontiguousarray(arr / norms, dtype=np.float32)
 
 
-# --- the matrix ---------------------------------------------------------------------------------
+# --- the matrix -------------------------------------------------------------------------------
+
+_BLAS_SET = False
+
+
+def _one_blas_thread() -> None:
+    """Run the BLAS behind numpy on one thread, once per process. A gallery search is a
+    matrix-vector product: bound by memory bandwidth, not arithmetic. Measured on a busy 2-core
+    CPU (bench/README.md, gallery_search): 0.7 ms at 10k faces on one thread against 8 to 16 ms
+    on two, whose threads wait on each other; equal at 1M faces."""
+    global _BLAS_SET
+    if _BLAS_SET:
+        return
+    _BLAS_SET = True
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1, user_api="blas")
+    except Exception:  # noqa: BLE001 - without threadpoolctl the search is only slower under load
+        pass
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -243,6 +263,7 @@ class GalleryIndex:
         score being their best face's cosine similarity."""
         if snap.live == 0:
             return [[] for _ in range(len(queries))]
+        _one_blas_thread()
         q = np.ascontiguousarray(queries, dtype=np.float32)
         scores = snap.matrix @ q[0] if len(q) == 1 else (q @ snap.matrix.T)
         scores = scores.reshape(len(q), -1)

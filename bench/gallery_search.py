@@ -1,0 +1,174 @@
+"""Gallery search at scale, and open-set identification on real faces.
+
+1. Search (default): identify latency p50/p99 and memory with 10k, 100k and 1M enrolled faces of
+   synthetic 512-d unit embeddings (4 faces a person), measured in one run, one size after the
+   other (each index freed before the next). The latency is faceid.gallery's search alone, the
+   embedding of the probe not counted: one matrix product over the gallery's float32 matrix, then
+   the best face of each person and the top 5 people. Also the cost of enrolling 16 faces and
+   deleting one into the full index (incremental: nothing is rebuilt).
+
+       python bench/gallery_search.py                      # 10k, 100k, 1M
+       python bench/gallery_search.py --sizes 10000 --queries 200
+
+2. Open set (`--people FOLDER --checkpoint CKPT`): people the model was not trained on (one
+   sub-folder each). Half of those with at least 3 photos are enrolled with 2 photos each, their
+   other photos are probes; one photo of each other person is a probe of someone never enrolled.
+   Prints rank-1 accuracy of the enrolled people's probes, the share named rightly at the
+   threshold (far_1e-3 unless --threshold), and the share of never-enrolled probes answered
+   unknown.
+
+       python bench/gallery_search.py --people data/lfw/val --checkpoint models/lfw/backbone_best.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from faceid.gallery import GalleryIndex, normalize_rows  # noqa: E402
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build(n: int, dim: int, faces_per_person: int, seed: int) -> GalleryIndex:
+    rng = np.random.default_rng(seed)
+    index = GalleryIndex(dim, capacity=n + 64)
+    chunk = 50_000
+    for s in range(0, n, chunk):
+        k = min(chunk, n - s)
+        v = rng.standard_normal((k, dim), dtype=np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        index.add(range(s, s + k), [f"p{(s + i) // faces_per_person}" for i in range(k)], v)
+        del v
+    return index
+
+
+def bench_search(args: argparse.Namespace) -> None:
+    rows = []
+    base = rss_mb()
+    for n in args.sizes:
+        t = time.perf_counter()
+        index = build(n, args.dim, 4, seed=n)
+        build_s = time.perf_counter() - t
+        rng = np.random.default_rng(1)
+        snap = index.snapshot
+        probes = [normalize_rows(snap.matrix[int(rng.integers(0, n))] + 0.3 * rng.standard_normal(args.dim,
+                                                                                                  dtype=np.float32))
+                  for _ in range(args.queries + 3)]
+        times = []
+        for i, q in enumerate(probes):
+            t = time.perf_counter()
+            found = index.search(q, 5)
+            if i >= 3:  # warm-up
+                times.append(time.perf_counter() - t)
+            assert len(found[0]) == 5
+        add_vecs = normalize_rows(rng.standard_normal((16, args.dim), dtype=np.float32))
+        t = time.perf_counter()
+        index.add(range(n + 100, n + 116), ["newcomer"] * 16, add_vecs)
+        add_ms = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        index.remove([n + 100])
+        del_ms = (time.perf_counter() - t) * 1e3
+        ms = np.array(times) * 1e3
+        row = {"faces": n, "people": n // 4, "queries": len(times), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+               "p99_ms": round(float(np.percentile(ms, 99)), 2), "index_mb": round(index.nbytes / 2**20, 1),
+               "rss_mb": round(rss_mb(), 1), "rss_over_start_mb": round(rss_mb() - base, 1),
+               "enroll16_ms": round(add_ms, 2), "delete1_ms": round(del_ms, 2), "build_s": round(build_s, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del index, snap, probes, found
+        gc.collect()
+    print(f"\npeak RSS of the run: {rss_mb('VmHWM'):.0f} MB (process start: {base:.0f} MB)\n")
+    print("| enrolled faces | people | search p50 | search p99 | index memory | process RSS | enroll 16 | delete 1 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['faces']:,} | {r['people']:,} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
+              f"{r['index_mb']:,.0f} MB | {r['rss_mb']:,.0f} MB | {r['enroll16_ms']:.2f} ms | {r['delete1_ms']:.2f} ms |")
+
+
+def bench_open_set(args: argparse.Namespace) -> None:
+    from faceid.errors import ImageError
+    from faceid.gallery import prepare_faces
+    from faceid.inference import Verifier
+
+    v = Verifier.from_checkpoint(args.checkpoint, device=args.device)
+    th, th_name = v.resolve_threshold(args.threshold)
+    people = sorted(d for d in Path(args.people).iterdir() if d.is_dir())
+    photos = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) for d in people}
+    rich = [n for n in photos if len(photos[n]) >= 3]
+    enrolled = set(rich[::2][:args.max_people])
+    strangers = [n for n in photos if n not in enrolled][:args.max_people]
+
+    def embed(paths):
+        out = []
+        for p in paths:
+            try:
+                f = prepare_faces(v, v.open(str(p)))[0]
+            except ImageError:
+                continue
+            out.append(f.prepared)
+        return normalize_rows(v.embed(out)) if out else np.zeros((0, v.embedding_size), np.float32)
+
+    index = GalleryIndex(v.embedding_size)
+    fid = 0
+    for n in sorted(enrolled):
+        e = embed(photos[n][:2])
+        index.add(range(fid, fid + len(e)), [n] * len(e), e)
+        fid += len(e)
+    known = right = rank1 = unknown = rejected = 0
+    for n in sorted(enrolled):
+        for q in embed(photos[n][2:2 + args.probes_per_person]):
+            best = index.search(q, 1)[0][0]
+            known += 1
+            rank1 += best.person == n
+            right += best.person == n and best.score >= th
+    for n in strangers:
+        for q in embed(photos[n][:1]):
+            best = index.search(q, 1)[0][0]
+            unknown += 1
+            rejected += best.score < th
+    print(json.dumps({"checkpoint": args.checkpoint, "threshold": th, "threshold_name": th_name,
+                      "enrolled_people": len(enrolled), "enrolled_faces": fid, "known_probes": known,
+                      "rank1_accuracy": round(rank1 / max(known, 1), 4),
+                      "identified_at_threshold": round(right / max(known, 1), 4),
+                      "unknown_probes": unknown, "unknown_rejected": round(rejected / max(unknown, 1), 4)}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--people", help="open-set mode: a folder of people the model was not trained on")
+    p.add_argument("--checkpoint")
+    p.add_argument("--threshold", default="far_1e-3")
+    p.add_argument("--max_people", type=int, default=500)
+    p.add_argument("--probes_per_person", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    if args.people:
+        if not args.checkpoint:
+            p.error("--people needs --checkpoint")
+        bench_open_set(args)
+    else:
+        bench_search(args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    main()
