@@ -280,6 +280,9 @@ class GalleryService:
             if not dim:
                 first = next(self.store.iter_embeddings(name, model, chunk=1), None)
                 dim = first[2].shape[1] if first else 0
+            # the old model's matrix goes first: old and new side by side would double the memory
+            # (searches wait for the lock meanwhile, then find the new one)
+            self._bound.pop(name, None)
             index = self.store.load_index(name, model, dim)
             self.store.bind(name, model, dim)
             self._bound[name] = Bound(model, index)

@@ -39,7 +39,13 @@ def api_schema(tmp_path_factory):
 OPERATIONS = ["POST /jobs", "GET /jobs", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel",
               "POST /jobs/{job_id}/resume", "GET /jobs/{job_id}/logs", "GET /model",
               "POST /models/{job_id}/activate", "POST /embed", "POST /embed/batch", "POST /verify", "GET /health",
-              "GET /ready"]
+              "GET /ready", "POST /galleries", "GET /galleries", "GET /galleries/{gallery}",
+              "DELETE /galleries/{gallery}", "GET /galleries/{gallery}/people",
+              "GET /galleries/{gallery}/people/{person}", "DELETE /galleries/{gallery}/people/{person}",
+              "POST /galleries/{gallery}/people/{person}/faces",
+              "DELETE /galleries/{gallery}/people/{person}/faces/{face_id}",
+              "GET /galleries/{gallery}/people/{person}/faces/{face_id}/crop",
+              "POST /galleries/{gallery}/embeddings", "POST /galleries/{gallery}/identify"]
 
 
 def test_no_server_errors(api_schema):

@@ -303,3 +303,66 @@ async def test_concurrent_enroll_identify_delete(gallery_app):
             assert out["person"] == f"temp{j}" and out["score"] == pytest.approx(1.0, abs=1e-5)
         snap = app.state.galleries._bound["g"].index.snapshot  # noqa: SLF001
         assert snap.live == 28
+
+
+# --- a real model that finds faces ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def aligned_checkpoint(tmp_path_factory) -> Path:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from core_fixtures import tiny_aligned_run
+
+    return tiny_aligned_run(tmp_path_factory).best
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+async def test_a_real_model_names_every_face_and_refuses_photos_without_one(make_settings, aligned_checkpoint):
+    """With detection: a photo of two enrolled people gets an answer per face, each at its place
+    in the photo; an enrolment photo without a face is a 422 naming it, and enrols nothing."""
+    from core_fixtures import SAMPLE_TRAIN
+
+    people = sorted(d for d in SAMPLE_TRAIN.iterdir() if d.is_dir())[:2]
+    photos = {d.name: [Image.open(p).convert("RGB").resize((240, 240)) for p in sorted(d.glob("*.jpg"))[:2]]
+              for d in people}
+    app = create_app(make_settings(checkpoint=aligned_checkpoint, device="cpu"))
+    async with running(app) as c:
+        await c.post("/galleries", json={"name": "real"})
+        first = None
+        for name, imgs in photos.items():
+            out = await enroll(c, "real", name, *(_jpeg(im) for im in imgs))
+            assert all(f["face"]["faces_found"] >= 1 for f in out["enrolled"])
+            first = first or out["enrolled"][0]["id"]
+        crop = await c.get(f"/galleries/real/people/{people[0].name}/faces/{first}/crop")
+        assert crop.status_code == 200 and Image.open(io.BytesIO(crop.content)).size == (112, 112)
+
+        blank = _jpeg(Image.new("RGB", (200, 200), (120, 120, 120)))
+        r = await c.post(f"/galleries/real/people/{people[0].name}/faces",
+                         files=[("images", ("ok.jpg", _jpeg(photos[people[0].name][0]), "image/jpeg")),
+                                ("images", ("wall.jpg", blank, "image/jpeg"))])
+        assert r.status_code == 422 and r.json()["field"] == "images[1]"
+        assert "wall.jpg" in r.json()["detail"] and "no face" in r.json()["detail"]
+        assert (await c.get("/galleries/real")).json()["faces"] == 4
+
+        a, b = (photos[d.name][0] for d in people)
+        both = Image.new("RGB", (480, 240))
+        both.paste(a, (0, 0))
+        both.paste(b, (240, 0))
+        out = await identify(c, "real", _jpeg(both), threshold=0.0)
+        assert len(out["faces"]) >= 2  # the two people, and any face behind them
+        areas = [(f["face"]["box"][2] - f["face"]["box"][0]) * (f["face"]["box"][3] - f["face"]["box"][1])
+                 for f in out["faces"]]
+        assert areas == sorted(areas, reverse=True) and out["person"] == out["faces"][0]["person"]
+        for f in out["faces"][:2]:
+            left = f["face"]["box"][0] < 240
+            assert f["candidates"][0]["person"] == (people[0].name if left else people[1].name)
+            assert f["person"] == f["candidates"][0]["person"]  # threshold 0: named
+        assert len((await identify(c, "real", _jpeg(both), faces="largest"))["faces"]) == 1
+        r = await c.post("/galleries/real/identify", files={"image": ("wall.jpg", blank, "image/jpeg")})
+        assert r.status_code == 422 and r.json()["field"] == "image" and "no face" in r.json()["detail"]
