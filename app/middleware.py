@@ -21,6 +21,7 @@ DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.js
 UPLOAD_PATHS = frozenset({"/embed", "/verify"})
 BATCH_PATH = "/embed/batch"  # up to FACEID_BATCH_MAX_SIZE images
 GALLERY_PREFIX = "/galleries/"
+GALLERY_UPLOADS = ("/faces", "/identify")
 JSON_BODY_LIMIT = 1024 * 1024  # POST /jobs bodies are a few KB
 
 SettingsGetter = Callable[[], Optional[Settings]]
@@ -84,8 +85,10 @@ class BodyLimitMiddleware:
             return 2 * settings.max_upload_bytes + 1024 * 1024
         if path == BATCH_PATH and settings is not None:
             return settings.batch_max_size * settings.max_upload_bytes + 1024 * 1024
-        if path.startswith(GALLERY_PREFIX) and settings is not None:  # enrolment: up to 16 photos
-            return max(16, settings.batch_max_size) * settings.max_upload_bytes + 1024 * 1024
+        if path.startswith(GALLERY_PREFIX) and path.endswith(GALLERY_UPLOADS) and settings is not None:
+            return 16 * settings.max_upload_bytes + 1024 * 1024  # enrolment: up to 16 photos
+        if path.startswith(GALLERY_PREFIX) and path.endswith("/embeddings"):
+            return 32 * 1024 * 1024  # up to 1000 imported embeddings as JSON
         return JSON_BODY_LIMIT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

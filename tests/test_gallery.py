@@ -228,6 +228,21 @@ def test_cli_enrolls_and_identifies_lfw_people(aligned_ckpt: Path, tmp_path: Pat
             best = line["faces"][0]["candidates"][0]
             assert line["person"] == (best["person"] if best["score"] >= summary["threshold"] else None)
 
+    # precomputed embeddings: checked against the checkpoint's size, then searchable without a crop
+    from faceid.inference import Verifier
+
+    dim = Verifier.from_checkpoint(aligned_ckpt, device="cpu").embedding_size
+    good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
+    np.savez(good, embeddings=unit(np.random.default_rng(5), 3, dim), people=np.array(["Imp_A", "Imp_A", "Imp_B"]))
+    np.savez(bad, embeddings=np.ones((2, dim + 1), np.float32), people=np.array(["X", "Y"]))
+    assert main(["gallery", "import", str(bad), *flags]) == 2
+    assert f"the model has {dim}" in capsys.readouterr().err
+    assert main(["gallery", "import", str(good), *flags]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["imported"] == 3
+    assert main(["gallery", "list", "--models_dir", str(models)]) == 0
+    listed = json.loads(capsys.readouterr().out.strip())
+    assert (listed["name"], listed["people"], listed["faces_without_crop"]) == ("lfw", 6, 3)
+
     # another model's checkpoint is refused: embeddings of two models are never compared
     other = tmp_path / "other" / "backbone_best.pt"
     other.parent.mkdir()

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from app.main import create_app
-from service_helpers import FakeVerifier, running, wait_for, write_fake_checkpoint
+from service_helpers import FakeVerifier, running, write_fake_checkpoint
 
 pytestmark = pytest.mark.anyio
 
