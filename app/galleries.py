@@ -24,8 +24,8 @@ import anyio
 import numpy as np
 
 from faceid.errors import ImageError
-from faceid.gallery import (Candidate, Conflict, FaceInput, GalleryIndex, GalleryStore, NewFace, crop_input,
-                            normalize_rows, prepare_faces)
+from faceid.gallery import (Candidate, Conflict, FaceInput, GalleryError, GalleryIndex, GalleryStore, NewFace,
+                            crop_input, normalize_rows, prepare_faces)
 
 from app.serving import ModelManager, ServedModel, open_upload
 from app.settings import Settings
@@ -228,10 +228,13 @@ class GalleryService:
         if served is None:
             return
         for name in await anyio.to_thread.run_sync(self.store.gallery_names):
-            g = await anyio.to_thread.run_sync(self.store.gallery, name)
-            if g is None or g["faces"] == 0:
+            try:  # one indexed row per gallery: this runs twice a second
+                model, _ = await anyio.to_thread.run_sync(self.store.meta, name)
+            except GalleryError:  # deleted meanwhile
                 continue
-            if g["model"] != served.id or name in self._dirty:
+            if model is None:  # nothing enrolled yet
+                continue
+            if model != served.id or name in self._dirty:
                 await self._reembed(name, served)
             if self.models.current is not served:
                 return  # switched again: start over with the new one
