@@ -33,7 +33,7 @@ from app import errors
 from app.jobs import JobRunner, JobStore
 from app.middleware import DOCS_PATHS, OPEN_PATHS, APIKeyMiddleware, BodyLimitMiddleware
 from app.replicas import ReplicaSupervisor
-from app.routes import health, inference, jobs, models
+from app.routes import health, inference, jobs, models, ui
 from app.serving import ModelManager, VerifierLoader
 from app.settings import Settings, load_settings, prepare_dirs
 
@@ -135,8 +135,9 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
     # Added last, so it runs first: no body is read for a request without the key.
     app.add_middleware(APIKeyMiddleware, get_settings=lambda: app.state.settings)
     errors.install(app)
-    for module in (jobs, inference, models, health):
+    for module in (jobs, inference, models, health, ui):
         app.include_router(module.router)
+    ui.mount(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
