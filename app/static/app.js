@@ -27,10 +27,13 @@ function duration(s) {
   s = Math.round(s);
   return s >= 3600 ? `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min` : s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
 }
+let bannerTimer = null;
 function say(msg, kind) {
+  clearTimeout(bannerTimer);
   banner.hidden = !msg;
   banner.textContent = msg || "";
   banner.className = kind || "";
+  if (msg && kind === "info") bannerTimer = setTimeout(() => say(""), 4000);  // errors stay until the next action
 }
 
 class ApiError extends Error {
@@ -204,8 +207,8 @@ async function jobView(id) {
         .map(([k, v]) => `${k} ${num(v, 3)}`).join(" · ") || "–")));
     const lossPts = (job.metrics || []).filter((m) => m.complete !== false).map((m) => [m.epoch, m.train_loss]);
     const charts = [
-      lineChart({ title: "training loss", xLabel: "epoch", yLabel: "loss", series: [{ name: "train_loss", points: lossPts }] }),
-      lineChart({ title: "validation", xLabel: "epoch", yLabel: "metric", yMin: 0, yMax: 1,
+      lineChart({ title: "training loss", xLabel: "epoch", xInteger: true, yLabel: "loss", series: [{ name: "train_loss", points: lossPts }] }),
+      lineChart({ title: "validation", xLabel: "epoch", xInteger: true, yLabel: "metric", yMin: 0, yMax: 1,
         series: METRICS.map((m) => ({ name: m, points: curves([job], m)[0].points })) }),
     ];
     const bestEpoch = job.best && job.best.epoch;
@@ -249,9 +252,9 @@ async function compareView(ids) {
       try { rocs.push({ name: short(j.id), roc: await api("GET", `/jobs/${j.id}/roc`) }); } catch (e) { /* none yet */ }
     }
     plots.replaceChildren(
-      h("div", { class: "plot" }, lineChart({ title: `${metric.value} per epoch`, xLabel: "epoch", yLabel: metric.value,
+      h("div", { class: "plot" }, lineChart({ title: `${metric.value} per epoch`, xLabel: "epoch", xInteger: true, yLabel: metric.value,
         series: curves(jobs, metric.value) })),
-      h("div", { class: "plot" }, lineChart({ title: "training loss", xLabel: "epoch", yLabel: "loss",
+      h("div", { class: "plot" }, lineChart({ title: "training loss", xLabel: "epoch", xInteger: true, yLabel: "loss",
         series: curves(jobs, "train_loss") })),
       h("div", { class: "plot roc" }, rocChart(rocs, [])));
   }
@@ -310,13 +313,14 @@ function drawFace(canvas, img, face) {
   canvas.height = Math.round(img.height * scale);
   const ctx = canvas.getContext("2d");
   ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
-  if (!face || !face.box) return;
+  if (!face || !face.box) return false;
   const [x0, y0, x1, y1] = face.box.map((v) => v * scale);
   ctx.strokeStyle = "#2f62d9";
   ctx.lineWidth = 2;
   ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
   ctx.fillStyle = "#d9482f";
   for (const [x, y] of face.landmarks || []) ctx.fillRect(x * scale - 2, y * scale - 2, 4, 4);
+  return true;
 }
 
 function tryView() {
@@ -337,8 +341,10 @@ function tryView() {
       result.replaceChildren(
         h("div", { class: `verdict ${r.match ? "match" : "nomatch"}` }, r.match ? "Same person" : "Different people"),
         h("p", {}, `similarity ${num(r.similarity)} against threshold ${r.threshold_name} ${num(r.threshold)} · model ${short(r.model)}`));
-      if (a.panel.image) drawFace(a.canvas, a.panel.image, r.face1);
-      if (b.panel.image) drawFace(b.canvas, b.panel.image, r.face2);
+      let drawn = 0;
+      if (a.panel.image && drawFace(a.canvas, a.panel.image, r.face1)) drawn += 1;
+      if (b.panel.image && drawFace(b.canvas, b.panel.image, r.face2)) drawn += 1;
+      result.dataset.faces = String(drawn);
     } catch (e) { say(e.message); } finally { go.disabled = false; }
   });
   view.replaceChildren(h("h2", {}, "Are these the same person?"), h("div", { class: "try" }, a.panel, b.panel),
@@ -376,4 +382,5 @@ document.getElementById("key-form").addEventListener("submit", (e) => {
   route();
 });
 window.addEventListener("hashchange", route);
+setInterval(refreshServed, 5000);  // a job that succeeds becomes the served model
 route();

@@ -1,6 +1,7 @@
 // Line charts as SVG, drawn from JSON: FaceID's learning curves and ROC curves.
 // lineChart({title, series: [{name, points: [[x, y], ...], color}], xLabel, yLabel, xLog,
 //            yMin, yMax, markers: [{x, y, label, color}]}) -> an <svg> element.
+(function () {
 "use strict";
 
 const PALETTE = ["#2f62d9", "#d9482f", "#1a7f45", "#a15c00", "#7b3fc4", "#0f8b8d", "#c2185b", "#555"];
@@ -51,7 +52,8 @@ function lineChart(opts) {
   const px = (x) => L + ((tx(x) - x0) / (x1 - x0)) * (W - L - R);
   const py = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
   const axes = svgEl("g", { stroke: "#d9dde4" });
-  const xt = opts.xLog ? niceTicks(Math.ceil(x0), Math.floor(x1), 6).filter(Number.isInteger) : niceTicks(x0, x1, 6);
+  let xt = opts.xLog ? niceTicks(Math.ceil(x0), Math.floor(x1), 6).filter(Number.isInteger) : niceTicks(x0, x1, 6);
+  if (opts.xInteger) xt = xt.filter(Number.isInteger);  // epochs
   for (const t of xt) {
     const xv = opts.xLog ? Math.pow(10, t) : t;
     axes.appendChild(svgEl("line", { x1: px(xv), x2: px(xv), y1: T, y2: H - B }));
@@ -95,3 +97,4 @@ function lineChart(opts) {
 }
 
 window.FaceIDPlot = { lineChart, PALETTE };
+})();
