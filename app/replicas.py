@@ -45,9 +45,9 @@ from faceid.errors import ConfigError
 from faceid.omp import serving_defaults
 
 from app import errors
-from app.jobs import describe_exit
 from app.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from app.paths import usable_cpus
+from app.runner import describe_exit
 from app.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -300,9 +300,9 @@ class ReplicaSupervisor:
 def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: Any = None) -> FastAPI:
     """A replica: /embed, /embed/batch, /verify, /health and /ready of the model the main server
     serves (read from the job database in FACEID_MODELS_DIR)."""
-    from app.jobs import JobStore
     from app.routes import health, inference
     from app.serving import ModelManager
+    from app.store import JobStore
 
     serving_defaults()
 

@@ -39,7 +39,7 @@ import anyio
 
 from faceid.errors import CheckpointError, FaceIDError, ImageError, ModelNotReadyError
 
-from app.jobs import JobStateError, JobStore
+from app.store import JobStateError, JobStore
 from app.paths import usable_cpus
 from app.settings import Settings
 

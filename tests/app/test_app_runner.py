@@ -13,7 +13,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from app.jobs import EventTail, JobProgress, JobStore, process_alive, tail_lines
+from app.progress import EventTail, JobProgress
+from app.runner import process_alive, tail_lines
+from app.store import JobStore
 from app.paths import job_config
 from faceid.config import TrainConfig
 from service_helpers import FAKE_TRAINER, MODE, running, wait_for, wait_job
@@ -201,7 +203,7 @@ def test_claiming_a_job_records_where_its_events_start_in_the_same_write(tmp_pat
 def test_a_database_from_before_events_offset_gets_the_column(tmp_path):
     import sqlite3
 
-    from app.jobs import _SCHEMA
+    from app.store import _SCHEMA
 
     path = tmp_path / "jobs.db"
     old = _SCHEMA.replace(",\n    events_offset INTEGER\n", "\n")

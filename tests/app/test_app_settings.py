@@ -123,7 +123,7 @@ async def test_uploads_are_decoded_on_one_thread_per_core(monkeypatch, tmp_path,
     from PIL import Image
 
     import app.serving as serving
-    from app.jobs import JobStore
+    from app.store import JobStore
     from service_helpers import fake_loader, service_settings
 
     monkeypatch.setattr(serving, "usable_cpus", lambda: cores)

@@ -24,8 +24,8 @@ import pytest
 
 from app.replicas import ReplicaSupervisor, _Replica, create_replica_app
 from app.serving import STATE_KEY, ModelManager
-from app.jobs import JobStore
 from app.settings import load_settings
+from app.store import JobStore
 from faceid.errors import ConfigError
 from service_helpers import fake_loader, image_bytes, running, wait_job, write_fake_checkpoint
 
