@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from pydantic import ValidationError
+
+from faceid.events import (EVENT_TYPES, Checkpoint, EpochEnd, Event, Faces, Failed, Finished, Progress, Start,
+                           parse_event, thresholds_of)
+
 from app.store import finite
 
 log = logging.getLogger(__name__)
@@ -82,64 +87,91 @@ class JobProgress:
             out["best_metric"] = None
         return out
 
-    def apply(self, ev: dict[str, Any]) -> None:
-        ev = self._typed(finite(ev))
-        kind = ev.get("event")
-        if kind == "start":
-            self.device = ev.get("device") if isinstance(ev.get("device"), str) else self.device
+    @classmethod
+    def event(cls, obj: dict[str, Any]) -> Optional[Event]:
+        """One object of the events file as its model of the contract (faceid.events.parse_event),
+        with every non-finite or wrongly typed number of it None (`_typed`). An object that still
+        breaks the contract (a trainer of another version, a custom FACEID_TRAINER_CMD) is read as
+        far as it goes, as its model built unvalidated: a field it lacks is None, one of the wrong
+        type is kept for the reader to check. None for an object that is no event of the contract."""
+        clean = cls._typed(finite(obj))
+        kind = clean.get("event")
+        model = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+        if model is None:
+            return None
+        try:
+            return parse_event(clean)
+        except ValidationError:
+            pass
+        given = {name for name, f in model.model_fields.items() if (f.alias or name) in clean or name in clean}
+        values = {(f.alias or name): None for name, f in model.model_fields.items() if name not in given}
+        values.update(clean)
+        values.pop("_fields_set", None)  # model_construct's own argument
+        return model.model_construct(given, **values)
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        ev = self.event(obj)
+        # The event's own time; None when it gave none (not the model's default, the time of reading)
+        when = ev.time if ev is not None and "time" in ev.model_fields_set else None
+        if isinstance(ev, Start):
+            self.device = ev.device if isinstance(ev.device, str) else self.device
             prev = self.progress or {}
-            self.progress = {**prev, "epochs": ev.get("epochs"), "steps": ev.get("steps_per_epoch"),
+            self.progress = {**prev, "epochs": ev.epochs, "steps": ev.steps_per_epoch,
                              "epoch": prev.get("epoch", 0), "step": prev.get("step", 0),
-                             "percent": prev.get("percent", 0.0), "updated_at": ev.get("time"), "phase": "train",
-                             "no_face_images": ev.get("no_face_images")}
-        elif kind == "faces":  # finding the data's faces, before the first epoch
+                             "percent": prev.get("percent", 0.0), "updated_at": when, "phase": "train",
+                             "no_face_images": ev.no_face_images}
+        elif isinstance(ev, Faces):  # finding the data's faces, before the first epoch
             prev = self.progress or {}
-            self.progress = {**prev, "phase": "faces", "faces_set": ev.get("what") if isinstance(ev.get("what"), str)
-                             else None, "faces_done": ev.get("done"), "faces_total": ev.get("total"),
-                             "percent": prev.get("percent", 0.0), "updated_at": ev.get("time")}
-        elif kind == "progress":
+            self.progress = {**prev, "phase": "faces", "faces_set": ev.what if isinstance(ev.what, str) else None,
+                             "faces_done": ev.done, "faces_total": ev.total,
+                             "percent": prev.get("percent", 0.0), "updated_at": when}
+        elif isinstance(ev, Progress):
             prev_progress = self.progress
-            self.progress = {k: ev.get(k) for k in ("epoch", "epochs", "step", "steps", "percent", "loss",
-                                                    "images_per_s", "lr", "eta_s")}
-            self.progress.update(updated_at=ev.get("time"), phase="train",
+            self.progress = {k: getattr(ev, k) for k in ("epoch", "epochs", "step", "steps", "percent", "loss",
+                                                         "images_per_s", "lr", "eta_s")}
+            self.progress.update(updated_at=when, phase="train",
                                  no_face_images=(prev_progress or {}).get("no_face_images"))
-        elif kind == "epoch" and ev.get("epoch") is not None:
-            record = {k: v for k, v in ev.items() if k != "event"}
+        elif isinstance(ev, EpochEnd) and ev.epoch is not None:
+            # The epoch's record: the fields the event gave, as the contract spells them
+            record = finite(ev.model_dump(by_alias=True, exclude_unset=True, warnings=False))
+            record.pop("event", None)
             # One record per epoch and completeness: an epoch a stop ended part way keeps that
             # record beside the one of its completion after a resume (a replayed event replaces)
             key = (record.get("epoch"), record.get("complete", True) is not False)
             self.metrics = [m for m in self.metrics if (m.get("epoch"), m.get("complete", True) is not False) != key]
             self.metrics.append(record)
             self.metrics.sort(key=lambda m: (m.get("epoch") or 0, m.get("complete", True) is not False))
-            if ev.get("best_epoch") is not None:
-                keep = (self.best or {}).get("checkpoint") if (self.best or {}).get("epoch") == ev["best_epoch"] else None
-                self.best = {"epoch": ev["best_epoch"], "metric": self.best_metric,
-                             "value": ev.get("best_value"), "checkpoint": keep or self.checkpoint}
-            if ev.get("is_best"):
-                self.thresholds = {"acc": ev.get("th"), "far_1e-2": ev.get("th_far_1e-2"),
-                                   "far_1e-3": ev.get("th_far_1e-3")}
-        elif kind == "checkpoint":
-            path = ev.get("path") if isinstance(ev.get("path"), str) else None
-            if ev.get("kind") == "best" and path:
+            if ev.best_epoch is not None:
+                keep = (self.best or {}).get("checkpoint") if (self.best or {}).get("epoch") == ev.best_epoch else None
+                self.best = {"epoch": ev.best_epoch, "metric": self.best_metric,
+                             "value": ev.best_value, "checkpoint": keep or self.checkpoint}
+            if ev.is_best:
+                # The thresholds a finished run reports (pairs_acc too, when the trainer has a
+                # pairs file); a name the event gave no number for stays, as None.
+                numbers = {k: self._number(v) for k, v in record.items()}
+                self.thresholds = {**dict.fromkeys(("acc", "far_1e-2", "far_1e-3")), **thresholds_of(numbers)}
+        elif isinstance(ev, Checkpoint):
+            path = ev.path if isinstance(ev.path, str) else None
+            if ev.kind == "best" and path:
                 self.checkpoint = path
                 if self.best is not None:
                     self.best["checkpoint"] = path
-            elif ev.get("kind") == "last" and path:
+            elif ev.kind == "last" and path:
                 self.last_checkpoint = path
-        elif kind == "finished":
+        elif isinstance(ev, Finished):
             self.finished = True
-            ckpt = ev.get("best_checkpoint") if isinstance(ev.get("best_checkpoint"), str) else self.checkpoint
+            ckpt = ev.best_checkpoint if isinstance(ev.best_checkpoint, str) else self.checkpoint
             self.checkpoint = ckpt
-            self.best = {"epoch": ev.get("best_epoch"), "metric": ev.get("best_metric") or self.best_metric,
-                         "value": ev.get("best_value"), "checkpoint": ckpt}
-            if isinstance(ev.get("thresholds"), dict):
-                self.thresholds = ev["thresholds"]
-            if self.progress is not None and not ev.get("stopped_early"):  # stopped: as far as it got
-                self.progress = {**self.progress, "percent": 100.0, "eta_s": 0.0, "updated_at": ev.get("time")}
-        elif kind == "failed":
-            if isinstance(ev.get("error"), str):
-                self.error = ev["error"][:2000]
-            self.error_kind = ev.get("kind") if isinstance(ev.get("kind"), str) else "internal"
+            self.best = {"epoch": ev.best_epoch, "metric": ev.best_metric or self.best_metric,
+                         "value": ev.best_value, "checkpoint": ckpt}
+            if "thresholds" in ev.model_fields_set and isinstance(ev.thresholds, dict):
+                self.thresholds = ev.thresholds
+            if self.progress is not None and not ev.stopped_early:  # stopped: as far as it got
+                self.progress = {**self.progress, "percent": 100.0, "eta_s": 0.0, "updated_at": when}
+        elif isinstance(ev, Failed):
+            if isinstance(ev.error, str):
+                self.error = ev.error[:2000]
+            self.error_kind = ev.kind if isinstance(ev.kind, str) else "internal"
 
     def columns(self) -> dict[str, Any]:
         return {"progress": self.progress, "metrics": self.metrics, "best": self.best,
