@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from fastapi import HTTPException, Request
 
+from app.model_manager import ModelManager
 from app.runner import JobRunner
-from app.serving import ModelManager
 from app.settings import Settings
 from app.store import JobStore, is_job_id
 

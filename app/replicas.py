@@ -301,7 +301,7 @@ def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: 
     """A replica: /embed, /embed/batch, /verify, /health and /ready of the model the main server
     serves (read from the job database in FACEID_MODELS_DIR)."""
     from app.routes import health, inference
-    from app.serving import ModelManager
+    from app.model_manager import ModelManager
     from app.store import JobStore
 
     serving_defaults()

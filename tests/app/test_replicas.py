@@ -22,8 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
+from app.model_manager import STATE_KEY, ModelManager
 from app.replicas import ReplicaSupervisor, _Replica, create_replica_app
-from app.serving import STATE_KEY, ModelManager
 from app.settings import load_settings
 from app.store import JobStore
 from faceid.errors import ConfigError
