@@ -7,7 +7,7 @@
   stacks its images; the forward passes run on the batching worker (app/batcher.py), as many at
   once as `inference_plan` says.
 - The choice survives a restart: the served checkpoint is remembered in the job database, where
-  inference replicas (app/replicas.py) follow it.
+  inference replicas (app/replica_app.py) follow it.
 
 torch is imported only here, lazily, through faceid.inference: routes never import it.
 """
@@ -232,7 +232,7 @@ class ModelManager:
                 log.error("job %s's checkpoint cannot be served: %s; trying the job before it", job["id"], e)
 
     def follow(self) -> bool:
-        """An inference replica's step (app/replicas.py): serve the model the job database says the
+        """An inference replica's step (app/replica_app.py): serve the model the job database says the
         main server serves, loading it again whenever the main server did (the file may have been
         rewritten). True when it switched; a checkpoint that fails to load is logged once and tried
         again only when the main server loads a model again."""
