@@ -30,12 +30,13 @@ from faceid.errors import ConfigError
 from faceid.omp import serving_defaults
 
 from app import errors
-from app.jobs import JobRunner, JobStore
 from app.middleware import DOCS_PATHS, OPEN_PATHS, APIKeyMiddleware, BodyLimitMiddleware
+from app.model_manager import ModelManager, VerifierLoader
 from app.replicas import ReplicaSupervisor
 from app.routes import health, inference, jobs, models, ui
-from app.serving import ModelManager, VerifierLoader
+from app.runner import JobRunner
 from app.settings import Settings, load_settings, prepare_dirs
+from app.store import JobStore
 
 log = logging.getLogger("app")
 

@@ -105,8 +105,8 @@ def main() -> int:
             if mode != "no_checkpoint":
                 path = save("backbone_best.pt", epoch)
                 emit("checkpoint", kind="best", path=str(path), epoch=epoch)
-        emit("epoch", epoch=epoch, train_loss=0.5, lr=0.001, acc=acc, th=0.5, auc=0.7,
-             **{"tar_1e-2": 0.1, "tar_1e-3": 0.01, "th_far_1e-2": 0.8, "th_far_1e-3": 0.9},
+        emit("epoch", epoch=epoch, global_step=(epoch - 1) * steps + step, train_loss=0.5, lr=0.001, acc=acc,
+             th=0.5, auc=0.7, **{"tar_1e-2": 0.1, "tar_1e-3": 0.01, "th_far_1e-2": 0.8, "th_far_1e-3": 0.9},
              is_best=is_best, best_epoch=epoch, best_value=best_value, epoch_time_s=0.1)
         path = save("last.pt", epoch)
         emit("checkpoint", kind="last", path=str(path), epoch=epoch)
