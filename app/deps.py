@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from fastapi import HTTPException, Request
 
-from app.jobs import JobRunner, JobStore, is_job_id
-from app.serving import ModelManager
+from app.model_manager import ModelManager
+from app.runner import JobRunner
 from app.settings import Settings
+from app.store import JobStore, is_job_id
 
 
 def _state(request: Request, name: str):

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from faceid.errors import (CheckpointError, ConfigError, DataError, FaceIDError, ImageError,
                            ImageTooLargeError, ModelNotReadyError)
 
-from app.jobs import JobStateError, QueueFullError
+from app.store import JobStateError, QueueFullError
 from app.paths import FieldError
 
 log = logging.getLogger(__name__)

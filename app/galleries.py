@@ -27,7 +27,7 @@ from faceid.errors import ImageError
 from faceid.gallery import (Candidate, Conflict, FaceInput, GalleryError, GalleryIndex, GalleryStore, NewFace,
                             crop_input, normalize_rows, prepare_faces)
 
-from app.serving import ModelManager, ServedModel, open_upload
+from app.model_manager import ModelManager, ServedModel, open_upload
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

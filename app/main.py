@@ -30,13 +30,14 @@ from faceid.errors import ConfigError
 from faceid.omp import serving_defaults
 
 from app import errors
-from app.jobs import JobRunner, JobStore
 from app.middleware import DOCS_PATHS, OPEN_PATHS, APIKeyMiddleware, BodyLimitMiddleware
+from app.model_manager import ModelManager, VerifierLoader
 from app.replicas import ReplicaSupervisor
 from app.galleries import GalleryService
-from app.routes import galleries, health, inference, jobs, models
-from app.serving import ModelManager, VerifierLoader
+from app.routes import galleries, health, inference, jobs, models, ui
+from app.runner import JobRunner
 from app.settings import Settings, load_settings, prepare_dirs
+from app.store import JobStore
 
 log = logging.getLogger("app")
 
@@ -142,8 +143,9 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
     # Added last, so it runs first: no body is read for a request without the key.
     app.add_middleware(APIKeyMiddleware, get_settings=lambda: app.state.settings)
     errors.install(app)
-    for module in (jobs, inference, models, galleries, health):
+    for module in (jobs, inference, models, galleries, health, ui):
         app.include_router(module.router)
+    ui.mount(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

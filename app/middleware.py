@@ -16,7 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.settings import Settings
 
 API_KEY_HEADER = "x-api-key"
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})  # "/" is the page: it holds no data and asks for the key
+OPEN_PREFIXES = ("/ui/",)  # the page's static files
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 UPLOAD_PATHS = frozenset({"/embed", "/verify"})
 BATCH_PATH = "/embed/batch"  # up to FACEID_BATCH_MAX_SIZE images
@@ -53,7 +54,7 @@ class APIKeyMiddleware:
                              [(b"retry-after", b"5")])
             return
         path = scope.get("path", "")
-        if (settings.api_key is None or path in OPEN_PATHS
+        if (settings.api_key is None or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
                 or (settings.public_docs and path in DOCS_PATHS)):
             await self.app(scope, receive, send)
             return

@@ -1,18 +1,18 @@
 """Inference replicas: more server processes that answer /embed and /verify (FACEID_INFER_REPLICAS).
+This module is the main server's side, which starts, supervises and feeds them; a replica's own
+process is app/replica_app.py.
 
 One server process parses every request's HTTP and multipart body, decodes its image and answers
 it under one interpreter lock, and that caps it, on a small CPU and far more on a GPU, which
-embeds batches much faster than one process can feed it (bench/README.md, serve_throughput). So with
-FACEID_INFER_REPLICAS=N the main server starts N replicas that answer /embed, /embed/batch,
-/verify, /health and /ready on FACEID_INFER_PORT (FACEID_INFER_HOST, default 127.0.0.1), each with its
-own interpreter, batching worker and copy of the model. The main server accepts the connections
-on that port and hands each to the next replica in turn; from then on the replica alone serves it. Everything else (jobs, GET /model,
-activation) stays on the main server's port, which still answers /embed and /verify too.
+embeds batches much faster than one process can feed it (bench/README.md, serve_throughput). So
+with FACEID_INFER_REPLICAS=N the main server starts N replicas that answer /embed, /embed/batch,
+/verify, /health and /ready on FACEID_INFER_PORT (FACEID_INFER_HOST, default 127.0.0.1), each with
+its own interpreter, batching worker and copy of the model. The main server accepts the
+connections on that port and hands each to the next replica in turn; from then on the replica
+alone serves it. Everything else (jobs, GET /model, activation) stays on the main server's port,
+which still answers /embed and /verify too.
 
-- A replica serves the model the main server serves: it reads the served checkpoint from the job
-  database every half second (the job runner's poll interval) and loads a new one before switching to it, as the main
-  server does (in flight requests finish on the old one). Until the main server has a model, it
-  answers 503 with the same hint.
+- A replica serves the model the main server serves, which it follows through the job database.
 - The main server supervises them: a replica that exits is started again (after a pause if it
   died within seconds of its start), and they stop with the main server. A replica also stops by
   itself when the main server's process is gone.
@@ -23,8 +23,6 @@ activation) stays on the main server's port, which still answers /embed and /ver
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import os
 import signal
@@ -33,22 +31,14 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
-import anyio
-from fastapi import FastAPI
-
-import faceid
 from faceid.errors import ConfigError
-from faceid.omp import serving_defaults
 
-from app import errors
-from app.jobs import describe_exit
-from app.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from app.paths import usable_cpus
-from app.settings import Settings, load_settings
+from app.runner import describe_exit
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +146,7 @@ class ReplicaSupervisor:
             # A session of its own: Ctrl-C on the server's terminal reaches the main server only,
             # which then stops the replicas (none is restarted meanwhile).
             env = self._env(r.index)
-            r.proc = subprocess.Popen([sys.executable, "-m", "app.replicas", str(fd)], pass_fds=(fd,),
+            r.proc = subprocess.Popen([sys.executable, "-m", "app.replica_app", str(fd)], pass_fds=(fd,),
                                       env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         except BaseException:
             ours.close()
@@ -292,155 +282,3 @@ class ReplicaSupervisor:
                 if r.channel is not None:
                     r.channel.close()
                     r.channel = None
-
-
-# -- the replica's app ---------------------------------------------------------------------------
-
-
-def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: Any = None) -> FastAPI:
-    """A replica: /embed, /embed/batch, /verify, /health and /ready of the model the main server
-    serves (read from the job database in FACEID_MODELS_DIR)."""
-    from app.jobs import JobStore
-    from app.routes import health, inference
-    from app.serving import ModelManager
-
-    serving_defaults()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        s = settings if settings is not None else load_settings()
-        store = JobStore(s.db_path)
-        manager = ModelManager(s, store, loader=verifier_loader)
-        stop = threading.Event()
-        parent = int(os.environ.get("FACEID_REPLICA_PARENT") or 0)
-
-        def follow() -> None:
-            while not stop.wait(s.poll_interval_s):
-                if parent and not _alive(parent):
-                    log.error("the main server (pid %d) is gone; this replica stops", parent)
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-                try:
-                    manager.follow()
-                except Exception:  # noqa: BLE001 - a database hiccup: try again next time
-                    log.exception("following the served model failed")
-
-        await anyio.to_thread.run_sync(manager.follow)
-        watcher = threading.Thread(target=follow, name="faceid-follow", daemon=True)
-        watcher.start()
-        app.state.store, app.state.models = store, manager
-        app.state.settings = s
-        try:
-            yield
-        finally:
-            app.state.settings = None
-            stop.set()
-            watcher.join(timeout=5)
-            manager.close()
-            store.close()
-
-    app = FastAPI(title="FaceID inference replica", version=faceid.__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.settings = None
-    app.add_middleware(BodyLimitMiddleware, get_settings=lambda: app.state.settings)
-    app.add_middleware(APIKeyMiddleware, get_settings=lambda: app.state.settings)
-    errors.install(app, routes_hint="this port is an inference replica's (/embed, /embed/batch, /verify, /health, "
-                   "/ready); jobs, GET /model, activation and /docs are on the main server's port")
-    for module in (inference, health):
-        app.include_router(module.router)
-    return app
-
-
-def _replica_server_class() -> type:
-    import uvicorn
-
-    class ReplicaServer(uvicorn.Server):
-        """uvicorn serving the connections the main server hands down `channel` (a Unix socket: one
-        byte and one descriptor per accepted connection) instead of a listening socket of its own.
-        Each becomes a connection of uvicorn's own HTTP protocol, so keep-alive, limits and the
-        graceful stop (requests in flight finish) are uvicorn's. The channel's end (the main
-        server gone) stops the replica."""
-
-        def __init__(self, config: "uvicorn.Config", channel: socket.socket) -> None:
-            super().__init__(config)
-            self.channel = channel
-
-        async def startup(self, sockets: Optional[list] = None) -> None:
-            await super().startup(sockets=[])  # the app's lifespan (the model loaded); no listener
-            if self.should_exit:
-                return
-            try:
-                self.channel.send(b"r")  # ready: the main server hands connections to replicas that are
-            except OSError:
-                self.should_exit = True  # the main server is gone
-                return
-            loop = asyncio.get_running_loop()
-            config = self.config
-            self._protocol = functools.partial(config.http_protocol_class, config=config,
-                                               server_state=self.server_state, app_state=self.lifespan.state)
-            self.channel.setblocking(False)
-            loop.add_reader(self.channel.fileno(), self._receive, loop)
-
-        def _receive(self, loop: asyncio.AbstractEventLoop) -> None:
-            while True:
-                try:
-                    data, fds, _, _ = socket.recv_fds(self.channel, 16, 16)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as e:
-                    data, fds = b"", []
-                    log.error("the main server's channel failed: %s", e)
-                if not data and not fds:  # the main server closed its end: it stops, so does this replica
-                    loop.remove_reader(self.channel.fileno())
-                    self.should_exit = True
-                    return
-                for fd in fds:
-                    os.set_inheritable(fd, False)  # a process this one starts must not hold a client open
-                    conn = socket.socket(fileno=fd)
-                    conn.setblocking(False)
-                    loop.create_task(self._adopt(loop, conn))
-
-        async def _adopt(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
-            try:
-                await loop.connect_accepted_socket(self._protocol, conn)
-            except OSError as e:  # the client left before it was adopted
-                log.debug("a handed connection could not be served: %s", e)
-                conn.close()
-
-        async def shutdown(self, sockets: Optional[list] = None) -> None:
-            if self.channel.fileno() >= 0:
-                try:
-                    asyncio.get_running_loop().remove_reader(self.channel.fileno())
-                except (ValueError, OSError):
-                    pass
-            await super().shutdown(sockets=sockets)
-            self.channel.close()
-
-    return ReplicaServer
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m app.replicas FD`: a replica fed the connections the main server accepts on the
-    replicas' port, down the Unix socket FD (the main server starts it)."""
-    import uvicorn
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m app.replicas FD (started by the FaceID server with FACEID_INFER_REPLICAS)",
-              file=sys.stderr)
-        return 2
-    channel = socket.socket(fileno=int(args[0]))  # its family and type from the descriptor itself
-    channel.set_inheritable(False)
-    config = uvicorn.Config("app.replicas:create_replica_app", factory=True, log_level="warning", access_log=False)
-    _replica_server_class()(config, channel).run()
-    return 0
-
-
-def _alive(parent: int) -> bool:
-    """Whether the main server that started this replica still runs: once it is gone the replica
-    is re-parented, even if another process later gets the same pid."""
-    return os.getppid() == parent
-
-
-if __name__ == "__main__":
-    sys.exit(main())

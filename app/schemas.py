@@ -123,6 +123,23 @@ class JobLogs(BaseModel):
     lines: list[str] = Field(description="the last lines of the training process's output (stdout and stderr)")
 
 
+class RocOut(BaseModel):
+    """The ROC curve of a job's best epoch on its sampled validation pairs, thinned for plotting
+    (exact at the FAR operating points); `match = score >= threshold[i]` gives far[i], tar[i]."""
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "epoch": 4, "far": [0.0, 0.0001, 0.001, 0.01, 1.0], "tar": [0.0, 0.12, 0.31, 0.62, 1.0],
+        "threshold": [1.0, 0.71, 0.58, 0.44, -1.0], "n_pos": 10000, "n_neg": 10000,
+        "thresholds": {"acc": 0.31, "far_1e-2": 0.44, "far_1e-3": 0.58}}]})
+    epoch: int
+    far: list[float]
+    tar: list[float]
+    threshold: list[float]
+    n_pos: int
+    n_neg: int
+    thresholds: dict[str, Optional[float]] = Field(default_factory=dict, description="the epoch's operating "
+                                                   "points (as the job's thresholds)")
+
+
 class BatchingOut(BaseModel):
     max_batch_size: int = Field(description="FACEID_BATCH_MAX_SIZE: images per forward pass at most")
     wait_ms: float = Field(description="FACEID_BATCH_WAIT_MS: how long a batch waits for the next request "

@@ -42,7 +42,7 @@ class Settings(BaseModel):
     device: str = "auto"
     batch_max_size: int = Field(16, ge=1, le=1024)
     batch_wait_ms: float = Field(5.0, ge=0, le=10_000, allow_inf_nan=False)
-    infer_workers: int = Field(0, ge=0, le=64)  # forward passes run at once; 0: app.serving.inference_plan decides
+    infer_workers: int = Field(0, ge=0, le=64)  # forward passes run at once; 0: app.model_manager.inference_plan decides
     compile: Literal["off", "freeze", "cudagraph"] = "off"  # faceid.inference.COMPILE_MODES
     # Extra server processes answering /embed and /verify on infer_port (app/replicas.py); 0: none.
     infer_replicas: int = Field(0, ge=0, le=64)

@@ -193,7 +193,7 @@ class Server:
 def cpu_seconds(pid: "int | list[int]", thread_prefix: str = "faceid-embed") -> tuple[float, float]:
     """(CPU seconds of process `pid`, of which in its threads whose OS name starts with
     `thread_prefix`), from /proc (Linux): the server's forward-pass thread and the OpenMP threads it
-    started carry that name (app.serving), so the rest is HTTP, parsing, decoding and answering.
+    started carry that name (app.batcher), so the rest is HTTP, parsing, decoding and answering.
     A list of pids: their sums (a server and its inference replicas)."""
     if isinstance(pid, list):
         parts = [cpu_seconds(p, thread_prefix) for p in pid]

@@ -320,7 +320,7 @@ async def server_rate(server: Server, clients: int, seconds: float, warmup: floa
             "mean_batch": (b1["images"] - b0["images"]) / batches if batches else float("nan")}
 
 
-# Server-Timing parts of /embed (app.serving.Timing), then the rest of the client's latency
+# Server-Timing parts of /embed (app.batcher.Timing), then the rest of the client's latency
 TIMING_PARTS = ("read", "decode", "queue", "forward", "handback", "total", "outside")
 
 
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                    "server with 1 client and with the most clients), alternating: a process's forward pass "
                    "speed varies between processes here, so the serving targets are judged on the medians; 0: none")
     p.add_argument("--infer_workers", default="0", help="FACEID_INFER_WORKERS of the server (0: it decides, "
-                   "app.serving.inference_plan); a comma list measures one server per value")
+                   "app.model_manager.inference_plan); a comma list measures one server per value")
     p.add_argument("--replicas", default="0", help="FACEID_INFER_REPLICAS of the server: clients then send to the "
                    "replicas' port, and CPU time counts the replicas' processes; a comma list measures one server "
                    "per value; the pairs use the first")
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offline_serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--offline_workers", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    from app.serving import inference_plan
+    from app.model_manager import inference_plan
 
     # The offline reference is the faster of one pass at a time on all threads and as many passes
     # at once as the server's most workers, so a server with workers is held to that rate too.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import tempfile
@@ -23,6 +24,20 @@ EXPECTED_CHECKPOINT = "a backbone_best.pt or last.pt written by faceid train"
 # a pickle, whose first byte is the PROTO opcode 0x80. Anything else is not a file it wrote.
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
+
+
+def save_json(obj: Any, path: str | Path) -> Path:
+    """Write `obj` as JSON to `path` atomically (a temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:

@@ -81,7 +81,7 @@ def check_person_name(name: str) -> str:
 
 
 def checkpoint_model_id(path: str | Path) -> str:
-    """The id the server gives the model of `path` (app.serving): the job id for a job's
+    """The id the server gives the model of `path` (app.model_manager): the job id for a job's
     checkpoint (MODELS_DIR/jobs/<id>/backbone_best.pt), else checkpoint-<hash of the path>."""
     p = Path(path).expanduser().absolute()
     if p.parent.parent.name == "jobs" and re.fullmatch(r"[0-9a-f]{32}", p.parent.name):

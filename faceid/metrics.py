@@ -30,6 +30,7 @@ __all__ = [
     "far_key",
     "kfold_accuracy",
     "operating_points",
+    "roc_points",
     "verification_report",
 ]
 
@@ -329,3 +330,31 @@ def operating_points(metrics: dict) -> dict[str, dict]:
         out["pairs_acc"] = {"threshold": metrics["pairs_th"], "accuracy": metrics.get("pairs_acc"),
                             "pairs": metrics.get("pairs_n")}
     return out
+
+
+def roc_points(scores: np.ndarray, labels: np.ndarray, max_points: int = 200) -> dict[str, list]:
+    """The ROC curve of `scores`/`labels`, thinned for plotting: at most about `max_points` cuts,
+    spread evenly over log10(FAR) from one false accept to all of them and over TAR, so the curve
+    stays exact where verification runs (FAR 1e-3 and below) and is drawn smoothly elsewhere. The
+    cuts `verification_report` reports at DEFAULT_FARS are among the points.
+
+    Returns {"far": [...], "tar": [...], "threshold": [...], "n_pos": P, "n_neg": N}; the points run
+    from the strictest cut to the most lenient, `match = score >= threshold` at each.
+    """
+    s, y = _check(scores, labels, need_both=True)
+    sw = _sweep(s, y)
+    keep = np.flatnonzero(sw.valid)
+    far = sw.fp[keep] / sw.n_neg
+    tar = sw.tp[keep] / sw.n_pos
+    half = max(2, max_points // 2)
+    # the cut at each FAR step (the last cut with at most that FAR) and at each TAR step
+    log_far = np.log10(np.maximum(far, 0.5 / sw.n_neg))
+    far_grid = np.append(np.linspace(np.log10(1.0 / sw.n_neg), 0.0, half), np.log10(DEFAULT_FARS))
+    far_grid = far_grid + 1e-9  # float slack: the cut at exactly FAR 1e-3 belongs to 1e-3
+    by_far = np.searchsorted(log_far, far_grid, side="right") - 1
+    by_tar = np.searchsorted(tar, np.linspace(0.0, 1.0, half), side="left")
+    picked = np.unique(np.concatenate(([0, len(keep) - 1], by_far[by_far >= 0],
+                                       np.minimum(by_tar, len(keep) - 1))))
+    idx = keep[picked]
+    return {"far": [float(v) for v in sw.fp[idx] / sw.n_neg], "tar": [float(v) for v in sw.tp[idx] / sw.n_pos],
+            "threshold": [float(v) for v in sw.th[idx]], "n_pos": sw.n_pos, "n_neg": sw.n_neg}

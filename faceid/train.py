@@ -29,15 +29,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from faceid.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
+from faceid.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint, save_json
 from faceid.config import TrainConfig
 from faceid.data import BatchTransform, batch_images, load_images, scan_folder
 from faceid import events
 from faceid.errors import CheckpointError, ConfigError, DataError, FaceIDError
 from faceid.events import thresholds_of
 from faceid.faces import DetectorSpec, Preparation
-from faceid.evaluate import (EvalPairs, autocast_ctx, embed_store, protocol_folder, same_files, score_protocol,
-                             score_sampled)
+from faceid.evaluate import (EvalPairs, autocast_ctx, cosine_scores, embed_store, protocol_folder, same_files,
+                             score_protocol, score_sampled)
+from faceid.metrics import roc_points
 from faceid.model import ARCH, IMAGENET_MEAN, IMAGENET_STD, build_model
 from faceid.objectives import Trainee, build_objective
 from faceid.runtime import DistEnv, resolve_amp, resolve_device, set_threads
@@ -474,6 +475,8 @@ class Trainer:
         emb = embed_store(self.model, self.val_store, self.eval_tf, batch_size=bs,
                           amp_dtype=self.amp_dtype, flip=cfg.eval_flip)
         metrics = score_sampled(emb, self.eval_pairs)
+        # the curve behind those figures, written as roc.json when the epoch is the best
+        self.last_roc = roc_points(cosine_scores(emb, self.eval_pairs.ia, self.eval_pairs.ib), self.eval_pairs.y)
         if self.protocol is not None:
             store, ia, ib, labels, folds = self.protocol
             in_val = self._protocol_in_val
@@ -503,6 +506,8 @@ class Trainer:
                 path = save_checkpoint(_checkpoint_dict(cfg, self.model, epoch, record),
                                        self.ckpt_dir / "backbone_best.pt")
                 self.emit(events.Checkpoint(kind="best", path=str(path), epoch=epoch))
+                save_json({"epoch": epoch, **self.last_roc, "thresholds": thresholds_of(metrics)},
+                          self.ckpt_dir / "roc.json")
             record.update(is_best=is_best, best_epoch=st.best_epoch, best_value=st.best_value)
             st.history.append(record)
             self._save_last(epoch, record)

@@ -316,3 +316,24 @@ def test_operating_points_carry_the_negatives_behind_each_far_threshold():
     # metrics recorded before the counts existed: thresholds without evidence, said so
     old = {k: v for k, v in metrics.items() if k not in ("n_pos", "n_neg")}
     assert operating_points(old)["far_1e-3"]["negatives"] is None
+
+
+def test_roc_points_are_the_curve_thinned_exactly_where_verification_runs():
+    from faceid.metrics import roc_points
+
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.ones(5000), np.zeros(20000)]
+    scores = np.r_[rng.normal(0.45, 0.2, 5000), rng.normal(0.0, 0.15, 20000)].clip(-0.99, 0.99)
+    roc = roc_points(scores, labels, max_points=100)
+    far, tar, th = (np.array(roc[k]) for k in ("far", "tar", "threshold"))
+    assert (roc["n_pos"], roc["n_neg"]) == (5000, 20000)
+    assert 20 < len(far) <= 102 and len(far) == len(tar) == len(th)
+    assert (np.diff(far) >= 0).all() and (np.diff(tar) >= 0).all() and (np.diff(th) <= 0).all()
+    assert (far[0], tar[0]) == (0.0, 0.0) and (far[-1], tar[-1]) == (1.0, 1.0)
+    # each point is a real cut: its threshold gives exactly its FAR and TAR
+    for f, t, h in zip(far, tar, th):
+        assert f == np.mean(scores[labels == 0] >= h) and t == np.mean(scores[labels == 1] >= h)
+    # the report's TAR at FAR 1e-3 and 1e-2 is a point of the thinned curve
+    rep = verification_report(scores, labels)
+    for target in (1e-3, 1e-2):
+        assert tar[far <= target].max() == pytest.approx(rep.tar[target])

@@ -40,13 +40,13 @@ def test_a_users_policy_reaches_the_server_and_its_jobs():
 
 
 def test_the_job_launcher_uses_it(monkeypatch):
-    from app import jobs
+    from app import runner
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv(SERVER_MARK, raising=False)
     serving_defaults()  # what create_app does
-    env = jobs._child_env()
+    env = runner._child_env()
     assert "OMP_WAIT_POLICY" not in env and SERVER_MARK not in env
     assert env["GOMP_SPINCOUNT"] == TRAIN_SPINCOUNT
 

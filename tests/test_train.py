@@ -130,6 +130,14 @@ def test_inprocess_arcface_artifacts(arc):
     assert r.best_epoch == 1 and r.best_metric == "acc" and not r.stopped_early
     assert r.best_checkpoint == str(arc.best)
     assert set(r.thresholds) >= {"acc", "far_1e-2", "far_1e-3", "pairs_acc"}
+    # roc.json: the best epoch's curve on the sampled validation pairs, with its operating points
+    roc = json.loads((arc.ckpt_dir / "roc.json").read_text())
+    best = [json.loads(line) for line in (arc.ckpt_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert roc["epoch"] == 1 and roc["thresholds"] == r.thresholds
+    assert (roc["n_pos"], roc["n_neg"]) == (best["n_pos"], best["n_neg"])
+    assert roc["far"][0] <= roc["far"][-1] == 1.0 and len(roc["far"]) == len(roc["tar"]) == len(roc["threshold"])
+    far_1e2 = max(t for f, t in zip(roc["far"], roc["tar"]) if f <= 1e-2)
+    assert far_1e2 == pytest.approx(best["tar_1e-2"])
 
 
 # --- events -------------------------------------------------------------------------------------

@@ -16,14 +16,15 @@ from starlette.concurrency import run_in_threadpool
 from faceid.gallery import (MAX_ENROLL_IMAGES, RULE, GalleryError, NewFace, check_gallery_name,
                             check_person_name, normalize_rows)
 
+from app.batcher import Timing
 from app.deps import get_models, get_settings
 from app.galleries import GalleryService
+from app.model_manager import ModelManager
 from app.paths import FieldError
 from app.routes.inference import (_DETECT, _IMAGE, IMAGE_ERRORS, _multipart, parse_detect, parse_threshold,
                                   resolve_threshold)
 from app.routes.jobs import UNAUTHORIZED, error
 from app.schemas import FaceOut, iso
-from app.serving import ModelManager, Timing
 from app.settings import Settings
 from app.uploads import read_form
 

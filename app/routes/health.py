@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 import faceid
 from app.schemas import HealthOut, ReadyOut
-from app.serving import NO_MODEL
+from app.model_manager import NO_MODEL
 
 router = APIRouter(tags=["health"])
 

@@ -11,11 +11,12 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from faceid.errors import ConfigError
 
+from app.batcher import Timing
 from app.deps import get_models, get_settings
+from app.model_manager import NO_MODEL, ModelManager
 from app.paths import FieldError
 from app.routes.jobs import UNAUTHORIZED, error
 from app.schemas import EmbedBatchOut, EmbedOut, VerifyOut
-from app.serving import NO_MODEL, ModelManager, Timing
 from app.settings import Settings
 from app.uploads import read_form
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Response
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Response
 
 from faceid.config import TrainConfig
 
 from app.deps import get_runner, get_settings, get_store, job_or_404
-from app.jobs import RESUMABLE, JobRunner, JobStateError, JobStore, is_job_id, new_job_id, tail_lines
 from app.paths import base_checkpoint, job_config
-from app.schemas import ErrorOut, JobList, JobLogs, JobOut, JobStatus
+from app.runner import JobRunner, tail_lines
+from app.schemas import ErrorOut, JobList, JobLogs, JobOut, JobStatus, RocOut
 from app.settings import Settings
+from app.store import RESUMABLE, JobStateError, JobStore, is_job_id, new_job_id
 
 router = APIRouter(tags=["jobs"])
 
@@ -145,3 +146,21 @@ def job_logs(job_id: Annotated[str, JOB_ID],
              store: JobStore = Depends(get_store), runner: JobRunner = Depends(get_runner)) -> JobLogs:
     job_or_404(store, job_id)
     return JobLogs(id=job_id, lines=tail_lines(runner.job_dir(job_id) / "output.log", tail))
+
+
+@router.get("/jobs/{job_id}/roc", response_model=RocOut, summary="The ROC curve of a job's best epoch",
+            responses={**UNAUTHORIZED, 404: error("no such job, or no evaluated epoch yet",
+                                                  "job 3f2b... has no ROC yet: it is written when an epoch is "
+                                                  "evaluated")})
+def job_roc(job_id: Annotated[str, JOB_ID], store: JobStore = Depends(get_store),
+            runner: JobRunner = Depends(get_runner)) -> RocOut:
+    """The trainer writes `roc.json` into the job's folder with each new best epoch."""
+    job_or_404(store, job_id)
+    path = runner.job_dir(job_id) / "roc.json"
+    try:
+        return RocOut.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise HTTPException(404, f"job {job_id} has no ROC yet: it is written when an epoch is evaluated") from None
+    except ValueError:  # written by another version, or cut short: say so rather than 500
+        raise HTTPException(404, f"job {job_id}'s roc.json cannot be read; it is written again with the next "
+                                 "best epoch") from None

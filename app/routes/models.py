@@ -10,10 +10,10 @@ from starlette.concurrency import run_in_threadpool
 from faceid.metrics import operating_points
 
 from app.deps import get_models, get_store, job_or_404
-from app.jobs import JobStore
+from app.model_manager import NO_MODEL, ModelManager, ServedModel
 from app.routes.jobs import JOB_ID, NOT_FOUND, UNAUTHORIZED, error
 from app.schemas import BatchingOut, ModelOut, ReplicasOut, iso
-from app.serving import NO_MODEL, ModelManager, ServedModel
+from app.store import JobStore
 
 router = APIRouter(tags=["models"])
 

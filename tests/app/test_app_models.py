@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.jobs import JobStore
-from app.serving import STATE_KEY, inference_plan
+from app.store import JobStore
+from app.model_manager import STATE_KEY, inference_plan
 
 from service_helpers import MODE, face_like, running, wait_job, write_fake_checkpoint
 

@@ -11,7 +11,8 @@ from service_helpers import running
 pytestmark = pytest.mark.anyio
 
 ROUTES = [("post", "/jobs"), ("get", "/jobs"), ("get", "/jobs/{job_id}"), ("post", "/jobs/{job_id}/cancel"),
-          ("post", "/jobs/{job_id}/resume"), ("get", "/jobs/{job_id}/logs"), ("get", "/model"),
+          ("post", "/jobs/{job_id}/resume"), ("get", "/jobs/{job_id}/logs"), ("get", "/jobs/{job_id}/roc"),
+          ("get", "/model"),
           ("post", "/models/{job_id}/activate"), ("post", "/embed"), ("post", "/embed/batch"), ("post", "/verify"),
           ("get", "/health"), ("get", "/ready"),
           ("post", "/galleries"), ("get", "/galleries"), ("get", "/galleries/{gallery}"),

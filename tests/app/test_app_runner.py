@@ -13,9 +13,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from app.jobs import EventTail, JobProgress, JobStore, process_alive, tail_lines
+from app.progress import EventTail, JobProgress
+from app.runner import process_alive, tail_lines
+from app.store import JobStore
 from app.paths import job_config
 from faceid.config import TrainConfig
+from faceid.events import EpochEnd, thresholds_of
 from service_helpers import FAKE_TRAINER, MODE, running, wait_for, wait_job
 
 pytestmark = pytest.mark.anyio
@@ -201,7 +204,7 @@ def test_claiming_a_job_records_where_its_events_start_in_the_same_write(tmp_pat
 def test_a_database_from_before_events_offset_gets_the_column(tmp_path):
     import sqlite3
 
-    from app.jobs import _SCHEMA
+    from app.store import _SCHEMA
 
     path = tmp_path / "jobs.db"
     old = _SCHEMA.replace(",\n    events_offset INTEGER\n", "\n")
@@ -271,6 +274,31 @@ def test_progress_keeps_history_across_resume():
     p.apply({"event": "finished", "best_epoch": 1, "best_metric": "acc", "best_value": 0.61,
              "best_checkpoint": "/x/backbone_best.pt", "thresholds": {"acc": 0.3}})
     assert p.finished and p.thresholds == {"acc": 0.3}
+
+
+def test_a_running_jobs_thresholds_are_those_a_finished_run_reports():
+    """A best epoch's thresholds, read while the job runs, are the contract's thresholds_of its
+    metrics: pairs_acc too when the trainer evaluates a pairs file."""
+    epoch = EpochEnd(epoch=1, global_step=4, train_loss=0.5, lr=0.1, acc=0.6, th=0.3, auc=0.7,
+                     **{"tar_1e-2": 0.2, "tar_1e-3": 0.1, "th_far_1e-2": 0.6, "th_far_1e-3": 0.7},
+                     pairs_acc=0.65, pairs_th=0.35, is_best=True, best_epoch=1, best_value=0.6).to_json()
+    p = JobProgress(best_metric="acc")
+    p.apply(epoch)
+    assert p.thresholds == thresholds_of(epoch) == {"acc": 0.3, "far_1e-2": 0.6, "far_1e-3": 0.7, "pairs_acc": 0.35}
+    assert p.metrics == [{k: v for k, v in epoch.items() if k != "event"}]
+    assert p.best == {"epoch": 1, "metric": "acc", "value": 0.6, "checkpoint": None}
+
+
+def test_an_event_off_the_contract_is_read_as_far_as_it_goes():
+    p = JobProgress(best_metric="acc")
+    p.apply({"event": "epoch", "epoch": 2, "th": "0.4", "pairs_th": "high", "is_best": True, "best_epoch": 2})
+    assert p.thresholds == {"acc": 0.4, "far_1e-2": None, "far_1e-3": None}
+    assert p.metrics == [{"epoch": 2, "th": 0.4, "pairs_th": "high", "is_best": True, "best_epoch": 2}]
+    p.apply({"event": "progress", "epoch": "x", "step": 3, "loss": "NaN", "time": 5})
+    assert (p.progress["epoch"], p.progress["step"], p.progress["loss"], p.progress["updated_at"]) == (None, 3, None, 5)
+    p.apply({"event": "no such event", "epoch": 3})
+    p.apply({"event": ["start"]})
+    assert [m["epoch"] for m in p.metrics] == [2]
 
 
 def test_an_epoch_stopped_part_way_keeps_its_record_beside_its_completion_and_its_percent():

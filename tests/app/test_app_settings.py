@@ -86,7 +86,7 @@ def test_prepare_dirs_makes_absolute_paths(tmp_path, monkeypatch):
 
 def test_import_has_no_side_effects(tmp_path):
     """Importing app.main reads no settings, creates no folder and imports no torch."""
-    code = ("import sys, app.main, app.routes.inference, app.serving; "
+    code = ("import sys, app.main, app.routes.inference, app.model_manager, app.batcher; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "a = app.main.create_app(); assert 'torch' not in sys.modules; print('ok')")
     root = Path(__file__).resolve().parents[2]
@@ -101,7 +101,7 @@ def test_inference_plan():
     GPU; an explicit FACEID_INFER_WORKERS wins on a CPU, the cores shared out between its workers."""
     import os
 
-    from app.serving import inference_plan
+    from app.model_manager import inference_plan
 
     cores = len(os.sched_getaffinity(0))
     assert inference_plan(0, "cpu") == ((2, cores // 2) if cores >= 2 else (1, 1))
@@ -122,13 +122,13 @@ async def test_uploads_are_decoded_on_one_thread_per_core(monkeypatch, tmp_path,
     import anyio
     from PIL import Image
 
-    import app.serving as serving
-    from app.jobs import JobStore
+    import app.model_manager as model_manager
+    from app.store import JobStore
     from service_helpers import fake_loader, service_settings
 
-    monkeypatch.setattr(serving, "usable_cpus", lambda: cores)
-    manager = serving.ModelManager(service_settings(models_dir=tmp_path), JobStore(tmp_path / "jobs.db"),
-                                   loader=fake_loader)
+    monkeypatch.setattr(model_manager, "usable_cpus", lambda: cores)
+    manager = model_manager.ModelManager(service_settings(models_dir=tmp_path), JobStore(tmp_path / "jobs.db"),
+                                         loader=fake_loader)
     together = threading.Barrier(threads, timeout=5)  # passes only if `threads` decodes run at once
     running, peak, entered, lock = [0], [0], [0], threading.Lock()
 
@@ -149,8 +149,8 @@ async def test_uploads_are_decoded_on_one_thread_per_core(monkeypatch, tmp_path,
 
     buf = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buf, "PNG")
-    served = serving.ServedModel(id="m", job_id=None, checkpoint="-", source="env", pinned=False,
-                                 loaded_at=0.0, verifier=Model())
+    served = model_manager.ServedModel(id="m", job_id=None, checkpoint="-", source="env", pinned=False,
+                                       loaded_at=0.0, verifier=Model())
     try:
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:

@@ -11,10 +11,6 @@ network.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from real_server import REPO, real_server
+
 SAMPLE = REPO / "data" / "sample"
 
 pytestmark = [
@@ -38,42 +35,10 @@ JOB = {"preset": "cpu-small", "train": "sample/train", "val": "sample/val", "pai
        "workers": 0, "progress_step_pct": 10}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    models = tmp_path_factory.mktemp("models")
-    log_path = models / "server.log"
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_")}
-    env.update(FACEID_DATA_DIR=str(REPO / "data"), FACEID_MODELS_DIR=str(models),
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    yield base, proc, log_path
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with real_server(tmp_path_factory.mktemp("models")) as running_server:
+        yield running_server
 
 
 def _pairs(limit: int) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:

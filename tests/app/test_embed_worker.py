@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from app.serving import EmbedWorker
+from app.batcher import EmbedWorker
 
 
 class BlockingVerifier:

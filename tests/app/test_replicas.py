@@ -1,5 +1,5 @@
-"""Inference replicas (FACEID_INFER_REPLICAS, app/replicas.py): extra server processes answering
-/embed and /verify on FACEID_INFER_PORT with the main server's model.
+"""Inference replicas (FACEID_INFER_REPLICAS, app/replicas.py and app/replica_app.py): extra server
+processes answering /embed and /verify on FACEID_INFER_PORT with the main server's model.
 
 In process (fake verifier): a replica follows the model the main server serves, through the job
 database, and answers only the inference and health routes. Real processes (a tiny real
@@ -22,10 +22,11 @@ import httpx
 import numpy as np
 import pytest
 
-from app.replicas import ReplicaSupervisor, _Replica, create_replica_app
-from app.serving import STATE_KEY, ModelManager
-from app.jobs import JobStore
+from app.model_manager import STATE_KEY, ModelManager
+from app.replica_app import create_replica_app
+from app.replicas import ReplicaSupervisor, _Replica
 from app.settings import load_settings
+from app.store import JobStore
 from faceid.errors import ConfigError
 from service_helpers import fake_loader, image_bytes, running, wait_job, write_fake_checkpoint
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import faceid.inference
-from app.serving import load_verifier
+from app.model_manager import load_verifier
 from faceid.errors import CheckpointError
 
 

@@ -37,7 +37,7 @@ def _name(func: ast.expr) -> str:
 
 
 def test_sources_found():
-    assert len(SOURCES) > 15 and any(p.name == "jobs.py" for p in SOURCES)
+    assert len(SOURCES) > 15 and any(p.name == "store.py" for p in SOURCES)
 
 
 def test_every_torch_load_is_weights_only():
@@ -69,7 +69,7 @@ def test_no_shell_anywhere():
 
 def test_sql_text_never_holds_values():
     """Every execute() takes SQL text that is a literal, or an f-string of column names and `?`
-    marks built from a fixed list (app/jobs.py's _UPDATABLE); values go in as parameters."""
+    marks built from a fixed list (app/store.py's _UPDATABLE); values go in as parameters."""
     allowed_names = {"assignments", "marks"}
     executes = []
     for path in SOURCES:
@@ -88,8 +88,8 @@ def test_sql_text_never_holds_values():
                 executes.append((path.name, call.lineno, ok))
     assert len(executes) >= 10
     assert all(ok for *_, ok in executes), [e for e in executes if not e[2]]
-    jobs = (REPO / "app" / "jobs.py").read_text()
-    assert "assert set(names) <= _UPDATABLE" in jobs and "unknown = set(values) - _UPDATABLE" in jobs
+    store = (REPO / "app" / "store.py").read_text()
+    assert "assert set(names) <= _UPDATABLE" in store and "unknown = set(values) - _UPDATABLE" in store
 
 
 def test_api_key_compared_in_constant_time():

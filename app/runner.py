@@ -1,0 +1,364 @@
+"""The job runner: executes queued jobs as child processes, and the process utilities it needs.
+
+The runner starts queued jobs one at a time as `<trainer_cmd> --config config.json --events_file
+events.jsonl` (an argument list in its own process group, docs/CONTRACTS.md section 1), reads the
+events the process appends (app/progress.py) and records them in the job store (app/store.py), so
+a crash, an out-of-memory kill or a cancel of the training process never touches the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from faceid.omp import training_child_env
+
+from app.progress import EventTail, JobProgress
+from app.store import INTERRUPTED_MESSAGE, JobStateError, JobStore
+
+log = logging.getLogger(__name__)
+
+
+def tail_lines(path: Path, n: int, max_bytes: int = 4 << 20) -> list[str]:
+    """The last `n` lines of a text file, reading at most `max_bytes` from its end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            start = max(0, size - max_bytes)
+            f.seek(start)
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if start > 0 and lines:
+        lines = lines[1:]  # the first line was cut
+    return lines[-n:] if n > 0 else []
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe_exit(rc: int, what: str = "the training process") -> str:
+    """Why process `what` ended, from its return code (negative: the signal that killed it)."""
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        hint = " (the out-of-memory killer does this)" if -rc == signal.SIGKILL else ""
+        return f"{what} was killed by {name}{hint}"
+    if rc == 143:
+        return f"{what} was stopped by SIGTERM from outside the service"
+    return f"{what} exited with code {rc}"
+
+
+# -- runner ---------------------------------------------------------------------------------------
+
+@dataclass
+class _Running:
+    job_id: str
+    proc: subprocess.Popen
+    kill_at: Optional[float] = None
+
+
+class JobRunner:
+    """Runs queued jobs one at a time in a background thread."""
+
+    def __init__(self, *, store: JobStore, jobs_dir: Path, trainer_cmd: Iterable[str],
+                 cancel_grace_s: float = 30.0, poll_interval_s: float = 0.5,
+                 on_succeeded: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
+        self.store = store
+        self.jobs_dir = jobs_dir
+        self.trainer_cmd = list(trainer_cmd)
+        if self.trainer_cmd and os.sep in self.trainer_cmd[0] and not os.path.isabs(self.trainer_cmd[0]):
+            # A relative program path (sys.executable is one when PATH holds a relative folder, such as
+            # PATH=.venv/bin:$PATH) means the server's folder; the process starts in the job's folder.
+            self.trainer_cmd[0] = os.path.abspath(self.trainer_cmd[0])
+        self.cancel_grace_s = cancel_grace_s
+        self.poll_interval_s = poll_interval_s
+        self.on_succeeded = on_succeeded
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._current: Optional[_Running] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def recover(self) -> list[dict[str, Any]]:
+        """At start: mark jobs left running by a dead server as interrupted, and stop their
+        training processes if they outlived it (same process group, same config file)."""
+        jobs = self.store.interrupt_running()
+        for job in jobs:
+            pid = job.get("pid")
+            if pid and _is_our_trainer(pid, self.job_dir(job["id"]) / "config.json"):
+                log.warning("job %s: stopping its training process %d, left over from the last server",
+                            job["id"], pid)
+                _kill_group(pid, signal.SIGTERM)
+                deadline = time.monotonic() + min(self.cancel_grace_s, 10.0)
+                while time.monotonic() < deadline and process_alive(pid):
+                    time.sleep(0.1)
+                _kill_group(pid, signal.SIGKILL)
+            self._catch_up(job)
+            log.warning("job %s was running when the server stopped; marked interrupted", job["id"])
+        return jobs
+
+    def _catch_up(self, job: dict[str, Any]) -> None:
+        """Apply the events a dead server left unread: the last progress, and what its trainer did
+        when it was stopped (an evaluated epoch, a new best checkpoint, last.pt), so that the job's
+        metrics, best and thresholds describe the files in its folder."""
+        if job.get("events_offset") is None:
+            return
+        try:
+            state = JobProgress.from_job(job)
+            tail = EventTail(self.job_dir(job["id"]) / "events.jsonl", int(job["events_offset"]))
+            count = 0
+            while True:  # to the end: one read takes at most 8 MB
+                before = tail.offset
+                n = self._take_events(job["id"], state, tail)
+                count += n
+                if not n and tail.offset == before:
+                    break
+            if count:
+                log.info("job %s: %d events of its last run read after the restart", job["id"], count)
+        except Exception:  # noqa: BLE001 - an unreadable events file must not stop the server's start
+            log.exception("job %s: the events of its last run could not be read", job["id"])
+
+    def _take_events(self, job_id: str, state: JobProgress, tail: "EventTail") -> int:
+        """Apply the complete events appended since the tail's last read; store the job's columns
+        and how far its events are read. Returns how many there were."""
+        events = tail.read()
+        for ev in events:
+            state.apply(ev)
+        if events:
+            self.store.update(job_id, events_offset=tail.consumed, **state.columns())
+        return len(events)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="faceid-job-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Stop taking jobs; a running job gets SIGTERM (it saves last.pt), SIGKILL after the grace
+        period, and ends `interrupted` so that it can be resumed."""
+        self._stopping.set()
+        with self._lock:
+            current = self._current
+            if current is not None:
+                _kill_group(current.proc.pid, signal.SIGTERM)
+                current.kill_at = time.monotonic() + self.cancel_grace_s
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout if timeout is not None else self.cancel_grace_s + 10)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> str:
+        """'cancelled' (it was queued) or 'cancelling' (SIGTERM sent to its process group).
+        Raises JobStateError when the job is neither queued nor running."""
+        if self.store.cancel_queued(job_id):
+            return "cancelled"
+        if self.store.request_cancel(job_id):
+            with self._lock:
+                current = self._current
+                if current is not None and current.job_id == job_id:
+                    _kill_group(current.proc.pid, signal.SIGTERM)
+                    if current.kill_at is None:
+                        current.kill_at = time.monotonic() + self.cancel_grace_s
+            self._wake.set()
+            return "cancelling"
+        job = self.store.get(job_id)
+        status = job["status"] if job else "unknown"
+        raise JobStateError(f"job {job_id} is {status}; only queued or running jobs can be cancelled")
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                job = self.store.next_queued()
+            except Exception:  # the store is closing
+                log.exception("job runner: cannot read the queue")
+                job = None
+            if job is None:
+                self._wake.wait(1.0)
+                continue
+            try:
+                self._run(job)
+            except Exception as e:  # a bug here must not leave a job running forever
+                log.exception("job runner: job %s", job["id"])
+                self.store.update(job["id"], status="failed", finished_at=time.time(),
+                                  error=f"internal error in the job runner: {type(e).__name__}: {e}"[:2000],
+                                  error_kind="internal")
+
+    def _run(self, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        job_dir = self.job_dir(job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = job_dir / "config.json"
+        events_path = job_dir / "events.jsonl"
+        log_path = job_dir / "output.log"
+        config = dict(job["config"])
+        if "crop" in config and "align" not in config:
+            # stored whole before the option existed: the job resumes as it started, unaligned
+            config["align"] = "none"
+        _write_json_atomic(cfg_path, config)
+        offset = events_path.stat().st_size if events_path.exists() else 0
+        if not self.store.claim(job_id, events_offset=offset):  # a dead server's unread events start there
+            return  # cancelled between next_queued and now
+        attempt = (self.store.get(job_id) or job)["attempts"]
+        cmd = [*self.trainer_cmd, "--config", str(cfg_path), "--events_file", str(events_path)]
+        env = _child_env()
+        with open(log_path, "ab") as out:
+            out.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
+            out.flush()
+            try:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        cwd=job_dir, env=env, start_new_session=True, close_fds=True)
+            except OSError as e:
+                self.store.update(job_id, status="failed", finished_at=time.time(), error_kind="internal",
+                                  error=f"could not start the training process {cmd[0]!r}: {e.strerror or e}")
+                return
+        log.info("job %s: started training process %d", job_id, proc.pid)
+        with self._lock:
+            self._current = _Running(job_id, proc)
+            # A cancel or stop() that came between claim() and here found no process to signal.
+            if self._stopping.is_set() or (self.store.get(job_id) or {}).get("cancel_requested"):
+                _kill_group(proc.pid, signal.SIGTERM)
+                self._current.kill_at = time.monotonic() + self.cancel_grace_s
+        self.store.update(job_id, pid=proc.pid)
+        state = JobProgress.from_job(job)
+        tail = EventTail(events_path, offset)
+        try:
+            while True:
+                rc = proc.poll()
+                self._take_events(job_id, state, tail)
+                if rc is not None:
+                    break
+                with self._lock:
+                    kill_at = self._current.kill_at if self._current else None
+                if kill_at is not None and time.monotonic() >= kill_at:
+                    log.warning("job %s: no exit %.0f s after SIGTERM; sending SIGKILL", job_id,
+                                self.cancel_grace_s)
+                    _kill_group(proc.pid, signal.SIGKILL)
+                time.sleep(self.poll_interval_s)
+        finally:
+            # DataLoader workers of a killed trainer would linger in its group: end them too.
+            _kill_group(proc.pid, signal.SIGKILL)
+            with self._lock:
+                self._current = None
+        self._finish(job_id, job_dir, rc, state, log_path)
+
+    def _settle(self, job_id: str, state: JobProgress, done: bool) -> None:
+        """The progress a finished job shows: all of it when it succeeded (a time limit that ended
+        it early included), else as far as it got, with no time left to wait for."""
+        if state.progress:
+            extra = {"percent": 100.0, "eta_s": 0.0} if done else {"eta_s": None}
+            self.store.update(job_id, progress={**state.progress, **extra})
+
+    def _finish(self, job_id: str, job_dir: Path, rc: int, state: JobProgress, log_path: Path) -> None:
+        current = self.store.get(job_id) or {}
+        now = time.time()
+        self._settle(job_id, state, done=rc == 0)
+        if rc == 0:
+            ckpt = Path(state.checkpoint) if state.checkpoint else job_dir / "backbone_best.pt"
+            if ckpt.is_file():
+                # Serve the model first, then report success: a client that sees `succeeded` can
+                # call /verify at once. A checkpoint that fails to load leaves the old model.
+                if self.on_succeeded is not None:
+                    try:
+                        self.on_succeeded({**current, "checkpoint": str(ckpt)})
+                    except Exception as e:
+                        # Not `succeeded`: that status promises the model is served.
+                        log.error("job %s: its checkpoint cannot be served: %s", job_id, e)
+                        self.store.update(job_id, status="failed", finished_at=time.time(), exit_code=rc,
+                                          pid=None, checkpoint=str(ckpt), error_kind="checkpoint",
+                                          error=f"training finished, but its checkpoint cannot be served "
+                                                f"({e}); the previous model stays"[:2000])
+                        return
+                self.store.update(job_id, status="succeeded", finished_at=time.time(), exit_code=rc,
+                                  pid=None, checkpoint=str(ckpt), error=None)
+                log.info("job %s succeeded: %s", job_id, ckpt)
+                return
+            self.store.update(job_id, status="failed", finished_at=now, exit_code=rc, pid=None,
+                              error_kind="internal",
+                              error=f"the training process exited without writing {ckpt.name}")
+            return
+        if current.get("cancel_requested"):
+            self.store.update(job_id, status="cancelled", finished_at=now, exit_code=rc, pid=None,
+                              error=None, error_kind=None)
+            log.info("job %s cancelled", job_id)
+            return
+        if self._stopping.is_set():
+            self.store.update(job_id, status="interrupted", finished_at=now, exit_code=rc, pid=None,
+                              error=INTERRUPTED_MESSAGE.format(id=job_id))
+            log.info("job %s interrupted by the server stopping", job_id)
+            return
+        if state.error:
+            error = state.error
+        else:
+            last = [ln.strip() for ln in tail_lines(log_path, 20) if ln.strip() and not ln.startswith("--- attempt")]
+            error = describe_exit(rc) + (f"; last output: {last[-1][:500]}" if last else "")
+        self.store.update(job_id, status="failed", finished_at=now, exit_code=rc, pid=None, error=error,
+                          error_kind=state.error_kind or ("internal" if rc != 2 else "config"))
+        log.warning("job %s failed: %s", job_id, error)
+
+
+def _child_env() -> dict[str, str]:
+    """The server's environment minus its secrets and its own OpenMP wait default (training
+    spins briefly instead, faceid/omp.py), with the faceid package importable."""
+    env = training_child_env({k: v for k, v in os.environ.items() if k != "FACEID_API_KEY"})
+    import faceid
+
+    root = str(Path(faceid.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped by its parent, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _is_our_trainer(pid: int, config_path: Path) -> bool:
+    """True when process `pid` still runs with this job's config file (guards against pid reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return str(config_path).encode() in cmdline

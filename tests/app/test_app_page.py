@@ -1,0 +1,55 @@
+"""The web page as the server sends it: GET / and /ui/*, open without the API key (they hold no
+data), small, nothing from another origin; and GET /jobs/{id}/roc, the curve the page plots."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from app.routes.ui import STATIC
+from service_helpers import running, wait_job
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_page_and_its_files_are_served_without_the_key_and_weigh_little(make_app):
+    async with running(make_app(api_key="s3cret")) as client:
+        page = await client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        html = page.text
+        linked = [u for u in re.findall(r'(?:src|href)="([^"#]+)"', html) if u != "data:,"]  # no favicon fetch
+        assert linked and all(u.startswith("/ui/") for u in linked), linked
+        total = len(page.content)
+        for url in linked:
+            r = await client.get(url)
+            assert r.status_code == 200, url
+            total += len(r.content)
+            # nothing leaves the server's origin: no absolute URL is fetched by the page
+            assert not re.search(r"""(?:src=|href=|url\(|fetch\()\s*["']?(?:https?:)?//""", r.text), url
+        assert total < 300_000
+        assert {f.name for f in STATIC.iterdir()} == {"index.html", "app.js", "plot.js", "style.css"}
+        # the data still needs the key
+        assert (await client.get("/jobs")).status_code == 401
+        assert (await client.get("/ui/../jobs")).status_code in (401, 404)
+
+
+async def test_roc_of_a_job_is_the_best_epochs_curve(make_app, job_body):
+    async with running(make_app()) as client:
+        job = (await client.post("/jobs", json=job_body)).json()
+        done = await wait_job(client, job["id"])
+        assert done["status"] == "succeeded"
+        r = await client.get(f"/jobs/{job['id']}/roc")
+        assert r.status_code == 200, r.text
+        roc = r.json()
+        assert roc["epoch"] == done["best"]["epoch"] == 2
+        assert len(roc["far"]) == len(roc["tar"]) == len(roc["threshold"]) and roc["thresholds"]["far_1e-3"] == 0.9
+        assert (await client.get("/jobs/" + "0" * 32 + "/roc")).status_code == 404
+
+
+async def test_roc_before_any_epoch_is_404_saying_why(make_app, job_body):
+    async with running(make_app()) as client:
+        job = (await client.post("/jobs", json={**job_body, "seed": 1})).json()  # data error: no epoch
+        await wait_job(client, job["id"])
+        r = await client.get(f"/jobs/{job['id']}/roc")
+        assert r.status_code == 404 and "has no ROC yet" in r.json()["detail"], r.text

@@ -1,0 +1,132 @@
+"""The web page in a real browser (headless Chromium driven by Selenium) against a real server
+with the real trainer: start a small job from the form, watch it succeed, see its curves, verify
+two photos, and check that no request leaves the server's origin.
+
+Needs Debian's chromium and chromium-driver (scripts/test.sh installs them where it can); skips
+without them. With FACEID_SCREENSHOTS_DIR set, saves a screenshot of each page there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from real_server import REPO, real_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+SAMPLE = REPO / "data" / "sample"
+
+pytestmark = [
+    pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow,
+    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                       reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)"),
+]
+
+# a small job: 2 short epochs at 32 px on the shipped sample (faces found and aligned)
+EXTRA = '{"batch_size": 16, "max_steps_per_epoch": 5, "eval_pairs": 500, "workers": 0, "progress_step_pct": 10}'
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
+                "--disable-gpu"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _shot(driver, name: str) -> None:
+    folder = os.environ.get("FACEID_SCREENSHOTS_DIR")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(folder) / f"{name}.png"))
+
+
+def _wait(driver, seconds: float, what: str, condition):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, seconds, poll_frequency=0.5).until(condition, message=what)
+
+
+def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    with real_server(tmp_path) as (base, proc, log_path):
+        browser.get(base + "/#/jobs")
+        form = _wait(browser, 30, "the start form", lambda d: d.find_element(By.ID, "new-job"))
+        form.find_element(By.NAME, "epochs").send_keys("2")
+        form.find_element(By.NAME, "img_size").send_keys("32")
+        form.find_element(By.NAME, "extra").send_keys(EXTRA)
+        _shot(browser, "jobs")
+        form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+
+        # the form takes us to the job's page; it follows the job until it has succeeded
+        _wait(browser, 20, "the job's page", lambda d: "#/jobs/" in d.current_url)
+        job_id = browser.current_url.rsplit("/", 1)[-1]
+        assert len(job_id) == 32
+        def finished(d):  # the page redraws every 2 s: read the state in the browser, at once
+            state = d.execute_script("const e = document.querySelector('[data-status]'); "
+                                     "return e && e.dataset.status")
+            return state if state in ("succeeded", "failed") else None
+
+        status = _wait(browser, 600, "the job to finish", finished)
+        assert status == "succeeded", log_path.read_text()[-3000:]
+
+        # curves: loss and validation metrics with a point per epoch, and the ROC with its
+        # operating points marked
+        def plotted(d):
+            series = d.execute_script("return Object.fromEntries([...document.querySelectorAll('svg path.series')]"
+                                      ".map(e => [e.dataset.name, Number(e.dataset.points)]))")
+            has_roc = any(name.startswith("epoch ") for name in series)
+            return series if series.get("train_loss") == 2 and has_roc else None
+
+        series = _wait(browser, 30, "the curves", plotted)
+        assert series["train_loss"] == 2 and series["auc"] == 2 and series["acc"] == 2, series
+        roc_points = max(v for k, v in series.items() if k.startswith("epoch "))
+        assert roc_points > 5, series
+        markers = set(browser.execute_script(
+            "return [...document.querySelectorAll('svg g.marker text')].map(e => e.textContent)"))
+        assert "acc" in markers, markers
+        _wait(browser, 30, "the job's model served", lambda d: job_id[:8] in d.find_element(By.ID, "served").text)
+        _shot(browser, "job")
+
+        # verify two photos of one person: the answer, and the faces drawn
+        person = next(d for d in sorted((SAMPLE / "val").iterdir()) if len(list(d.glob("*.jpg"))) >= 2)
+        a, b = sorted(person.glob("*.jpg"))[:2]
+        browser.get(base + "/#/try")
+        _wait(browser, 20, "the try page", lambda d: d.find_element(By.ID, "verify"))
+        browser.find_element(By.NAME, "image1").send_keys(str(a))
+        browser.find_element(By.NAME, "image2").send_keys(str(b))
+        browser.find_element(By.ID, "verify").click()
+        verdict = _wait(browser, 60, "the verify answer", lambda d: d.find_element(By.CSS_SELECTOR, "#verify-result .verdict"))
+        assert verdict.text in ("Same person", "Different people")
+        result = browser.find_element(By.ID, "verify-result")
+        assert "similarity" in result.text and job_id[:8] in result.text
+        assert int(result.get_attribute("data-faces")) == 2  # a box and landmarks drawn on each photo
+        widths = [c.get_attribute("width") for c in browser.find_elements(By.CSS_SELECTOR, ".photo canvas")]
+        assert all(int(w) > 0 for w in widths), widths
+        _shot(browser, "try")
+
+        browser.get(base + "/#/models")
+        _wait(browser, 20, "the models page", lambda d: d.find_element(By.ID, "served-id"))
+        assert browser.find_element(By.ID, "served-id").text == job_id[:8]
+        _shot(browser, "models")
+
+        # no script error on any page, and everything the page loaded came from the server itself
+        # (answers such as /model's 503 before the first model are the API's, and the page shows them)
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and e["source"] == "javascript"]
+        assert not errors, errors
+        urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert urls and all(u.startswith(base + "/") for u in urls), urls
