@@ -235,6 +235,24 @@ async def test_a_model_switch_reembeds_the_gallery(gallery_app, rotated_ckpt):
         assert all(sorted(f["models"]) == sorted([old, new.id]) for f in faces)
 
 
+async def test_a_restart_with_another_model_reembeds_the_gallery(make_settings, ckpt, rotated_ckpt):
+    async with running(create_app(make_settings(checkpoint=ckpt), verifier_loader=loader)) as c:
+        await c.post("/galleries", json={"name": "g"})
+        for i in range(3):
+            await enroll(c, "g", f"p{i}", person_image(i))
+    async with running(create_app(make_settings(checkpoint=rotated_ckpt), verifier_loader=loader)) as c:
+        new = (await c.get("/model")).json()["id"]
+        for _ in range(200):
+            g = (await c.get("/galleries/g")).json()
+            if g["status"] == "ready":
+                break
+            await anyio.sleep(0.05)
+        assert (g["status"], g["model"], g["searchable_faces"]) == ("ready", new, 3)
+        for i in range(3):
+            out = await identify(c, "g", person_image(i))
+            assert out["person"] == f"p{i}" and out["score"] == pytest.approx(1.0, abs=1e-5)
+
+
 async def test_bulk_import_checks_the_model(gallery_app, ckpt):
     vec = FakeVerifier(ckpt).embed([Image.open(io.BytesIO(person_image(5)))])[0]
     async with running(gallery_app()) as c:
