@@ -308,7 +308,7 @@ function photoPanel(name) {
 }
 
 function drawFace(canvas, img, face) {
-  const scale = Math.min(1, 480 / img.width);
+  const scale = img.width < 320 ? 320 / img.width : Math.min(1, 480 / img.width);  // small crops drawn larger
   canvas.width = Math.round(img.width * scale);
   canvas.height = Math.round(img.height * scale);
   const ctx = canvas.getContext("2d");
@@ -351,6 +351,96 @@ function tryView() {
     h("div", { class: "row" }, "threshold ", threshold, go), result);
 }
 
+// --- galleries -------------------------------------------------------------------------------
+function drawFaces(canvas, img, faces) {
+  const scale = img.width < 320 ? 320 / img.width : Math.min(1, 560 / img.width);
+  canvas.width = Math.round(img.width * scale);
+  canvas.height = Math.round(img.height * scale);
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+  ctx.font = "bold 14px system-ui, sans-serif";
+  for (const f of faces) {
+    if (!f.face || !f.face.box) continue;
+    const [x0, y0, x1, y1] = f.face.box.map((v) => v * scale);
+    ctx.strokeStyle = f.person ? "#1a7f45" : "#b3261e";
+    ctx.lineWidth = 2;
+    ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+    const label = `${f.person || "unknown"} ${num(f.score, 2)}`;
+    ctx.fillStyle = ctx.strokeStyle;
+    ctx.fillRect(x0, Math.max(0, y0 - 18), ctx.measureText(label).width + 8, 18);
+    ctx.fillStyle = "#fff";
+    ctx.fillText(label, x0 + 4, Math.max(13, y0 - 5));
+  }
+}
+
+async function galleriesView(name) {
+  const list = (await api("GET", "/galleries")).galleries;
+  const create = h("form", { class: "row", id: "new-gallery" }, h("input", { name: "name", placeholder: "new gallery name", required: true }),
+    h("button", { type: "submit" }, "Create"));
+  create.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const value = create.querySelector("input").value.trim();
+    try { await api("POST", "/galleries", { name: value }); location.hash = `#/galleries/${encodeURIComponent(value)}`; }
+    catch (err) { say(err.message); }
+  });
+  const table = h("table", { id: "galleries" }, h("tr", {}, ["gallery", "people", "faces", "status", "model"].map((t) => h("th", {}, t))),
+    list.map((g) => h("tr", {}, h("td", {}, h("a", { href: `#/galleries/${encodeURIComponent(g.name)}` }, g.name)),
+      h("td", { class: "num" }, g.people), h("td", { class: "num" }, g.faces),
+      h("td", {}, g.reembedding ? `${g.status} ${g.reembedding.done}/${g.reembedding.total}` : g.status), h("td", {}, short(g.model)))));
+  const parts = [h("h2", {}, "Galleries"), table, create];
+  if (name) parts.push(...(await galleryPanel(decodeURIComponent(name))));
+  view.replaceChildren(...parts);
+}
+
+async function galleryPanel(name) {
+  const path = `/galleries/${encodeURIComponent(name)}`;
+  const people = (await api("GET", `${path}/people`)).people;
+  const person = h("input", { name: "person", placeholder: "person's name", required: true });
+  const photos = h("input", { type: "file", name: "images", accept: "image/*", multiple: true, required: true });
+  const enroll = h("form", { class: "row", id: "enroll" }, person, photos, h("button", { type: "submit" }, "Enroll"));
+  enroll.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const body = new FormData();
+    for (const f of photos.files) body.append("images", f);
+    try {
+      const r = await api("POST", `${path}/people/${encodeURIComponent(person.value.trim())}/faces`, body);
+      say(`enrolled ${r.enrolled.length} photo(s) of ${r.person} (${r.faces} faces now)`, "info");
+      galleriesView(encodeURIComponent(name));
+    } catch (err) { say(err.message); }
+  });
+  const probe = h("input", { type: "file", name: "image", accept: "image/*" });
+  const canvas = h("canvas", { width: 0, height: 0 });
+  const answer = h("div", { id: "identify-result" });
+  const identify = h("button", { id: "identify" }, "Who is this?");
+  identify.addEventListener("click", async () => {
+    if (!probe.files[0]) { say("pick a photo first"); return; }
+    const body = new FormData();
+    body.append("image", probe.files[0]);
+    try {
+      const r = await api("POST", `${path}/identify`, body);
+      say("");
+      const faces = r.faces && r.faces.length ? r.faces : [{ face: null, person: r.person, score: r.score }];
+      answer.dataset.person = r.person || "";
+      answer.replaceChildren(h("div", { class: `verdict ${r.person ? "match" : "nomatch"}` }, r.person || "unknown"),
+        h("p", {}, `score ${num(r.score)} against ${r.threshold_name} ${num(r.threshold)} (a person's best face) · `
+          + `${faces.length} face(s) · candidates: ${(r.candidates || []).map((c) => `${c.person} ${num(c.score, 3)}`).join(", ")}`));
+      const img = new Image();
+      img.onload = () => drawFaces(canvas, img, faces);
+      img.src = URL.createObjectURL(probe.files[0]);
+    } catch (err) { say(err.message); }
+  });
+  const remove = (who) => async () => {
+    try { await api("DELETE", `${path}/people/${encodeURIComponent(who)}`); } catch (err) { say(err.message); }
+    galleriesView(encodeURIComponent(name));
+  };
+  return [h("h2", {}, `Gallery ${name}`),
+    h("table", { id: "people" }, h("tr", {}, ["person", "faces", ""].map((t) => h("th", {}, t))),
+      people.map((p) => h("tr", {}, h("td", {}, p.name), h("td", { class: "num" }, p.faces),
+        h("td", {}, h("button", { class: "plain", onclick: remove(p.name) }, "Delete"))))),
+    h("h2", {}, "Enroll"), enroll,
+    h("h2", {}, "Identify"), h("div", { class: "row" }, probe, identify), answer, h("div", { class: "photo" }, canvas)];
+}
+
 // --- routing ---------------------------------------------------------------------------------
 async function poll(refresh) {
   const again = await refresh();
@@ -366,6 +456,7 @@ async function route() {
     else if (name === "compare") await compareView(arg ? arg.split(",") : []);
     else if (name === "models") await modelsView();
     else if (name === "try") tryView();
+    else if (name === "galleries") await galleriesView(arg);
     else await jobsView();
   } catch (e) {
     say(e.status === 401 ? `${e.message} (enter the server's API key above)` : e.message);

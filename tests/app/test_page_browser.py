@@ -1,6 +1,7 @@
 """The web page in a real browser (headless Chromium driven by Selenium) against a real server
 with the real trainer: start a small job from the form, watch it succeed, see its curves, verify
-two photos, and check that no request leaves the server's origin.
+two photos, enroll people in a gallery and identify a photo, and check that no request leaves the
+server's origin.
 
 Needs Debian's chromium and chromium-driver (scripts/test.sh installs them where it can); skips
 without them. With FACEID_SCREENSHOTS_DIR set, saves a screenshot of each page there.
@@ -118,6 +119,33 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         widths = [c.get_attribute("width") for c in browser.find_elements(By.CSS_SELECTOR, ".photo canvas")]
         assert all(int(w) > 0 for w in widths), widths
         _shot(browser, "try")
+
+        # a gallery: create it, enroll two people, ask who a third photo of one of them is
+        browser.get(base + "/#/galleries")
+        form = _wait(browser, 20, "the gallery form", lambda d: d.find_element(By.ID, "new-gallery"))
+        form.find_element(By.NAME, "name").send_keys("staff")
+        form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        _wait(browser, 20, "the gallery's page", lambda d: d.current_url.endswith("#/galleries/staff"))
+        people = [d for d in sorted((SAMPLE / "val").iterdir()) if len(list(d.glob("*.jpg"))) >= 3][:2]
+        for who in people:
+            enroll = _wait(browser, 20, "the enroll form", lambda d: d.find_element(By.ID, "enroll"))
+            enroll.find_element(By.NAME, "person").send_keys(who.name)
+            enroll.find_element(By.NAME, "images").send_keys("\n".join(str(f) for f in sorted(who.glob("*.jpg"))[:2]))
+            enroll.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            _wait(browser, 60, f"{who.name} enrolled", lambda d, name=who.name: name in d.find_element(By.ID, "people").text)
+        rows = browser.execute_script("return [...document.querySelectorAll('#people tr')].slice(1)"
+                                      ".map(r => [r.cells[0].textContent, Number(r.cells[1].textContent)])")
+        assert sorted(rows) == sorted([who.name, 2] for who in people), rows
+        browser.find_element(By.NAME, "image").send_keys(str(sorted(people[0].glob("*.jpg"))[2]))
+        browser.find_element(By.ID, "identify").click()
+        verdict = _wait(browser, 60, "the identify answer",
+                        lambda d: d.find_element(By.CSS_SELECTOR, "#identify-result .verdict").text)
+        # a tiny model may not know them apart; the page shows its answer and the face found
+        assert verdict in {who.name for who in people} | {"unknown"}, verdict
+        assert "candidates" in browser.find_element(By.ID, "identify-result").text
+        _wait(browser, 10, "the probe drawn", lambda d: int(d.find_element(By.CSS_SELECTOR, ".photo canvas")
+                                                            .get_attribute("width")) > 0)
+        _shot(browser, "galleries")
 
         browser.get(base + "/#/models")
         _wait(browser, 20, "the models page", lambda d: d.find_element(By.ID, "served-id"))
