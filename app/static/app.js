@@ -132,10 +132,16 @@ function jobActions(job, after) {
 
 function newJobForm() {
   const field = (label, input, cls) => h("label", { class: cls }, label, input);
+  const folders = h("datalist", { id: "data-folders" });
+  const pairFiles = h("datalist", { id: "data-pairs" });
+  api("GET", "/data").then((d) => {  // suggestions: what lies under the data root
+    folders.replaceChildren(...d.folders.map((f) => h("option", { value: f.path }, `${f.people} people`)));
+    pairFiles.replaceChildren(...d.pairs_files.map((p) => h("option", { value: p })));
+  }).catch(() => {});
   const inputs = {
-    train: h("input", { name: "train", value: "sample/train", required: true }),
-    val: h("input", { name: "val", value: "sample/val", required: true }),
-    pairs_file: h("input", { name: "pairs_file", value: "sample/pairs.txt", placeholder: "none" }),
+    train: h("input", { name: "train", value: "sample/train", required: true, list: "data-folders" }),
+    val: h("input", { name: "val", value: "sample/val", required: true, list: "data-folders" }),
+    pairs_file: h("input", { name: "pairs_file", value: "sample/pairs.txt", placeholder: "none", list: "data-pairs" }),
     preset: h("select", { name: "preset" }, ["cpu-small", "finetune", ""].map((p) => h("option", { value: p }, p || "none"))),
     epochs: h("input", { name: "epochs", type: "number", min: 1, placeholder: "preset's" }),
     img_size: h("input", { name: "img_size", type: "number", min: 32, placeholder: "preset's" }),
@@ -147,7 +153,7 @@ function newJobForm() {
     field("train (under the data root)", inputs.train), field("val", inputs.val),
     field("pairs_file", inputs.pairs_file), field("preset", inputs.preset), field("epochs", inputs.epochs),
     field("img_size", inputs.img_size), field("init_from", inputs.init_from),
-    field("other fields (JSON, as the POST /jobs body)", inputs.extra, "wide"), h("div", {}, submit));
+    field("other fields (JSON, as the POST /jobs body)", inputs.extra, "wide"), h("div", {}, submit), folders, pairFiles);
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     let body;

@@ -38,7 +38,7 @@ def api_schema(tmp_path_factory):
 
 OPERATIONS = ["POST /jobs", "GET /jobs", "GET /jobs/{job_id}", "POST /jobs/{job_id}/cancel",
               "POST /jobs/{job_id}/resume", "GET /jobs/{job_id}/logs", "GET /jobs/{job_id}/roc", "GET /model",
-              "POST /models/{job_id}/activate", "POST /embed", "POST /embed/batch", "POST /verify", "GET /health",
+              "POST /models/{job_id}/activate", "POST /embed", "POST /embed/batch", "POST /verify", "GET /health", "GET /data",
               "GET /ready", "POST /galleries", "GET /galleries", "GET /galleries/{gallery}",
               "DELETE /galleries/{gallery}", "GET /galleries/{gallery}/people",
               "GET /galleries/{gallery}/people/{person}", "DELETE /galleries/{gallery}/people/{person}",

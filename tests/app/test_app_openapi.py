@@ -14,7 +14,7 @@ ROUTES = [("post", "/jobs"), ("get", "/jobs"), ("get", "/jobs/{job_id}"), ("post
           ("post", "/jobs/{job_id}/resume"), ("get", "/jobs/{job_id}/logs"), ("get", "/jobs/{job_id}/roc"),
           ("get", "/model"),
           ("post", "/models/{job_id}/activate"), ("post", "/embed"), ("post", "/embed/batch"), ("post", "/verify"),
-          ("get", "/health"), ("get", "/ready"),
+          ("get", "/health"), ("get", "/ready"), ("get", "/data"),
           ("post", "/galleries"), ("get", "/galleries"), ("get", "/galleries/{gallery}"),
           ("delete", "/galleries/{gallery}"), ("get", "/galleries/{gallery}/people"),
           ("get", "/galleries/{gallery}/people/{person}"), ("delete", "/galleries/{gallery}/people/{person}"),

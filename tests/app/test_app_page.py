@@ -53,3 +53,20 @@ async def test_roc_before_any_epoch_is_404_saying_why(make_app, job_body):
         await wait_job(client, job["id"])
         r = await client.get(f"/jobs/{job['id']}/roc")
         assert r.status_code == 404 and "has no ROC yet" in r.json()["detail"], r.text
+
+
+async def test_data_lists_what_a_job_can_train_on_and_no_further(make_app, data_dir):
+    (data_dir / "lfw" / "split" / "train" / "Ann_A").mkdir(parents=True)
+    (data_dir / "lfw" / "split" / "train" / "Ann_A" / "1.png").write_bytes(b"x")
+    (data_dir / "lfw" / "split" / "train" / "Bob_B").mkdir()
+    (data_dir / "lfw" / "split" / "train" / "Bob_B" / "1.jpg").write_bytes(b"x")
+    (data_dir / "lfw" / "pairs.txt").write_text("10\t300\nAnn_A\t1\t2\n")
+    (data_dir / "lfw" / "notes.txt").write_text("just notes\n")
+    async with running(make_app()) as client:
+        r = await client.get("/data")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        folders = {f["path"]: f["people"] for f in body["folders"]}
+        # the fixture's sample/train and sample/val have two people each; escape/ links outside
+        assert folders == {"sample/train": 2, "sample/val": 2, "lfw/split/train": 2}, folders
+        assert sorted(body["pairs_files"]) == ["lfw/pairs.txt", "sample/pairs.txt"]
