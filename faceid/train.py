@@ -31,14 +31,14 @@ from torch import nn
 
 from faceid.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from faceid.config import TrainConfig
-from faceid.data import BatchTransform, batch_images, load_images, scan_folder
+from faceid.data import BatchTransform, IdentityFolder, batch_images, load_images, scan_folder
 from faceid import events
 from faceid.errors import CheckpointError, ConfigError, DataError, FaceIDError
 from faceid.events import thresholds_of
 from faceid.faces import DetectorSpec, Preparation
 from faceid.evaluate import (EvalPairs, autocast_ctx, embed_store, protocol_folder, same_files, score_protocol,
                              score_sampled)
-from faceid.model import ARCH, IMAGENET_MEAN, IMAGENET_STD, build_model
+from faceid.model import ARCH, IMAGENET_MEAN, IMAGENET_STD, EmbeddingNet, build_model
 from faceid.objectives import Trainee, build_objective
 from faceid.runtime import DistEnv, resolve_amp, resolve_device, set_threads
 
@@ -155,84 +155,137 @@ class Trainer:
         self._ready = True
 
     def _setup(self) -> None:
-        cfg = self.cfg
-        torch.manual_seed(cfg.seed + self.dist.rank)
+        """The run's parts, in this order: the ckpt_dir, the folders listed, the network (before
+        any image is decoded, so missing weights stop the run at once), the images, the pairs
+        protocol, the objective and optimizer, then a resume and the run's first files."""
+        self._seed_and_tune()
+        if self.dist.is_main:
+            self._prepare_ckpt_dir()
+        train, val = self._scan_data()
+        model = self._build_network()
+        self._load_data(train, val)
+        self._load_protocol()
+        set_threads(self.cfg, self.device, cached=self.train_store.cached is not None)
+        self._build_trainee(model)
+        self._build_optimization()
+        self._build_transforms()
+        self.state = _State()
+        if self.cfg.resume:
+            self._resume(self.cfg.resume)
+        if self.dist.is_main:
+            self._start_files()
+
+    def _seed_and_tune(self) -> None:
+        """Seed torch (each rank its own stream) and let a GPU use TF32 and cuDNN's autotuner."""
+        torch.manual_seed(self.cfg.seed + self.dist.rank)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
-        if self.dist.is_main:
-            try:
-                self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                what = "is a file" if self.ckpt_dir.is_file() else f"cannot be created ({e.strerror or e})"
-                raise ConfigError(f"ckpt_dir {self.ckpt_dir} {what}; choose another --ckpt_dir") from None
-            if not os.access(self.ckpt_dir, os.W_OK):
-                raise ConfigError(f"ckpt_dir {self.ckpt_dir} is not writable; choose another --ckpt_dir")
 
-        train = scan_folder(cfg.train, what="--train", min_identities=2)
-        # --val needs 2 people with 2+ images each: same-person and different-person pairs.
-        val = scan_folder(cfg.val, what="--val", min_identities=2, min_per_identity=2)
-        # The model before decoding: missing --pretrained weights stop the run at once.
+    def _prepare_ckpt_dir(self) -> None:
+        """Create ckpt_dir; ConfigError, naming the flag, when it cannot be created or written."""
+        try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            what = "is a file" if self.ckpt_dir.is_file() else f"cannot be created ({e.strerror or e})"
+            raise ConfigError(f"ckpt_dir {self.ckpt_dir} {what}; choose another --ckpt_dir") from None
+        if not os.access(self.ckpt_dir, os.W_OK):
+            raise ConfigError(f"ckpt_dir {self.ckpt_dir} is not writable; choose another --ckpt_dir")
+
+    def _scan_data(self) -> tuple[IdentityFolder, IdentityFolder]:
+        """List --train and --val (nothing decoded yet). --val needs 2 people with 2+ images each:
+        same-person and different-person pairs."""
+        train = scan_folder(self.cfg.train, what="--train", min_identities=2)
+        val = scan_folder(self.cfg.val, what="--val", min_identities=2, min_per_identity=2)
+        return train, val
+
+    def _build_network(self) -> EmbeddingNet:
+        """The embedding network: with --pretrained its ImageNet trunk, with --init_from (unless
+        resuming: last.pt holds the fine-tuned weights already) the base model's weights."""
+        cfg = self.cfg
         model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
                             pretrained_weights=cfg.pretrained_weights, neck=cfg.neck,
                             img_size=cfg.img_size, dropout=cfg.dropout)
-        if cfg.init_from and not cfg.resume:  # a resume's last.pt holds the fine-tuned weights already
+        if cfg.init_from and not cfg.resume:
             from faceid.finetune import load_base
 
             base = load_base(model, cfg)
             log.info("fine-tuning %s (epoch %s, %s)", cfg.init_from, base["epoch"],
                      ", ".join(f"{k} {v:.4f}" for k, v in base["metrics"].items()
                                if k in ("auc", "acc", "tar_1e-3") and isinstance(v, (int, float))))
+        return model
+
+    def _load_options(self, evaluated: bool = False) -> dict[str, Any]:
+        """load_images' arguments of this run. Only rank 0 evaluates: for images only evaluation
+        uses (`evaluated`), the other ranks check the headers, not decode them."""
+        cfg = self.cfg
         common = dict(workers=cfg.workers, crop=cfg.crop, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb,
                       align=cfg.align, detector=DetectorSpec(), device=self.device)
+        if evaluated and not self.dist.is_main:
+            common["cache"] = "off"
+        return common
+
+    def _load_data(self, train: IdentityFolder, val: IdentityFolder) -> None:
+        """Decode (or check) the --train and --val images, and sample the fixed evaluation pairs."""
+        cfg = self.cfg
         self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
                                                           min_identities=2, progress=self._faces_progress("--train"),
-                                                          **common)
-        # Only rank 0 evaluates: the other ranks check the validation images' headers, not decode them.
-        common_eval = common if self.dist.is_main else {**common, "cache": "off"}
+                                                          **self._load_options())
         self.val_folder, self.val_store = load_images(val, cfg.img_size, what="--val", min_identities=2,
                                                       progress=self._faces_progress("--val"),
-                                                      min_per_identity=2, **common_eval)
+                                                      min_per_identity=2, **self._load_options(evaluated=True))
         self.eval_pairs = EvalPairs.sample(self.val_folder, cfg.eval_pairs, cfg.seed)
+
+    def _load_protocol(self) -> None:
+        """With --pairs_file: its pairs, and its images decoded (those without a face unaligned)."""
+        cfg = self.cfg
         self.protocol, self._protocol_folder = None, None
-        if cfg.pairs_file:
-            from faceid.pairs import load_pairs
+        if not cfg.pairs_file:
+            return
+        from faceid.pairs import load_pairs
 
-            pf = Path(cfg.pairs_file)
-            if not pf.is_absolute() and not pf.exists():
-                pf = Path(cfg.val) / pf
-            try:  # images live beside the pairs file (LFW layout) or under --val
-                proto = load_pairs(pf, folds=cfg.pairs_folds)
-            except DataError:
-                if pf.parent.resolve() == Path(cfg.val).resolve():
-                    raise
-                proto = load_pairs(pf, root=cfg.val, folds=cfg.pairs_folds)
-            n_same = int(proto.labels.sum())
-            if len(np.unique(proto.folds)) < 2 and max(n_same, len(proto) - n_same) < 2:
-                # score_protocol could not form 2 folds: stop now, not after the first epoch
-                raise DataError(f"{pf}: {len(proto)} pair(s) in one fold are too few for k-fold accuracy; "
-                                "select more folds with --pairs_folds or use a pairs file with at least 2 "
-                                "matched and 2 mismatched pairs")
-            paths = proto.unique_paths()
-            folder, store = load_images(protocol_folder(paths), cfg.img_size, what="--pairs_file images",
-                                        no_face="center", progress=self._faces_progress("--pairs_file"),
-                                        min_identities=1, **common_eval)
-            if len(folder) != len(paths):
-                raise DataError(f"{len(paths) - len(folder)} image(s) named in {pf} cannot be read "
-                                f"(first: {folder.skipped[0][0]}); fix or remove those pairs")
-            ia, ib = proto.index_pairs({p: i for i, p in enumerate(paths)})
-            # Images that --val holds too (the same files) are embedded once, with --val's.
-            self._protocol_in_val = same_files(list(folder.paths), list(self.val_folder.paths))
-            self.protocol, self._protocol_folder = (store, ia, ib, proto.labels, proto.folds), folder
-        set_threads(cfg, self.device, cached=self.train_store.cached is not None)
+        pf = Path(cfg.pairs_file)
+        if not pf.is_absolute() and not pf.exists():
+            pf = Path(cfg.val) / pf
+        try:  # images live beside the pairs file (LFW layout) or under --val
+            proto = load_pairs(pf, folds=cfg.pairs_folds)
+        except DataError:
+            if pf.parent.resolve() == Path(cfg.val).resolve():
+                raise
+            proto = load_pairs(pf, root=cfg.val, folds=cfg.pairs_folds)
+        n_same = int(proto.labels.sum())
+        if len(np.unique(proto.folds)) < 2 and max(n_same, len(proto) - n_same) < 2:
+            # score_protocol could not form 2 folds: stop now, not after the first epoch
+            raise DataError(f"{pf}: {len(proto)} pair(s) in one fold are too few for k-fold accuracy; "
+                            "select more folds with --pairs_folds or use a pairs file with at least 2 "
+                            "matched and 2 mismatched pairs")
+        paths = proto.unique_paths()
+        folder, store = load_images(protocol_folder(paths), cfg.img_size, what="--pairs_file images",
+                                    no_face="center", progress=self._faces_progress("--pairs_file"),
+                                    min_identities=1, **self._load_options(evaluated=True))
+        if len(folder) != len(paths):
+            raise DataError(f"{len(paths) - len(folder)} image(s) named in {pf} cannot be read "
+                            f"(first: {folder.skipped[0][0]}); fix or remove those pairs")
+        ia, ib = proto.index_pairs({p: i for i, p in enumerate(paths)})
+        # Images that --val holds too (the same files) are embedded once, with --val's.
+        self._protocol_in_val = same_files(list(folder.paths), list(self.val_folder.paths))
+        self.protocol, self._protocol_folder = (store, ia, ib, proto.labels, proto.folds), folder
 
+    def _build_trainee(self, model: EmbeddingNet) -> None:
+        """The objective (its head sized for --train's people) around the network, on the device."""
+        cfg = self.cfg
         objective = build_objective(cfg, self.train_folder.labels, self.train_folder.num_identities)
         self.trainee = Trainee(model, objective).to(self.device)
         if cfg.channels_last:
             self.trainee.to(memory_format=torch.channels_last)
         self.model = self.trainee.model
         self.objective = self.trainee.objective
+
+    def _build_optimization(self) -> None:
+        """Optimizer, the epoch's steps (this rank's share, at most --max_steps_per_epoch), the
+        learning-rate schedule and the fp16 gradient scaler."""
+        cfg = self.cfg
         self.optimizer = _build_optimizer(cfg, self.trainee)
         n_batches = len(self.objective.epoch_batches(np.random.default_rng(0)))
         self.steps_per_epoch = max(1, n_batches // self.dist.world_size)
@@ -243,14 +296,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(cfg, self.steps_per_epoch, self._pace))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _build_transforms(self) -> None:
+        """Batch transforms on the device: augmenting for training, plain for evaluation."""
+        cfg = self.cfg
         self.train_tf = BatchTransform(self.device, augment=cfg.augment != "none", shift=cfg.augment == "light",
                                        channels_last=cfg.channels_last)
         self.eval_tf = BatchTransform(self.device, augment=False, channels_last=cfg.channels_last)
-        self.state = _State()
-        if cfg.resume:
-            self._resume(cfg.resume)
-        if self.dist.is_main:
-            self._start_files()
 
     def _faces_progress(self, what: str):
         def report(done: int, total: int) -> None:
