@@ -7,15 +7,12 @@ and results go out as events (docs/CONTRACTS.md, section 1).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -29,17 +26,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from faceid.checkpoint import FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
+from faceid import events
+from faceid.checkpoint import load_checkpoint, save_checkpoint
 from faceid.config import TrainConfig
 from faceid.data import BatchTransform, IdentityFolder, batch_images, load_images, scan_folder
-from faceid import events
-from faceid.errors import CheckpointError, ConfigError, DataError, FaceIDError
-from faceid.events import thresholds_of
-from faceid.faces import DetectorSpec, Preparation
+from faceid.errors import DataError, FaceIDError
 from faceid.evaluate import (EvalPairs, autocast_ctx, embed_store, protocol_folder, same_files, score_protocol,
                              score_sampled)
-from faceid.model import ARCH, IMAGENET_MEAN, IMAGENET_STD, EmbeddingNet, build_model
+from faceid.events import thresholds_of
+from faceid.faces import DetectorSpec
+from faceid.model import EmbeddingNet, build_model
 from faceid.objectives import Trainee, build_objective
+from faceid.optimization import build_optimizer, lr_lambda, set_trunk_frozen, train_mode
+from faceid.run_folder import append_metrics, prepare_ckpt_dir, start_files
+from faceid.run_state import (RunState, check_resumable, checkpoint_dict, last_checkpoint_dict, restore_weights,
+                              resumed_state)
 from faceid.runtime import DistEnv, resolve_amp, resolve_device, set_threads
 
 log = logging.getLogger(__name__)
@@ -60,72 +61,6 @@ class RunResult:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-@dataclass
-class _State:
-    epoch: int = 0                 # last completed epoch
-    partial_steps: int = 0         # steps of epoch `epoch + 1` trained before a stop (resume goes on from there)
-    global_step: int = 0
-    best_epoch: int = 0
-    best_value: float = -math.inf
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int,
-               pace: Callable[[int], float] = float) -> Callable[[int], float]:
-    """Per-step multiplier: linear warmup over warmup_epochs, then cosine to 0 or constant.
-    `pace(step)` is how far the schedule is, in steps (at least `step`; more when a time limit
-    runs ahead of the steps)."""
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    total = max(1, cfg.epochs * steps_per_epoch)
-
-    def f(step: int) -> float:
-        step = pace(step)
-        if warmup and step < warmup:
-            return min(1.0, (step + 1) / warmup)
-        if cfg.scheduler == "constant":
-            return 1.0
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return f
-
-
-def _build_optimizer(cfg: TrainConfig, trainee: Trainee) -> torch.optim.Optimizer:
-    trunk = list(trainee.model.trunk.parameters())
-    trunk_ids = {id(p) for p in trunk}
-    rest = [p for p in trainee.parameters() if id(p) not in trunk_ids]
-    groups = [{"params": trunk, "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"},
-              {"params": rest, "lr": cfg.lr, "name": "head"}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def _set_trunk_frozen(model: nn.Module, frozen: bool) -> None:
-    for p in model.trunk.parameters():
-        p.requires_grad_(not frozen)
-
-
-def _train_mode(model: nn.Module, frozen: bool) -> None:
-    """Training mode, except a frozen trunk stays in eval mode so its BatchNorm statistics stay."""
-    model.train()
-    if frozen:
-        model.trunk.eval()
-
-
-def _checkpoint_dict(cfg: TrainConfig, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> dict:
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "arch": ARCH,
-        "embedding_size": cfg.embedding_size, "img_size": cfg.img_size, "crop": cfg.crop,
-        "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-        # how photos become its input (faceid.faces.Preparation): the server prepares uploads so
-        "faces": Preparation(cfg.align, cfg.img_size, cfg.crop, DetectorSpec()).to_json(),
-        "config": cfg.to_json_dict(), "epoch": epoch, "metrics": metrics,
-        "thresholds": thresholds_of(metrics),
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
 
 
 class Trainer:
@@ -160,7 +95,7 @@ class Trainer:
         protocol, the objective and optimizer, then a resume and the run's first files."""
         self._seed_and_tune()
         if self.dist.is_main:
-            self._prepare_ckpt_dir()
+            prepare_ckpt_dir(self.ckpt_dir)
         train, val = self._scan_data()
         model = self._build_network()
         self._load_data(train, val)
@@ -169,7 +104,7 @@ class Trainer:
         self._build_trainee(model)
         self._build_optimization()
         self._build_transforms()
-        self.state = _State()
+        self.state = RunState()
         if self.cfg.resume:
             self._resume(self.cfg.resume)
         if self.dist.is_main:
@@ -182,16 +117,6 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
-
-    def _prepare_ckpt_dir(self) -> None:
-        """Create ckpt_dir; ConfigError, naming the flag, when it cannot be created or written."""
-        try:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            what = "is a file" if self.ckpt_dir.is_file() else f"cannot be created ({e.strerror or e})"
-            raise ConfigError(f"ckpt_dir {self.ckpt_dir} {what}; choose another --ckpt_dir") from None
-        if not os.access(self.ckpt_dir, os.W_OK):
-            raise ConfigError(f"ckpt_dir {self.ckpt_dir} is not writable; choose another --ckpt_dir")
 
     def _scan_data(self) -> tuple[IdentityFolder, IdentityFolder]:
         """List --train and --val (nothing decoded yet). --val needs 2 people with 2+ images each:
@@ -286,7 +211,7 @@ class Trainer:
         """Optimizer, the epoch's steps (this rank's share, at most --max_steps_per_epoch), the
         learning-rate schedule and the fp16 gradient scaler."""
         cfg = self.cfg
-        self.optimizer = _build_optimizer(cfg, self.trainee)
+        self.optimizer = build_optimizer(cfg, self.trainee)
         n_batches = len(self.objective.epoch_batches(np.random.default_rng(0)))
         self.steps_per_epoch = max(1, n_batches // self.dist.world_size)
         if cfg.max_steps_per_epoch:
@@ -294,7 +219,7 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self._time_share, self._first_step, self._clock = 0.0, 0, None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(cfg, self.steps_per_epoch, self._pace))
+            self.optimizer, lr_lambda(cfg, self.steps_per_epoch, self._pace))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def _build_transforms(self) -> None:
@@ -309,86 +234,24 @@ class Trainer:
             self.emit(events.Faces(what=what, done=done, total=total))
         return report
 
-    def _write_no_face(self) -> None:
-        """no_face.txt: every image left out (or, in a pairs protocol, used unaligned) because no
-        face was found in it, one per line after its set; removed when there is none."""
-        path = self.ckpt_dir / "no_face.txt"
-        lines = [f"{what}\t{p}" for what, folder in (("train", self.train_folder), ("val", self.val_folder),
-                                                    ("pairs_file", self._protocol_folder))
-                 if folder is not None for p in folder.no_face]
-        if lines:
-            tmp = self.ckpt_dir / ".no_face.txt.tmp"
-            tmp.write_text("\n".join(lines) + "\n")
-            os.replace(tmp, path)
-        elif path.exists():
-            path.unlink()
-
     def _start_files(self) -> None:
-        """Once the run can start: its config.json, and a fresh metrics.jsonl unless it resumes (so
-        neither a run refused at setup nor a new run in the same folder mixes with the last one)."""
-        cfg = self.cfg
-        tmp = self.ckpt_dir / ".config.json.tmp"
-        tmp.write_text(json.dumps(cfg.to_json_dict(), indent=2) + "\n")
-        os.replace(tmp, self.ckpt_dir / "config.json")
-        self._write_no_face()
-        metrics = self.ckpt_dir / "metrics.jsonl"
-        if not cfg.resume and metrics.exists():
-            log.warning("%s: a new run (no --resume) starts a new metrics.jsonl; the checkpoints there "
-                        "are replaced as it saves its own", self.ckpt_dir)
-            metrics.unlink()
-        if cfg.resume:
-            # Resumed into another folder: the best model so far comes along, so that the folder
-            # holds a backbone_best.pt even if no later epoch beats it
-            best, source = self.ckpt_dir / "backbone_best.pt", Path(cfg.resume).parent / "backbone_best.pt"
-            if not best.exists() and source.is_file() and source.resolve() != best.resolve():
-                tmp = self.ckpt_dir / ".backbone_best.pt.copy.tmp"
-                shutil.copyfile(source, tmp)
-                os.replace(tmp, best)
-                log.info("copied %s (the best epoch so far) into %s", source, self.ckpt_dir)
+        start_files(self.ckpt_dir, self.cfg, (("train", self.train_folder), ("val", self.val_folder),
+                                              ("pairs_file", self._protocol_folder)))
 
     def _resume(self, path: str) -> None:
         ck = load_checkpoint(path, map_location=self.device)
-        if "optimizer" not in ck:
-            raise CheckpointError(f"{path} is a best-model checkpoint; resume needs last.pt")
-        old = {"neck": "gap", "align": "none", **ck["config"]}  # checkpoints from before these options
-        # the flat neck's weights are sized by the image size; gap's are not
-        keys = ("train_mode", "embedding_size", "neck", "align") + (("img_size",) if self.cfg.neck == "flat" else ())
-        for key in keys:
-            if old.get(key) != getattr(self.cfg, key):
-                raise ConfigError(f"cannot resume {path}: it was trained with {key}={old.get(key)!r}, "
-                                  f"this run has {getattr(self.cfg, key)!r}")
-        head = ck.get("head")
-        if head is not None and head["weight"].shape[0] != self.train_folder.num_identities:
-            raise ConfigError(f"cannot resume {path}: it was trained on {head['weight'].shape[0]} "
-                              f"identities, --train now has {self.train_folder.num_identities}")
-        b = ck.get("best") or {}
-        if b.get("metric") and b["metric"] != self.cfg.best_metric:
-            raise ConfigError(f"cannot resume {path}: its best epoch was chosen by best_metric={b['metric']!r}, "
-                              f"this run has {self.cfg.best_metric!r}; resume with --best_metric {b['metric']}, "
-                              "or start a new run")
-        self.model.load_state_dict(ck["model"])
-        if head is not None:
-            self.objective.head.load_state_dict(head)
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        if ck.get("scaler"):
-            self.scaler.load_state_dict(ck["scaler"])
-        partial = int(ck.get("partial_steps") or 0)
-        plan = {"steps": self.steps_per_epoch, "world_size": self.dist.world_size}
-        if partial and ck.get("epoch_plan") != plan:
-            # Other batches now (another batch size, process count or step cap): the stopped
-            # epoch's remaining steps are not known, so it counts as done, as a complete one would
-            log.warning("%s stopped epoch %d after %d steps of a different plan (%s, now %s); this run "
-                        "goes on with the next epoch", path, int(ck["epoch"]), partial, ck.get("epoch_plan"), plan)
-            partial = 0
-        self.state = _State(epoch=int(ck["epoch"]) - (1 if partial else 0), partial_steps=partial,
-                            global_step=int(ck.get("global_step", 0)),
-                            best_epoch=int(b.get("epoch", 0)),
-                            best_value=float(b.get("value", -math.inf)),
-                            history=list(ck.get("history", [])))
+        check_resumable(ck, path, self.cfg, self.train_folder.num_identities)
+        restore_weights(ck, model=self.model, head=getattr(self.objective, "head", None), optimizer=self.optimizer,
+                        scheduler=self.scheduler, scaler=self.scaler)
+        self.state = resumed_state(ck, path, self._epoch_plan())
         self._first_step = self.state.global_step
         log.info("resumed from %s at epoch %d%s", path, self.state.epoch + 1,
-                 f", step {partial + 1}" if partial else "")
+                 f", step {self.state.partial_steps + 1}" if self.state.partial_steps else "")
+
+    def _epoch_plan(self) -> dict[str, int]:
+        """How this run divides an epoch into steps (last.pt keeps it: a resume with another plan
+        cannot go on inside a stopped epoch)."""
+        return {"steps": self.steps_per_epoch, "world_size": self.dist.world_size}
 
     def _pace(self, step: int) -> float:
         """How far the schedule (lr, margin warm-up) is, in steps. By steps, unless a time limit
@@ -418,7 +281,7 @@ class Trainer:
         ddp = None
         for epoch in range(st.epoch + 1, cfg.epochs + 1):
             frozen = epoch <= cfg.freeze_backbone_epochs
-            _set_trunk_frozen(self.model, frozen)
+            set_trunk_frozen(self.model, frozen)
             ddp = self._wrap(ddp, frozen)
             t_epoch = time.time()
             loss, stopped, steps = self._train_epoch(epoch, frozen, ddp, deadline)
@@ -455,7 +318,7 @@ class Trainer:
         skip = st.partial_steps if epoch == st.epoch + 1 else 0  # the same batches as before the stop
         i = skip
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + self.dist.rank)
-        _train_mode(self.model, frozen)
+        train_mode(self.model, frozen)
         report_every = max(1, round(self.steps_per_epoch * cfg.progress_step_pct / 100))
         loss_sum, n_loss, seen, t_start = 0.0, 0, 0, time.time()
         stopped = False
@@ -552,14 +415,13 @@ class Trainer:
                       "complete": steps >= self.steps_per_epoch, "epoch_steps": steps}
             if is_best:
                 st.best_epoch, st.best_value = epoch, value
-                path = save_checkpoint(_checkpoint_dict(cfg, self.model, epoch, record),
+                path = save_checkpoint(checkpoint_dict(cfg, self.model, epoch, record),
                                        self.ckpt_dir / "backbone_best.pt")
                 self.emit(events.Checkpoint(kind="best", path=str(path), epoch=epoch))
             record.update(is_best=is_best, best_epoch=st.best_epoch, best_value=st.best_value)
             st.history.append(record)
             self._save_last(epoch, record)
-            with open(self.ckpt_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(self.ckpt_dir, record)
             log.info("epoch %d/%d loss %.4f acc %.4f th %.3f auc %.4f tar@1e-2 %.4f tar@1e-3 %.4f%s%s",
                      epoch, cfg.epochs, train_loss, metrics["acc"], metrics["th"], metrics["auc"],
                      metrics["tar_1e-2"], metrics["tar_1e-3"],
@@ -570,18 +432,9 @@ class Trainer:
         self.dist.barrier()
 
     def _save_last(self, epoch: int, record: dict[str, Any]) -> None:
-        ck = _checkpoint_dict(self.cfg, self.model, epoch, record)
-        head = getattr(self.objective, "head", None)
-        # The ArcMarginProduct's own state_dict (key "weight"), as docs/CONTRACTS.md says.
-        ck.update(head={k: v.detach().cpu() for k, v in head.state_dict().items()}
-                  if head is not None else None,
-                  optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                  scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                  best={"epoch": self.state.best_epoch, "value": self.state.best_value,
-                        "metric": self.cfg.best_metric},
-                  history=self.state.history, global_step=self.state.global_step,
-                  partial_steps=self.state.partial_steps,
-                  epoch_plan={"steps": self.steps_per_epoch, "world_size": self.dist.world_size})
+        ck = last_checkpoint_dict(self.cfg, self.model, epoch, record, head=getattr(self.objective, "head", None),
+                                  optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                                  state=self.state, plan=self._epoch_plan())
         path = save_checkpoint(ck, self.ckpt_dir / "last.pt")
         self.emit(events.Checkpoint(kind="last", path=str(path), epoch=epoch))
 

@@ -517,7 +517,8 @@ def test_the_crop_reaches_every_decoded_image_and_the_checkpoint(small, tmp_path
     """--crop 0.6: training, validation and pairs-file images are decoded with it, and the
     checkpoint carries it for the Verifier (tests/test_inference.py serves such a checkpoint)."""
     from faceid.data import decode_image
-    from faceid.train import Trainer, _checkpoint_dict
+    from faceid.run_state import checkpoint_dict
+    from faceid.train import Trainer
 
     cfg = TrainConfig(train=small[1], val=str(SAMPLE_VAL), pairs_file=str(SAMPLE_PAIRS), ckpt_dir=str(tmp_path),
                       train_mode="arcface", epochs=1, crop=0.6, **TINY)
@@ -529,7 +530,7 @@ def test_the_crop_reaches_every_decoded_image_and_the_checkpoint(small, tmp_path
         np.testing.assert_array_equal(store.batch([0])[0].numpy(), decode_image(store.folder.paths[0], 32, 0.6))
     assert not np.array_equal(decode_image(stores[0].folder.paths[0], 32, 0.6),
                               decode_image(stores[0].folder.paths[0], 32))
-    ck = _checkpoint_dict(cfg, trainer.model, 1, {"th": 0.5})
+    ck = checkpoint_dict(cfg, trainer.model, 1, {"th": 0.5})
     assert ck["crop"] == 0.6 and ck["config"]["crop"] == 0.6
     trainer.dist.close()
 
