@@ -379,10 +379,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out.update(eval_pairs=args.eval_pairs, seed=args.seed)
         out.update(score_sampled(emb, EvalPairs.sample(folder, args.eval_pairs, args.seed)))
     if args.pairs_file:
-        from faceid.pairs import load_pairs
+        from faceid.pairs import load_protocol
 
-        try:  # images beside the pairs file (LFW layout), else under --val, as faceid train does
-            proto = load_pairs(args.pairs_file, root=args.pairs_root, folds=args.pairs_folds)
+        try:  # found, and its images, as faceid train finds them (faceid.pairs.load_protocol)
+            proto = load_protocol(args.pairs_file, args.val, root=args.pairs_root or None, folds=args.pairs_folds)
         except DataError as e:
             if args.pairs_root or not args.val:
                 msg = str(e)
@@ -390,7 +390,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     msg = (msg.replace("point root at the folder", "give --pairs_root DIR, the folder")
                            + ("" if args.pairs_root else " (or --val DIR)"))
                 raise DataError(msg) from None
-            proto = load_pairs(args.pairs_file, root=args.val, folds=args.pairs_folds)
+            raise
         paths = proto.unique_paths()
         folder, store = load_images(protocol_folder(paths), v.img_size, workers=args.workers,
                                     crop=v.crop, what="--pairs_file images", min_identities=1, no_face="center",
@@ -536,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", nargs="?", default=ckpt_default,
                    help=f"backbone_best.pt or last.pt written by faceid train (default: {ckpt_default})")
     e.add_argument("--val", metavar="FOLDER", help="ImageFolder root; balanced pairs are sampled from it")
-    e.add_argument("--pairs_file", metavar="FILE", help="LFW pairs.txt-style protocol")
+    e.add_argument("--pairs_file", metavar="FILE", help="LFW pairs.txt-style protocol (a relative path not found as "
+                   "given is taken inside --val)")
     e.add_argument("--pairs_root", metavar="DIR",
                    help="image root of --pairs_file (default: its folder, then --val)")
     e.add_argument("--pairs_folds", type=int, nargs="+", metavar="N",

@@ -37,6 +37,7 @@ from faceid.events import thresholds_of
 from faceid.faces import DetectorSpec
 from faceid.model import EmbeddingNet, build_model
 from faceid.objectives import Trainee, build_objective
+from faceid.pairs import load_protocol, resolve_pairs_file
 from faceid.optimization import build_optimizer, lr_lambda, set_trunk_frozen, train_mode
 from faceid.run_folder import append_metrics, prepare_ckpt_dir, start_files
 from faceid.run_state import (RunState, check_resumable, checkpoint_dict, last_checkpoint_dict, restore_weights,
@@ -168,17 +169,8 @@ class Trainer:
         self.protocol, self._protocol_folder = None, None
         if not cfg.pairs_file:
             return
-        from faceid.pairs import load_pairs
-
-        pf = Path(cfg.pairs_file)
-        if not pf.is_absolute() and not pf.exists():
-            pf = Path(cfg.val) / pf
-        try:  # images live beside the pairs file (LFW layout) or under --val
-            proto = load_pairs(pf, folds=cfg.pairs_folds)
-        except DataError:
-            if pf.parent.resolve() == Path(cfg.val).resolve():
-                raise
-            proto = load_pairs(pf, root=cfg.val, folds=cfg.pairs_folds)
+        proto = load_protocol(cfg.pairs_file, cfg.val, folds=cfg.pairs_folds)
+        pf = proto.source
         n_same = int(proto.labels.sum())
         if len(np.unique(proto.folds)) < 2 and max(n_same, len(proto) - n_same) < 2:
             # score_protocol could not form 2 folds: stop now, not after the first epoch
@@ -463,7 +455,7 @@ def check_before_launch(cfg: TrainConfig) -> None:
     resolve_device(cfg.device)
     scan_folder(cfg.train, what="--train", min_identities=2)
     scan_folder(cfg.val, what="--val", min_identities=2, min_per_identity=2)
-    if cfg.pairs_file and not Path(cfg.pairs_file).is_file() and not (Path(cfg.val) / cfg.pairs_file).is_file():
+    if cfg.pairs_file and not resolve_pairs_file(cfg.pairs_file, cfg.val).is_file():
         raise DataError(f"--pairs_file not found: {cfg.pairs_file}; give an LFW-style pairs.txt")
     if cfg.pretrained or cfg.pretrained_weights:
         load_imagenet_weights(cfg.pretrained_weights)
