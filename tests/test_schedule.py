@@ -38,7 +38,7 @@ def test_a_pace_ahead_of_the_steps_moves_the_schedule_on():
 
 
 class FakeClock:
-    """time.time() for faceid.train: one second later at every call."""
+    """time.time() for faceid.trainer: one second later at every call."""
 
     def __init__(self) -> None:
         self.now = 1_000_000.0
@@ -55,7 +55,7 @@ def data(tmp_path_factory):
 
 def _run_with_limit(data, tmp_path, monkeypatch, **overrides):
     train, val = data
-    monkeypatch.setattr("faceid.train.time", FakeClock())
+    monkeypatch.setattr("faceid.trainer.time", FakeClock())
     # 30 epochs x 2 steps would take far longer than the 60 (fake) seconds of the limit.
     cfg = TrainConfig(**{**TINY, "train": str(train), "val": str(val), "ckpt_dir": str(tmp_path / "m"),
                          "train_mode": "arcface", "epochs": 30, "warmup_epochs": 1, "arcface_m": 0.3,
