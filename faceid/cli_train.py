@@ -27,6 +27,7 @@ from faceid.cli_common import (EXIT_TERMINATED, Parser, UserError, setup_logging
 from faceid.config import TrainConfig
 from faceid.events import Event, Failed, Finished, Progress, Start, parse_event
 from faceid.omp import training_defaults
+from faceid.preflight import check_before_launch, check_weight_files
 
 log = logging.getLogger("faceid")
 
@@ -148,10 +149,8 @@ def _launch_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
     problem = gpu_shortage(cfg.device, cfg.nproc_per_node)
     if problem:
         raise UserError(f"--nproc_per_node: {problem}")
-    from faceid.trainer import check_before_launch
-
     # what every process would fail alike: one line here, not N error lines and torchrun's traceback
-    _check_weight_files(cfg)
+    check_weight_files(cfg)
     check_before_launch(cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}",
            f"--nnodes={cfg.nnodes}"]
@@ -197,7 +196,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
 
         events = EventWriter(args.events_file if int(os.environ.get("RANK", "0")) == 0 else None,
                              quiet=args.quiet)
-        _check_weight_files(cfg)
+        check_weight_files(cfg)
         stop = threading.Event()
         got_signal: list[int] = []
 
@@ -236,28 +235,3 @@ def train_main(argv: Optional[list[str]] = None) -> int:
     finally:
         if events:
             events.close()
-
-
-def _check_weight_files(cfg: TrainConfig) -> None:
-    """Name a folder, a text file or a missing file given as --pretrained_weights, --init_from or --resume
-    before any data is read (reads a few bytes of each; the full load comes later)."""
-    from faceid.checkpoint import EXPECTED_CHECKPOINT, torch_file_problem
-    from faceid.errors import CheckpointError, ConfigError
-
-    if cfg.pretrained_weights:
-        problem = torch_file_problem(cfg.pretrained_weights, what="--pretrained_weights", noun="PyTorch state dict",
-                                     expected="a torchvision resnet50 state-dict file (such as resnet50-11ad3fa6.pth)")
-        if problem:
-            raise ConfigError(problem)
-    if cfg.init_from:
-        problem = torch_file_problem(cfg.init_from, what="--init_from model", noun="PyTorch checkpoint",
-                                     expected=f"the model to fine-tune ({EXPECTED_CHECKPOINT})",
-                                     look_for=("backbone_best.pt",))
-        if problem:
-            raise CheckpointError(problem)
-    if cfg.resume:
-        problem = torch_file_problem(cfg.resume, what="--resume checkpoint", noun="PyTorch checkpoint",
-                                     expected=f"the last.pt of the run to continue ({EXPECTED_CHECKPOINT})",
-                                     look_for=("last.pt",))
-        if problem:
-            raise CheckpointError(problem)

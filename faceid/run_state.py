@@ -1,4 +1,5 @@
-"""What a run's checkpoints hold, and a resume from last.pt (docs/CONTRACTS.md, section 2).
+"""The state of a training run: how far it is (`RunState`), what its checkpoints hold and a resume
+from last.pt (docs/CONTRACTS.md, section 2), and what it returns (`RunResult`).
 
 backbone_best.pt and last.pt hold the model and what serving needs (`checkpoint_dict`); last.pt
 adds what a resume needs (`last_checkpoint_dict`): the head, optimizer, scheduler and scaler, the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -34,6 +36,33 @@ class RunState:
     best_epoch: int = 0
     best_value: float = -math.inf
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    best_epoch: int
+    best_metric: str
+    best_value: float
+    best_checkpoint: Optional[str]
+    last_checkpoint: Optional[str]
+    history: list[dict[str, Any]]
+    thresholds: dict[str, float]
+    stopped_early: bool = False
+
+    @classmethod
+    def of(cls, state: RunState, best_metric: str, ckpt_dir: Path, stopped: bool) -> "RunResult":
+        """The result of a run that ended in `state` (`stopped`: by a stop or its time limit)."""
+        best = ckpt_dir / "backbone_best.pt"
+        # The last record that was best is the one backbone_best.pt holds (an epoch stopped and
+        # then resumed has two records: as stopped and as completed)
+        best_rec = next((h for h in reversed(state.history) if h.get("is_best")), {})
+        return cls(best_epoch=state.best_epoch, best_metric=best_metric, best_value=state.best_value,
+                   best_checkpoint=str(best) if best.exists() else None,
+                   last_checkpoint=str(ckpt_dir / "last.pt"), history=state.history,
+                   thresholds=thresholds_of(best_rec), stopped_early=stopped)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 def checkpoint_dict(cfg: TrainConfig, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> dict:

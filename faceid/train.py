@@ -1,6 +1,6 @@
 """`python -m faceid.train` is `faceid train` (faceid.cli_train), the command the service's job
-runner starts. Imported, this module is the training API of faceid.trainer: `run`, `Trainer`,
-`RunResult` and `check_before_launch`.
+runner starts. Imported, this module is the training API: `run` and `Trainer` (faceid.trainer),
+`RunResult` (faceid.run_state) and `check_before_launch` (faceid.preflight).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ if __name__ == "__main__":
 
     sys.exit(train_main())
 
-from faceid.trainer import RunResult, Trainer, check_before_launch, run  # noqa: E402
+from faceid.preflight import check_before_launch  # noqa: E402
+from faceid.run_state import RunResult  # noqa: E402
+from faceid.trainer import Trainer, run  # noqa: E402
 
 __all__ = ["RunResult", "Trainer", "check_before_launch", "run"]

@@ -12,7 +12,6 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,39 +22,21 @@ from torch import nn
 from faceid import events
 from faceid.checkpoint import load_checkpoint, save_checkpoint
 from faceid.config import TrainConfig
-from faceid.data import BatchTransform, IdentityFolder, batch_images, load_images, scan_folder
-from faceid.errors import DataError, FaceIDError
-from faceid.evaluate import (EvalPairs, autocast_ctx, embed_store, protocol_folder, same_files, score_protocol,
-                             score_sampled)
-from faceid.events import thresholds_of
-from faceid.faces import DetectorSpec
+from faceid.data import BatchTransform, IdentityFolder, batch_images, load_images
+from faceid.errors import FaceIDError
+from faceid.evaluate import EvalPairs, autocast_ctx, embed_store, same_files, score_protocol, score_sampled
 from faceid.model import EmbeddingNet, build_model
 from faceid.objectives import Trainee, build_objective
-from faceid.pairs import load_protocol, resolve_pairs_file
 from faceid.optimization import build_optimizer, lr_lambda, set_trunk_frozen, train_mode
+from faceid.run_data import load_options, load_protocol_images, scan_run_folders
 from faceid.run_folder import append_metrics, prepare_ckpt_dir, start_files
-from faceid.run_state import (RunState, check_resumable, checkpoint_dict, last_checkpoint_dict, restore_weights,
-                              resumed_state)
+from faceid.run_state import (RunResult, RunState, check_resumable, checkpoint_dict, last_checkpoint_dict,
+                              restore_weights, resumed_state)
 from faceid.runtime import DistEnv, resolve_amp, resolve_device, set_threads
 
 log = logging.getLogger("faceid.train")  # the name its log lines have always had
 
 EventSink = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class RunResult:
-    best_epoch: int
-    best_metric: str
-    best_value: float
-    best_checkpoint: Optional[str]
-    last_checkpoint: Optional[str]
-    history: list[dict[str, Any]]
-    thresholds: dict[str, float]
-    stopped_early: bool = False
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 class Trainer:
@@ -91,7 +72,7 @@ class Trainer:
         self._seed_and_tune()
         if self.dist.is_main:
             prepare_ckpt_dir(self.ckpt_dir)
-        train, val = self._scan_data()
+        train, val = scan_run_folders(self.cfg)
         model = self._build_network()
         self._load_data(train, val)
         self._load_protocol()
@@ -113,13 +94,6 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
 
-    def _scan_data(self) -> tuple[IdentityFolder, IdentityFolder]:
-        """List --train and --val (nothing decoded yet). --val needs 2 people with 2+ images each:
-        same-person and different-person pairs."""
-        train = scan_folder(self.cfg.train, what="--train", min_identities=2)
-        val = scan_folder(self.cfg.val, what="--val", min_identities=2, min_per_identity=2)
-        return train, val
-
     def _build_network(self) -> EmbeddingNet:
         """The embedding network: with --pretrained its ImageNet trunk, with --init_from (unless
         resuming: last.pt holds the fine-tuned weights already) the base model's weights."""
@@ -137,14 +111,9 @@ class Trainer:
         return model
 
     def _load_options(self, evaluated: bool = False) -> dict[str, Any]:
-        """load_images' arguments of this run. Only rank 0 evaluates: for images only evaluation
-        uses (`evaluated`), the other ranks check the headers, not decode them."""
-        cfg = self.cfg
-        common = dict(workers=cfg.workers, crop=cfg.crop, cache=cfg.cache_images, cache_max_gb=cfg.cache_max_gb,
-                      align=cfg.align, detector=DetectorSpec(), device=self.device)
-        if evaluated and not self.dist.is_main:
-            common["cache"] = "off"
-        return common
+        """load_images' arguments. Only rank 0 evaluates: for images only evaluation uses
+        (`evaluated`), the other ranks check the headers, not decode them."""
+        return load_options(self.cfg, self.device, cache="off" if evaluated and not self.dist.is_main else None)
 
     def _load_data(self, train: IdentityFolder, val: IdentityFolder) -> None:
         """Decode (or check) the --train and --val images, and sample the fixed evaluation pairs."""
@@ -159,29 +128,14 @@ class Trainer:
 
     def _load_protocol(self) -> None:
         """With --pairs_file: its pairs, and its images decoded (those without a face unaligned)."""
-        cfg = self.cfg
         self.protocol, self._protocol_folder = None, None
-        if not cfg.pairs_file:
+        if not self.cfg.pairs_file:
             return
-        proto = load_protocol(cfg.pairs_file, cfg.val, folds=cfg.pairs_folds)
-        pf = proto.source
-        n_same = int(proto.labels.sum())
-        if len(np.unique(proto.folds)) < 2 and max(n_same, len(proto) - n_same) < 2:
-            # score_protocol could not form 2 folds: stop now, not after the first epoch
-            raise DataError(f"{pf}: {len(proto)} pair(s) in one fold are too few for k-fold accuracy; "
-                            "select more folds with --pairs_folds or use a pairs file with at least 2 "
-                            "matched and 2 mismatched pairs")
-        paths = proto.unique_paths()
-        folder, store = load_images(protocol_folder(paths), cfg.img_size, what="--pairs_file images",
-                                    no_face="center", progress=self._faces_progress("--pairs_file"),
-                                    min_identities=1, **self._load_options(evaluated=True))
-        if len(folder) != len(paths):
-            raise DataError(f"{len(paths) - len(folder)} image(s) named in {pf} cannot be read "
-                            f"(first: {folder.skipped[0][0]}); fix or remove those pairs")
-        ia, ib = proto.index_pairs({p: i for i, p in enumerate(paths)})
+        folder, self.protocol = load_protocol_images(self.cfg, self._faces_progress("--pairs_file"),
+                                                     **self._load_options(evaluated=True))
         # Images that --val holds too (the same files) are embedded once, with --val's.
         self._protocol_in_val = same_files(list(folder.paths), list(self.val_folder.paths))
-        self.protocol, self._protocol_folder = (store, ia, ib, proto.labels, proto.folds), folder
+        self._protocol_folder = folder
 
     def _build_trainee(self, model: EmbeddingNet) -> None:
         """The objective (its head sized for --train's people) around the network, on the device."""
@@ -268,7 +222,7 @@ class Trainer:
         for epoch in range(st.epoch + 1, cfg.epochs + 1):
             frozen = epoch <= cfg.freeze_backbone_epochs
             set_trunk_frozen(self.model, frozen)
-            ddp = self._wrap(ddp, frozen)
+            ddp = self.dist.wrap(self.trainee, self.device, key=frozen, ddp=ddp)
             t_epoch = time.time()
             loss, stopped, steps = self._train_epoch(epoch, frozen, ddp, deadline)
             # Stopped before its last step, the epoch is evaluated and saved as it is, and
@@ -279,20 +233,6 @@ class Trainer:
             if stopped:
                 break
         return self._finish(stopped)
-
-    def _wrap(self, ddp, frozen: bool):
-        """DDP around the trainable modules; rebuilt when the set of trainable parameters changes."""
-        if self.dist.world_size == 1:
-            return self.trainee
-        key = frozen
-        if ddp is not None and getattr(ddp, "_faceid_frozen", None) == key:
-            return ddp
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DDP(self.trainee, device_ids=ids)
-        ddp._faceid_frozen = key
-        return ddp
 
     def _train_epoch(self, epoch: int, frozen: bool, net: nn.Module, deadline: float) -> tuple[float, bool, int]:
         """Train one epoch (its steps after those a resumed run already trained); returns the mean
@@ -425,40 +365,11 @@ class Trainer:
         self.emit(events.Checkpoint(kind="last", path=str(path), epoch=epoch))
 
     def _finish(self, stopped: bool) -> RunResult:
-        st = self.state
-        best = self.ckpt_dir / "backbone_best.pt"
-        # The last record that was best is the one backbone_best.pt holds (an epoch stopped and
-        # then resumed has two records: as stopped and as completed)
-        best_rec = next((h for h in reversed(st.history) if h.get("is_best")), {})
-        result = RunResult(best_epoch=st.best_epoch, best_metric=self.cfg.best_metric,
-                           best_value=st.best_value, best_checkpoint=str(best) if best.exists() else None,
-                           last_checkpoint=str(self.ckpt_dir / "last.pt"), history=st.history,
-                           thresholds=thresholds_of(best_rec), stopped_early=stopped)
+        result = RunResult.of(self.state, self.cfg.best_metric, self.ckpt_dir, stopped)
         self.emit(events.Finished(best_epoch=result.best_epoch, best_metric=result.best_metric,
                                   best_value=result.best_value, best_checkpoint=result.best_checkpoint,
                                   thresholds=result.thresholds, stopped_early=stopped))
         return result
-
-
-def check_before_launch(cfg: TrainConfig) -> None:
-    """The checks every process of a multi-process run would fail alike, made once before torchrun
-    starts them: the device, the data folders, the pretrained weights, the init_from model. Raises ConfigError or
-    DataError (one line for the user) instead of every rank failing and torchrun's traceback."""
-    from faceid.model import load_imagenet_weights
-
-    resolve_device(cfg.device)
-    scan_folder(cfg.train, what="--train", min_identities=2)
-    scan_folder(cfg.val, what="--val", min_identities=2, min_per_identity=2)
-    if cfg.pairs_file and not resolve_pairs_file(cfg.pairs_file, cfg.val).is_file():
-        raise DataError(f"--pairs_file not found: {cfg.pairs_file}; give an LFW-style pairs.txt")
-    if cfg.pretrained or cfg.pretrained_weights:
-        load_imagenet_weights(cfg.pretrained_weights)
-    if cfg.init_from and not cfg.resume:
-        from faceid.finetune import load_base
-        from faceid.model import build_model
-
-        load_base(build_model(embedding_size=cfg.embedding_size, neck=cfg.neck, img_size=cfg.img_size,
-                              dropout=cfg.dropout), cfg)
 
 
 def run(cfg: TrainConfig, on_event: Optional[EventSink] = None,
