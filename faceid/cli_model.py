@@ -68,9 +68,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from faceid.checkpoint import load_checkpoint
-    from faceid.data import load_images, scan_folder
+    from faceid.data import scan_folder
     from faceid.errors import DataError
     from faceid.evaluate import EvalPairs, cosine_scores, protocol_folder, score_protocol, score_sampled
+    from faceid.imagestore import load_images
     from faceid.inference import Verifier
 
     _check_evaluate_flags(args)

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from faceid.config import TrainConfig
-from faceid.data import IdentityFolder, ImageStore, load_images, scan_folder
+from faceid.data import IdentityFolder, scan_folder
 from faceid.errors import DataError
 from faceid.evaluate import protocol_folder
 from faceid.faces import DetectorSpec
+from faceid.imagestore import ImageStore, load_images
 from faceid.pairs import load_protocol
 
 # A pairs protocol ready to score: the store of its images, each pair's rows in it (ia, ib), the

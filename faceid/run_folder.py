@@ -14,7 +14,7 @@ from faceid.config import TrainConfig
 from faceid.data import IdentityFolder
 from faceid.errors import ConfigError
 
-log = logging.getLogger("faceid.train")  # the trainer's log lines, as they were named before
+log = logging.getLogger("faceid.train")  # the training log lines keep the name they always had
 
 
 def prepare_ckpt_dir(ckpt_dir: Path) -> None:

@@ -25,7 +25,7 @@ from faceid.events import thresholds_of
 from faceid.faces import DetectorSpec, Preparation
 from faceid.model import ARCH, IMAGENET_MEAN, IMAGENET_STD
 
-log = logging.getLogger("faceid.train")  # the trainer's log lines, as they were named before
+log = logging.getLogger("faceid.train")  # the training log lines keep the name they always had
 
 
 @dataclass

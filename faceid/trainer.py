@@ -22,9 +22,10 @@ from torch import nn
 from faceid import events
 from faceid.checkpoint import load_checkpoint, save_checkpoint
 from faceid.config import TrainConfig
-from faceid.data import BatchTransform, IdentityFolder, batch_images, load_images
+from faceid.data import BatchTransform, IdentityFolder
 from faceid.errors import FaceIDError
 from faceid.evaluate import EvalPairs, autocast_ctx, embed_store, same_files, score_protocol, score_sampled
+from faceid.imagestore import batch_images, load_images
 from faceid.model import EmbeddingNet, build_model
 from faceid.objectives import Trainee, build_objective
 from faceid.optimization import build_optimizer, lr_lambda, set_trunk_frozen, train_mode
@@ -34,7 +35,7 @@ from faceid.run_state import (RunResult, RunState, check_resumable, checkpoint_d
                               restore_weights, resumed_state)
 from faceid.runtime import DistEnv, resolve_amp, resolve_device, set_threads
 
-log = logging.getLogger("faceid.train")  # the name its log lines have always had
+log = logging.getLogger("faceid.train")  # the training log lines keep the name they always had
 
 EventSink = Callable[[dict[str, Any]], None]
 
