@@ -67,9 +67,10 @@ class Trainer:
         self._ready = True
 
     def _setup(self) -> None:
-        """The run's parts, in this order: the ckpt_dir, the folders listed, the network (before
-        any image is decoded, so missing weights stop the run at once), the images, the pairs
-        protocol, the objective and optimizer, then a resume and the run's first files."""
+        """The run's parts, in this order: seeds, the ckpt_dir, the folders listed, the network
+        (before any image is decoded, so missing weights stop the run at once), the images, the
+        pairs protocol, compute threads, the objective and optimizer, then a resume and the run's
+        first files."""
         self._seed_and_tune()
         if self.dist.is_main:
             prepare_ckpt_dir(self.ckpt_dir)
@@ -171,15 +172,18 @@ class Trainer:
         self.eval_tf = BatchTransform(self.device, augment=False, channels_last=cfg.channels_last)
 
     def _faces_progress(self, what: str):
+        """The progress callback of face detection in `what`'s images: `faces` events."""
         def report(done: int, total: int) -> None:
             self.emit(events.Faces(what=what, done=done, total=total))
         return report
 
     def _start_files(self) -> None:
+        """config.json, no_face.txt and a fresh metrics.jsonl in ckpt_dir (faceid.run_folder)."""
         start_files(self.ckpt_dir, self.cfg, (("train", self.train_folder), ("val", self.val_folder),
                                               ("pairs_file", self._protocol_folder)))
 
     def _resume(self, path: str) -> None:
+        """Go on from the last.pt at `path`: refused if it does not fit this run (faceid.run_state)."""
         ck = load_checkpoint(path, map_location=self.device)
         check_resumable(ck, path, self.cfg, self.train_folder.num_identities)
         restore_weights(ck, model=self.model, head=getattr(self.objective, "head", None), optimizer=self.optimizer,
