@@ -5,7 +5,7 @@ One run, side by side (see bench/README.md for what each row means):
 
   data only   plain:  torchvision ImageFolder + Resize/ToTensor/Normalize + DataLoader(workers)
               faceid: faceid.data cache (decoded once) + BatchTransform (augment, channels_last)
-  decode      faceid: one-time decode + cache cost of faceid.data.load_images
+  decode      faceid: one-time decode + cache cost of faceid.imagestore.load_images
   train       plain:  ResNet-50 (faceid.model.build_model) + ArcMarginProduct, SGD, fp32, NCHW,
                       decoding every step, default torch threads (the origin's CPU path)
               faceid: faceid.train.Trainer itself (max_steps_per_epoch, progress events), with
@@ -198,7 +198,8 @@ def bench_faceid_data(args, data: Path, n_batches: int, device) -> dict[str, Any
     import torch
 
     from faceid.config import TrainConfig
-    from faceid.data import BatchTransform, batch_images, classification_batches, load_images, scan_folder
+    from faceid.data import BatchTransform, classification_batches, scan_folder
+    from faceid.imagestore import batch_images, load_images
     from faceid.runtime import set_threads
 
     folder = scan_folder(data, what="--train")

@@ -1,477 +1,28 @@
-"""The `faceid` command: train, evaluate, embed, verify, serve.
+"""The `faceid` command: train, evaluate, embed, verify, prepare, serve.
 
-Training flags are generated from TrainConfig (one flag per field, same name and default), so the
-CLI, the POST /jobs body and the checkpoint's stored config cannot drift apart. User errors print
-one line, `error: ...`, and exit with code 2; no traceback.
+`faceid train` is faceid.cli_train (also `python -m faceid.train`); evaluate, embed and verify are
+faceid.cli_model. User errors print one line, `error: ...`, and exit with code 2; no traceback
+(faceid.cli_common).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import signal
 import sys
-import threading
-import time
-import types
-import typing
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from pydantic import ValidationError
-
+from faceid.cli_common import EXIT_TERMINATED, EXIT_USER_ERROR, Parser, UserError, setup_logging, user_error
+from faceid.cli_model import cmd_embed, cmd_evaluate, cmd_verify
+from faceid.cli_train import train_main
 from faceid.config import TrainConfig
-from faceid.events import Event, Failed, Finished, Progress, Start, parse_event
-from faceid.omp import serving_defaults, training_defaults
+from faceid.omp import serving_defaults
 
-log = logging.getLogger("faceid")
+__all__ = ["EXIT_TERMINATED", "EXIT_USER_ERROR", "build_parser", "main", "train_main"]
 
-EXIT_USER_ERROR = 2
-EXIT_TERMINATED = 143
 
-
-# --- TrainConfig -> argparse ----------------------------------------------------------------
-
-class Parser(argparse.ArgumentParser):
-    """argparse with the CLI's error convention: a bad flag is one line, not the whole usage
-    (about 30 lines for faceid train) followed by the message. --help is unchanged."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        print(f"error: {' '.join(message.split())}; see {self.prog} --help", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field. Defaults are SUPPRESSed so that only flags given on the
-    command line override a --config file or a --preset."""
-    group = parser.add_argument_group("training configuration (TrainConfig; also the POST /jobs body)")
-    for name, f in TrainConfig.model_fields.items():
-        tp = _unwrap_optional(f.annotation)
-        # a description that explains its own default (pairs_folds: "default: all") keeps it alone
-        help_ = f.description if "(default:" in f.description else f"{f.description} (default: {f.default})"
-        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_, "dest": name}
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is typing.Literal:
-            kw["choices"] = list(typing.get_args(tp))
-            kw["type"] = type(kw["choices"][0])
-        elif typing.get_origin(tp) is list:
-            kw["nargs"] = "+"
-            kw["type"] = typing.get_args(tp)[0]
-        else:
-            kw["type"] = tp
-            kw["metavar"] = {int: "N", float: "X", str: "VALUE"}.get(tp, "VALUE")
-        group.add_argument(f"--{name}", **kw)
-
-
-def config_from_args(ns: argparse.Namespace, config_file: Optional[str] = None) -> TrainConfig:
-    data: dict[str, Any] = {}
-    if config_file:
-        try:
-            data = json.loads(Path(config_file).read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file not found: {config_file}") from None
-        except IsADirectoryError:
-            raise UserError(f"--config {config_file} is a folder; give a JSON file of TrainConfig fields") from None
-        except OSError as e:
-            raise UserError(f"cannot read config file {config_file}: {e.strerror or type(e).__name__}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {config_file} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {config_file} must hold a JSON object of TrainConfig fields")
-    for name in TrainConfig.model_fields:
-        if hasattr(ns, name):
-            data[name] = getattr(ns, name)
-    if getattr(ns, "pretrained", None) is False and data.get("pretrained_weights") is not None:
-        raise UserError("--pretrained_weights is given together with --no-pretrained; leave out --no-pretrained "
-                        "to start from these weights (a file implies --pretrained), or leave out "
-                        "--pretrained_weights to train from scratch")
-    if isinstance(data.get("init_from"), str):
-        from faceid.finetune import base_config_of, inherit
-
-        base = base_config_of(data["init_from"])
-        data = inherit(data, base) if base is not None else data
-    try:
-        return TrainConfig(**data)
-    except ValidationError as e:
-        raise UserError(validation_message(e)) from None
-
-
-def validation_message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"--{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
-
-
-class UserError(Exception):
-    """A one-line message for the user; exit code 2."""
-
-
-# --- training ---------------------------------------------------------------------------------
-
-class EventWriter:
-    """Renders training events: JSON lines to a file, and a progress bar (terminal) or log lines."""
-
-    def __init__(self, events_file: Optional[str], quiet: bool = False) -> None:
-        self.fh = None
-        if events_file:
-            try:
-                Path(events_file).parent.mkdir(parents=True, exist_ok=True)
-                self.fh = open(events_file, "a", buffering=1)
-            except OSError as e:
-                raise UserError(f"cannot write --events_file {events_file}: {e.strerror or e}") from None
-        self.tty = sys.stderr.isatty() and not quiet
-        self.quiet = quiet
-
-    def __call__(self, event: Event | dict[str, Any]) -> None:
-        """One event: a model of faceid.events, or its JSON object (what Trainer's sink receives)."""
-        ev = parse_event(event) if isinstance(event, dict) else event
-        if self.fh:
-            self.fh.write(json.dumps(ev.to_json(), default=str) + "\n")
-            self.fh.flush()
-        if self.quiet:
-            return
-        if isinstance(ev, Progress):
-            eta = time.strftime("%H:%M:%S", time.gmtime(ev.eta_s))
-            text = (f"epoch {ev.epoch}/{ev.epochs} step {ev.step}/{ev.steps} "
-                    f"loss {ev.loss:.4f} {ev.images_per_s:.1f} img/s lr {ev.lr:.2e} ETA {eta}")
-            if self.tty:
-                width = 24
-                done = int(width * ev.step / ev.steps)
-                sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}\x1b[K")
-                sys.stderr.flush()
-                if ev.step == ev.steps:
-                    sys.stderr.write("\n")
-            else:
-                log.info("%s", text)
-        elif isinstance(ev, Start):
-            log.info("training on %s (amp %s): %s images of %s identities, %d steps per epoch",
-                     ev.device, ev.amp, ev.train_images, ev.train_identities, ev.steps_per_epoch)
-        elif isinstance(ev, Finished):
-            log.info("best epoch %s: %s %.4f -> %s", ev.best_epoch, ev.best_metric, ev.best_value,
-                     ev.best_checkpoint)
-
-    def close(self) -> None:
-        if self.fh:
-            self.fh.close()
-
-
-def _launch_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
-    """Re-run this command under torchrun (torch.distributed.run) with the same arguments."""
-    from faceid.runtime import gpu_shortage  # imports torch, which torchrun's processes do anyway
-
-    problem = gpu_shortage(cfg.device, cfg.nproc_per_node)
-    if problem:
-        raise UserError(f"--nproc_per_node: {problem}")
-    from faceid.train import check_before_launch
-
-    # what every process would fail alike: one line here, not N error lines and torchrun's traceback
-    _check_weight_files(cfg)
-    check_before_launch(cfg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}",
-           f"--nnodes={cfg.nnodes}"]
-    if cfg.nnodes == 1 and not cfg.rdzv_endpoint:
-        cmd.append("--standalone")
-    else:
-        if not cfg.rdzv_endpoint:
-            raise UserError("--nnodes > 1 needs --rdzv_endpoint HOST:PORT (the same on every node)")
-        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={cfg.rdzv_endpoint}",
-                f"--rdzv_id={cfg.rdzv_id or 'faceid'}", f"--node_rank={cfg.node_rank}"]
-    cmd += ["-m", "faceid.train", *argv]
-    log.info("launching: %s", " ".join(cmd))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, cmd)  # torchrun takes over this process; signals reach it directly
-    return 1  # not reached
-
-
-def build_train_parser(prog: str = "faceid train") -> argparse.ArgumentParser:
-    p = Parser(prog=prog, description="Train a ResNet-50 face-verification model "
-               "(pair or ArcFace objective) on ImageFolder data.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields; flags override it")
-    p.add_argument("--events_file", metavar="FILE", help="append machine-readable JSON-lines events here")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    add_config_flags(p)
-    return p
-
-
-def train_main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    training_defaults()  # torch is not imported yet (faceid/omp.py)
-    args = build_train_parser().parse_args(argv)
-    _setup_logging()
-    events = None
-    try:
-        cfg = config_from_args(args, args.config)
-        if cfg.world_size > 1 and "LOCAL_RANK" not in os.environ:
-            return _launch_torchrun(cfg, argv)
-        from faceid.data import NoSamePersonPairError
-        from faceid.errors import DataError
-        from faceid.train import run  # torch is imported only once the arguments are valid
-
-        events = EventWriter(args.events_file if int(os.environ.get("RANK", "0")) == 0 else None,
-                             quiet=args.quiet)
-        _check_weight_files(cfg)
-        stop = threading.Event()
-        got_signal: list[int] = []
-
-        def on_signal(signum, _frame):
-            got_signal.append(signum)
-            stop.set()
-            log.warning("signal %d: stopping after this step and saving last.pt", signum)
-
-        # Restored afterwards, so that an in-process caller (a test, a notebook) keeps its own.
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            run(cfg, on_event=events, stop=stop)
-        except NoSamePersonPairError:
-            # Only pair mode samples pairs from --train (--val is checked for pairs when scanned).
-            raise DataError(f"--train folder {cfg.train} has no identity with 2 or more readable images, so "
-                            "--train_mode pair cannot draw a same-person pair; add a second image for some "
-                            "people, or use --train_mode arcface") from None
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        if got_signal:
-            events(Failed(kind="cancelled", error=f"stopped by signal {got_signal[0]}; resume from last.pt"))
-            return EXIT_TERMINATED
-        return 0
-    except UserError as e:
-        return _user_error(str(e), events, "config")
-    except Exception as e:  # domain errors are user errors; anything else is a bug
-        from faceid.errors import ConfigError, DataError, FaceIDError
-
-        if isinstance(e, FaceIDError):
-            kind = "data" if isinstance(e, DataError) else "config" if isinstance(e, ConfigError) else "checkpoint"
-            return _user_error(str(e), events, kind)
-        if events:
-            events(Failed(kind="internal", error=f"{type(e).__name__}: {e}"))
-        raise
-    finally:
-        if events:
-            events.close()
-
-
-def _check_weight_files(cfg: TrainConfig) -> None:
-    """Name a folder, a text file or a missing file given as --pretrained_weights, --init_from or --resume
-    before any data is read (reads a few bytes of each; the full load comes later)."""
-    from faceid.checkpoint import EXPECTED_CHECKPOINT, torch_file_problem
-    from faceid.errors import CheckpointError, ConfigError
-
-    if cfg.pretrained_weights:
-        problem = torch_file_problem(cfg.pretrained_weights, what="--pretrained_weights", noun="PyTorch state dict",
-                                     expected="a torchvision resnet50 state-dict file (such as resnet50-11ad3fa6.pth)")
-        if problem:
-            raise ConfigError(problem)
-    if cfg.init_from:
-        problem = torch_file_problem(cfg.init_from, what="--init_from model", noun="PyTorch checkpoint",
-                                     expected=f"the model to fine-tune ({EXPECTED_CHECKPOINT})",
-                                     look_for=("backbone_best.pt",))
-        if problem:
-            raise CheckpointError(problem)
-    if cfg.resume:
-        problem = torch_file_problem(cfg.resume, what="--resume checkpoint", noun="PyTorch checkpoint",
-                                     expected=f"the last.pt of the run to continue ({EXPECTED_CHECKPOINT})",
-                                     look_for=("last.pt",))
-        if problem:
-            raise CheckpointError(problem)
-
-
-def _user_error(msg: str, events: Optional[EventWriter], kind: str) -> int:
-    one_line = " ".join(msg.split())
-    print(f"error: {one_line}", file=sys.stderr)
-    if events:
-        events(Failed(kind=kind, error=one_line))
-    return EXIT_USER_ERROR
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("FACEID_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-# --- evaluate / embed / verify / serve ---------------------------------------------------------
-
-def _load_verifier(path: str, device: str):
-    from faceid.inference import Verifier
-
-    return Verifier.from_checkpoint(path, device=device)
-
-
-# Flags of `faceid evaluate` that default to the checkpoint's training config, so that its numbers
-# are those of the training log for the same checkpoint and --val.
-EVAL_FROM_CHECKPOINT = ("eval_pairs", "seed")
-
-
-def _check_evaluate_flags(args: argparse.Namespace) -> None:
-    """The bounds of the TrainConfig fields of the same names, with the same messages."""
-    given = {k: getattr(args, k) for k in (*EVAL_FROM_CHECKPOINT, "workers") if getattr(args, k) is not None}
-    try:
-        TrainConfig(**given)
-    except ValidationError as e:
-        raise UserError(validation_message(e)) from None
-    if args.pairs_folds and not args.pairs_file:
-        raise UserError("--pairs_folds selects folds of --pairs_file, which is not given; add --pairs_file "
-                        "FILE or leave out --pairs_folds")
-
-
-def _checkpoint_setting(config: dict[str, Any], name: str) -> Any:
-    """The checkpoint config's `name` if TrainConfig accepts it, else the TrainConfig default."""
-    if name in config:
-        try:
-            return getattr(TrainConfig(**{name: config[name]}), name)
-        except ValidationError:
-            log.warning("checkpoint config has an invalid %s (%r); using the default", name, config[name])
-    return TrainConfig.model_fields[name].default
-
-
-def _eval_amp(config: dict[str, Any], device: str) -> str:
-    """The mixed precision the training evaluated with, where this device has it: a run trained
-    with --amp off evaluates in fp32 here too, not in bf16 that auto picks on some CPUs."""
-    amp = config.get("amp", "auto")
-    if amp not in ("auto", "off", "bf16", "fp16"):
-        return "auto"
-    if amp == "fp16" and device == "cpu":
-        return "auto"
-    if amp == "fp16" and device == "auto":
-        import torch
-
-        return amp if torch.cuda.is_available() else "auto"
-    return amp
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from faceid.checkpoint import load_checkpoint
-    from faceid.data import load_images, scan_folder
-    from faceid.errors import DataError
-    from faceid.evaluate import EvalPairs, cosine_scores, protocol_folder, score_protocol, score_sampled
-    from faceid.inference import Verifier
-
-    _check_evaluate_flags(args)
-    if not args.val and not args.pairs_file:
-        raise UserError("give --val FOLDER and/or --pairs_file FILE to evaluate on")
-    ck = load_checkpoint(args.checkpoint)
-    config = ck["config"] if isinstance(ck.get("config"), dict) else {}
-    v = Verifier(ck, args.checkpoint, device=args.device, amp=_eval_amp(config, args.device))
-    del ck
-    out: dict[str, Any] = {"checkpoint": args.checkpoint, "epoch": v.epoch}
-    if args.val:
-        for name in EVAL_FROM_CHECKPOINT:
-            if getattr(args, name) is None:
-                setattr(args, name, _checkpoint_setting(config, name))
-        folder = scan_folder(args.val, what="--val", min_identities=2, min_per_identity=2)
-        folder, store = load_images(folder, v.img_size, workers=args.workers, crop=v.crop, what="--val",
-                                    min_identities=2, min_per_identity=2, **_faces_of(v))
-        if folder.no_face:
-            out["val_no_face"] = len(folder.no_face)
-        emb = _embed_store(v, store, config)
-        out.update(eval_pairs=args.eval_pairs, seed=args.seed)
-        out.update(score_sampled(emb, EvalPairs.sample(folder, args.eval_pairs, args.seed)))
-    if args.pairs_file:
-        from faceid.pairs import load_pairs
-
-        try:  # images beside the pairs file (LFW layout), else under --val, as faceid train does
-            proto = load_pairs(args.pairs_file, root=args.pairs_root, folds=args.pairs_folds)
-        except DataError as e:
-            if args.pairs_root or not args.val:
-                msg = str(e)
-                if "point root at the folder" in msg:  # missing images: the root is --pairs_root here
-                    msg = (msg.replace("point root at the folder", "give --pairs_root DIR, the folder")
-                           + ("" if args.pairs_root else " (or --val DIR)"))
-                raise DataError(msg) from None
-            proto = load_pairs(args.pairs_file, root=args.val, folds=args.pairs_folds)
-        paths = proto.unique_paths()
-        folder, store = load_images(protocol_folder(paths), v.img_size, workers=args.workers,
-                                    crop=v.crop, what="--pairs_file images", min_identities=1, no_face="center",
-                                    **_faces_of(v))
-        if folder.no_face:
-            out["pairs_no_face"] = len(folder.no_face)
-        if len(folder) != len(paths):
-            raise UserError(f"{len(paths) - len(folder)} image(s) of {args.pairs_file} cannot be read")
-        emb = _embed_store(v, store, config)
-        ia, ib = proto.index_pairs({p: i for i, p in enumerate(paths)})
-        out.update(score_protocol(emb, ia, ib, proto.labels, proto.folds))
-        th = v.thresholds.get("acc")
-        if th is not None:
-            s = cosine_scores(emb, ia, ib)
-            out["pairs_acc_at_checkpoint_th"] = float(np.mean((s >= th) == (proto.labels == 1)))
-    print(json.dumps(out, indent=2))
-    return 0
-
-
-def _faces_of(v) -> dict[str, Any]:
-    """load_images' arguments that prepare images as the checkpoint's training did."""
-    prep = v.preparation
-    return {"align": prep.align, "detector": prep.detector, "device": v.device}
-
-
-def _embed_store(v, store, config: Optional[dict[str, Any]] = None):
-    """Embeddings of every image of `store`, computed as training's evaluation computes them (the
-    same function and batch size, up to 512), so that the scores match the training log."""
-    from faceid.evaluate import embed_store
-
-    # training evaluates in batches of max(batch_size, 64); a GPU run's 4096 would not fit a laptop
-    batch_size = min(max(int(_checkpoint_setting(config or {}, "batch_size")), 64), 512)
-    return embed_store(v.model, store, v.transform, batch_size=batch_size, amp_dtype=v.amp_dtype, flip=v.flip)
-
-
-def _prepared(v, path: str, detect: bool):
-    """The image at `path` as the checkpoint's model takes it, with the face it was made from."""
-    from faceid.faces import NoFaceError
-
-    try:
-        return v.prepare_face(v.open(path), detect)
-    except NoFaceError as e:
-        raise NoFaceError(f"{path}: {e}".replace("set detect=false", "pass --no-detect")) from None
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    v = _load_verifier(args.checkpoint, args.device)
-    items = [_prepared(v, p, args.detect) for p in args.images]
-    emb = v.embed(items)
-    for p, item, e in zip(args.images, items, emb):
-        print(json.dumps({"image": p, "dim": len(e), "face": item.face_json(),
-                          "embedding": [round(float(x), 6) for x in e]}))
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    v = _load_verifier(args.checkpoint, args.device)
-    th: Any = args.threshold
-    if th is not None:
-        try:
-            th = float(th)
-        except ValueError:
-            pass
-    v.resolve_threshold(th)  # a bad threshold fails before any detection
-    items = [_prepared(v, p, args.detect) for p in (args.image1, args.image2)]
-    e = v.embed(items)
-    res = {**v.compare(e[0], e[1], th), "face1": items[0].face_json(), "face2": items[1].face_json()}
-    if args.json:
-        print(json.dumps(res))
-    else:
-        faces = "".join(f"  image{i}: face score {f['score']:.3f} of {f['faces_found']} found"
-                        for i, f in ((1, res["face1"]), (2, res["face2"])) if f)
-        print(f"similarity {res['similarity']:.4f}  threshold {res['threshold']:.4f} "
-              f"({res['threshold_name']})  -> {'MATCH' if res['match'] else 'NO MATCH'}{faces}")
-    return 0
-
+# --- prepare / serve -------------------------------------------------------------------------
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Find the faces of every image in the folders now, so training runs and jobs read them from
@@ -541,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", nargs="?", default=ckpt_default,
                    help=f"backbone_best.pt or last.pt written by faceid train (default: {ckpt_default})")
     e.add_argument("--val", metavar="FOLDER", help="ImageFolder root; balanced pairs are sampled from it")
-    e.add_argument("--pairs_file", metavar="FILE", help="LFW pairs.txt-style protocol")
+    e.add_argument("--pairs_file", metavar="FILE", help="LFW pairs.txt-style protocol (a relative path not found as "
+                   "given is taken inside --val)")
     e.add_argument("--pairs_root", metavar="DIR",
                    help="image root of --pairs_file (default: its folder, then --val)")
     e.add_argument("--pairs_folds", type=int, nargs="+", metavar="N",
@@ -608,16 +160,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv and argv[0] == "train":
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         return args.func(args)
     except UserError as e:
-        return _user_error(str(e), None, "usage")
+        return user_error(str(e), None, "usage")
     except Exception as e:
         from faceid.errors import FaceIDError
 
         if isinstance(e, FaceIDError):
-            return _user_error(str(e), None, "usage")
+            return user_error(str(e), None, "usage")
         raise
 
 

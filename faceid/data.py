@@ -4,30 +4,28 @@ Layout: `<root>/<identity>/<image>`; one folder per person. Non-directories in t
 non-image files are ignored. Unreadable images are skipped with a warning that counts them; a
 dataset left with too few identities is an error that names the folder.
 
-Images are decoded once, centre-cropped to a square (`crop`: the fraction of the shorter side
-kept, 1 = all of it), resized to `img_size` and kept as uint8
-[3, S, S] tensors: in memory when they fit (`cache_images`), or decoded by DataLoader workers
-per batch otherwise. Augmentation and normalisation run on whole batches.
+An image is decoded, centre-cropped to a square (`crop`: the fraction of the shorter side kept,
+1 = all of it) or aligned onto its face, and resized to `img_size`: uint8 [3, S, S]
+(`decode_image`). A dataset's images are loaded once, in memory when they fit (`cache_images`),
+or decoded by DataLoader workers per batch otherwise (faceid.imagestore). Augmentation and
+normalisation run on whole batches (`BatchTransform`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from faceid.errors import DataError
-from faceid.faces import DetectorSpec, Face, align_face, pick_face
+from faceid.faces import Face, align_face
 from faceid.images import open_image
 from faceid.model import IMAGENET_MEAN, IMAGENET_STD
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -122,7 +120,7 @@ def check_identities(folder: IdentityFolder, *, what: str, min_identities: int,
 
 class NoSamePersonPairError(DataError):
     """sample_pairs found no identity with 2 or more images. The caller knows which folder and
-    which option asked for pairs, and names them (faceid.cli: pair mode on --train)."""
+    which option asked for pairs, and names them (faceid.cli_train: pair mode on --train)."""
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -168,171 +166,6 @@ def resize_center_crop(img: Image.Image, size: int, crop: float = 1.0) -> np.nda
         img = img.crop((left, top, left + size, top + size))
     arr = np.asarray(img, dtype=np.uint8)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-
-class _DecodeOne(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[Path], size: int, crop: float,
-                 faces: Optional[Sequence[Optional[Face]]] = None) -> None:
-        self.paths, self.size, self.crop = paths, size, crop
-        self.faces = faces if faces is not None else [None] * len(paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, torch.from_numpy(decode_image(self.paths[i], self.size, self.crop, self.faces[i])), ""
-        except Exception as e:  # unreadable file: reported and skipped by the caller
-            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
-
-
-def _collate(items):
-    idx = torch.tensor([i for i, _, _ in items])
-    imgs = torch.stack([t for _, t, _ in items])
-    errs = [e for _, _, e in items]
-    return idx, imgs, errs
-
-
-def decode_all(paths: Sequence[Path], size: int, workers: int, crop: float = 1.0,
-               faces: Optional[Sequence[Optional[Face]]] = None) -> tuple[torch.Tensor, list[str]]:
-    """Decode every file once (aligned where `faces` gives its face). Returns uint8 [N, 3, S, S]
-    and one error string per file ('' = ok)."""
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    errors = [""] * len(paths)
-    loader = torch.utils.data.DataLoader(_DecodeOne(paths, size, crop, faces), batch_size=64, num_workers=workers,
-                                         collate_fn=_collate)
-    for idx, imgs, errs in loader:
-        out[idx] = imgs
-        for i, e in zip(idx.tolist(), errs):
-            errors[i] = e
-    return out, errors
-
-
-class ImageStore:
-    """uint8 images of an IdentityFolder, by index: `batch(indices) -> [B, 3, S, S]`."""
-
-    def __init__(self, folder: IdentityFolder, size: int, cached: Optional[torch.Tensor], crop: float = 1.0,
-                 faces: Optional[Sequence[Optional[Face]]] = None) -> None:
-        self.folder, self.size, self.cached, self.crop = folder, size, cached, crop
-        self.faces = list(faces) if faces is not None else [None] * len(folder)
-
-    def batch(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        if self.cached is not None:
-            return self.cached.index_select(0, idx)
-        arrs = []
-        for i in idx.tolist():
-            try:
-                arrs.append(torch.from_numpy(decode_image(self.folder.paths[i], self.size, self.crop,
-                                                          self.faces[i])))
-            except Exception as e:  # became unreadable after the scan
-                log.warning("unreadable image skipped in batch (black image used): %s: %s",
-                            self.folder.paths[i], e)
-                arrs.append(torch.zeros(3, self.size, self.size, dtype=torch.uint8))
-        return torch.stack(arrs)
-
-
-def load_images(folder: IdentityFolder, size: int, *, workers: int, crop: float = 1.0, cache: str = "auto",
-                cache_max_gb: float = 4.0, what: str = "dataset", min_identities: int = 2,
-                min_per_identity: int = 1, align: str = "none", detector: Optional[DetectorSpec] = None,
-                device: str | torch.device = "cpu", no_face: str = "drop",
-                progress: Optional[Callable[[int, int], None]] = None) -> tuple[IdentityFolder, ImageStore]:
-    """Decode (or check) every image once; drop unreadable ones with a counted warning.
-
-    With `align` "arcface" each image's faces are found first (faceid.facecache: detected once,
-    then cached) and the largest is aligned. An image with no face is left out (`no_face` "drop",
-    listed in the returned folder's `no_face`) or, with "center", prepared as an unaligned image
-    (a pairs protocol keeps all its pairs).
-
-    Returns the folder without the skipped files and a store over it."""
-    faces: Optional[list[Optional[Face]]] = None
-    if align != "none":
-        folder, faces = _folder_faces(folder, detector or DetectorSpec(), workers=workers, device=device,
-                                      what=what, no_face=no_face, progress=progress)
-        if no_face == "drop":
-            check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
-    nbytes = len(folder) * 3 * size * size
-    use_cache = cache == "on" or (cache == "auto" and nbytes <= cache_max_gb * 1e9)
-    if use_cache:
-        images, errors = decode_all(folder.paths, size, workers, crop, faces)
-    else:
-        images, errors = None, _check_headers(folder.paths, workers)
-    bad = np.array([bool(e) for e in errors])
-    if bad.any():
-        skipped = [(folder.paths[i], errors[i]) for i in np.flatnonzero(bad)]
-        first = "; ".join(f"{p}: {e}" for p, e in skipped[:3])
-        log.warning("%s: skipped %d unreadable image(s) of %d (training goes on without them): %s",
-                    what, len(skipped), len(folder), first)
-        keep = ~bad
-        folder = folder.subset(keep)
-        folder.skipped = skipped
-        if faces is not None:
-            faces = [f for f, k in zip(faces, keep) if k]
-        if images is not None:
-            images = images[torch.from_numpy(keep)]
-        if len(folder) == 0:
-            raise DataError(f"{what} folder {folder.root}: none of the images could be read "
-                            f"(first: {first}); check the files are JPEG/PNG/WebP/BMP images")
-        check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
-    return folder, ImageStore(folder, size, images, crop, faces)
-
-
-def _folder_faces(folder: IdentityFolder, spec: DetectorSpec, *, workers: int, device: str | torch.device,
-                  what: str, no_face: str, progress: Optional[Callable[[int, int], None]]
-                  ) -> tuple[IdentityFolder, list[Optional[Face]]]:
-    """The face each image is aligned by (the largest found), with images without one dropped or
-    kept unaligned as `no_face` says. Unreadable images stay in, to be reported as such."""
-    from faceid.facecache import find_faces
-
-    found = find_faces(folder.paths, spec, workers=workers, device=device, progress=progress, what=what)
-    missing = [i for i, f in enumerate(found) if f is not None and not f]
-    faces = [pick_face(f) if f else None for f in found]
-    if not missing:
-        return folder, faces
-    listed = [folder.paths[i] for i in missing]
-    examples = ", ".join(str(p) for p in listed[:3])
-    if no_face != "drop":
-        log.warning("%s: no face found in %d of %d images; they are used unaligned (first: %s)",
-                    what, len(listed), len(folder), examples)
-        folder.no_face = listed
-        return folder, faces
-    if len(listed) == len(folder):
-        raise DataError(f"{what} folder {folder.root}: no face was found in any of its {len(folder)} images "
-                        f"(first: {examples}); give photos of faces, or --align none for images the "
-                        "detector cannot read (already cropped and aligned faces, drawings)")
-    log.warning("%s: no face found in %d of %d images; training goes on without them (first: %s)",
-                what, len(listed), len(folder), examples)
-    keep = np.ones(len(folder), dtype=bool)
-    keep[missing] = False
-    kept = folder.subset(keep)
-    kept.no_face = listed
-    return kept, [f for f, k in zip(faces, keep) if k]
-
-
-def _check_one(path: Path) -> str:
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        return ""
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-
-
-class _CheckOne(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> str:
-        return _check_one(self.paths[i])
-
-
-def _check_headers(paths: Sequence[Path], workers: int) -> list[str]:
-    loader = torch.utils.data.DataLoader(_CheckOne(paths), batch_size=256, num_workers=workers,
-                                         collate_fn=list)
-    return [e for batch in loader for e in batch]
 
 
 # --- sampling -------------------------------------------------------------------------------
@@ -436,27 +269,3 @@ class BatchTransform:
 def iterate_in_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
     for i in range(0, n, batch_size):
         yield np.arange(i, min(n, i + batch_size))
-
-
-class _BatchDataset(torch.utils.data.Dataset):
-    def __init__(self, store: ImageStore, batches: Sequence[np.ndarray]) -> None:
-        self.store, self.batches = store, batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.store.batch(self.batches[i])
-
-
-def batch_images(store: ImageStore, batches: Sequence[np.ndarray], *, workers: int,
-                 pin_memory: bool = False) -> Iterator[torch.Tensor]:
-    """uint8 image batches for `batches` of indices, in order. From memory when the store is
-    cached; otherwise decoded ahead by `workers` DataLoader processes."""
-    if store.cached is not None or workers == 0:
-        for b in batches:
-            yield store.batch(b)
-        return
-    loader = torch.utils.data.DataLoader(_BatchDataset(store, batches), batch_size=None,
-                                         num_workers=workers, pin_memory=pin_memory, prefetch_factor=2)
-    yield from loader

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from faceid.data import BatchTransform, IdentityFolder, ImageStore, iterate_in_batches, sample_pairs
+from faceid.data import BatchTransform, IdentityFolder, iterate_in_batches, sample_pairs
+from faceid.imagestore import ImageStore
 from faceid.metrics import kfold_accuracy, verification_report
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation pairs use their own stream, the same every epoch

@@ -107,7 +107,8 @@ class Verifier:
         if neck not in NECKS:
             raise CheckpointError(f"checkpoint {path} names neck {neck!r}; this FaceID knows "
                                   f"{', '.join(NECKS)}")
-        self.model = EmbeddingNet(self.embedding_size, trunk=_bare_trunk(), neck=neck, img_size=self.img_size)
+        # The trained network (its trunk faceid.model.resnet50_trunk) with the checkpoint's weights
+        self.model = EmbeddingNet(self.embedding_size, neck=neck, img_size=self.img_size)
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
@@ -303,10 +304,3 @@ class Verifier:
         e = self.embed([img1, img2])
         return self.compare(e[0], e[1], threshold)
 
-
-def _bare_trunk():
-    from torchvision.models import resnet50
-
-    net = resnet50(weights=None)
-    net.fc = torch.nn.Identity()
-    return net

@@ -58,7 +58,7 @@ class EmbeddingNet(nn.Module):
         if neck not in NECKS:
             raise ConfigError(f"neck={neck!r}: use one of {', '.join(NECKS)}")
         if trunk is None:
-            trunk = _resnet50_trunk()
+            trunk = resnet50_trunk()
         in_features = 2048
         if neck == "flat":
             trunk.avgpool = nn.Identity()  # torchvision's ResNet then flattens the whole map
@@ -77,7 +77,9 @@ class EmbeddingNet(nn.Module):
         return self.embed(self.drop(self.trunk(x)))
 
 
-def _resnet50_trunk() -> nn.Module:
+def resnet50_trunk() -> nn.Module:
+    """ResNet-50 without its classifier, untrained: [B, 3, H, W] -> [B, 2048] (the trunk of every
+    EmbeddingNet, trained or loaded from a checkpoint)."""
     from torchvision.models import resnet50
 
     # zero_init_residual: each residual block starts as identity (Goyal et al. 2017, "Accurate,

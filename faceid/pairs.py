@@ -10,6 +10,11 @@ Format (fields separated by tabs or spaces):
 A one-number header "N" (pairsDevTrain.txt / pairsDevTest.txt) is one fold of N matched then N
 mismatched pairs. Image `idx` of `name` is `<root>/<name>/<name>_<idx:04d>.<ext>`, with ext one of
 jpg, jpeg, png, webp, bmp (jpg preferred when several exist).
+
+Given with a --val folder (`faceid train`, `faceid evaluate`), a relative pairs file that does not
+exist is taken relative to --val, and its images live beside it (LFW layout) or under --val
+(`resolve_pairs_file`, `load_protocol`). The service resolves a job's pairs_file against its data
+root instead (app/paths.py) and hands the trainer an absolute path.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
-__all__ = ["IMAGE_EXTENSIONS", "PairsProtocol", "identities_in", "load_pairs"]
+__all__ = ["IMAGE_EXTENSIONS", "PairsProtocol", "identities_in", "load_pairs", "load_protocol", "resolve_pairs_file"]
 
 _FORMAT_HINT = (
     "expected LFW pairs.txt format: a header 'N' or 'FOLDS N', then per fold N lines "
@@ -257,3 +262,31 @@ def load_pairs(
         source=path,
         n_folds=n_folds,
     )
+
+
+def resolve_pairs_file(pairs_file: Union[str, os.PathLike],
+                       val: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """The pairs file as given, or, when it is relative and does not exist, relative to `val`."""
+    path = Path(pairs_file)
+    if val is not None and not path.is_absolute() and not path.exists():
+        path = Path(val) / path
+    return path
+
+
+def load_protocol(
+    pairs_file: Union[str, os.PathLike],
+    val: Optional[Union[str, os.PathLike]] = None,
+    *,
+    root: Optional[Union[str, os.PathLike]] = None,
+    folds: Optional[Iterable[int]] = None,
+) -> PairsProtocol:
+    """`load_pairs` of the pairs file `resolve_pairs_file` finds, with its images under `root`
+    when given; else beside the pairs file (LFW layout) or, where they are not, under `val`.
+    Raises the DataError of the last place looked in."""
+    path = resolve_pairs_file(pairs_file, val)
+    try:
+        return load_pairs(path, root=root, folds=folds)
+    except DataError:
+        if root is not None or val is None or path.parent.resolve() == Path(val).resolve():
+            raise
+        return load_pairs(path, root=val, folds=folds)

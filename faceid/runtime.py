@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -53,6 +53,20 @@ class DistEnv:
             t = t.cuda()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return t.cpu().tolist()
+
+    def wrap(self, module: torch.nn.Module, device: torch.device, key: Any, ddp: Optional[Any] = None) -> Any:
+        """DDP around `module` in a multi-process run (else `module` itself). `ddp`, that of an
+        earlier call, is kept while `key` (what is trainable) is the same, else rebuilt."""
+        if self.world_size == 1:
+            return module
+        if ddp is not None and getattr(ddp, "_faceid_key", None) == key:
+            return ddp
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = DDP(module, device_ids=ids)
+        ddp._faceid_key = key
+        return ddp
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -16,7 +16,8 @@ import pytest
 from pydantic import ValidationError
 
 from core_fixtures import subprocess_env
-from faceid.cli import UserError, _unwrap_optional, build_train_parser, config_from_args
+from faceid.cli_common import UserError
+from faceid.cli_train import _unwrap_optional, build_train_parser, config_from_args
 from faceid.config import PRESETS, TrainConfig
 
 FIELDS = TrainConfig.model_fields

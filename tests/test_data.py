@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from core_fixtures import make_identity_folder, write_image
-from faceid.data import (BatchTransform, classification_batches, decode_image, load_images,
-                         resize_center_crop, sample_pairs, scan_folder)
+from faceid.data import (BatchTransform, classification_batches, decode_image, resize_center_crop, sample_pairs,
+                         scan_folder)
 from faceid.errors import DataError
+from faceid.imagestore import load_images
 from faceid.model import IMAGENET_MEAN, IMAGENET_STD
 
 

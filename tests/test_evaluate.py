@@ -45,7 +45,7 @@ def test_pairs_file_images_held_by_val_are_embedded_once(trainer, monkeypatch):
         calls.append(len(out))
         return out
 
-    monkeypatch.setattr("faceid.train.embed_store", counting)
+    monkeypatch.setattr("faceid.trainer.embed_store", counting)
     metrics = trainer.evaluate()
     assert calls == [len(trainer.val_folder)]  # --val once; nothing embedded again for the pairs
 

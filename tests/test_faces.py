@@ -18,11 +18,12 @@ import torch
 from PIL import Image
 
 from core_fixtures import SAMPLE_VAL, TINY, small_sample, tiny_aligned_run, write_image
-from faceid.data import load_images, scan_folder
+from faceid.data import scan_folder
 from faceid.errors import DataError
 from faceid.facecache import FaceCache, find_faces
 from faceid.faces import (ARCFACE_POINTS, DetectorSpec, NoFaceError, Preparation, align_face, build_detector,
                           template_points)
+from faceid.imagestore import load_images
 from faceid.scenes import make_scene
 
 

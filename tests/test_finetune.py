@@ -11,7 +11,7 @@ import torch
 
 from core_fixtures import TINY, small_sample, tiny_arcface_run, tiny_flags
 from faceid import cli
-from faceid.cli import build_train_parser, config_from_args
+from faceid.cli_train import build_train_parser, config_from_args
 from faceid.checkpoint import load_checkpoint
 from faceid.config import TrainConfig
 from faceid.errors import ConfigError

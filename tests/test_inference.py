@@ -9,10 +9,10 @@ from PIL import Image
 
 from core_fixtures import sample_images, tiny_arcface_run
 from faceid.checkpoint import load_checkpoint
-from faceid.data import load_images
 from faceid.errors import CheckpointError, ConfigError
 from faceid.evaluate import embed_store, protocol_folder
 from faceid.images import open_image
+from faceid.imagestore import load_images
 from faceid.inference import Verifier
 
 

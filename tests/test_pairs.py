@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from faceid.errors import DataError
-from faceid.pairs import PairsProtocol, identities_in, load_pairs
+from faceid.pairs import PairsProtocol, identities_in, load_pairs, load_protocol, resolve_pairs_file
 
 
 def _touch(root: Path, name: str, idx: int, ext: str = ".jpg") -> Path:
@@ -211,6 +211,38 @@ def test_missing_images_are_counted(lfw: Path):
 def test_missing_identity_folder(lfw: Path, tmp_path: Path):
     with pytest.raises(DataError, match="image file\\(s\\).*missing"):
         load_pairs(lfw, root=tmp_path / "elsewhere")
+
+
+# ----------------------------------------------------------------------------------------------
+# Found with a --val folder: the rule of `faceid train` and `faceid evaluate`
+
+
+def test_a_relative_pairs_file_not_found_is_taken_relative_to_val(lfw: Path, tmp_path: Path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    val = lfw.parent
+    assert resolve_pairs_file("pairs.txt", val) == val / "pairs.txt"
+    p = load_protocol("pairs.txt", val)
+    assert p.source == val / "pairs.txt" and p.paths_a[0] == val / "Ann" / "Ann_0001.jpg"
+    assert resolve_pairs_file(lfw, tmp_path / "other") == lfw  # absolute: as given
+    assert resolve_pairs_file("pairs.txt") == Path("pairs.txt")  # no --val: as given
+    (cwd / "pairs.txt").write_text(TWO_FOLDS)
+    assert resolve_pairs_file("pairs.txt", val) == Path("pairs.txt")  # found where given: that one
+
+
+def test_images_beside_the_pairs_file_else_under_val(lfw: Path, tmp_path: Path):
+    protocol = tmp_path / "protocol" / "pairs.txt"
+    protocol.parent.mkdir()
+    protocol.write_text(TWO_FOLDS)
+    p = load_protocol(protocol, lfw.parent)  # no images beside it: those under --val
+    assert p.source == protocol and p.paths_a[0] == lfw.parent / "Ann" / "Ann_0001.jpg"
+    assert load_protocol(lfw, tmp_path / "nowhere").paths_a[0] == lfw.parent / "Ann" / "Ann_0001.jpg"
+    with pytest.raises(DataError, match="missing under"):
+        load_protocol(protocol)  # no --val to fall back on
+    with pytest.raises(DataError, match="missing under"):
+        load_protocol(protocol, lfw.parent, root=tmp_path / "nowhere")  # a root given is the only place
+    assert len(load_protocol(protocol, lfw.parent, folds=[2])) == 4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ import pytest
 
 from core_fixtures import TINY, small_sample
 from faceid.config import TrainConfig
-from faceid.train import Trainer, _lr_lambda
+from faceid.optimization import lr_lambda
+from faceid.train import Trainer
 
 
 def test_warmup_then_cosine_by_steps():
     cfg = TrainConfig(epochs=4, warmup_epochs=1)
-    f = _lr_lambda(cfg, steps_per_epoch=10)
+    f = lr_lambda(cfg, steps_per_epoch=10)
     assert [round(f(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
     assert f(10) == pytest.approx(1.0)
     assert f(25) == pytest.approx(0.5)  # halfway through the 30 cosine steps
@@ -28,16 +29,16 @@ def test_warmup_then_cosine_by_steps():
 
 def test_a_pace_ahead_of_the_steps_moves_the_schedule_on():
     cfg = TrainConfig(epochs=4, warmup_epochs=1)
-    by_steps = _lr_lambda(cfg, 10)
-    ahead = _lr_lambda(cfg, 10, pace=lambda step: step + 20.0)
+    by_steps = lr_lambda(cfg, 10)
+    ahead = lr_lambda(cfg, 10, pace=lambda step: step + 20.0)
     assert ahead(5) == pytest.approx(by_steps(25))
     assert ahead(20) == pytest.approx(0.0, abs=1e-12)
-    constant = _lr_lambda(TrainConfig(epochs=4, scheduler="constant"), 10, pace=lambda s: s + 100.0)
+    constant = lr_lambda(TrainConfig(epochs=4, scheduler="constant"), 10, pace=lambda s: s + 100.0)
     assert constant(3) == 1.0
 
 
 class FakeClock:
-    """time.time() for faceid.train: one second later at every call."""
+    """time.time() for faceid.trainer: one second later at every call."""
 
     def __init__(self) -> None:
         self.now = 1_000_000.0
@@ -54,7 +55,7 @@ def data(tmp_path_factory):
 
 def _run_with_limit(data, tmp_path, monkeypatch, **overrides):
     train, val = data
-    monkeypatch.setattr("faceid.train.time", FakeClock())
+    monkeypatch.setattr("faceid.trainer.time", FakeClock())
     # 30 epochs x 2 steps would take far longer than the 60 (fake) seconds of the limit.
     cfg = TrainConfig(**{**TINY, "train": str(train), "val": str(val), "ckpt_dir": str(tmp_path / "m"),
                          "train_mode": "arcface", "epochs": 30, "warmup_epochs": 1, "arcface_m": 0.3,

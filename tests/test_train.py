@@ -427,12 +427,12 @@ def test_missing_val_folder(tmp_path, capsys):
 
 def test_pretrained_without_weights_fails_before_decoding(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    import faceid.train
+    import faceid.trainer
 
     def no_decoding(*a, **k):
         raise AssertionError("images were decoded before the missing weights were noticed")
 
-    monkeypatch.setattr(faceid.train, "load_images", no_decoding)
+    monkeypatch.setattr(faceid.trainer, "load_images", no_decoding)
     line = _train_error(capsys, tmp_path, *DATA, "--pretrained")
     assert "--pretrained_weights" in line and "no download" in line
 
@@ -525,7 +525,8 @@ def test_the_crop_reaches_every_decoded_image_and_the_checkpoint(small, tmp_path
     """--crop 0.6: training, validation and pairs-file images are decoded with it, and the
     checkpoint carries it for the Verifier (tests/test_inference.py serves such a checkpoint)."""
     from faceid.data import decode_image
-    from faceid.train import Trainer, _checkpoint_dict
+    from faceid.run_state import checkpoint_dict
+    from faceid.train import Trainer
 
     cfg = TrainConfig(train=small[1], val=str(SAMPLE_VAL), pairs_file=str(SAMPLE_PAIRS), ckpt_dir=str(tmp_path),
                       train_mode="arcface", epochs=1, crop=0.6, **TINY)
@@ -537,7 +538,7 @@ def test_the_crop_reaches_every_decoded_image_and_the_checkpoint(small, tmp_path
         np.testing.assert_array_equal(store.batch([0])[0].numpy(), decode_image(store.folder.paths[0], 32, 0.6))
     assert not np.array_equal(decode_image(stores[0].folder.paths[0], 32, 0.6),
                               decode_image(stores[0].folder.paths[0], 32))
-    ck = _checkpoint_dict(cfg, trainer.model, 1, {"th": 0.5})
+    ck = checkpoint_dict(cfg, trainer.model, 1, {"th": 0.5})
     assert ck["crop"] == 0.6 and ck["config"]["crop"] == 0.6
     trainer.dist.close()
 

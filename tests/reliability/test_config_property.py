@@ -2,7 +2,7 @@
 
 Hypothesis draws configs over every field of TrainConfig, most across their whole validated range
 (see COST_BOUNDED for the few held small to keep this fast), and runs the real
-`faceid.train.Trainer` on a tiny dataset: setup (data, model, objective, optimizer, scheduler),
+`faceid.trainer.Trainer` on a tiny dataset: setup (data, model, objective, optimizer, scheduler),
 one training step (the stop event is set, as SIGTERM would), the evaluation and the end of run.
 Allowed outcomes: it finishes, or it stops with a FaceIDError, i.e. the one-line message a user
 gets (a device that is not there, fp16 on a CPU, a diverged loss, too little data for the
@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-import faceid.train
+import faceid.trainer
 from core_fixtures import make_identity_folder
 from faceid.config import TrainConfig
 from faceid.errors import FaceIDError
@@ -117,7 +117,7 @@ def tiny_trunk() -> nn.Module:
 @pytest.fixture(scope="module")
 def fast_trainer():
     """A stand-in trunk; no checkpoint files."""
-    real_build, real_save = faceid.train.build_model, faceid.train.save_checkpoint
+    real_build, real_save = faceid.trainer.build_model, faceid.trainer.save_checkpoint
 
     def build_model(*, embedding_size: int = 512, pretrained: bool = False, pretrained_weights=None, **_):
         if pretrained or pretrained_weights:
@@ -131,9 +131,9 @@ def fast_trainer():
         Path(path).touch()
         return Path(path)
 
-    faceid.train.build_model, faceid.train.save_checkpoint = build_model, save_checkpoint
+    faceid.trainer.build_model, faceid.trainer.save_checkpoint = build_model, save_checkpoint
     yield
-    faceid.train.build_model, faceid.train.save_checkpoint = real_build, real_save
+    faceid.trainer.build_model, faceid.trainer.save_checkpoint = real_build, real_save
 
 
 def test_accepted_configs_do_not_crash_the_trainer(tiny_data, fast_trainer, tmp_path_factory):
@@ -157,7 +157,7 @@ def test_accepted_configs_do_not_crash_the_trainer(tiny_data, fast_trainer, tmp_
         stop.set()  # one step, then evaluate and finish, as after SIGTERM
         events: list[dict] = []
         try:
-            result = faceid.train.Trainer(cfg, on_event=events.append, stop=stop).fit()
+            result = faceid.trainer.Trainer(cfg, on_event=events.append, stop=stop).fit()
             outcome = "finished"
             assert result.best_epoch == 1 and (ckpt_dir / "backbone_best.pt").exists()
             assert [e["event"] for e in events][:2] == ["start", "progress"]

@@ -1,0 +1,56 @@
+"""What every `faceid` command shares: its argument parser, user errors (one line, `error: ...`,
+exit code 2, no traceback), and its logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import typing
+from typing import Any, Callable, Optional
+
+from pydantic import ValidationError
+
+from faceid.events import Failed
+
+EXIT_USER_ERROR = 2
+EXIT_TERMINATED = 143
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: a bad flag is one line, not the whole usage
+    (about 30 lines for faceid train) followed by the message. --help is unchanged."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"error: {' '.join(message.split())}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def validation_message(e: ValidationError) -> str:
+    """A pydantic ValidationError as one line: each error after the flag it is about."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"--{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+class UserError(Exception):
+    """A one-line message for the user; exit code 2."""
+
+
+def user_error(msg: str, events: Optional[Callable[[Any], None]], kind: str) -> int:
+    """Print `msg` as one line, `error: ...`, and give it to `events` (a training command's
+    EventWriter) as a failed event of `kind`; returns the exit code."""
+    one_line = " ".join(msg.split())
+    print(f"error: {one_line}", file=sys.stderr)
+    if events:
+        events(Failed(kind=kind, error=one_line))
+    return EXIT_USER_ERROR
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("FACEID_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

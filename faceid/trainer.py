@@ -1,0 +1,394 @@
+"""The training run: `run(cfg, on_event) -> result` (imported from faceid.train as well; the
+command line of a run is faceid.cli_train).
+
+One loop serves both objectives (faceid.objectives). Per epoch: train, evaluate on --val (and on
+--pairs_file), rank by --best_metric, write backbone_best.pt / last.pt / metrics.jsonl. Progress
+and results go out as events (docs/CONTRACTS.md, section 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from faceid import events
+from faceid.checkpoint import load_checkpoint, save_checkpoint
+from faceid.config import TrainConfig
+from faceid.data import BatchTransform, IdentityFolder
+from faceid.errors import FaceIDError
+from faceid.evaluate import (EvalPairs, autocast_ctx, cosine_scores, embed_store, same_files, score_protocol,
+                             score_sampled)
+from faceid.metrics import roc_points
+from faceid.imagestore import batch_images, load_images
+from faceid.model import EmbeddingNet, build_model
+from faceid.objectives import Trainee, build_objective
+from faceid.optimization import build_optimizer, lr_lambda, set_trunk_frozen, train_mode
+from faceid.run_data import load_options, load_protocol_images, scan_run_folders
+from faceid.run_folder import append_metrics, prepare_ckpt_dir, start_files, write_roc
+from faceid.run_state import (RunResult, RunState, check_resumable, checkpoint_dict, last_checkpoint_dict,
+                              restore_weights, resumed_state)
+from faceid.runtime import DistEnv, resolve_amp, resolve_device, set_threads
+
+log = logging.getLogger("faceid.train")  # the training log lines keep the name they always had
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class Trainer:
+    """Holds everything of one run; `fit()` runs it."""
+
+    def __init__(self, cfg: TrainConfig, on_event: Optional[EventSink] = None,
+                 stop: Optional[threading.Event] = None) -> None:
+        self.cfg = cfg
+        self.emit_fn = on_event
+        self.stop = stop or threading.Event()
+        self.dist = DistEnv.from_env(cfg.device)
+        self.device = resolve_device(cfg.device, self.dist)
+        self.amp_dtype = resolve_amp(cfg.amp, self.device)
+        self.ckpt_dir = Path(cfg.ckpt_dir)
+
+    # -- events ----------------------------------------------------------------------------
+    def emit(self, event: events.Event) -> None:
+        if self.dist.is_main and self.emit_fn is not None:
+            self.emit_fn(event.to_json())
+
+    # -- setup -----------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load data, build the model and optimizer (and resume); `fit()` calls it if needed."""
+        if getattr(self, "_ready", False):
+            return
+        self._setup()
+        self._ready = True
+
+    def _setup(self) -> None:
+        """The run's parts, in this order: seeds, the ckpt_dir, the folders listed, the network
+        (before any image is decoded, so missing weights stop the run at once), the images, the
+        pairs protocol, compute threads, the objective and optimizer, then a resume and the run's
+        first files."""
+        self._seed_and_tune()
+        if self.dist.is_main:
+            prepare_ckpt_dir(self.ckpt_dir)
+        train, val = scan_run_folders(self.cfg)
+        model = self._build_network()
+        self._load_data(train, val)
+        self._load_protocol()
+        set_threads(self.cfg, self.device, cached=self.train_store.cached is not None)
+        self._build_trainee(model)
+        self._build_optimization()
+        self._build_transforms()
+        self.state = RunState()
+        if self.cfg.resume:
+            self._resume(self.cfg.resume)
+        if self.dist.is_main:
+            self._start_files()
+
+    def _seed_and_tune(self) -> None:
+        """Seed torch (each rank its own stream) and let a GPU use TF32 and cuDNN's autotuner."""
+        torch.manual_seed(self.cfg.seed + self.dist.rank)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+
+    def _build_network(self) -> EmbeddingNet:
+        """The embedding network: with --pretrained its ImageNet trunk, with --init_from (unless
+        resuming: last.pt holds the fine-tuned weights already) the base model's weights."""
+        cfg = self.cfg
+        model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
+                            pretrained_weights=cfg.pretrained_weights, neck=cfg.neck,
+                            img_size=cfg.img_size, dropout=cfg.dropout)
+        if cfg.init_from and not cfg.resume:
+            from faceid.finetune import load_base
+
+            base = load_base(model, cfg)
+            log.info("fine-tuning %s (epoch %s, %s)", cfg.init_from, base["epoch"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in base["metrics"].items()
+                               if k in ("auc", "acc", "tar_1e-3") and isinstance(v, (int, float))))
+        return model
+
+    def _load_options(self, evaluated: bool = False) -> dict[str, Any]:
+        """load_images' arguments. Only rank 0 evaluates: for images only evaluation uses
+        (`evaluated`), the other ranks check the headers, not decode them."""
+        return load_options(self.cfg, self.device, cache="off" if evaluated and not self.dist.is_main else None)
+
+    def _load_data(self, train: IdentityFolder, val: IdentityFolder) -> None:
+        """Decode (or check) the --train and --val images, and sample the fixed evaluation pairs."""
+        cfg = self.cfg
+        self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
+                                                          min_identities=2, progress=self._faces_progress("--train"),
+                                                          **self._load_options())
+        self.val_folder, self.val_store = load_images(val, cfg.img_size, what="--val", min_identities=2,
+                                                      progress=self._faces_progress("--val"),
+                                                      min_per_identity=2, **self._load_options(evaluated=True))
+        self.eval_pairs = EvalPairs.sample(self.val_folder, cfg.eval_pairs, cfg.seed)
+
+    def _load_protocol(self) -> None:
+        """With --pairs_file: its pairs, and its images decoded (those without a face unaligned)."""
+        self.protocol, self._protocol_folder = None, None
+        if not self.cfg.pairs_file:
+            return
+        folder, self.protocol = load_protocol_images(self.cfg, self._faces_progress("--pairs_file"),
+                                                     **self._load_options(evaluated=True))
+        # Images that --val holds too (the same files) are embedded once, with --val's.
+        self._protocol_in_val = same_files(list(folder.paths), list(self.val_folder.paths))
+        self._protocol_folder = folder
+
+    def _build_trainee(self, model: EmbeddingNet) -> None:
+        """The objective (its head sized for --train's people) around the network, on the device."""
+        cfg = self.cfg
+        objective = build_objective(cfg, self.train_folder.labels, self.train_folder.num_identities)
+        self.trainee = Trainee(model, objective).to(self.device)
+        if cfg.channels_last:
+            self.trainee.to(memory_format=torch.channels_last)
+        self.model = self.trainee.model
+        self.objective = self.trainee.objective
+
+    def _build_optimization(self) -> None:
+        """Optimizer, the epoch's steps (this rank's share, at most --max_steps_per_epoch), the
+        learning-rate schedule and the fp16 gradient scaler."""
+        cfg = self.cfg
+        self.optimizer = build_optimizer(cfg, self.trainee)
+        n_batches = len(self.objective.epoch_batches(np.random.default_rng(0)))
+        self.steps_per_epoch = max(1, n_batches // self.dist.world_size)
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self._time_share, self._first_step, self._clock = 0.0, 0, None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg, self.steps_per_epoch, self._pace))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _build_transforms(self) -> None:
+        """Batch transforms on the device: augmenting for training, plain for evaluation."""
+        cfg = self.cfg
+        self.train_tf = BatchTransform(self.device, augment=cfg.augment != "none", shift=cfg.augment == "light",
+                                       channels_last=cfg.channels_last)
+        self.eval_tf = BatchTransform(self.device, augment=False, channels_last=cfg.channels_last)
+
+    def _faces_progress(self, what: str):
+        """The progress callback of face detection in `what`'s images: `faces` events."""
+        def report(done: int, total: int) -> None:
+            self.emit(events.Faces(what=what, done=done, total=total))
+        return report
+
+    def _start_files(self) -> None:
+        """config.json, no_face.txt and a fresh metrics.jsonl in ckpt_dir (faceid.run_folder)."""
+        start_files(self.ckpt_dir, self.cfg, (("train", self.train_folder), ("val", self.val_folder),
+                                              ("pairs_file", self._protocol_folder)))
+
+    def _resume(self, path: str) -> None:
+        """Go on from the last.pt at `path`: refused if it does not fit this run (faceid.run_state)."""
+        ck = load_checkpoint(path, map_location=self.device)
+        check_resumable(ck, path, self.cfg, self.train_folder.num_identities)
+        restore_weights(ck, model=self.model, head=getattr(self.objective, "head", None), optimizer=self.optimizer,
+                        scheduler=self.scheduler, scaler=self.scaler)
+        self.state = resumed_state(ck, path, self._epoch_plan())
+        self._first_step = self.state.global_step
+        log.info("resumed from %s at epoch %d%s", path, self.state.epoch + 1,
+                 f", step {self.state.partial_steps + 1}" if self.state.partial_steps else "")
+
+    def _epoch_plan(self) -> dict[str, int]:
+        """How this run divides an epoch into steps (last.pt keeps it: a resume with another plan
+        cannot go on inside a stopped epoch)."""
+        return {"steps": self.steps_per_epoch, "world_size": self.dist.world_size}
+
+    def _pace(self, step: int) -> float:
+        """How far the schedule (lr, margin warm-up) is, in steps. By steps, unless a time limit
+        (with fit_to_time_limit) is used up faster than the steps: then the steps left when this
+        run started are spread over the time limit, so the cosine ends at the limit."""
+        if not self._time_share:
+            return float(step)
+        first = self._first_step
+        return max(float(step), first + self._time_share * (self.total_steps - first))
+
+    # -- the loop --------------------------------------------------------------------------
+    def fit(self) -> RunResult:
+        t0 = time.time()
+        self.setup()
+        cfg, st = self.cfg, self.state
+        self.emit(events.Start(epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch, device=str(self.device),
+                  amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+                  world_size=self.dist.world_size, start_epoch=st.epoch + 1,
+                  train_images=len(self.train_folder), train_identities=self.train_folder.num_identities,
+                  val_images=len(self.val_folder), skipped_images=len(self.train_folder.skipped)
+                  + len(self.val_folder.skipped), no_face_images=len(self.train_folder.no_face)
+                  + len(self.val_folder.no_face), config=cfg.to_json_dict()))
+        deadline = t0 + cfg.time_limit_min * 60 if cfg.time_limit_min else math.inf
+        # The schedule's clock starts with the first step (after decoding), the limit's with fit().
+        self._clock = (time.time(), deadline) if cfg.fit_to_time_limit and cfg.time_limit_min else None
+        stopped = False
+        ddp = None
+        for epoch in range(st.epoch + 1, cfg.epochs + 1):
+            frozen = epoch <= cfg.freeze_backbone_epochs
+            set_trunk_frozen(self.model, frozen)
+            ddp = self.dist.wrap(self.trainee, self.device, key=frozen, ddp=ddp)
+            t_epoch = time.time()
+            loss, stopped, steps = self._train_epoch(epoch, frozen, ddp, deadline)
+            # Stopped before its last step, the epoch is evaluated and saved as it is, and
+            # last.pt says how far it got: a resume trains its remaining steps, not the next epoch.
+            complete = steps >= self.steps_per_epoch
+            st.epoch, st.partial_steps = (epoch, 0) if complete else (epoch - 1, steps)
+            self._end_epoch(epoch, loss, t_epoch, steps)
+            if stopped:
+                break
+        return self._finish(stopped)
+
+    def _train_epoch(self, epoch: int, frozen: bool, net: nn.Module, deadline: float) -> tuple[float, bool, int]:
+        """Train one epoch (its steps after those a resumed run already trained); returns the mean
+        loss, whether a stop ended it, and how many of its steps are now trained."""
+        cfg, st = self.cfg, self.state
+        rng = np.random.default_rng([cfg.seed, epoch])  # same batches on every rank: shard below
+        batches = self.objective.epoch_batches(rng)[self.dist.rank::self.dist.world_size]
+        batches = batches[:self.steps_per_epoch]
+        skip = st.partial_steps if epoch == st.epoch + 1 else 0  # the same batches as before the stop
+        i = skip
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + self.dist.rank)
+        train_mode(self.model, frozen)
+        report_every = max(1, round(self.steps_per_epoch * cfg.progress_step_pct / 100))
+        loss_sum, n_loss, seen, t_start = 0.0, 0, 0, time.time()
+        stopped = False
+        images = batch_images(self.train_store, [b.indices for b in batches[skip:]], workers=cfg.workers,
+                              pin_memory=self.device.type == "cuda")
+        for i, (batch, raw) in enumerate(zip(batches[skip:], images), start=skip + 1):
+            epochs_done = (epoch - 1) + (i - 1) / len(batches)
+            if self._time_share:
+                epochs_done = max(epochs_done, self._pace(st.global_step) / self.steps_per_epoch)
+            self.objective.set_progress(epochs_done)
+            x = self.train_tf(raw, gen)
+            y = batch.target.to(self.device, non_blocking=True)
+            with autocast_ctx(self.device, self.amp_dtype):
+                loss = net(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.clip_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.trainee.parameters(), cfg.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            # One collective per step: a stop on any rank, and the time share every rank's
+            # schedule uses (the same value on all, so their learning rates agree).
+            now = time.time()
+            share = 0.0
+            if self._clock is not None:
+                start, end = self._clock
+                share = min(1.0, (now - start) / max(1e-9, end - start))
+            stop_flag, share = self.dist.max([1.0 if self.stop.is_set() or now > deadline else 0.0, share])
+            self._time_share = share
+            stop_now = stop_flag > 0
+            self.scheduler.step()
+            st.global_step += 1
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise FaceIDError(f"training diverged at epoch {epoch} step {i} (loss {lv}); lower --lr, "
+                                  "set --clip_grad_norm 1.0, or use --preset cpu-small")
+            loss_sum += lv
+            n_loss += 1
+            seen += len(batch.indices)
+            if i % report_every == 0 or i == len(batches) or stop_now:
+                self._progress(epoch, i, len(batches), loss_sum / n_loss, seen, t_start, skip)
+            if stop_now:
+                stopped = True
+                break
+        return loss_sum / max(1, n_loss), stopped, (self.steps_per_epoch if i >= len(batches) else i)
+
+    def _progress(self, epoch: int, step: int, steps: int, loss: float, seen: int, t_start: float,
+                  skipped: int = 0) -> None:
+        cfg = self.cfg
+        elapsed = max(1e-9, time.time() - t_start)
+        done = (epoch - 1) * steps + step
+        total = cfg.epochs * steps
+        rate_steps = max(1, step - skipped) / elapsed
+        percent, eta = 100.0 * done / total, (total - done) / rate_steps
+        if self._clock is not None:  # a time limit ends the run first: say so
+            percent = max(percent, 100.0 * self._time_share)
+            eta = min(eta, max(0.0, self._clock[1] - time.time()))
+        self.emit(events.Progress(epoch=epoch, epochs=cfg.epochs, step=step, steps=steps,
+                  percent=round(percent, 2), loss=round(loss, 5),
+                  images_per_s=round(seen * self.dist.world_size / elapsed, 2),
+                  lr=self.optimizer.param_groups[1]["lr"], eta_s=round(eta, 1)))
+
+    def evaluate(self) -> dict[str, Any]:
+        """Metrics of the current model on --val (and --pairs_file)."""
+        cfg = self.cfg
+        bs = max(cfg.batch_size, 64)
+        emb = embed_store(self.model, self.val_store, self.eval_tf, batch_size=bs,
+                          amp_dtype=self.amp_dtype, flip=cfg.eval_flip)
+        metrics = score_sampled(emb, self.eval_pairs)
+        # the curve behind those figures, written as roc.json when the epoch is the best
+        self.last_roc = roc_points(cosine_scores(emb, self.eval_pairs.ia, self.eval_pairs.ib), self.eval_pairs.y)
+        if self.protocol is not None:
+            store, ia, ib, labels, folds = self.protocol
+            in_val = self._protocol_in_val
+            rest = np.flatnonzero(in_val < 0)
+            pemb = np.empty((len(in_val), emb.shape[1]), np.float32)
+            pemb[in_val >= 0] = emb[in_val[in_val >= 0]]
+            if len(rest):
+                pemb[rest] = embed_store(self.model, store, self.eval_tf, batch_size=bs,
+                                         amp_dtype=self.amp_dtype, flip=cfg.eval_flip, indices=rest)
+            metrics.update(score_protocol(pemb, ia, ib, labels, folds))
+        return metrics
+
+    def _end_epoch(self, epoch: int, train_loss: float, t_epoch: float, steps: int) -> None:
+        cfg, st = self.cfg, self.state
+        if self.dist.is_main:
+            metrics = self.evaluate()
+            value = float(metrics[cfg.best_metric])
+            is_best = value > st.best_value
+            # `complete` false: a stop ended the epoch after `epoch_steps` of its steps (trained
+            # since the start of the epoch, before and after any resume)
+            record = {"epoch": epoch, "global_step": st.global_step, "train_loss": round(train_loss, 6),
+                      "lr": self.optimizer.param_groups[1]["lr"], **metrics,
+                      "margin": getattr(getattr(self.objective, "head", None), "m", None),
+                      "complete": steps >= self.steps_per_epoch, "epoch_steps": steps}
+            if is_best:
+                st.best_epoch, st.best_value = epoch, value
+                path = save_checkpoint(checkpoint_dict(cfg, self.model, epoch, record),
+                                       self.ckpt_dir / "backbone_best.pt")
+                self.emit(events.Checkpoint(kind="best", path=str(path), epoch=epoch))
+                write_roc(self.ckpt_dir, epoch, self.last_roc, metrics)
+            record.update(is_best=is_best, best_epoch=st.best_epoch, best_value=st.best_value)
+            st.history.append(record)
+            self._save_last(epoch, record)
+            append_metrics(self.ckpt_dir, record)
+            log.info("epoch %d/%d loss %.4f acc %.4f th %.3f auc %.4f tar@1e-2 %.4f tar@1e-3 %.4f%s%s",
+                     epoch, cfg.epochs, train_loss, metrics["acc"], metrics["th"], metrics["auc"],
+                     metrics["tar_1e-2"], metrics["tar_1e-3"],
+                     f" pairs_acc {metrics['pairs_acc']:.4f}" if "pairs_acc" in metrics else "",
+                     "" if record["complete"] else f" (stopped after {steps} of its {self.steps_per_epoch} "
+                     "steps; a resume trains the rest)")
+            self.emit(events.EpochEnd(**record, epoch_time_s=round(time.time() - t_epoch, 2)))
+        self.dist.barrier()
+
+    def _save_last(self, epoch: int, record: dict[str, Any]) -> None:
+        ck = last_checkpoint_dict(self.cfg, self.model, epoch, record, head=getattr(self.objective, "head", None),
+                                  optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                                  state=self.state, plan=self._epoch_plan())
+        path = save_checkpoint(ck, self.ckpt_dir / "last.pt")
+        self.emit(events.Checkpoint(kind="last", path=str(path), epoch=epoch))
+
+    def _finish(self, stopped: bool) -> RunResult:
+        result = RunResult.of(self.state, self.cfg.best_metric, self.ckpt_dir, stopped)
+        self.emit(events.Finished(best_epoch=result.best_epoch, best_metric=result.best_metric,
+                                  best_value=result.best_value, best_checkpoint=result.best_checkpoint,
+                                  thresholds=result.thresholds, stopped_early=stopped))
+        return result
+
+
+def run(cfg: TrainConfig, on_event: Optional[EventSink] = None,
+        stop: Optional[threading.Event] = None) -> RunResult:
+    """Train with `cfg`; events go to `on_event`; setting `stop` ends the run after the current step
+    (the epoch is still evaluated and last.pt written)."""
+    trainer = Trainer(cfg, on_event, stop)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.close()
+
