@@ -71,8 +71,10 @@ class EmbedWorker:
         self._busy = [False] * self.workers
         self._busy_changed = threading.Condition()
         self._closing = False
-        self._threads = [threading.Thread(target=self._loop, args=(i,), name="faceid-embed", daemon=True)
-                         for i in range(self.workers)]
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i,), name="faceid-embed", daemon=True)
+            for i in range(self.workers)
+        ]
         for t in self._threads:
             t.start()
 
@@ -93,8 +95,15 @@ class EmbedWorker:
         """The settings and what the worker has run since the server started (GET /model)."""
         with self._count:
             b, r, n = self._batches, self._requests, self._images
-        return {"max_batch_size": self.max_batch, "wait_ms": self.wait_s * 1000.0, "workers": self.workers, "batches": b,
-                "requests": r, "images": n, "mean_batch_images": round(n / b, 2) if b else None}
+        return {
+            "max_batch_size": self.max_batch,
+            "wait_ms": self.wait_s * 1000.0,
+            "workers": self.workers,
+            "batches": b,
+            "requests": r,
+            "images": n,
+            "mean_batch_images": round(n / b, 2) if b else None,
+        }
 
     def close(self) -> None:
         with self._busy_changed:
@@ -143,7 +152,7 @@ class EmbedWorker:
     def _share(self, index: int) -> int:
         """The most images worker `index` takes while a later worker is free: an even share of
         what the clients keep in flight, else a full batch."""
-        if self.workers == 1 or all(self._busy[index + 1:]):
+        if self.workers == 1 or all(self._busy[index + 1 :]):
             return self.max_batch
         with self._count:
             load = max(self._load, self._in_flight)
@@ -172,8 +181,9 @@ class EmbedWorker:
             size = len(first.images) if batch else 0
             # Concurrent load: the last batch held several requests, others queued while it ran (two
             # clients out of step), or more are queued now.
-            concurrent = (self._last_requests[index] > 1 or self._queued_during_last[index] > 0
-                          or not self._queue.empty())
+            concurrent = (
+                self._last_requests[index] > 1 or self._queued_during_last[index] > 0 or not self._queue.empty()
+            )
             # Under concurrent load, wait while requests keep coming: each arrival allows another
             # wait_s for the next (clients answered by the last batch send their next requests one
             # after another, as fast as the event loop parses them), and the whole wait is at most
@@ -245,7 +255,7 @@ class EmbedWorker:
             if error is not None:
                 work.future.set_exception(error)
             else:
-                work.future.set_result(embeddings[start:start + len(work.images)])
+                work.future.set_result(embeddings[start : start + len(work.images)])
                 start += len(work.images)
 
 
@@ -270,7 +280,7 @@ class Timing:
         return now
 
     def header(self) -> str:
-        parts = [f'{n};dur={1000 * s:.2f}' + (f';desc="{d}"' if d else "") for n, s, d in self.parts]
+        parts = [f"{n};dur={1000 * s:.2f}" + (f';desc="{d}"' if d else "") for n, s, d in self.parts]
         return ", ".join(parts + [f"total;dur={1000 * (time.perf_counter() - self.start):.2f}"])
 
 
@@ -283,5 +293,5 @@ def _name_os_thread(name: str) -> None:
 
         libc = ctypes.CDLL(None)
         libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except Exception:  # noqa: BLE001 - not Linux, or no prctl: the name is only a convenience
+    except Exception:
         pass

@@ -16,11 +16,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from faceid.errors import (CheckpointError, ConfigError, DataError, FaceIDError, ImageError,
-                           ImageTooLargeError, ModelNotReadyError)
-
-from app.store import JobStateError, QueueFullError
 from app.paths import FieldError
+from app.store import JobStateError, QueueFullError
+from faceid.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FaceIDError,
+    ImageError,
+    ImageTooLargeError,
+    ModelNotReadyError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +73,10 @@ def _body_parse_error(cause: Any) -> str:
         why = f"{type(cause).__name__}: {str(cause)[:120]}"
     else:
         why = "it is malformed"
-    return (f"the request body could not be parsed as JSON ({why}); send one JSON object, for "
-            'example {"train": "sample/train", "val": "sample/val"}')
+    return (
+        f"the request body could not be parsed as JSON ({why}); send one JSON object, for "
+        'example {"train": "sample/train", "val": "sample/val"}'
+    )
 
 
 def _not_json(err: dict[str, Any]) -> bool:
@@ -91,7 +99,7 @@ def validation_detail(errors: list[dict[str, Any]]) -> str:
         if err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",):
             msg = "a JSON body is required"
         if _not_json(err):
-            msg = 'send one JSON object with the header Content-Type: application/json'
+            msg = "send one JSON object with the header Content-Type: application/json"
         lines.append(f"{_field(err)}: {msg}")
     more = len(errors) - 5
     return "; ".join(lines) + (f"; and {more} more" if more > 0 else "")
@@ -99,6 +107,7 @@ def validation_detail(errors: list[dict[str, Any]]) -> str:
 
 def install(app: FastAPI, routes_hint: str = "the routes are listed at /docs") -> None:
     """The handlers below on `app`; `routes_hint` ends the answer to a route that does not exist."""
+
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         code = status_of(exc)
         body: dict[str, Any] = {"detail": str(exc)}
@@ -109,8 +118,14 @@ def install(app: FastAPI, routes_hint: str = "the routes are listed at /docs") -
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        clean = [{"loc": [_part(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))[:500],
-                  "type": str(e.get("type", ""))} for e in errors[:50]]
+        clean = [
+            {
+                "loc": [_part(p) for p in e.get("loc", ())],
+                "msg": str(e.get("msg", ""))[:500],
+                "type": str(e.get("type", "")),
+            }
+            for e in errors[:50]
+        ]
         body: dict[str, Any] = {"detail": validation_detail(errors), "errors": clean}
         if clean:
             body["field"] = _field(errors[0])
@@ -131,8 +146,7 @@ def install(app: FastAPI, routes_hint: str = "the routes are listed at /docs") -
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal server error; the server log has the details"},
-                            status_code=500)
+        return JSONResponse({"detail": "internal server error; the server log has the details"}, status_code=500)
 
     for cls in (FaceIDError, JobStateError, QueueFullError):
         app.add_exception_handler(cls, domain_error)

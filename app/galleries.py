@@ -23,12 +23,21 @@ from typing import Any, Optional, Sequence
 import anyio
 import numpy as np
 
-from faceid.errors import ImageError
-from faceid.gallery import (Candidate, Conflict, FaceInput, GalleryError, GalleryIndex, GalleryStore, NewFace,
-                            crop_input, normalize_rows, prepare_faces)
-
 from app.model_manager import ModelManager, ServedModel, open_upload
 from app.settings import Settings
+from faceid.errors import ImageError
+from faceid.gallery import (
+    Candidate,
+    Conflict,
+    FaceInput,
+    GalleryError,
+    GalleryIndex,
+    GalleryStore,
+    NewFace,
+    crop_input,
+    normalize_rows,
+    prepare_faces,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +61,8 @@ class GalleryService:
         self._bound: dict[str, Bound] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
-        self._progress: dict[str, dict[str, Any]] = {}   # gallery -> re-embedding progress
-        self._dirty: set[str] = set()                    # faces embedded by another model than the bound one
+        self._progress: dict[str, dict[str, Any]] = {}  # gallery -> re-embedding progress
+        self._dirty: set[str] = set()  # faces embedded by another model than the bound one
         self._failed: dict[tuple[str, str], set[int]] = {}  # (gallery, model) -> faces it found no face in
         self._task: Optional[asyncio.Task] = None
         self._wake: Optional[asyncio.Event] = None
@@ -65,7 +74,7 @@ class GalleryService:
         for name in self.store.gallery_names():
             try:
                 self._index(name)
-            except Exception:  # noqa: BLE001 - one unreadable gallery must not stop the server
+            except Exception:
                 log.exception("gallery %s could not be loaded", name)
 
     def start(self) -> None:
@@ -77,7 +86,7 @@ class GalleryService:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            except (asyncio.CancelledError, Exception):
                 pass
         self.store.close()
 
@@ -117,15 +126,21 @@ class GalleryService:
             done, total = self.store.count_embedded(name, served.id)
             live = self._progress.get(name)
             failed = len(self._failed.get((name, served.id), ()))
-            progress = {"model": served.id, "done": done, "total": total, "failed": failed,
-                        "percent": round(100.0 * done / total, 1) if total else 100.0,
-                        "running": bool(live and live.get("model") == served.id)}
+            progress = {
+                "model": served.id,
+                "done": done,
+                "total": total,
+                "failed": failed,
+                "percent": round(100.0 * done / total, 1) if total else 100.0,
+                "running": bool(live and live.get("model") == served.id),
+            }
         elif g["faces"] and served is None:
             status = "no_model"
         return {**g, "status": status, "reembedding": progress, "rule": "best"}
 
-    async def decode(self, served: ServedModel, data: bytes, name: str, detect: bool,
-                     all_faces: bool, filename: Optional[str] = None) -> list[FaceInput]:
+    async def decode(
+        self, served: ServedModel, data: bytes, name: str, detect: bool, all_faces: bool, filename: Optional[str] = None
+    ) -> list[FaceInput]:
         """An upload's faces as the served model embeds them (off the event loop). An upload that is
         not an image, or in which an aligned model finds no face, is an ImageError naming `name`."""
         verifier = served.verifier
@@ -214,7 +229,7 @@ class GalleryService:
                 await self._step()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - logged; the next round tries again
+            except Exception:
                 log.exception("re-embedding galleries failed; trying again")
                 await anyio.sleep(5)
             try:
@@ -249,8 +264,9 @@ class GalleryService:
             while True:
                 if self.models.current is not served:
                     return
-                rows = await anyio.to_thread.run_sync(self.store.missing, name, served.id, REEMBED_BATCH,
-                                                      sorted(failed))
+                rows = await anyio.to_thread.run_sync(
+                    self.store.missing, name, served.id, REEMBED_BATCH, sorted(failed)
+                )
                 if not rows:
                     break
 
@@ -268,8 +284,9 @@ class GalleryService:
                     continue
                 vectors = await self.models.embed(served, [x for _, x in ready])
                 vectors = normalize_rows(vectors)
-                await anyio.to_thread.run_sync(self.store.put_embeddings, served.id,
-                                               [(fid, v) for (fid, _), v in zip(ready, vectors)])
+                await anyio.to_thread.run_sync(
+                    self.store.put_embeddings, served.id, [(fid, v) for (fid, _), v in zip(ready, vectors)]
+                )
             dim = int(served.verifier.info.get("embedding_size") or 0)
             await anyio.to_thread.run_sync(self._rebind, name, served.id, dim)
             log.info("gallery %s: now searches model %s's embeddings", name, served.id)

@@ -26,18 +26,17 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 import faceid
-from faceid.errors import ConfigError
-from faceid.omp import serving_defaults
-
 from app import errors
+from app.galleries import GalleryService
 from app.middleware import DOCS_PATHS, OPEN_PATHS, APIKeyMiddleware, BodyLimitMiddleware
 from app.model_manager import ModelManager, VerifierLoader
 from app.replicas import ReplicaSupervisor
-from app.galleries import GalleryService
 from app.routes import data, galleries, health, inference, jobs, models, ui
 from app.runner import JobRunner
 from app.settings import Settings, load_settings, prepare_dirs
 from app.store import JobStore
+from faceid.errors import ConfigError
+from faceid.omp import serving_defaults
 
 log = logging.getLogger("app")
 
@@ -67,8 +66,10 @@ class _ModelsDirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise ConfigError(f"another FaceID server is using the models folder ({self.path}); stop it, "
-                              "or give this one its own FACEID_MODELS_DIR") from None
+            raise ConfigError(
+                f"another FaceID server is using the models folder ({self.path}); stop it, "
+                "or give this one its own FACEID_MODELS_DIR"
+            ) from None
         self.fd = fd
 
     def release(self) -> None:
@@ -100,14 +101,21 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
             store = JobStore(s.db_path)
         except sqlite3.Error as e:
             lock.release()
-            error = ConfigError(f"the job database {s.db_path} cannot be opened ({e}); restore it from a "
-                                "backup, or move it away to start with an empty job history")
+            error = ConfigError(
+                f"the job database {s.db_path} cannot be opened ({e}); restore it from a "
+                "backup, or move it away to start with an empty job history"
+            )
             log.error("error: %s", error)
             raise error from None
         manager = ModelManager(s, store, loader=verifier_loader)
-        runner = JobRunner(store=store, jobs_dir=s.jobs_dir, trainer_cmd=s.trainer_cmd,
-                           cancel_grace_s=s.cancel_grace_s, poll_interval_s=s.poll_interval_s,
-                           on_succeeded=manager.on_job_succeeded)
+        runner = JobRunner(
+            store=store,
+            jobs_dir=s.jobs_dir,
+            trainer_cmd=s.trainer_cmd,
+            cancel_grace_s=s.cancel_grace_s,
+            poll_interval_s=s.poll_interval_s,
+            on_succeeded=manager.on_job_succeeded,
+        )
         replicas = ReplicaSupervisor(s) if s.infer_replicas else None
         try:
             await anyio.to_thread.run_sync(runner.recover)
@@ -121,9 +129,13 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
             await anyio.to_thread.run_sync(app.state.galleries.load)
             app.state.galleries.start()
             app.state.settings = s  # last: the API-key middleware answers 503 until it is set
-            log.info("FaceID service ready: data %s, models %s, model %s, API key %s", s.data_dir,
-                     s.models_dir, manager.current.id if manager.current else "none",
-                     "required" if s.api_key else "off")
+            log.info(
+                "FaceID service ready: data %s, models %s, model %s, API key %s",
+                s.data_dir,
+                s.models_dir,
+                manager.current.id if manager.current else "none",
+                "required" if s.api_key else "off",
+            )
             yield
         finally:
             app.state.settings = None
@@ -149,12 +161,12 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                                 routes=app.routes)
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             s = app.state.settings
             if s is not None and s.api_key:
                 schema.setdefault("components", {})["securitySchemes"] = {
-                    "APIKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+                    "APIKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+                }
                 schema["security"] = [{"APIKey": []}]
                 for path in OPEN_PATHS | (DOCS_PATHS if s.public_docs else frozenset()):
                     for op in schema.get("paths", {}).get(path, {}).values():

@@ -30,9 +30,17 @@ SettingsGetter = Callable[[], Optional[Settings]]
 
 async def _send_json(send: Send, status: int, body: dict, headers: Optional[list] = None) -> None:
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode()), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -50,12 +58,17 @@ class APIKeyMiddleware:
             return
         settings = self.get_settings()
         if settings is None:
-            await _send_json(send, 503, {"detail": "the service is starting; retry in a moment"},
-                             [(b"retry-after", b"5")])
+            await _send_json(
+                send, 503, {"detail": "the service is starting; retry in a moment"}, [(b"retry-after", b"5")]
+            )
             return
         path = scope.get("path", "")
-        if (settings.api_key is None or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
-                or (settings.public_docs and path in DOCS_PATHS)):
+        if (
+            settings.api_key is None
+            or path in OPEN_PATHS
+            or path.startswith(OPEN_PREFIXES)
+            or (settings.public_docs and path in DOCS_PATHS)
+        ):
             await self.app(scope, receive, send)
             return
         given = b""
@@ -65,8 +78,11 @@ class APIKeyMiddleware:
                 break
         expected = settings.api_key.encode()
         if not given or not hmac.compare_digest(given, expected):
-            detail = ("missing API key: send it in the X-API-Key header" if not given
-                      else "wrong API key in the X-API-Key header")
+            detail = (
+                "missing API key: send it in the X-API-Key header"
+                if not given
+                else "wrong API key in the X-API-Key header"
+            )
             await _send_json(send, 401, {"detail": detail}, [(b"www-authenticate", b"APIKey")])
             return
         await self.app(scope, receive, send)
@@ -105,8 +121,14 @@ class BodyLimitMiddleware:
                     await _send_json(send, 400, {"detail": "the Content-Length header is not a number"})
                     return
                 if declared > limit:
-                    await _send_json(send, 413, {"detail": f"the request body ({declared} bytes) is over "
-                                                           f"the limit of {limit} bytes for this route"})
+                    await _send_json(
+                        send,
+                        413,
+                        {
+                            "detail": f"the request body ({declared} bytes) is over "
+                            f"the limit of {limit} bytes for this route"
+                        },
+                    )
                     return
         received = 0
 
@@ -117,8 +139,7 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > limit:
                     # FastAPI re-raises an HTTPException met while reading the body.
-                    raise HTTPException(413, f"the request body is over the limit of {limit} bytes "
-                                             "for this route")
+                    raise HTTPException(413, f"the request body is over the limit of {limit} bytes for this route")
             return message
 
         await self.app(scope, limited_receive, send)

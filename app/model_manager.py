@@ -25,21 +25,22 @@ from typing import Any, Callable, Optional, Sequence
 
 import anyio
 
-from faceid.errors import CheckpointError, FaceIDError, ImageError, ModelNotReadyError
-
 from app.batcher import EmbedWorker, Timing
 from app.paths import usable_cpus
 from app.settings import Settings
 from app.store import JobStateError, JobStore
+from faceid.errors import CheckpointError, FaceIDError, ImageError, ModelNotReadyError
 
 log = logging.getLogger(__name__)
 
 
 STATE_KEY = "served_model"
 # What a request needing a model is told before there is one (the 503s of /embed, /verify, /ready, /model)
-NO_MODEL = ("no model is loaded yet: train one with POST /jobs (it is served when the job succeeds), serve a "
-            "finished job with POST /models/{job_id}/activate, or start the server with "
-            "FACEID_CHECKPOINT=path/to/backbone_best.pt")
+NO_MODEL = (
+    "no model is loaded yet: train one with POST /jobs (it is served when the job succeeds), serve a "
+    "finished job with POST /models/{job_id}/activate, or start the server with "
+    "FACEID_CHECKPOINT=path/to/backbone_best.pt"
+)
 ENV_STATE_KEY = "env_checkpoint_applied"
 
 # (checkpoint path, device) -> an object with embed(images), compare(e1, e2, threshold),
@@ -65,8 +66,9 @@ def inference_plan(requested: int, device: str) -> tuple[int, int]:
     return workers, max(1, cores // workers)
 
 
-def load_verifier(path: Path, device: str, *, compile: str = "off", max_batch: int = 16,
-                  workers: int = 1, threads: int = 0) -> Any:
+def load_verifier(
+    path: Path, device: str, *, compile: str = "off", max_batch: int = 16, workers: int = 1, threads: int = 0
+) -> Any:
     """The production loader. With compile="freeze" every batch size the worker can form is
     compiled here, before the model is swapped in, so no request waits for a compilation. With
     `workers` > 1 on a CPU, torch gets `threads` compute threads and the Verifier lets the workers'
@@ -85,9 +87,11 @@ def load_verifier(path: Path, device: str, *, compile: str = "off", max_batch: i
         try:
             n = verifier.warmup(max_batch)
         except Exception as e:  # no C++ compiler, an unsupported device, ...
-            raise CheckpointError(f"FACEID_COMPILE={compile} failed for {path} ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:300] if str(e) else ''}); set FACEID_COMPILE=off "
-                                  "to serve it uncompiled") from None
+            raise CheckpointError(
+                f"FACEID_COMPILE={compile} failed for {path} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300] if str(e) else ''}); set FACEID_COMPILE=off "
+                "to serve it uncompiled"
+            ) from None
         log.info("compiled %s for %d batch sizes in %.0f s", path, n, time.monotonic() - t)
     return verifier
 
@@ -100,22 +104,33 @@ def open_upload(data: bytes, *, max_pixels: int, name: str, reduce_to: Optional[
 
 @dataclass(frozen=True)
 class ServedModel:
-    id: str                     # the job id, or "checkpoint-<hash>" for a file given at start
+    id: str  # the job id, or "checkpoint-<hash>" for a file given at start
     job_id: Optional[str]
     checkpoint: str
-    source: str                 # "job" (newest succeeded job), "activated", "env" (FACEID_CHECKPOINT)
+    source: str  # "job" (newest succeeded job), "activated", "env" (FACEID_CHECKPOINT)
     pinned: bool
     loaded_at: float
     verifier: Any
 
     def describe(self) -> dict[str, Any]:
         info = dict(self.verifier.info)
-        return {"id": self.id, "job_id": self.job_id, "checkpoint": self.checkpoint, "source": self.source,
-                "pinned": self.pinned, "loaded_at": self.loaded_at,
-                "epoch": info.get("epoch"), "metrics": info.get("metrics") or {},
-                "thresholds": info.get("thresholds") or {}, "img_size": info.get("img_size"),
-                "crop": info.get("crop"), "embedding_size": info.get("embedding_size"), "arch": info.get("arch"),
-                "train_mode": info.get("train_mode"), "faces": info.get("faces")}
+        return {
+            "id": self.id,
+            "job_id": self.job_id,
+            "checkpoint": self.checkpoint,
+            "source": self.source,
+            "pinned": self.pinned,
+            "loaded_at": self.loaded_at,
+            "epoch": info.get("epoch"),
+            "metrics": info.get("metrics") or {},
+            "thresholds": info.get("thresholds") or {},
+            "img_size": info.get("img_size"),
+            "crop": info.get("crop"),
+            "embedding_size": info.get("embedding_size"),
+            "arch": info.get("arch"),
+            "train_mode": info.get("train_mode"),
+            "faces": info.get("faces"),
+        }
 
 
 def _checkpoint_id(path: Path) -> str:
@@ -129,9 +144,9 @@ class ModelManager:
         self.settings = settings
         self.store = store
         workers, threads = inference_plan(settings.infer_workers, settings.device)
-        self.loader = loader or functools.partial(load_verifier, compile=settings.compile,
-                                                  max_batch=settings.batch_max_size, workers=workers,
-                                                  threads=threads)
+        self.loader = loader or functools.partial(
+            load_verifier, compile=settings.compile, max_batch=settings.batch_max_size, workers=workers, threads=threads
+        )
         # Whether a checkpoint could be served, without serving it (a job that succeeds while a
         # model is pinned): built as the loader builds it, but never compiled
         self.checker = loader or load_verifier
@@ -160,8 +175,16 @@ class ModelManager:
             raise ModelNotReadyError(hint)
         return model
 
-    def load(self, path: Path, *, job_id: Optional[str], source: str, pinned: bool,
-             unless_pinned: bool = False, remember: bool = True) -> Optional[ServedModel]:
+    def load(
+        self,
+        path: Path,
+        *,
+        job_id: Optional[str],
+        source: str,
+        pinned: bool,
+        unless_pinned: bool = False,
+        remember: bool = True,
+    ) -> Optional[ServedModel]:
         """Build the Verifier for `path`, then make it the served model. Raises CheckpointError
         (the current model stays). With `unless_pinned`, a pinned model is kept (returns None).
         With `remember`, the job database records it (a replica, which follows it, does not)."""
@@ -185,14 +208,28 @@ class ModelManager:
                 log.exception("loading %s failed", path)
                 self.last_error = f"cannot load {path}: {type(e).__name__}: {str(e)[:200]}"
                 raise CheckpointError(self.last_error) from None
-            served = ServedModel(id=job_id or _checkpoint_id(Path(path)), job_id=job_id,
-                                 checkpoint=str(path), source=source, pinned=pinned,
-                                 loaded_at=time.time(), verifier=verifier)
+            served = ServedModel(
+                id=job_id or _checkpoint_id(Path(path)),
+                job_id=job_id,
+                checkpoint=str(path),
+                source=source,
+                pinned=pinned,
+                loaded_at=time.time(),
+                verifier=verifier,
+            )
             self._current = served  # the switch: one reference assignment
             self.last_error = None
             if remember:  # loaded_at: a replica reloads a checkpoint rewritten in place (a resumed job)
-                self.store.set_state(STATE_KEY, {"checkpoint": str(path), "job_id": job_id, "source": source,
-                                                 "pinned": pinned, "loaded_at": served.loaded_at})
+                self.store.set_state(
+                    STATE_KEY,
+                    {
+                        "checkpoint": str(path),
+                        "job_id": job_id,
+                        "source": source,
+                        "pinned": pinned,
+                        "loaded_at": served.loaded_at,
+                    },
+                )
         log.info("serving %s (%s)", served.id, path)
         return served
 
@@ -216,8 +253,12 @@ class ModelManager:
         remembered = self.store.get_state(STATE_KEY)
         if remembered:
             try:
-                self.load(Path(remembered["checkpoint"]), job_id=remembered.get("job_id"),
-                          source=remembered.get("source", "job"), pinned=bool(remembered.get("pinned")))
+                self.load(
+                    Path(remembered["checkpoint"]),
+                    job_id=remembered.get("job_id"),
+                    source=remembered.get("source", "job"),
+                    pinned=bool(remembered.get("pinned")),
+                )
                 return
             except FaceIDError as e:
                 log.error("the model served before the restart cannot be loaded: %s", e)
@@ -244,8 +285,13 @@ class ModelManager:
             return False
         self._followed = key
         try:
-            self.load(Path(state["checkpoint"]), job_id=state.get("job_id"), source=state.get("source", "job"),
-                      pinned=bool(state.get("pinned")), remember=False)
+            self.load(
+                Path(state["checkpoint"]),
+                job_id=state.get("job_id"),
+                source=state.get("source", "job"),
+                pinned=bool(state.get("pinned")),
+                remember=False,
+            )
         except FaceIDError as e:
             log.error("the main server's model %s cannot be served here: %s", state["checkpoint"], e)
             return False
@@ -266,8 +312,9 @@ class ModelManager:
             assert served is not None
             return served
         except CheckpointError as e:
-            raise CheckpointError(f"job {job_id}'s checkpoint cannot be served ({e}); the current model "
-                                  "stays") from None
+            raise CheckpointError(
+                f"job {job_id}'s checkpoint cannot be served ({e}); the current model stays"
+            ) from None
 
     # -- inference ---------------------------------------------------------------------------
 

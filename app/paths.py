@@ -27,8 +27,7 @@ class FieldError(ConfigError):
 
 # Fields that would let a request choose where a job writes, or reach other machines.
 _SERVICE_MANAGED = {
-    "ckpt_dir": "the service writes each job's checkpoints to its own folder "
-                "(models/jobs/<id>/); leave ckpt_dir out",
+    "ckpt_dir": "the service writes each job's checkpoints to its own folder (models/jobs/<id>/); leave ckpt_dir out",
     "resume": "resume a job with POST /jobs/{id}/resume; leave resume out",
 }
 _SINGLE_NODE = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_id")
@@ -47,42 +46,48 @@ def _resource_limits() -> dict[str, int]:
     return {"nproc_per_node": max(1, cpus), "threads": max(1, cpus), "workers": MAX_WORKERS}
 
 
-def confine(root: Path, value: str, field: str, kind: Literal["dir", "file"],
-            root_name: str = "the data root") -> Path:
+def confine(root: Path, value: str, field: str, kind: Literal["dir", "file"], root_name: str = "the data root") -> Path:
     """Resolve `value` (relative to `root`) to an existing path inside `root`, links followed.
 
     Raises FieldError naming `field` when the value is absolute, contains `..`, does not exist,
     is of the wrong kind, or resolves outside `root`.
     """
     if not value or not value.strip():
-        raise FieldError(field, f"is empty; give a path relative to {root_name}, for example "
-                         "'sample/train'")
+        raise FieldError(field, f"is empty; give a path relative to {root_name}, for example 'sample/train'")
     if "\x00" in value:
         raise FieldError(field, "contains a NUL character")
     rel = PurePosixPath(value)
     if rel.is_absolute() or value.startswith("~") or "\\" in value:
-        raise FieldError(field, f"{value!r} is not a relative path; give a path relative to "
-                         f"{root_name} ({root}), for example 'sample/train'")
+        raise FieldError(
+            field,
+            f"{value!r} is not a relative path; give a path relative to "
+            f"{root_name} ({root}), for example 'sample/train'",
+        )
     if ".." in rel.parts:
         raise FieldError(field, f"{value!r} contains '..'; give a path inside {root_name} without '..'")
     try:
         real_root = root.resolve(strict=True)
     except (OSError, RuntimeError):
-        raise FieldError(field, f"{root_name} {root} does not exist; create it or set "
-                         "FACEID_DATA_DIR to the folder that holds your datasets") from None
+        raise FieldError(
+            field,
+            f"{root_name} {root} does not exist; create it or set "
+            "FACEID_DATA_DIR to the folder that holds your datasets",
+        ) from None
     try:
         real = (real_root / rel).resolve(strict=True)
     except FileNotFoundError:
-        raise FieldError(field, f"{value!r} does not exist in {root_name}; paths are relative to "
-                         f"{root}") from None
+        raise FieldError(field, f"{value!r} does not exist in {root_name}; paths are relative to {root}") from None
     except (OSError, RuntimeError) as e:  # a link loop, a permission problem, a too-long name
         raise FieldError(field, f"{value!r} cannot be resolved ({type(e).__name__})") from None
     if not real.is_relative_to(real_root):
-        raise FieldError(field, f"{value!r} resolves outside {root_name} (through a symbolic link); "
-                         f"only data inside {root} can be used")
+        raise FieldError(
+            field,
+            f"{value!r} resolves outside {root_name} (through a symbolic link); only data inside {root} can be used",
+        )
     if kind == "dir" and not real.is_dir():
-        raise FieldError(field, f"{value!r} is not a folder; give an ImageFolder root (one "
-                         "sub-folder of images per identity)")
+        raise FieldError(
+            field, f"{value!r} is not a folder; give an ImageFolder root (one sub-folder of images per identity)"
+        )
     if kind == "file" and not real.is_file():
         raise FieldError(field, f"{value!r} is not a file")
     return real
@@ -102,8 +107,11 @@ def confine_contents(root: Path, folder: Path, value: str, field: str) -> None:
                 return  # a broken link or a loop: the trainer skips it like any unreadable entry
             if not target.is_relative_to(real_root):
                 rel = Path(entry.path).relative_to(folder)
-                raise FieldError(field, f"{value!r} holds {str(rel)!r}, a symbolic link that resolves "
-                                 f"outside the data root; only data inside {root} can be used")
+                raise FieldError(
+                    field,
+                    f"{value!r} holds {str(rel)!r}, a symbolic link that resolves "
+                    f"outside the data root; only data inside {root} can be used",
+                )
 
     def is_dir(entry: os.DirEntry) -> bool:
         try:
@@ -144,12 +152,18 @@ def base_checkpoint(cfg: TrainConfig, base_job: Optional[dict[str, Any]]) -> tup
     from faceid.finetune import FIXED, check_fits, inherit
 
     if base_job is None:
-        raise FieldError("init_from", f"{cfg.init_from!r} is not a job of this server; give the id of a "
-                         "succeeded job (GET /jobs?status=succeeded)")
+        raise FieldError(
+            "init_from",
+            f"{cfg.init_from!r} is not a job of this server; give the id of a "
+            "succeeded job (GET /jobs?status=succeeded)",
+        )
     ckpt = base_job.get("checkpoint")
     if base_job["status"] != "succeeded" or not ckpt or not Path(ckpt).is_file():
-        raise FieldError("init_from", f"job {base_job['id']} is {base_job['status']} and has no model to start "
-                         "from; give the id of a succeeded job")
+        raise FieldError(
+            "init_from",
+            f"job {base_job['id']} is {base_job['status']} and has no model to start "
+            "from; give the id of a succeeded job",
+        )
     given = {k: getattr(cfg, k) for k in cfg.model_fields_set}
     preset = PRESETS.get(cfg.preset or "", {})
     for k in FIXED:  # a preset's value yields to the base's, as on the command line
@@ -165,8 +179,9 @@ def base_checkpoint(cfg: TrainConfig, base_job: Optional[dict[str, Any]]) -> tup
     return cfg, Path(ckpt)
 
 
-def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: Path,
-               init_from: Optional[Path] = None) -> dict[str, Any]:
+def job_config(
+    cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: Path, init_from: Optional[Path] = None
+) -> dict[str, Any]:
     """The config (a JSON dict) the training process of a new job runs with: data paths resolved
     and confined, ckpt_dir set to the job folder, init_from the base job's checkpoint
     (`base_checkpoint`). Raises FieldError for a refused field."""
@@ -175,13 +190,19 @@ def job_config(cfg: TrainConfig, *, data_dir: Path, models_dir: Path, job_dir: P
             raise FieldError(name, f"is set by the service: {why}")
     if cfg.nnodes != 1 or cfg.node_rank != 0 or cfg.rdzv_endpoint or cfg.rdzv_id:
         bad = next(n for n in _SINGLE_NODE if n in cfg.model_fields_set)
-        raise FieldError(bad, "multi-node training is not started through the API; run "
-                         "`faceid train` under torchrun on each node instead")
+        raise FieldError(
+            bad,
+            "multi-node training is not started through the API; run "
+            "`faceid train` under torchrun on each node instead",
+        )
     for name, limit in _resource_limits().items():
         if getattr(cfg, name) > limit:
-            raise FieldError(name, f"{getattr(cfg, name)} is more than this server allows ({limit}: "
-                             f"{'one per CPU core' if name != 'workers' else 'the service maximum'}); "
-                             f"ask for at most {limit}")
+            raise FieldError(
+                name,
+                f"{getattr(cfg, name)} is more than this server allows ({limit}: "
+                f"{'one per CPU core' if name != 'workers' else 'the service maximum'}); "
+                f"ask for at most {limit}",
+            )
     if cfg.device == "cuda":
         import torch
 

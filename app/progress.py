@@ -16,10 +16,20 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from faceid.events import (EVENT_TYPES, Checkpoint, EpochEnd, Event, Faces, Failed, Finished, Progress, Start,
-                           parse_event, thresholds_of)
-
 from app.store import finite
+from faceid.events import (
+    EVENT_TYPES,
+    Checkpoint,
+    EpochEnd,
+    Event,
+    Faces,
+    Failed,
+    Finished,
+    Progress,
+    Start,
+    parse_event,
+    thresholds_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +52,26 @@ class JobProgress:
 
     @classmethod
     def from_job(cls, job: dict[str, Any]) -> "JobProgress":
-        return cls(best_metric=job["config"].get("best_metric", "acc"), progress=job.get("progress"),
-                   metrics=list(job.get("metrics") or []), best=job.get("best"),
-                   thresholds=job.get("thresholds"), checkpoint=job.get("checkpoint"),
-                   last_checkpoint=job.get("last_checkpoint"), device=job.get("device"))
+        return cls(
+            best_metric=job["config"].get("best_metric", "acc"),
+            progress=job.get("progress"),
+            metrics=list(job.get("metrics") or []),
+            best=job.get("best"),
+            thresholds=job.get("thresholds"),
+            checkpoint=job.get("checkpoint"),
+            last_checkpoint=job.get("last_checkpoint"),
+            device=job.get("device"),
+        )
 
     # Fields of the events contract with a type the job's JSON promises. A value that is not a
     # number there (a trainer of another version, a custom FACEID_TRAINER_CMD) is stored as None:
     # kept as it came, one bad value would make every later GET /jobs answer 500.
-    _INTS = frozenset({"epoch", "epochs", "step", "steps", "steps_per_epoch", "best_epoch", "done", "total",
-                       "no_face_images"})
-    _NUMBERS = frozenset({"time", "percent", "loss", "images_per_s", "lr", "eta_s", "best_value", "th",
-                          "th_far_1e-2", "th_far_1e-3"})
+    _INTS = frozenset(
+        {"epoch", "epochs", "step", "steps", "steps_per_epoch", "best_epoch", "done", "total", "no_face_images"}
+    )
+    _NUMBERS = frozenset(
+        {"time", "percent", "loss", "images_per_s", "lr", "eta_s", "best_value", "th", "th_far_1e-2", "th_far_1e-3"}
+    )
 
     @staticmethod
     def _number(value: Any, integer: bool = False) -> Any:
@@ -116,21 +134,37 @@ class JobProgress:
         if isinstance(ev, Start):
             self.device = ev.device if isinstance(ev.device, str) else self.device
             prev = self.progress or {}
-            self.progress = {**prev, "epochs": ev.epochs, "steps": ev.steps_per_epoch,
-                             "epoch": prev.get("epoch", 0), "step": prev.get("step", 0),
-                             "percent": prev.get("percent", 0.0), "updated_at": when, "phase": "train",
-                             "no_face_images": ev.no_face_images}
+            self.progress = {
+                **prev,
+                "epochs": ev.epochs,
+                "steps": ev.steps_per_epoch,
+                "epoch": prev.get("epoch", 0),
+                "step": prev.get("step", 0),
+                "percent": prev.get("percent", 0.0),
+                "updated_at": when,
+                "phase": "train",
+                "no_face_images": ev.no_face_images,
+            }
         elif isinstance(ev, Faces):  # finding the data's faces, before the first epoch
             prev = self.progress or {}
-            self.progress = {**prev, "phase": "faces", "faces_set": ev.what if isinstance(ev.what, str) else None,
-                             "faces_done": ev.done, "faces_total": ev.total,
-                             "percent": prev.get("percent", 0.0), "updated_at": when}
+            self.progress = {
+                **prev,
+                "phase": "faces",
+                "faces_set": ev.what if isinstance(ev.what, str) else None,
+                "faces_done": ev.done,
+                "faces_total": ev.total,
+                "percent": prev.get("percent", 0.0),
+                "updated_at": when,
+            }
         elif isinstance(ev, Progress):
             prev_progress = self.progress
-            self.progress = {k: getattr(ev, k) for k in ("epoch", "epochs", "step", "steps", "percent", "loss",
-                                                         "images_per_s", "lr", "eta_s")}
-            self.progress.update(updated_at=when, phase="train",
-                                 no_face_images=(prev_progress or {}).get("no_face_images"))
+            self.progress = {
+                k: getattr(ev, k)
+                for k in ("epoch", "epochs", "step", "steps", "percent", "loss", "images_per_s", "lr", "eta_s")
+            }
+            self.progress.update(
+                updated_at=when, phase="train", no_face_images=(prev_progress or {}).get("no_face_images")
+            )
         elif isinstance(ev, EpochEnd) and ev.epoch is not None:
             # The epoch's record: the fields the event gave, as the contract spells them
             record = finite(ev.model_dump(by_alias=True, exclude_unset=True, warnings=False))
@@ -143,8 +177,12 @@ class JobProgress:
             self.metrics.sort(key=lambda m: (m.get("epoch") or 0, m.get("complete", True) is not False))
             if ev.best_epoch is not None:
                 keep = (self.best or {}).get("checkpoint") if (self.best or {}).get("epoch") == ev.best_epoch else None
-                self.best = {"epoch": ev.best_epoch, "metric": self.best_metric,
-                             "value": ev.best_value, "checkpoint": keep or self.checkpoint}
+                self.best = {
+                    "epoch": ev.best_epoch,
+                    "metric": self.best_metric,
+                    "value": ev.best_value,
+                    "checkpoint": keep or self.checkpoint,
+                }
             if ev.is_best:
                 # The thresholds a finished run reports (pairs_acc too, when the trainer has a
                 # pairs file); a name the event gave no number for stays, as None.
@@ -162,8 +200,12 @@ class JobProgress:
             self.finished = True
             ckpt = ev.best_checkpoint if isinstance(ev.best_checkpoint, str) else self.checkpoint
             self.checkpoint = ckpt
-            self.best = {"epoch": ev.best_epoch, "metric": ev.best_metric or self.best_metric,
-                         "value": ev.best_value, "checkpoint": ckpt}
+            self.best = {
+                "epoch": ev.best_epoch,
+                "metric": ev.best_metric or self.best_metric,
+                "value": ev.best_value,
+                "checkpoint": ckpt,
+            }
             if "thresholds" in ev.model_fields_set and isinstance(ev.thresholds, dict):
                 self.thresholds = ev.thresholds
             if self.progress is not None and not ev.stopped_early:  # stopped: as far as it got
@@ -174,9 +216,15 @@ class JobProgress:
             self.error_kind = ev.kind if isinstance(ev.kind, str) else "internal"
 
     def columns(self) -> dict[str, Any]:
-        return {"progress": self.progress, "metrics": self.metrics, "best": self.best,
-                "thresholds": self.thresholds, "checkpoint": self.checkpoint,
-                "last_checkpoint": self.last_checkpoint, "device": self.device}
+        return {
+            "progress": self.progress,
+            "metrics": self.metrics,
+            "best": self.best,
+            "thresholds": self.thresholds,
+            "checkpoint": self.checkpoint,
+            "last_checkpoint": self.last_checkpoint,
+            "device": self.device,
+        }
 
 
 class EventTail:

@@ -27,14 +27,13 @@ import anyio
 from fastapi import FastAPI
 
 import faceid
-from faceid.omp import serving_defaults
-
 from app import errors
 from app.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from app.model_manager import ModelManager
 from app.routes import health, inference
 from app.settings import Settings, load_settings
 from app.store import JobStore
+from faceid.omp import serving_defaults
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: 
                     return
                 try:
                     manager.follow()
-                except Exception:  # noqa: BLE001 - a database hiccup: try again next time
+                except Exception:
                     log.exception("following the served model failed")
 
         await anyio.to_thread.run_sync(manager.follow)
@@ -77,13 +76,22 @@ def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: 
             manager.close()
             store.close()
 
-    app = FastAPI(title="FaceID inference replica", version=faceid.__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="FaceID inference replica",
+        version=faceid.__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.settings = None
     app.add_middleware(BodyLimitMiddleware, get_settings=lambda: app.state.settings)
     app.add_middleware(APIKeyMiddleware, get_settings=lambda: app.state.settings)
-    errors.install(app, routes_hint="this port is an inference replica's (/embed, /embed/batch, /verify, /health, "
-                   "/ready); jobs, GET /model, activation and /docs are on the main server's port")
+    errors.install(
+        app,
+        routes_hint="this port is an inference replica's (/embed, /embed/batch, /verify, /health, "
+        "/ready); jobs, GET /model, activation and /docs are on the main server's port",
+    )
     for module in (inference, health):
         app.include_router(module.router)
     return app
@@ -114,8 +122,9 @@ def _replica_server_class() -> type:
                 return
             loop = asyncio.get_running_loop()
             config = self.config
-            self._protocol = functools.partial(config.http_protocol_class, config=config,
-                                               server_state=self.server_state, app_state=self.lifespan.state)
+            self._protocol = functools.partial(
+                config.http_protocol_class, config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
             self.channel.setblocking(False)
             loop.add_reader(self.channel.fileno(), self._receive, loop)
 
@@ -164,8 +173,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m app.replica_app FD (started by the FaceID server with FACEID_INFER_REPLICAS)",
-              file=sys.stderr)
+        print(
+            "usage: python -m app.replica_app FD (started by the FaceID server with FACEID_INFER_REPLICAS)",
+            file=sys.stderr,
+        )
         return 2
     channel = socket.socket(fileno=int(args[0]))  # its family and type from the descriptor itself
     channel.set_inheritable(False)

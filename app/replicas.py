@@ -34,11 +34,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from faceid.errors import ConfigError
-
 from app.paths import usable_cpus
 from app.runner import describe_exit
 from app.settings import Settings
+from faceid.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +46,11 @@ RESTART_PAUSE_S = 5.0
 
 
 def _port_error(host: str, port: int, e: OSError) -> ConfigError:
-    return ConfigError(f"the inference replicas cannot listen on {host}:{port} ({e.strerror or e}; is another "
-                       "server on it?); give FACEID_INFER_PORT a free port (not the main server's), or set "
-                       "FACEID_INFER_REPLICAS=0")
+    return ConfigError(
+        f"the inference replicas cannot listen on {host}:{port} ({e.strerror or e}; is another "
+        "server on it?); give FACEID_INFER_PORT a free port (not the main server's), or set "
+        "FACEID_INFER_REPLICAS=0"
+    )
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -146,8 +147,13 @@ class ReplicaSupervisor:
             # A session of its own: Ctrl-C on the server's terminal reaches the main server only,
             # which then stops the replicas (none is restarted meanwhile).
             env = self._env(r.index)
-            r.proc = subprocess.Popen([sys.executable, "-m", "app.replica_app", str(fd)], pass_fds=(fd,),
-                                      env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+            r.proc = subprocess.Popen(
+                [sys.executable, "-m", "app.replica_app", str(fd)],
+                pass_fds=(fd,),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         except BaseException:
             ours.close()
             raise
@@ -158,8 +164,14 @@ class ReplicaSupervisor:
             r.channel.close()
         r.channel, r.ready = ours, False
         r.started = time.monotonic()
-        log.info("inference replica %d started (pid %d, device %s) on %s:%s", r.index, r.proc.pid,
-                 env["FACEID_DEVICE"], self.settings.infer_host, self.settings.infer_port)
+        log.info(
+            "inference replica %d started (pid %d, device %s) on %s:%s",
+            r.index,
+            r.proc.pid,
+            env["FACEID_DEVICE"],
+            self.settings.infer_host,
+            self.settings.infer_port,
+        )
 
     def start(self) -> None:
         """Listen on the port and start every replica; raises ConfigError when the port cannot be
@@ -225,7 +237,7 @@ class ReplicaSupervisor:
                     while not self._hand(conn):  # none up: this one waits for a restart, the rest in the backlog
                         if self._stop.wait(0.2):
                             return
-            except Exception:  # noqa: BLE001 - this thread is the port's only way in: it must not end
+            except Exception:
                 log.exception("handing a connection to a replica failed")
 
     def _watch(self) -> None:
@@ -235,9 +247,13 @@ class ReplicaSupervisor:
                     if self._stop.is_set() or r.proc is None or r.proc.poll() is None:
                         continue
                     quick = time.monotonic() - r.started < QUICK_DEATH_S
-                    log.error("inference replica %d (pid %d): %s; starting it again%s", r.index, r.proc.pid,
-                              describe_exit(r.proc.returncode, "the replica"),
-                              f" in {RESTART_PAUSE_S:.0f} s" if quick else "")
+                    log.error(
+                        "inference replica %d (pid %d): %s; starting it again%s",
+                        r.index,
+                        r.proc.pid,
+                        describe_exit(r.proc.returncode, "the replica"),
+                        f" in {RESTART_PAUSE_S:.0f} s" if quick else "",
+                    )
                     r.proc = None
                 if quick and self._stop.wait(RESTART_PAUSE_S):
                     return
@@ -252,11 +268,15 @@ class ReplicaSupervisor:
 
     def describe(self) -> dict[str, Any]:
         with self._lock:
-            return {"replicas": self.n, "host": self.settings.infer_host, "port": self.settings.infer_port,
-                    "pids": [r.proc.pid for r in self._replicas if r.proc is not None and r.proc.poll() is None],
-                    "restarts": sum(r.restarts for r in self._replicas),
-                    "ready": sum(r.is_ready() for r in self._replicas),
-                    "connections": [r.handed for r in self._replicas]}
+            return {
+                "replicas": self.n,
+                "host": self.settings.infer_host,
+                "port": self.settings.infer_port,
+                "pids": [r.proc.pid for r in self._replicas if r.proc is not None and r.proc.poll() is None],
+                "restarts": sum(r.restarts for r in self._replicas),
+                "ready": sum(r.is_ready() for r in self._replicas),
+                "connections": [r.handed for r in self._replicas],
+            }
 
     def stop(self, timeout: float = 15.0) -> None:
         self._stop.set()

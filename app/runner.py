@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from faceid.omp import training_child_env
-
 from app.progress import EventTail, JobProgress
 from app.store import INTERRUPTED_MESSAGE, JobStateError, JobStore
+from faceid.omp import training_child_env
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,7 @@ def describe_exit(rc: int, what: str = "the training process") -> str:
 
 # -- runner ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Running:
     job_id: str
@@ -83,9 +83,16 @@ class _Running:
 class JobRunner:
     """Runs queued jobs one at a time in a background thread."""
 
-    def __init__(self, *, store: JobStore, jobs_dir: Path, trainer_cmd: Iterable[str],
-                 cancel_grace_s: float = 30.0, poll_interval_s: float = 0.5,
-                 on_succeeded: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        jobs_dir: Path,
+        trainer_cmd: Iterable[str],
+        cancel_grace_s: float = 30.0,
+        poll_interval_s: float = 0.5,
+        on_succeeded: Optional[Callable[[dict[str, Any]], None]] = None,
+    ) -> None:
         self.store = store
         self.jobs_dir = jobs_dir
         self.trainer_cmd = list(trainer_cmd)
@@ -114,8 +121,7 @@ class JobRunner:
         for job in jobs:
             pid = job.get("pid")
             if pid and _is_our_trainer(pid, self.job_dir(job["id"]) / "config.json"):
-                log.warning("job %s: stopping its training process %d, left over from the last server",
-                            job["id"], pid)
+                log.warning("job %s: stopping its training process %d, left over from the last server", job["id"], pid)
                 _kill_group(pid, signal.SIGTERM)
                 deadline = time.monotonic() + min(self.cancel_grace_s, 10.0)
                 while time.monotonic() < deadline and process_alive(pid):
@@ -143,7 +149,7 @@ class JobRunner:
                     break
             if count:
                 log.info("job %s: %d events of its last run read after the restart", job["id"], count)
-        except Exception:  # noqa: BLE001 - an unreadable events file must not stop the server's start
+        except Exception:
             log.exception("job %s: the events of its last run could not be read", job["id"])
 
     def _take_events(self, job_id: str, state: JobProgress, tail: "EventTail") -> int:
@@ -211,9 +217,13 @@ class JobRunner:
                 self._run(job)
             except Exception as e:  # a bug here must not leave a job running forever
                 log.exception("job runner: job %s", job["id"])
-                self.store.update(job["id"], status="failed", finished_at=time.time(),
-                                  error=f"internal error in the job runner: {type(e).__name__}: {e}"[:2000],
-                                  error_kind="internal")
+                self.store.update(
+                    job["id"],
+                    status="failed",
+                    finished_at=time.time(),
+                    error=f"internal error in the job runner: {type(e).__name__}: {e}"[:2000],
+                    error_kind="internal",
+                )
 
     def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
@@ -237,11 +247,24 @@ class JobRunner:
             out.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
             out.flush()
             try:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        cwd=job_dir, env=env, start_new_session=True, close_fds=True)
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=job_dir,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
             except OSError as e:
-                self.store.update(job_id, status="failed", finished_at=time.time(), error_kind="internal",
-                                  error=f"could not start the training process {cmd[0]!r}: {e.strerror or e}")
+                self.store.update(
+                    job_id,
+                    status="failed",
+                    finished_at=time.time(),
+                    error_kind="internal",
+                    error=f"could not start the training process {cmd[0]!r}: {e.strerror or e}",
+                )
                 return
         log.info("job %s: started training process %d", job_id, proc.pid)
         with self._lock:
@@ -262,8 +285,7 @@ class JobRunner:
                 with self._lock:
                     kill_at = self._current.kill_at if self._current else None
                 if kill_at is not None and time.monotonic() >= kill_at:
-                    log.warning("job %s: no exit %.0f s after SIGTERM; sending SIGKILL", job_id,
-                                self.cancel_grace_s)
+                    log.warning("job %s: no exit %.0f s after SIGTERM; sending SIGKILL", job_id, self.cancel_grace_s)
                     _kill_group(proc.pid, signal.SIGKILL)
                 time.sleep(self.poll_interval_s)
         finally:
@@ -295,27 +317,54 @@ class JobRunner:
                     except Exception as e:
                         # Not `succeeded`: that status promises the model is served.
                         log.error("job %s: its checkpoint cannot be served: %s", job_id, e)
-                        self.store.update(job_id, status="failed", finished_at=time.time(), exit_code=rc,
-                                          pid=None, checkpoint=str(ckpt), error_kind="checkpoint",
-                                          error=f"training finished, but its checkpoint cannot be served "
-                                                f"({e}); the previous model stays"[:2000])
+                        self.store.update(
+                            job_id,
+                            status="failed",
+                            finished_at=time.time(),
+                            exit_code=rc,
+                            pid=None,
+                            checkpoint=str(ckpt),
+                            error_kind="checkpoint",
+                            error=f"training finished, but its checkpoint cannot be served "
+                            f"({e}); the previous model stays"[:2000],
+                        )
                         return
-                self.store.update(job_id, status="succeeded", finished_at=time.time(), exit_code=rc,
-                                  pid=None, checkpoint=str(ckpt), error=None)
+                self.store.update(
+                    job_id,
+                    status="succeeded",
+                    finished_at=time.time(),
+                    exit_code=rc,
+                    pid=None,
+                    checkpoint=str(ckpt),
+                    error=None,
+                )
                 log.info("job %s succeeded: %s", job_id, ckpt)
                 return
-            self.store.update(job_id, status="failed", finished_at=now, exit_code=rc, pid=None,
-                              error_kind="internal",
-                              error=f"the training process exited without writing {ckpt.name}")
+            self.store.update(
+                job_id,
+                status="failed",
+                finished_at=now,
+                exit_code=rc,
+                pid=None,
+                error_kind="internal",
+                error=f"the training process exited without writing {ckpt.name}",
+            )
             return
         if current.get("cancel_requested"):
-            self.store.update(job_id, status="cancelled", finished_at=now, exit_code=rc, pid=None,
-                              error=None, error_kind=None)
+            self.store.update(
+                job_id, status="cancelled", finished_at=now, exit_code=rc, pid=None, error=None, error_kind=None
+            )
             log.info("job %s cancelled", job_id)
             return
         if self._stopping.is_set():
-            self.store.update(job_id, status="interrupted", finished_at=now, exit_code=rc, pid=None,
-                              error=INTERRUPTED_MESSAGE.format(id=job_id))
+            self.store.update(
+                job_id,
+                status="interrupted",
+                finished_at=now,
+                exit_code=rc,
+                pid=None,
+                error=INTERRUPTED_MESSAGE.format(id=job_id),
+            )
             log.info("job %s interrupted by the server stopping", job_id)
             return
         if state.error:
@@ -323,8 +372,15 @@ class JobRunner:
         else:
             last = [ln.strip() for ln in tail_lines(log_path, 20) if ln.strip() and not ln.startswith("--- attempt")]
             error = describe_exit(rc) + (f"; last output: {last[-1][:500]}" if last else "")
-        self.store.update(job_id, status="failed", finished_at=now, exit_code=rc, pid=None, error=error,
-                          error_kind=state.error_kind or ("internal" if rc != 2 else "config"))
+        self.store.update(
+            job_id,
+            status="failed",
+            finished_at=now,
+            exit_code=rc,
+            pid=None,
+            error=error,
+            error_kind=state.error_kind or ("internal" if rc != 2 else "config"),
+        )
         log.warning("job %s failed: %s", job_id, error)
 
 

@@ -42,7 +42,9 @@ class Settings(BaseModel):
     device: str = "auto"
     batch_max_size: int = Field(16, ge=1, le=1024)
     batch_wait_ms: float = Field(5.0, ge=0, le=10_000, allow_inf_nan=False)
-    infer_workers: int = Field(0, ge=0, le=64)  # forward passes run at once; 0: app.model_manager.inference_plan decides
+    infer_workers: int = Field(
+        0, ge=0, le=64
+    )  # forward passes run at once; 0: app.model_manager.inference_plan decides
     compile: Literal["off", "freeze", "cudagraph"] = "off"  # faceid.inference.COMPILE_MODES
     # Extra server processes answering /embed and /verify on infer_port (app/replicas.py); 0: none.
     infer_replicas: int = Field(0, ge=0, le=64)
@@ -83,8 +85,10 @@ class Settings(BaseModel):
     def _decodable(cls, value: int) -> int:
         limit = decoder_max_pixels()
         if value > limit:
-            raise ValueError(f"is above the {limit:,} pixels the image decoder (Pillow) accepts, so it would not "
-                             f"take effect; use at most {limit}")
+            raise ValueError(
+                f"is above the {limit:,} pixels the image decoder (Pillow) accepts, so it would not "
+                f"take effect; use at most {limit}"
+            )
         return value
 
     @field_validator("trainer_cmd", mode="before")
@@ -96,17 +100,24 @@ class Settings(BaseModel):
     def _consistent(self) -> "Settings":
         p = ENV_PREFIX
         if self.compile == "cudagraph" and self.device == "cpu":
-            raise ConfigError(f"{p}COMPILE=cudagraph needs a CUDA GPU and {p}DEVICE is cpu; use {p}COMPILE=off "
-                              "or freeze on a CPU")
+            raise ConfigError(
+                f"{p}COMPILE=cudagraph needs a CUDA GPU and {p}DEVICE is cpu; use {p}COMPILE=off or freeze on a CPU"
+            )
         if self.infer_replicas and self.infer_port is None:
-            raise ConfigError(f"{p}INFER_REPLICAS={self.infer_replicas} needs {p}INFER_PORT, the port the replicas "
-                              f"answer /embed and /verify on (not the main server's port); or set {p}INFER_REPLICAS=0")
+            raise ConfigError(
+                f"{p}INFER_REPLICAS={self.infer_replicas} needs {p}INFER_PORT, the port the replicas "
+                f"answer /embed and /verify on (not the main server's port); or set {p}INFER_REPLICAS=0"
+            )
         if self.infer_replicas and not hasattr(socket, "send_fds"):
-            raise ConfigError(f"{p}INFER_REPLICAS needs a system that passes sockets between processes (Linux or "
-                              f"macOS); set {p}INFER_REPLICAS=0 here")
+            raise ConfigError(
+                f"{p}INFER_REPLICAS needs a system that passes sockets between processes (Linux or "
+                f"macOS); set {p}INFER_REPLICAS=0 here"
+            )
         if self.infer_port is not None and self.infer_port == self.port:
-            raise ConfigError(f"{p}INFER_PORT={self.infer_port} is the main server's port ({p}PORT); give the "
-                              "replicas a port of their own, for example one above it")
+            raise ConfigError(
+                f"{p}INFER_PORT={self.infer_port} is the main server's port ({p}PORT); give the "
+                "replicas a port of their own, for example one above it"
+            )
         return self
 
     @property
@@ -137,8 +148,10 @@ def _message(err: dict[str, Any], env: Mapping[str, str]) -> str:
     field = Settings.model_fields.get(name)
     kind = err["type"]
     if name == "api_key":  # never echo the key
-        return f"{var} is too short ({len(str(raw))} characters); use at least 8, for example the output of " \
-               "`openssl rand -hex 24`"
+        return (
+            f"{var} is too short ({len(str(raw))} characters); use at least 8, for example the output of "
+            "`openssl rand -hex 24`"
+        )
     if kind == "bool_parsing":
         return f"{var}={raw!r} is not a yes/no value; use 1 or 0"
     if kind == "literal_error":
@@ -185,8 +198,10 @@ def prepare_dirs(settings: Settings) -> Settings:
         with tempfile.NamedTemporaryFile(dir=models, prefix=".write-test-"):
             pass
     except OSError as e:
-        raise ConfigError(f"the models folder {models} is not writable ({e.strerror or e}); point "
-                          f"{ENV_PREFIX}MODELS_DIR at a folder this user can write, or fix its "
-                          "permissions") from None
+        raise ConfigError(
+            f"the models folder {models} is not writable ({e.strerror or e}); point "
+            f"{ENV_PREFIX}MODELS_DIR at a folder this user can write, or fix its "
+            "permissions"
+        ) from None
     data = settings.data_dir.expanduser().absolute()
     return settings.model_copy(update={"models_dir": models, "data_dir": data})

@@ -55,9 +55,28 @@ CREATE TABLE IF NOT EXISTS state (
 """
 _JSON_COLUMNS = ("config", "progress", "metrics", "best", "thresholds")
 # The only column names ever put into SQL text; every value goes through a ? parameter.
-_UPDATABLE = frozenset({"status", "config", "started_at", "finished_at", "progress", "metrics", "best",
-                        "thresholds", "checkpoint", "last_checkpoint", "device", "error", "error_kind",
-                        "exit_code", "pid", "cancel_requested", "attempts", "events_offset"})
+_UPDATABLE = frozenset(
+    {
+        "status",
+        "config",
+        "started_at",
+        "finished_at",
+        "progress",
+        "metrics",
+        "best",
+        "thresholds",
+        "checkpoint",
+        "last_checkpoint",
+        "device",
+        "error",
+        "error_kind",
+        "exit_code",
+        "pid",
+        "cancel_requested",
+        "attempts",
+        "events_offset",
+    }
+)
 
 
 class QueueFullError(Exception):
@@ -126,10 +145,14 @@ class JobStore:
             try:
                 (queued,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
                 if queued >= max_queued:
-                    raise QueueFullError(f"{queued} jobs are already queued (the limit is {max_queued}); "
-                                         "wait for some to finish or cancel some")
-                self._db.execute("INSERT INTO jobs (id, status, config, created_at) VALUES (?, 'queued', ?, ?)",
-                                 (job_id, json.dumps(config), time.time()))
+                    raise QueueFullError(
+                        f"{queued} jobs are already queued (the limit is {max_queued}); "
+                        "wait for some to finish or cancel some"
+                    )
+                self._db.execute(
+                    "INSERT INTO jobs (id, status, config, created_at) VALUES (?, 'queued', ?, ?)",
+                    (job_id, json.dumps(config), time.time()),
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -147,12 +170,14 @@ class JobStore:
         """Jobs newest first, and the total count matching `status`."""
         with self._lock:
             if status is None:
-                rows = self._db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?",
-                                        (limit, offset)).fetchall()
+                rows = self._db.execute(
+                    "SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset)
+                ).fetchall()
                 (total,) = self._db.execute("SELECT COUNT(*) FROM jobs").fetchone()
             else:
-                rows = self._db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
-                                        (status, limit, offset)).fetchall()
+                rows = self._db.execute(
+                    "SELECT * FROM jobs WHERE status = ? ORDER BY seq DESC LIMIT ? OFFSET ?", (status, limit, offset)
+                ).fetchall()
                 (total,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,)).fetchone()
         return [self._to_dict(r) for r in rows], total
 
@@ -168,8 +193,9 @@ class JobStore:
         if not values:
             return
         names = sorted(values)
-        params = [json.dumps(finite(values[n])) if n in _JSON_COLUMNS and values[n] is not None else values[n]
-                  for n in names]
+        params = [
+            json.dumps(finite(values[n])) if n in _JSON_COLUMNS and values[n] is not None else values[n] for n in names
+        ]
         assignments = ", ".join(f"{n} = ?" for n in names)  # names come from _UPDATABLE only
         with self._lock:
             self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*params, job_id))
@@ -179,13 +205,13 @@ class JobStore:
         allowed = tuple(allowed)
         names = sorted(values)
         assert set(names) <= _UPDATABLE
-        params = [json.dumps(values[n]) if n in _JSON_COLUMNS and values[n] is not None else values[n]
-                  for n in names]
+        params = [json.dumps(values[n]) if n in _JSON_COLUMNS and values[n] is not None else values[n] for n in names]
         marks = ", ".join("?" for _ in allowed)
         assignments = ", ".join(f"{n} = ?" for n in names)
         with self._lock:
-            cur = self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN ({marks})",
-                                   (*params, job_id, *allowed))
+            cur = self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN ({marks})", (*params, job_id, *allowed)
+            )
         return cur.rowcount == 1
 
     def claim(self, job_id: str, events_offset: Optional[int] = None) -> bool:
@@ -195,14 +221,22 @@ class JobStore:
             job = self.get(job_id)
             if job is None:
                 return False
-            return self._transition(job_id, ("queued",), status="running", started_at=time.time(),
-                                    finished_at=None, error=None, error_kind=None, exit_code=None,
-                                    cancel_requested=0, attempts=job["attempts"] + 1,
-                                    events_offset=events_offset)
+            return self._transition(
+                job_id,
+                ("queued",),
+                status="running",
+                started_at=time.time(),
+                finished_at=None,
+                error=None,
+                error_kind=None,
+                exit_code=None,
+                cancel_requested=0,
+                attempts=job["attempts"] + 1,
+                events_offset=events_offset,
+            )
 
     def cancel_queued(self, job_id: str) -> bool:
-        return self._transition(job_id, ("queued",), status="cancelled", finished_at=time.time(),
-                                error=None)
+        return self._transition(job_id, ("queued",), status="cancelled", finished_at=time.time(), error=None)
 
     def request_cancel(self, job_id: str) -> bool:
         return self._transition(job_id, ("running",), cancel_requested=1)
@@ -211,11 +245,22 @@ class JobStore:
         with self._lock:
             (queued,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
             if queued >= max_queued:
-                raise QueueFullError(f"{queued} jobs are already queued (the limit is {max_queued}); "
-                                     "wait for some to finish or cancel some")
-            return self._transition(job_id, RESUMABLE, status="queued", config=config, finished_at=None,
-                                    error=None, error_kind=None, exit_code=None, pid=None,
-                                    cancel_requested=0)
+                raise QueueFullError(
+                    f"{queued} jobs are already queued (the limit is {max_queued}); "
+                    "wait for some to finish or cancel some"
+                )
+            return self._transition(
+                job_id,
+                RESUMABLE,
+                status="queued",
+                config=config,
+                finished_at=None,
+                error=None,
+                error_kind=None,
+                exit_code=None,
+                pid=None,
+                cancel_requested=0,
+            )
 
     def interrupt_running(self) -> list[dict[str, Any]]:
         """Mark jobs left `running` by a server that died as interrupted; return them."""
@@ -223,8 +268,12 @@ class JobStore:
             rows = self._db.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall()
             jobs = [self._to_dict(r) for r in rows]
             for job in jobs:
-                self.update(job["id"], status="interrupted", finished_at=time.time(),
-                            error=INTERRUPTED_MESSAGE.format(id=job["id"]))
+                self.update(
+                    job["id"],
+                    status="interrupted",
+                    finished_at=time.time(),
+                    error=INTERRUPTED_MESSAGE.format(id=job["id"]),
+                )
         return jobs
 
     # -- key-value state ------------------------------------------------------------------------
@@ -236,9 +285,12 @@ class JobStore:
 
     def set_state(self, key: str, value: Any) -> None:
         with self._lock:
-            self._db.execute("INSERT INTO state (key, value) VALUES (?, ?) "
-                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, json.dumps(value)))
+            self._db.execute(
+                "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
 
 
-INTERRUPTED_MESSAGE = ("the server stopped while this job was running; POST /jobs/{id}/resume "
-                       "continues it from its last.pt")
+INTERRUPTED_MESSAGE = (
+    "the server stopped while this job was running; POST /jobs/{id}/resume continues it from its last.pt"
+)

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older releases
     from multipart.exceptions import FormParserError  # type: ignore[no-redef]
     from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
 
-MAX_FIELD_BYTES = 256        # a text field such as `threshold`
+MAX_FIELD_BYTES = 256  # a text field such as `threshold`
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers
 
 
@@ -42,8 +42,9 @@ def _mb(n: int) -> str:
 class _Collector:
     """python-multipart callbacks that keep the parts in memory, each within its limit."""
 
-    def __init__(self, files: set[str], fields: set[str], max_file_bytes: int,
-                 repeated: Optional[dict[str, int]] = None) -> None:
+    def __init__(
+        self, files: set[str], fields: set[str], max_file_bytes: int, repeated: Optional[dict[str, int]] = None
+    ) -> None:
         self.repeated = dict(repeated or {})  # file fields sent once or more: name -> most times
         self.files, self.fields = files | set(self.repeated), fields
         self.max_file_bytes = max_file_bytes
@@ -78,19 +79,25 @@ class _Collector:
         name = raw_name.decode("utf-8", errors="replace")
         expected = sorted(self.files | self.fields)
         if name not in self.files and name not in self.fields:
-            raise HTTPException(422, f"unexpected form field {name[:100]!r}; this route takes "
-                                f"{', '.join(expected)}", field=name[:100])
+            raise HTTPException(
+                422, f"unexpected form field {name[:100]!r}; this route takes {', '.join(expected)}", field=name[:100]
+            )
         if name in self.parts:
             raise HTTPException(422, f"form field {name!r} is sent twice; send it once", field=name)
         if name in self.lists and len(self.lists[name]) >= self.repeated[name]:
-            raise HTTPException(422, f"more than {self.repeated[name]} files in form field {name!r}, the most one "
-                                "request may carry (FACEID_BATCH_MAX_SIZE); split them over several requests",
-                                field=name)
+            raise HTTPException(
+                422,
+                f"more than {self.repeated[name]} files in form field {name!r}, the most one "
+                "request may carry (FACEID_BATCH_MAX_SIZE); split them over several requests",
+                field=name,
+            )
         filename = options.get(b"filename")
         ctype = self._headers.get(b"content-type")
-        self._current = Part(name=name,
-                             filename=filename.decode("utf-8", errors="replace")[:255] if filename else None,
-                             content_type=ctype.decode("latin-1")[:255] if ctype else None)
+        self._current = Part(
+            name=name,
+            filename=filename.decode("utf-8", errors="replace")[:255] if filename else None,
+            content_type=ctype.decode("latin-1")[:255] if ctype else None,
+        )
         self._limit = self.max_file_bytes if name in self.files else MAX_FIELD_BYTES
         if name in self.lists:
             self.lists[name].append(self._current)
@@ -103,11 +110,15 @@ class _Collector:
             return
         if len(part.data) + (end - start) > self._limit:
             if part.name in self.files:
-                raise HTTPException(413, f"file {part.name!r} is larger than the upload limit of "
-                                    f"{_mb(self.max_file_bytes)} (FACEID_MAX_UPLOAD_MB); send a smaller image",
-                                    field=part.name)
-            raise HTTPException(422, f"form field {part.name!r} is too long (over {self._limit} bytes)",
-                                field=part.name)
+                raise HTTPException(
+                    413,
+                    f"file {part.name!r} is larger than the upload limit of "
+                    f"{_mb(self.max_file_bytes)} (FACEID_MAX_UPLOAD_MB); send a smaller image",
+                    field=part.name,
+                )
+            raise HTTPException(
+                422, f"form field {part.name!r} is too long (over {self._limit} bytes)", field=part.name
+            )
         part.data += data[start:end]
 
     def on_part_end(self) -> None:
@@ -117,9 +128,19 @@ class _Collector:
         self.ended = True
 
     def callbacks(self) -> dict:
-        return {name: getattr(self, name) for name in (
-            "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
-            "on_header_end", "on_headers_finished", "on_end")}
+        return {
+            name: getattr(self, name)
+            for name in (
+                "on_part_begin",
+                "on_part_data",
+                "on_part_end",
+                "on_header_field",
+                "on_header_value",
+                "on_header_end",
+                "on_headers_finished",
+                "on_end",
+            )
+        }
 
 
 class HTTPException(_HTTPException):
@@ -130,9 +151,15 @@ class HTTPException(_HTTPException):
         self.field = field
 
 
-async def read_form(request: Request, *, files: set[str], fields: set[str] = frozenset(),
-                    required: set[str], max_file_bytes: int,
-                    repeated: Optional[dict[str, int]] = None) -> dict[str, Any]:
+async def read_form(
+    request: Request,
+    *,
+    files: set[str],
+    fields: set[str] = frozenset(),
+    required: set[str],
+    max_file_bytes: int,
+    repeated: Optional[dict[str, int]] = None,
+) -> dict[str, Any]:
     """Parse the multipart body of `request` into {field name: Part}; a field of `repeated`
     (name -> most files) maps to the list of its Parts, in the order sent.
 
@@ -143,9 +170,12 @@ async def read_form(request: Request, *, files: set[str], fields: set[str] = fro
     ctype, options = parse_options_header(request.headers.get("content-type"))
     if ctype != b"multipart/form-data":
         shown = ctype.decode("latin-1")[:100] or "a request without a Content-Type"
-        raise HTTPException(415, f"send the image as multipart/form-data (field "
-                            f"{', '.join(sorted(required))}), not {shown}; for example "
-                            f"curl -F {sorted(required)[0]}=@photo.jpg")
+        raise HTTPException(
+            415,
+            f"send the image as multipart/form-data (field "
+            f"{', '.join(sorted(required))}), not {shown}; for example "
+            f"curl -F {sorted(required)[0]}=@photo.jpg",
+        )
     boundary = options.get(b"boundary")
     if not boundary:
         raise HTTPException(400, "the multipart Content-Type header has no boundary")
@@ -157,8 +187,11 @@ async def read_form(request: Request, *, files: set[str], fields: set[str] = fro
         except ValueError:
             raise HTTPException(400, "the Content-Length header is not a number") from None
         if length > limit:
-            raise HTTPException(413, f"the request body ({_mb(length)}) is larger than the upload limit "
-                                f"allows ({_mb(max_file_bytes)} per image, FACEID_MAX_UPLOAD_MB)")
+            raise HTTPException(
+                413,
+                f"the request body ({_mb(length)}) is larger than the upload limit "
+                f"allows ({_mb(max_file_bytes)} per image, FACEID_MAX_UPLOAD_MB)",
+            )
     collector = _Collector(files, set(fields), max_file_bytes, repeated)
     try:
         parser = MultipartParser(boundary, collector.callbacks())
@@ -169,8 +202,11 @@ async def read_form(request: Request, *, files: set[str], fields: set[str] = fro
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
-                raise HTTPException(413, f"the request body is larger than the upload limit allows "
-                                    f"({_mb(max_file_bytes)} per image, FACEID_MAX_UPLOAD_MB)")
+                raise HTTPException(
+                    413,
+                    f"the request body is larger than the upload limit allows "
+                    f"({_mb(max_file_bytes)} per image, FACEID_MAX_UPLOAD_MB)",
+                )
             if chunk:
                 parser.write(chunk)
         parser.finalize()
@@ -179,11 +215,14 @@ async def read_form(request: Request, *, files: set[str], fields: set[str] = fro
     except ClientDisconnect:
         raise HTTPException(400, "the client disconnected before the upload was complete") from None
     if not collector.ended:
-        raise HTTPException(400, "the multipart body ended before its closing boundary; the upload "
-                            "was cut off")
+        raise HTTPException(400, "the multipart body ended before its closing boundary; the upload was cut off")
     missing = sorted(required - set(collector.parts) - {n for n, parts in collector.lists.items() if parts})
     if missing:
-        raise HTTPException(422, f"missing form field {', '.join(repr(m) for m in missing)}; send "
-                            f"the image(s) as multipart/form-data, for example "
-                            f"curl -F {missing[0]}=@photo.jpg", field=missing[0])
+        raise HTTPException(
+            422,
+            f"missing form field {', '.join(repr(m) for m in missing)}; send "
+            f"the image(s) as multipart/form-data, for example "
+            f"curl -F {missing[0]}=@photo.jpg",
+            field=missing[0],
+        )
     return {**collector.parts, **collector.lists}

@@ -35,13 +35,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning_curve import fold1_pairs, split  # noqa: E402
-from serve_common import machine  # noqa: E402
+from learning_curve import fold1_pairs, split
+from serve_common import machine
 
-from faceid.cli import main as faceid_main  # noqa: E402
-from faceid.config import TrainConfig  # noqa: E402
-from faceid.scenes import make_scene  # noqa: E402
-from faceid.train import run  # noqa: E402
+from faceid.cli import main as faceid_main
+from faceid.config import TrainConfig
+from faceid.scenes import make_scene
+from faceid.train import run
 
 log = logging.getLogger("align_compare")
 
@@ -72,8 +72,9 @@ def scene_copy(pairs_dir: Path, out: Path, seed: int = 0) -> Path:
 def evaluate(ckpt: Path, pairs: Path, workers: int, device: str) -> dict:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = faceid_main(["evaluate", str(ckpt), "--pairs_file", str(pairs), "--workers", str(workers),
-                          "--device", device])
+        rc = faceid_main(
+            ["evaluate", str(ckpt), "--pairs_file", str(pairs), "--workers", str(workers), "--device", device]
+        )
     if rc != 0:
         raise SystemExit(f"faceid evaluate failed on {pairs}")
     return json.loads(buf.getvalue())
@@ -81,8 +82,9 @@ def evaluate(ckpt: Path, pairs: Path, workers: int, device: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR"),
-                   help="LFW folder with pairs.txt (default: FACEID_LFW_DIR)")
+    p.add_argument(
+        "--lfw", default=os.environ.get("FACEID_LFW_DIR"), help="LFW folder with pairs.txt (default: FACEID_LFW_DIR)"
+    )
     p.add_argument("--recipes", default="none,arcface", help=f"comma-separated, of {', '.join(RECIPES)}")
     p.add_argument("--epochs", type=int, default=None, help="(default: the preset's)")
     p.add_argument("--device", default="auto")
@@ -102,7 +104,7 @@ def main() -> None:
     if args.people:
         import shutil
 
-        for d in sorted(train.iterdir())[args.people:]:
+        for d in sorted(train.iterdir())[args.people :]:
             d.unlink() if d.is_symlink() else shutil.rmtree(d)
     crops = fold1_pairs(lfw, work / "fold1")
     t = time.monotonic()
@@ -116,8 +118,14 @@ def main() -> None:
             overrides["epochs"] = args.epochs
         if args.max_steps:
             overrides["max_steps_per_epoch"] = args.max_steps
-        cfg = TrainConfig(train=str(train), val=str(val), ckpt_dir=str(work / "runs" / name), device=args.device,
-                          workers=args.workers, **overrides)
+        cfg = TrainConfig(
+            train=str(train),
+            val=str(val),
+            ckpt_dir=str(work / "runs" / name),
+            device=args.device,
+            workers=args.workers,
+            **overrides,
+        )
         events: list[dict] = []
         t0 = time.time()
         result = run(cfg, on_event=events.append)
@@ -128,26 +136,40 @@ def main() -> None:
         ckpt = Path(result.best_checkpoint)
         on_crops = evaluate(ckpt, crops, args.workers, args.device)
         on_scenes = evaluate(ckpt, scenes, args.workers, args.device)
-        row = {"recipe": name, "align": cfg.align, "img_size": cfg.img_size, "epochs": cfg.epochs,
-               "crops_auc": on_crops["pairs_auc"], "crops_acc": on_crops["pairs_acc"],
-               "scenes_auc": on_scenes["pairs_auc"], "scenes_acc": on_scenes["pairs_acc"],
-               "gap": on_crops["pairs_auc"] - on_scenes["pairs_auc"],
-               "scenes_no_face": on_scenes.get("pairs_no_face", 0), "crops_no_face": on_crops.get("pairs_no_face", 0),
-               "train_images": start["train_images"], "no_face_images": start.get("no_face_images", 0),
-               "setup_s": round(setup_s, 1), "wall_s": round(wall, 1),
-               "epoch_s": first_epoch.get("epoch_time_s")}
+        row = {
+            "recipe": name,
+            "align": cfg.align,
+            "img_size": cfg.img_size,
+            "epochs": cfg.epochs,
+            "crops_auc": on_crops["pairs_auc"],
+            "crops_acc": on_crops["pairs_acc"],
+            "scenes_auc": on_scenes["pairs_auc"],
+            "scenes_acc": on_scenes["pairs_acc"],
+            "gap": on_crops["pairs_auc"] - on_scenes["pairs_auc"],
+            "scenes_no_face": on_scenes.get("pairs_no_face", 0),
+            "crops_no_face": on_crops.get("pairs_no_face", 0),
+            "train_images": start["train_images"],
+            "no_face_images": start.get("no_face_images", 0),
+            "setup_s": round(setup_s, 1),
+            "wall_s": round(wall, 1),
+            "epoch_s": first_epoch.get("epoch_time_s"),
+        }
         rows.append(row)
         log.info("%s", json.dumps(row))
     print(f"\n{started}, {machine()}, device {args.device}")
     n_scene = len(list(scenes.parent.glob("*/*.jpg")))
-    print("| recipe | align | px | epochs | LFW fold-1 AUC (crops) | scenes AUC | gap | scene images without a face "
-          "| train images (no face) | setup s | run wall s |")
+    print(
+        "| recipe | align | px | epochs | LFW fold-1 AUC (crops) | scenes AUC | gap | scene images without a face "
+        "| train images (no face) | setup s | run wall s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['recipe']} | {r['align']} | {r['img_size']} | {r['epochs']} | {r['crops_auc']:.3f} | "
-              f"{r['scenes_auc']:.3f} | {r['gap']:+.3f} | "
-              f"{r['scenes_no_face'] if r['align'] != 'none' else '-'} of {n_scene} | "
-              f"{r['train_images']} ({r['no_face_images']}) | {r['setup_s']} | {r['wall_s']} |")
+        print(
+            f"| {r['recipe']} | {r['align']} | {r['img_size']} | {r['epochs']} | {r['crops_auc']:.3f} | "
+            f"{r['scenes_auc']:.3f} | {r['gap']:+.3f} | "
+            f"{r['scenes_no_face'] if r['align'] != 'none' else '-'} of {n_scene} | "
+            f"{r['train_images']} ({r['no_face_images']}) | {r['setup_s']} | {r['wall_s']} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

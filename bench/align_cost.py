@@ -32,18 +32,39 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_common import REPO, SAMPLE, RawClient, Server, machine, pythonpath, sample_images  # noqa: E402
+from serve_common import REPO, SAMPLE, RawClient, Server, machine, pythonpath, sample_images
 
-from faceid.scenes import make_scene  # noqa: E402
+from faceid.scenes import make_scene
 
 
 def train(align: str, out: Path) -> Path:
-    cmd = [sys.executable, "-m", "faceid.train", "--preset", "cpu-small", "--align", align,
-           "--train", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"), "--ckpt_dir", str(out),
-           "--epochs", "1", "--max_steps_per_epoch", "2", "--eval_pairs", "200", "--workers", "0",
-           "--device", "cpu", "--quiet"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": pythonpath(),
-                                                                           **_env()})
+    cmd = [
+        sys.executable,
+        "-m",
+        "faceid.train",
+        "--preset",
+        "cpu-small",
+        "--align",
+        align,
+        "--train",
+        str(SAMPLE / "train"),
+        "--val",
+        str(SAMPLE / "val"),
+        "--ckpt_dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--max_steps_per_epoch",
+        "2",
+        "--eval_pairs",
+        "200",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={"PYTHONPATH": pythonpath(), **_env()})
     if r.returncode != 0:
         raise SystemExit(f"training the {align} checkpoint failed:\n{r.stderr[-3000:]}")
     return out / "backbone_best.pt"
@@ -135,9 +156,11 @@ def main() -> None:
     print(f"\n{started}, {machine()}, {args.blocks} alternating blocks of {args.seconds:g} s per row and server")
     print("| measurement | unaligned | aligned | aligned / unaligned |")
     print("|---|---|---|---|")
-    for key, what, unit, scale in (("crops", "lone /verify, two 154 px face crops", "ms", 1000),
-                                   ("scenes", "lone /verify, two 720x540 scene photos", "ms", 1000),
-                                   ("load", f"/embed with {args.clients} clients", "images/s", 1)):
+    for key, what, unit, scale in (
+        ("crops", "lone /verify, two 154 px face crops", "ms", 1000),
+        ("scenes", "lone /verify, two 720x540 scene photos", "ms", 1000),
+        ("load", f"/embed with {args.clients} clients", "images/s", 1),
+    ):
         u, a = med["none"][key] * scale, med["arcface"][key] * scale
         print(f"| {what} | {u:.1f} {unit} | {a:.1f} {unit} | {a / u:.2f}x |")
 

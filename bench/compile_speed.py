@@ -16,20 +16,20 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in faceid's trainer and server
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from faceid.evaluate import autocast_ctx  # noqa: E402
-from faceid.model import ArcMarginProduct, build_model  # noqa: E402
-from faceid.runtime import resolve_amp, resolve_device  # noqa: E402
+from faceid.evaluate import autocast_ctx
+from faceid.model import ArcMarginProduct, build_model
+from faceid.runtime import resolve_amp, resolve_device
 
 
 def sync(device: torch.device) -> None:
@@ -76,8 +76,12 @@ def train_row(compiled: bool, args, device, amp) -> dict:
         opt.step()
 
     first, med = timed(step, 3, args.steps, device)
-    return {"row": f"train step, batch {args.batch}", "compiled": "compile" if compiled else "eager", "first_s": first,
-            "images_per_s": args.batch / med}
+    return {
+        "row": f"train step, batch {args.batch}",
+        "compiled": "compile" if compiled else "eager",
+        "first_s": first,
+        "images_per_s": args.batch / med,
+    }
 
 
 def infer_rows(compiled: str, args, device, amp) -> list[dict]:
@@ -94,19 +98,27 @@ def infer_rows(compiled: str, args, device, amp) -> list[dict]:
     for b in (1, args.serve_batch):
         x = torch.randn(b, 3, args.img_size, args.img_size, device=device).to(memory_format=torch.channels_last)
 
-        def run():
+        def run(x=x):
             with torch.inference_mode(), autocast_ctx(device, amp):
                 fwd(x)
 
         first, med = timed(run, 3, max(args.steps, 10), device)
-        rows.append({"row": f"inference, batch {b}", "compiled": compiled or "eager", "first_s": first,
-                     "images_per_s": b / med, "ms": 1000 * med})
+        rows.append(
+            {
+                "row": f"inference, batch {b}",
+                "compiled": compiled or "eager",
+                "first_s": first,
+                "images_per_s": b / med,
+                "ms": 1000 * med,
+            }
+        )
     return rows
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--img_size", type=int, default=64)
     p.add_argument("--batch", type=int, default=64, help="training batch (the cpu-small preset's)")
     p.add_argument("--serve_batch", type=int, default=16, help="FACEID_BATCH_MAX_SIZE")
@@ -119,8 +131,11 @@ def main() -> int:
     args = p.parse_args()
     device = resolve_device(args.device)
     amp = resolve_amp(args.amp, device)
-    print(f"torch {torch.__version__}, device {device}, autocast {amp}, threads {torch.get_num_threads()}, "
-          f"{args.img_size} px, compile mode {args.mode}", flush=True)
+    print(
+        f"torch {torch.__version__}, device {device}, autocast {amp}, threads {torch.get_num_threads()}, "
+        f"{args.img_size} px, compile mode {args.mode}",
+        flush=True,
+    )
     rows = []
     if args.only != "infer":
         for compiled in (False, True):
@@ -135,8 +150,10 @@ def main() -> int:
     print("|---|---|---:|---:|---:|")
     for r in rows:
         e = next(x for x in rows if x["row"] == r["row"] and x["compiled"] == "eager")
-        print(f"| {r['row']} | {r['compiled']} | {r['images_per_s']:.1f} | "
-              f"{r['images_per_s'] / e['images_per_s']:.2f}x | {r['first_s']:.1f} |")
+        print(
+            f"| {r['row']} | {r['compiled']} | {r['images_per_s']:.1f} | "
+            f"{r['images_per_s'] / e['images_per_s']:.2f}x | {r['first_s']:.1f} |"
+        )
     return 0
 
 

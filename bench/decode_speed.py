@@ -36,9 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from serve_common import loadavg, machine  # noqa: E402
+
 from faceid.data import decode_side, resize_center_crop  # noqa: E402
 from faceid.images import open_image  # noqa: E402
-from serve_common import loadavg, machine  # noqa: E402
 
 
 def photo(face: Path, long_side: int, seed: int) -> bytes:
@@ -59,12 +60,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--img_size", type=int, default=56, help="the model's input (default: the cpu-small preset's 56)")
     ap.add_argument("--crop", type=float, default=0.8, help="the model's crop (default: the preset's 0.8)")
-    ap.add_argument("--sizes", default="640,1600,2400,4000",
-                    help="long sides of the test photos in px (4:3; 4000 = a 12 MP phone photo)")
+    ap.add_argument(
+        "--sizes",
+        default="640,1600,2400,4000",
+        help="long sides of the test photos in px (4:3; 4000 = a 12 MP phone photo)",
+    )
     ap.add_argument("--photos", type=int, default=4, help="faces per size")
     ap.add_argument("--repeats", type=int, default=5, help="timed decodes of each photo, each way")
-    ap.add_argument("--checkpoint", help="also embed both inputs with this model and report the cosine "
-                                         "(its own img_size and crop are then used)")
+    ap.add_argument(
+        "--checkpoint",
+        help="also embed both inputs with this model and report the cosine (its own img_size and crop are then used)",
+    )
     args = ap.parse_args()
 
     verifier = None
@@ -77,7 +83,7 @@ def main() -> int:
         verifier = Verifier.from_checkpoint(args.checkpoint, device="cpu")
         size, crop = verifier.img_size, verifier.crop
     side = decode_side(size, crop)
-    faces = sorted((REPO / "data" / "sample" / "val").glob("*/*.jpg"))[:args.photos]
+    faces = sorted((REPO / "data" / "sample" / "val").glob("*/*.jpg"))[: args.photos]
     print(f"machine: {machine()}; load average {loadavg()}")
     print(f"model input {size} px, crop {crop}: JPEGs decoded down to a shorter side of at least {side} px\n")
     print("| photo | MB | reduced decode | full ms | reduced ms | speed-up | grey levels | 1 - cosine |")
@@ -104,8 +110,10 @@ def main() -> int:
                 cosines.append(float(ea @ eb))
         f, r = statistics.median(full_ms), statistics.median(red_ms)
         cos = f"{max(1.0 - c for c in cosines):.1e}" if cosines else "-"
-        print(f"| {long_side}x{round(long_side * 3 / 4)} | {statistics.mean(mbs):.2f} | {scale} | {f:.1f} | "
-              f"{r:.1f} | {f / r:.2f}x | {statistics.mean(diffs):.2f} | {cos} |")
+        print(
+            f"| {long_side}x{round(long_side * 3 / 4)} | {statistics.mean(mbs):.2f} | {scale} | {f:.1f} | "
+            f"{r:.1f} | {f / r:.2f}x | {statistics.mean(diffs):.2f} | {cos} |"
+        )
     return 0
 
 

@@ -35,13 +35,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning_curve import fold1_pairs, split  # noqa: E402
-from serve_common import machine  # noqa: E402
+from learning_curve import fold1_pairs, split
+from serve_common import machine
 
-from faceid.cli import main as faceid_main  # noqa: E402
-from faceid.config import TrainConfig  # noqa: E402
-from faceid.finetune import base_config_of, inherit  # noqa: E402
-from faceid.train import run  # noqa: E402
+from faceid.cli import main as faceid_main
+from faceid.config import TrainConfig
+from faceid.finetune import base_config_of, inherit
+from faceid.train import run
 
 log = logging.getLogger("finetune_compare")
 
@@ -81,8 +81,9 @@ def hold_back(train: Path, out: Path, *, group: int, photos: int, min_photos: in
 def evaluate(ckpt: Path, pairs: Path, workers: int, device: str) -> dict:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = faceid_main(["evaluate", str(ckpt), "--pairs_file", str(pairs), "--workers", str(workers),
-                          "--device", device])
+        rc = faceid_main(
+            ["evaluate", str(ckpt), "--pairs_file", str(pairs), "--workers", str(workers), "--device", device]
+        )
     if rc != 0:
         raise SystemExit(f"faceid evaluate failed on {ckpt}")
     return json.loads(buf.getvalue())
@@ -103,8 +104,9 @@ def train(cfg: TrainConfig) -> tuple[Path, dict, float, int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR"),
-                   help="LFW folder with pairs.txt (default: FACEID_LFW_DIR)")
+    p.add_argument(
+        "--lfw", default=os.environ.get("FACEID_LFW_DIR"), help="LFW folder with pairs.txt (default: FACEID_LFW_DIR)"
+    )
     p.add_argument("--runs", default="scratch,finetune", help=f"comma-separated, of {', '.join(RUNS)}")
     p.add_argument("--base", default=None, help="a base model to reuse (default: train one)")
     p.add_argument("--group", type=int, default=100, help="people held back from the base")
@@ -125,8 +127,9 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="finetune_compare-"))
     os.environ.setdefault("FACEID_CACHE_DIR", str(work / "face-cache"))
     everyone, val = split(lfw, work / "data", min_images=2)
-    base_train, group = hold_back(everyone, work / "data", group=args.group, photos=args.photos,
-                                  min_photos=args.min_photos, seed=0)
+    base_train, group = hold_back(
+        everyone, work / "data", group=args.group, photos=args.photos, min_photos=args.min_photos, seed=0
+    )
     crops = fold1_pairs(lfw, work / "fold1")
     common = {"val": str(val), "device": args.device, "workers": args.workers}
     if args.max_steps:
@@ -137,17 +140,39 @@ def main() -> None:
         base = Path(args.base)
     else:
         extra = {"epochs": args.base_epochs} if args.base_epochs else {}
-        cfg = TrainConfig(preset="cpu-small", train=str(base_train), ckpt_dir=str(work / "runs" / "base"),
-                          **common, **extra)
+        cfg = TrainConfig(
+            preset="cpu-small", train=str(base_train), ckpt_dir=str(work / "runs" / "base"), **common, **extra
+        )
         base, best, wall, n = train(cfg)
-        rows.append({"run": "base (not fine-tuned)", "people": len(list(base_train.iterdir())), "images": n,
-                     "own_auc": best["auc"], "own_tar_1e-3": best["tar_1e-3"], "wall_s": round(wall)})
+        rows.append(
+            {
+                "run": "base (not fine-tuned)",
+                "people": len(list(base_train.iterdir())),
+                "images": n,
+                "own_auc": best["auc"],
+                "own_tar_1e-3": best["tar_1e-3"],
+                "wall_s": round(wall),
+            }
+        )
         log.info("%s", json.dumps(rows[-1]))
     if not rows:
-        rows.append({"run": "base (not fine-tuned)", "people": None, "images": None, "own_auc": None,
-                     "own_tar_1e-3": None, "wall_s": None})
-    rows[0].update({f"fold1_{k}": v for k, v in evaluate(base, crops, args.workers, args.device).items()
-                    if k in ("pairs_auc", "pairs_acc")})
+        rows.append(
+            {
+                "run": "base (not fine-tuned)",
+                "people": None,
+                "images": None,
+                "own_auc": None,
+                "own_tar_1e-3": None,
+                "wall_s": None,
+            }
+        )
+    rows[0].update(
+        {
+            f"fold1_{k}": v
+            for k, v in evaluate(base, crops, args.workers, args.device).items()
+            if k in ("pairs_auc", "pairs_acc")
+        }
+    )
     base_config = base_config_of(str(base))
     for name in args.runs.split(","):
         spec = dict(RUNS[name])
@@ -157,10 +182,21 @@ def main() -> None:
         if args.epochs:
             data["epochs"] = args.epochs
         ckpt, best, wall, n = train(TrainConfig(**data))
-        row = {"run": name, "people": args.group, "images": n, "own_auc": best["auc"],
-               "own_tar_1e-3": best["tar_1e-3"], "wall_s": round(wall)}
-        row.update({f"fold1_{k}": v for k, v in evaluate(ckpt, crops, args.workers, args.device).items()
-                    if k in ("pairs_auc", "pairs_acc")})
+        row = {
+            "run": name,
+            "people": args.group,
+            "images": n,
+            "own_auc": best["auc"],
+            "own_tar_1e-3": best["tar_1e-3"],
+            "wall_s": round(wall),
+        }
+        row.update(
+            {
+                f"fold1_{k}": v
+                for k, v in evaluate(ckpt, crops, args.workers, args.device).items()
+                if k in ("pairs_auc", "pairs_acc")
+            }
+        )
         rows.append(row)
         log.info("%s", json.dumps(row))
     print(f"\n{started}, {machine()}, device {args.device}")
@@ -168,9 +204,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        print(f"| {r['run']} | {fmt(r['people'], 'd')} | {fmt(r['images'], 'd')} | {fmt(r.get('fold1_pairs_auc'), '.3f')} "
-              f"| {fmt(r.get('fold1_pairs_acc'), '.3f')} | {fmt(r['own_auc'], '.3f')} | {fmt(r['own_tar_1e-3'], '.3f')} "
-              f"| {fmt(r['wall_s'], 'd')} |")
+        print(
+            f"| {r['run']} | {fmt(r['people'], 'd')} | {fmt(r['images'], 'd')} "
+            f"| {fmt(r.get('fold1_pairs_auc'), '.3f')} "
+            f"| {fmt(r.get('fold1_pairs_acc'), '.3f')} | {fmt(r['own_auc'], '.3f')} | {fmt(r['own_tar_1e-3'], '.3f')} "
+            f"| {fmt(r['wall_s'], 'd')} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

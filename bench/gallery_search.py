@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from faceid.gallery import GalleryIndex, normalize_rows  # noqa: E402
+from faceid.gallery import GalleryIndex, normalize_rows
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -67,9 +67,10 @@ def bench_search(args: argparse.Namespace) -> None:
         build_s = time.perf_counter() - t
         rng = np.random.default_rng(1)
         snap = index.snapshot
-        probes = [normalize_rows(snap.matrix[int(rng.integers(0, n))] + 0.3 * rng.standard_normal(args.dim,
-                                                                                                  dtype=np.float32))
-                  for _ in range(args.queries + 3)]
+        probes = [
+            normalize_rows(snap.matrix[int(rng.integers(0, n))] + 0.3 * rng.standard_normal(args.dim, dtype=np.float32))
+            for _ in range(args.queries + 3)
+        ]
         times = []
         for i, q in enumerate(probes):
             t = time.perf_counter()
@@ -85,10 +86,19 @@ def bench_search(args: argparse.Namespace) -> None:
         index.remove([n + 100])
         del_ms = (time.perf_counter() - t) * 1e3
         ms = np.array(times) * 1e3
-        row = {"faces": n, "people": n // 4, "queries": len(times), "p50_ms": round(float(np.percentile(ms, 50)), 2),
-               "p99_ms": round(float(np.percentile(ms, 99)), 2), "index_mb": round(index.nbytes / 2**20, 1),
-               "rss_mb": round(rss_mb(), 1), "rss_over_start_mb": round(rss_mb() - base, 1),
-               "enroll16_ms": round(add_ms, 2), "delete1_ms": round(del_ms, 2), "build_s": round(build_s, 1)}
+        row = {
+            "faces": n,
+            "people": n // 4,
+            "queries": len(times),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "index_mb": round(index.nbytes / 2**20, 1),
+            "rss_mb": round(rss_mb(), 1),
+            "rss_over_start_mb": round(rss_mb() - base, 1),
+            "enroll16_ms": round(add_ms, 2),
+            "delete1_ms": round(del_ms, 2),
+            "build_s": round(build_s, 1),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
         del index, snap, probes, found
@@ -97,8 +107,10 @@ def bench_search(args: argparse.Namespace) -> None:
     print("| enrolled faces | people | search p50 | search p99 | index memory | process RSS | enroll 16 | delete 1 |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['faces']:,} | {r['people']:,} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
-              f"{r['index_mb']:,.0f} MB | {r['rss_mb']:,.0f} MB | {r['enroll16_ms']:.2f} ms | {r['delete1_ms']:.2f} ms |")
+        print(
+            f"| {r['faces']:,} | {r['people']:,} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
+            f"{r['index_mb']:,.0f} MB | {r['rss_mb']:,.0f} MB | {r['enroll16_ms']:.2f} ms | {r['delete1_ms']:.2f} ms |"
+        )
 
 
 def bench_open_set(args: argparse.Namespace) -> None:
@@ -111,8 +123,8 @@ def bench_open_set(args: argparse.Namespace) -> None:
     people = sorted(d for d in Path(args.people).iterdir() if d.is_dir())
     photos = {d.name: sorted(p for p in d.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")) for d in people}
     rich = [n for n in photos if len(photos[n]) >= 3]
-    enrolled = set(rich[::2][:args.max_people])
-    strangers = [n for n in photos if n not in enrolled][:args.max_people]
+    enrolled = set(rich[::2][: args.max_people])
+    strangers = [n for n in photos if n not in enrolled][: args.max_people]
 
     def embed(paths):
         out = []
@@ -132,7 +144,7 @@ def bench_open_set(args: argparse.Namespace) -> None:
         fid += len(e)
     known = right = rank1 = unknown = rejected = 0
     for n in sorted(enrolled):
-        for q in embed(photos[n][2:2 + args.probes_per_person]):
+        for q in embed(photos[n][2 : 2 + args.probes_per_person]):
             best = index.search(q, 1)[0][0]
             known += 1
             rank1 += best.person == n
@@ -142,11 +154,22 @@ def bench_open_set(args: argparse.Namespace) -> None:
             best = index.search(q, 1)[0][0]
             unknown += 1
             rejected += best.score < th
-    print(json.dumps({"checkpoint": args.checkpoint, "threshold": th, "threshold_name": th_name,
-                      "enrolled_people": len(enrolled), "enrolled_faces": fid, "known_probes": known,
-                      "rank1_accuracy": round(rank1 / max(known, 1), 4),
-                      "identified_at_threshold": round(right / max(known, 1), 4),
-                      "unknown_probes": unknown, "unknown_rejected": round(rejected / max(unknown, 1), 4)}))
+    print(
+        json.dumps(
+            {
+                "checkpoint": args.checkpoint,
+                "threshold": th,
+                "threshold_name": th_name,
+                "enrolled_people": len(enrolled),
+                "enrolled_faces": fid,
+                "known_probes": known,
+                "rank1_accuracy": round(rank1 / max(known, 1), 4),
+                "identified_at_threshold": round(right / max(known, 1), 4),
+                "unknown_probes": unknown,
+                "unknown_rejected": round(rejected / max(unknown, 1), 4),
+            }
+        )
+    )
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Learning curve on real faces: LFW fold-1 AUC at fixed wall-clock points of a training job.
 
 Trains on the LFW people who are not in pairs.txt fold 1 (all of them, those with a single image
-too: each person is a class; `--min_images 2` keeps only people with 2+ images) and scores fold 1 (the official 600 pairs: AUC and 10-fold accuracy) plus
+too: each person is a class; `--min_images 2` keeps only people with 2+ images) and scores fold 1
+(the official 600 pairs: AUC and 10-fold accuracy) plus
 sampled pairs of the fold-1 people with 2+ images, for, in one run:
 
   untrained  the network as initialised, scored in this process (the score to beat; not chance)
@@ -51,18 +52,30 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_common import Server, loadavg, machine  # noqa: E402
+from serve_common import Server, loadavg, machine
 
-from faceid.config import TrainConfig  # noqa: E402
-from faceid.pairs import identities_in, load_pairs  # noqa: E402
-from faceid.train import Trainer  # noqa: E402
+from faceid.config import TrainConfig
+from faceid.pairs import identities_in, load_pairs
+from faceid.train import Trainer
 
 log = logging.getLogger("learning_curve")
 
 RECIPES = {
-    "plain": {"train_mode": "arcface", "img_size": 112, "batch_size": 64, "optimizer": "sgd", "lr": 0.1,
-              "arcface_s": 64.0, "arcface_m": 0.5, "weight_decay": 5e-4, "scheduler": "cosine",
-              "balanced_sampling": False, "augment": "none", "eval_flip": False, "eval_pairs": 6000},
+    "plain": {
+        "train_mode": "arcface",
+        "img_size": 112,
+        "batch_size": 64,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "arcface_s": 64.0,
+        "arcface_m": 0.5,
+        "weight_decay": 5e-4,
+        "scheduler": "cosine",
+        "balanced_sampling": False,
+        "augment": "none",
+        "eval_flip": False,
+        "eval_pairs": 6000,
+    },
     "faceid": {"preset": "cpu-small"},  # faces found and aligned (align arcface, the default)
     "faceid_noalign": {"preset": "cpu-small", "align": "none"},  # the same on the unaligned photos
     "faceid_drop0.4": {"preset": "cpu-small", "dropout": 0.4},
@@ -112,7 +125,7 @@ def fold1_pairs(lfw: Path, out: Path) -> Path:
     the images it names (its mismatched pairs include people with one image, outside the split)."""
     lines = (lfw / "pairs.txt").read_text().splitlines()
     per = int(lines[0].split()[1])
-    fold = lines[1:1 + 2 * per]
+    fold = lines[1 : 1 + 2 * per]
     out.mkdir(parents=True, exist_ok=True)
     for ln in fold:
         f = ln.split("\t")
@@ -131,8 +144,9 @@ def fold1_pairs(lfw: Path, out: Path) -> Path:
 
 def probe(name: str, cfg: TrainConfig, steps: int = 6) -> tuple[dict, float, int]:
     """Untrained metrics, training images/s and the number of training images, in this process."""
-    trainer = Trainer(cfg.model_copy(update={"epochs": 1, "max_steps_per_epoch": steps,
-                                             "ckpt_dir": cfg.ckpt_dir + f"/{name}-probe"}))
+    trainer = Trainer(
+        cfg.model_copy(update={"epochs": 1, "max_steps_per_epoch": steps, "ckpt_dir": cfg.ckpt_dir + f"/{name}-probe"})
+    )
     trainer.setup()
     untrained = trainer.evaluate()
     times: list[float] = []
@@ -155,7 +169,10 @@ def schedule(name: str, overrides: dict, rate: float, n_images: int, minutes: fl
         epochs = max(1, round(total_steps / per_epoch))
         warmup_steps = min(300, 0.3 * epochs * per_epoch)
         return {"epochs": epochs, "max_steps_per_epoch": per_epoch, "warmup_epochs": round(warmup_steps / per_epoch, 3)}
-    return {"epochs": max(1, math.ceil(total_steps / per_epoch)), **({"max_steps_per_epoch": per_epoch} if per_epoch < full else {})}
+    return {
+        "epochs": max(1, math.ceil(total_steps / per_epoch)),
+        **({"max_steps_per_epoch": per_epoch} if per_epoch < full else {}),
+    }
 
 
 def started(job: dict) -> float:
@@ -174,8 +191,13 @@ def run_job(server: Server, body: dict, minutes: float) -> dict:
         while True:
             job = c.get(f"/jobs/{job_id}").json()
             for m in job.get("metrics", [])[seen:]:
-                log.info("job %s epoch %s at %.1f min: %s", job_id, m.get("epoch"),
-                         (m["time"] - started(job)) / 60, {k: m.get(k) for k in KEYS})
+                log.info(
+                    "job %s epoch %s at %.1f min: %s",
+                    job_id,
+                    m.get("epoch"),
+                    (m["time"] - started(job)) / 60,
+                    {k: m.get(k) for k in KEYS},
+                )
             seen = len(job.get("metrics", []))
             if job["status"] not in ("queued", "running"):
                 return job
@@ -187,12 +209,20 @@ def run_job(server: Server, body: dict, minutes: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR"),
-                    help="the LFW folder with pairs.txt (default: FACEID_LFW_DIR)")
+    ap.add_argument(
+        "--lfw",
+        default=os.environ.get("FACEID_LFW_DIR"),
+        help="the LFW folder with pairs.txt (default: FACEID_LFW_DIR)",
+    )
     ap.add_argument("--minutes", default="0,5,10,20,30")
     ap.add_argument("--recipes", default="plain,faceid_noalign,faceid", help=f"any of {','.join(RECIPES)}")
-    ap.add_argument("--min_images", type=int, default=1, help="train on the people outside fold 1 with at "
-                    "least this many images (1: all of them; 2: the split of the runs before 2026-11-29 05:00)")
+    ap.add_argument(
+        "--min_images",
+        type=int,
+        default=1,
+        help="train on the people outside fold 1 with at "
+        "least this many images (1: all of them; 2: the split of the runs before 2026-11-29 05:00)",
+    )
     ap.add_argument("--out", help="also write every epoch record of every job as JSON lines here")
     args = ap.parse_args()
     if not args.lfw or not (Path(args.lfw) / "pairs.txt").is_file():
@@ -207,17 +237,27 @@ def main() -> None:
         sys.exit(f"error: unknown recipe(s) {unknown}; choose from {','.join(RECIPES)}")
     train, val = split(Path(args.lfw), root, copy=True, min_images=args.min_images)
     pairs = fold1_pairs(Path(args.lfw), root / "fold1")
-    base = {"train": "train", "val": "val", "pairs_file": "fold1/pairs.txt",
-            "best_metric": "pairs_auc", "progress_step_pct": 5}
-    local = {**base, "train": str(train), "val": str(val), "pairs_file": str(pairs),
-             "ckpt_dir": str(work / "ck")}
+    base = {
+        "train": "train",
+        "val": "val",
+        "pairs_file": "fold1/pairs.txt",
+        "best_metric": "pairs_auc",
+        "progress_step_pct": 5,
+    }
+    local = {**base, "train": str(train), "val": str(val), "pairs_file": str(pairs), "ckpt_dir": str(work / "ck")}
     print(f"machine: {machine()}; load average {loadavg()}", flush=True)
     results: dict[str, dict] = {}
     for name in args.recipes.split(","):
         untrained, rate, n_images = probe(name, TrainConfig(**{**local, **RECIPES[name]}))
         fit = schedule(name, RECIPES[name], rate, n_images, minutes[-1])
-        log.info("%s: untrained %s; probe %.1f images/s on %d images -> %s", name,
-                 {k: round(untrained[k], 4) for k in KEYS}, rate, n_images, fit)
+        log.info(
+            "%s: untrained %s; probe %.1f images/s on %d images -> %s",
+            name,
+            {k: round(untrained[k], 4) for k in KEYS},
+            rate,
+            n_images,
+            fit,
+        )
         body = {**base, **RECIPES[name], **fit, "time_limit_min": minutes[-1]}
         with Server(None, data_dir=root) as server:
             job = run_job(server, body, minutes[-1])
@@ -232,12 +272,16 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    print(f"\nLFW fold 1 (600 official pairs; sampled pairs of the {len(list(val.iterdir()))} fold-1 people), "
-          f"training on {len(list(train.iterdir()))} other people with {args.min_images}+ images; "
-          f"load average after: {load_after}")
-    print(f"value at minute t = the last epoch evaluated within t minutes of the job starting (decode, "
-          f"evaluations and checkpoints included); at the last point, {minutes[-1]:g} = the job's time limit, the "
-          "job's final epoch (its training stopped at the limit; 'at' says when its evaluation ended)\n")
+    print(
+        f"\nLFW fold 1 (600 official pairs; sampled pairs of the {len(list(val.iterdir()))} fold-1 people), "
+        f"training on {len(list(train.iterdir()))} other people with {args.min_images}+ images; "
+        f"load average after: {load_after}"
+    )
+    print(
+        f"value at minute t = the last epoch evaluated within t minutes of the job starting (decode, "
+        f"evaluations and checkpoints included); at the last point, {minutes[-1]:g} = the job's time limit, the "
+        "job's final epoch (its training stopped at the limit; 'at' says when its evaluation ended)\n"
+    )
     print(f"| recipe | minute | at | epoch | steps | {' | '.join(KEYS)} |")
     print("|---|---:|---:|---:|---:|" + "---:|" * len(KEYS))
     for name, res in results.items():
@@ -253,16 +297,26 @@ def main() -> None:
                 continue
             r = done[-1]
             steps = r.get("global_step", "-")
-            print(f"| {name} | {t:g} | {r['minute']:.1f} | {r['epoch']} | {steps} | " + " | ".join(f"{r[k]:.4f}" for k in KEYS) + " |")
+            print(
+                f"| {name} | {t:g} | {r['minute']:.1f} | {r['epoch']} | {steps} | "
+                + " | ".join(f"{r[k]:.4f}" for k in KEYS)
+                + " |"
+            )
     print("\nevery epoch:")
     print("| recipe | epoch | minute | train loss | " + " | ".join(KEYS) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(KEYS))
     for r in rows:
-        print(f"| {r['recipe']} | {r['epoch']} | {r['minute']:.1f} | {r['train_loss']:.3f} | "
-              + " | ".join(f"{r[k]:.4f}" for k in KEYS) + " |")
+        print(
+            f"| {r['recipe']} | {r['epoch']} | {r['minute']:.1f} | {r['train_loss']:.3f} | "
+            + " | ".join(f"{r[k]:.4f}" for k in KEYS)
+            + " |"
+        )
     for name, res in results.items():
         job = res["job"]
-        print(f"\n{name}: job {job['id']} {job['status']}; probe {res['rate']:.1f} images/s; body {json.dumps(res['body'])}")
+        print(
+            f"\n{name}: job {job['id']} {job['status']}; probe {res['rate']:.1f} images/s; "
+            f"body {json.dumps(res['body'])}"
+        )
         if job.get("error"):
             print(f"  error: {job['error']}")
 

@@ -27,16 +27,34 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_common import (Server, async_client, ensure_checkpoint, loadavg, machine,  # noqa: E402
-                          percentile, rss_mb, run_clients, sample_images)
+from serve_common import (
+    Server,
+    async_client,
+    ensure_checkpoint,
+    loadavg,
+    machine,
+    percentile,
+    rss_mb,
+    run_clients,
+    sample_images,
+)
 
-TRAIN_JOB = {"preset": "cpu-small", "train": "sample/train", "val": "sample/val", "epochs": 50,
-             "img_size": 64, "batch_size": 32, "workers": 0, "eval_pairs": 500}
+TRAIN_JOB = {
+    "preset": "cpu-small",
+    "train": "sample/train",
+    "val": "sample/val",
+    "epochs": 50,
+    "img_size": 64,
+    "batch_size": 32,
+    "workers": 0,
+    "eval_pairs": 500,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--seconds", type=float, default=20, help="measured load time")
     p.add_argument("--warmup", type=float, default=5, help="load before measuring (not counted)")
     p.add_argument("--clients", type=int, default=16, help="concurrent /verify clients")
@@ -44,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="serve this checkpoint (default: a quick one trained here)")
     p.add_argument("--img_size", type=int, default=64, help="of the quick checkpoint")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--train_job", action="store_true",
-                   help="run a training job (cpu-small on data/sample, 64 px) during the load")
+    p.add_argument(
+        "--train_job", action="store_true", help="run a training job (cpu-small on data/sample, 64 px) during the load"
+    )
     p.add_argument("--pairs", type=int, default=8, help="distinct image pairs sent")
     return p.parse_args(argv)
 
@@ -143,8 +162,11 @@ async def measure(args, server: Server, pairs) -> dict[str, Any]:
                 if job["status"] != "queued" and (job.get("progress") or {}).get("step"):
                     break
                 await asyncio.sleep(0.5)
-            print(f"training job {job_id}: {job['status']}, epoch {job['progress']['epoch']} "
-                  f"step {job['progress']['step']}", flush=True)
+            print(
+                f"training job {job_id}: {job['status']}, epoch {job['progress']['epoch']} "
+                f"step {job['progress']['step']}",
+                flush=True,
+            )
 
         background = [asyncio.create_task(health()), asyncio.create_task(memory())]
         await run_clients(args.clients, args.warmup, one, client)  # warm-up, not recorded
@@ -159,9 +181,17 @@ async def measure(args, server: Server, pairs) -> dict[str, Any]:
         if job_id:
             job = (await client.get(f"/jobs/{job_id}")).json()
             await client.post(f"/jobs/{job_id}/cancel")
-    return {"verify": verify_lat, "health": health_lat, "counts": counts, "error_kinds": error_kinds,
-            "wall": wall, "rss_warm": rss_warm, "rss_end": rss_end, "rss_max": max(rss_samples or [rss_end]),
-            "job": job}
+    return {
+        "verify": verify_lat,
+        "health": health_lat,
+        "counts": counts,
+        "error_kinds": error_kinds,
+        "wall": wall,
+        "rss_warm": rss_warm,
+        "rss_end": rss_end,
+        "rss_max": max(rss_samples or [rss_end]),
+        "job": job,
+    }
 
 
 def print_table(args, ckpt: Path, res: dict[str, Any]) -> None:
@@ -169,30 +199,41 @@ def print_table(args, ckpt: Path, res: dict[str, Any]) -> None:
     ms = lambda v: f"{1000 * v:.1f}"  # noqa: E731
     v, h = res["verify"], res["health"]
     print()
-    print(f"load test: {args.clients} clients x POST /verify for {args.seconds:g} s after {args.warmup:g} s "
-          f"warm-up; /health every {args.health_interval:g} s; training job: "
-          f"{'yes' if args.train_job else 'no'}")
-    print(f"checkpoint {ckpt}, device {args.device}; load average before {res['load_before']}, "
-          f"after {res['load_after']}")
+    print(
+        f"load test: {args.clients} clients x POST /verify for {args.seconds:g} s after {args.warmup:g} s "
+        f"warm-up; /health every {args.health_interval:g} s; training job: "
+        f"{'yes' if args.train_job else 'no'}"
+    )
+    print(
+        f"checkpoint {ckpt}, device {args.device}; load average before {res['load_before']}, after {res['load_after']}"
+    )
     print()
     print("| | requests | errors | wrong | per s | p50 ms | p90 ms | p99 ms | max ms |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| POST /verify | {c['requests']} | {c['errors']} | {c['wrong']} | {c['requests'] / res['wall']:.1f} | "
-          f"{ms(percentile(v, 50))} | {ms(percentile(v, 90))} | {ms(percentile(v, 99))} | {ms(max(v or [0]))} |")
-    print(f"| GET /health | {len(h)} | {c.get('health_errors', 0)} | - | {len(h) / res['wall']:.1f} | "
-          f"{ms(percentile(h, 50))} | {ms(percentile(h, 90))} | {ms(percentile(h, 99))} | {ms(max(h or [0]))} |")
+    print(
+        f"| POST /verify | {c['requests']} | {c['errors']} | {c['wrong']} | {c['requests'] / res['wall']:.1f} | "
+        f"{ms(percentile(v, 50))} | {ms(percentile(v, 90))} | {ms(percentile(v, 99))} | {ms(max(v or [0]))} |"
+    )
+    print(
+        f"| GET /health | {len(h)} | {c.get('health_errors', 0)} | - | {len(h) / res['wall']:.1f} | "
+        f"{ms(percentile(h, 50))} | {ms(percentile(h, 90))} | {ms(percentile(h, 99))} | {ms(max(h or [0]))} |"
+    )
     print()
     growth = res["rss_end"] - res["rss_warm"]
-    print(f"server RSS: {res['rss_warm']:.0f} MB after warm-up, {res['rss_end']:.0f} MB at the end "
-          f"({growth:+.0f} MB, {100 * growth / res['rss_warm']:+.1f} %), max {res['rss_max']:.0f} MB")
+    print(
+        f"server RSS: {res['rss_warm']:.0f} MB after warm-up, {res['rss_end']:.0f} MB at the end "
+        f"({growth:+.0f} MB, {100 * growth / res['rss_warm']:+.1f} %), max {res['rss_max']:.0f} MB"
+    )
     print(f"images embedded: {2 * c['requests'] / res['wall']:.1f} /s")
     if res["error_kinds"]:
         print(f"errors: {res['error_kinds']}")
     if res["job"]:
         j = res["job"]
         p = j.get("progress") or {}
-        print(f"training job: {j['status']}, epoch {p.get('epoch')}/{p.get('epochs')}, "
-              f"{p.get('images_per_s')} img/s (cancelled at the end)")
+        print(
+            f"training job: {j['status']}, epoch {p.get('epoch')}/{p.get('epochs')}, "
+            f"{p.get('images_per_s')} img/s (cancelled at the end)"
+        )
 
 
 if __name__ == "__main__":

@@ -40,9 +40,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from serve_common import loadavg, machine  # noqa: E402
 
 POLICIES = {
-    "default": {},                                # libgomp: spin about 300,000 rounds, then sleep
-    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},    # sleep at once
-    "spin10k": {"GOMP_SPINCOUNT": "10000"},       # shorter spins
+    "default": {},  # libgomp: spin about 300,000 rounds, then sleep
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},  # sleep at once
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},  # shorter spins
     "spin100k": {"GOMP_SPINCOUNT": "100000"},
 }
 
@@ -52,9 +52,17 @@ def child(steps: int, data: str) -> None:
     from faceid.train import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(preset="cpu-small", train=f"{data}/train", val=f"{data}/val", ckpt_dir=tmp,
-                          epochs=max(1, steps), eval_pairs=200, progress_step_pct=0.1, warmup_epochs=0,
-                          margin_warmup_epochs=0)
+        cfg = TrainConfig(
+            preset="cpu-small",
+            train=f"{data}/train",
+            val=f"{data}/val",
+            ckpt_dir=tmp,
+            epochs=max(1, steps),
+            eval_pairs=200,
+            progress_step_pct=0.1,
+            warmup_epochs=0,
+            margin_warmup_epochs=0,
+        )
         trainer = Trainer(cfg)
         trainer.setup()
         # Only the steps are timed: the intervals between steps of one epoch. Epoch ends (evaluation,
@@ -77,8 +85,15 @@ def child(steps: int, data: str) -> None:
         trainer.fit()
         import torch
 
-        print(json.dumps({"images_per_s": cfg.batch_size / statistics.median(gaps[1:]), "steps": len(gaps) - 1,
-                          "threads": torch.get_num_threads()}))
+        print(
+            json.dumps(
+                {
+                    "images_per_s": cfg.batch_size / statistics.median(gaps[1:]),
+                    "steps": len(gaps) - 1,
+                    "threads": torch.get_num_threads(),
+                }
+            )
+        )
 
 
 def child_infer(batch: int, calls: int, gap_ms: float, threads: int = 0) -> None:
@@ -111,8 +126,11 @@ WORKLOADS = {
     "train": (["--child", "train"], "training images/s", True),
     "serve1": (["--child", "infer", "--batch", "1", "--gap_ms", "20"], "ms per 1-image forward, 20 ms apart", False),
     "serve16": (["--child", "infer", "--batch", "16", "--gap_ms", "20"], "ms per 16-image forward, 20 ms apart", False),
-    "serve1_1thread": (["--child", "infer", "--batch", "1", "--gap_ms", "20", "--threads", "1"],
-                       "ms per 1-image forward, 20 ms apart, 1 compute thread", False),
+    "serve1_1thread": (
+        ["--child", "infer", "--batch", "1", "--gap_ms", "20", "--threads", "1"],
+        "ms per 1-image forward, 20 ms apart, 1 compute thread",
+        False,
+    ),
 }
 
 
@@ -157,7 +175,7 @@ def main() -> None:
         try:
             for w in workloads:
                 for r in range(args.rounds):
-                    for p in (policies if r % 2 == 0 else policies[::-1]):
+                    for p in policies if r % 2 == 0 else policies[::-1]:
                         m = measure(w, p, args)
                         results.setdefault((w, condition, p), []).append(m["value"])
                         print(f"{w:>8} {condition:>14} {p:>8}: {m['value']:7.1f} ({m['threads']} threads)", flush=True)
@@ -176,8 +194,10 @@ def main() -> None:
                 v = results[(w, condition, p)]
                 med = statistics.median(v)
                 speed = med / ref if higher else ref / med
-                print(f"| {w} ({unit}) | {condition} | {p} | {med:.1f} | {' / '.join(f'{x:.1f}' for x in v)} | "
-                      f"{speed:.2f}x faster |")
+                print(
+                    f"| {w} ({unit}) | {condition} | {p} | {med:.1f} | {' / '.join(f'{x:.1f}' for x in v)} | "
+                    f"{speed:.2f}x faster |"
+                )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Each variant is the cpu-small preset with one or two fields changed. All variants train for the
 same number of steps on the same data (the LFW people outside pairs.txt fold 1; `--min_images 2`:
-only those with 2+ images) from the same seed, then score fold 1 (the official 600 pairs: AUC and 10-fold accuracy) and sampled
+only those with 2+ images) from the same seed, then score fold 1 (the official 600 pairs: AUC and
+10-fold accuracy) and sampled
 pairs of the fold-1 people. Steps, not minutes, are the budget, so the comparison holds whatever
 else the machine is doing, and variants can run side by side (one per process, `--threads 1`);
 at 64 px every variant here costs the same per step, except `img48`.
@@ -29,10 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from learning_curve import KEYS, split  # noqa: E402
+from learning_curve import KEYS, split
 
-from faceid.config import TrainConfig  # noqa: E402
-from faceid.train import Trainer  # noqa: E402
+from faceid.config import TrainConfig
+from faceid.train import Trainer
 
 VARIANTS: dict[str, dict] = {
     "preset": {},
@@ -55,40 +56,70 @@ VARIANTS: dict[str, dict] = {
 
 
 def run_variant(name: str, base: dict, epochs: int, steps_per_epoch: int) -> dict:
-    cfg = TrainConfig(**{
-        "preset": "cpu-small", **base, "epochs": epochs, "max_steps_per_epoch": steps_per_epoch,
-        "warmup_epochs": epochs / 4, "margin_warmup_epochs": epochs * 3 / 4,
-        "ckpt_dir": base["ckpt_dir"] + f"/{name}", **VARIANTS[name]})
+    cfg = TrainConfig(
+        **{
+            "preset": "cpu-small",
+            **base,
+            "epochs": epochs,
+            "max_steps_per_epoch": steps_per_epoch,
+            "warmup_epochs": epochs / 4,
+            "margin_warmup_epochs": epochs * 3 / 4,
+            "ckpt_dir": base["ckpt_dir"] + f"/{name}",
+            **VARIANTS[name],
+        }
+    )
     t = time.time()
     trainer = Trainer(cfg)
     trainer.setup()
     m = trainer.fit().history[-1]  # the last epoch's evaluation
-    return {"variant": name, "steps": epochs * steps_per_epoch, "changed": VARIANTS[name],
-            "train_loss": m["train_loss"], "wall_s": round(time.time() - t, 1),
-            **{k: round(float(m[k]), 4) for k in KEYS}}
+    return {
+        "variant": name,
+        "steps": epochs * steps_per_epoch,
+        "changed": VARIANTS[name],
+        "train_loss": m["train_loss"],
+        "wall_s": round(time.time() - t, 1),
+        **{k: round(float(m[k]), 4) for k in KEYS},
+    }
 
 
 def table(rows: list[dict]) -> str:
     ref = next((r for r in rows if r["variant"] == "preset"), None)
-    lines = [f"{'variant':<18}{'steps':>6}" + "".join(f"{k:>11}" for k in KEYS)
-             + (f"{'d pairs_auc':>13}" if ref else "") + "  changed"]
+    lines = [
+        f"{'variant':<18}{'steps':>6}"
+        + "".join(f"{k:>11}" for k in KEYS)
+        + (f"{'d pairs_auc':>13}" if ref else "")
+        + "  changed"
+    ]
     for r in rows:
         d = f"{r['pairs_auc'] - ref['pairs_auc']:>+13.4f}" if ref else ""
-        lines.append(f"{r['variant']:<18}{r['steps']:>6}" + "".join(f"{r[k]:>11.4f}" for k in KEYS)
-                     + d + "  " + (json.dumps(r["changed"]) if r["changed"] else "(the preset)"))
+        lines.append(
+            f"{r['variant']:<18}{r['steps']:>6}"
+            + "".join(f"{r[k]:>11.4f}" for k in KEYS)
+            + d
+            + "  "
+            + (json.dumps(r["changed"]) if r["changed"] else "(the preset)")
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR"),
-                    help="the LFW folder with pairs.txt (default: FACEID_LFW_DIR)")
+    ap.add_argument(
+        "--lfw",
+        default=os.environ.get("FACEID_LFW_DIR"),
+        help="the LFW folder with pairs.txt (default: FACEID_LFW_DIR)",
+    )
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"any of {','.join(VARIANTS)}")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--steps_per_epoch", type=int, default=80)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: the trainer decides)")
-    ap.add_argument("--min_images", type=int, default=1, help="train on the people outside fold 1 with at "
-                    "least this many images (the tables before 2026-11-29 05:00 used 2)")
+    ap.add_argument(
+        "--min_images",
+        type=int,
+        default=1,
+        help="train on the people outside fold 1 with at "
+        "least this many images (the tables before 2026-11-29 05:00 used 2)",
+    )
     ap.add_argument("--out", help="append one JSON line per variant here")
     ap.add_argument("--table", metavar="FILE", help="only print the table of an --out file")
     args = ap.parse_args()
@@ -103,8 +134,15 @@ def main() -> None:
         sys.exit(f"error: unknown variant(s) {unknown}; choose from {','.join(VARIANTS)}")
     work = Path(tempfile.mkdtemp(prefix="faceid-ablation-"))
     train, val = split(Path(args.lfw), work / "data", min_images=args.min_images)
-    base = dict(train=str(train), val=str(val), pairs_file=str(Path(args.lfw) / "pairs.txt"),
-                pairs_folds=[1], ckpt_dir=str(work / "ck"), threads=args.threads, seed=0)
+    base = dict(
+        train=str(train),
+        val=str(val),
+        pairs_file=str(Path(args.lfw) / "pairs.txt"),
+        pairs_folds=[1],
+        ckpt_dir=str(work / "ck"),
+        threads=args.threads,
+        seed=0,
+    )
     rows = []
     for name in args.variants.split(","):
         rows.append(run_variant(name, base, args.epochs, args.steps_per_epoch))

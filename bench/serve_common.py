@@ -92,14 +92,37 @@ def ensure_checkpoint(given: Optional[str], img_size: int) -> Path:
         return best
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "faceid.train", "--train", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"),
-           "--ckpt_dir", str(out), "--train_mode", "arcface", "--epochs", "1", "--img_size", str(img_size),
-           "--batch_size", "16", "--max_steps_per_epoch", "2", "--eval_pairs", "200", "--workers", "0",
-           "--device", "cpu", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "faceid.train",
+        "--train",
+        str(SAMPLE / "train"),
+        "--val",
+        str(SAMPLE / "val"),
+        "--ckpt_dir",
+        str(out),
+        "--train_mode",
+        "arcface",
+        "--epochs",
+        "1",
+        "--img_size",
+        str(img_size),
+        "--batch_size",
+        "16",
+        "--max_steps_per_epoch",
+        "2",
+        "--eval_pairs",
+        "200",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     print(f"checkpoint: training a quick one at {img_size} px into {out} ...", flush=True)
     t0 = time.monotonic()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": pythonpath()})
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath()})
     if r.returncode != 0 or not best.is_file():
         raise SystemExit(f"training the checkpoint failed:\n{r.stderr[-3000:]}")
     print(f"checkpoint: trained in {time.monotonic() - t0:.0f} s", flush=True)
@@ -115,8 +138,16 @@ def free_port() -> int:
 class Server:
     """The production app under uvicorn, serving `checkpoint`; `with Server(...) as s:`."""
 
-    def __init__(self, checkpoint: Optional[Path], *, device: str = "cpu", env: Optional[dict[str, str]] = None,
-                 unset: tuple[str, ...] = (), data_dir: Optional[Path] = None, replicas: int = 0) -> None:
+    def __init__(
+        self,
+        checkpoint: Optional[Path],
+        *,
+        device: str = "cpu",
+        env: Optional[dict[str, str]] = None,
+        unset: tuple[str, ...] = (),
+        data_dir: Optional[Path] = None,
+        replicas: int = 0,
+    ) -> None:
         self.checkpoint = checkpoint  # None: serve nothing at start (a job will make the model)
         self.data_dir = data_dir or REPO / "data"
         self.device = device
@@ -145,14 +176,33 @@ class Server:
 
     def __enter__(self) -> "Server":
         env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_") and k not in self.unset}
-        env.update({"FACEID_MODELS_DIR": str(self.tmp / "models"), "FACEID_DATA_DIR": str(self.data_dir),
-                    "FACEID_DEVICE": self.device, "PYTHONPATH": pythonpath(), **self.extra})
+        env.update(
+            {
+                "FACEID_MODELS_DIR": str(self.tmp / "models"),
+                "FACEID_DATA_DIR": str(self.data_dir),
+                "FACEID_DEVICE": self.device,
+                "PYTHONPATH": pythonpath(),
+                **self.extra,
+            }
+        )
         if self.checkpoint is not None:
             env["FACEID_CHECKPOINT"] = str(self.checkpoint)
         if self.replicas:
             env.update(FACEID_INFER_REPLICAS=str(self.replicas), FACEID_INFER_PORT=str(self.infer_port))
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
-               "--port", str(self.port), "--log-level", "warning", "--no-access-log"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "app.main:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
@@ -202,7 +252,7 @@ def cpu_seconds(pid: "int | list[int]", thread_prefix: str = "faceid-embed") -> 
 
     def stat(path: Path) -> tuple[str, float]:
         text = path.read_text()
-        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
         return name, (int(fields[11]) + int(fields[12])) / tick  # utime, stime
 
     total = stat(Path(f"/proc/{pid}/stat"))[1]
@@ -233,8 +283,9 @@ def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
     return (after[1] - before[1]) / total if total > 0 else float("nan")
 
 
-async def run_clients(n: int, seconds: float, one: Callable[[httpx.AsyncClient, int, int], Awaitable[Any]],
-                      client: httpx.AsyncClient) -> float:
+async def run_clients(
+    n: int, seconds: float, one: Callable[[httpx.AsyncClient, int, int], Awaitable[Any]], client: httpx.AsyncClient
+) -> float:
     """`n` tasks calling `one(client, task, i)` back to back for `seconds`; returns the wall time."""
     stop_at = time.perf_counter() + seconds
 
@@ -250,8 +301,11 @@ async def run_clients(n: int, seconds: float, one: Callable[[httpx.AsyncClient, 
 
 
 def async_client(base: str, connections: int) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=base, timeout=60,
-                             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+    return httpx.AsyncClient(
+        base_url=base,
+        timeout=60,
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+    )
 
 
 class RawClient:
@@ -269,18 +323,27 @@ class RawClient:
         self.heads: dict[int, bytes] = {}  # the last response head of each task
 
     @staticmethod
-    def multipart(path: str, files: "dict[str, tuple[str, bytes, str]] | list[tuple[str, tuple[str, bytes, str]]]",
-                  host: str) -> bytes:
+    def multipart(
+        path: str, files: "dict[str, tuple[str, bytes, str]] | list[tuple[str, tuple[str, bytes, str]]]", host: str
+    ) -> bytes:
         """The request's bytes; `files` as {field: (filename, data, type)}, or a list of
         (field, (filename, data, type)) to send a field more than once."""
         boundary = "faceidbenchboundary7d1c"
         body = b""
-        for field, (name, data, ctype) in (files.items() if isinstance(files, dict) else files):
-            body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
-                     f"Content-Type: {ctype}\r\n\r\n").encode() + data + b"\r\n"
+        for field, (name, data, ctype) in files.items() if isinstance(files, dict) else files:
+            body += (
+                (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                    f"Content-Type: {ctype}\r\n\r\n"
+                ).encode()
+                + data
+                + b"\r\n"
+            )
         body += f"--{boundary}--\r\n".encode()
-        head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
         return head + body
 
     async def send(self, task: int, request: bytes) -> tuple[int, bytes]:

@@ -50,6 +50,7 @@ ROWS = ("matmul", "data", "plain", "plain_t1", "faceid", "off", "bf16", "t1", "d
 
 # --- machine --------------------------------------------------------------------------------
 
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -80,6 +81,7 @@ def cpu_flags() -> set[str]:
 
 # --- helpers --------------------------------------------------------------------------------
 
+
 def resolve_data(arg: Optional[str]) -> Path:
     """--data: a folder, or 'lfw' for $FACEID_LFW_DIR."""
     if arg in (None, ""):
@@ -92,8 +94,7 @@ def resolve_data(arg: Optional[str]) -> Path:
     if not p.is_absolute() and not p.exists():
         p = REPO / p
     if not p.is_dir():
-        sys.exit(f"error: --data {p} is not a folder (give an ImageFolder root, or 'lfw' with "
-                 "FACEID_LFW_DIR set)")
+        sys.exit(f"error: --data {p} is not a folder (give an ImageFolder root, or 'lfw' with FACEID_LFW_DIR set)")
     return p
 
 
@@ -126,6 +127,7 @@ def gflop_per_train_image(img_size: int) -> float:
 
 # --- matmul ---------------------------------------------------------------------------------
 
+
 def sync(device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously; a CPU has nothing queued)."""
     import torch
@@ -148,10 +150,11 @@ def matmul_gflops(dtype, n: int, device, min_s: float = 1.5) -> float:
         sync(device)
         dt = time.perf_counter() - t0
         if dt >= min_s and reps >= 2:
-            return 2 * n ** 3 * reps / dt / 1e9
+            return 2 * n**3 * reps / dt / 1e9
 
 
 # --- data only ------------------------------------------------------------------------------
+
 
 def plain_loader(data: Path, img_size: int, batch_size: int, workers: int, seed: int, pin: bool = False):
     import torch
@@ -159,12 +162,18 @@ def plain_loader(data: Path, img_size: int, batch_size: int, workers: int, seed:
 
     from faceid.model import IMAGENET_MEAN, IMAGENET_STD
 
-    tf = transforms.Compose([transforms.Resize((img_size, img_size)), transforms.ToTensor(),
-                             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    tf = transforms.Compose(
+        [
+            transforms.Resize((img_size, img_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     ds = datasets.ImageFolder(str(data), transform=tf, allow_empty=True)
     g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=True, generator=g, pin_memory=pin)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True, generator=g, pin_memory=pin
+    )
     return ds, loader
 
 
@@ -214,7 +223,7 @@ def bench_faceid_data(args, data: Path, n_batches: int, device) -> dict[str, Any
     batches: list = []
     while len(batches) < n_batches + 1:
         batches += classification_batches(folder.labels, args.batch_size, rng, balanced=False)
-    it = batch_images(store, batches[:n_batches + 1], workers=args.workers)
+    it = batch_images(store, batches[: n_batches + 1], workers=args.workers)
     tf(next(it), gen)
     t0 = time.perf_counter()
     for raw in it:
@@ -222,12 +231,20 @@ def bench_faceid_data(args, data: Path, n_batches: int, device) -> dict[str, Any
     sync(device)
     dt = time.perf_counter() - t0
     assert x.shape[1:] == (3, args.img_size, args.img_size)
-    return {"images_per_s": n_batches * args.batch_size / dt, "batches": n_batches,
-            "decode_s": decode_s, "decode_images": len(folder), "decode_images_per_s": len(folder) / decode_s,
-            "cached": store.cached is not None, "threads": threads, "folder": folder}
+    return {
+        "images_per_s": n_batches * args.batch_size / dt,
+        "batches": n_batches,
+        "decode_s": decode_s,
+        "decode_images": len(folder),
+        "decode_images_per_s": len(folder) / decode_s,
+        "cached": store.cached is not None,
+        "threads": threads,
+        "folder": folder,
+    }
 
 
 # --- training -------------------------------------------------------------------------------
+
 
 def bench_plain_train(args, data: Path, threads: int, device) -> dict[str, Any]:
     """The origin's path: decode every step in DataLoader workers, fp32, NCHW, eager (each batch
@@ -239,12 +256,12 @@ def bench_plain_train(args, data: Path, threads: int, device) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
-    ds, loader = plain_loader(data, args.img_size, args.batch_size, args.workers, args.seed,
-                              pin=device.type == "cuda")
+    ds, loader = plain_loader(data, args.img_size, args.batch_size, args.workers, args.seed, pin=device.type == "cuda")
     model = build_model(embedding_size=512).to(device)
     head = ArcMarginProduct(512, len(ds.classes), s=64.0, m=0.5).to(device)
-    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=args.lr, momentum=0.9,
-                          weight_decay=5e-4)
+    opt = torch.optim.SGD(
+        list(model.parameters()) + list(head.parameters()), lr=args.lr, momentum=0.9, weight_decay=5e-4
+    )
     model.train()
     head.train()
     it = endless(loader)
@@ -261,18 +278,39 @@ def bench_plain_train(args, data: Path, threads: int, device) -> dict[str, Any]:
         marks.append((step, time.perf_counter()))
     del it
     rate, n = steady_rate(marks, args.warmup, args.batch_size)
-    return {"images_per_s": rate, "steps": n, "threads": torch.get_num_threads(),
-            "step_s": [round(b[1] - a[1], 2) for a, b in zip(marks, marks[1:])], "loss": losses[-1]}
+    return {
+        "images_per_s": rate,
+        "steps": n,
+        "threads": torch.get_num_threads(),
+        "step_s": [round(b[1] - a[1], 2) for a, b in zip(marks, marks[1:])],
+        "loss": losses[-1],
+    }
 
 
 def trainer_config(args, data: Path, val: Path, ckpt: Path, amp: str, steps: int, threads: int):
     from faceid.config import TrainConfig
 
-    return TrainConfig(train=str(data), val=str(val), ckpt_dir=str(ckpt), train_mode="arcface",
-                       img_size=args.img_size, batch_size=args.batch_size, epochs=1,
-                       max_steps_per_epoch=steps, amp=amp, threads=threads, workers=args.workers,
-                       optimizer="sgd", lr=args.lr, arcface_s=64.0, arcface_m=0.5, eval_pairs=64,
-                       progress_step_pct=1.0, seed=args.seed, device=args.device)
+    return TrainConfig(
+        train=str(data),
+        val=str(val),
+        ckpt_dir=str(ckpt),
+        train_mode="arcface",
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        epochs=1,
+        max_steps_per_epoch=steps,
+        amp=amp,
+        threads=threads,
+        workers=args.workers,
+        optimizer="sgd",
+        lr=args.lr,
+        arcface_s=64.0,
+        arcface_m=0.5,
+        eval_pairs=64,
+        progress_step_pct=1.0,
+        seed=args.seed,
+        device=args.device,
+    )
 
 
 def rate_from_events(events: list[dict], warmup: int, images_per_step: int) -> dict[str, Any]:
@@ -282,14 +320,21 @@ def rate_from_events(events: list[dict], warmup: int, images_per_step: int) -> d
         raise RuntimeError("the trainer emitted no progress events")
     marks = [(0, start["time"])] + [(e["step"], e["time"]) for e in prog]
     rate, n = steady_rate(marks, warmup, images_per_step)
-    return {"images_per_s": rate, "steps": n, "reported_images_per_s": prog[-1]["images_per_s"],
-            "amp": start["amp"], "world_size": start["world_size"],
-            "step_s": [round(b[1] - a[1], 2) for a, b in zip(marks, marks[1:])], "loss": prog[-1]["loss"],
-            "start_time": start["time"]}
+    return {
+        "images_per_s": rate,
+        "steps": n,
+        "reported_images_per_s": prog[-1]["images_per_s"],
+        "amp": start["amp"],
+        "world_size": start["world_size"],
+        "step_s": [round(b[1] - a[1], 2) for a, b in zip(marks, marks[1:])],
+        "loss": prog[-1]["loss"],
+        "start_time": start["time"],
+    }
 
 
-def bench_trainer(args, data: Path, val: Path, tmp: Path, amp: str, steps: int,
-                  default_threads: int, threads: Optional[int] = None) -> dict[str, Any]:
+def bench_trainer(
+    args, data: Path, val: Path, tmp: Path, amp: str, steps: int, default_threads: int, threads: Optional[int] = None
+) -> dict[str, Any]:
     """faceid.train.run in this process; rate from its progress events."""
     import torch
 
@@ -312,13 +357,52 @@ def bench_ddp(args, data: Path, val: Path, tmp: Path, steps: int, nproc: int) ->
     """`python -m torch.distributed.run --standalone --nproc_per_node N -m faceid.train ...`"""
     ckpt = tmp / "ckpt_ddp"
     ev = tmp / "ddp_events.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "faceid.train", "--train", str(data), "--val", str(val), "--ckpt_dir", str(ckpt),
-           "--train_mode", "arcface", "--img_size", str(args.img_size), "--batch_size", str(args.batch_size),
-           "--epochs", "1", "--max_steps_per_epoch", str(steps), "--amp", "auto",
-           "--threads", str(args.threads), "--workers", str(args.workers), "--optimizer", "sgd",
-           "--lr", str(args.lr), "--eval_pairs", "64", "--progress_step_pct", "1", "--seed", str(args.seed),
-           "--device", args.device, "--events_file", str(ev), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "faceid.train",
+        "--train",
+        str(data),
+        "--val",
+        str(val),
+        "--ckpt_dir",
+        str(ckpt),
+        "--train_mode",
+        "arcface",
+        "--img_size",
+        str(args.img_size),
+        "--batch_size",
+        str(args.batch_size),
+        "--epochs",
+        "1",
+        "--max_steps_per_epoch",
+        str(steps),
+        "--amp",
+        "auto",
+        "--threads",
+        str(args.threads),
+        "--workers",
+        str(args.workers),
+        "--optimizer",
+        "sgd",
+        "--lr",
+        str(args.lr),
+        "--eval_pairs",
+        "64",
+        "--progress_step_pct",
+        "1",
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
+        "--events_file",
+        str(ev),
+        "--quiet",
+    ]
     env = dict(os.environ, FACEID_LOG_LEVEL="WARNING")
     t0 = time.time()
     try:
@@ -341,28 +425,42 @@ def bench_ddp(args, data: Path, val: Path, tmp: Path, steps: int, nproc: int) ->
 
 # --- main -----------------------------------------------------------------------------------
 
+
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="data/sample/train", help="ImageFolder root of real JPEGs, or "
-                   "'lfw' for $FACEID_LFW_DIR")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--data", default="data/sample/train", help="ImageFolder root of real JPEGs, or 'lfw' for $FACEID_LFW_DIR"
+    )
     p.add_argument("--img_size", type=int, default=112)
     p.add_argument("--batch_size", type=int, default=32, help="per process")
     p.add_argument("--steps", type=int, default=3, help="measured training steps per row")
     p.add_argument("--warmup", type=int, default=1, help="training steps run before measuring")
-    p.add_argument("--threads", type=int, default=0, help="faceid compute threads (0: "
-                   "faceid.runtime.set_threads decides); the plain loop keeps torch's default")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="faceid compute threads (0: faceid.runtime.set_threads decides); the plain loop keeps torch's default",
+    )
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (plain loop; faceid decode)")
     p.add_argument("--data_batches", type=int, default=8, help="batches timed in the data-only rows")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
-                   help="where every row runs (auto: cuda when available)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="where every row runs (auto: cuda when available)",
+    )
     p.add_argument("--matmul_n", type=int, default=0, help="matrix side (0: 2048 on a CPU, 8192 on a GPU)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--ddp_nproc", type=int, default=2)
     p.add_argument("--ddp_timeout", type=int, default=420)
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
-    p.add_argument("--remeasure", action="store_true", help="measure --amp off/bf16 even when auto "
-                   "resolves to the same dtype (default: reuse the auto row)")
+    p.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="measure --amp off/bf16 even when auto resolves to the same dtype (default: reuse the auto row)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -390,22 +488,39 @@ def main(argv: Optional[list[str]] = None) -> int:
     default_threads = torch.get_num_threads()
     t_all = time.time()
     flags = cpu_flags()
-    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-            "native_bf16": cpu_has_native_bf16(), "avx512f": "avx512f" in flags,
-            "loadavg_start": loadavg(), "data": str(data), "img_size": args.img_size,
-            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-            "workers": args.workers, "default_threads": default_threads, "device": args.device,
-            "gpu": torch.cuda.get_device_name(device) if cuda else None,
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "native_bf16": cpu_has_native_bf16(),
+        "avx512f": "avx512f" in flags,
+        "loadavg_start": loadavg(),
+        "data": str(data),
+        "img_size": args.img_size,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "workers": args.workers,
+        "default_threads": default_threads,
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
     auto_dtype = resolve_amp("auto", device)
     auto_name = str(auto_dtype).replace("torch.", "") if auto_dtype else "fp32"
-    print(f"# {info['date']}  {info['cpu']}  {info['cores']} cores  torch {info['torch']}  "
-          f"native bf16: {info['native_bf16']}  load avg: {info['loadavg_start']}", flush=True)
+    print(
+        f"# {info['date']}  {info['cpu']}  {info['cores']} cores  torch {info['torch']}  "
+        f"native bf16: {info['native_bf16']}  load avg: {info['loadavg_start']}",
+        flush=True,
+    )
     if cuda:
         print(f"# device cuda: {info['gpu']}", flush=True)
-    print(f"# data {data}  img {args.img_size}  batch {args.batch_size}  warmup {args.warmup} + "
-          f"{args.steps} steps  workers {args.workers}  amp auto -> {auto_name}", flush=True)
+    print(
+        f"# data {data}  img {args.img_size}  batch {args.batch_size}  warmup {args.warmup} + "
+        f"{args.steps} steps  workers {args.workers}  amp auto -> {auto_name}",
+        flush=True,
+    )
 
     res: dict[str, Any] = {}
 
@@ -414,7 +529,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"... {key}", end="", flush=True)
         try:
             res[key] = fn(*a, **kw)
-        except BaseException as e:  # noqa: BLE001 - a failed row is reported, not fatal
+        except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
             res[key] = {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]}
@@ -424,8 +539,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         r.setdefault("load", loadavg().split()[0])
         shown = r.get("images_per_s", r.get("gflops", r.get("error", "")))
         unit = " img/s" if "images_per_s" in r else " GFLOP/s" if "gflops" in r else ""
-        print(f" {shown if isinstance(shown, str) else round(shown, 2)}{unit}  ({time.time() - t:.0f} s, "
-              f"load {loadavg()})", flush=True)
+        print(
+            f" {shown if isinstance(shown, str) else round(shown, 2)}{unit}  ({time.time() - t:.0f} s, "
+            f"load {loadavg()})",
+            flush=True,
+        )
         gc.collect()
 
     from faceid.data import scan_folder
@@ -434,8 +552,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     n_batches = len(folder) // args.batch_size
     steps = args.warmup + args.steps
     if steps > n_batches:
-        sys.exit(f"error: {steps} steps of {args.batch_size} need {steps * args.batch_size} images; "
-                 f"{data} has {len(folder)}; lower --steps/--warmup/--batch_size or use --data lfw")
+        sys.exit(
+            f"error: {steps} steps of {args.batch_size} need {steps * args.batch_size} images; "
+            f"{data} has {len(folder)}; lower --steps/--warmup/--batch_size or use --data lfw"
+        )
     if args.warmup < 1:
         print("# warning: --warmup 0 measures the first step (kernel creation, worker start)")
 
@@ -462,27 +582,35 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             dtype = resolve_amp(mode, device)
             if dtype == auto_dtype and "train_faceid_auto" in res and not args.remeasure:
-                res[f"train_faceid_{mode}"] = {**res["train_faceid_auto"],
-                                                "same_as": f"same measurement as amp=auto (auto "
-                                                           f"resolves to {auto_name} here)"}
+                res[f"train_faceid_{mode}"] = {
+                    **res["train_faceid_auto"],
+                    "same_as": f"same measurement as amp=auto (auto resolves to {auto_name} here)",
+                }
                 continue
             attempt(f"train_faceid_{mode}", bench_trainer, args, data, val, tmp, mode, steps, default_threads)
         if "t1" in rows and not cuda:
             picked = res.get("train_faceid_auto", {}).get("threads")
             if picked == 1:
-                res["train_faceid_t1"] = {**res["train_faceid_auto"],
-                                          "same_as": "same measurement as amp=auto (it used 1 thread)"}
+                res["train_faceid_t1"] = {
+                    **res["train_faceid_auto"],
+                    "same_as": "same measurement as amp=auto (it used 1 thread)",
+                }
             else:
-                attempt("train_faceid_t1", bench_trainer, args, data, val, tmp, "auto", steps,
-                        default_threads, threads=1)
+                attempt(
+                    "train_faceid_t1", bench_trainer, args, data, val, tmp, "auto", steps, default_threads, threads=1
+                )
         if "ddp" in rows:
             ddp_steps = min(steps, n_batches // args.ddp_nproc)
             if cuda and torch.cuda.device_count() < args.ddp_nproc:
-                res["train_ddp"] = {"error": f"{args.ddp_nproc} processes need {args.ddp_nproc} GPUs (NCCL: one "
-                                    f"per process); this machine has {torch.cuda.device_count()}"}
+                res["train_ddp"] = {
+                    "error": f"{args.ddp_nproc} processes need {args.ddp_nproc} GPUs (NCCL: one "
+                    f"per process); this machine has {torch.cuda.device_count()}"
+                }
             elif ddp_steps <= args.warmup:
-                res["train_ddp"] = {"error": f"{len(folder)} images give {n_batches // args.ddp_nproc} "
-                                    f"steps per rank; need more than --warmup {args.warmup}"}
+                res["train_ddp"] = {
+                    "error": f"{len(folder)} images give {n_batches // args.ddp_nproc} "
+                    f"steps per rank; need more than --warmup {args.warmup}"
+                }
             else:
                 attempt("train_ddp", bench_ddp, args, data, val, tmp, ddp_steps, args.ddp_nproc)
         if "matmul" in rows:  # again at the end: the machine is shared, its load moves
@@ -511,8 +639,10 @@ def print_table(args, info: dict, res: dict, auto_name: str) -> None:
     best = max([g for g in (mm32, mm16) if g], default=None)
     plain = res.get("train_plain", {}).get("images_per_s")
 
-    lines = ["| row | images/s | vs plain loop | GFLOP/s | % of bf16 matmul | % of best matmul | load | notes |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| row | images/s | vs plain loop | GFLOP/s | % of bf16 matmul | % of best matmul | load | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
 
     def row(label: str, key: str, train: bool, note: str = "") -> None:
         r = res.get(key)
@@ -534,34 +664,59 @@ def print_table(args, info: dict, res: dict, auto_name: str) -> None:
                 extra.append(f"setup {r['setup_s']:.1f} s")
             if "reported_images_per_s" in r:
                 extra.append(f"trainer's own img/s {r['reported_images_per_s']}")
-            cells = [f"{v / plain:.2f}x" if plain else "-", f"{v * gf:.1f}",
-                     f"{100 * v * gf / mm16:.0f}%" if mm16 else "-",
-                     f"{100 * v * gf / best:.0f}%" if best else "-"]
+            cells = [
+                f"{v / plain:.2f}x" if plain else "-",
+                f"{v * gf:.1f}",
+                f"{100 * v * gf / mm16:.0f}%" if mm16 else "-",
+                f"{100 * v * gf / best:.0f}%" if best else "-",
+            ]
         else:
             cells = ["-", "-", "-", "-"]
         lines.append(f"| {label} | {v:.1f} | {' | '.join(cells)} | {r.get('load', '-')} | {'; '.join(extra)} |")
 
     w = args.workers
     d = res.get("data_faceid", {})
-    row(f"data only: plain ImageFolder + transforms + DataLoader({w} workers)", "data_plain", False,
-        "decode + resize + normalise every image")
-    row("data only: faceid cache + BatchTransform (augment, channels_last)", "data_faceid", False,
+    row(
+        f"data only: plain ImageFolder + transforms + DataLoader({w} workers)",
+        "data_plain",
+        False,
+        "decode + resize + normalise every image",
+    )
+    row(
+        "data only: faceid cache + BatchTransform (augment, channels_last)",
+        "data_faceid",
+        False,
         ("per-step path after the one-time decode" if d.get("cached") else "decoded per batch (no cache)")
-        + (f"; threads {d['threads']}" if "threads" in d else ""))
+        + (f"; threads {d['threads']}" if "threads" in d else ""),
+    )
     if d and "decode_s" in d:
-        lines.append(f"| one-time: faceid decode + cache ({d['decode_images']} images, {w} workers) | "
-                     f"{d['decode_images_per_s']:.1f} | - | - | - | - | {d.get('load', '-')} | "
-                     f"{d['decode_s']:.1f} s, once per run before step 1 |")
+        lines.append(
+            f"| one-time: faceid decode + cache ({d['decode_images']} images, {w} workers) | "
+            f"{d['decode_images_per_s']:.1f} | - | - | - | - | {d.get('load', '-')} | "
+            f"{d['decode_s']:.1f} s, once per run before step 1 |"
+        )
     row("train: plain loop (fp32, NCHW, decode every step, default threads)", "train_plain", True)
-    row("train: plain loop, torch threads 1", "train_plain_t1", True,
-        "the same loop with 1 compute thread (not the origin's setting)")
+    row(
+        "train: plain loop, torch threads 1",
+        "train_plain_t1",
+        True,
+        "the same loop with 1 compute thread (not the origin's setting)",
+    )
     row(f"train: faceid Trainer, amp auto (-> {auto_name}), channels_last", "train_faceid_auto", True)
     row("train: faceid Trainer, amp off (fp32), channels_last", "train_faceid_off", True)
     row("train: faceid Trainer, amp bf16, channels_last", "train_faceid_bf16", True)
-    row("train: faceid Trainer, amp auto, --threads 1", "train_faceid_t1", True,
-        "1 compute thread instead of set_threads' choice")
-    row(f"train: faceid under torchrun, {args.ddp_nproc} processes (DDP, gloo), amp auto", "train_ddp", True,
-        f"global batch {args.batch_size * args.ddp_nproc}")
+    row(
+        "train: faceid Trainer, amp auto, --threads 1",
+        "train_faceid_t1",
+        True,
+        "1 compute thread instead of set_threads' choice",
+    )
+    row(
+        f"train: faceid under torchrun, {args.ddp_nproc} processes (DDP, gloo), amp auto",
+        "train_ddp",
+        True,
+        f"global batch {args.batch_size * args.ddp_nproc}",
+    )
 
     def mm_text(dtype: str) -> str:
         a = res.get(f"matmul_{dtype}", {}).get("gflops")
@@ -571,14 +726,20 @@ def print_table(args, info: dict, res: dict, auto_name: str) -> None:
     print()
     if info.get("gpu"):
         print(f"device cuda: {info['gpu']} (every row below ran on it; matmul shares are of its rates)")
-    print(f"date {info['date']}; cpu {info['cpu']} ({info['cores']} cores, native bf16: "
-          f"{info['native_bf16']}); torch {info['torch']}; load average {info['loadavg_start']} at start, "
-          f"{info['loadavg_end']} at end; wall {info['wall_s']} s")
-    print(f"data {info['data']}; img_size {args.img_size}; batch {args.batch_size}; warmup {args.warmup} + "
-          f"{args.steps} measured steps; ResNet-50 training step = {gf:.2f} GFLOP/image")
+    print(
+        f"date {info['date']}; cpu {info['cpu']} ({info['cores']} cores, native bf16: "
+        f"{info['native_bf16']}); torch {info['torch']}; load average {info['loadavg_start']} at start, "
+        f"{info['loadavg_end']} at end; wall {info['wall_s']} s"
+    )
+    print(
+        f"data {info['data']}; img_size {args.img_size}; batch {args.batch_size}; warmup {args.warmup} + "
+        f"{args.steps} measured steps; ResNet-50 training step = {gf:.2f} GFLOP/image"
+    )
     if best:
-        print(f"matmul {args.matmul_n}^3 GFLOP/s at start / end: {mm_text('fp32')}; {mm_text('bf16')} "
-              f"(shares below use the higher of each)")
+        print(
+            f"matmul {args.matmul_n}^3 GFLOP/s at start / end: {mm_text('fp32')}; {mm_text('bf16')} "
+            f"(shares below use the higher of each)"
+        )
     print()
     print("\n".join(lines))
 

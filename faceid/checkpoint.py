@@ -15,8 +15,19 @@ from faceid.errors import CheckpointError
 
 FORMAT = "faceid-checkpoint"
 FORMAT_VERSION = 1
-REQUIRED_KEYS = ("format", "format_version", "arch", "embedding_size", "img_size", "normalize",
-                 "config", "epoch", "metrics", "thresholds", "model")
+REQUIRED_KEYS = (
+    "format",
+    "format_version",
+    "arch",
+    "embedding_size",
+    "img_size",
+    "normalize",
+    "config",
+    "epoch",
+    "metrics",
+    "thresholds",
+    "model",
+)
 CHECKPOINT_FILES = ("backbone_best.pt", "last.pt")
 EXPECTED_CHECKPOINT = "a backbone_best.pt or last.pt written by faceid train"
 
@@ -61,8 +72,9 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def torch_file_problem(path: str | Path, *, what: str, noun: str, expected: str,
-                       look_for: tuple[str, ...] = ()) -> Optional[str]:
+def torch_file_problem(
+    path: str | Path, *, what: str, noun: str, expected: str, look_for: tuple[str, ...] = ()
+) -> Optional[str]:
     """Why `path` cannot be a file torch.save wrote, as a one-line message naming the file and
     `expected` (None when it may be one). Reads the first bytes only, so a text file or a folder
     is named as such instead of surfacing the unpickler's advice. `what` is the subject ("checkpoint",
@@ -85,7 +97,10 @@ def torch_file_problem(path: str | Path, *, what: str, noun: str, expected: str,
     if head.startswith(_ZIP_MAGIC) or head[0] == _PICKLE_PROTO:
         return None
     kind = "it is text, not" if _looks_like_text(head) else "its first bytes are not those of"
-    return f"{what} {path} is not a {noun}: {kind} a file torch.save writes (another kind of file, or a corrupt one); give {expected}"
+    return (
+        f"{what} {path} is not a {noun}: {kind} a file torch.save writes (another kind of file, or a corrupt "
+        f"one); give {expected}"
+    )
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -94,12 +109,20 @@ def _looks_like_text(head: bytes) -> bool:
     except UnicodeDecodeError as e:  # a character cut at the end of the read is still text
         if e.reason != "unexpected end of data" or e.start < len(head) - 3:
             return False
-        text = head[:e.start].decode("utf-8")
+        text = head[: e.start].decode("utf-8")
     return bool(text) and all(c.isprintable() or c.isspace() for c in text)
 
 
-def load_torch_file(path: str | Path, *, what: str, noun: str, expected: str, look_for: tuple[str, ...] = (),
-                    error: type[Exception] = CheckpointError, map_location: str | torch.device = "cpu") -> Any:
+def load_torch_file(
+    path: str | Path,
+    *,
+    what: str,
+    noun: str,
+    expected: str,
+    look_for: tuple[str, ...] = (),
+    error: type[Exception] = CheckpointError,
+    map_location: str | torch.device = "cpu",
+) -> Any:
     """torch.load(weights_only=True) of a file a user named. Raises `error` with one line naming
     the file, what is wrong and `expected`, never PyTorch's own text (it advises weights_only=False,
     which would run the file's code)."""
@@ -108,30 +131,46 @@ def load_torch_file(path: str | Path, *, what: str, noun: str, expected: str, lo
         raise error(problem)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged file makes the unpickler raise almost anything
+    except Exception as e:
         # (UnpicklingError, BadZipFile, RuntimeError, EOFError, IndexError, KeyError, ...); with
         # weights_only=True none of it ran code, and all of it means "not a readable file".
         if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower().replace("_", " "):
-            raise error(f"cannot read {what} {path}: it holds Python objects other than tensors, which a "
-                        f"weights-only load refuses (loading them could run code); give {expected}") from None
-        raise error(f"cannot read {what} {path}: it is corrupt or truncated (a PyTorch file that cannot "
-                    f"be read to the end); give {expected}") from None
+            raise error(
+                f"cannot read {what} {path}: it holds Python objects other than tensors, which a "
+                f"weights-only load refuses (loading them could run code); give {expected}"
+            ) from None
+        raise error(
+            f"cannot read {what} {path}: it is corrupt or truncated (a PyTorch file that cannot "
+            f"be read to the end); give {expected}"
+        ) from None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
-                    what: str = "checkpoint", look_for: tuple[str, ...] = CHECKPOINT_FILES) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    what: str = "checkpoint",
+    look_for: tuple[str, ...] = CHECKPOINT_FILES,
+) -> dict[str, Any]:
     """Load and check a FaceID checkpoint with weights_only=True. Raises CheckpointError naming
     the file and what is wrong with it; `what` names it in those messages (e.g. "--resume
     checkpoint"), `look_for` are the files suggested when `path` is their folder."""
     path = Path(path)
-    obj = load_torch_file(path, what=what, noun="PyTorch checkpoint", expected=EXPECTED_CHECKPOINT,
-                          look_for=look_for, map_location=map_location)
+    obj = load_torch_file(
+        path,
+        what=what,
+        noun="PyTorch checkpoint",
+        expected=EXPECTED_CHECKPOINT,
+        look_for=look_for,
+        map_location=map_location,
+    )
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a FaceID checkpoint (no format '{FORMAT}'); give "
-                              f"{EXPECTED_CHECKPOINT}")
+        raise CheckpointError(f"{path} is not a FaceID checkpoint (no format '{FORMAT}'); give {EXPECTED_CHECKPOINT}")
     if obj.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {obj.get('format_version')}; "
-                              f"this FaceID reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {obj.get('format_version')}; "
+            f"this FaceID reads version {FORMAT_VERSION}"
+        )
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; it is incomplete")

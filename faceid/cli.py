@@ -24,6 +24,7 @@ __all__ = ["EXIT_TERMINATED", "EXIT_USER_ERROR", "build_parser", "main", "train_
 
 # --- prepare / serve -------------------------------------------------------------------------
 
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Find the faces of every image in the folders now, so training runs and jobs read them from
     the cache; print what was found, and list the images without a face."""
@@ -38,12 +39,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for root in args.folders:
         folder = scan_folder(root, what="folder", min_identities=1)
         found = find_faces(folder.paths, spec, workers=args.workers, device=device, what=root)
-        counts = {"images": len(found), "with_face": sum(bool(f) for f in found),
-                  "no_face": sum(f is not None and not f for f in found), "unreadable": sum(f is None for f in found)}
+        counts = {
+            "images": len(found),
+            "with_face": sum(bool(f) for f in found),
+            "no_face": sum(f is not None and not f for f in found),
+            "unreadable": sum(f is None for f in found),
+        }
         for k in total:
             total[k] += counts[k]
-        print(json.dumps({"folder": root, **counts,
-                          "several_faces": sum(f is not None and len(f) > 1 for f in found)}))
+        print(json.dumps({"folder": root, **counts, "several_faces": sum(f is not None and len(f) > 1 for f in found)}))
         for p, f in zip(folder.paths, found):
             if f is not None and not f:
                 print(json.dumps({"no_face": str(p)}))
@@ -67,14 +71,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UserError(f"FACEID_PORT={raw!r} is not a port; set it to a number from 1 to 65535, or pass --port")
         port = int(raw)
     os.environ["FACEID_PORT"] = str(port)
-    for flag, name in (("infer_replicas", "FACEID_INFER_REPLICAS"), ("infer_port", "FACEID_INFER_PORT"),
-                       ("infer_host", "FACEID_INFER_HOST")):
+    for flag, name in (
+        ("infer_replicas", "FACEID_INFER_REPLICAS"),
+        ("infer_port", "FACEID_INFER_PORT"),
+        ("infer_host", "FACEID_INFER_HOST"),
+    ):
         if getattr(args, flag) is not None:
             os.environ[name] = str(getattr(args, flag))
     import uvicorn
 
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port,
-                log_level=args.log_level)
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level=args.log_level)
     return 0
 
 
@@ -84,28 +90,47 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a model (all flags: faceid train --help)", add_help=False)
 
     ckpt_default = os.path.join("models", "backbone_best.pt")
-    e = sub.add_parser("evaluate", help="score a checkpoint on a folder and/or a pairs file",
-                       description="Score a checkpoint on balanced pairs sampled from --val and/or on a "
-                       "pairs file. The pairs are sampled, and images embedded (mirror averaging too), "
-                       "as the training's evaluation did: for the same checkpoint and --val the numbers "
-                       "are those of its metrics.jsonl.")
-    e.add_argument("checkpoint", nargs="?", default=ckpt_default,
-                   help=f"backbone_best.pt or last.pt written by faceid train (default: {ckpt_default})")
+    e = sub.add_parser(
+        "evaluate",
+        help="score a checkpoint on a folder and/or a pairs file",
+        description="Score a checkpoint on balanced pairs sampled from --val and/or on a "
+        "pairs file. The pairs are sampled, and images embedded (mirror averaging too), "
+        "as the training's evaluation did: for the same checkpoint and --val the numbers "
+        "are those of its metrics.jsonl.",
+    )
+    e.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=ckpt_default,
+        help=f"backbone_best.pt or last.pt written by faceid train (default: {ckpt_default})",
+    )
     e.add_argument("--val", metavar="FOLDER", help="ImageFolder root; balanced pairs are sampled from it")
-    e.add_argument("--pairs_file", metavar="FILE", help="LFW pairs.txt-style protocol (a relative path not found as "
-                   "given is taken inside --val)")
-    e.add_argument("--pairs_root", metavar="DIR",
-                   help="image root of --pairs_file (default: its folder, then --val)")
-    e.add_argument("--pairs_folds", type=int, nargs="+", metavar="N",
-                   help="1-based folds of --pairs_file to use (default: all)")
-    e.add_argument("--eval_pairs", type=int, default=None, metavar="N",
-                   help="balanced pairs sampled from --val (default: the checkpoint's eval_pairs, "
-                   f"else {TrainConfig.model_fields['eval_pairs'].default})")
-    e.add_argument("--seed", type=int, default=None, metavar="N",
-                   help="seed of the sampled pairs (default: the checkpoint's seed, else "
-                   f"{TrainConfig.model_fields['seed'].default})")
-    e.add_argument("--workers", type=int, default=2, metavar="N",
-                   help="image-decoding worker processes (default: 2)")
+    e.add_argument(
+        "--pairs_file",
+        metavar="FILE",
+        help="LFW pairs.txt-style protocol (a relative path not found as given is taken inside --val)",
+    )
+    e.add_argument("--pairs_root", metavar="DIR", help="image root of --pairs_file (default: its folder, then --val)")
+    e.add_argument(
+        "--pairs_folds", type=int, nargs="+", metavar="N", help="1-based folds of --pairs_file to use (default: all)"
+    )
+    e.add_argument(
+        "--eval_pairs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="balanced pairs sampled from --val (default: the checkpoint's eval_pairs, "
+        f"else {TrainConfig.model_fields['eval_pairs'].default})",
+    )
+    e.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="seed of the sampled pairs (default: the checkpoint's seed, else "
+        f"{TrainConfig.model_fields['seed'].default})",
+    )
+    e.add_argument("--workers", type=int, default=2, metavar="N", help="image-decoding worker processes (default: 2)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     e.set_defaults(func=cmd_evaluate)
 
@@ -113,27 +138,41 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("images", nargs="+")
     m.add_argument("--checkpoint", default=ckpt_default)
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    m.add_argument("--no-detect", dest="detect", action="store_false",
-                   help="the images are aligned face crops already: skip face detection")
+    m.add_argument(
+        "--no-detect",
+        dest="detect",
+        action="store_false",
+        help="the images are aligned face crops already: skip face detection",
+    )
     m.set_defaults(func=cmd_embed)
 
     v = sub.add_parser("verify", help="are two images the same person? (the checkpoint's threshold)")
     v.add_argument("image1")
     v.add_argument("image2")
     v.add_argument("--checkpoint", default=ckpt_default)
-    v.add_argument("--threshold", help="cosine in [-1, 1] or acc | far_1e-2 | far_1e-3, or pairs_acc for a model trained "
-                   "with a pairs file (default acc)")
+    v.add_argument(
+        "--threshold",
+        help="cosine in [-1, 1] or acc | far_1e-2 | far_1e-3, or pairs_acc for a model trained "
+        "with a pairs file (default acc)",
+    )
     v.add_argument("--json", action="store_true", help="print a JSON object")
     v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    v.add_argument("--no-detect", dest="detect", action="store_false",
-                   help="the images are aligned face crops already: skip face detection")
+    v.add_argument(
+        "--no-detect",
+        dest="detect",
+        action="store_false",
+        help="the images are aligned face crops already: skip face detection",
+    )
     v.set_defaults(func=cmd_verify)
 
-    r = sub.add_parser("prepare", help="find the faces in dataset folders ahead of training (cached)",
-                       description="Detect the faces (five landmarks) of every image in each ImageFolder "
-                       "root and keep them in the face cache (FACEID_CACHE_DIR, default ~/.cache/faceid), "
-                       "so training runs and jobs with --align arcface start at once. Prints one JSON "
-                       "line per folder with its counts, and one per image where no face was found.")
+    r = sub.add_parser(
+        "prepare",
+        help="find the faces in dataset folders ahead of training (cached)",
+        description="Detect the faces (five landmarks) of every image in each ImageFolder "
+        "root and keep them in the face cache (FACEID_CACHE_DIR, default ~/.cache/faceid), "
+        "so training runs and jobs with --align arcface start at once. Prints one JSON "
+        "line per folder with its counts, and one per image where no face was found.",
+    )
     r.add_argument("folders", nargs="+", metavar="FOLDER", help="ImageFolder root (one sub-folder per person)")
     r.add_argument("--workers", type=int, default=2, metavar="N", help="detection processes (default: 2)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
@@ -143,9 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None, help="address to listen on (default FACEID_HOST, else 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="port to listen on (default FACEID_PORT, else 8000)")
     s.add_argument("--log-level", default="info")
-    s.add_argument("--infer_replicas", type=int, default=None, metavar="N",
-                   help="also start N inference replicas answering /embed, /embed/batch and /verify on "
-                   "--infer_port (FACEID_INFER_REPLICAS; docs/SERVICE.md)")
+    s.add_argument(
+        "--infer_replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also start N inference replicas answering /embed, /embed/batch and /verify on "
+        "--infer_port (FACEID_INFER_REPLICAS; docs/SERVICE.md)",
+    )
     s.add_argument("--infer_port", type=int, default=None, help="the replicas' port (FACEID_INFER_PORT)")
     s.add_argument("--infer_host", default=None, help="the replicas' address (FACEID_INFER_HOST, default 127.0.0.1)")
     s.set_defaults(func=cmd_serve)

@@ -52,5 +52,8 @@ def user_error(msg: str, events: Optional[Callable[[Any], None]], kind: str) -> 
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("FACEID_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("FACEID_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -23,8 +23,18 @@ from typing import Any, Optional
 import numpy as np
 
 from faceid.errors import ConfigError, ImageError
-from faceid.gallery import (RULE, BadInput, GalleryError, GalleryStore, NewFace, check_gallery_name,
-                            check_person_name, checkpoint_model_id, normalize_rows, prepare_faces)
+from faceid.gallery import (
+    RULE,
+    BadInput,
+    GalleryError,
+    GalleryStore,
+    NewFace,
+    check_gallery_name,
+    check_person_name,
+    checkpoint_model_id,
+    normalize_rows,
+    prepare_faces,
+)
 from faceid.images import is_image_file
 
 BATCH = 16
@@ -70,9 +80,11 @@ def _bound_model(store: GalleryStore, gallery: str, model: str, create: bool) ->
         store.create_gallery(gallery)
     bound, _ = store.meta(gallery)
     if bound is not None and bound != model:
-        raise ConfigError(f"gallery {gallery!r} holds embeddings of model {bound}; this checkpoint is model "
-                          f"{model}. Embeddings of two models are never compared: use that model's checkpoint, "
-                          "or let the server re-embed the gallery by serving this one")
+        raise ConfigError(
+            f"gallery {gallery!r} holds embeddings of model {bound}; this checkpoint is model "
+            f"{model}. Embeddings of two models are never compared: use that model's checkpoint, "
+            "or let the server re-embed the gallery by serving this one"
+        )
     return bound
 
 
@@ -90,18 +102,25 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     for d in people:
         check_person_name(d.name)
         faces: list[NewFace] = []
-        for path in _images(d)[:args.max_per_person or None]:
+        for path in _images(d)[: args.max_per_person or None]:
             try:
                 f = _faces(v, path, args.detect, False)[0]
             except ImageError as e:
                 skipped += 1
                 print(f"skipped: {e}", file=sys.stderr)
                 continue
-            faces.append(NewFace(vector=np.zeros(0), source=str(path.relative_to(folder))[:255], crop=f.crop,
-                                 kind=f.kind, face=f.face))
+            faces.append(
+                NewFace(
+                    vector=np.zeros(0),
+                    source=str(path.relative_to(folder))[:255],
+                    crop=f.crop,
+                    kind=f.kind,
+                    face=f.face,
+                )
+            )
             faces[-1].prepared = f.prepared  # type: ignore[attr-defined]
         for s in range(0, len(faces), BATCH):
-            chunk = faces[s:s + BATCH]
+            chunk = faces[s : s + BATCH]
             vectors = normalize_rows(v.embed([f.prepared for f in chunk]))  # type: ignore[attr-defined]
             for f, vec in zip(chunk, vectors):
                 f.vector = vec
@@ -111,8 +130,18 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                 bound = model
         enrolled += len(faces)
     g = store.gallery(args.gallery)
-    print(json.dumps({"gallery": args.gallery, "model": model, "enrolled_faces": enrolled, "skipped_images": skipped,
-                      "people": g["people"], "faces": g["faces"]}))
+    print(
+        json.dumps(
+            {
+                "gallery": args.gallery,
+                "model": model,
+                "enrolled_faces": enrolled,
+                "skipped_images": skipped,
+                "people": g["people"],
+                "faces": g["faces"],
+            }
+        )
+    )
     return 0
 
 
@@ -134,8 +163,15 @@ def cmd_identify(args: argparse.Namespace) -> int:
     enrolled = {p["name"] for p in store.people(args.gallery)}
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir())
     items = [(d.name, p) for d in subdirs for p in _images(d)] if subdirs else [(None, p) for p in _images(folder)]
-    counts = {"probes": 0, "no_face": 0, "known": 0, "known_right": 0, "known_rank1": 0, "unknown": 0,
-              "unknown_right": 0}
+    counts = {
+        "probes": 0,
+        "no_face": 0,
+        "known": 0,
+        "known_right": 0,
+        "known_rank1": 0,
+        "unknown": 0,
+        "unknown_right": 0,
+    }
     for truth, path in items:
         try:
             faces = _faces(v, path, args.detect, args.all_faces)
@@ -158,14 +194,29 @@ def cmd_identify(args: argparse.Namespace) -> int:
                 counts["unknown"] += 1
                 counts["unknown_right"] += int(decision is None)
         if args.json:
-            print(json.dumps({"image": str(path), "truth": truth, "person": decision,
-                              "faces": [{"face": f.face, "candidates": [c.__dict__ for c in r]}
-                                        for f, r in zip(faces, results)]}))
+            print(
+                json.dumps(
+                    {
+                        "image": str(path),
+                        "truth": truth,
+                        "person": decision,
+                        "faces": [
+                            {"face": f.face, "candidates": [c.__dict__ for c in r]} for f, r in zip(faces, results)
+                        ],
+                    }
+                )
+            )
         elif not args.quiet:
             shown = ", ".join(f"{c.person} {c.score:.3f}" for c in first[:3])
             print(f"{path}: {decision or 'unknown'}  [{shown}]" + (f"  ({len(faces)} faces)" if len(faces) > 1 else ""))
-    summary: dict[str, Any] = {"gallery": args.gallery, "model": model, "rule": RULE, "threshold": th,
-                               "threshold_name": th_name, **counts}
+    summary: dict[str, Any] = {
+        "gallery": args.gallery,
+        "model": model,
+        "rule": RULE,
+        "threshold": th,
+        "threshold_name": th_name,
+        **counts,
+    }
     if counts["known"]:
         summary["rank1_accuracy"] = round(counts["known_rank1"] / counts["known"], 4)
         summary["identified_at_threshold"] = round(counts["known_right"] / counts["known"], 4)
@@ -184,8 +235,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         v = _verifier(args)
         dim = v.embedding_size
         if args.model and args.model != checkpoint_model_id(args.checkpoint):
-            raise ConfigError(f"--model {args.model} is not --checkpoint's model "
-                              f"({checkpoint_model_id(args.checkpoint)})")
+            raise ConfigError(
+                f"--model {args.model} is not --checkpoint's model ({checkpoint_model_id(args.checkpoint)})"
+            )
     try:
         data = np.load(args.file, allow_pickle=False)
         emb, people = data["embeddings"], [str(p) for p in data["people"]]
@@ -223,20 +275,30 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     """`faceid gallery ...` under the `faceid` command's sub-parsers."""
-    g = sub.add_parser("gallery", help="enroll a folder of people, identify a folder of photos (1:N)",
-                       description="Galleries of enrolled people, offline, in MODELS_DIR/galleries.db (the "
-                       "server's; stop the server first). docs/GALLERIES.md has the details.")
+    g = sub.add_parser(
+        "gallery",
+        help="enroll a folder of people, identify a folder of photos (1:N)",
+        description="Galleries of enrolled people, offline, in MODELS_DIR/galleries.db (the "
+        "server's; stop the server first). docs/GALLERIES.md has the details.",
+    )
     gsub = g.add_subparsers(dest="gallery_command", required=True)
     ckpt_default = os.path.join("models", "backbone_best.pt")
 
     def common(p: argparse.ArgumentParser, checkpoint: bool = True) -> None:
-        p.add_argument("--models_dir", default=os.environ.get("FACEID_MODELS_DIR", "models"),
-                       help="where galleries.db lives (default FACEID_MODELS_DIR, else models)")
+        p.add_argument(
+            "--models_dir",
+            default=os.environ.get("FACEID_MODELS_DIR", "models"),
+            help="where galleries.db lives (default FACEID_MODELS_DIR, else models)",
+        )
         if checkpoint:
             p.add_argument("--checkpoint", default=ckpt_default)
             p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-            p.add_argument("--no-detect", dest="detect", action="store_false",
-                           help="the photos are aligned face crops already: skip face detection")
+            p.add_argument(
+                "--no-detect",
+                dest="detect",
+                action="store_false",
+                help="the photos are aligned face crops already: skip face detection",
+            )
         p.set_defaults(func=run)
 
     e = gsub.add_parser("enroll", help="enroll FOLDER/<person>/*.jpg into a gallery (created if new)")

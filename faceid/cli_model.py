@@ -35,8 +35,10 @@ def _check_evaluate_flags(args: argparse.Namespace) -> None:
     except ValidationError as e:
         raise UserError(validation_message(e)) from None
     if args.pairs_folds and not args.pairs_file:
-        raise UserError("--pairs_folds selects folds of --pairs_file, which is not given; add --pairs_file "
-                        "FILE or leave out --pairs_folds")
+        raise UserError(
+            "--pairs_folds selects folds of --pairs_file, which is not given; add --pairs_file "
+            "FILE or leave out --pairs_folds"
+        )
 
 
 def _checkpoint_setting(config: dict[str, Any], name: str) -> Any:
@@ -87,8 +89,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if getattr(args, name) is None:
                 setattr(args, name, _checkpoint_setting(config, name))
         folder = scan_folder(args.val, what="--val", min_identities=2, min_per_identity=2)
-        folder, store = load_images(folder, v.img_size, workers=args.workers, crop=v.crop, what="--val",
-                                    min_identities=2, min_per_identity=2, **_faces_of(v))
+        folder, store = load_images(
+            folder,
+            v.img_size,
+            workers=args.workers,
+            crop=v.crop,
+            what="--val",
+            min_identities=2,
+            min_per_identity=2,
+            **_faces_of(v),
+        )
         if folder.no_face:
             out["val_no_face"] = len(folder.no_face)
         emb = _embed_store(v, store, config)
@@ -103,14 +113,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if args.pairs_root or not args.val:
                 msg = str(e)
                 if "point root at the folder" in msg:  # missing images: the root is --pairs_root here
-                    msg = (msg.replace("point root at the folder", "give --pairs_root DIR, the folder")
-                           + ("" if args.pairs_root else " (or --val DIR)"))
+                    msg = msg.replace("point root at the folder", "give --pairs_root DIR, the folder") + (
+                        "" if args.pairs_root else " (or --val DIR)"
+                    )
                 raise DataError(msg) from None
             raise
         paths = proto.unique_paths()
-        folder, store = load_images(protocol_folder(paths), v.img_size, workers=args.workers,
-                                    crop=v.crop, what="--pairs_file images", min_identities=1, no_face="center",
-                                    **_faces_of(v))
+        folder, store = load_images(
+            protocol_folder(paths),
+            v.img_size,
+            workers=args.workers,
+            crop=v.crop,
+            what="--pairs_file images",
+            min_identities=1,
+            no_face="center",
+            **_faces_of(v),
+        )
         if folder.no_face:
             out["pairs_no_face"] = len(folder.no_face)
         if len(folder) != len(paths):
@@ -157,8 +175,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     items = [_prepared(v, p, args.detect) for p in args.images]
     emb = v.embed(items)
     for p, item, e in zip(args.images, items, emb):
-        print(json.dumps({"image": p, "dim": len(e), "face": item.face_json(),
-                          "embedding": [round(float(x), 6) for x in e]}))
+        print(
+            json.dumps(
+                {"image": p, "dim": len(e), "face": item.face_json(), "embedding": [round(float(x), 6) for x in e]}
+            )
+        )
     return 0
 
 
@@ -177,8 +198,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        faces = "".join(f"  image{i}: face score {f['score']:.3f} of {f['faces_found']} found"
-                        for i, f in ((1, res["face1"]), (2, res["face2"])) if f)
-        print(f"similarity {res['similarity']:.4f}  threshold {res['threshold']:.4f} "
-              f"({res['threshold_name']})  -> {'MATCH' if res['match'] else 'NO MATCH'}{faces}")
+        faces = "".join(
+            f"  image{i}: face score {f['score']:.3f} of {f['faces_found']} found"
+            for i, f in ((1, res["face1"]), (2, res["face2"]))
+            if f
+        )
+        print(
+            f"similarity {res['similarity']:.4f}  threshold {res['threshold']:.4f} "
+            f"({res['threshold_name']})  -> {'MATCH' if res['match'] else 'NO MATCH'}{faces}"
+        )
     return 0

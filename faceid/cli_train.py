@@ -22,8 +22,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from faceid.cli_common import (EXIT_TERMINATED, Parser, UserError, setup_logging, user_error,
-                               validation_message)
+from faceid.cli_common import EXIT_TERMINATED, Parser, UserError, setup_logging, user_error, validation_message
 from faceid.config import TrainConfig
 from faceid.events import Event, Failed, Finished, Progress, Start, parse_event
 from faceid.omp import training_defaults
@@ -33,6 +32,7 @@ log = logging.getLogger("faceid")
 
 
 # --- TrainConfig -> argparse ----------------------------------------------------------------
+
 
 def _unwrap_optional(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -84,9 +84,11 @@ def config_from_args(ns: argparse.Namespace, config_file: Optional[str] = None) 
         if hasattr(ns, name):
             data[name] = getattr(ns, name)
     if getattr(ns, "pretrained", None) is False and data.get("pretrained_weights") is not None:
-        raise UserError("--pretrained_weights is given together with --no-pretrained; leave out --no-pretrained "
-                        "to start from these weights (a file implies --pretrained), or leave out "
-                        "--pretrained_weights to train from scratch")
+        raise UserError(
+            "--pretrained_weights is given together with --no-pretrained; leave out --no-pretrained "
+            "to start from these weights (a file implies --pretrained), or leave out "
+            "--pretrained_weights to train from scratch"
+        )
     if isinstance(data.get("init_from"), str):
         from faceid.finetune import base_config_of, inherit
 
@@ -99,6 +101,7 @@ def config_from_args(ns: argparse.Namespace, config_file: Optional[str] = None) 
 
 
 # --- the command -------------------------------------------------------------------------------
+
 
 class EventWriter:
     """Renders training events: JSON lines to a file, and a progress bar (terminal) or log lines."""
@@ -124,8 +127,10 @@ class EventWriter:
             return
         if isinstance(ev, Progress):
             eta = time.strftime("%H:%M:%S", time.gmtime(ev.eta_s))
-            text = (f"epoch {ev.epoch}/{ev.epochs} step {ev.step}/{ev.steps} "
-                    f"loss {ev.loss:.4f} {ev.images_per_s:.1f} img/s lr {ev.lr:.2e} ETA {eta}")
+            text = (
+                f"epoch {ev.epoch}/{ev.epochs} step {ev.step}/{ev.steps} "
+                f"loss {ev.loss:.4f} {ev.images_per_s:.1f} img/s lr {ev.lr:.2e} ETA {eta}"
+            )
             if self.tty:
                 width = 24
                 done = int(width * ev.step / ev.steps)
@@ -136,11 +141,16 @@ class EventWriter:
             else:
                 log.info("%s", text)
         elif isinstance(ev, Start):
-            log.info("training on %s (amp %s): %s images of %s identities, %d steps per epoch",
-                     ev.device, ev.amp, ev.train_images, ev.train_identities, ev.steps_per_epoch)
+            log.info(
+                "training on %s (amp %s): %s images of %s identities, %d steps per epoch",
+                ev.device,
+                ev.amp,
+                ev.train_images,
+                ev.train_identities,
+                ev.steps_per_epoch,
+            )
         elif isinstance(ev, Finished):
-            log.info("best epoch %s: %s %.4f -> %s", ev.best_epoch, ev.best_metric, ev.best_value,
-                     ev.best_checkpoint)
+            log.info("best epoch %s: %s %.4f -> %s", ev.best_epoch, ev.best_metric, ev.best_value, ev.best_checkpoint)
 
     def close(self) -> None:
         if self.fh:
@@ -157,15 +167,24 @@ def _launch_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
     # what every process would fail alike: one line here, not N error lines and torchrun's traceback
     check_weight_files(cfg)
     check_before_launch(cfg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc_per_node}",
-           f"--nnodes={cfg.nnodes}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={cfg.nproc_per_node}",
+        f"--nnodes={cfg.nnodes}",
+    ]
     if cfg.nnodes == 1 and not cfg.rdzv_endpoint:
         cmd.append("--standalone")
     else:
         if not cfg.rdzv_endpoint:
             raise UserError("--nnodes > 1 needs --rdzv_endpoint HOST:PORT (the same on every node)")
-        cmd += ["--rdzv_backend=c10d", f"--rdzv_endpoint={cfg.rdzv_endpoint}",
-                f"--rdzv_id={cfg.rdzv_id or 'faceid'}", f"--node_rank={cfg.node_rank}"]
+        cmd += [
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={cfg.rdzv_endpoint}",
+            f"--rdzv_id={cfg.rdzv_id or 'faceid'}",
+            f"--node_rank={cfg.node_rank}",
+        ]
     cmd += ["-m", "faceid.train", *argv]
     log.info("launching: %s", " ".join(cmd))
     sys.stdout.flush()
@@ -175,9 +194,11 @@ def _launch_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
 
 
 def build_train_parser(prog: str = "faceid train") -> argparse.ArgumentParser:
-    p = Parser(prog=prog, description="Train a ResNet-50 face-verification model "
-               "(pair or ArcFace objective) on ImageFolder data.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(
+        prog=prog,
+        description="Train a ResNet-50 face-verification model (pair or ArcFace objective) on ImageFolder data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields; flags override it")
     p.add_argument("--events_file", metavar="FILE", help="append machine-readable JSON-lines events here")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -199,8 +220,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
         from faceid.errors import DataError
         from faceid.trainer import run  # torch is imported only once the arguments are valid
 
-        events = EventWriter(args.events_file if int(os.environ.get("RANK", "0")) == 0 else None,
-                             quiet=args.quiet)
+        events = EventWriter(args.events_file if int(os.environ.get("RANK", "0")) == 0 else None, quiet=args.quiet)
         check_weight_files(cfg)
         stop = threading.Event()
         got_signal: list[int] = []
@@ -216,9 +236,11 @@ def train_main(argv: Optional[list[str]] = None) -> int:
             run(cfg, on_event=events, stop=stop)
         except NoSamePersonPairError:
             # Only pair mode samples pairs from --train (--val is checked for pairs when scanned).
-            raise DataError(f"--train folder {cfg.train} has no identity with 2 or more readable images, so "
-                            "--train_mode pair cannot draw a same-person pair; add a second image for some "
-                            "people, or use --train_mode arcface") from None
+            raise DataError(
+                f"--train folder {cfg.train} has no identity with 2 or more readable images, so "
+                "--train_mode pair cannot draw a same-person pair; add a second image for some "
+                "people, or use --train_mode arcface"
+            ) from None
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

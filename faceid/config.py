@@ -74,108 +74,161 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
 
     preset: Optional[Literal["cpu-small", "finetune"]] = Field(
-        None, description="named recipe that fills every field you do not set (cpu-small: ArcFace "
+        None,
+        description="named recipe that fills every field you do not set (cpu-small: ArcFace "
         "from scratch on small data on a CPU; finetune: a FaceID model given as init_from, on few "
-        "photos per person)")
+        "photos per person)",
+    )
 
     # --- data -------------------------------------------------------------------------------
-    train: str = Field("data/train", max_length=4096,
-                       description="training ImageFolder root: one sub-folder of images per identity")
-    val: str = Field("data/val", max_length=4096,
-                     description="validation ImageFolder root (identities with >= 2 images are scored)")
+    train: str = Field(
+        "data/train", max_length=4096, description="training ImageFolder root: one sub-folder of images per identity"
+    )
+    val: str = Field(
+        "data/val", max_length=4096, description="validation ImageFolder root (identities with >= 2 images are scored)"
+    )
     pairs_file: Optional[str] = Field(
-        None, max_length=4096,
+        None,
+        max_length=4096,
         description="optional LFW pairs.txt-style protocol scored each epoch (10-fold accuracy, AUC); "
-        "a relative path not found as given is taken inside --val; its images are looked up beside it, then under --val")
+        "a relative path not found as given is taken inside --val; its images are looked up beside it, then "
+        "under --val",
+    )
     pairs_folds: Optional[list[int]] = Field(
-        None, description="use only these 1-based folds of --pairs_file (default: all)")
-    ckpt_dir: str = Field("models", max_length=4096,
-                          description="where backbone_best.pt, last.pt, metrics.jsonl and config.json go")
+        None, description="use only these 1-based folds of --pairs_file (default: all)"
+    )
+    ckpt_dir: str = Field(
+        "models", max_length=4096, description="where backbone_best.pt, last.pt, metrics.jsonl and config.json go"
+    )
 
     # --- objective --------------------------------------------------------------------------
     train_mode: Literal["pair", "arcface"] = Field(
-        "pair", description="pair: BCE on scale_logits*cosine of sampled pairs; arcface: ArcFace "
-        "classification over the training identities (recommended)")
+        "pair",
+        description="pair: BCE on scale_logits*cosine of sampled pairs; arcface: ArcFace "
+        "classification over the training identities (recommended)",
+    )
     arcface_s: float = Field(64.0, gt=0, le=1024, description="ArcFace logit scale s")
     arcface_m: float = Field(0.5, ge=0, lt=math.pi / 2, description="ArcFace additive angular margin m (radians)")
     easy_margin: bool = Field(False, description="ArcFace easy margin: apply m only where cos(theta) > 0")
     margin_warmup_epochs: float = Field(
-        0.0, ge=0, le=1000, description="raise the ArcFace margin linearly from 0 to arcface_m over "
-        "this many epochs (0: full margin from the start)")
+        0.0,
+        ge=0,
+        le=1000,
+        description="raise the ArcFace margin linearly from 0 to arcface_m over "
+        "this many epochs (0: full margin from the start)",
+    )
     scale_logits: float = Field(10.0, gt=0, le=1024, description="pair mode: logit = scale_logits * cosine")
     pairs_per_epoch: int = Field(60000, ge=2, le=100_000_000, description="pair mode: balanced pairs drawn per epoch")
 
     # --- model ------------------------------------------------------------------------------
     embedding_size: int = Field(512, ge=2, le=8192, description="embedding dimension")
-    pretrained: bool = Field(False, description="start the ResNet-50 trunk from ImageNet weights "
-                             "(torch cache or --pretrained_weights)")
+    pretrained: bool = Field(
+        False, description="start the ResNet-50 trunk from ImageNet weights (torch cache or --pretrained_weights)"
+    )
     pretrained_weights: Optional[str] = Field(
-        None, max_length=4096, description="local ImageNet ResNet-50 state-dict file (implies --pretrained)")
+        None, max_length=4096, description="local ImageNet ResNet-50 state-dict file (implies --pretrained)"
+    )
     init_from: Optional[str] = Field(
-        None, max_length=4096, description="fine-tune a FaceID model: its trunk and embedding layer start "
-        "the run, the objective is new (an ArcFace head for this run's people) (a backbone_best.pt on the command line, a "
-        "succeeded job's id through the API)")
-    freeze_backbone_epochs: int = Field(0, ge=0, le=100_000, description="train only the embedding layer "
-                                        "and head for this many first epochs")
+        None,
+        max_length=4096,
+        description="fine-tune a FaceID model: its trunk and embedding layer start "
+        "the run, the objective is new (an ArcFace head for this run's people) (a backbone_best.pt on the "
+        "command line, a succeeded job's id through the API)",
+    )
+    freeze_backbone_epochs: int = Field(
+        0, ge=0, le=100_000, description="train only the embedding layer and head for this many first epochs"
+    )
     img_size: int = Field(224, ge=32, le=1024, description="square input size in pixels")
-    crop: float = Field(1.0, ge=0.3, le=1.0, description="centred square of each image kept before it "
-                        "is resized to img_size, as a fraction of its shorter side (1: all of it; about "
-                        "0.8 puts more pixels on the face of loosely framed photos like LFW's); the served "
-                        "model applies it too")
+    crop: float = Field(
+        1.0,
+        ge=0.3,
+        le=1.0,
+        description="centred square of each image kept before it "
+        "is resized to img_size, as a fraction of its shorter side (1: all of it; about "
+        "0.8 puts more pixels on the face of loosely framed photos like LFW's); the served "
+        "model applies it too",
+    )
     align: Literal["none", "arcface"] = Field(
-        "arcface", description="how a photo becomes the model's input: arcface = find its largest face "
+        "arcface",
+        description="how a photo becomes the model's input: arcface = find its largest face "
         "(MTCNN, five landmarks) and align it onto the ArcFace template scaled to img_size (images with "
         "no face are left out and listed in no_face.txt; detections are cached); none = the centred "
-        "crop square, for faces that are already cropped. The served model prepares uploads the same way")
+        "crop square, for faces that are already cropped. The served model prepares uploads the same way",
+    )
     neck: Literal["gap", "flat"] = Field(
-        "gap", description="what the embedding layer sees: gap = the trunk's 2048 channels averaged "
+        "gap",
+        description="what the embedding layer sees: gap = the trunk's 2048 channels averaged "
         "over the image (the origin's); flat = the whole last feature map flattened, keeping where "
-        "each feature is (ArcFace's output E; 2048 x ceil(img_size/32)^2 inputs, so meant for small images)")
+        "each feature is (ArcFace's output E; 2048 x ceil(img_size/32)^2 inputs, so meant for small images)",
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the embedding layer's input during training")
 
     # --- optimisation -----------------------------------------------------------------------
     epochs: int = Field(20, ge=1, le=100_000, description="training epochs")
-    batch_size: int = Field(256, ge=2, le=65536, description="images per step (pairs per step in pair mode), per process")
+    batch_size: int = Field(
+        256, ge=2, le=65536, description="images per step (pairs per step in pair mode), per process"
+    )
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum 0.9, nesterov) or adamw")
     lr: float = Field(0.1, gt=0, le=10, description="peak learning rate of the head (backbone: lr * backbone_lr_scale)")
     weight_decay: float = Field(5e-4, ge=0, le=1, description="weight decay")
     backbone_lr_scale: float = Field(1.0, ge=0, le=100, description="backbone learning rate = lr * this")
-    scheduler: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule after warmup (per step)")
+    scheduler: Literal["cosine", "constant"] = Field(
+        "cosine", description="learning-rate schedule after warmup (per step)"
+    )
     warmup_epochs: float = Field(0.0, ge=0, le=100_000, description="linear per-step warmup length in epochs")
     clip_grad_norm: float = Field(0.0, ge=0, le=1e6, description="clip the gradient norm to this (0: off)")
-    balanced_sampling: bool = Field(False, description="arcface: draw identities uniformly, not images, "
-                                    "so a few large identities do not dominate")
+    balanced_sampling: bool = Field(
+        False, description="arcface: draw identities uniformly, not images, so a few large identities do not dominate"
+    )
     augment: Literal["none", "flip", "light"] = Field(
-        "light", description="training augmentation: flip = random horizontal flip; light = flip + a "
-        "random shift of up to 1/16 of the image")
+        "light",
+        description="training augmentation: flip = random horizontal flip; light = flip + a "
+        "random shift of up to 1/16 of the image",
+    )
 
     # --- evaluation and selection -----------------------------------------------------------
-    eval_pairs: int = Field(20000, ge=2, le=100_000_000, description="balanced validation pairs sampled "
-                            "(fixed seed, same pairs every epoch)")
+    eval_pairs: int = Field(
+        20000,
+        ge=2,
+        le=100_000_000,
+        description="balanced validation pairs sampled (fixed seed, same pairs every epoch)",
+    )
     eval_flip: bool = Field(False, description="embed each evaluation image with its mirror image and average")
     best_metric: Literal["acc", "auc", "tar_1e-2", "tar_1e-3", "pairs_acc", "pairs_auc"] = Field(
-        "acc", description="metric that selects backbone_best.pt (pairs_*: needs --pairs_file)")
+        "acc", description="metric that selects backbone_best.pt (pairs_*: needs --pairs_file)"
+    )
 
     # --- runtime ----------------------------------------------------------------------------
     workers: int = Field(4, ge=0, le=256, description="image-decoding worker processes")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field(
-        "auto", description="mixed precision: auto = bf16 on CPUs with native bf16 and on bf16 GPUs, "
-        "fp16 + grad scaler on older GPUs, off elsewhere")
+        "auto",
+        description="mixed precision: auto = bf16 on CPUs with native bf16 and on bf16 GPUs, "
+        "fp16 + grad scaler on older GPUs, off elsewhere",
+    )
     channels_last: bool = Field(True, description="channels_last memory format")
     threads: int = Field(0, ge=0, le=1024, description="torch compute threads (0: all cores minus busy workers)")
     cache_images: Literal["auto", "on", "off"] = Field(
-        "auto", description="decode every image once into memory (auto: when it fits in cache_max_gb)")
+        "auto", description="decode every image once into memory (auto: when it fits in cache_max_gb)"
+    )
     cache_max_gb: float = Field(4.0, ge=0, le=1024, description="memory budget for --cache_images auto")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="random seed")
     progress_step_pct: float = Field(1.0, gt=0, le=100, description="report progress every this percent of an epoch")
-    max_steps_per_epoch: int = Field(0, ge=0, le=100_000_000, description="cap steps per epoch (0: no cap); for quick runs")
-    time_limit_min: float = Field(0.0, ge=0, le=1e6, description="stop training after this many minutes "
-                                  "(0: no limit); the current epoch is cut short and evaluated")
+    max_steps_per_epoch: int = Field(
+        0, ge=0, le=100_000_000, description="cap steps per epoch (0: no cap); for quick runs"
+    )
+    time_limit_min: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="stop training after this many minutes (0: no limit); the current epoch is cut short and evaluated",
+    )
     fit_to_time_limit: bool = Field(
-        True, description="with --time_limit_min: if the epochs would not finish in time, advance the "
+        True,
+        description="with --time_limit_min: if the epochs would not finish in time, advance the "
         "lr schedule and the margin warm-up by the share of the limit used, so the cosine reaches 0 at "
-        "the limit instead of being cut off (false: by steps only)")
+        "the limit instead of being cut off (false: by steps only)",
+    )
     resume: Optional[str] = Field(None, max_length=4096, description="resume from this last.pt")
 
     # --- distributed (torchrun) -------------------------------------------------------------
@@ -239,22 +292,31 @@ class TrainConfig(BaseModel):
                 raise ValueError("folds are 1-based numbers, for example [1] or [1, 2]")
             # pairs_file is validated first; absent from info.data when it was itself invalid
             if "pairs_file" in info.data and info.data["pairs_file"] is None:
-                raise PydanticCustomError("folds_without_pairs_file", "selects folds of pairs_file, which is "
-                                          "not set; set pairs_file (--pairs_file FILE) or leave pairs_folds out")
+                raise PydanticCustomError(
+                    "folds_without_pairs_file",
+                    "selects folds of pairs_file, which is "
+                    "not set; set pairs_file (--pairs_file FILE) or leave pairs_folds out",
+                )
             v = sorted(set(v))
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         if self.best_metric.startswith("pairs_") and not self.pairs_file:
-            raise ValueError(f"best_metric {self.best_metric!r} needs pairs_file; set pairs_file or "
-                             "choose acc, auc, tar_1e-2 or tar_1e-3")
+            raise ValueError(
+                f"best_metric {self.best_metric!r} needs pairs_file; set pairs_file or "
+                "choose acc, auc, tar_1e-2 or tar_1e-3"
+            )
         if self.init_from is not None and self.uses_pretrained:
-            raise ValueError("init_from and pretrained both give the trunk its first weights; keep init_from "
-                             "(a FaceID model) or pretrained (ImageNet), not both")
+            raise ValueError(
+                "init_from and pretrained both give the trunk its first weights; keep init_from "
+                "(a FaceID model) or pretrained (ImageNet), not both"
+            )
         if self.freeze_backbone_epochs >= self.epochs and self.freeze_backbone_epochs > 0:
-            raise ValueError(f"freeze_backbone_epochs ({self.freeze_backbone_epochs}) must be smaller than "
-                             f"epochs ({self.epochs}), or the backbone never trains")
+            raise ValueError(
+                f"freeze_backbone_epochs ({self.freeze_backbone_epochs}) must be smaller than "
+                f"epochs ({self.epochs}), or the backbone never trains"
+            )
         return self
 
     @property

@@ -58,17 +58,18 @@ class IdentityFolder:
         used = np.unique(old)
         remap = np.full(len(self.names), -1, dtype=np.int64)
         remap[used] = np.arange(len(used))
-        return IdentityFolder(self.root, paths, remap[old], [self.names[i] for i in used], self.skipped,
-                              self.no_face)
+        return IdentityFolder(self.root, paths, remap[old], [self.names[i] for i in used], self.skipped, self.no_face)
 
 
-def scan_folder(root: str | Path, *, what: str = "dataset", min_identities: int = 2,
-                min_per_identity: int = 1) -> IdentityFolder:
+def scan_folder(
+    root: str | Path, *, what: str = "dataset", min_identities: int = 2, min_per_identity: int = 1
+) -> IdentityFolder:
     """List `root` as an identity folder. Raises DataError naming the folder and the fix."""
     root = Path(root)
     if not root.exists():
-        raise DataError(f"{what} folder not found: {root}; give an ImageFolder root with one "
-                        "sub-folder of images per person")
+        raise DataError(
+            f"{what} folder not found: {root}; give an ImageFolder root with one sub-folder of images per person"
+        )
     if not root.is_dir():
         raise DataError(f"{what} path is not a folder: {root}; give an ImageFolder root")
     names, paths, labels = [], [], []
@@ -82,8 +83,10 @@ def scan_folder(root: str | Path, *, what: str = "dataset", min_identities: int 
         labels.extend([label] * len(files))
     folder = IdentityFolder(root, paths, np.asarray(labels, dtype=np.int64), names)
     if not paths:
-        raise DataError(f"{what} folder {root} holds no images in identity sub-folders "
-                        f"(expected {root}/<person>/<image>.jpg; accepted: {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(
+            f"{what} folder {root} holds no images in identity sub-folders "
+            f"(expected {root}/<person>/<image>.jpg; accepted: {', '.join(IMAGE_EXTENSIONS)})"
+        )
     # Checked before identities under min_per_identity are dropped, so that a --val where every
     # person has one image is told exactly that (not that it holds no images).
     check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
@@ -92,30 +95,43 @@ def scan_folder(root: str | Path, *, what: str = "dataset", min_identities: int 
     return folder
 
 
-def check_identities(folder: IdentityFolder, *, what: str, min_identities: int,
-                     min_per_identity: int) -> None:
+def check_identities(folder: IdentityFolder, *, what: str, min_identities: int, min_per_identity: int) -> None:
     # After unreadable images were dropped, count what is left as such: "has 1 identity folder"
     # of a folder with 40 would send the user looking for missing folders, not broken files.
     readable = " readable" if folder.skipped else (" usable" if folder.no_face else "")
-    skipped = (f" ({len(folder.skipped)} unreadable image(s) were skipped; replace or remove them)"
-               if folder.skipped else "")
+    skipped = (
+        f" ({len(folder.skipped)} unreadable image(s) were skipped; replace or remove them)" if folder.skipped else ""
+    )
     if folder.no_face:
-        skipped += (f" ({len(folder.no_face)} image(s) with no face found were left out, first "
-                    f"{folder.no_face[0]}; add photos where the face is visible, or train with --align none)")
+        skipped += (
+            f" ({len(folder.no_face)} image(s) with no face found were left out, first "
+            f"{folder.no_face[0]}; add photos where the face is visible, or train with --align none)"
+        )
     if min_per_identity >= 2:
         n = int((folder.counts() >= 2).sum())
         if n < 1:
-            raise DataError(f"{what} folder {folder.root} has no identity with 2 or more{readable} images, so "
-                            f"no same-person pair can be scored{skipped}; add a second image for some people")
+            raise DataError(
+                f"{what} folder {folder.root} has no identity with 2 or more{readable} images, so "
+                f"no same-person pair can be scored{skipped}; add a second image for some people"
+            )
         if n < min_identities:
-            raise DataError(f"{what} folder {folder.root} has {n} identity folder(s) with 2 or more{readable} "
-                            f"images{skipped}; at least {min_identities} are needed (same-person and "
-                            "different-person pairs are scored)")
+            raise DataError(
+                f"{what} folder {folder.root} has {n} identity folder(s) with 2 or more{readable} "
+                f"images{skipped}; at least {min_identities} are needed (same-person and "
+                "different-person pairs are scored)"
+            )
     elif folder.num_identities < min_identities:
-        which = ("identity folder(s) with readable images" if folder.skipped else
-                 "identity folder(s) with usable images" if folder.no_face else "identity folder(s)")
-        raise DataError(f"{what} folder {folder.root} has {folder.num_identities} {which}{skipped}; "
-                        f"at least {min_identities} are needed (one sub-folder per person)")
+        which = (
+            "identity folder(s) with readable images"
+            if folder.skipped
+            else "identity folder(s) with usable images"
+            if folder.no_face
+            else "identity folder(s)"
+        )
+        raise DataError(
+            f"{what} folder {folder.root} has {folder.num_identities} {which}{skipped}; "
+            f"at least {min_identities} are needed (one sub-folder per person)"
+        )
 
 
 class NoSamePersonPairError(DataError):
@@ -170,8 +186,10 @@ def resize_center_crop(img: Image.Image, size: int, crop: float = 1.0) -> np.nda
 
 # --- sampling -------------------------------------------------------------------------------
 
-def classification_batches(labels: np.ndarray, batch_size: int, rng: np.random.Generator, *,
-                           balanced: bool) -> list[np.ndarray]:
+
+def classification_batches(
+    labels: np.ndarray, batch_size: int, rng: np.random.Generator, *, balanced: bool
+) -> list[np.ndarray]:
     """One epoch of image-index batches (last partial batch dropped when there is a full one).
 
     balanced=False: a permutation of all images. balanced=True: as many draws as images, each
@@ -187,11 +205,12 @@ def classification_batches(labels: np.ndarray, batch_size: int, rng: np.random.G
     else:
         order = rng.permutation(n)
     nb = max(1, n // batch_size)
-    return [order[i * batch_size:(i + 1) * batch_size] for i in range(nb)]
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(nb)]
 
 
-def sample_pairs(labels: np.ndarray, n_pairs: int, rng: np.random.Generator
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_pairs(
+    labels: np.ndarray, n_pairs: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Balanced pairs: n_pairs//2 same-identity (two distinct images), the rest different-identity.
 
     Returns ia [P], ib [P] image indices and y [P] (1 same, 0 different). Positive identities are
@@ -201,8 +220,9 @@ def sample_pairs(labels: np.ndarray, n_pairs: int, rng: np.random.Generator
     ids, counts = np.unique(labels, return_counts=True)
     multi = ids[counts >= 2]
     if len(multi) == 0:
-        raise NoSamePersonPairError("no identity has 2 or more images, so no same-person pair can be "
-                                    "drawn; add a second image for some people")
+        raise NoSamePersonPairError(
+            "no identity has 2 or more images, so no same-person pair can be drawn; add a second image for some people"
+        )
     if len(ids) < 2:
         raise DataError("only one identity: no different-person pair can be drawn")
     order = np.argsort(labels, kind="stable")
@@ -232,6 +252,7 @@ def sample_pairs(labels: np.ndarray, n_pairs: int, rng: np.random.Generator
 
 
 # --- batch transforms -----------------------------------------------------------------------
+
 
 class BatchTransform:
     """uint8 [B, 3, S, S] -> normalised float [B, 3, S, S] on `device`, with optional training
@@ -263,7 +284,7 @@ class BatchTransform:
         p = max(1, s // 16)
         padded = torch.nn.functional.pad(x.float(), (p, p, p, p), mode="replicate").to(x.dtype)
         off = torch.randint(0, 2 * p + 1, (b, 2), generator=g).tolist()
-        return torch.stack([padded[i, :, dy:dy + s, dx:dx + s] for i, (dy, dx) in enumerate(off)])
+        return torch.stack([padded[i, :, dy : dy + s, dx : dx + s] for i, (dy, dx) in enumerate(off)])
 
 
 def iterate_in_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:

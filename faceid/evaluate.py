@@ -27,9 +27,16 @@ def autocast_ctx(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 @torch.no_grad()
-def embed_store(model: nn.Module, store: ImageStore, transform: BatchTransform, *, batch_size: int,
-                amp_dtype: Optional[torch.dtype], flip: bool = False,
-                indices: Optional[np.ndarray] = None) -> np.ndarray:
+def embed_store(
+    model: nn.Module,
+    store: ImageStore,
+    transform: BatchTransform,
+    *,
+    batch_size: int,
+    amp_dtype: Optional[torch.dtype],
+    flip: bool = False,
+    indices: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """Embed every image of `store` (or those at `indices`, in that order): returns float32
     [N, D], L2-normalised. With `flip`, the embedding of the mirrored image is added before
     normalising (a cheap test-time boost)."""
@@ -54,6 +61,7 @@ def same_files(paths: list[Path], others: list[Path]) -> np.ndarray:
     """For each of `paths`, the index in `others` of the same file (the same file system entry:
     through a symbolic or hard link too), else -1. Lets evaluation embed an image once when the
     pairs file and --val name it both."""
+
     def key(p: Path):
         try:
             st = os.stat(p)
@@ -92,16 +100,23 @@ def score_sampled(emb: np.ndarray, pairs: EvalPairs) -> dict[str, Any]:
     return verification_report(cosine_scores(emb, pairs.ia, pairs.ib), pairs.y).as_dict()
 
 
-def score_protocol(emb: np.ndarray, ia: np.ndarray, ib: np.ndarray, labels: np.ndarray,
-                   folds: np.ndarray) -> dict[str, Any]:
+def score_protocol(
+    emb: np.ndarray, ia: np.ndarray, ib: np.ndarray, labels: np.ndarray, folds: np.ndarray
+) -> dict[str, Any]:
     """pairs.txt protocol: k-fold accuracy (threshold chosen on the other folds) and AUC."""
     scores = cosine_scores(emb, ia, ib)
     rep = verification_report(scores, labels).as_dict()
     if len(np.unique(folds)) < 2:
         folds = stratified_folds(labels, 10)
     kf = kfold_accuracy(scores, labels, folds)
-    return {**kf, "pairs_auc": rep["auc"], "pairs_tar_1e-2": rep["tar_1e-2"],
-            "pairs_tar_1e-3": rep["tar_1e-3"], "pairs_n": int(len(labels)), "pairs_n_neg": rep["n_neg"]}
+    return {
+        **kf,
+        "pairs_auc": rep["auc"],
+        "pairs_tar_1e-2": rep["tar_1e-2"],
+        "pairs_tar_1e-3": rep["tar_1e-3"],
+        "pairs_n": int(len(labels)),
+        "pairs_n_neg": rep["n_neg"],
+    }
 
 
 def stratified_folds(labels: np.ndarray, k: int) -> np.ndarray:
@@ -117,5 +132,4 @@ def stratified_folds(labels: np.ndarray, k: int) -> np.ndarray:
 def protocol_folder(paths: list[Path]) -> IdentityFolder:
     """An IdentityFolder over a protocol's images (labels unused: the protocol gives them)."""
     root = Path(paths[0]).parent.parent if paths else Path(".")
-    return IdentityFolder(root, list(paths), np.arange(len(paths), dtype=np.int64),
-                          [str(p) for p in paths])
+    return IdentityFolder(root, list(paths), np.arange(len(paths), dtype=np.int64), [str(p) for p in paths])

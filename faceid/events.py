@@ -118,11 +118,13 @@ class Failed(Event):
     kind: str = "internal"  # one of FAILURE_KINDS
 
 
-TrainerEvent = Annotated[Union[Faces, Start, Progress, EpochEnd, Checkpoint, Finished, Failed],
-                         Field(discriminator="event")]
+TrainerEvent = Annotated[
+    Union[Faces, Start, Progress, EpochEnd, Checkpoint, Finished, Failed], Field(discriminator="event")
+]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(TrainerEvent)
-EVENT_TYPES = {cls.model_fields["event"].default: cls
-               for cls in (Faces, Start, Progress, EpochEnd, Checkpoint, Finished, Failed)}
+EVENT_TYPES = {
+    cls.model_fields["event"].default: cls for cls in (Faces, Start, Progress, EpochEnd, Checkpoint, Finished, Failed)
+}
 
 
 def parse_event(obj: dict[str, Any]) -> Event:

@@ -48,8 +48,9 @@ class FaceCache:
         self.path = folder / f"faces-{spec.key}.sqlite"
         self.db = sqlite3.connect(self.path, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS faces (path TEXT PRIMARY KEY, size INTEGER, "
-                        "mtime_ns INTEGER, faces TEXT)")
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS faces (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, faces TEXT)"
+        )
 
     @staticmethod
     def _stamp(path: Path) -> Optional[tuple[int, int]]:
@@ -64,8 +65,11 @@ class FaceCache:
         cur = self.db.cursor()
         for p in paths:
             stamp = self._stamp(p)
-            row = cur.execute("SELECT size, mtime_ns, faces FROM faces WHERE path = ?",
-                              (str(p.absolute()),)).fetchone() if stamp else None
+            row = (
+                cur.execute("SELECT size, mtime_ns, faces FROM faces WHERE path = ?", (str(p.absolute()),)).fetchone()
+                if stamp
+                else None
+            )
             if row is None or (row[0], row[1]) != stamp:
                 out.append(None)
             else:
@@ -108,9 +112,16 @@ class _DetectFiles(torch.utils.data.Dataset):
         return i, build_detector(self.spec).detect([img])[0], ""
 
 
-def find_faces(paths: Sequence[Path], spec: DetectorSpec = DetectorSpec(), *, workers: int = 0,
-               device: str | torch.device = "cpu", progress: Optional[Progress] = None,
-               what: str = "images", folder: Optional[Path] = None) -> list[Optional[list[Face]]]:
+def find_faces(
+    paths: Sequence[Path],
+    spec: DetectorSpec = DetectorSpec(),
+    *,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: Optional[Progress] = None,
+    what: str = "images",
+    folder: Optional[Path] = None,
+) -> list[Optional[list[Face]]]:
     """Faces of each file (largest first; [] when none was found, None when it cannot be read),
     from the cache where it holds them, detected otherwise (and cached)."""
     paths = [Path(p) for p in paths]
@@ -121,12 +132,22 @@ def find_faces(paths: Sequence[Path], spec: DetectorSpec = DetectorSpec(), *, wo
         if not todo:
             log.info("%s: faces of all %d images from the cache %s", what, len(paths), cache.path)
             return found
-        log.info("%s: detecting faces in %d of %d images (%d from the cache %s)", what, len(todo), len(paths),
-                 len(paths) - len(todo), cache.path)
+        log.info(
+            "%s: detecting faces in %d of %d images (%d from the cache %s)",
+            what,
+            len(todo),
+            len(paths),
+            len(paths) - len(todo),
+            cache.path,
+        )
         device = torch.device(device)
         on_gpu = device.type == "cuda"
-        loader = torch.utils.data.DataLoader(_DetectFiles([paths[i] for i in todo], spec, detect=not on_gpu),
-                                             batch_size=None, num_workers=workers, collate_fn=None)
+        loader = torch.utils.data.DataLoader(
+            _DetectFiles([paths[i] for i in todo], spec, detect=not on_gpu),
+            batch_size=None,
+            num_workers=workers,
+            collate_fn=None,
+        )
         detector = build_detector(spec, device) if on_gpu else None
         start = last = time.monotonic()
         pending: list[tuple[Path, list[Face]]] = []
@@ -145,8 +166,16 @@ def find_faces(paths: Sequence[Path], spec: DetectorSpec = DetectorSpec(), *, wo
             if now - last >= 5 or done == len(todo):
                 last = now
                 rate = done / max(now - start, 1e-9)
-                log.info("%s: faces %d/%d (%.0f %%), %.0f images/s, %.0f s left, %d without a face so far",
-                         what, done, len(todo), 100 * done / len(todo), rate, (len(todo) - done) / rate, none_found)
+                log.info(
+                    "%s: faces %d/%d (%.0f %%), %.0f images/s, %.0f s left, %d without a face so far",
+                    what,
+                    done,
+                    len(todo),
+                    100 * done / len(todo),
+                    rate,
+                    (len(todo) - done) / rate,
+                    none_found,
+                )
                 if progress is not None:
                     progress(done, len(todo))
         cache.put_many(pending)
@@ -167,7 +196,7 @@ def _items(loader, detector):
         ok = [(j, r) for j, r, e in batch if not e]
         faces = detector.detect([r[0] for _, r in ok]) if ok else []
         results = {j: [f.scaled(r[1]) for f in fs] for (j, r), fs in zip(ok, faces)}
-        for j, r, e in batch:
+        for j, _, e in batch:
             yield j, results.get(j), e
 
     for item in loader:

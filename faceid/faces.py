@@ -36,13 +36,16 @@ TEMPLATE = "arcface-112"
 TEMPLATE_SIZE = 112
 # Where ArcFace's 112x112 crops put the five landmarks (InsightFace's reference points), in the
 # order Face.landmarks uses.
-ARCFACE_POINTS = np.array([
-    [38.2946, 51.6963],  # left eye
-    [73.5318, 51.5014],  # right eye
-    [56.0252, 71.7366],  # nose tip
-    [41.5493, 92.3655],  # left mouth corner
-    [70.7299, 92.2041],  # right mouth corner
-], dtype=np.float64)
+ARCFACE_POINTS = np.array(
+    [
+        [38.2946, 51.6963],  # left eye
+        [73.5318, 51.5014],  # right eye
+        [56.0252, 71.7366],  # nose tip
+        [41.5493, 92.3655],  # left mouth corner
+        [70.7299, 92.2041],  # right mouth corner
+    ],
+    dtype=np.float64,
+)
 
 
 class NoFaceError(ImageError):
@@ -51,8 +54,8 @@ class NoFaceError(ImageError):
 
 @dataclass(frozen=True)
 class Face:
-    box: tuple[float, float, float, float]          # x1, y1, x2, y2
-    landmarks: tuple[tuple[float, float], ...]      # 5 x (x, y)
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2
+    landmarks: tuple[tuple[float, float], ...]  # 5 x (x, y)
     score: float
 
     @property
@@ -65,18 +68,22 @@ class Face:
         very landmarks a fresh detection gives, or the aligned crops would differ)."""
         if exact:
             return {"box": list(self.box), "landmarks": [list(p) for p in self.landmarks], "score": self.score}
-        return {"box": [round(v, 2) for v in self.box],
-                "landmarks": [[round(x, 2), round(y, 2)] for x, y in self.landmarks],
-                "score": round(self.score, 5)}
+        return {
+            "box": [round(v, 2) for v in self.box],
+            "landmarks": [[round(x, 2), round(y, 2)] for x, y in self.landmarks],
+            "score": round(self.score, 5),
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Face":
-        return cls(tuple(float(v) for v in d["box"]), tuple((float(x), float(y)) for x, y in d["landmarks"]),
-                   float(d["score"]))
+        return cls(
+            tuple(float(v) for v in d["box"]), tuple((float(x), float(y)) for x, y in d["landmarks"]), float(d["score"])
+        )
 
     def scaled(self, factor: float) -> "Face":
-        return Face(tuple(v * factor for v in self.box), tuple((x * factor, y * factor) for x, y in self.landmarks),
-                    self.score)
+        return Face(
+            tuple(v * factor for v in self.box), tuple((x * factor, y * factor) for x, y in self.landmarks), self.score
+        )
 
 
 @dataclass(frozen=True)
@@ -84,10 +91,10 @@ class DetectorSpec:
     """A detector and its settings: what a checkpoint records and a face cache is keyed by."""
 
     name: str = "mtcnn"
-    max_side: int = 480      # photos are shrunk to this longer side for detection (not for alignment)
-    min_face: int = 40       # smallest face searched for, in pixels of the shrunk photo
-    min_score: float = 0.9   # detections below this score are not faces
-    factor: float = 0.6      # the image pyramid's step
+    max_side: int = 480  # photos are shrunk to this longer side for detection (not for alignment)
+    min_face: int = 40  # smallest face searched for, in pixels of the shrunk photo
+    min_score: float = 0.9  # detections below this score are not faces
+    factor: float = 0.6  # the image pyramid's step
     thresholds: tuple[float, float, float] = (0.7, 0.8, 0.8)  # P-, R- and O-net's score thresholds
 
     @property
@@ -153,19 +160,37 @@ class MTCNNDetector:
             # Photos come in every size, and each size is a new pyramid of shapes: cuDNN's search
             # for the fastest kernels (on while a GPU trains) would run again for each, for minutes
             cudnn = torch.backends.cudnn
-            with torch.inference_mode(), cudnn.flags(enabled=cudnn.enabled, benchmark=False,
-                                                     deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
-                boxes, points = detect_face(torch.from_numpy(batch).to(self.device), self.spec.min_face,
-                                            *self.nets, list(self.spec.thresholds), self.spec.factor, self.device)
+            with (
+                torch.inference_mode(),
+                cudnn.flags(
+                    enabled=cudnn.enabled,
+                    benchmark=False,
+                    deterministic=cudnn.deterministic,
+                    allow_tf32=cudnn.allow_tf32,
+                ),
+            ):
+                boxes, points = detect_face(
+                    torch.from_numpy(batch).to(self.device),
+                    self.spec.min_face,
+                    *self.nets,
+                    list(self.spec.thresholds),
+                    self.spec.factor,
+                    self.device,
+                )
             for j, i in enumerate(idx):
                 factor = shrunk[i][1]
                 faces = []
-                for b, p in zip(np.asarray(boxes[j], dtype=np.float64).reshape(-1, 5),
-                                np.asarray(points[j], dtype=np.float64).reshape(-1, 5, 2)):
+                for b, p in zip(
+                    np.asarray(boxes[j], dtype=np.float64).reshape(-1, 5),
+                    np.asarray(points[j], dtype=np.float64).reshape(-1, 5, 2),
+                ):
                     if b[4] < self.spec.min_score or not np.isfinite(b).all() or not np.isfinite(p).all():
                         continue
-                    faces.append(Face(tuple(float(v) for v in b[:4]), tuple((float(x), float(y)) for x, y in p),
-                                      float(b[4])).scaled(factor))
+                    faces.append(
+                        Face(
+                            tuple(float(v) for v in b[:4]), tuple((float(x), float(y)) for x, y in p), float(b[4])
+                        ).scaled(factor)
+                    )
                 out[i] = sorted(faces, key=lambda f: -f.area)
         return out
 
@@ -222,8 +247,9 @@ def align_face(img: Image.Image, landmarks: Any, size: int, crop: float = 1.0) -
         img = img.reduce(factor)
         m = _similarity((src + 0.5) / factor - 0.5, dst)
     inverse = np.linalg.inv(m)
-    warped = img.convert("RGB").transform((size, size), Image.AFFINE, data=tuple(inverse[:2].ravel()),
-                                          resample=Image.BILINEAR)
+    warped = img.convert("RGB").transform(
+        (size, size), Image.AFFINE, data=tuple(inverse[:2].ravel()), resample=Image.BILINEAR
+    )
     return np.ascontiguousarray(np.asarray(warped, dtype=np.uint8).transpose(2, 0, 1))
 
 

@@ -13,7 +13,6 @@ from typing import Any, Optional
 from faceid.config import TrainConfig
 from faceid.errors import CheckpointError, ConfigError, FaceIDError
 
-
 # What a base model fixes for the runs fine-tuned from it (its weights' shapes and what they learned
 # to see), with the value a config from before the field existed meant.
 FIXED: dict[str, Any] = {"embedding_size": 512, "neck": "gap", "img_size": None, "align": "none", "crop": 1.0}
@@ -58,8 +57,10 @@ def check_fits(cfg: TrainConfig, base: dict[str, Any], what: str) -> None:
     if wrong:
         have = ", ".join(f"{k} {getattr(cfg, k)}" for k in wrong)
         flags = " ".join(f"--{k} {v}" for k, v in wrong.items())
-        raise ConfigError(f"init_from {what} was trained with {', '.join(f'{k} {v}' for k, v in wrong.items())}, "
-                          f"this run has {have}; set {flags} to fine-tune it")
+        raise ConfigError(
+            f"init_from {what} was trained with {', '.join(f'{k} {v}' for k, v in wrong.items())}, "
+            f"this run has {have}; set {flags} to fine-tune it"
+        )
 
 
 def load_base(model: Any, cfg: TrainConfig) -> dict[str, Any]:
@@ -74,9 +75,12 @@ def load_base(model: Any, cfg: TrainConfig) -> dict[str, Any]:
     try:
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
     except RuntimeError as e:  # shapes that do not match raise even when not strict
-        raise CheckpointError(f"init_from {cfg.init_from} does not fit this network: "
-                              f"{' '.join(str(e).split())[:300]}") from None
+        raise CheckpointError(
+            f"init_from {cfg.init_from} does not fit this network: {' '.join(str(e).split())[:300]}"
+        ) from None
     if missing or unexpected:
-        raise CheckpointError(f"init_from {cfg.init_from} does not fit this network: missing "
-                              f"{list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
+        raise CheckpointError(
+            f"init_from {cfg.init_from} does not fit this network: missing "
+            f"{list(missing)[:3]}, unexpected {list(unexpected)[:3]}"
+        )
     return {"epoch": ck.get("epoch"), "metrics": ck.get("metrics") or {}, "config": base_config}

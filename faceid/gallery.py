@@ -39,9 +39,9 @@ GALLERY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # and _ . ' - ; no slash, so a name is always one URL path segment.
 PERSON_NAME = re.compile(r"[^\W_]|[^\W_][\w .'-]{0,126}[\w.']")
 MAX_ENROLL_IMAGES = 16
-CROP_SIZE = 112          # aligned crops are kept at least this large (the ArcFace template's size)
-IMAGE_THUMB_SIDE = 256   # a photo kept for a model without alignment: its longer side at most this
-RULE = "best"            # a person's score is the best score of their faces
+CROP_SIZE = 112  # aligned crops are kept at least this large (the ArcFace template's size)
+IMAGE_THUMB_SIDE = 256  # a photo kept for a model without alignment: its longer side at most this
+RULE = "best"  # a person's score is the best score of their faces
 
 
 class GalleryError(FaceIDError):
@@ -68,15 +68,21 @@ class BadInput(ConfigError):
 
 def check_gallery_name(name: str) -> str:
     if not isinstance(name, str) or not GALLERY_NAME.fullmatch(name):
-        raise BadInput("gallery", f"{str(name)[:80]!r} is not a gallery name: use 1 to 64 letters, digits, "
-                       "'_', '.' or '-', starting with a letter or digit (for example staff-2024)")
+        raise BadInput(
+            "gallery",
+            f"{str(name)[:80]!r} is not a gallery name: use 1 to 64 letters, digits, "
+            "'_', '.' or '-', starting with a letter or digit (for example staff-2024)",
+        )
     return name
 
 
 def check_person_name(name: str) -> str:
     if not isinstance(name, str) or not PERSON_NAME.fullmatch(name):
-        raise BadInput("person", f"{str(name)[:80]!r} is not a person name: use 1 to 128 letters, digits, "
-                       "spaces or _ . ' -, starting with a letter or digit (for example Ann_Lee or Ann Lee)")
+        raise BadInput(
+            "person",
+            f"{str(name)[:80]!r} is not a person name: use 1 to 128 letters, digits, "
+            "spaces or _ . ' -, starting with a letter or digit (for example Ann_Lee or Ann Lee)",
+        )
     return name
 
 
@@ -100,8 +106,11 @@ def normalize_rows(vectors: Any, dim: Optional[int] = None, field: str = "embedd
     if arr.ndim != 2 or arr.shape[1] == 0:
         raise BadInput(field, "each embedding must be a list of numbers, all of the same length")
     if dim is not None and arr.shape[1] != dim:
-        raise BadInput(field, f"the embeddings have {arr.shape[1]} values; the model has {dim}: export them "
-                       "with the same model, or re-enroll the photos")
+        raise BadInput(
+            field,
+            f"the embeddings have {arr.shape[1]} values; the model has {dim}: export them "
+            "with the same model, or re-enroll the photos",
+        )
     if not np.isfinite(arr).all():
         raise BadInput(field, "an embedding holds NaN or infinity")
     norms = np.linalg.norm(arr, axis=1, keepdims=True)
@@ -128,7 +137,7 @@ def _one_blas_thread() -> None:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(1, user_api="blas")
-    except Exception:  # noqa: BLE001 - without threadpoolctl the search is only slower under load
+    except Exception:
         pass
 
 
@@ -137,12 +146,12 @@ class Snapshot:
     """What one search reads: rows [0, n) of the matrix, their face ids and people, and which of
     them are live (None: all). Later enrolments write only rows past n, deletions a new mask."""
 
-    matrix: np.ndarray           # float32 [n, D], a view of the index's buffer
-    face_ids: np.ndarray         # int64 [n]
-    person_of: np.ndarray        # int32 [n], into names
-    names: list                  # person index -> name (append-only)
+    matrix: np.ndarray  # float32 [n, D], a view of the index's buffer
+    face_ids: np.ndarray  # int64 [n]
+    person_of: np.ndarray  # int32 [n], into names
+    names: list  # person index -> name (append-only)
     valid: Optional[np.ndarray]  # bool [n], None when every row is live
-    live: int                    # live rows
+    live: int  # live rows
 
 
 @dataclass(frozen=True)
@@ -182,8 +191,9 @@ class GalleryIndex:
         n = self._n
         valid = self._valid
         live = n if valid is None else int(valid[:n].sum())
-        return Snapshot(self._buf[:n], self._ids[:n], self._person[:n], self._names,
-                        None if valid is None else valid[:n], live)
+        return Snapshot(
+            self._buf[:n], self._ids[:n], self._person[:n], self._names, None if valid is None else valid[:n], live
+        )
 
     def _person_index(self, name: str) -> int:
         i = self._name_index.get(name)
@@ -227,9 +237,9 @@ class GalleryIndex:
         if self._n + k > self._buf.shape[0]:
             self._grow(k)
         s = self._n
-        self._buf[s:s + k] = vectors
-        self._ids[s:s + k] = face_ids
-        self._person[s:s + k] = [self._person_index(p) for p in persons]
+        self._buf[s : s + k] = vectors
+        self._ids[s : s + k] = face_ids
+        self._person[s : s + k] = [self._person_index(p) for p in persons]
         for r, f in enumerate(face_ids):
             self._row_of[int(f)] = s + r
         valid = self._valid
@@ -238,7 +248,7 @@ class GalleryIndex:
                 grown = np.zeros(self._buf.shape[0], bool)
                 grown[:s] = valid[:s]
                 valid = grown
-            valid[s:s + k] = True  # rows past n: no reader sees them yet
+            valid[s : s + k] = True  # rows past n: no reader sees them yet
             self._valid = valid
         self._n = s + k
         self.snapshot = self._snap()  # the publication: one reference assignment
@@ -282,7 +292,7 @@ def _top_people(scores: np.ndarray, snap: Snapshot, k: int) -> list[Candidate]:
     m = min(n, 4 * k + 16)
     while True:
         if m < n:
-            top = np.argpartition(scores, n - m)[n - m:]
+            top = np.argpartition(scores, n - m)[n - m :]
         else:
             top = np.arange(n)
         top = top[np.argsort(-scores[top], kind="stable")]
@@ -305,6 +315,7 @@ def _top_people(scores: np.ndarray, snap: Snapshot, k: int) -> list[Candidate]:
 
 
 # --- crops ----------------------------------------------------------------------------------------
+
 
 @dataclass
 class FaceInput:
@@ -353,8 +364,9 @@ def prepare_faces(verifier: Any, img: Any, detect: bool = True, all_faces: bool 
             tensor = torch.from_numpy(align_face(img, f.landmarks, verifier.img_size, verifier.crop))
             crop = align_face(img, f.landmarks, side, 1.0)
             prepared = Prepared(tensor, f, len(faces))
-            out.append(FaceInput(prepared, _png(Image.fromarray(crop.transpose(1, 2, 0))), "aligned",
-                                 prepared.face_json()))
+            out.append(
+                FaceInput(prepared, _png(Image.fromarray(crop.transpose(1, 2, 0))), "aligned", prepared.face_json())
+            )
         return out
     thumb = img.copy()
     thumb.thumbnail((IMAGE_THUMB_SIDE, IMAGE_THUMB_SIDE))
@@ -428,8 +440,10 @@ class GalleryStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
         except sqlite3.Error as e:
-            raise ConfigError(f"the gallery database {self.path} cannot be opened ({e}); restore it from a "
-                              "backup, or move it away to start without galleries") from None
+            raise ConfigError(
+                f"the gallery database {self.path} cannot be opened ({e}); restore it from a "
+                "backup, or move it away to start without galleries"
+            ) from None
 
     def close(self) -> None:
         with self._lock:
@@ -466,8 +480,10 @@ class GalleryStore:
         check_gallery_name(name)
         with self._tx() as db:
             if db.execute("SELECT 1 FROM galleries WHERE name=?", (name,)).fetchone():
-                raise Conflict(f"gallery {name!r} exists already; enroll into it, or DELETE /galleries/{name} "
-                               "first to start it again")
+                raise Conflict(
+                    f"gallery {name!r} exists already; enroll into it, or DELETE /galleries/{name} "
+                    "first to start it again"
+                )
             db.execute("INSERT INTO galleries (name, created_at) VALUES (?, ?)", (name, time.time()))
         return self.gallery(name)  # type: ignore[return-value]
 
@@ -480,14 +496,26 @@ class GalleryStore:
             return None
         people, faces, cropless = self._one(
             "SELECT COUNT(DISTINCT p.id), COUNT(f.id), COALESCE(SUM(f.crop IS NULL), 0) "
-            "FROM people p LEFT JOIN faces f ON f.person_id = p.id WHERE p.gallery=?", (name,))
+            "FROM people p LEFT JOIN faces f ON f.person_id = p.id WHERE p.gallery=?",
+            (name,),
+        )
         searchable = 0
         if row[2] is not None:
             searchable = self._one(
                 "SELECT COUNT(*) FROM embeddings e JOIN faces f ON f.id=e.face_id JOIN people p ON "
-                "p.id=f.person_id WHERE p.gallery=? AND e.model_id=?", (name, row[2]))[0]
-        return {"name": row[0], "created_at": row[1], "model": row[2], "dim": row[3], "people": people,
-                "faces": faces, "faces_without_crop": cropless, "searchable_faces": searchable}
+                "p.id=f.person_id WHERE p.gallery=? AND e.model_id=?",
+                (name, row[2]),
+            )[0]
+        return {
+            "name": row[0],
+            "created_at": row[1],
+            "model": row[2],
+            "dim": row[3],
+            "people": people,
+            "faces": faces,
+            "faces_without_crop": cropless,
+            "searchable_faces": searchable,
+        }
 
     def require(self, name: str) -> dict[str, Any]:
         g = self.gallery(name)
@@ -515,27 +543,42 @@ class GalleryStore:
     # people and faces
     def people(self, gallery: str) -> list[dict[str, Any]]:
         self.require(gallery)
-        rows = self._all("SELECT p.name, p.created_at, COUNT(f.id) FROM people p LEFT JOIN faces f ON "
-                         "f.person_id=p.id WHERE p.gallery=? GROUP BY p.id ORDER BY p.name", (gallery,))
+        rows = self._all(
+            "SELECT p.name, p.created_at, COUNT(f.id) FROM people p LEFT JOIN faces f ON "
+            "f.person_id=p.id WHERE p.gallery=? GROUP BY p.id ORDER BY p.name",
+            (gallery,),
+        )
         return [{"name": n, "created_at": c, "faces": k} for n, c, k in rows]
 
     def _person_id(self, gallery: str, person: str) -> int:
         self.require(gallery)
         row = self._one("SELECT id FROM people WHERE gallery=? AND name=?", (gallery, person))
         if row is None:
-            raise NotFound(f"no person {person[:80]!r} in gallery {gallery!r}; GET /galleries/{gallery}/people "
-                           "lists them")
+            raise NotFound(
+                f"no person {person[:80]!r} in gallery {gallery!r}; GET /galleries/{gallery}/people lists them"
+            )
         return row[0]
 
     def person(self, gallery: str, person: str) -> dict[str, Any]:
         pid = self._person_id(gallery, person)
         created = self._one("SELECT created_at FROM people WHERE id=?", (pid,))[0]
-        rows = self._all("SELECT f.id, f.created_at, f.source, f.crop IS NOT NULL, f.face, "
-                         "(SELECT group_concat(model_id, ' ') FROM embeddings WHERE face_id=f.id) "
-                         "FROM faces f WHERE f.person_id=? ORDER BY f.id", (pid,))
-        faces = [{"id": i, "created_at": c, "source": s, "has_crop": bool(h),
-                  "face": json.loads(fj) if fj else None, "models": sorted((m or "").split())}
-                 for i, c, s, h, fj, m in rows]
+        rows = self._all(
+            "SELECT f.id, f.created_at, f.source, f.crop IS NOT NULL, f.face, "
+            "(SELECT group_concat(model_id, ' ') FROM embeddings WHERE face_id=f.id) "
+            "FROM faces f WHERE f.person_id=? ORDER BY f.id",
+            (pid,),
+        )
+        faces = [
+            {
+                "id": i,
+                "created_at": c,
+                "source": s,
+                "has_crop": bool(h),
+                "face": json.loads(fj) if fj else None,
+                "models": sorted((m or "").split()),
+            }
+            for i, c, s, h, fj, m in rows
+        ]
         return {"name": person, "created_at": created, "faces": faces}
 
     def add_faces(self, gallery: str, person: str, model_id: str, faces: Sequence[NewFace]) -> tuple[bool, list[int]]:
@@ -548,16 +591,24 @@ class GalleryStore:
                 raise NotFound(f"no gallery {gallery[:80]!r}; POST /galleries creates one")
             row = db.execute("SELECT id FROM people WHERE gallery=? AND name=?", (gallery, person)).fetchone()
             created = row is None
-            pid = db.execute("INSERT INTO people (gallery, name, created_at) VALUES (?, ?, ?)",
-                             (gallery, person, now)).lastrowid if created else row[0]
+            pid = (
+                db.execute(
+                    "INSERT INTO people (gallery, name, created_at) VALUES (?, ?, ?)", (gallery, person, now)
+                ).lastrowid
+                if created
+                else row[0]
+            )
             ids = []
             for f in faces:
-                fid = db.execute("INSERT INTO faces (person_id, created_at, source, crop, crop_kind, face) "
-                                 "VALUES (?, ?, ?, ?, ?, ?)",
-                                 (pid, now, f.source, f.crop, f.kind,
-                                  json.dumps(f.face) if f.face is not None else None)).lastrowid
-                db.execute("INSERT INTO embeddings (face_id, model_id, vector) VALUES (?, ?, ?)",
-                           (fid, model_id, np.ascontiguousarray(f.vector, np.float32).tobytes()))
+                fid = db.execute(
+                    "INSERT INTO faces (person_id, created_at, source, crop, crop_kind, face) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (pid, now, f.source, f.crop, f.kind, json.dumps(f.face) if f.face is not None else None),
+                ).lastrowid
+                db.execute(
+                    "INSERT INTO embeddings (face_id, model_id, vector) VALUES (?, ?, ?)",
+                    (fid, model_id, np.ascontiguousarray(f.vector, np.float32).tobytes()),
+                )
                 ids.append(fid)
         return created, ids
 
@@ -572,8 +623,10 @@ class GalleryStore:
         pid = self._person_id(gallery, person)
         with self._tx() as db:
             if db.execute("DELETE FROM faces WHERE id=? AND person_id=?", (face_id, pid)).rowcount == 0:
-                raise NotFound(f"no face {face_id} of {person!r} in gallery {gallery!r}; GET "
-                               f"/galleries/{gallery}/people/{person} lists the faces")
+                raise NotFound(
+                    f"no face {face_id} of {person!r} in gallery {gallery!r}; GET "
+                    f"/galleries/{gallery}/people/{person} lists the faces"
+                )
 
     def crop(self, gallery: str, person: str, face_id: int) -> Optional[bytes]:
         pid = self._person_id(gallery, person)
@@ -587,18 +640,24 @@ class GalleryStore:
         """(faces with an embedding by `model_id`, faces that could get one: those with a crop, or
         already embedded by it)."""
         row = self._one(
-            "SELECT COALESCE(SUM(e.face_id IS NOT NULL), 0), COALESCE(SUM(e.face_id IS NOT NULL OR f.crop IS NOT NULL), 0) "
+            "SELECT COALESCE(SUM(e.face_id IS NOT NULL), 0), "
+            "COALESCE(SUM(e.face_id IS NOT NULL OR f.crop IS NOT NULL), 0) "
             "FROM faces f JOIN people p ON p.id=f.person_id "
-            "LEFT JOIN embeddings e ON e.face_id=f.id AND e.model_id=? WHERE p.gallery=?", (model_id, gallery))
+            "LEFT JOIN embeddings e ON e.face_id=f.id AND e.model_id=? WHERE p.gallery=?",
+            (model_id, gallery),
+        )
         return int(row[0]), int(row[1])
 
-    def missing(self, gallery: str, model_id: str, limit: int, skip: Sequence[int] = ()) -> list[tuple[int, bytes, str]]:
+    def missing(
+        self, gallery: str, model_id: str, limit: int, skip: Sequence[int] = ()
+    ) -> list[tuple[int, bytes, str]]:
         """Up to `limit` faces with a crop and no embedding by `model_id`: (id, crop, kind)."""
         rows = self._all(
             "SELECT f.id, f.crop, f.crop_kind FROM faces f JOIN people p ON p.id=f.person_id "
             "WHERE p.gallery=? AND f.crop IS NOT NULL AND NOT EXISTS "
             "(SELECT 1 FROM embeddings e WHERE e.face_id=f.id AND e.model_id=?) ORDER BY f.id LIMIT ?",
-            (gallery, model_id, limit + len(skip)))
+            (gallery, model_id, limit + len(skip)),
+        )
         skipped = set(skip)
         return [r for r in rows if r[0] not in skipped][:limit]
 
@@ -606,30 +665,39 @@ class GalleryStore:
         """Store embeddings by `model_id`; a face deleted meanwhile is skipped."""
         with self._tx() as db:
             for fid, vec in items:
-                db.execute("INSERT OR REPLACE INTO embeddings (face_id, model_id, vector) SELECT ?, ?, ? "
-                           "WHERE EXISTS (SELECT 1 FROM faces WHERE id=?)",
-                           (fid, model_id, np.ascontiguousarray(vec, np.float32).tobytes(), fid))
+                db.execute(
+                    "INSERT OR REPLACE INTO embeddings (face_id, model_id, vector) SELECT ?, ?, ? "
+                    "WHERE EXISTS (SELECT 1 FROM faces WHERE id=?)",
+                    (fid, model_id, np.ascontiguousarray(vec, np.float32).tobytes(), fid),
+                )
 
-    def iter_embeddings(self, gallery: str, model_id: str, chunk: int = 65536) -> Iterator[tuple[list, list, np.ndarray]]:
+    def iter_embeddings(
+        self, gallery: str, model_id: str, chunk: int = 65536
+    ) -> Iterator[tuple[list, list, np.ndarray]]:
         """The gallery's embeddings by `model_id`, in chunks: (face ids, person names, float32 [k, D])."""
         with self._lock:
             cur = self._db.execute(
                 "SELECT f.id, p.name, e.vector FROM embeddings e JOIN faces f ON f.id=e.face_id "
                 "JOIN people p ON p.id=f.person_id WHERE p.gallery=? AND e.model_id=? ORDER BY f.id",
-                (gallery, model_id))
+                (gallery, model_id),
+            )
             while True:
                 rows = cur.fetchmany(chunk)
                 if not rows:
                     return
-                yield ([r[0] for r in rows], [r[1] for r in rows],
-                       np.frombuffer(b"".join(r[2] for r in rows), np.float32).reshape(len(rows), -1))
+                yield (
+                    [r[0] for r in rows],
+                    [r[1] for r in rows],
+                    np.frombuffer(b"".join(r[2] for r in rows), np.float32).reshape(len(rows), -1),
+                )
 
     def load_index(self, gallery: str, model_id: str, dim: int) -> GalleryIndex:
         count = self.count_embedded(gallery, model_id)[0]
         index = GalleryIndex(dim, capacity=count + 64)
         for ids, names, vecs in self.iter_embeddings(gallery, model_id):
             if vecs.shape[1] != dim:
-                raise ConfigError(f"gallery {gallery!r} holds {vecs.shape[1]}-d embeddings by {model_id}, "
-                                  f"expected {dim}")
+                raise ConfigError(
+                    f"gallery {gallery!r} holds {vecs.shape[1]}-d embeddings by {model_id}, expected {dim}"
+                )
             index.add(ids, names, vecs)
         return index

@@ -41,6 +41,8 @@ def decoder_max_pixels() -> int:
     """The most pixels Pillow decodes without a decompression-bomb warning (`Image.MAX_IMAGE_PIXELS`,
     89,478,485 unless changed); a `max_pixels` above it has no effect, so the settings refuse one."""
     return int(Image.MAX_IMAGE_PIXELS or 2**62)
+
+
 DEFAULT_MIN_SIDE = 8
 
 # Pillow's plugin ids for the formats we decode. MPO is not a format of its own here: it is how
@@ -131,9 +133,7 @@ def to_rgb(image: Image.Image, *, label: str = "image") -> Image.Image:
             return Image.alpha_composite(white, rgba).convert("RGB")
         return image.convert("RGB")
     except ValueError as exc:
-        raise ImageError(
-            f"unsupported colour mode {mode} in {label}: {exc}; save the image as 8-bit RGB"
-        ) from exc
+        raise ImageError(f"unsupported colour mode {mode} in {label}: {exc}; save the image as 8-bit RGB") from exc
 
 
 def _open_source(source: ImageSource, name: str | None) -> tuple[str, io.IOBase]:
@@ -141,9 +141,7 @@ def _open_source(source: ImageSource, name: str | None) -> tuple[str, io.IOBase]
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "the upload"
         if len(source) == 0:
-            raise ImageError(
-                f"empty file: {label} has 0 bytes; send a JPEG, PNG, WebP or BMP image"
-            )
+            raise ImageError(f"empty file: {label} has 0 bytes; send a JPEG, PNG, WebP or BMP image")
         return label, io.BytesIO(bytes(source))
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"open_image takes bytes or a path, not {type(source).__name__}")
@@ -168,12 +166,15 @@ def _too_large(label: str, exc: Exception, max_pixels: int) -> ImageTooLargeErro
     """Pillow's decompression-bomb refusal, told as ours: its message carries the pixel count."""
     found = re.search(r"\((\d+) pixels\)", str(exc))
     pixels = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow decodes"
-    return ImageTooLargeError(f"image too large: {label} has {pixels}, over the limit of "
-                              f"{min(max_pixels, decoder_max_pixels()):,}; downscale it (faces need well under 1000 px)")
+    return ImageTooLargeError(
+        f"image too large: {label} has {pixels}, over the limit of "
+        f"{min(max_pixels, decoder_max_pixels()):,}; downscale it (faces need well under 1000 px)"
+    )
 
 
-def _decode(stream: io.IOBase, label: str, *, max_pixels: int, min_side: int,
-            reduce_to: int | None = None) -> Image.Image:
+def _decode(
+    stream: io.IOBase, label: str, *, max_pixels: int, min_side: int, reduce_to: int | None = None
+) -> Image.Image:
     """Identify, size-check, then decode the image in `stream` (still in its own mode): fully, or
     for a JPEG with `reduce_to`, at the smallest DCT scale that keeps that many pixels a side."""
     # Pillow warns (DecompressionBombWarning) above MAX_IMAGE_PIXELS and raises only above twice
@@ -203,16 +204,10 @@ def _decode(stream: io.IOBase, label: str, *, max_pixels: int, min_side: int,
                 f"the limit of {max_pixels:,}; downscale it (faces need well under 1000 px)"
             )
         if min(width, height) < min_side:
-            raise ImageError(
-                f"image too small: {label} is {width}x{height}; both sides must be at least "
-                f"{min_side} px"
-            )
+            raise ImageError(f"image too small: {label} is {width}x{height}; both sides must be at least {min_side} px")
         frames = getattr(image, "n_frames", 1)
         if frames > 1 and fmt != "MPO":
-            raise ImageError(
-                f"animated image: {label} is a {fmt} with {frames} frames; "
-                "send a single still image"
-            )
+            raise ImageError(f"animated image: {label} is a {fmt} with {frames} frames; send a single still image")
 
         if reduce_to and fmt in ("JPEG", "MPO"):
             image.draft(image.mode, (reduce_to, reduce_to))  # both sides stay >= reduce_to
@@ -239,12 +234,10 @@ def _not_accepted(stream: io.IOBase, label: str) -> ImageError:
             warnings.simplefilter("ignore")
             with Image.open(stream) as other:
                 fmt = other.format
-    except Exception:  # noqa: BLE001 - any failure here just means "not a known image format"
+    except Exception:
         fmt = None
     if fmt and fmt not in _ACCEPTED:
-        return ImageError(
-            f"unsupported image format: {label} is {fmt}; accepted formats are {_ACCEPTED_TEXT}"
-        )
+        return ImageError(f"unsupported image format: {label} is {fmt}; accepted formats are {_ACCEPTED_TEXT}")
     return ImageError(f"not an image: {label}; accepted formats are {_ACCEPTED_TEXT}")
 
 
@@ -253,7 +246,7 @@ def _apply_orientation(image: Image.Image, label: str) -> Image.Image:
     or 8). A malformed EXIF block is not worth rejecting a photo over: keep it as stored."""
     try:
         return ImageOps.exif_transpose(image)
-    except Exception as exc:  # noqa: BLE001 - Pillow's EXIF parser can raise many types
+    except Exception as exc:
         logger.warning("%s: ignoring unreadable EXIF orientation (%s)", label, exc)
         return image.copy()  # a plain Image, like exif_transpose returns
 

@@ -22,8 +22,9 @@ log = logging.getLogger("faceid.data")  # the loading log lines keep the name th
 
 
 class _DecodeOne(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[Path], size: int, crop: float,
-                 faces: Optional[Sequence[Optional[Face]]] = None) -> None:
+    def __init__(
+        self, paths: Sequence[Path], size: int, crop: float, faces: Optional[Sequence[Optional[Face]]] = None
+    ) -> None:
         self.paths, self.size, self.crop = paths, size, crop
         self.faces = faces if faces is not None else [None] * len(paths)
 
@@ -44,14 +45,16 @@ def _collate(items):
     return idx, imgs, errs
 
 
-def decode_all(paths: Sequence[Path], size: int, workers: int, crop: float = 1.0,
-               faces: Optional[Sequence[Optional[Face]]] = None) -> tuple[torch.Tensor, list[str]]:
+def decode_all(
+    paths: Sequence[Path], size: int, workers: int, crop: float = 1.0, faces: Optional[Sequence[Optional[Face]]] = None
+) -> tuple[torch.Tensor, list[str]]:
     """Decode every file once (aligned where `faces` gives its face). Returns uint8 [N, 3, S, S]
     and one error string per file ('' = ok)."""
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     errors = [""] * len(paths)
-    loader = torch.utils.data.DataLoader(_DecodeOne(paths, size, crop, faces), batch_size=64, num_workers=workers,
-                                         collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(
+        _DecodeOne(paths, size, crop, faces), batch_size=64, num_workers=workers, collate_fn=_collate
+    )
     for idx, imgs, errs in loader:
         out[idx] = imgs
         for i, e in zip(idx.tolist(), errs):
@@ -62,8 +65,14 @@ def decode_all(paths: Sequence[Path], size: int, workers: int, crop: float = 1.0
 class ImageStore:
     """uint8 images of an IdentityFolder, by index: `batch(indices) -> [B, 3, S, S]`."""
 
-    def __init__(self, folder: IdentityFolder, size: int, cached: Optional[torch.Tensor], crop: float = 1.0,
-                 faces: Optional[Sequence[Optional[Face]]] = None) -> None:
+    def __init__(
+        self,
+        folder: IdentityFolder,
+        size: int,
+        cached: Optional[torch.Tensor],
+        crop: float = 1.0,
+        faces: Optional[Sequence[Optional[Face]]] = None,
+    ) -> None:
         self.folder, self.size, self.cached, self.crop = folder, size, cached, crop
         self.faces = list(faces) if faces is not None else [None] * len(folder)
 
@@ -74,20 +83,30 @@ class ImageStore:
         arrs = []
         for i in idx.tolist():
             try:
-                arrs.append(torch.from_numpy(decode_image(self.folder.paths[i], self.size, self.crop,
-                                                          self.faces[i])))
+                arrs.append(torch.from_numpy(decode_image(self.folder.paths[i], self.size, self.crop, self.faces[i])))
             except Exception as e:  # became unreadable after the scan
-                log.warning("unreadable image skipped in batch (black image used): %s: %s",
-                            self.folder.paths[i], e)
+                log.warning("unreadable image skipped in batch (black image used): %s: %s", self.folder.paths[i], e)
                 arrs.append(torch.zeros(3, self.size, self.size, dtype=torch.uint8))
         return torch.stack(arrs)
 
 
-def load_images(folder: IdentityFolder, size: int, *, workers: int, crop: float = 1.0, cache: str = "auto",
-                cache_max_gb: float = 4.0, what: str = "dataset", min_identities: int = 2,
-                min_per_identity: int = 1, align: str = "none", detector: Optional[DetectorSpec] = None,
-                device: str | torch.device = "cpu", no_face: str = "drop",
-                progress: Optional[Callable[[int, int], None]] = None) -> tuple[IdentityFolder, ImageStore]:
+def load_images(
+    folder: IdentityFolder,
+    size: int,
+    *,
+    workers: int,
+    crop: float = 1.0,
+    cache: str = "auto",
+    cache_max_gb: float = 4.0,
+    what: str = "dataset",
+    min_identities: int = 2,
+    min_per_identity: int = 1,
+    align: str = "none",
+    detector: Optional[DetectorSpec] = None,
+    device: str | torch.device = "cpu",
+    no_face: str = "drop",
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> tuple[IdentityFolder, ImageStore]:
     """Decode (or check) every image once; drop unreadable ones with a counted warning.
 
     With `align` "arcface" each image's faces are found first (faceid.facecache: detected once,
@@ -98,8 +117,15 @@ def load_images(folder: IdentityFolder, size: int, *, workers: int, crop: float 
     Returns the folder without the skipped files and a store over it."""
     faces: Optional[list[Optional[Face]]] = None
     if align != "none":
-        folder, faces = _folder_faces(folder, detector or DetectorSpec(), workers=workers, device=device,
-                                      what=what, no_face=no_face, progress=progress)
+        folder, faces = _folder_faces(
+            folder,
+            detector or DetectorSpec(),
+            workers=workers,
+            device=device,
+            what=what,
+            no_face=no_face,
+            progress=progress,
+        )
         if no_face == "drop":
             check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
     nbytes = len(folder) * 3 * size * size
@@ -112,8 +138,13 @@ def load_images(folder: IdentityFolder, size: int, *, workers: int, crop: float 
     if bad.any():
         skipped = [(folder.paths[i], errors[i]) for i in np.flatnonzero(bad)]
         first = "; ".join(f"{p}: {e}" for p, e in skipped[:3])
-        log.warning("%s: skipped %d unreadable image(s) of %d (training goes on without them): %s",
-                    what, len(skipped), len(folder), first)
+        log.warning(
+            "%s: skipped %d unreadable image(s) of %d (training goes on without them): %s",
+            what,
+            len(skipped),
+            len(folder),
+            first,
+        )
         keep = ~bad
         folder = folder.subset(keep)
         folder.skipped = skipped
@@ -122,15 +153,24 @@ def load_images(folder: IdentityFolder, size: int, *, workers: int, crop: float 
         if images is not None:
             images = images[torch.from_numpy(keep)]
         if len(folder) == 0:
-            raise DataError(f"{what} folder {folder.root}: none of the images could be read "
-                            f"(first: {first}); check the files are JPEG/PNG/WebP/BMP images")
+            raise DataError(
+                f"{what} folder {folder.root}: none of the images could be read "
+                f"(first: {first}); check the files are JPEG/PNG/WebP/BMP images"
+            )
         check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
     return folder, ImageStore(folder, size, images, crop, faces)
 
 
-def _folder_faces(folder: IdentityFolder, spec: DetectorSpec, *, workers: int, device: str | torch.device,
-                  what: str, no_face: str, progress: Optional[Callable[[int, int], None]]
-                  ) -> tuple[IdentityFolder, list[Optional[Face]]]:
+def _folder_faces(
+    folder: IdentityFolder,
+    spec: DetectorSpec,
+    *,
+    workers: int,
+    device: str | torch.device,
+    what: str,
+    no_face: str,
+    progress: Optional[Callable[[int, int], None]],
+) -> tuple[IdentityFolder, list[Optional[Face]]]:
     """The face each image is aligned by (the largest found), with images without one dropped or
     kept unaligned as `no_face` says. Unreadable images stay in, to be reported as such."""
     from faceid.facecache import find_faces
@@ -143,16 +183,28 @@ def _folder_faces(folder: IdentityFolder, spec: DetectorSpec, *, workers: int, d
     listed = [folder.paths[i] for i in missing]
     examples = ", ".join(str(p) for p in listed[:3])
     if no_face != "drop":
-        log.warning("%s: no face found in %d of %d images; they are used unaligned (first: %s)",
-                    what, len(listed), len(folder), examples)
+        log.warning(
+            "%s: no face found in %d of %d images; they are used unaligned (first: %s)",
+            what,
+            len(listed),
+            len(folder),
+            examples,
+        )
         folder.no_face = listed
         return folder, faces
     if len(listed) == len(folder):
-        raise DataError(f"{what} folder {folder.root}: no face was found in any of its {len(folder)} images "
-                        f"(first: {examples}); give photos of faces, or --align none for images the "
-                        "detector cannot read (already cropped and aligned faces, drawings)")
-    log.warning("%s: no face found in %d of %d images; training goes on without them (first: %s)",
-                what, len(listed), len(folder), examples)
+        raise DataError(
+            f"{what} folder {folder.root}: no face was found in any of its {len(folder)} images "
+            f"(first: {examples}); give photos of faces, or --align none for images the "
+            "detector cannot read (already cropped and aligned faces, drawings)"
+        )
+    log.warning(
+        "%s: no face found in %d of %d images; training goes on without them (first: %s)",
+        what,
+        len(listed),
+        len(folder),
+        examples,
+    )
     keep = np.ones(len(folder), dtype=bool)
     keep[missing] = False
     kept = folder.subset(keep)
@@ -181,12 +233,12 @@ class _CheckOne(torch.utils.data.Dataset):
 
 
 def _check_headers(paths: Sequence[Path], workers: int) -> list[str]:
-    loader = torch.utils.data.DataLoader(_CheckOne(paths), batch_size=256, num_workers=workers,
-                                         collate_fn=list)
+    loader = torch.utils.data.DataLoader(_CheckOne(paths), batch_size=256, num_workers=workers, collate_fn=list)
     return [e for batch in loader for e in batch]
 
 
 # --- batches of an epoch ------------------------------------------------------------------------
+
 
 class _BatchDataset(torch.utils.data.Dataset):
     def __init__(self, store: ImageStore, batches: Sequence[np.ndarray]) -> None:
@@ -199,14 +251,16 @@ class _BatchDataset(torch.utils.data.Dataset):
         return self.store.batch(self.batches[i])
 
 
-def batch_images(store: ImageStore, batches: Sequence[np.ndarray], *, workers: int,
-                 pin_memory: bool = False) -> Iterator[torch.Tensor]:
+def batch_images(
+    store: ImageStore, batches: Sequence[np.ndarray], *, workers: int, pin_memory: bool = False
+) -> Iterator[torch.Tensor]:
     """uint8 image batches for `batches` of indices, in order. From memory when the store is
     cached; otherwise decoded ahead by `workers` DataLoader processes."""
     if store.cached is not None or workers == 0:
         for b in batches:
             yield store.batch(b)
         return
-    loader = torch.utils.data.DataLoader(_BatchDataset(store, batches), batch_size=None,
-                                         num_workers=workers, pin_memory=pin_memory, prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(
+        _BatchDataset(store, batches), batch_size=None, num_workers=workers, pin_memory=pin_memory, prefetch_factor=2
+    )
     yield from loader

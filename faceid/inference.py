@@ -72,15 +72,23 @@ def to_uint8_tensor(img: Image.Image, size: int, crop: float = 1.0) -> torch.Ten
 class Verifier:
     """Embeds images with a checkpoint's network; thread-safe (one forward at a time)."""
 
-    def __init__(self, ckpt: dict[str, Any], path: Optional[str] = None, device: str = "auto",
-                 amp: str = "auto", compile: str = "off") -> None:
+    def __init__(
+        self,
+        ckpt: dict[str, Any],
+        path: Optional[str] = None,
+        device: str = "auto",
+        amp: str = "auto",
+        compile: str = "off",
+    ) -> None:
         if compile not in COMPILE_MODES:
             raise ConfigError(f"compile={compile!r}: use one of {', '.join(COMPILE_MODES)}")
         self.path = path
         self.device = resolve_device(device)
         if compile == "cudagraph" and self.device.type != "cuda":
-            raise ConfigError("compile=cudagraph replays recorded GPU kernel launches and needs a CUDA GPU; "
-                              "use compile off (or freeze) on a CPU")
+            raise ConfigError(
+                "compile=cudagraph replays recorded GPU kernel launches and needs a CUDA GPU; "
+                "use compile off (or freeze) on a CPU"
+            )
         self.amp_dtype = resolve_amp(amp, self.device)
         try:
             self.img_size = int(ckpt["img_size"])
@@ -94,26 +102,33 @@ class Verifier:
             self.thresholds = {k: float(v) for k, v in ckpt["thresholds"].items()}
             self.config = dict(ckpt["config"])
             self.flip = bool(self.config.get("eval_flip", False))
-            not_finite = [k for k, v in ckpt["model"].items()
-                          if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            not_finite = [
+                k
+                for k, v in ckpt["model"].items()
+                if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+            ]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"checkpoint {path} is malformed ({type(e).__name__}: {str(e)[:200]}); "
-                                  "give a backbone_best.pt or last.pt written by faceid train") from None
+            raise CheckpointError(
+                f"checkpoint {path} is malformed ({type(e).__name__}: {str(e)[:200]}); "
+                "give a backbone_best.pt or last.pt written by faceid train"
+            ) from None
         if not_finite:  # it would answer every request with NaN similarities
-            raise CheckpointError(f"checkpoint {path} holds weights that are not finite (NaN or infinity, "
-                                  f"{len(not_finite)} tensors, first {not_finite[0]}); it comes from a "
-                                  "diverged run: use an earlier checkpoint")
+            raise CheckpointError(
+                f"checkpoint {path} holds weights that are not finite (NaN or infinity, "
+                f"{len(not_finite)} tensors, first {not_finite[0]}); it comes from a "
+                "diverged run: use an earlier checkpoint"
+            )
         neck = self.config.get("neck", "gap")  # checkpoints from before the option: gap
         if neck not in NECKS:
-            raise CheckpointError(f"checkpoint {path} names neck {neck!r}; this FaceID knows "
-                                  f"{', '.join(NECKS)}")
+            raise CheckpointError(f"checkpoint {path} names neck {neck!r}; this FaceID knows {', '.join(NECKS)}")
         # The trained network (its trunk faceid.model.resnet50_trunk) with the checkpoint's weights
         self.model = EmbeddingNet(self.embedding_size, neck=neck, img_size=self.img_size)
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {path} does not fit the ResNet-50 embedding network: "
-                                  f"{str(e).splitlines()[0]}") from None
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the ResNet-50 embedding network: {str(e).splitlines()[0]}"
+            ) from None
         self.model.to(self.device).eval()
         self.channels_last = bool(self.config.get("channels_last", True))
         if self.channels_last:
@@ -121,8 +136,7 @@ class Verifier:
         self.transform = BatchTransform(self.device, augment=False, channels_last=self.channels_last)
         # An aligned model finds the face in each photo with the detector its training data was
         # prepared with, on the model's device
-        self.detector = (build_detector(self.preparation.detector, self.device)
-                         if self.preparation.aligned else None)
+        self.detector = build_detector(self.preparation.detector, self.device) if self.preparation.aligned else None
         self._lock = threading.Lock()
         # True: forward passes may run at once from several threads (a server's inference
         # workers), each on the compute threads torch is set to; False: one at a time, batches of
@@ -139,8 +153,9 @@ class Verifier:
         self._graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", amp: str = "auto",
-                        compile: str = "off") -> "Verifier":
+    def from_checkpoint(
+        cls, path: str | Path, device: str = "auto", amp: str = "auto", compile: str = "off"
+    ) -> "Verifier":
         return cls(load_checkpoint(path), str(path), device=device, amp=amp, compile=compile)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
@@ -185,9 +200,9 @@ class Verifier:
                 static_out = self.model(static_in).float()
             entry = self._graphs[padded] = (graph, static_in, static_out)
         graph, static_in, static_out = entry
-        static_in[:len(x)].copy_(x)
+        static_in[: len(x)].copy_(x)
         graph.replay()
-        return static_out[:len(x)].clone()  # the next replay overwrites static_out
+        return static_out[: len(x)].clone()  # the next replay overwrites static_out
 
     @torch.inference_mode()
     def warmup(self, max_images: int) -> int:
@@ -204,11 +219,19 @@ class Verifier:
 
     @property
     def info(self) -> dict[str, Any]:
-        return {"checkpoint": self.path, "epoch": self.epoch, "metrics": self.metrics,
-                "thresholds": self.thresholds, "img_size": self.img_size, "crop": self.crop,
-                "embedding_size": self.embedding_size, "arch": "resnet50",
-                "train_mode": self.config.get("train_mode"), "config": self.config,
-                "faces": self.preparation.to_json()}
+        return {
+            "checkpoint": self.path,
+            "epoch": self.epoch,
+            "metrics": self.metrics,
+            "thresholds": self.thresholds,
+            "img_size": self.img_size,
+            "crop": self.crop,
+            "embedding_size": self.embedding_size,
+            "arch": "resnet50",
+            "train_mode": self.config.get("train_mode"),
+            "config": self.config,
+            "faces": self.preparation.to_json(),
+        }
 
     @torch.inference_mode()
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
@@ -224,7 +247,7 @@ class Verifier:
             with autocast_ctx(self.device, self.amp_dtype):
                 if self.flip:  # both views in one pass: at batch 1-2 clearly faster than two passes
                     both = self._run(torch.cat([x, x.flip(3)]))
-                    e = both[:len(x)] + both[len(x):]
+                    e = both[: len(x)] + both[len(x) :]
                 else:
                     e = self._run(x)
             return torch.nn.functional.normalize(e, dim=1).cpu().numpy()
@@ -260,10 +283,12 @@ class Verifier:
         if face is None:
             w, h = img.size
             spec = self.preparation.detector
-            raise NoFaceError(f"no face found in the {w}x{h} image; send a photo where a face is visible and "
-                              f"at least {100 * spec.min_face / spec.max_side:.0f}% of the photo's longer side "
-                              "across (crop a group photo around the person), or, if it is already an aligned "
-                              "face crop, set detect=false")
+            raise NoFaceError(
+                f"no face found in the {w}x{h} image; send a photo where a face is visible and "
+                f"at least {100 * spec.min_face / spec.max_side:.0f}% of the photo's longer side "
+                "across (crop a group photo around the person), or, if it is already an aligned "
+                "face crop, set detect=false"
+            )
         return Prepared(torch.from_numpy(align_face(img, face.landmarks, self.img_size, self.crop)), face, len(faces))
 
     def prepare(self, img: Image.Image) -> torch.Tensor:
@@ -276,22 +301,31 @@ class Verifier:
         PIL is decoded at full scale: the same face, within a fraction of a grey level)."""
         if not images:
             return np.zeros((0, self.embedding_size), np.float32)
-        return self.embed_tensors(torch.stack([
-            im.tensor if isinstance(im, Prepared) else im if isinstance(im, torch.Tensor) else self.prepare(im)
-            for im in images]))
+        return self.embed_tensors(
+            torch.stack(
+                [
+                    im.tensor if isinstance(im, Prepared) else im if isinstance(im, torch.Tensor) else self.prepare(im)
+                    for im in images
+                ]
+            )
+        )
 
     def resolve_threshold(self, threshold: Threshold) -> tuple[float, str]:
         if threshold is None:
             threshold = "acc"
         if isinstance(threshold, str):
             if threshold not in self.thresholds:
-                raise ConfigError(f"unknown threshold {threshold!r}; use a cosine value in [-1, 1] or "
-                                  f"one of {', '.join(sorted(self.thresholds))}")
+                raise ConfigError(
+                    f"unknown threshold {threshold!r}; use a cosine value in [-1, 1] or "
+                    f"one of {', '.join(sorted(self.thresholds))}"
+                )
             return self.thresholds[threshold], threshold
         t = float(threshold)
         if not (-1.0 <= t <= 1.0):
-            raise ConfigError(f"threshold {t} is outside [-1, 1]; give a cosine value or a named "
-                              f"operating point ({', '.join(sorted(self.thresholds))})")
+            raise ConfigError(
+                f"threshold {t} is outside [-1, 1]; give a cosine value or a named "
+                f"operating point ({', '.join(sorted(self.thresholds))})"
+            )
         return t, "custom"
 
     def compare(self, e1: np.ndarray, e2: np.ndarray, threshold: Threshold = None) -> dict[str, Any]:
@@ -303,4 +337,3 @@ class Verifier:
         self.resolve_threshold(threshold)  # fail before the forward pass
         e = self.embed([img1, img2])
         return self.compare(e[0], e[1], threshold)
-

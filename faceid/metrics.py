@@ -89,20 +89,14 @@ class VerificationReport:
 # Input checks
 
 
-def _check(
-    scores: np.ndarray, labels: np.ndarray, need_both: bool
-) -> tuple[np.ndarray, np.ndarray]:
+def _check(scores: np.ndarray, labels: np.ndarray, need_both: bool) -> tuple[np.ndarray, np.ndarray]:
     """Validate and convert: scores [N] -> float64, labels [N] -> int8 of 0/1."""
     s = np.asarray(scores)
     y = np.asarray(labels)
     if s.ndim != 1 or y.ndim != 1:
-        raise ValueError(
-            f"scores and labels must be 1-D arrays, got shapes {s.shape} and {y.shape}"
-        )
+        raise ValueError(f"scores and labels must be 1-D arrays, got shapes {s.shape} and {y.shape}")
     if s.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"scores and labels differ in length: {s.shape[0]} scores, {y.shape[0]} labels"
-        )
+        raise ValueError(f"scores and labels differ in length: {s.shape[0]} scores, {y.shape[0]} labels")
     if s.shape[0] == 0:
         raise ValueError("no pairs to score: scores and labels are empty")
     s = s.astype(np.float64, copy=False)
@@ -116,8 +110,7 @@ def _check(
         bad_y = (y != 0) & (y != 1)
         if bad_y.any():
             raise ValueError(
-                f"labels must be 1 (same) or 0 (different), got {y[bad_y][0]!r} "
-                f"at index {int(np.argmax(bad_y))}"
+                f"labels must be 1 (same) or 0 (different), got {y[bad_y][0]!r} at index {int(np.argmax(bad_y))}"
             )
     y = y.astype(np.int8, copy=False)
     if need_both:
@@ -251,9 +244,7 @@ def verification_report(
         far_key(far)  # validates the range
         tar[far], th_far[far] = _at_far(sw, far)
     auc = float(roc_auc_score(y, s))
-    return VerificationReport(
-        acc=acc, th=th, auc=auc, tar=tar, th_far=th_far, n_pos=sw.n_pos, n_neg=sw.n_neg
-    )
+    return VerificationReport(acc=acc, th=th, auc=auc, tar=tar, th_far=th_far, n_pos=sw.n_pos, n_neg=sw.n_neg)
 
 
 def kfold_accuracy(
@@ -279,9 +270,7 @@ def kfold_accuracy(
     else:
         fold_ids = np.asarray(folds)
         if fold_ids.shape != (n,):
-            raise ValueError(
-                f"folds must be an int or one fold id per pair: shape ({n},), got {fold_ids.shape}"
-            )
+            raise ValueError(f"folds must be an int or one fold id per pair: shape ({n},), got {fold_ids.shape}")
     ids = np.unique(fold_ids)
     if ids.shape[0] < 2:
         raise ValueError(f"k-fold accuracy needs at least 2 folds, got {ids.shape[0]}")
@@ -316,19 +305,29 @@ def operating_points(metrics: dict) -> dict[str, dict]:
     n_pos, n_neg = metrics.get("n_pos"), metrics.get("n_neg")
     out: dict[str, dict] = {}
     if metrics.get("th") is not None:
-        out["acc"] = {"threshold": metrics["th"], "accuracy": metrics.get("acc"),
-                      "pairs": n_pos + n_neg if n_pos is not None and n_neg is not None else None}
+        out["acc"] = {
+            "threshold": metrics["th"],
+            "accuracy": metrics.get("acc"),
+            "pairs": n_pos + n_neg if n_pos is not None and n_neg is not None else None,
+        }
     for far in DEFAULT_FARS:
         key = far_key(far)
         if metrics.get(f"th_far_{key}") is None:
             continue
         out[f"far_{key}"] = {
-            "threshold": metrics[f"th_far_{key}"], "far": far, "tar": metrics.get(f"tar_{key}"),
-            "negatives": n_neg, "false_accepts": int(far * n_neg) if n_neg is not None else None,
-            "resolved": n_neg * far >= MIN_FALSE_ACCEPTS if n_neg is not None else None}
+            "threshold": metrics[f"th_far_{key}"],
+            "far": far,
+            "tar": metrics.get(f"tar_{key}"),
+            "negatives": n_neg,
+            "false_accepts": int(far * n_neg) if n_neg is not None else None,
+            "resolved": n_neg * far >= MIN_FALSE_ACCEPTS if n_neg is not None else None,
+        }
     if metrics.get("pairs_th") is not None:
-        out["pairs_acc"] = {"threshold": metrics["pairs_th"], "accuracy": metrics.get("pairs_acc"),
-                            "pairs": metrics.get("pairs_n")}
+        out["pairs_acc"] = {
+            "threshold": metrics["pairs_th"],
+            "accuracy": metrics.get("pairs_acc"),
+            "pairs": metrics.get("pairs_n"),
+        }
     return out
 
 
@@ -353,8 +352,12 @@ def roc_points(scores: np.ndarray, labels: np.ndarray, max_points: int = 200) ->
     far_grid = far_grid + 1e-9  # float slack: the cut at exactly FAR 1e-3 belongs to 1e-3
     by_far = np.searchsorted(log_far, far_grid, side="right") - 1
     by_tar = np.searchsorted(tar, np.linspace(0.0, 1.0, half), side="left")
-    picked = np.unique(np.concatenate(([0, len(keep) - 1], by_far[by_far >= 0],
-                                       np.minimum(by_tar, len(keep) - 1))))
+    picked = np.unique(np.concatenate(([0, len(keep) - 1], by_far[by_far >= 0], np.minimum(by_tar, len(keep) - 1))))
     idx = keep[picked]
-    return {"far": [float(v) for v in sw.fp[idx] / sw.n_neg], "tar": [float(v) for v in sw.tp[idx] / sw.n_pos],
-            "threshold": [float(v) for v in sw.th[idx]], "n_pos": sw.n_pos, "n_neg": sw.n_neg}
+    return {
+        "far": [float(v) for v in sw.fp[idx] / sw.n_neg],
+        "tar": [float(v) for v in sw.tp[idx] / sw.n_pos],
+        "threshold": [float(v) for v in sw.th[idx]],
+        "n_pos": sw.n_pos,
+        "n_neg": sw.n_neg,
+    }

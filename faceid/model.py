@@ -52,8 +52,15 @@ class EmbeddingNet(nn.Module):
     checkpoints with and without it have the same keys).
     """
 
-    def __init__(self, embedding_size: int = 512, trunk: Optional[nn.Module] = None, *,
-                 neck: str = "gap", img_size: int = 224, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        embedding_size: int = 512,
+        trunk: Optional[nn.Module] = None,
+        *,
+        neck: str = "gap",
+        img_size: int = 224,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if neck not in NECKS:
             raise ConfigError(f"neck={neck!r}: use one of {', '.join(NECKS)}")
@@ -89,9 +96,15 @@ def resnet50_trunk() -> nn.Module:
     return net
 
 
-def build_model(*, embedding_size: int = 512, pretrained: bool = False,
-                pretrained_weights: Optional[str] = None, neck: str = "gap", img_size: int = 224,
-                dropout: float = 0.0) -> EmbeddingNet:
+def build_model(
+    *,
+    embedding_size: int = 512,
+    pretrained: bool = False,
+    pretrained_weights: Optional[str] = None,
+    neck: str = "gap",
+    img_size: int = 224,
+    dropout: float = 0.0,
+) -> EmbeddingNet:
     """Build the embedding network; with `pretrained`, load ImageNet weights into the trunk from
     `pretrained_weights` or the local torch cache. Never downloads (raises ConfigError instead)."""
     model = EmbeddingNet(embedding_size, neck=neck, img_size=img_size, dropout=dropout)
@@ -102,11 +115,14 @@ def build_model(*, embedding_size: int = 512, pretrained: bool = False,
             missing, unexpected = model.trunk.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatches (another architecture) raise, even non-strict
             detail = " ".join(str(e).split())[:300]
-            raise ConfigError(f"pretrained weights do not fit ResNet-50 ({detail}); give a torchvision "
-                              "resnet50 state dict") from None
+            raise ConfigError(
+                f"pretrained weights do not fit ResNet-50 ({detail}); give a torchvision resnet50 state dict"
+            ) from None
         if missing or unexpected:
-            raise ConfigError(f"pretrained weights do not fit ResNet-50: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}; give a torchvision resnet50 state dict")
+            raise ConfigError(
+                f"pretrained weights do not fit ResNet-50: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}; give a torchvision resnet50 state dict"
+            )
     return model
 
 
@@ -130,8 +146,13 @@ def load_imagenet_weights(path: Optional[str]) -> dict[str, torch.Tensor]:
             from faceid.checkpoint import load_torch_file
 
             # one line naming the file, never PyTorch's own advice (weights_only=False)
-            state = load_torch_file(p, what="pretrained weights", noun="PyTorch state dict",
-                                    expected="a torchvision resnet50 state-dict file", error=ConfigError)
+            state = load_torch_file(
+                p,
+                what="pretrained weights",
+                noun="PyTorch state dict",
+                expected="a torchvision resnet50 state-dict file",
+                error=ConfigError,
+            )
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
             if not isinstance(state, dict):
@@ -139,13 +160,13 @@ def load_imagenet_weights(path: Optional[str]) -> dict[str, torch.Tensor]:
             log.info("loaded ImageNet weights from %s", p)
             return state
     if path:
-        raise ConfigError(f"pretrained weights file not found: {path}; check the path given to "
-                          "--pretrained_weights")
+        raise ConfigError(f"pretrained weights file not found: {path}; check the path given to --pretrained_weights")
     raise ConfigError(
         "--pretrained needs ImageNet ResNet-50 weights and none are on this machine (no download is "
         f"attempted): put resnet50 weights at {candidates[0]} (from a machine with internet: "
         "python -c 'import torchvision; torchvision.models.resnet50(weights=\"IMAGENET1K_V2\")') or "
-        "pass --pretrained_weights FILE, or train from scratch without --pretrained")
+        "pass --pretrained_weights FILE, or train from scratch without --pretrained"
+    )
 
 
 class ArcMarginProduct(nn.Module):
@@ -159,8 +180,9 @@ class ArcMarginProduct(nn.Module):
     margin is applied only where cos(theta) > 0).
     """
 
-    def __init__(self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.50,
-                 easy_margin: bool = False) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.50, easy_margin: bool = False
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -195,5 +217,7 @@ class ArcMarginProduct(nn.Module):
         return self.s * (one_hot * phi + (1.0 - one_hot) * cosine)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, s={self.s}, "
-                f"m={self.m}, easy_margin={self.easy_margin}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, s={self.s}, "
+            f"m={self.m}, easy_margin={self.easy_margin}"
+        )

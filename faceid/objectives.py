@@ -20,7 +20,7 @@ from faceid.model import ArcMarginProduct
 
 @dataclass
 class Batch:
-    indices: np.ndarray   # [B] image indices to load, in the order the objective expects
+    indices: np.ndarray  # [B] image indices to load, in the order the objective expects
     target: torch.Tensor  # arcface: labels [B]; pair: same/different [B/2] as float
 
 
@@ -36,12 +36,15 @@ class ArcFaceObjective(nn.Module):
         self.balanced = cfg.balanced_sampling
         self.target_m = cfg.arcface_m
         self.margin_warmup_epochs = cfg.margin_warmup_epochs
-        self.head = ArcMarginProduct(cfg.embedding_size, num_classes, s=cfg.arcface_s,
-                                     m=cfg.arcface_m, easy_margin=cfg.easy_margin)
+        self.head = ArcMarginProduct(
+            cfg.embedding_size, num_classes, s=cfg.arcface_s, m=cfg.arcface_m, easy_margin=cfg.easy_margin
+        )
 
     def epoch_batches(self, rng: np.random.Generator) -> list[Batch]:
-        return [Batch(b, torch.from_numpy(self.labels[b]))
-                for b in classification_batches(self.labels, self.batch_size, rng, balanced=self.balanced)]
+        return [
+            Batch(b, torch.from_numpy(self.labels[b]))
+            for b in classification_batches(self.labels, self.batch_size, rng, balanced=self.balanced)
+        ]
 
     def set_progress(self, epochs_done: float) -> None:
         """Margin warm-up: m rises linearly from 0 to arcface_m over margin_warmup_epochs. A
@@ -74,8 +77,13 @@ class PairObjective(nn.Module):
         ia, ib, y = ia[order], ib[order], y[order]
         k = self.pairs_per_batch
         nb = max(1, len(y) // k)
-        return [Batch(np.concatenate([ia[i * k:(i + 1) * k], ib[i * k:(i + 1) * k]]),
-                      torch.from_numpy(y[i * k:(i + 1) * k]).float()) for i in range(nb)]
+        return [
+            Batch(
+                np.concatenate([ia[i * k : (i + 1) * k], ib[i * k : (i + 1) * k]]),
+                torch.from_numpy(y[i * k : (i + 1) * k]).float(),
+            )
+            for i in range(nb)
+        ]
 
     def set_progress(self, epochs_done: float) -> None:
         pass

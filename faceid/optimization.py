@@ -13,8 +13,7 @@ from faceid.config import TrainConfig
 from faceid.objectives import Trainee
 
 
-def lr_lambda(cfg: TrainConfig, steps_per_epoch: int,
-              pace: Callable[[int], float] = float) -> Callable[[int], float]:
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int, pace: Callable[[int], float] = float) -> Callable[[int], float]:
     """Per-step multiplier: linear warmup over warmup_epochs, then cosine to 0 or constant.
     `pace(step)` is how far the schedule is, in steps (at least `step`; more when a time limit
     runs ahead of the steps)."""
@@ -38,8 +37,10 @@ def build_optimizer(cfg: TrainConfig, trainee: Trainee) -> torch.optim.Optimizer
     trunk = list(trainee.model.trunk.parameters())
     trunk_ids = {id(p) for p in trunk}
     rest = [p for p in trainee.parameters() if id(p) not in trunk_ids]
-    groups = [{"params": trunk, "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"},
-              {"params": rest, "lr": cfg.lr, "name": "head"}]
+    groups = [
+        {"params": trunk, "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"},
+        {"params": rest, "lr": cfg.lr, "name": "head"},
+    ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)

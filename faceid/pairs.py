@@ -91,40 +91,27 @@ def _parse_int(token: str, what: str, where: str) -> int:
     try:
         value = int(token)
     except ValueError:
-        raise DataError(
-            f"{where}: {what} must be a whole number, got {token!r}; {_FORMAT_HINT}"
-        ) from None
+        raise DataError(f"{where}: {what} must be a whole number, got {token!r}; {_FORMAT_HINT}") from None
     return value
 
 
 def _parse_header(line: str, where: str) -> tuple[int, int]:
     tokens = line.split()
     if len(tokens) not in (1, 2):
-        raise DataError(
-            f"{where}: bad header {line.strip()!r}; {_FORMAT_HINT} "
-            "(e.g. '10\\t300' or '1100')"
-        )
+        raise DataError(f"{where}: bad header {line.strip()!r}; {_FORMAT_HINT} (e.g. '10\\t300' or '1100')")
     numbers = [_parse_int(t, "the header", where) for t in tokens]
     n_folds, n = (1, numbers[0]) if len(numbers) == 1 else (numbers[0], numbers[1])
     if n_folds < 1 or n < 1:
-        raise DataError(
-            f"{where}: header {line.strip()!r} must hold positive numbers; {_FORMAT_HINT}"
-        )
+        raise DataError(f"{where}: header {line.strip()!r} must hold positive numbers; {_FORMAT_HINT}")
     return n_folds, n
 
 
-def _parse_pair(
-    line: str, matched: bool, fold: int, n: int, where: str
-) -> tuple[str, int, str, int]:
+def _parse_pair(line: str, matched: bool, fold: int, n: int, where: str) -> tuple[str, int, str, int]:
     """One body line -> (name_a, idx_a, name_b, idx_b)."""
     tokens = line.split()
     want = 3 if matched else 4
     if len(tokens) != want:
-        kind = (
-            "matched pair 'name idx1 idx2'"
-            if matched
-            else "mismatched pair 'name1 idx1 name2 idx2'"
-        )
+        kind = "matched pair 'name idx1 idx2'" if matched else "mismatched pair 'name1 idx1 name2 idx2'"
         raise DataError(
             f"{where}: expected a {kind} (fold {fold} holds {n} matched then {n} mismatched "
             f"pairs), got {len(tokens)} fields in {line.strip()!r}"
@@ -189,9 +176,7 @@ def load_pairs(
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(
-            f"pairs file {path} does not exist; give the path of an LFW-style pairs.txt"
-        ) from None
+        raise DataError(f"pairs file {path} does not exist; give the path of an LFW-style pairs.txt") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read pairs file {path}: {exc}") from None
 
@@ -214,9 +199,7 @@ def load_pairs(
         keep = set()
         for f in folds:
             if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not 1 <= f <= n_folds:
-                raise DataError(
-                    f"{path}: fold {f!r} is out of range; this file has folds 1..{n_folds}"
-                )
+                raise DataError(f"{path}: fold {f!r} is out of range; this file has folds 1..{n_folds}")
             keep.add(int(f))
         if not keep:
             raise DataError(f"{path}: no folds selected; choose among 1..{n_folds}")
@@ -252,8 +235,7 @@ def load_pairs(
             f"{root} (looked for {', '.join(IMAGE_EXTENSIONS)}), e.g. {shown}; point root at the "
             "folder holding one sub-folder per identity"
         )
-    logger.debug("loaded %d pairs (%d folds kept of %d) from %s", len(labels),
-                 len(set(fold_of)), n_folds, path)
+    logger.debug("loaded %d pairs (%d folds kept of %d) from %s", len(labels), len(set(fold_of)), n_folds, path)
     return PairsProtocol(
         paths_a=paths_a,
         paths_b=paths_b,
@@ -264,8 +246,7 @@ def load_pairs(
     )
 
 
-def resolve_pairs_file(pairs_file: Union[str, os.PathLike],
-                       val: Optional[Union[str, os.PathLike]] = None) -> Path:
+def resolve_pairs_file(pairs_file: Union[str, os.PathLike], val: Optional[Union[str, os.PathLike]] = None) -> Path:
     """The pairs file as given, or, when it is relative and does not exist, relative to `val`."""
     path = Path(pairs_file)
     if val is not None and not path.is_absolute() and not path.exists():

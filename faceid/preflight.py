@@ -14,20 +14,32 @@ def check_weight_files(cfg: TrainConfig) -> None:
     from faceid.checkpoint import EXPECTED_CHECKPOINT, torch_file_problem
 
     if cfg.pretrained_weights:
-        problem = torch_file_problem(cfg.pretrained_weights, what="--pretrained_weights", noun="PyTorch state dict",
-                                     expected="a torchvision resnet50 state-dict file (such as resnet50-11ad3fa6.pth)")
+        problem = torch_file_problem(
+            cfg.pretrained_weights,
+            what="--pretrained_weights",
+            noun="PyTorch state dict",
+            expected="a torchvision resnet50 state-dict file (such as resnet50-11ad3fa6.pth)",
+        )
         if problem:
             raise ConfigError(problem)
     if cfg.init_from:
-        problem = torch_file_problem(cfg.init_from, what="--init_from model", noun="PyTorch checkpoint",
-                                     expected=f"the model to fine-tune ({EXPECTED_CHECKPOINT})",
-                                     look_for=("backbone_best.pt",))
+        problem = torch_file_problem(
+            cfg.init_from,
+            what="--init_from model",
+            noun="PyTorch checkpoint",
+            expected=f"the model to fine-tune ({EXPECTED_CHECKPOINT})",
+            look_for=("backbone_best.pt",),
+        )
         if problem:
             raise CheckpointError(problem)
     if cfg.resume:
-        problem = torch_file_problem(cfg.resume, what="--resume checkpoint", noun="PyTorch checkpoint",
-                                     expected=f"the last.pt of the run to continue ({EXPECTED_CHECKPOINT})",
-                                     look_for=("last.pt",))
+        problem = torch_file_problem(
+            cfg.resume,
+            what="--resume checkpoint",
+            noun="PyTorch checkpoint",
+            expected=f"the last.pt of the run to continue ({EXPECTED_CHECKPOINT})",
+            look_for=("last.pt",),
+        )
         if problem:
             raise CheckpointError(problem)
 
@@ -50,5 +62,7 @@ def check_before_launch(cfg: TrainConfig) -> None:
     if cfg.init_from and not cfg.resume:
         from faceid.finetune import load_base
 
-        load_base(build_model(embedding_size=cfg.embedding_size, neck=cfg.neck, img_size=cfg.img_size,
-                              dropout=cfg.dropout), cfg)
+        load_base(
+            build_model(embedding_size=cfg.embedding_size, neck=cfg.neck, img_size=cfg.img_size, dropout=cfg.dropout),
+            cfg,
+        )

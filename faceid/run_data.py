@@ -31,12 +31,20 @@ def scan_run_folders(cfg: TrainConfig) -> tuple[IdentityFolder, IdentityFolder]:
 
 def load_options(cfg: TrainConfig, device: torch.device, cache: Optional[str] = None) -> dict[str, Any]:
     """load_images' arguments of a run with `cfg`; `cache`, if given, instead of --cache_images."""
-    return dict(workers=cfg.workers, crop=cfg.crop, cache=cache or cfg.cache_images, cache_max_gb=cfg.cache_max_gb,
-                align=cfg.align, detector=DetectorSpec(), device=device)
+    return dict(
+        workers=cfg.workers,
+        crop=cfg.crop,
+        cache=cache or cfg.cache_images,
+        cache_max_gb=cfg.cache_max_gb,
+        align=cfg.align,
+        detector=DetectorSpec(),
+        device=device,
+    )
 
 
-def load_protocol_images(cfg: TrainConfig, progress: Callable[[int, int], None],
-                         **options: Any) -> tuple[IdentityFolder, Protocol]:
+def load_protocol_images(
+    cfg: TrainConfig, progress: Callable[[int, int], None], **options: Any
+) -> tuple[IdentityFolder, Protocol]:
     """--pairs_file's pairs (faceid.pairs.load_protocol) and its images, decoded with `options`
     (images without a face are used unaligned). DataError for a protocol too small for k-fold
     accuracy or with images that cannot be read."""
@@ -45,14 +53,25 @@ def load_protocol_images(cfg: TrainConfig, progress: Callable[[int, int], None],
     n_same = int(proto.labels.sum())
     if len(np.unique(proto.folds)) < 2 and max(n_same, len(proto) - n_same) < 2:
         # score_protocol could not form 2 folds: stop now, not after the first epoch
-        raise DataError(f"{pf}: {len(proto)} pair(s) in one fold are too few for k-fold accuracy; "
-                        "select more folds with --pairs_folds or use a pairs file with at least 2 "
-                        "matched and 2 mismatched pairs")
+        raise DataError(
+            f"{pf}: {len(proto)} pair(s) in one fold are too few for k-fold accuracy; "
+            "select more folds with --pairs_folds or use a pairs file with at least 2 "
+            "matched and 2 mismatched pairs"
+        )
     paths = proto.unique_paths()
-    folder, store = load_images(protocol_folder(paths), cfg.img_size, what="--pairs_file images",
-                                no_face="center", progress=progress, min_identities=1, **options)
+    folder, store = load_images(
+        protocol_folder(paths),
+        cfg.img_size,
+        what="--pairs_file images",
+        no_face="center",
+        progress=progress,
+        min_identities=1,
+        **options,
+    )
     if len(folder) != len(paths):
-        raise DataError(f"{len(paths) - len(folder)} image(s) named in {pf} cannot be read "
-                        f"(first: {folder.skipped[0][0]}); fix or remove those pairs")
+        raise DataError(
+            f"{len(paths) - len(folder)} image(s) named in {pf} cannot be read "
+            f"(first: {folder.skipped[0][0]}); fix or remove those pairs"
+        )
     ia, ib = proto.index_pairs({p: i for i, p in enumerate(paths)})
     return folder, (store, ia, ib, proto.labels, proto.folds)

@@ -41,8 +41,7 @@ def write_no_face(ckpt_dir: Path, folders: Iterable[tuple[str, Optional[Identity
         path.unlink()
 
 
-def start_files(ckpt_dir: Path, cfg: TrainConfig,
-                folders: Iterable[tuple[str, Optional[IdentityFolder]]]) -> None:
+def start_files(ckpt_dir: Path, cfg: TrainConfig, folders: Iterable[tuple[str, Optional[IdentityFolder]]]) -> None:
     """Once the run can start: its config.json and no_face.txt (of `folders`: each set's name and
     folder), and a fresh metrics.jsonl unless it resumes (so neither a run refused at setup nor a
     new run in the same folder mixes with the last one)."""
@@ -52,8 +51,11 @@ def start_files(ckpt_dir: Path, cfg: TrainConfig,
     write_no_face(ckpt_dir, folders)
     metrics = ckpt_dir / "metrics.jsonl"
     if not cfg.resume and metrics.exists():
-        log.warning("%s: a new run (no --resume) starts a new metrics.jsonl; the checkpoints there "
-                    "are replaced as it saves its own", ckpt_dir)
+        log.warning(
+            "%s: a new run (no --resume) starts a new metrics.jsonl; the checkpoints there "
+            "are replaced as it saves its own",
+            ckpt_dir,
+        )
         metrics.unlink()
     if cfg.resume:
         # Resumed into another folder: the best model so far comes along, so that the folder

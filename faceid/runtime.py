@@ -96,15 +96,16 @@ def gpu_shortage(device: str, nproc_per_node: int) -> Optional[str]:
     gpus = torch.cuda.device_count()
     if nproc_per_node <= gpus:
         return None
-    return (f"{nproc_per_node} processes on GPUs need {nproc_per_node} GPUs on each node (one per "
-            f"process) and this machine has {gpus}; ask for {gpus} or fewer, or set the device to "
-            f"cpu to train them on CPUs (gloo)")
+    return (
+        f"{nproc_per_node} processes on GPUs need {nproc_per_node} GPUs on each node (one per "
+        f"process) and this machine has {gpus}; ask for {gpus} or fewer, or set the device to "
+        f"cpu to train them on CPUs (gloo)"
+    )
 
 
 def resolve_device(name: str, dist: Optional[DistEnv] = None) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is usable here; use --device "
-                          "auto or cpu")
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is usable here; use --device auto or cpu")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", dist.local_rank if dist else 0)

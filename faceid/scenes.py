@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 @dataclass(frozen=True)
 class Placed:
-    center: tuple[float, float]   # where the crop's centre went, in scene pixels
-    side: float                   # the crop's side after scaling, in scene pixels
-    angle: float                  # degrees, counter-clockwise as Pillow's rotate
+    center: tuple[float, float]  # where the crop's centre went, in scene pixels
+    side: float  # the crop's side after scaling, in scene pixels
+    angle: float  # degrees, counter-clockwise as Pillow's rotate
 
 
 def background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
@@ -50,9 +50,14 @@ def background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(arr, "RGB").filter(ImageFilter.GaussianBlur(0.6))
 
 
-def make_scene(faces: Sequence[Image.Image], rng: np.random.Generator, *,
-               size: tuple[int, int] | None = None, max_angle: float = 30.0,
-               side_range: tuple[float, float] = (0.22, 0.5)) -> tuple[Image.Image, list[Placed]]:
+def make_scene(
+    faces: Sequence[Image.Image],
+    rng: np.random.Generator,
+    *,
+    size: tuple[int, int] | None = None,
+    max_angle: float = 30.0,
+    side_range: tuple[float, float] = (0.22, 0.5),
+) -> tuple[Image.Image, list[Placed]]:
     """A scene of `size` (default: a random landscape or portrait photo of 480 to 800 px) with
     each face crop pasted at a random place, without overlapping the others, each scaled so its
     side is `side_range` of the scene's shorter side and turned by up to `max_angle` degrees."""
@@ -85,9 +90,11 @@ def make_scene(faces: Sequence[Image.Image], rng: np.random.Generator, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m faceid.scenes",
-                                description="Write a scene version of an ImageFolder: each face crop "
-                                "pasted into a cluttered photo (same folder layout and file names).")
+    p = argparse.ArgumentParser(
+        prog="python -m faceid.scenes",
+        description="Write a scene version of an ImageFolder: each face crop "
+        "pasted into a cluttered photo (same folder layout and file names).",
+    )
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--seed", type=int, default=0)

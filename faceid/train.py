@@ -13,8 +13,8 @@ if __name__ == "__main__":
 
     sys.exit(train_main())
 
-from faceid.preflight import check_before_launch  # noqa: E402
-from faceid.run_state import RunResult  # noqa: E402
-from faceid.trainer import Trainer, run  # noqa: E402
+from faceid.preflight import check_before_launch
+from faceid.run_state import RunResult
+from faceid.trainer import Trainer, run
 
 __all__ = ["RunResult", "Trainer", "check_before_launch", "run"]

@@ -24,17 +24,31 @@ from faceid.checkpoint import load_checkpoint, save_checkpoint
 from faceid.config import TrainConfig
 from faceid.data import BatchTransform, IdentityFolder
 from faceid.errors import FaceIDError
-from faceid.evaluate import (EvalPairs, autocast_ctx, cosine_scores, embed_store, same_files, score_protocol,
-                             score_sampled)
-from faceid.metrics import roc_points
+from faceid.evaluate import (
+    EvalPairs,
+    autocast_ctx,
+    cosine_scores,
+    embed_store,
+    same_files,
+    score_protocol,
+    score_sampled,
+)
 from faceid.imagestore import batch_images, load_images
+from faceid.metrics import roc_points
 from faceid.model import EmbeddingNet, build_model
 from faceid.objectives import Trainee, build_objective
 from faceid.optimization import build_optimizer, lr_lambda, set_trunk_frozen, train_mode
 from faceid.run_data import load_options, load_protocol_images, scan_run_folders
 from faceid.run_folder import append_metrics, prepare_ckpt_dir, start_files, write_roc
-from faceid.run_state import (RunResult, RunState, check_resumable, checkpoint_dict, last_checkpoint_dict,
-                              restore_weights, resumed_state)
+from faceid.run_state import (
+    RunResult,
+    RunState,
+    check_resumable,
+    checkpoint_dict,
+    last_checkpoint_dict,
+    restore_weights,
+    resumed_state,
+)
 from faceid.runtime import DistEnv, resolve_amp, resolve_device, set_threads
 
 log = logging.getLogger("faceid.train")  # the training log lines keep the name they always had
@@ -45,8 +59,9 @@ EventSink = Callable[[dict[str, Any]], None]
 class Trainer:
     """Holds everything of one run; `fit()` runs it."""
 
-    def __init__(self, cfg: TrainConfig, on_event: Optional[EventSink] = None,
-                 stop: Optional[threading.Event] = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, on_event: Optional[EventSink] = None, stop: Optional[threading.Event] = None
+    ) -> None:
         self.cfg = cfg
         self.emit_fn = on_event
         self.stop = stop or threading.Event()
@@ -102,16 +117,28 @@ class Trainer:
         """The embedding network: with --pretrained its ImageNet trunk, with --init_from (unless
         resuming: last.pt holds the fine-tuned weights already) the base model's weights."""
         cfg = self.cfg
-        model = build_model(embedding_size=cfg.embedding_size, pretrained=cfg.pretrained,
-                            pretrained_weights=cfg.pretrained_weights, neck=cfg.neck,
-                            img_size=cfg.img_size, dropout=cfg.dropout)
+        model = build_model(
+            embedding_size=cfg.embedding_size,
+            pretrained=cfg.pretrained,
+            pretrained_weights=cfg.pretrained_weights,
+            neck=cfg.neck,
+            img_size=cfg.img_size,
+            dropout=cfg.dropout,
+        )
         if cfg.init_from and not cfg.resume:
             from faceid.finetune import load_base
 
             base = load_base(model, cfg)
-            log.info("fine-tuning %s (epoch %s, %s)", cfg.init_from, base["epoch"],
-                     ", ".join(f"{k} {v:.4f}" for k, v in base["metrics"].items()
-                               if k in ("auc", "acc", "tar_1e-3") and isinstance(v, (int, float))))
+            log.info(
+                "fine-tuning %s (epoch %s, %s)",
+                cfg.init_from,
+                base["epoch"],
+                ", ".join(
+                    f"{k} {v:.4f}"
+                    for k, v in base["metrics"].items()
+                    if k in ("auc", "acc", "tar_1e-3") and isinstance(v, (int, float))
+                ),
+            )
         return model
 
     def _load_options(self, evaluated: bool = False) -> dict[str, Any]:
@@ -122,12 +149,23 @@ class Trainer:
     def _load_data(self, train: IdentityFolder, val: IdentityFolder) -> None:
         """Decode (or check) the --train and --val images, and sample the fixed evaluation pairs."""
         cfg = self.cfg
-        self.train_folder, self.train_store = load_images(train, cfg.img_size, what="--train",
-                                                          min_identities=2, progress=self._faces_progress("--train"),
-                                                          **self._load_options())
-        self.val_folder, self.val_store = load_images(val, cfg.img_size, what="--val", min_identities=2,
-                                                      progress=self._faces_progress("--val"),
-                                                      min_per_identity=2, **self._load_options(evaluated=True))
+        self.train_folder, self.train_store = load_images(
+            train,
+            cfg.img_size,
+            what="--train",
+            min_identities=2,
+            progress=self._faces_progress("--train"),
+            **self._load_options(),
+        )
+        self.val_folder, self.val_store = load_images(
+            val,
+            cfg.img_size,
+            what="--val",
+            min_identities=2,
+            progress=self._faces_progress("--val"),
+            min_per_identity=2,
+            **self._load_options(evaluated=True),
+        )
         self.eval_pairs = EvalPairs.sample(self.val_folder, cfg.eval_pairs, cfg.seed)
 
     def _load_protocol(self) -> None:
@@ -135,8 +173,9 @@ class Trainer:
         self.protocol, self._protocol_folder = None, None
         if not self.cfg.pairs_file:
             return
-        folder, self.protocol = load_protocol_images(self.cfg, self._faces_progress("--pairs_file"),
-                                                     **self._load_options(evaluated=True))
+        folder, self.protocol = load_protocol_images(
+            self.cfg, self._faces_progress("--pairs_file"), **self._load_options(evaluated=True)
+        )
         # Images that --val holds too (the same files) are embedded once, with --val's.
         self._protocol_in_val = same_files(list(folder.paths), list(self.val_folder.paths))
         self._protocol_folder = folder
@@ -163,37 +202,54 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self._time_share, self._first_step, self._clock = 0.0, 0, None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg, self.steps_per_epoch, self._pace))
+            self.optimizer, lr_lambda(cfg, self.steps_per_epoch, self._pace)
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def _build_transforms(self) -> None:
         """Batch transforms on the device: augmenting for training, plain for evaluation."""
         cfg = self.cfg
-        self.train_tf = BatchTransform(self.device, augment=cfg.augment != "none", shift=cfg.augment == "light",
-                                       channels_last=cfg.channels_last)
+        self.train_tf = BatchTransform(
+            self.device, augment=cfg.augment != "none", shift=cfg.augment == "light", channels_last=cfg.channels_last
+        )
         self.eval_tf = BatchTransform(self.device, augment=False, channels_last=cfg.channels_last)
 
     def _faces_progress(self, what: str):
         """The progress callback of face detection in `what`'s images: `faces` events."""
+
         def report(done: int, total: int) -> None:
             self.emit(events.Faces(what=what, done=done, total=total))
+
         return report
 
     def _start_files(self) -> None:
         """config.json, no_face.txt and a fresh metrics.jsonl in ckpt_dir (faceid.run_folder)."""
-        start_files(self.ckpt_dir, self.cfg, (("train", self.train_folder), ("val", self.val_folder),
-                                              ("pairs_file", self._protocol_folder)))
+        start_files(
+            self.ckpt_dir,
+            self.cfg,
+            (("train", self.train_folder), ("val", self.val_folder), ("pairs_file", self._protocol_folder)),
+        )
 
     def _resume(self, path: str) -> None:
         """Go on from the last.pt at `path`: refused if it does not fit this run (faceid.run_state)."""
         ck = load_checkpoint(path, map_location=self.device)
         check_resumable(ck, path, self.cfg, self.train_folder.num_identities)
-        restore_weights(ck, model=self.model, head=getattr(self.objective, "head", None), optimizer=self.optimizer,
-                        scheduler=self.scheduler, scaler=self.scaler)
+        restore_weights(
+            ck,
+            model=self.model,
+            head=getattr(self.objective, "head", None),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+        )
         self.state = resumed_state(ck, path, self._epoch_plan())
         self._first_step = self.state.global_step
-        log.info("resumed from %s at epoch %d%s", path, self.state.epoch + 1,
-                 f", step {self.state.partial_steps + 1}" if self.state.partial_steps else "")
+        log.info(
+            "resumed from %s at epoch %d%s",
+            path,
+            self.state.epoch + 1,
+            f", step {self.state.partial_steps + 1}" if self.state.partial_steps else "",
+        )
 
     def _epoch_plan(self) -> dict[str, int]:
         """How this run divides an epoch into steps (last.pt keeps it: a resume with another plan
@@ -214,13 +270,22 @@ class Trainer:
         t0 = time.time()
         self.setup()
         cfg, st = self.cfg, self.state
-        self.emit(events.Start(epochs=cfg.epochs, steps_per_epoch=self.steps_per_epoch, device=str(self.device),
-                  amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
-                  world_size=self.dist.world_size, start_epoch=st.epoch + 1,
-                  train_images=len(self.train_folder), train_identities=self.train_folder.num_identities,
-                  val_images=len(self.val_folder), skipped_images=len(self.train_folder.skipped)
-                  + len(self.val_folder.skipped), no_face_images=len(self.train_folder.no_face)
-                  + len(self.val_folder.no_face), config=cfg.to_json_dict()))
+        self.emit(
+            events.Start(
+                epochs=cfg.epochs,
+                steps_per_epoch=self.steps_per_epoch,
+                device=str(self.device),
+                amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+                world_size=self.dist.world_size,
+                start_epoch=st.epoch + 1,
+                train_images=len(self.train_folder),
+                train_identities=self.train_folder.num_identities,
+                val_images=len(self.val_folder),
+                skipped_images=len(self.train_folder.skipped) + len(self.val_folder.skipped),
+                no_face_images=len(self.train_folder.no_face) + len(self.val_folder.no_face),
+                config=cfg.to_json_dict(),
+            )
+        )
         deadline = t0 + cfg.time_limit_min * 60 if cfg.time_limit_min else math.inf
         # The schedule's clock starts with the first step (after decoding), the limit's with fit().
         self._clock = (time.time(), deadline) if cfg.fit_to_time_limit and cfg.time_limit_min else None
@@ -246,8 +311,8 @@ class Trainer:
         loss, whether a stop ended it, and how many of its steps are now trained."""
         cfg, st = self.cfg, self.state
         rng = np.random.default_rng([cfg.seed, epoch])  # same batches on every rank: shard below
-        batches = self.objective.epoch_batches(rng)[self.dist.rank::self.dist.world_size]
-        batches = batches[:self.steps_per_epoch]
+        batches = self.objective.epoch_batches(rng)[self.dist.rank :: self.dist.world_size]
+        batches = batches[: self.steps_per_epoch]
         skip = st.partial_steps if epoch == st.epoch + 1 else 0  # the same batches as before the stop
         i = skip
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 10 + self.dist.rank)
@@ -255,8 +320,12 @@ class Trainer:
         report_every = max(1, round(self.steps_per_epoch * cfg.progress_step_pct / 100))
         loss_sum, n_loss, seen, t_start = 0.0, 0, 0, time.time()
         stopped = False
-        images = batch_images(self.train_store, [b.indices for b in batches[skip:]], workers=cfg.workers,
-                              pin_memory=self.device.type == "cuda")
+        images = batch_images(
+            self.train_store,
+            [b.indices for b in batches[skip:]],
+            workers=cfg.workers,
+            pin_memory=self.device.type == "cuda",
+        )
         for i, (batch, raw) in enumerate(zip(batches[skip:], images), start=skip + 1):
             epochs_done = (epoch - 1) + (i - 1) / len(batches)
             if self._time_share:
@@ -287,8 +356,10 @@ class Trainer:
             st.global_step += 1
             lv = float(loss.detach())
             if not math.isfinite(lv):
-                raise FaceIDError(f"training diverged at epoch {epoch} step {i} (loss {lv}); lower --lr, "
-                                  "set --clip_grad_norm 1.0, or use --preset cpu-small")
+                raise FaceIDError(
+                    f"training diverged at epoch {epoch} step {i} (loss {lv}); lower --lr, "
+                    "set --clip_grad_norm 1.0, or use --preset cpu-small"
+                )
             loss_sum += lv
             n_loss += 1
             seen += len(batch.indices)
@@ -299,8 +370,9 @@ class Trainer:
                 break
         return loss_sum / max(1, n_loss), stopped, (self.steps_per_epoch if i >= len(batches) else i)
 
-    def _progress(self, epoch: int, step: int, steps: int, loss: float, seen: int, t_start: float,
-                  skipped: int = 0) -> None:
+    def _progress(
+        self, epoch: int, step: int, steps: int, loss: float, seen: int, t_start: float, skipped: int = 0
+    ) -> None:
         cfg = self.cfg
         elapsed = max(1e-9, time.time() - t_start)
         done = (epoch - 1) * steps + step
@@ -310,17 +382,27 @@ class Trainer:
         if self._clock is not None:  # a time limit ends the run first: say so
             percent = max(percent, 100.0 * self._time_share)
             eta = min(eta, max(0.0, self._clock[1] - time.time()))
-        self.emit(events.Progress(epoch=epoch, epochs=cfg.epochs, step=step, steps=steps,
-                  percent=round(percent, 2), loss=round(loss, 5),
-                  images_per_s=round(seen * self.dist.world_size / elapsed, 2),
-                  lr=self.optimizer.param_groups[1]["lr"], eta_s=round(eta, 1)))
+        self.emit(
+            events.Progress(
+                epoch=epoch,
+                epochs=cfg.epochs,
+                step=step,
+                steps=steps,
+                percent=round(percent, 2),
+                loss=round(loss, 5),
+                images_per_s=round(seen * self.dist.world_size / elapsed, 2),
+                lr=self.optimizer.param_groups[1]["lr"],
+                eta_s=round(eta, 1),
+            )
+        )
 
     def evaluate(self) -> dict[str, Any]:
         """Metrics of the current model on --val (and --pairs_file)."""
         cfg = self.cfg
         bs = max(cfg.batch_size, 64)
-        emb = embed_store(self.model, self.val_store, self.eval_tf, batch_size=bs,
-                          amp_dtype=self.amp_dtype, flip=cfg.eval_flip)
+        emb = embed_store(
+            self.model, self.val_store, self.eval_tf, batch_size=bs, amp_dtype=self.amp_dtype, flip=cfg.eval_flip
+        )
         metrics = score_sampled(emb, self.eval_pairs)
         # the curve behind those figures, written as roc.json when the epoch is the best
         self.last_roc = roc_points(cosine_scores(emb, self.eval_pairs.ia, self.eval_pairs.ib), self.eval_pairs.y)
@@ -331,8 +413,15 @@ class Trainer:
             pemb = np.empty((len(in_val), emb.shape[1]), np.float32)
             pemb[in_val >= 0] = emb[in_val[in_val >= 0]]
             if len(rest):
-                pemb[rest] = embed_store(self.model, store, self.eval_tf, batch_size=bs,
-                                         amp_dtype=self.amp_dtype, flip=cfg.eval_flip, indices=rest)
+                pemb[rest] = embed_store(
+                    self.model,
+                    store,
+                    self.eval_tf,
+                    batch_size=bs,
+                    amp_dtype=self.amp_dtype,
+                    flip=cfg.eval_flip,
+                    indices=rest,
+                )
             metrics.update(score_protocol(pemb, ia, ib, labels, folds))
         return metrics
 
@@ -344,46 +433,77 @@ class Trainer:
             is_best = value > st.best_value
             # `complete` false: a stop ended the epoch after `epoch_steps` of its steps (trained
             # since the start of the epoch, before and after any resume)
-            record = {"epoch": epoch, "global_step": st.global_step, "train_loss": round(train_loss, 6),
-                      "lr": self.optimizer.param_groups[1]["lr"], **metrics,
-                      "margin": getattr(getattr(self.objective, "head", None), "m", None),
-                      "complete": steps >= self.steps_per_epoch, "epoch_steps": steps}
+            record = {
+                "epoch": epoch,
+                "global_step": st.global_step,
+                "train_loss": round(train_loss, 6),
+                "lr": self.optimizer.param_groups[1]["lr"],
+                **metrics,
+                "margin": getattr(getattr(self.objective, "head", None), "m", None),
+                "complete": steps >= self.steps_per_epoch,
+                "epoch_steps": steps,
+            }
             if is_best:
                 st.best_epoch, st.best_value = epoch, value
-                path = save_checkpoint(checkpoint_dict(cfg, self.model, epoch, record),
-                                       self.ckpt_dir / "backbone_best.pt")
+                path = save_checkpoint(
+                    checkpoint_dict(cfg, self.model, epoch, record), self.ckpt_dir / "backbone_best.pt"
+                )
                 self.emit(events.Checkpoint(kind="best", path=str(path), epoch=epoch))
                 write_roc(self.ckpt_dir, epoch, self.last_roc, metrics)
             record.update(is_best=is_best, best_epoch=st.best_epoch, best_value=st.best_value)
             st.history.append(record)
             self._save_last(epoch, record)
             append_metrics(self.ckpt_dir, record)
-            log.info("epoch %d/%d loss %.4f acc %.4f th %.3f auc %.4f tar@1e-2 %.4f tar@1e-3 %.4f%s%s",
-                     epoch, cfg.epochs, train_loss, metrics["acc"], metrics["th"], metrics["auc"],
-                     metrics["tar_1e-2"], metrics["tar_1e-3"],
-                     f" pairs_acc {metrics['pairs_acc']:.4f}" if "pairs_acc" in metrics else "",
-                     "" if record["complete"] else f" (stopped after {steps} of its {self.steps_per_epoch} "
-                     "steps; a resume trains the rest)")
+            log.info(
+                "epoch %d/%d loss %.4f acc %.4f th %.3f auc %.4f tar@1e-2 %.4f tar@1e-3 %.4f%s%s",
+                epoch,
+                cfg.epochs,
+                train_loss,
+                metrics["acc"],
+                metrics["th"],
+                metrics["auc"],
+                metrics["tar_1e-2"],
+                metrics["tar_1e-3"],
+                f" pairs_acc {metrics['pairs_acc']:.4f}" if "pairs_acc" in metrics else "",
+                ""
+                if record["complete"]
+                else f" (stopped after {steps} of its {self.steps_per_epoch} steps; a resume trains the rest)",
+            )
             self.emit(events.EpochEnd(**record, epoch_time_s=round(time.time() - t_epoch, 2)))
         self.dist.barrier()
 
     def _save_last(self, epoch: int, record: dict[str, Any]) -> None:
-        ck = last_checkpoint_dict(self.cfg, self.model, epoch, record, head=getattr(self.objective, "head", None),
-                                  optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-                                  state=self.state, plan=self._epoch_plan())
+        ck = last_checkpoint_dict(
+            self.cfg,
+            self.model,
+            epoch,
+            record,
+            head=getattr(self.objective, "head", None),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            state=self.state,
+            plan=self._epoch_plan(),
+        )
         path = save_checkpoint(ck, self.ckpt_dir / "last.pt")
         self.emit(events.Checkpoint(kind="last", path=str(path), epoch=epoch))
 
     def _finish(self, stopped: bool) -> RunResult:
         result = RunResult.of(self.state, self.cfg.best_metric, self.ckpt_dir, stopped)
-        self.emit(events.Finished(best_epoch=result.best_epoch, best_metric=result.best_metric,
-                                  best_value=result.best_value, best_checkpoint=result.best_checkpoint,
-                                  thresholds=result.thresholds, stopped_early=stopped))
+        self.emit(
+            events.Finished(
+                best_epoch=result.best_epoch,
+                best_metric=result.best_metric,
+                best_value=result.best_value,
+                best_checkpoint=result.best_checkpoint,
+                thresholds=result.thresholds,
+                stopped_early=stopped,
+            )
+        )
         return result
 
 
-def run(cfg: TrainConfig, on_event: Optional[EventSink] = None,
-        stop: Optional[threading.Event] = None) -> RunResult:
+def run(cfg: TrainConfig, on_event: Optional[EventSink] = None, stop: Optional[threading.Event] = None) -> RunResult:
     """Train with `cfg`; events go to `on_event`; setting `stop` ends the run after the current step
     (the epoch is still evaluated and last.pt written)."""
     trainer = Trainer(cfg, on_event, stop)
@@ -391,4 +511,3 @@ def run(cfg: TrainConfig, on_event: Optional[EventSink] = None,
         return trainer.fit()
     finally:
         trainer.dist.close()
-

@@ -160,12 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     people = list_identities(args.lfw)
     rng = random.Random(args.seed)
     train = choose_split(
-        people, rng, count=args.train_ids, min_images=args.train_min,
-        max_images=args.train_max, exclude=set(),
+        people,
+        rng,
+        count=args.train_ids,
+        min_images=args.train_min,
+        max_images=args.train_max,
+        exclude=set(),
     )
     val = choose_split(
-        people, rng, count=args.val_ids, min_images=args.val_min,
-        max_images=args.val_max, exclude=set(train),
+        people,
+        rng,
+        count=args.val_ids,
+        min_images=args.val_min,
+        max_images=args.val_max,
+        exclude=set(train),
     )
     matched = matched_pairs(val, rng, args.pairs)
     mismatched = mismatched_pairs(val, rng, args.pairs)

@@ -143,8 +143,15 @@ def tiny_arcface_run(tmp_path_factory) -> TinyRun:
         from faceid.train import run
 
         ckpt_dir = tmp_path_factory.mktemp("tiny_arcface")
-        cfg = TrainConfig(train=str(SAMPLE_TRAIN), val=str(SAMPLE_VAL), pairs_file=str(SAMPLE_PAIRS),
-                          ckpt_dir=str(ckpt_dir), train_mode="arcface", epochs=1, **TINY)
+        cfg = TrainConfig(
+            train=str(SAMPLE_TRAIN),
+            val=str(SAMPLE_VAL),
+            pairs_file=str(SAMPLE_PAIRS),
+            ckpt_dir=str(ckpt_dir),
+            train_mode="arcface",
+            epochs=1,
+            **TINY,
+        )
         events: list[dict[str, Any]] = []
         result = run(cfg, on_event=events.append)
         _CACHE["arcface"] = TinyRun(cfg, ckpt_dir, result, events)
@@ -161,8 +168,14 @@ def tiny_aligned_run(tmp_path_factory) -> TinyRun:
 
         train, val = small_sample(tmp_path_factory)
         ckpt_dir = tmp_path_factory.mktemp("tiny_aligned")
-        cfg = TrainConfig(train=str(train), val=str(val), ckpt_dir=str(ckpt_dir), train_mode="arcface",
-                          epochs=1, **{**TINY, "align": "arcface"})
+        cfg = TrainConfig(
+            train=str(train),
+            val=str(val),
+            ckpt_dir=str(ckpt_dir),
+            train_mode="arcface",
+            epochs=1,
+            **{**TINY, "align": "arcface"},
+        )
         events: list[dict[str, Any]] = []
         result = run(cfg, on_event=events.append)
         _CACHE["aligned"] = TinyRun(cfg, ckpt_dir, result, events)

@@ -19,8 +19,11 @@ def _checkpoint(epoch: int = 3, **extra) -> dict:
     """A small checkpoint with every required key (a tiny state dict stands in for the model)."""
     torch.manual_seed(epoch)
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "arch": "resnet50",
-        "embedding_size": 8, "img_size": 32,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": "resnet50",
+        "embedding_size": 8,
+        "img_size": 32,
         "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
         "config": TrainConfig(img_size=32, embedding_size=8).to_json_dict(),
         "epoch": epoch,
@@ -47,8 +50,12 @@ def _assert_same(a, b):
 
 
 def test_round_trip_is_weights_only(tmp_path):
-    ck = _checkpoint(history=[{"epoch": 1, "acc": 0.5, "is_best": True, "margin": None}],
-                     best={"epoch": 1, "value": 0.5, "metric": "acc"}, head=None, global_step=7)
+    ck = _checkpoint(
+        history=[{"epoch": 1, "acc": 0.5, "is_best": True, "margin": None}],
+        best={"epoch": 1, "value": 0.5, "metric": "acc"},
+        head=None,
+        global_step=7,
+    )
     path = save_checkpoint(ck, tmp_path / "sub" / "last.pt")  # creates the folder
     assert path == tmp_path / "sub" / "last.pt"
     _assert_same(ck, load_checkpoint(path))

@@ -11,9 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from core_fixtures import (
+    SAMPLE_PAIRS,
+    SAMPLE_TRAIN,
+    SAMPLE_VAL,
+    TINY,
+    faceid_cmd,
+    make_identity_folder,
+    small_sample,
+    subprocess_env,
+    tiny_arcface_run,
+    tiny_flags,
+)
 
-from core_fixtures import (SAMPLE_PAIRS, SAMPLE_TRAIN, SAMPLE_VAL, TINY, faceid_cmd, make_identity_folder,
-                           small_sample, subprocess_env, tiny_arcface_run, tiny_flags)
 from faceid import cli
 from faceid.checkpoint import load_checkpoint
 
@@ -49,9 +59,17 @@ def text_file(tmp_path: Path) -> Path:
 
 # --- faceid evaluate: flags ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag,value,bound", [("--eval_pairs", "0", "2"), ("--eval_pairs", "1", "2"),
-                                              ("--eval_pairs", "-5", "2"), ("--workers", "-1", "0"),
-                                              ("--seed", "-1", "0")])
+
+@pytest.mark.parametrize(
+    "flag,value,bound",
+    [
+        ("--eval_pairs", "0", "2"),
+        ("--eval_pairs", "1", "2"),
+        ("--eval_pairs", "-5", "2"),
+        ("--workers", "-1", "0"),
+        ("--seed", "-1", "0"),
+    ],
+)
 def test_evaluate_numeric_flags_have_the_training_bounds(arc, capsys, flag, value, bound):
     msg = run_error(capsys, ["evaluate", str(arc.best), "--val", str(SAMPLE_VAL), flag, value, "--device", "cpu"])
     assert msg.startswith(f"{flag}:") and f"greater than or equal to {bound}" in msg
@@ -75,8 +93,22 @@ def test_evaluate_defaults_to_the_checkpoints_pairs_and_seed(arc, capsys):
     last = [json.loads(line) for line in (arc.ckpt_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert (res["acc"], res["th"]) == (last["acc"], last["th"])
     # given flags still win
-    rc = cli.main(["evaluate", str(arc.best), "--val", str(SAMPLE_VAL), "--workers", "0", "--device", "cpu",
-                   "--eval_pairs", "50", "--seed", "3"])
+    rc = cli.main(
+        [
+            "evaluate",
+            str(arc.best),
+            "--val",
+            str(SAMPLE_VAL),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--eval_pairs",
+            "50",
+            "--seed",
+            "3",
+        ]
+    )
     res = json.loads(capsys.readouterr().out)
     assert rc == 0 and res["n_pos"] + res["n_neg"] == 50 and res["seed"] == 3
 
@@ -86,8 +118,19 @@ def test_evaluate_reproduces_a_run_with_amp_off_and_flip(tmp_path_factory, capsy
     native bf16, where this run evaluated in fp32."""
     train, val = small_sample(tmp_path_factory)
     ckpt_dir = tmp_path_factory.mktemp("amp_off")
-    rc = cli.main(["train", "--train", str(train), "--val", str(val), "--ckpt_dir", str(ckpt_dir), "--quiet",
-                   *tiny_flags(train_mode="arcface", epochs=1, amp="off", eval_flip=True, seed=5, eval_pairs=60)])
+    rc = cli.main(
+        [
+            "train",
+            "--train",
+            str(train),
+            "--val",
+            str(val),
+            "--ckpt_dir",
+            str(ckpt_dir),
+            "--quiet",
+            *tiny_flags(train_mode="arcface", epochs=1, amp="off", eval_flip=True, seed=5, eval_pairs=60),
+        ]
+    )
     assert rc == 0
     rc = cli.main(["evaluate", str(ckpt_dir / "backbone_best.pt"), "--val", str(val), "--workers", "0"])
     assert rc == 0
@@ -111,37 +154,44 @@ def test_evaluate_help_documents_every_argument(capsys):
 
 # --- argparse errors -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv,fragment,prog", [
-    (["train", "--epochs", "abc"], "argument --epochs: invalid int value: 'abc'", "faceid train"),
-    (["train", "--foo", "3"], "unrecognized arguments: --foo 3", "faceid train"),
-    (["train", "--best_metric", "f1"], "argument --best_metric: invalid choice: 'f1'", "faceid train"),
-    (["evaluate", "--eval_pairs", "x"], "argument --eval_pairs: invalid int value: 'x'", "faceid evaluate"),
-    (["verify", "a.jpg"], "the following arguments are required: image2", "faceid verify"),
-    (["bogus"], "invalid choice: 'bogus'", "faceid"),
-])
+
+@pytest.mark.parametrize(
+    "argv,fragment,prog",
+    [
+        (["train", "--epochs", "abc"], "argument --epochs: invalid int value: 'abc'", "faceid train"),
+        (["train", "--foo", "3"], "unrecognized arguments: --foo 3", "faceid train"),
+        (["train", "--best_metric", "f1"], "argument --best_metric: invalid choice: 'f1'", "faceid train"),
+        (["evaluate", "--eval_pairs", "x"], "argument --eval_pairs: invalid int value: 'x'", "faceid evaluate"),
+        (["verify", "a.jpg"], "the following arguments are required: image2", "faceid verify"),
+        (["bogus"], "invalid choice: 'bogus'", "faceid"),
+    ],
+)
 def test_parser_errors_are_one_line(capsys, argv, fragment, prog):
     msg = run_error(capsys, argv)
     assert fragment in msg and msg.endswith(f"; see {prog} --help")
 
 
 def test_parser_error_in_a_child_process_and_help_still_prints_usage():
-    proc = subprocess.run(faceid_cmd("train", "--epochs", "abc"), capture_output=True, text=True, timeout=120,
-                          env=subprocess_env())
-    assert one_line_error(proc.returncode, proc.stderr) == ("argument --epochs: invalid int value: 'abc'; "
-                                                            "see faceid train --help")
+    proc = subprocess.run(
+        faceid_cmd("train", "--epochs", "abc"), capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
+    assert one_line_error(proc.returncode, proc.stderr) == (
+        "argument --epochs: invalid int value: 'abc'; see faceid train --help"
+    )
     assert proc.stdout == ""
-    proc = subprocess.run(faceid_cmd("train", "--help"), capture_output=True, text=True, timeout=120,
-                          env=subprocess_env())
+    proc = subprocess.run(
+        faceid_cmd("train", "--help"), capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("usage: faceid train") and proc.stderr == ""
 
 
 # --- faceid train: files and data ----------------------------------------------------------------
 
+
 def train_error(capsys, tmp_path: Path, *argv: str) -> str:
     """A refused run: the one line, also as the events file's failed event (what a job shows)."""
     events = tmp_path / "events.jsonl"
-    rc = cli.main(["train", "--ckpt_dir", str(tmp_path / "models"), "--events_file", str(events),
-                   *tiny_flags(), *argv])
+    rc = cli.main(["train", "--ckpt_dir", str(tmp_path / "models"), "--events_file", str(events), *tiny_flags(), *argv])
     msg = one_line_error(rc, capsys.readouterr().err)
     failed = json.loads(events.read_text().splitlines()[-1])
     assert failed["event"] == "failed" and failed["error"] == msg
@@ -155,37 +205,56 @@ def test_config_that_is_a_folder(tmp_path, capsys):
 
 def test_a_text_file_as_pretrained_weights(tmp_path, capsys):
     notes = text_file(tmp_path)
-    msg = train_error(capsys, tmp_path, "--train", str(SAMPLE_TRAIN), "--val", str(SAMPLE_VAL),
-                      "--pretrained_weights", str(notes))
+    msg = train_error(
+        capsys, tmp_path, "--train", str(SAMPLE_TRAIN), "--val", str(SAMPLE_VAL), "--pretrained_weights", str(notes)
+    )
     assert msg.startswith(f"--pretrained_weights {notes} is not a PyTorch state dict: it is text")
     assert "resnet50 state-dict file" in msg and "weights_only" not in msg
 
 
 def test_a_folder_as_pretrained_weights(tmp_path, capsys):
-    msg = train_error(capsys, tmp_path, "--train", str(SAMPLE_TRAIN), "--val", str(SAMPLE_VAL),
-                      "--pretrained_weights", str(SAMPLE_TRAIN))
+    msg = train_error(
+        capsys,
+        tmp_path,
+        "--train",
+        str(SAMPLE_TRAIN),
+        "--val",
+        str(SAMPLE_VAL),
+        "--pretrained_weights",
+        str(SAMPLE_TRAIN),
+    )
     assert f"{SAMPLE_TRAIN} is a folder" in msg and "resnet50 state-dict file" in msg
 
 
 def test_a_text_file_or_a_folder_as_resume(tmp_path, capsys):
     notes = text_file(tmp_path)
-    msg = train_error(capsys, tmp_path, "--train", str(SAMPLE_TRAIN), "--val", str(SAMPLE_VAL),
-                      "--resume", str(notes))
+    msg = train_error(capsys, tmp_path, "--train", str(SAMPLE_TRAIN), "--val", str(SAMPLE_VAL), "--resume", str(notes))
     assert f"{notes} is not a PyTorch checkpoint: it is text" in msg and "last.pt" in msg
     run = tmp_path / "run"
     run.mkdir()
     (run / "last.pt").write_bytes(b"")
-    msg = train_error(capsys, tmp_path, "--train", str(SAMPLE_TRAIN), "--val", str(SAMPLE_VAL),
-                      "--resume", str(run))
+    msg = train_error(capsys, tmp_path, "--train", str(SAMPLE_TRAIN), "--val", str(SAMPLE_VAL), "--resume", str(run))
     assert f"{run} is a folder" in msg and f"give the file inside it, {run / 'last.pt'}" in msg
 
 
 def test_no_pretrained_with_weights_is_refused(tmp_path, capsys):
     weights = tmp_path / "w.pth"
     torch.save({}, weights)
-    msg = run_error(capsys, ["train", "--train", str(SAMPLE_TRAIN), "--val", str(SAMPLE_VAL),
-                             "--ckpt_dir", str(tmp_path / "m"), "--no-pretrained", "--pretrained_weights",
-                             str(weights)])
+    msg = run_error(
+        capsys,
+        [
+            "train",
+            "--train",
+            str(SAMPLE_TRAIN),
+            "--val",
+            str(SAMPLE_VAL),
+            "--ckpt_dir",
+            str(tmp_path / "m"),
+            "--no-pretrained",
+            "--pretrained_weights",
+            str(weights),
+        ],
+    )
     assert msg.startswith("--pretrained_weights is given together with --no-pretrained")
     assert not (tmp_path / "m").exists()
 
@@ -210,11 +279,14 @@ def test_train_folder_of_mostly_unreadable_images(tmp_path, capsys):
 
 # --- checkpoints given to evaluate and verify ----------------------------------------------------
 
+
 def test_a_text_file_as_checkpoint(tmp_path, capsys):
     notes = text_file(tmp_path)
     a, b = sorted(SAMPLE_VAL.rglob("*.jpg"))[:2]
-    for argv in (["evaluate", str(notes), "--val", str(SAMPLE_VAL)],
-                 ["verify", str(a), str(b), "--checkpoint", str(notes)]):
+    for argv in (
+        ["evaluate", str(notes), "--val", str(SAMPLE_VAL)],
+        ["verify", str(a), str(b), "--checkpoint", str(notes)],
+    ):
         msg = run_error(capsys, argv)
         assert msg.startswith(f"checkpoint {notes} is not a PyTorch checkpoint: it is text"), msg
         assert "backbone_best.pt or last.pt" in msg
@@ -238,8 +310,7 @@ def test_a_run_folder_as_checkpoint_names_the_file_inside(arc, tmp_path, capsys)
     run.mkdir()
     shutil.copy(arc.best, run / "backbone_best.pt")
     msg = run_error(capsys, ["evaluate", str(run), "--val", str(SAMPLE_VAL)])
-    assert msg == (f"checkpoint file not found: {run} is a folder; give the file inside it, "
-                   f"{run / 'backbone_best.pt'}")
+    assert msg == (f"checkpoint file not found: {run} is a folder; give the file inside it, {run / 'backbone_best.pt'}")
 
 
 def test_evaluate_pairs_file_without_its_images_names_pairs_root(arc, tmp_path, capsys):

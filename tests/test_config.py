@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from core_fixtures import subprocess_env
 from pydantic import ValidationError
 
-from core_fixtures import subprocess_env
 from faceid.cli_common import UserError
 from faceid.cli_train import _unwrap_optional, build_train_parser, config_from_args
 from faceid.config import PRESETS, TrainConfig
@@ -29,6 +29,7 @@ def parse(argv: list[str], config_file: str | None = None) -> TrainConfig:
 
 
 # --- defaults -----------------------------------------------------------------------------------
+
 
 def test_defaults_are_the_origins():
     cfg = TrainConfig()
@@ -56,12 +57,41 @@ def test_no_flags_gives_the_defaults():
 
 
 def test_every_origin_flag_exists():
-    origin = ["train_mode", "pretrained", "freeze_backbone_epochs", "epochs", "workers", "batch_size",
-              "img_size", "eval_pairs", "pairs_per_epoch", "scale_logits", "scheduler", "warmup_epochs",
-              "backbone_lr_scale", "progress_step_pct", "clip_grad_norm", "arcface_s", "arcface_m",
-              "train", "val", "ckpt_dir", "best_metric"]
-    added = ["lr", "weight_decay", "optimizer", "embedding_size", "seed", "device", "amp", "easy_margin",
-             "pretrained_weights", "resume"]
+    origin = [
+        "train_mode",
+        "pretrained",
+        "freeze_backbone_epochs",
+        "epochs",
+        "workers",
+        "batch_size",
+        "img_size",
+        "eval_pairs",
+        "pairs_per_epoch",
+        "scale_logits",
+        "scheduler",
+        "warmup_epochs",
+        "backbone_lr_scale",
+        "progress_step_pct",
+        "clip_grad_norm",
+        "arcface_s",
+        "arcface_m",
+        "train",
+        "val",
+        "ckpt_dir",
+        "best_metric",
+    ]
+    added = [
+        "lr",
+        "weight_decay",
+        "optimizer",
+        "embedding_size",
+        "seed",
+        "device",
+        "amp",
+        "easy_margin",
+        "pretrained_weights",
+        "resume",
+    ]
     assert set(origin + added) <= set(FIELDS)
 
 
@@ -74,6 +104,7 @@ def test_config_is_frozen_and_rejects_unknown_keys():
 
 
 # --- CLI <-> config round trip ------------------------------------------------------------------
+
 
 def _non_default(name: str) -> Any:
     """A valid value for field `name` that differs from its default, chosen from its type."""
@@ -168,6 +199,7 @@ def test_preset_fills_unset_fields_and_explicit_fields_win(tmp_path):
 
 # --- validation errors --------------------------------------------------------------------------
 
+
 def _user_error(argv: list[str], config_file: str | None = None) -> str:
     with pytest.raises(UserError) as ei:
         parse(argv, config_file)
@@ -245,13 +277,14 @@ def test_missing_config_file(tmp_path):
 
 # --- --help -------------------------------------------------------------------------------------
 
+
 def test_train_help_mentions_every_field():
     exe = shutil.which("faceid", path=str(Path(sys.executable).parent))
     cmd = [exe, "train", "--help"] if exe else [sys.executable, "-m", "faceid.cli", "train", "--help"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=subprocess_env())
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for name, f in FIELDS.items():
+    for name in FIELDS:
         assert f"--{name}" in text, name
     assert "--config" in text and "--events_file" in text
     # each field's help says what it does (its description is there, whitespace-normalised)
@@ -293,8 +326,15 @@ def test_a_boolean_number_in_a_config_file_names_the_field(tmp_path):
 
 
 def test_numbers_and_strings_still_fit_their_fields():
-    cfg = TrainConfig(epochs=3.0, lr=1, train="some/dir", pretrained_weights="w.pth", resume="r/last.pt",
-                      pairs_file="p.txt", pairs_folds=[2, 1])
+    cfg = TrainConfig(
+        epochs=3.0,
+        lr=1,
+        train="some/dir",
+        pretrained_weights="w.pth",
+        resume="r/last.pt",
+        pairs_file="p.txt",
+        pairs_folds=[2, 1],
+    )
     assert cfg.epochs == 3 and cfg.lr == 1.0 and cfg.train == "some/dir" and cfg.pairs_folds == [1, 2]
     with pytest.raises(ValidationError):
         TrainConfig(pairs_file="p.txt", pairs_folds=[True])

@@ -8,17 +8,23 @@ import logging
 import numpy as np
 import pytest
 import torch
+from core_fixtures import make_identity_folder, write_image
 from PIL import Image
 
-from core_fixtures import make_identity_folder, write_image
-from faceid.data import (BatchTransform, classification_batches, decode_image, resize_center_crop, sample_pairs,
-                         scan_folder)
+from faceid.data import (
+    BatchTransform,
+    classification_batches,
+    decode_image,
+    resize_center_crop,
+    sample_pairs,
+    scan_folder,
+)
 from faceid.errors import DataError
 from faceid.imagestore import load_images
 from faceid.model import IMAGENET_MEAN, IMAGENET_STD
 
-
 # --- scan_folder --------------------------------------------------------------------------------
+
 
 def test_scan_ignores_non_images_and_non_directories(tmp_path):
     root = make_identity_folder(tmp_path / "ds", {"ann": 2, "bob": 3})
@@ -102,6 +108,7 @@ def test_val_keeps_only_identities_with_two_images(tmp_path):
 
 # --- unreadable images --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cache", ["on", "off"])
 def test_corrupt_image_is_skipped_and_counted(tmp_path, caplog, cache):
     root = make_identity_folder(tmp_path / "ds", {"ann": 2, "bob": 2, "cid": 2})
@@ -184,6 +191,7 @@ def test_images_decode_and_cache_with_the_crop(tmp_path):
 
 # --- sample_pairs -------------------------------------------------------------------------------
 
+
 def _skewed_labels() -> np.ndarray:
     # one big identity, a few medium ones, and singletons (no positive pair possible)
     counts = [200, 10, 6, 3, 2, 1, 1]
@@ -232,6 +240,7 @@ def test_sample_pairs_errors():
 
 # --- classification_batches ---------------------------------------------------------------------
 
+
 def test_balanced_batches_draw_identities_uniformly():
     counts = [400, 40, 20, 10, 5, 3, 2, 2, 1, 1]  # heavily skewed
     labels = np.repeat(np.arange(len(counts)), counts)
@@ -273,6 +282,7 @@ def test_fewer_images_than_a_batch_still_gives_one_batch():
 
 # --- BatchTransform -----------------------------------------------------------------------------
 
+
 def test_batch_transform_normalises_to_float_channels_last():
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     tf = BatchTransform(torch.device("cpu"), augment=False, channels_last=True)
@@ -309,7 +319,8 @@ def test_batch_transform_flip_only_mirrors_some_images_and_shifts_none():
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     plain = BatchTransform(torch.device("cpu"), augment=False, channels_last=False)(x)
     out = BatchTransform(torch.device("cpu"), augment=True, shift=False, channels_last=False)(
-        x, torch.Generator().manual_seed(1))
+        x, torch.Generator().manual_seed(1)
+    )
     same = [torch.equal(out[i], plain[i]) for i in range(16)]
     mirrored = [torch.equal(out[i], plain[i].flip(2)) for i in range(16)]
     assert all(s or m for s, m in zip(same, mirrored))  # each image as it was, or its mirror

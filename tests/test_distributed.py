@@ -16,17 +16,38 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")]
 
-SMALL = ["--train_mode", "arcface", "--img_size", "32", "--batch_size", "8",
-         "--eval_pairs", "200", "--workers", "0", "--threads", "1", "--lr", "0.001",
-         "--optimizer", "adamw", "--nproc_per_node", "2", "--device", "cpu"]  # gloo, also on a GPU host
+SMALL = [
+    "--train_mode",
+    "arcface",
+    "--img_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--eval_pairs",
+    "200",
+    "--workers",
+    "0",
+    "--threads",
+    "1",
+    "--lr",
+    "0.001",
+    "--optimizer",
+    "adamw",
+    "--nproc_per_node",
+    "2",
+    "--device",
+    "cpu",
+]  # gloo, also on a GPU host
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FACEID_", "RANK", "WORLD_SIZE",
-                                                                     "LOCAL_RANK", "MASTER_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FACEID_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))
+    }
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -49,14 +70,25 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("flags,needle", [
-    (["--train", "no/such/folder", "--val", str(SAMPLE / "val")], "--train folder not found: no/such/folder"),
-    (["--train", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"), "--pretrained_weights", "missing.pth"],
-     "--pretrained_weights not found: missing.pth"),
-])
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--train", "no/such/folder", "--val", str(SAMPLE / "val")], "--train folder not found: no/such/folder"),
+        (
+            ["--train", str(SAMPLE / "train"), "--val", str(SAMPLE / "val"), "--pretrained_weights", "missing.pth"],
+            "--pretrained_weights not found: missing.pth",
+        ),
+    ],
+)
 def test_what_every_rank_would_fail_is_one_line_before_torchrun_starts(tmp_path, flags, needle):
-    proc = subprocess.run([sys.executable, "-m", "faceid.cli", "train", *SMALL, *flags, "--ckpt_dir",
-                           str(tmp_path / "m")], capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "faceid.cli", "train", *SMALL, *flags, "--ckpt_dir", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "launching" not in ln]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr[-2000:]
@@ -65,10 +97,31 @@ def test_what_every_rank_would_fail_is_one_line_before_torchrun_starts(tmp_path,
 
 def test_two_process_gloo_training_through_the_cli(tmp_path):
     ck, ev = tmp_path / "ck", tmp_path / "events.jsonl"
-    r = subprocess.run([sys.executable, "-m", "faceid.train", "--train", str(SAMPLE / "train"),
-                        "--val", str(SAMPLE / "val"), "--ckpt_dir", str(ck), "--events_file", str(ev),
-                        "--max_steps_per_epoch", "3", "--epochs", "1", *SMALL], cwd=REPO, env=_env(),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "faceid.train",
+            "--train",
+            str(SAMPLE / "train"),
+            "--val",
+            str(SAMPLE / "val"),
+            "--ckpt_dir",
+            str(ck),
+            "--events_file",
+            str(ev),
+            "--max_steps_per_epoch",
+            "3",
+            "--epochs",
+            "1",
+            *SMALL,
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     events = _events(ev)
     kinds = [e["event"] for e in events]
@@ -90,27 +143,52 @@ def test_two_process_gloo_training_through_the_cli(tmp_path):
 
 def test_killing_one_rank_fails_the_run_and_leaves_no_process(tmp_path):
     ev = tmp_path / "events.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "faceid.train", "--train", str(SAMPLE / "train"),
-                             "--val", str(SAMPLE / "val"), "--ckpt_dir", str(tmp_path / "ck"),
-                             "--events_file", str(ev), "--epochs", "50", "--progress_step_pct", "1",
-                             *SMALL],
-                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "faceid.train",
+            "--train",
+            str(SAMPLE / "train"),
+            "--val",
+            str(SAMPLE / "val"),
+            "--ckpt_dir",
+            str(tmp_path / "ck"),
+            "--events_file",
+            str(ev),
+            "--epochs",
+            "50",
+            "--progress_step_pct",
+            "1",
+            *SMALL,
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (ev.exists() and any(e["event"] == "progress" for e in _events(ev))):
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no progress within 300 s"
             time.sleep(0.2)
-        workers = [p for p in _descendants(proc.pid)
-                   if "faceid.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        workers = [
+            p
+            for p in _descendants(proc.pid)
+            if "faceid.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+        ]
         assert len(workers) >= 2, workers
         os.kill(workers[-1], signal.SIGKILL)
         rc = proc.wait(timeout=120)
         assert rc != 0
         time.sleep(1)
-        alive = [p for p in workers if Path(f"/proc/{p}").exists()
-                 and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+        alive = [
+            p
+            for p in workers
+            if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+        ]
         assert alive == [], f"ranks left behind: {alive}"
     finally:
         if proc.poll() is None:
@@ -127,9 +205,22 @@ def test_two_process_job_through_post_jobs(tmp_path):
 
     settings = Settings(data_dir=REPO / "data", models_dir=tmp_path / "models", poll_interval_s=0.1)
     app = create_app(settings)
-    body = {"train_mode": "arcface", "train": "sample/train", "val": "sample/val", "img_size": 32,
-            "batch_size": 8, "epochs": 1, "max_steps_per_epoch": 2, "eval_pairs": 200, "workers": 0,
-            "threads": 1, "optimizer": "adamw", "lr": 0.001, "nproc_per_node": 2, "device": "cpu"}
+    body = {
+        "train_mode": "arcface",
+        "train": "sample/train",
+        "val": "sample/val",
+        "img_size": 32,
+        "batch_size": 8,
+        "epochs": 1,
+        "max_steps_per_epoch": 2,
+        "eval_pairs": 200,
+        "workers": 0,
+        "threads": 1,
+        "optimizer": "adamw",
+        "lr": 0.001,
+        "nproc_per_node": 2,
+        "device": "cpu",
+    }
 
     async def scenario() -> dict:
         async with app.router.lifespan_context(app):

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 import pytest
-
 from core_fixtures import SAMPLE_PAIRS, SAMPLE_TRAIN, SAMPLE_VAL, TINY, write_image
+
 from faceid.config import TrainConfig
 from faceid.evaluate import embed_store, same_files, score_protocol
 from faceid.train import Trainer
@@ -25,9 +25,16 @@ def test_same_files_follows_symbolic_and_hard_links(tmp_path):
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
-    cfg = TrainConfig(train=str(SAMPLE_TRAIN), val=str(SAMPLE_VAL), pairs_file=str(SAMPLE_PAIRS),
-                      ckpt_dir=str(tmp_path_factory.mktemp("ck")), train_mode="arcface", epochs=1,
-                      eval_flip=True, **TINY)
+    cfg = TrainConfig(
+        train=str(SAMPLE_TRAIN),
+        val=str(SAMPLE_VAL),
+        pairs_file=str(SAMPLE_PAIRS),
+        ckpt_dir=str(tmp_path_factory.mktemp("ck")),
+        train_mode="arcface",
+        epochs=1,
+        eval_flip=True,
+        **TINY,
+    )
     t = Trainer(cfg)
     t.setup()
     return t
@@ -60,6 +67,5 @@ def test_pairs_file_images_outside_val_are_embedded_in_the_given_order(trainer):
     store = trainer.protocol[0]
     some = np.array([3, 0, 2])
     together = embed_store(trainer.model, store, trainer.eval_tf, batch_size=2, amp_dtype=None, flip=True)
-    picked = embed_store(trainer.model, store, trainer.eval_tf, batch_size=2, amp_dtype=None, flip=True,
-                         indices=some)
+    picked = embed_store(trainer.model, store, trainer.eval_tf, batch_size=2, amp_dtype=None, flip=True, indices=some)
     np.testing.assert_allclose(picked, together[some], atol=1e-5)

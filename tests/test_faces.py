@@ -15,14 +15,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from core_fixtures import SAMPLE_VAL, TINY, small_sample, tiny_aligned_run, write_image
 from PIL import Image
 
-from core_fixtures import SAMPLE_VAL, TINY, small_sample, tiny_aligned_run, write_image
 from faceid.data import scan_folder
 from faceid.errors import DataError
 from faceid.facecache import FaceCache, find_faces
-from faceid.faces import (ARCFACE_POINTS, DetectorSpec, NoFaceError, Preparation, align_face, build_detector,
-                          template_points)
+from faceid.faces import (
+    ARCFACE_POINTS,
+    DetectorSpec,
+    NoFaceError,
+    Preparation,
+    align_face,
+    build_detector,
+    template_points,
+)
 from faceid.imagestore import load_images
 from faceid.scenes import make_scene
 
@@ -189,8 +196,9 @@ def test_the_face_cache_detects_each_file_once_and_again_only_when_it_changes(tm
     assert FaceCache(other, cache_dir).path != FaceCache(spec, cache_dir).path
 
 
-def test_training_data_without_a_face_is_left_out_listed_and_refused_when_too_little_is_left(tmp_path_factory,
-                                                                                             tmp_path):
+def test_training_data_without_a_face_is_left_out_listed_and_refused_when_too_little_is_left(
+    tmp_path_factory, tmp_path
+):
     train, _ = small_sample(tmp_path_factory)
     data = tmp_path / "train"
     shutil.copytree(train, data)
@@ -226,8 +234,13 @@ def test_an_aligned_run_records_how_its_faces_were_prepared_and_the_verifier_pre
 
     run = tiny_aligned_run(tmp_path_factory)
     ck = load_checkpoint(run.best)
-    assert ck["faces"] == {"align": "arcface", "img_size": 32, "crop": 1.0, "template": "arcface-112",
-                           "detector": DetectorSpec().to_json()}
+    assert ck["faces"] == {
+        "align": "arcface",
+        "img_size": 32,
+        "crop": 1.0,
+        "template": "arcface-112",
+        "detector": DetectorSpec().to_json(),
+    }
     assert ck["config"]["align"] == "arcface"
     assert not (run.ckpt_dir / "no_face.txt").exists()
     assert any(e["event"] == "faces" for e in run.events)
@@ -270,7 +283,14 @@ def test_resume_refuses_another_alignment(tmp_path_factory, tmp_path):
 
     run = tiny_aligned_run(tmp_path_factory)
     train, val = small_sample(tmp_path_factory)
-    cfg = TrainConfig(train=str(train), val=str(val), ckpt_dir=str(tmp_path / "r"), train_mode="arcface",
-                      epochs=2, resume=str(run.last), **{**TINY, "align": "none"})
+    cfg = TrainConfig(
+        train=str(train),
+        val=str(val),
+        ckpt_dir=str(tmp_path / "r"),
+        train_mode="arcface",
+        epochs=2,
+        resume=str(run.last),
+        **{**TINY, "align": "none"},
+    )
     with pytest.raises(ConfigError, match="align='arcface'"):
         Trainer(cfg).setup()

@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-
 from core_fixtures import TINY, small_sample, tiny_arcface_run, tiny_flags
+
 from faceid import cli
-from faceid.cli_train import build_train_parser, config_from_args
 from faceid.checkpoint import load_checkpoint
+from faceid.cli_train import build_train_parser, config_from_args
 from faceid.config import TrainConfig
 from faceid.errors import ConfigError
 from faceid.train import Trainer, check_before_launch, run
@@ -42,8 +42,15 @@ def one_line_error(capsys, argv: list[str]) -> str:
 
 def test_the_run_starts_from_the_base_model_with_a_head_for_its_own_people(base, small, tmp_path):
     train, val = small
-    cfg = TrainConfig(train=str(train), val=str(val), ckpt_dir=str(tmp_path / "ft"), init_from=str(base.best),
-                      train_mode="arcface", epochs=1, **TINY)
+    cfg = TrainConfig(
+        train=str(train),
+        val=str(val),
+        ckpt_dir=str(tmp_path / "ft"),
+        init_from=str(base.best),
+        train_mode="arcface",
+        epochs=1,
+        **TINY,
+    )
     trainer = Trainer(cfg)
     trainer.setup()
     want = load_checkpoint(base.best)["model"]
@@ -59,8 +66,15 @@ def test_the_run_starts_from_the_base_model_with_a_head_for_its_own_people(base,
 
 def test_a_fine_tuned_run_trains_and_records_where_it_started(base, small, tmp_path):
     train, val = small
-    cfg = TrainConfig(train=str(train), val=str(val), ckpt_dir=str(tmp_path / "ft"), init_from=str(base.best),
-                      train_mode="arcface", epochs=1, **TINY)
+    cfg = TrainConfig(
+        train=str(train),
+        val=str(val),
+        ckpt_dir=str(tmp_path / "ft"),
+        init_from=str(base.best),
+        train_mode="arcface",
+        epochs=1,
+        **TINY,
+    )
     result = run(cfg)
     ck = load_checkpoint(result.best_checkpoint)
     assert ck["config"]["init_from"] == str(base.best)
@@ -74,8 +88,15 @@ def test_a_fine_tuned_run_trains_and_records_where_it_started(base, small, tmp_p
 
 def test_a_resumed_fine_tune_goes_on_from_its_own_last_checkpoint(base, small, tmp_path):
     train, val = small
-    first = TrainConfig(train=str(train), val=str(val), ckpt_dir=str(tmp_path / "ft"), init_from=str(base.best),
-                        train_mode="arcface", epochs=1, **TINY)
+    first = TrainConfig(
+        train=str(train),
+        val=str(val),
+        ckpt_dir=str(tmp_path / "ft"),
+        init_from=str(base.best),
+        train_mode="arcface",
+        epochs=1,
+        **TINY,
+    )
     run(first)
     last = tmp_path / "ft" / "last.pt"
     again = first.model_copy(update={"epochs": 2, "resume": str(last)})
@@ -86,15 +107,31 @@ def test_a_resumed_fine_tune_goes_on_from_its_own_last_checkpoint(base, small, t
         assert torch.equal(v.cpu(), resumed[k]), k
 
 
-@pytest.mark.parametrize("flag,value,fix", [
-    ("img_size", "48", "set --img_size 32"),
-    ("embedding_size", "64", "set --embedding_size 512"),
-    ("align", "arcface", "set --align none"),
-])
+@pytest.mark.parametrize(
+    "flag,value,fix",
+    [
+        ("img_size", "48", "set --img_size 32"),
+        ("embedding_size", "64", "set --embedding_size 512"),
+        ("align", "arcface", "set --align none"),
+    ],
+)
 def test_a_base_model_that_does_not_fit_is_one_line_naming_the_flags(base, small, tmp_path, capsys, flag, value, fix):
     train, val = small
-    msg = one_line_error(capsys, ["train", *tiny_flags(**{flag: value}), "--train", str(train), "--val", str(val),
-                                  "--ckpt_dir", str(tmp_path / "ft"), "--init_from", str(base.best)])
+    msg = one_line_error(
+        capsys,
+        [
+            "train",
+            *tiny_flags(**{flag: value}),
+            "--train",
+            str(train),
+            "--val",
+            str(val),
+            "--ckpt_dir",
+            str(tmp_path / "ft"),
+            "--init_from",
+            str(base.best),
+        ],
+    )
     assert msg.startswith(f"init_from {base.best} was trained with") and msg.endswith(f"{fix} to fine-tune it"), msg
     assert not (tmp_path / "ft" / "metrics.jsonl").exists()
 
@@ -123,8 +160,13 @@ def test_init_from_with_pretrained_is_refused():
 
 def test_the_launch_check_refuses_a_base_that_does_not_fit(base, small, tmp_path):
     train, val = small
-    cfg = TrainConfig(train=str(train), val=str(val), ckpt_dir=str(tmp_path / "ft"), init_from=str(base.best),
-                      **{**TINY, "neck": "flat"})
+    cfg = TrainConfig(
+        train=str(train),
+        val=str(val),
+        ckpt_dir=str(tmp_path / "ft"),
+        init_from=str(base.best),
+        **{**TINY, "neck": "flat"},
+    )
     with pytest.raises(ConfigError, match="set --neck gap to fine-tune it"):
         check_before_launch(cfg)
 

@@ -14,8 +14,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceid.gallery import (Conflict, GalleryIndex, GalleryStore, NewFace, NotFound, checkpoint_model_id,
-                            crop_input, normalize_rows, prepare_faces)
+from faceid.gallery import (
+    Conflict,
+    GalleryIndex,
+    GalleryStore,
+    NewFace,
+    NotFound,
+    checkpoint_model_id,
+    crop_input,
+    normalize_rows,
+    prepare_faces,
+)
 
 
 def unit(rng: np.random.Generator, n: int, d: int = 32) -> np.ndarray:
@@ -78,8 +87,9 @@ def test_remove_grow_and_compact_keep_the_search_right():
     owners = [n for n, _ in live.values()]
     for q in unit(rng, 5, 16):
         got = index.search(q[None], 5)[0]
-        assert [(c.person, round(c.score, 4)) for c in got] == [(p, round(s, 4)) for p, s in
-                                                                brute_force(matrix, owners, q, 5)]
+        assert [(c.person, round(c.score, 4)) for c in got] == [
+            (p, round(s, 4)) for p, s in brute_force(matrix, owners, q, 5)
+        ]
         assert all(c.face_id in live for c in got)
     # compaction ran: the scanned rows are not many more than the live ones
     assert index.snapshot.matrix.shape[0] < 2 * len(live)
@@ -247,8 +257,23 @@ def test_cli_enrolls_and_identifies_lfw_people(aligned_ckpt: Path, tmp_path: Pat
     other = tmp_path / "other" / "backbone_best.pt"
     other.parent.mkdir()
     shutil.copy(aligned_ckpt, other)
-    assert main(["gallery", "identify", str(probes), *flags[:2], "--checkpoint", str(other),
-                 "--models_dir", str(models), "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "gallery",
+                "identify",
+                str(probes),
+                *flags[:2],
+                "--checkpoint",
+                str(other),
+                "--models_dir",
+                str(models),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "never compared" in capsys.readouterr().err
 
 

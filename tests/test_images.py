@@ -43,12 +43,7 @@ def black_png(width: int, height: int, rows: int | None = None) -> bytes:
     row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
     compressor = zlib.compressobj(1)  # level 1: 3x faster than the default here
     idat = compressor.compress(row * (height if rows is None else rows)) + compressor.flush()
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", idat)
-        + png_chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def close(pixel, expected, tol=0) -> bool:
@@ -355,8 +350,10 @@ def test_past_pillows_own_limit_the_message_names_the_size_and_the_limit_in_forc
     pixel count and the limit that applies (Pillow's, when max_pixels is above it)."""
     with pytest.raises(ImageTooLargeError) as e:
         open_image(bomb, max_pixels=max_pixels, name="big.png")
-    assert str(e.value) == (f"image too large: big.png has 900,000,000 pixels, over the limit of {limit}; "
-                            "downscale it (faces need well under 1000 px)")
+    assert str(e.value) == (
+        f"image too large: big.png has 900,000,000 pixels, over the limit of {limit}; "
+        "downscale it (faces need well under 1000 px)"
+    )
     assert decoder_max_pixels() == 89_478_485
 
 
@@ -398,8 +395,10 @@ def _halves(width: int, height: int) -> Image.Image:
     return img
 
 
-@pytest.mark.parametrize("reduce_to,expected", [(150, (200, 150)), (300, (400, 300)), (500, (800, 600)),
-                                                (700, (1600, 1200)), (None, (1600, 1200))])
+@pytest.mark.parametrize(
+    "reduce_to,expected",
+    [(150, (200, 150)), (300, (400, 300)), (500, (800, 600)), (700, (1600, 1200)), (None, (1600, 1200))],
+)
 def test_a_large_jpeg_decodes_at_the_smallest_scale_that_keeps_reduce_to(reduce_to, expected):
     data = encode(_halves(1600, 1200), "JPEG", quality=90)
     out = open_image(data, reduce_to=reduce_to)

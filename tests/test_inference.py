@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from core_fixtures import sample_images, tiny_arcface_run
 from PIL import Image
 
-from core_fixtures import sample_images, tiny_arcface_run
 from faceid.checkpoint import load_checkpoint
 from faceid.errors import CheckpointError, ConfigError
 from faceid.evaluate import embed_store, protocol_folder
@@ -106,11 +106,13 @@ def test_invalid_thresholds_raise_config_error(verifier, images, bad):
 def test_embedding_equals_the_one_used_in_evaluation(verifier):
     """Served embeddings must be the evaluation embeddings, or the learned threshold is off."""
     paths = sample_images(4)
-    folder, store = load_images(protocol_folder(paths), verifier.img_size, workers=0, cache="on",
-                                what="test", min_identities=1)
+    folder, store = load_images(
+        protocol_folder(paths), verifier.img_size, workers=0, cache="on", what="test", min_identities=1
+    )
     assert len(folder) == 4
-    eval_emb = embed_store(verifier.model, store, verifier.transform, batch_size=64,
-                           amp_dtype=verifier.amp_dtype, flip=verifier.flip)
+    eval_emb = embed_store(
+        verifier.model, store, verifier.transform, batch_size=64, amp_dtype=verifier.amp_dtype, flip=verifier.flip
+    )
     served = verifier.embed([verifier.open(p) for p in paths])  # as the server and the CLI read them
     np.testing.assert_allclose(served, eval_emb, atol=1e-5)
     # a plain PIL image read from disk is decoded at full scale (these 154 px JPEGs are read at
@@ -176,8 +178,9 @@ def test_a_concurrent_verifier_runs_forward_passes_at_once_and_embeds_the_same(r
     before = torch.get_num_threads()
     results: dict[int, np.ndarray] = {}
     try:
-        workers = [threading.Thread(target=lambda i=i: results.__setitem__(i, v.embed(images[i:i + 2])))
-                   for i in range(2)]
+        workers = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, v.embed(images[i : i + 2]))) for i in range(2)
+        ]
         for t in workers:
             t.start()
         for t in workers:
@@ -188,7 +191,7 @@ def test_a_concurrent_verifier_runs_forward_passes_at_once_and_embeds_the_same(r
     assert overlapped[0], "the two forward passes did not run at once"
     assert threads == [before, before]  # small batches keep the process's setting
     for i in range(2):
-        np.testing.assert_allclose(results[i], verifier.embed(images[i:i + 2]), atol=1e-5)
+        np.testing.assert_allclose(results[i], verifier.embed(images[i : i + 2]), atol=1e-5)
 
 
 def test_last_checkpoint_loads_too(run):
@@ -254,9 +257,12 @@ def test_a_flat_neck_checkpoint_serves_what_its_network_computes(ckpt, tmp_path,
     torch.manual_seed(1)
     size = 64  # a 2 x 2 last feature map (at the tiny run's 32 px, flat and gap both see 2048 numbers)
     net = EmbeddingNet(ckpt["embedding_size"], neck="flat", img_size=size).eval()
-    flat = {**ckpt, "img_size": size, "model": net.state_dict(),
-            "config": {**ckpt["config"], "img_size": size, "neck": "flat", "channels_last": False,
-                       "eval_flip": False}}
+    flat = {
+        **ckpt,
+        "img_size": size,
+        "model": net.state_dict(),
+        "config": {**ckpt["config"], "img_size": size, "neck": "flat", "channels_last": False, "eval_flip": False},
+    }
     v = Verifier.from_checkpoint(save_checkpoint(flat, tmp_path / "flat.pt"), device="cpu", amp="off")
     assert v.model.neck == "flat"
     x = to_uint8_tensor(images[0], size).unsqueeze(0)
@@ -294,8 +300,9 @@ def test_a_checkpoint_trained_with_a_crop_serves_with_it(ckpt, tmp_path, images,
     assert torch.equal(prepared, to_uint8_tensor(images[0], 32, 0.6))
     assert not torch.equal(prepared, verifier.prepare(images[0]))
     paths = sample_images(3)
-    _, store = load_images(protocol_folder(paths), v.img_size, workers=0, crop=0.6, cache="on",
-                           what="test", min_identities=1)
+    _, store = load_images(
+        protocol_folder(paths), v.img_size, workers=0, crop=0.6, cache="on", what="test", min_identities=1
+    )
     eval_emb = embed_store(v.model, store, v.transform, batch_size=64, amp_dtype=v.amp_dtype, flip=v.flip)
     np.testing.assert_allclose(v.embed([open_image(p) for p in paths]), eval_emb, atol=1e-5)
     assert np.abs(v.embed(images) - verifier.embed(images)).max() > 1e-3  # same weights, other pixels
@@ -332,10 +339,12 @@ def test_a_large_photo_is_served_as_its_evaluation_decoded_it(verifier, tmp_path
     src.resize((src.width * 8, src.height * 8), Image.BICUBIC).save(path, quality=92)  # 1232 px
     opened = verifier.open(path.read_bytes())
     assert opened.size == (154, 154)  # 1/8 scale: still over twice the 32 px input
-    _, store = load_images(protocol_folder([path]), verifier.img_size, workers=0, cache="on",
-                           what="test", min_identities=1)
-    eval_emb = embed_store(verifier.model, store, verifier.transform, batch_size=64,
-                           amp_dtype=verifier.amp_dtype, flip=verifier.flip)
+    _, store = load_images(
+        protocol_folder([path]), verifier.img_size, workers=0, cache="on", what="test", min_identities=1
+    )
+    eval_emb = embed_store(
+        verifier.model, store, verifier.transform, batch_size=64, amp_dtype=verifier.amp_dtype, flip=verifier.flip
+    )
     np.testing.assert_allclose(verifier.embed([opened]), eval_emb, atol=1e-5)
     np.testing.assert_allclose(verifier.embed([verifier.open(path)]), eval_emb, atol=1e-5)
     full = resize_center_crop(open_image(path), verifier.img_size).astype(int)

@@ -18,8 +18,7 @@ from faceid.pairs import identities_in, load_pairs
 from faceid.train import Trainer
 
 LFW = os.environ.get("FACEID_LFW_DIR")
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not LFW, reason="FACEID_LFW_DIR not set (real LFW faces)")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not LFW, reason="FACEID_LFW_DIR not set (real LFW faces)")]
 
 # 240 optimizer steps of 64 images at 48 px (about 1.9 passes over the 8,243 training images).
 # AUC on held-out pairs rises steadily over these steps on a 2-core CPU, so a required gain of
@@ -48,17 +47,29 @@ def test_arcface_preset_beats_untrained_network_on_held_out_people(tmp_path):
     train, val = split_fold1(lfw, tmp_path)
     fold1 = identities_in(load_pairs(lfw / "pairs.txt", folds=[1]))
     assert not ({p.name for p in train.iterdir()} & fold1)  # nobody scored is trained on
-    cfg = TrainConfig(preset="cpu-small", train=str(train), val=str(val),
-                      pairs_file=str(lfw / "pairs.txt"), pairs_folds=[1], ckpt_dir=str(tmp_path / "ck"),
-                      img_size=48, epochs=EPOCHS, max_steps_per_epoch=STEPS_PER_EPOCH, eval_pairs=6000,
-                      workers=2, progress_step_pct=25)
+    cfg = TrainConfig(
+        preset="cpu-small",
+        train=str(train),
+        val=str(val),
+        pairs_file=str(lfw / "pairs.txt"),
+        pairs_folds=[1],
+        ckpt_dir=str(tmp_path / "ck"),
+        img_size=48,
+        epochs=EPOCHS,
+        max_steps_per_epoch=STEPS_PER_EPOCH,
+        eval_pairs=6000,
+        workers=2,
+        progress_step_pct=25,
+    )
     trainer = Trainer(cfg)
     trainer.setup()
     untrained = trainer.evaluate()
     result = trainer.fit()
     trained = result.history[-1]
-    print(f"untrained auc {untrained['auc']:.4f} pairs_auc {untrained['pairs_auc']:.4f}; "
-          f"trained auc {trained['auc']:.4f} pairs_auc {trained['pairs_auc']:.4f}")
+    print(
+        f"untrained auc {untrained['auc']:.4f} pairs_auc {untrained['pairs_auc']:.4f}; "
+        f"trained auc {trained['auc']:.4f} pairs_auc {trained['pairs_auc']:.4f}"
+    )
     assert trained["auc"] >= untrained["auc"] + MIN_GAIN_AUC
     # The official fold-1 pairs (harder negatives) must improve as well.
     assert trained["pairs_auc"] > untrained["pairs_auc"] + 0.03

@@ -23,8 +23,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _head_with_angles(angles: list[float], *, s: float = S, m: float = M, easy_margin: bool = False,
-                      n_classes: int = 3):
+def _head_with_angles(
+    angles: list[float], *, s: float = S, m: float = M, easy_margin: bool = False, n_classes: int = 3
+):
     """A head whose class centres are the unit axes, and inputs at `angles` from centre 0 (in the
     plane of axes 0 and 1). Returns (head, x [B, n_classes], labels [B] = 0)."""
     head = ArcMarginProduct(n_classes, n_classes, s=s, m=m, easy_margin=easy_margin)
@@ -121,6 +122,7 @@ def test_head_logits_are_fp32_with_shape_and_keep_the_signature():
 
 # --- pretrained trunk ---------------------------------------------------------------------------
 
+
 @pytest.fixture
 def empty_torch_home(tmp_path, monkeypatch):
     """An empty torch cache, and any download attempt fails the test."""
@@ -191,6 +193,7 @@ def test_a_non_state_dict_is_a_config_error(tmp_path):
 
 
 # --- the neck: what the embedding layer sees -------------------------------------------------------
+
 
 @pytest.mark.parametrize("img_size,side", [(32, 1), (64, 2), (96, 3), (112, 4), (224, 7)])
 def test_flat_neck_sees_the_whole_last_feature_map(img_size, side):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from core_fixtures import subprocess_env
+
 from faceid.omp import SERVER_MARK, TRAIN_SPINCOUNT, serving_defaults, training_child_env, training_defaults
 
 
@@ -52,10 +53,12 @@ def test_the_job_launcher_uses_it(monkeypatch):
 
 
 def test_python_m_faceid_train_sets_it():
-    code = ("import runpy, sys, os; sys.argv = ['faceid.train', '--help'];\n"
-            "try: runpy.run_module('faceid.train', run_name='__main__')\n"
-            "except SystemExit: pass\n"
-            "print('SPIN', os.environ.get('GOMP_SPINCOUNT'))")
+    code = (
+        "import runpy, sys, os; sys.argv = ['faceid.train', '--help'];\n"
+        "try: runpy.run_module('faceid.train', run_name='__main__')\n"
+        "except SystemExit: pass\n"
+        "print('SPIN', os.environ.get('GOMP_SPINCOUNT'))"
+    )
     env = subprocess_env()
     env.pop("OMP_WAIT_POLICY", None)
     env.pop("GOMP_SPINCOUNT", None)

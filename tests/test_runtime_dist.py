@@ -19,11 +19,16 @@ def _gpus(monkeypatch, n: int) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
 
 
-@pytest.mark.parametrize("gpus,device,backend", [
-    (0, "auto", "gloo"), (0, "cpu", "gloo"),
-    (1, "auto", "nccl"), (1, "cuda", "nccl"),
-    (1, "cpu", "gloo"),  # CPU processes on a GPU host: NCCL cannot carry CPU tensors
-])
+@pytest.mark.parametrize(
+    "gpus,device,backend",
+    [
+        (0, "auto", "gloo"),
+        (0, "cpu", "gloo"),
+        (1, "auto", "nccl"),
+        (1, "cuda", "nccl"),
+        (1, "cpu", "gloo"),  # CPU processes on a GPU host: NCCL cannot carry CPU tensors
+    ],
+)
 def test_backend_follows_the_device_the_run_computes_on(monkeypatch, gpus, device, backend):
     _gpus(monkeypatch, gpus)
     assert dist_backend(device) == backend
@@ -48,8 +53,21 @@ def test_the_cli_refuses_before_launching_torchrun(monkeypatch, capsys, tmp_path
     _gpus(monkeypatch, 1)
     launched = []
     monkeypatch.setattr(os, "execv", lambda *a: launched.append(a))
-    rc = cli.main(["train", "--train", str(tmp_path), "--val", str(tmp_path), "--nproc_per_node", "2",
-                   "--device", "cuda", "--ckpt_dir", str(tmp_path / "ckpt")])
+    rc = cli.main(
+        [
+            "train",
+            "--train",
+            str(tmp_path),
+            "--val",
+            str(tmp_path),
+            "--nproc_per_node",
+            "2",
+            "--device",
+            "cuda",
+            "--ckpt_dir",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     assert rc == cli.EXIT_USER_ERROR and not launched
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --nproc_per_node: 2 processes on GPUs need 2 GPUs"), err

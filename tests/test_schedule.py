@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from core_fixtures import TINY, small_sample
+
 from faceid.config import TrainConfig
 from faceid.optimization import lr_lambda
 from faceid.train import Trainer
@@ -57,9 +57,22 @@ def _run_with_limit(data, tmp_path, monkeypatch, **overrides):
     train, val = data
     monkeypatch.setattr("faceid.trainer.time", FakeClock())
     # 30 epochs x 2 steps would take far longer than the 60 (fake) seconds of the limit.
-    cfg = TrainConfig(**{**TINY, "train": str(train), "val": str(val), "ckpt_dir": str(tmp_path / "m"),
-                         "train_mode": "arcface", "epochs": 30, "warmup_epochs": 1, "arcface_m": 0.3,
-                         "margin_warmup_epochs": 20, "lr": 0.01, "time_limit_min": 1.0, **overrides})
+    cfg = TrainConfig(
+        **{
+            **TINY,
+            "train": str(train),
+            "val": str(val),
+            "ckpt_dir": str(tmp_path / "m"),
+            "train_mode": "arcface",
+            "epochs": 30,
+            "warmup_epochs": 1,
+            "arcface_m": 0.3,
+            "margin_warmup_epochs": 20,
+            "lr": 0.01,
+            "time_limit_min": 1.0,
+            **overrides,
+        }
+    )
     lrs, margins = [], []
     trainer = Trainer(cfg)
     trainer.setup()
@@ -101,7 +114,8 @@ def test_fit_to_time_limit_false_keeps_the_schedule_on_steps(data, tmp_path, mon
 
 
 def test_no_time_limit_means_steps_only(data, tmp_path, monkeypatch):
-    trainer, result, lrs, _ = _run_with_limit(data, tmp_path, monkeypatch, time_limit_min=0.0, epochs=2,
-                                              margin_warmup_epochs=1)
+    trainer, result, lrs, _ = _run_with_limit(
+        data, tmp_path, monkeypatch, time_limit_min=0.0, epochs=2, margin_warmup_epochs=1
+    )
     assert not result.stopped_early and trainer.state.global_step == trainer.total_steps == 4
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)

@@ -20,10 +20,21 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from core_fixtures import (
+    METRIC_KEYS,
+    SAMPLE_PAIRS,
+    SAMPLE_TRAIN,
+    SAMPLE_VAL,
+    TINY,
+    faceid_cmd,
+    make_identity_folder,
+    sample_images,
+    small_sample,
+    subprocess_env,
+    tiny_arcface_run,
+    tiny_flags,
+)
 
-from core_fixtures import (METRIC_KEYS, SAMPLE_PAIRS, SAMPLE_TRAIN, SAMPLE_VAL, TINY, faceid_cmd,
-                           make_identity_folder, sample_images, small_sample, subprocess_env,
-                           tiny_arcface_run, tiny_flags)
 from faceid import cli
 from faceid.checkpoint import FORMAT, load_checkpoint
 from faceid.config import TrainConfig
@@ -54,14 +65,27 @@ def pair_cli(tmp_path_factory, small):
     """pair mode through the `faceid train` command in a child process."""
     d = tmp_path_factory.mktemp("pair_cli")
     events = d / "job" / "events.jsonl"  # its folder does not exist yet
-    cmd = faceid_cmd("train", *small, "--ckpt_dir", str(d / "models"), "--train_mode", "pair",
-                     "--epochs", "1", "--pairs_per_epoch", "64", "--events_file", str(events),
-                     *tiny_flags())
+    cmd = faceid_cmd(
+        "train",
+        *small,
+        "--ckpt_dir",
+        str(d / "models"),
+        "--train_mode",
+        "pair",
+        "--epochs",
+        "1",
+        "--pairs_per_epoch",
+        "64",
+        "--events_file",
+        str(events),
+        *tiny_flags(),
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
     return proc, d / "models", events
 
 
 # --- artifacts ----------------------------------------------------------------------------------
+
 
 def test_cli_run_succeeds(pair_cli):
     proc, models, _ = pair_cli
@@ -142,6 +166,7 @@ def test_inprocess_arcface_artifacts(arc):
 
 # --- events -------------------------------------------------------------------------------------
 
+
 def _check_events(events: list[dict[str, Any]]) -> None:
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "finished", kinds
@@ -171,8 +196,21 @@ def _check_events(events: list[dict[str, Any]]) -> None:
         assert Path(e["path"]).is_file() and e["epoch"] == 1
 
     ep = next(e for e in events if e["event"] == "epoch")
-    for k in ("train_loss", "lr", "acc", "th", "auc", "tar_1e-2", "tar_1e-3", "th_far_1e-2",
-              "th_far_1e-3", "is_best", "best_epoch", "best_value", "epoch_time_s"):
+    for k in (
+        "train_loss",
+        "lr",
+        "acc",
+        "th",
+        "auc",
+        "tar_1e-2",
+        "tar_1e-3",
+        "th_far_1e-2",
+        "th_far_1e-3",
+        "is_best",
+        "best_epoch",
+        "best_value",
+        "epoch_time_s",
+    ):
         assert k in ep, k
 
     fin = events[-1]
@@ -196,17 +234,29 @@ def test_inprocess_events(arc):
 
 # --- SIGTERM, then resume -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory, small):
     """An arcface run of 2 epochs through the service's command line (`python -m faceid.train`),
     sent SIGTERM after its first progress event. Returns (returncode, stderr, ckpt_dir, events)."""
     d = tmp_path_factory.mktemp("sigterm")
     models, events = d / "models", d / "events.jsonl"
-    cmd = [sys.executable, "-m", "faceid.train", *small, "--ckpt_dir", str(models), "--train_mode",
-           "arcface", "--epochs", "2", "--events_file", str(events),
-           *tiny_flags(max_steps_per_epoch=4, progress_step_pct=1)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env())
+    cmd = [
+        sys.executable,
+        "-m",
+        "faceid.train",
+        *small,
+        "--ckpt_dir",
+        str(models),
+        "--train_mode",
+        "arcface",
+        "--epochs",
+        "2",
+        "--events_file",
+        str(events),
+        *tiny_flags(max_steps_per_epoch=4, progress_step_pct=1),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
@@ -258,14 +308,32 @@ def test_resume_trains_the_rest_of_the_stopped_epoch_then_the_next(resumable, sm
     before = load_checkpoint(resumable / "last.pt")
     done = before["partial_steps"]
     assert 0 < done < 4
-    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface",
-                   "--resume", str(resumable / "last.pt"), "--epochs", "2", "--events_file", str(events),
-                   "--quiet", *tiny_flags(max_steps_per_epoch=4)])
+    rc = cli.main(
+        [
+            "train",
+            *small,
+            "--ckpt_dir",
+            str(resumable),
+            "--train_mode",
+            "arcface",
+            "--resume",
+            str(resumable / "last.pt"),
+            "--epochs",
+            "2",
+            "--events_file",
+            str(events),
+            "--quiet",
+            *tiny_flags(max_steps_per_epoch=4),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
 
     records = read_jsonl(resumable / "metrics.jsonl")
-    assert [(r["epoch"], r["complete"], r["epoch_steps"]) for r in records] == [(1, False, done), (1, True, 4),
-                                                                             (2, True, 4)]
+    assert [(r["epoch"], r["complete"], r["epoch_steps"]) for r in records] == [
+        (1, False, done),
+        (1, True, 4),
+        (2, True, 4),
+    ]
     last = load_checkpoint(resumable / "last.pt")
     assert (last["epoch"], last["partial_steps"]) == (2, 0)
     assert [h["epoch"] for h in last["history"]] == [1, 1, 2]
@@ -285,24 +353,63 @@ def test_resume_with_other_batches_goes_on_with_the_next_epoch(resumable, small,
     """Another step cap (or batch size, or process count) makes other batches: the stopped epoch's
     remaining steps are unknown, so it counts as done and the next epoch follows."""
     done = load_checkpoint(resumable / "last.pt")["partial_steps"]
-    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface",
-                   "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet",
-                   *tiny_flags(max_steps_per_epoch=3)])
+    rc = cli.main(
+        [
+            "train",
+            *small,
+            "--ckpt_dir",
+            str(resumable),
+            "--train_mode",
+            "arcface",
+            "--resume",
+            str(resumable / "last.pt"),
+            "--epochs",
+            "2",
+            "--quiet",
+            *tiny_flags(max_steps_per_epoch=3),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     records = read_jsonl(resumable / "metrics.jsonl")
     assert [(r["epoch"], r["complete"], r["epoch_steps"]) for r in records] == [(1, False, done), (2, True, 3)]
 
 
 def test_resume_with_another_best_metric_is_a_user_error(resumable, small, capsys):
-    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface", "--best_metric", "auc",
-                   "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet", *tiny_flags()])
+    rc = cli.main(
+        [
+            "train",
+            *small,
+            "--ckpt_dir",
+            str(resumable),
+            "--train_mode",
+            "arcface",
+            "--best_metric",
+            "auc",
+            "--resume",
+            str(resumable / "last.pt"),
+            "--epochs",
+            "2",
+            "--quiet",
+            *tiny_flags(),
+        ]
+    )
     line = _one_line_error(rc, capsys.readouterr().err)
     assert "chosen by best_metric='acc'" in line and "resume with --best_metric acc" in line
 
 
 def test_resume_into_another_folder_brings_the_best_checkpoint(resumable, small, tmp_path, capsys):
-    flags = ["train", *small, "--train_mode", "arcface", "--resume", str(resumable / "last.pt"), "--epochs", "2",
-             "--quiet", *tiny_flags(max_steps_per_epoch=4)]
+    flags = [
+        "train",
+        *small,
+        "--train_mode",
+        "arcface",
+        "--resume",
+        str(resumable / "last.pt"),
+        "--epochs",
+        "2",
+        "--quiet",
+        *tiny_flags(max_steps_per_epoch=4),
+    ]
     assert cli.main([*flags, "--ckpt_dir", str(resumable)]) == 0, capsys.readouterr().err  # run to its end
     elsewhere = tmp_path / "elsewhere"
     # nothing left to train: the folder's backbone_best.pt can only be the one brought along
@@ -311,17 +418,41 @@ def test_resume_into_another_folder_brings_the_best_checkpoint(resumable, small,
     assert (elsewhere / "config.json").exists()
 
 
-def test_a_refused_run_leaves_the_folder_as_it_was_and_a_new_run_starts_its_own_metrics(resumable, small, tmp_path,
-                                                                                       capsys):
+def test_a_refused_run_leaves_the_folder_as_it_was_and_a_new_run_starts_its_own_metrics(
+    resumable, small, tmp_path, capsys
+):
     config = (resumable / "config.json").read_text()
     metrics = (resumable / "metrics.jsonl").read_text()
-    rc = cli.main(["train", "--train", str(tmp_path / "missing"), "--val", small[3], "--ckpt_dir", str(resumable),
-                   "--quiet", *tiny_flags()])
+    rc = cli.main(
+        [
+            "train",
+            "--train",
+            str(tmp_path / "missing"),
+            "--val",
+            small[3],
+            "--ckpt_dir",
+            str(resumable),
+            "--quiet",
+            *tiny_flags(),
+        ]
+    )
     _one_line_error(rc, capsys.readouterr().err)
     assert (resumable / "config.json").read_text() == config  # still the run its checkpoints are from
     assert (resumable / "metrics.jsonl").read_text() == metrics
-    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface", "--epochs", "1",
-                   "--quiet", *tiny_flags(max_steps_per_epoch=2)])
+    rc = cli.main(
+        [
+            "train",
+            *small,
+            "--ckpt_dir",
+            str(resumable),
+            "--train_mode",
+            "arcface",
+            "--epochs",
+            "1",
+            "--quiet",
+            *tiny_flags(max_steps_per_epoch=2),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert [(r["epoch"], r["complete"]) for r in read_jsonl(resumable / "metrics.jsonl")] == [(1, True)]
 
@@ -337,27 +468,71 @@ def test_a_ckpt_dir_that_cannot_be_a_folder_is_a_user_error(small, tmp_path, cap
 
 
 def test_resume_with_another_train_mode_is_a_user_error(resumable, small, capsys):
-    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "pair",
-                   "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet", *tiny_flags()])
+    rc = cli.main(
+        [
+            "train",
+            *small,
+            "--ckpt_dir",
+            str(resumable),
+            "--train_mode",
+            "pair",
+            "--resume",
+            str(resumable / "last.pt"),
+            "--epochs",
+            "2",
+            "--quiet",
+            *tiny_flags(),
+        ]
+    )
     line = _one_line_error(rc, capsys.readouterr().err)
     assert line.startswith("error: cannot resume") and "train_mode='arcface'" in line
 
 
 def test_resume_with_another_neck_is_a_user_error(resumable, small, capsys):
-    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface", "--neck", "flat",
-                   "--resume", str(resumable / "last.pt"), "--epochs", "2", "--quiet", *tiny_flags()])
+    rc = cli.main(
+        [
+            "train",
+            *small,
+            "--ckpt_dir",
+            str(resumable),
+            "--train_mode",
+            "arcface",
+            "--neck",
+            "flat",
+            "--resume",
+            str(resumable / "last.pt"),
+            "--epochs",
+            "2",
+            "--quiet",
+            *tiny_flags(),
+        ]
+    )
     line = _one_line_error(rc, capsys.readouterr().err)
     assert line.startswith("error: cannot resume") and "neck='gap'" in line and "'flat'" in line
 
 
 def test_resume_from_a_best_checkpoint_is_refused(resumable, small, capsys):
-    rc = cli.main(["train", *small, "--ckpt_dir", str(resumable), "--train_mode", "arcface",
-                   "--resume", str(resumable / "backbone_best.pt"), "--epochs", "2", "--quiet",
-                   *tiny_flags()])
+    rc = cli.main(
+        [
+            "train",
+            *small,
+            "--ckpt_dir",
+            str(resumable),
+            "--train_mode",
+            "arcface",
+            "--resume",
+            str(resumable / "backbone_best.pt"),
+            "--epochs",
+            "2",
+            "--quiet",
+            *tiny_flags(),
+        ]
+    )
     assert "resume needs last.pt" in _one_line_error(rc, capsys.readouterr().err)
 
 
 # --- bad input through the CLI ------------------------------------------------------------------
+
 
 def _one_line_error(rc: int, err: str) -> str:
     assert rc == 2, err
@@ -369,9 +544,15 @@ def _one_line_error(rc: int, err: str) -> str:
 
 def test_missing_train_folder_in_a_child_process(tmp_path):
     missing = tmp_path / "no_such_train"
-    proc = subprocess.run(faceid_cmd("train", "--train", str(missing), "--val", str(SAMPLE_VAL),
-                                     "--ckpt_dir", str(tmp_path / "m"), *tiny_flags()),
-                          capture_output=True, text=True, timeout=300, env=subprocess_env())
+    proc = subprocess.run(
+        faceid_cmd(
+            "train", "--train", str(missing), "--val", str(SAMPLE_VAL), "--ckpt_dir", str(tmp_path / "m"), *tiny_flags()
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=subprocess_env(),
+    )
     line = _one_line_error(proc.returncode, proc.stderr)
     assert str(missing) in line and "--train" in line
 
@@ -379,16 +560,16 @@ def test_missing_train_folder_in_a_child_process(tmp_path):
 def test_bad_config_json_in_a_child_process(tmp_path):
     bad = tmp_path / "job.json"
     bad.write_text('{"epochs": 2,')
-    proc = subprocess.run(faceid_cmd("train", "--config", str(bad)), capture_output=True, text=True,
-                          timeout=120, env=subprocess_env())
+    proc = subprocess.run(
+        faceid_cmd("train", "--config", str(bad)), capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
     line = _one_line_error(proc.returncode, proc.stderr)
     assert str(bad) in line and "not valid JSON" in line
 
 
 def _train_error(capsys, tmp_path, *argv: str) -> str:
     events = tmp_path / "events.jsonl"
-    rc = cli.main(["train", "--ckpt_dir", str(tmp_path / "models"), "--events_file", str(events),
-                   *tiny_flags(), *argv])
+    rc = cli.main(["train", "--ckpt_dir", str(tmp_path / "models"), "--events_file", str(events), *tiny_flags(), *argv])
     line = _one_line_error(rc, capsys.readouterr().err)
     failed = read_jsonl(events)[-1]
     assert failed["event"] == "failed" and failed["error"] == line.removeprefix("error: ")
@@ -445,6 +626,7 @@ def test_invalid_flag_value(tmp_path, capsys):
 
 # --- evaluate / embed / verify on the trained checkpoint ----------------------------------------
 
+
 def test_verify_command(arc, capsys):
     a, b = sample_images(2)
     rc = cli.main(["verify", str(a), str(b), "--checkpoint", str(arc.best), "--device", "cpu"])
@@ -462,13 +644,26 @@ def test_verify_command(arc, capsys):
 
 def test_verify_json_and_named_threshold(arc, capsys):
     a, b = sample_images(2)
-    rc = cli.main(["verify", str(a), str(b), "--checkpoint", str(arc.best), "--device", "cpu",
-                   "--json", "--threshold", "far_1e-3"])
+    rc = cli.main(
+        [
+            "verify",
+            str(a),
+            str(b),
+            "--checkpoint",
+            str(arc.best),
+            "--device",
+            "cpu",
+            "--json",
+            "--threshold",
+            "far_1e-3",
+        ]
+    )
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert res["threshold_name"] == "far_1e-3" and res["match"] == (res["similarity"] >= res["threshold"])
-    rc = cli.main(["verify", str(a), str(a), "--checkpoint", str(arc.best), "--device", "cpu",
-                   "--json", "--threshold", "0.5"])
+    rc = cli.main(
+        ["verify", str(a), str(a), "--checkpoint", str(arc.best), "--device", "cpu", "--json", "--threshold", "0.5"]
+    )
     res = json.loads(capsys.readouterr().out)
     assert rc == 0 and res["threshold"] == 0.5 and res["match"] is True
     assert res["similarity"] == pytest.approx(1.0, abs=1e-4)
@@ -499,9 +694,24 @@ def test_embed_command(arc, capsys):
 
 
 def test_evaluate_command_reproduces_the_training_metrics(arc, capsys):
-    rc = cli.main(["evaluate", str(arc.best), "--val", str(SAMPLE_VAL), "--pairs_file", str(SAMPLE_PAIRS),
-                   "--eval_pairs", str(TINY["eval_pairs"]), "--seed", str(TINY["seed"]),
-                   "--workers", "0", "--device", "cpu"])
+    rc = cli.main(
+        [
+            "evaluate",
+            str(arc.best),
+            "--val",
+            str(SAMPLE_VAL),
+            "--pairs_file",
+            str(SAMPLE_PAIRS),
+            "--eval_pairs",
+            str(TINY["eval_pairs"]),
+            "--seed",
+            str(TINY["seed"]),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     res = json.loads(out)
@@ -528,16 +738,25 @@ def test_the_crop_reaches_every_decoded_image_and_the_checkpoint(small, tmp_path
     from faceid.run_state import checkpoint_dict
     from faceid.train import Trainer
 
-    cfg = TrainConfig(train=small[1], val=str(SAMPLE_VAL), pairs_file=str(SAMPLE_PAIRS), ckpt_dir=str(tmp_path),
-                      train_mode="arcface", epochs=1, crop=0.6, **TINY)
+    cfg = TrainConfig(
+        train=small[1],
+        val=str(SAMPLE_VAL),
+        pairs_file=str(SAMPLE_PAIRS),
+        ckpt_dir=str(tmp_path),
+        train_mode="arcface",
+        epochs=1,
+        crop=0.6,
+        **TINY,
+    )
     trainer = Trainer(cfg)
     trainer.setup()
     stores = [trainer.train_store, trainer.val_store, trainer.protocol[0]]
     for store in stores:
         assert store.crop == 0.6
         np.testing.assert_array_equal(store.batch([0])[0].numpy(), decode_image(store.folder.paths[0], 32, 0.6))
-    assert not np.array_equal(decode_image(stores[0].folder.paths[0], 32, 0.6),
-                              decode_image(stores[0].folder.paths[0], 32))
+    assert not np.array_equal(
+        decode_image(stores[0].folder.paths[0], 32, 0.6), decode_image(stores[0].folder.paths[0], 32)
+    )
     ck = checkpoint_dict(cfg, trainer.model, 1, {"th": 0.5})
     assert ck["crop"] == 0.6 and ck["config"]["crop"] == 0.6
     trainer.dist.close()
@@ -557,5 +776,7 @@ def test_the_trainer_does_not_import_the_command_line():
     from core_fixtures import subprocess_env
 
     code = "import sys, faceid.train; print('faceid.cli' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

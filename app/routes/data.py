@@ -18,8 +18,8 @@ from faceid.images import IMAGE_EXTENSIONS
 
 router = APIRouter(tags=["jobs"])
 
-MAX_DEPTH = 3          # data/<a>/<b>/<c>: deep enough for sample/train or lfw/split/train
-MAX_ENTRIES = 200      # of each kind
+MAX_DEPTH = 3  # data/<a>/<b>/<c>: deep enough for sample/train or lfw/split/train
+MAX_ENTRIES = 200  # of each kind
 _PAIRS_HEADER = re.compile(r"^\d+\s+\d+\s*$")  # LFW pairs.txt: "<folds> <pairs per fold>"
 
 
@@ -73,8 +73,9 @@ def list_data(root: Path) -> DataOut:
     return DataOut(folders=folders, pairs_files=pairs)
 
 
-@router.get("/data", response_model=DataOut, summary="What a job can train on under the data root",
-            responses=UNAUTHORIZED)
+@router.get(
+    "/data", response_model=DataOut, summary="What a job can train on under the data root", responses=UNAUTHORIZED
+)
 def get_data(settings: Settings = Depends(get_settings)) -> DataOut:
     """The ImageFolder roots (two or more people with images) and LFW-style pairs files under
     FACEID_DATA_DIR, up to three folders deep, paths as `train`, `val` and `pairs_file` take them."""

@@ -13,20 +13,33 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request, Resp
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from faceid.gallery import (MAX_ENROLL_IMAGES, RULE, GalleryError, NewFace, check_gallery_name,
-                            check_person_name, normalize_rows)
-
 from app.batcher import Timing
 from app.deps import get_models, get_settings
 from app.galleries import GalleryService
 from app.model_manager import ModelManager
 from app.paths import FieldError
-from app.routes.inference import (_DETECT, _IMAGE, IMAGE_ERRORS, _multipart, parse_detect, parse_threshold,
-                                  resolve_threshold)
+from app.routes.inference import (
+    _DETECT,
+    _IMAGE,
+    IMAGE_ERRORS,
+    _multipart,
+    parse_detect,
+    parse_threshold,
+    resolve_threshold,
+)
 from app.routes.jobs import UNAUTHORIZED, error
 from app.schemas import FaceOut, iso
 from app.settings import Settings
 from app.uploads import read_form
+from faceid.gallery import (
+    MAX_ENROLL_IMAGES,
+    RULE,
+    GalleryError,
+    NewFace,
+    check_gallery_name,
+    check_person_name,
+    normalize_rows,
+)
 
 router = APIRouter(tags=["galleries"])
 
@@ -35,14 +48,22 @@ PERSON = Path(description="the person's name, unique in the gallery", max_length
 MAX_K = 100
 MAX_IMPORT = 1000
 
-NOT_FOUND = {404: error("no such gallery, person or face", "no gallery 'staff'; GET /galleries lists them, "
-                        "POST /galleries creates one")}
-REEMBEDDING = {409: error("the gallery is being re-embedded for the served model",
-                          "gallery 'staff' is being re-embedded for model 3f2b...: 120 of 400 faces; "
-                          "retry when GET /galleries/staff shows status ready")}
+NOT_FOUND = {
+    404: error(
+        "no such gallery, person or face", "no gallery 'staff'; GET /galleries lists them, POST /galleries creates one"
+    )
+}
+REEMBEDDING = {
+    409: error(
+        "the gallery is being re-embedded for the served model",
+        "gallery 'staff' is being re-embedded for model 3f2b...: 120 of 400 faces; "
+        "retry when GET /galleries/staff shows status ready",
+    )
+}
 
 
 # --- schemas ------------------------------------------------------------------------------------
+
 
 class GalleryIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "staff"}]})
@@ -62,15 +83,15 @@ class GalleryOut(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
     name: str
     created_at: Optional[str]
-    status: str = Field(description="empty | ready | reembedding (the served model changed; identify answers "
-                        "409 until done) | no_model")
+    status: str = Field(
+        description="empty | ready | reembedding (the served model changed; identify answers 409 until done) | no_model"
+    )
     model: Optional[str] = Field(description="the model whose embeddings the gallery searches")
     dim: Optional[int]
     people: int
     faces: int
     searchable_faces: int = Field(description="faces with an embedding by the gallery's model")
-    faces_without_crop: int = Field(description="imported embeddings: they cannot be embedded again by "
-                                    "another model")
+    faces_without_crop: int = Field(description="imported embeddings: they cannot be embedded again by another model")
     rule: str = Field(description="a person's score: best = the best score of their faces")
     reembedding: Optional[ReembeddingOut] = None
 
@@ -131,19 +152,35 @@ class Candidate(BaseModel):
 
 class FaceResult(BaseModel):
     face: Optional[FaceOut] = Field(description="the face in the probe photo (null without detection)")
-    person: Optional[str] = Field(description="the best candidate when its score reaches the threshold, "
-                                  "else null: unknown")
+    person: Optional[str] = Field(
+        description="the best candidate when its score reaches the threshold, else null: unknown"
+    )
     score: Optional[float] = Field(description="the best candidate's score")
     candidates: list[Candidate]
 
 
 class IdentifyOut(BaseModel):
-    model_config = ConfigDict(protected_namespaces=(), json_schema_extra={"examples": [{
-        "gallery": "staff", "model": "3f2b...", "rule": "best", "threshold": 0.52, "threshold_name": "far_1e-3",
-        "person": "Ann_Lee", "score": 0.71,
-        "candidates": [{"person": "Ann_Lee", "score": 0.71, "face_id": 12},
-                       {"person": "Bob_Ray", "score": 0.18, "face_id": 40}],
-        "faces": [{"face": None, "person": "Ann_Lee", "score": 0.71, "candidates": []}]}]})
+    model_config = ConfigDict(
+        protected_namespaces=(),
+        json_schema_extra={
+            "examples": [
+                {
+                    "gallery": "staff",
+                    "model": "3f2b...",
+                    "rule": "best",
+                    "threshold": 0.52,
+                    "threshold_name": "far_1e-3",
+                    "person": "Ann_Lee",
+                    "score": 0.71,
+                    "candidates": [
+                        {"person": "Ann_Lee", "score": 0.71, "face_id": 12},
+                        {"person": "Bob_Ray", "score": 0.18, "face_id": 40},
+                    ],
+                    "faces": [{"face": None, "person": "Ann_Lee", "score": 0.71, "candidates": []}],
+                }
+            ]
+        },
+    )
     gallery: str
     model: str
     rule: str = Field(description="best: a person scores their best face's similarity")
@@ -164,8 +201,10 @@ class ImportFace(BaseModel):
 
 class ImportIn(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str = Field(description="the id of the model that computed the embeddings (GET /model's id); it must "
-                       "be the served model", max_length=128)
+    model: str = Field(
+        description="the id of the model that computed the embeddings (GET /model's id); it must be the served model",
+        max_length=128,
+    )
     faces: list[ImportFace] = Field(min_length=1, max_length=MAX_IMPORT)
 
 
@@ -183,6 +222,7 @@ class DeletedOut(BaseModel):
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
 
 async def get_galleries(request: Request) -> GalleryService:
     service = getattr(request.app.state, "galleries", None)
@@ -233,18 +273,32 @@ async def reembedding(galleries: GalleryService, gallery: str) -> None:
     galleries.wake()
     g = await call(galleries.describe, gallery)
     p = g["reembedding"] or {}
-    raise HTTPException(409, f"gallery {gallery!r} is being re-embedded for the served model {p.get('model')}: "
-                             f"{p.get('done', 0)} of {p.get('total', 0)} faces; retry when "
-                             f"GET /galleries/{gallery} shows status ready", headers={"Retry-After": "5"})
+    raise HTTPException(
+        409,
+        f"gallery {gallery!r} is being re-embedded for the served model {p.get('model')}: "
+        f"{p.get('done', 0)} of {p.get('total', 0)} faces; retry when "
+        f"GET /galleries/{gallery} shows status ready",
+        headers={"Retry-After": "5"},
+    )
 
 
 # --- galleries ------------------------------------------------------------------------------------
 
-@router.post("/galleries", status_code=201, response_model=GalleryOut, summary="Create a gallery",
-             responses={**UNAUTHORIZED, 409: error("it exists", "gallery 'staff' exists already; ..."),
-                        422: error("a bad name", "gallery: 'a/b' is not a gallery name: ...")})
-async def create_gallery(body: Annotated[GalleryIn, Body()],
-                         galleries: GalleryService = Depends(get_galleries)) -> GalleryOut:
+
+@router.post(
+    "/galleries",
+    status_code=201,
+    response_model=GalleryOut,
+    summary="Create a gallery",
+    responses={
+        **UNAUTHORIZED,
+        409: error("it exists", "gallery 'staff' exists already; ..."),
+        422: error("a bad name", "gallery: 'a/b' is not a gallery name: ..."),
+    },
+)
+async def create_gallery(
+    body: Annotated[GalleryIn, Body()], galleries: GalleryService = Depends(get_galleries)
+) -> GalleryOut:
     """JSON `{"name": "staff"}`. A gallery holds people, each with one or more faces."""
     check_gallery_name(body.name)
     await call(galleries.store.create_gallery, body.name)
@@ -263,81 +317,142 @@ async def list_galleries(galleries: GalleryService = Depends(get_galleries)) -> 
     return GalleryList(galleries=out)
 
 
-@router.get("/galleries/{gallery}", response_model=GalleryOut, summary="A gallery: counts, model, status",
-            responses={**UNAUTHORIZED, **NOT_FOUND})
-async def get_gallery(gallery: Annotated[str, GALLERY],
-                      galleries: GalleryService = Depends(get_galleries)) -> GalleryOut:
+@router.get(
+    "/galleries/{gallery}",
+    response_model=GalleryOut,
+    summary="A gallery: counts, model, status",
+    responses={**UNAUTHORIZED, **NOT_FOUND},
+)
+async def get_gallery(
+    gallery: Annotated[str, GALLERY], galleries: GalleryService = Depends(get_galleries)
+) -> GalleryOut:
     """`status` is `reembedding` while the gallery's faces are embedded again for a newly served
     model; `reembedding` then shows the progress."""
     return gallery_out(await call(galleries.describe, gallery))
 
 
-@router.delete("/galleries/{gallery}", response_model=DeletedOut, summary="Delete a gallery and its people",
-               responses={**UNAUTHORIZED, **NOT_FOUND})
-async def delete_gallery(gallery: Annotated[str, GALLERY],
-                         galleries: GalleryService = Depends(get_galleries)) -> DeletedOut:
+@router.delete(
+    "/galleries/{gallery}",
+    response_model=DeletedOut,
+    summary="Delete a gallery and its people",
+    responses={**UNAUTHORIZED, **NOT_FOUND},
+)
+async def delete_gallery(
+    gallery: Annotated[str, GALLERY], galleries: GalleryService = Depends(get_galleries)
+) -> DeletedOut:
     g = await call(galleries.delete_gallery, gallery)
     return DeletedOut(deleted=gallery, faces=g["faces"])
 
 
 # --- people ---------------------------------------------------------------------------------------
 
-@router.get("/galleries/{gallery}/people", response_model=PeopleOut, summary="The people of a gallery",
-            responses={**UNAUTHORIZED, **NOT_FOUND})
-async def list_people(gallery: Annotated[str, GALLERY],
-                      galleries: GalleryService = Depends(get_galleries)) -> PeopleOut:
+
+@router.get(
+    "/galleries/{gallery}/people",
+    response_model=PeopleOut,
+    summary="The people of a gallery",
+    responses={**UNAUTHORIZED, **NOT_FOUND},
+)
+async def list_people(
+    gallery: Annotated[str, GALLERY], galleries: GalleryService = Depends(get_galleries)
+) -> PeopleOut:
     people = await call(galleries.store.people, gallery)
-    return PeopleOut(gallery=gallery, people=[PersonSummary(**{**p, "created_at": iso(p["created_at"])})
-                                              for p in people])
+    return PeopleOut(
+        gallery=gallery, people=[PersonSummary(**{**p, "created_at": iso(p["created_at"])}) for p in people]
+    )
 
 
-@router.get("/galleries/{gallery}/people/{person}", response_model=PersonOut, summary="A person and their faces",
-            responses={**UNAUTHORIZED, **NOT_FOUND})
-async def get_person(gallery: Annotated[str, GALLERY], person: Annotated[str, PERSON],
-                     galleries: GalleryService = Depends(get_galleries)) -> PersonOut:
+@router.get(
+    "/galleries/{gallery}/people/{person}",
+    response_model=PersonOut,
+    summary="A person and their faces",
+    responses={**UNAUTHORIZED, **NOT_FOUND},
+)
+async def get_person(
+    gallery: Annotated[str, GALLERY], person: Annotated[str, PERSON], galleries: GalleryService = Depends(get_galleries)
+) -> PersonOut:
     p = await call(galleries.store.person, gallery, person)
-    return PersonOut(gallery=gallery, name=p["name"], created_at=iso(p["created_at"]),
-                     faces=[FaceEntry(**{**f, "created_at": iso(f["created_at"])}) for f in p["faces"]])
+    return PersonOut(
+        gallery=gallery,
+        name=p["name"],
+        created_at=iso(p["created_at"]),
+        faces=[FaceEntry(**{**f, "created_at": iso(f["created_at"])}) for f in p["faces"]],
+    )
 
 
-@router.delete("/galleries/{gallery}/people/{person}", response_model=DeletedOut, summary="Delete a person",
-               responses={**UNAUTHORIZED, **NOT_FOUND})
-async def delete_person(gallery: Annotated[str, GALLERY], person: Annotated[str, PERSON],
-                        galleries: GalleryService = Depends(get_galleries)) -> DeletedOut:
+@router.delete(
+    "/galleries/{gallery}/people/{person}",
+    response_model=DeletedOut,
+    summary="Delete a person",
+    responses={**UNAUTHORIZED, **NOT_FOUND},
+)
+async def delete_person(
+    gallery: Annotated[str, GALLERY], person: Annotated[str, PERSON], galleries: GalleryService = Depends(get_galleries)
+) -> DeletedOut:
     n = await call(galleries.delete_person, gallery, person)
     return DeletedOut(deleted=person, faces=n)
 
 
-@router.delete("/galleries/{gallery}/people/{person}/faces/{face_id}", response_model=DeletedOut,
-               summary="Delete one face of a person", responses={**UNAUTHORIZED, **NOT_FOUND})
-async def delete_face(gallery: Annotated[str, GALLERY], person: Annotated[str, PERSON], face_id: int,
-                      galleries: GalleryService = Depends(get_galleries)) -> DeletedOut:
+@router.delete(
+    "/galleries/{gallery}/people/{person}/faces/{face_id}",
+    response_model=DeletedOut,
+    summary="Delete one face of a person",
+    responses={**UNAUTHORIZED, **NOT_FOUND},
+)
+async def delete_face(
+    gallery: Annotated[str, GALLERY],
+    person: Annotated[str, PERSON],
+    face_id: int,
+    galleries: GalleryService = Depends(get_galleries),
+) -> DeletedOut:
     """The person stays, with no faces if this was the last one."""
     await call(galleries.delete_face, gallery, person, face_id)
     return DeletedOut(deleted=str(face_id), faces=1)
 
 
-@router.get("/galleries/{gallery}/people/{person}/faces/{face_id}/crop", summary="The face crop a face was "
-            "embedded from (PNG)", responses={**UNAUTHORIZED, **NOT_FOUND,
-                                               200: {"content": {"image/png": {}}}})
-async def face_crop(gallery: Annotated[str, GALLERY], person: Annotated[str, PERSON], face_id: int,
-                    galleries: GalleryService = Depends(get_galleries)) -> Response:
+@router.get(
+    "/galleries/{gallery}/people/{person}/faces/{face_id}/crop",
+    summary="The face crop a face was embedded from (PNG)",
+    responses={**UNAUTHORIZED, **NOT_FOUND, 200: {"content": {"image/png": {}}}},
+)
+async def face_crop(
+    gallery: Annotated[str, GALLERY],
+    person: Annotated[str, PERSON],
+    face_id: int,
+    galleries: GalleryService = Depends(get_galleries),
+) -> Response:
     crop = await call(galleries.store.crop, gallery, person, face_id)
     if crop is None:
         raise HTTPException(404, f"face {face_id} was imported as an embedding; it has no crop")
     return Response(crop, media_type="image/png")
 
 
-@router.post("/galleries/{gallery}/people/{person}/faces", status_code=201, response_model=EnrollOut,
-             summary="Enroll 1 to 16 photos of a person",
-             openapi_extra=_multipart({"images": {"type": "array", "items": _IMAGE,
-                                                  "description": f"1 to {MAX_ENROLL_IMAGES} photos of the person, "
-                                                                 "each in a field named images"},
-                                       "detect": _DETECT}, ["images"]),
-             responses={**IMAGE_ERRORS, **NOT_FOUND})
-async def enroll(request: Request, gallery: Annotated[str, GALLERY], person: Annotated[str, PERSON],
-                 settings: Settings = Depends(get_settings), models: ModelManager = Depends(get_models),
-                 galleries: GalleryService = Depends(get_galleries)) -> EnrollOut:
+@router.post(
+    "/galleries/{gallery}/people/{person}/faces",
+    status_code=201,
+    response_model=EnrollOut,
+    summary="Enroll 1 to 16 photos of a person",
+    openapi_extra=_multipart(
+        {
+            "images": {
+                "type": "array",
+                "items": _IMAGE,
+                "description": f"1 to {MAX_ENROLL_IMAGES} photos of the person, each in a field named images",
+            },
+            "detect": _DETECT,
+        },
+        ["images"],
+    ),
+    responses={**IMAGE_ERRORS, **NOT_FOUND},
+)
+async def enroll(
+    request: Request,
+    gallery: Annotated[str, GALLERY],
+    person: Annotated[str, PERSON],
+    settings: Settings = Depends(get_settings),
+    models: ModelManager = Depends(get_models),
+    galleries: GalleryService = Depends(get_galleries),
+) -> EnrollOut:
     """multipart field `images`, sent once per photo. Each photo's largest face is enrolled; a
     photo without a usable face refuses the whole request with a 422 naming it (`images[2]`), and
     nothing is enrolled. A name that exists adds the faces to that person (names are unique in a
@@ -345,30 +460,61 @@ async def enroll(request: Request, gallery: Annotated[str, GALLERY], person: Ann
     check_person_name(person)
     served = models.require()
     await call(galleries.store.require, gallery)  # 404 before reading the upload
-    parts = await read_form(request, files=set(), fields={"detect"}, repeated={"images": MAX_ENROLL_IMAGES},
-                            required={"images"}, max_file_bytes=settings.max_upload_bytes)
+    parts = await read_form(
+        request,
+        files=set(),
+        fields={"detect"},
+        repeated={"images": MAX_ENROLL_IMAGES},
+        required={"images"},
+        max_file_bytes=settings.max_upload_bytes,
+    )
     detect = parse_detect(parts)
     uploads = parts["images"]
-    found = await asyncio.gather(*(galleries.decode(served, bytes(p.data), f"images[{i}]", detect, False,
-                                                    p.filename) for i, p in enumerate(uploads)))
+    found = await asyncio.gather(
+        *(
+            galleries.decode(served, bytes(p.data), f"images[{i}]", detect, False, p.filename)
+            for i, p in enumerate(uploads)
+        )
+    )
     inputs = [faces[0] for faces in found]
     vectors = normalize_rows(await models.embed(served, [f.prepared for f in inputs]))
-    new = [NewFace(vector=v, source=(p.filename or f"images[{i}]")[:255], crop=f.crop, kind=f.kind, face=f.face)
-           for i, (p, f, v) in enumerate(zip(uploads, inputs, vectors))]
+    new = [
+        NewFace(vector=v, source=(p.filename or f"images[{i}]")[:255], crop=f.crop, kind=f.kind, face=f.face)
+        for i, (p, f, v) in enumerate(zip(uploads, inputs, vectors))
+    ]
     created, ids = await call(galleries.enroll, gallery, person, served.id, new)
     total = len((await call(galleries.store.person, gallery, person))["faces"])
-    return EnrollOut(gallery=gallery, person=person, created=created, faces=total, model=served.id,
-                     enrolled=[EnrolledFace(id=i, source=n.source, face=n.face) for i, n in zip(ids, new)])
+    return EnrollOut(
+        gallery=gallery,
+        person=person,
+        created=created,
+        faces=total,
+        model=served.id,
+        enrolled=[EnrolledFace(id=i, source=n.source, face=n.face) for i, n in zip(ids, new)],
+    )
 
 
-@router.post("/galleries/{gallery}/embeddings", status_code=201, response_model=ImportOut,
-             summary="Import precomputed embeddings (migrating a gallery)",
-             responses={**UNAUTHORIZED, **NOT_FOUND, **REEMBEDDING,
-                        422: error("another model, another size, or bad values",
-                                   "model: these embeddings are from model 'abc'; the served model is '3f2b...'")})
-async def import_embeddings(gallery: Annotated[str, GALLERY], body: Annotated[ImportIn, Body()],
-                            models: ModelManager = Depends(get_models),
-                            galleries: GalleryService = Depends(get_galleries)) -> ImportOut:
+@router.post(
+    "/galleries/{gallery}/embeddings",
+    status_code=201,
+    response_model=ImportOut,
+    summary="Import precomputed embeddings (migrating a gallery)",
+    responses={
+        **UNAUTHORIZED,
+        **NOT_FOUND,
+        **REEMBEDDING,
+        422: error(
+            "another model, another size, or bad values",
+            "model: these embeddings are from model 'abc'; the served model is '3f2b...'",
+        ),
+    },
+)
+async def import_embeddings(
+    gallery: Annotated[str, GALLERY],
+    body: Annotated[ImportIn, Body()],
+    models: ModelManager = Depends(get_models),
+    galleries: GalleryService = Depends(get_galleries),
+) -> ImportOut:
     """JSON `{"model": "<GET /model's id>", "faces": [{"person": "Ann_Lee", "embedding": [...]}, ...]}`,
     up to 1000 faces a request. They must come from the served model (its id and embedding size):
     embeddings of two models are never compared. Imported faces have no crop, so a later model
@@ -376,23 +522,28 @@ async def import_embeddings(gallery: Annotated[str, GALLERY], body: Annotated[Im
     again (`faces_without_crop` counts them)."""
     served = models.require()
     if body.model != served.id:
-        raise FieldError("model", f"these embeddings are from model {body.model[:80]!r}; the served model is "
-                         f"{served.id!r}: embeddings of two models are never compared. Export them again with "
-                         "the served model, or serve theirs (POST /models/{job_id}/activate)")
+        raise FieldError(
+            "model",
+            f"these embeddings are from model {body.model[:80]!r}; the served model is "
+            f"{served.id!r}: embeddings of two models are never compared. Export them again with "
+            "the served model, or serve theirs (POST /models/{job_id}/activate)",
+        )
     dim = int(served.verifier.info.get("embedding_size") or 0) or None
     for i, f in enumerate(body.faces):
         try:
             check_person_name(f.person)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise FieldError(f"faces[{i}].person", str(e).split(": ", 1)[-1]) from None
     if len({len(f.embedding) for f in body.faces}) > 1:
-        raise FieldError("faces", "the embeddings have different lengths; all must have the model's "
-                         f"{dim} values")
+        raise FieldError("faces", f"the embeddings have different lengths; all must have the model's {dim} values")
     vectors = normalize_rows([f.embedding for f in body.faces], dim, field="faces")
     bound, _ = await call(galleries.store.meta, gallery)
     if bound is not None and bound != served.id:
-        raise HTTPException(409, f"gallery {gallery!r} is being re-embedded for the served model; import when "
-                                 f"GET /galleries/{gallery} shows status ready")
+        raise HTTPException(
+            409,
+            f"gallery {gallery!r} is being re-embedded for the served model; import when "
+            f"GET /galleries/{gallery} shows status ready",
+        )
     by_person: dict[str, list[NewFace]] = {}
     for f, v in zip(body.faces, vectors):
         by_person.setdefault(f.person, []).append(NewFace(vector=v, source=f.source or "imported"))
@@ -405,21 +556,47 @@ async def import_embeddings(gallery: Annotated[str, GALLERY], body: Annotated[Im
 
 # --- identify -----------------------------------------------------------------------------------------
 
-@router.post("/galleries/{gallery}/identify", response_model=IdentifyOut, summary="Who is this?",
-             openapi_extra=_multipart({
-                 "image": _IMAGE,
-                 "threshold": {"type": "string", "examples": ["far_1e-3", "acc", "0.4"],
-                               "description": "far_1e-3 (default) | far_1e-2 | acc, or a cosine value in "
-                                              "[-1, 1]: under it the answer is unknown (null)"},
-                 "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5,
-                       "description": "how many people to list per face"},
-                 "faces": {"type": "string", "enum": ["all", "largest"], "default": "all",
-                           "description": "identify every face in the photo, or only the largest"},
-                 "detect": _DETECT}, ["image"]),
-             responses={**IMAGE_ERRORS, **NOT_FOUND, **REEMBEDDING})
-async def identify(request: Request, response: Response, gallery: Annotated[str, GALLERY],
-                   settings: Settings = Depends(get_settings), models: ModelManager = Depends(get_models),
-                   galleries: GalleryService = Depends(get_galleries)) -> IdentifyOut:
+
+@router.post(
+    "/galleries/{gallery}/identify",
+    response_model=IdentifyOut,
+    summary="Who is this?",
+    openapi_extra=_multipart(
+        {
+            "image": _IMAGE,
+            "threshold": {
+                "type": "string",
+                "examples": ["far_1e-3", "acc", "0.4"],
+                "description": "far_1e-3 (default) | far_1e-2 | acc, or a cosine value in "
+                "[-1, 1]: under it the answer is unknown (null)",
+            },
+            "k": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": MAX_K,
+                "default": 5,
+                "description": "how many people to list per face",
+            },
+            "faces": {
+                "type": "string",
+                "enum": ["all", "largest"],
+                "default": "all",
+                "description": "identify every face in the photo, or only the largest",
+            },
+            "detect": _DETECT,
+        },
+        ["image"],
+    ),
+    responses={**IMAGE_ERRORS, **NOT_FOUND, **REEMBEDDING},
+)
+async def identify(
+    request: Request,
+    response: Response,
+    gallery: Annotated[str, GALLERY],
+    settings: Settings = Depends(get_settings),
+    models: ModelManager = Depends(get_models),
+    galleries: GalleryService = Depends(get_galleries),
+) -> IdentifyOut:
     """multipart field `image`, optional `threshold`, `k`, `faces`, `detect`. For each face in the
     photo (largest first): the `k` most similar people, one entry per person scored by their best
     face, and the decision: the best person if their score reaches the threshold, else null
@@ -428,8 +605,13 @@ async def identify(request: Request, response: Response, gallery: Annotated[str,
     timing = Timing()
     served = models.require()
     await call(galleries.store.require, gallery)
-    parts = await read_form(request, files={"image"}, fields={"threshold", "k", "faces", "detect"},
-                            required={"image"}, max_file_bytes=settings.max_upload_bytes)
+    parts = await read_form(
+        request,
+        files={"image"},
+        fields={"threshold", "k", "faces", "detect"},
+        required={"image"},
+        max_file_bytes=settings.max_upload_bytes,
+    )
     t = timing.since("read", timing.start)
     threshold = parse_threshold(_form_text(parts, "threshold"))
     if threshold is None:
@@ -443,8 +625,9 @@ async def identify(request: Request, response: Response, gallery: Annotated[str,
     bound, _ = await call(galleries.store.meta, gallery)
     if bound is not None and bound != served.id:
         await reembedding(galleries, gallery)
-    inputs = await galleries.decode(served, bytes(parts["image"].data), "image", detect, all_faces,
-                                    parts["image"].filename)
+    inputs = await galleries.decode(
+        served, bytes(parts["image"].data), "image", detect, all_faces, parts["image"].filename
+    )
     timing.since("decode", t)
     vectors = normalize_rows(await models.embed(served, [f.prepared for f in inputs], timing))
     t = timing.since("embed", t)
@@ -455,11 +638,24 @@ async def identify(request: Request, response: Response, gallery: Annotated[str,
     results = []
     for f, cands in zip(inputs, found):
         best = cands[0] if cands else None
-        results.append(FaceResult(
-            face=f.face, person=best.person if best is not None and best.score >= th_value else None,
-            score=best.score if best is not None else None,
-            candidates=[Candidate(person=c.person, score=c.score, face_id=c.face_id) for c in cands]))
+        results.append(
+            FaceResult(
+                face=f.face,
+                person=best.person if best is not None and best.score >= th_value else None,
+                score=best.score if best is not None else None,
+                candidates=[Candidate(person=c.person, score=c.score, face_id=c.face_id) for c in cands],
+            )
+        )
     response.headers["Server-Timing"] = timing.header()
     first = results[0]
-    return IdentifyOut(gallery=gallery, model=served.id, rule=RULE, threshold=th_value, threshold_name=th_name,
-                       person=first.person, score=first.score, candidates=first.candidates, faces=results)
+    return IdentifyOut(
+        gallery=gallery,
+        model=served.id,
+        rule=RULE,
+        threshold=th_value,
+        threshold_name=th_name,
+        person=first.person,
+        score=first.score,
+        candidates=first.candidates,
+        faces=results,
+    )

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 import faceid
-from app.schemas import HealthOut, ReadyOut
 from app.model_manager import NO_MODEL
+from app.schemas import HealthOut, ReadyOut
 
 router = APIRouter(tags=["health"])
 
@@ -18,11 +18,18 @@ async def health() -> HealthOut:
     return HealthOut(version=faceid.__version__)
 
 
-@router.get("/ready", response_model=ReadyOut, summary="Readiness: a model is loaded",
-            responses={503: {"model": ReadyOut, "description": "no model yet",
-                             "content": {"application/json": {"example": {
-                                 "ready": False, "model": None,
-                                 "detail": NO_MODEL}}}}})
+@router.get(
+    "/ready",
+    response_model=ReadyOut,
+    summary="Readiness: a model is loaded",
+    responses={
+        503: {
+            "model": ReadyOut,
+            "description": "no model yet",
+            "content": {"application/json": {"example": {"ready": False, "model": None, "detail": NO_MODEL}}},
+        }
+    },
+)
 async def ready(request: Request):
     """200 when /embed and /verify can answer, 503 (with the reason) before."""
     models = getattr(request.app.state, "models", None)
@@ -34,6 +41,7 @@ async def ready(request: Request):
                 models.require()
             except Exception as e:  # ModelNotReadyError: its message says how to get a model
                 detail = str(e)
-        return JSONResponse(ReadyOut(ready=False, detail=detail).model_dump(), status_code=503,
-                            headers={"Retry-After": "60"})
+        return JSONResponse(
+            ReadyOut(ready=False, detail=detail).model_dump(), status_code=503, headers={"Retry-After": "60"}
+        )
     return ReadyOut(ready=True, model=served.id)

@@ -9,8 +9,6 @@ from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from faceid.errors import ConfigError
-
 from app.batcher import Timing
 from app.deps import get_models, get_settings
 from app.model_manager import NO_MODEL, ModelManager
@@ -19,6 +17,7 @@ from app.routes.jobs import UNAUTHORIZED, error
 from app.schemas import EmbedBatchOut, EmbedOut, VerifyOut
 from app.settings import Settings
 from app.uploads import read_form
+from faceid.errors import ConfigError
 
 router = APIRouter(tags=["inference"])
 
@@ -28,20 +27,33 @@ _IMAGE = {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP 
 
 
 def _multipart(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "properties": properties, "required": required}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": {"type": "object", "properties": properties, "required": required}}
+            },
+        }
+    }
 
 
 IMAGE_ERRORS = {
     **UNAUTHORIZED,
-    400: error("a malformed multipart body", "the multipart body ended before its closing boundary; "
-               "the upload was cut off"),
-    413: error("a file over FACEID_MAX_UPLOAD_MB, or an image over FACEID_MAX_PIXELS",
-               "image too large: image1 is 20000x20000 = 400,000,000 pixels, over the limit of 40,000,000"),
-    415: error("not multipart/form-data", "send the image as multipart/form-data (field image), not "
-               "application/json; for example curl -F image=@photo.jpg"),
-    422: error("not a usable image, or a missing field", "not an image: image1; accepted formats are "
-               "JPEG, PNG, WebP, BMP"),
+    400: error(
+        "a malformed multipart body", "the multipart body ended before its closing boundary; the upload was cut off"
+    ),
+    413: error(
+        "a file over FACEID_MAX_UPLOAD_MB, or an image over FACEID_MAX_PIXELS",
+        "image too large: image1 is 20000x20000 = 400,000,000 pixels, over the limit of 40,000,000",
+    ),
+    415: error(
+        "not multipart/form-data",
+        "send the image as multipart/form-data (field image), not "
+        "application/json; for example curl -F image=@photo.jpg",
+    ),
+    422: error(
+        "not a usable image, or a missing field", "not an image: image1; accepted formats are JPEG, PNG, WebP, BMP"
+    ),
     503: error("no model yet", NO_MODEL),
 }
 
@@ -60,15 +72,22 @@ def parse_threshold(raw: Optional[str]) -> Union[None, str, float]:
     except ValueError:
         number = math.nan
     if not math.isfinite(number) or not -1.0 <= number <= 1.0:
-        raise FieldError("threshold", f"{value[:40]!r} is neither a cosine value in [-1, 1] nor the name of "
-                         f"one of the model's thresholds ({', '.join(THRESHOLD_NAMES)}, and pairs_acc for a "
-                         "model trained with a pairs file; GET /model lists them)")
+        raise FieldError(
+            "threshold",
+            f"{value[:40]!r} is neither a cosine value in [-1, 1] nor the name of "
+            f"one of the model's thresholds ({', '.join(THRESHOLD_NAMES)}, and pairs_acc for a "
+            "model trained with a pairs file; GET /model lists them)",
+        )
     return number
 
 
-_DETECT = {"type": "string", "enum": ["true", "false"], "default": "true",
-           "description": "false: the image is already an aligned face crop; skip detection (models "
-                          "trained with alignment only)"}
+_DETECT = {
+    "type": "string",
+    "enum": ["true", "false"],
+    "default": "true",
+    "description": "false: the image is already an aligned face crop; skip detection (models "
+    "trained with alignment only)",
+}
 
 
 def parse_detect(parts: dict[str, Any]) -> bool:
@@ -81,8 +100,11 @@ def parse_detect(parts: dict[str, Any]) -> bool:
         return True
     if value in ("false", "0", "no"):
         return False
-    raise FieldError("detect", f"{value[:40]!r} is not true or false; send detect=false to skip face "
-                     "detection for an image that is already an aligned face crop")
+    raise FieldError(
+        "detect",
+        f"{value[:40]!r} is not true or false; send detect=false to skip face "
+        "detection for an image that is already an aligned face crop",
+    )
 
 
 def face_of(image: Any) -> Optional[dict[str, Any]]:
@@ -97,22 +119,35 @@ def resolve_threshold(served: Any, threshold: Union[None, str, float]) -> None:
         served.verifier.resolve_threshold(threshold)
     except ConfigError:
         names = sorted((served.verifier.info.get("thresholds") or {}).keys())
-        raise FieldError("threshold", f"{str(threshold)[:40]!r} is neither a cosine value in [-1, 1] nor "
-                         f"an operating point of this model ({', '.join(names)})") from None
+        raise FieldError(
+            "threshold",
+            f"{str(threshold)[:40]!r} is neither a cosine value in [-1, 1] nor "
+            f"an operating point of this model ({', '.join(names)})",
+        ) from None
 
 
-@router.post("/embed", response_model=EmbedOut, summary="Embed one face image",
-             openapi_extra=_multipart({"image": _IMAGE, "detect": _DETECT}, ["image"]), responses=IMAGE_ERRORS)
-async def embed(request: Request, response: Response, settings: Settings = Depends(get_settings),
-                models: ModelManager = Depends(get_models)) -> EmbedOut:
+@router.post(
+    "/embed",
+    response_model=EmbedOut,
+    summary="Embed one face image",
+    openapi_extra=_multipart({"image": _IMAGE, "detect": _DETECT}, ["image"]),
+    responses=IMAGE_ERRORS,
+)
+async def embed(
+    request: Request,
+    response: Response,
+    settings: Settings = Depends(get_settings),
+    models: ModelManager = Depends(get_models),
+) -> EmbedOut:
     """multipart field `image`, optional `detect`. Returns its unit-norm embedding from the served
     model and, for a model trained on aligned faces, the face it found and embedded (the largest;
     a 422 naming the field when there is none). The `Server-Timing` header says where the
     request's time went (milliseconds)."""
     timing = Timing()
     served = models.require()  # 503 before reading an upload we could not use
-    parts = await read_form(request, files={"image"}, fields={"detect"}, required={"image"},
-                            max_file_bytes=settings.max_upload_bytes)
+    parts = await read_form(
+        request, files={"image"}, fields={"detect"}, required={"image"}, max_file_bytes=settings.max_upload_bytes
+    )
     t = timing.since("read", timing.start)
     detect = parse_detect(parts)
     image = await models.decode(bytes(parts["image"].data), "image", served, detect)
@@ -123,14 +158,29 @@ async def embed(request: Request, response: Response, settings: Settings = Depen
     return EmbedOut(embedding=vector, dim=len(vector), model=served.id, face=face_of(image))
 
 
-@router.post("/embed/batch", response_model=EmbedBatchOut, summary="Embed several face images in one request",
-             openapi_extra=_multipart({"images": {"type": "array", "items": _IMAGE,
-                                                  "description": "1 to FACEID_BATCH_MAX_SIZE (16) files, each in a "
-                                                                 "field named images"},
-                                        "detect": _DETECT}, ["images"]),
-             responses=IMAGE_ERRORS)
-async def embed_batch(request: Request, response: Response, settings: Settings = Depends(get_settings),
-                      models: ModelManager = Depends(get_models)) -> EmbedBatchOut:
+@router.post(
+    "/embed/batch",
+    response_model=EmbedBatchOut,
+    summary="Embed several face images in one request",
+    openapi_extra=_multipart(
+        {
+            "images": {
+                "type": "array",
+                "items": _IMAGE,
+                "description": "1 to FACEID_BATCH_MAX_SIZE (16) files, each in a field named images",
+            },
+            "detect": _DETECT,
+        },
+        ["images"],
+    ),
+    responses=IMAGE_ERRORS,
+)
+async def embed_batch(
+    request: Request,
+    response: Response,
+    settings: Settings = Depends(get_settings),
+    models: ModelManager = Depends(get_models),
+) -> EmbedBatchOut:
     """multipart field `images`, sent once per image (`curl -F images=@a.jpg -F images=@b.jpg`),
     at most FACEID_BATCH_MAX_SIZE of them. Returns their embeddings in the order sent, from one
     forward pass (shared with other requests when there is room). One HTTP request for many
@@ -139,50 +189,90 @@ async def embed_batch(request: Request, response: Response, settings: Settings =
     fails the request, naming it (`images[2]`)."""
     timing = Timing()
     served = models.require()
-    parts = await read_form(request, files=set(), fields={"detect"}, repeated={"images": settings.batch_max_size},
-                            required={"images"}, max_file_bytes=settings.max_upload_bytes)
+    parts = await read_form(
+        request,
+        files=set(),
+        fields={"detect"},
+        repeated={"images": settings.batch_max_size},
+        required={"images"},
+        max_file_bytes=settings.max_upload_bytes,
+    )
     t = timing.since("read", timing.start)
     detect = parse_detect(parts)
-    images = await asyncio.gather(*(models.decode(bytes(p.data), f"images[{i}]", served, detect)
-                                    for i, p in enumerate(parts["images"])))
+    images = await asyncio.gather(
+        *(models.decode(bytes(p.data), f"images[{i}]", served, detect) for i, p in enumerate(parts["images"]))
+    )
     timing.since("decode", t)
     vectors = await models.embed(served, images, timing)
     response.headers["Server-Timing"] = timing.header()
-    return EmbedBatchOut(embeddings=vectors.tolist(), count=len(images), dim=int(vectors.shape[1]), model=served.id,
-                         faces=[face_of(im) for im in images])
+    return EmbedBatchOut(
+        embeddings=vectors.tolist(),
+        count=len(images),
+        dim=int(vectors.shape[1]),
+        model=served.id,
+        faces=[face_of(im) for im in images],
+    )
 
 
-@router.post("/verify", response_model=VerifyOut, summary="Are two face images the same person?",
-             openapi_extra=_multipart({
-                 "image1": _IMAGE, "image2": _IMAGE,
-                 "threshold": {"type": "string", "examples": ["acc", "far_1e-3", "0.35"],
-                               "description": "a cosine value in [-1, 1] or acc | far_1e-2 | far_1e-3 "
-                                              "(default acc: the model's best-accuracy threshold); "
-                                              "GET /model lists the model's named thresholds"},
-                 "detect": _DETECT},
-                 ["image1", "image2"]),
-             responses=IMAGE_ERRORS)
-async def verify(request: Request, response: Response, settings: Settings = Depends(get_settings),
-                 models: ModelManager = Depends(get_models)) -> VerifyOut:
+@router.post(
+    "/verify",
+    response_model=VerifyOut,
+    summary="Are two face images the same person?",
+    openapi_extra=_multipart(
+        {
+            "image1": _IMAGE,
+            "image2": _IMAGE,
+            "threshold": {
+                "type": "string",
+                "examples": ["acc", "far_1e-3", "0.35"],
+                "description": "a cosine value in [-1, 1] or acc | far_1e-2 | far_1e-3 "
+                "(default acc: the model's best-accuracy threshold); "
+                "GET /model lists the model's named thresholds",
+            },
+            "detect": _DETECT,
+        },
+        ["image1", "image2"],
+    ),
+    responses=IMAGE_ERRORS,
+)
+async def verify(
+    request: Request,
+    response: Response,
+    settings: Settings = Depends(get_settings),
+    models: ModelManager = Depends(get_models),
+) -> VerifyOut:
     """multipart fields `image1`, `image2`, optional `threshold` and `detect`. `match` is
     `similarity >= threshold`, the cosine similarity of the two embeddings; `face1` and `face2`
     are the faces compared (an image without a face is a 422 naming it). The `Server-Timing`
     header says where the request's time went (milliseconds)."""
     timing = Timing()
     served = models.require()
-    parts = await read_form(request, files={"image1", "image2"}, fields={"threshold", "detect"},
-                            required={"image1", "image2"}, max_file_bytes=settings.max_upload_bytes)
+    parts = await read_form(
+        request,
+        files={"image1", "image2"},
+        fields={"threshold", "detect"},
+        required={"image1", "image2"},
+        max_file_bytes=settings.max_upload_bytes,
+    )
     t = timing.since("read", timing.start)
     raw = parts.get("threshold")
     threshold = parse_threshold(raw.data.decode("utf-8", errors="replace") if raw else None)
     resolve_threshold(served, threshold)
     detect = parse_detect(parts)
-    img1, img2 = await asyncio.gather(models.decode(bytes(parts["image1"].data), "image1", served, detect),
-                                      models.decode(bytes(parts["image2"].data), "image2", served, detect))
+    img1, img2 = await asyncio.gather(
+        models.decode(bytes(parts["image1"].data), "image1", served, detect),
+        models.decode(bytes(parts["image2"].data), "image2", served, detect),
+    )
     timing.since("decode", t)
     vectors = await models.embed(served, [img1, img2], timing)
     result = served.verifier.compare(vectors[0], vectors[1], threshold)
     response.headers["Server-Timing"] = timing.header()
-    return VerifyOut(similarity=result["similarity"], threshold=result["threshold"],
-                     threshold_name=result["threshold_name"], match=bool(result["match"]), model=served.id,
-                     face1=face_of(img1), face2=face_of(img2))
+    return VerifyOut(
+        similarity=result["similarity"],
+        threshold=result["threshold"],
+        threshold_name=result["threshold_name"],
+        match=bool(result["match"]),
+        model=served.id,
+        face1=face_of(img1),
+        face2=face_of(img2),
+    )

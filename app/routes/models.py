@@ -7,13 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from faceid.metrics import operating_points
-
 from app.deps import get_models, get_store, job_or_404
 from app.model_manager import NO_MODEL, ModelManager, ServedModel
 from app.routes.jobs import JOB_ID, NOT_FOUND, UNAUTHORIZED, error
 from app.schemas import BatchingOut, ModelOut, ReplicasOut, iso
 from app.store import JobStore
+from faceid.metrics import operating_points
 
 router = APIRouter(tags=["models"])
 
@@ -23,8 +22,9 @@ NO_MODEL_ERRORS = {503: error("no model yet", NO_MODEL)}
 def model_out(served: ServedModel, request: Request, models: ModelManager) -> ModelOut:
     """The model's description, with the batching figures and the replicas (as GET /model)."""
     info = served.describe()
-    out = ModelOut(**{**info, "loaded_at": iso(info["loaded_at"]),
-                      "operating_points": operating_points(info["metrics"])})
+    out = ModelOut(
+        **{**info, "loaded_at": iso(info["loaded_at"]), "operating_points": operating_points(info["metrics"])}
+    )
     out.batching = BatchingOut(**models.batching())
     replicas = getattr(request.app.state, "replicas", None)
     if replicas is not None:
@@ -32,8 +32,9 @@ def model_out(served: ServedModel, request: Request, models: ModelManager) -> Mo
     return out
 
 
-@router.get("/model", response_model=ModelOut, summary="The served model",
-            responses={**UNAUTHORIZED, **NO_MODEL_ERRORS})
+@router.get(
+    "/model", response_model=ModelOut, summary="The served model", responses={**UNAUTHORIZED, **NO_MODEL_ERRORS}
+)
 def get_model(request: Request, models: ModelManager = Depends(get_models)) -> ModelOut:
     """The model /embed and /verify use: its job, checkpoint, metrics, thresholds, image size;
     how requests have been batched since the server started; the inference replicas, if any."""
@@ -41,15 +42,24 @@ def get_model(request: Request, models: ModelManager = Depends(get_models)) -> M
 
 
 @router.post(
-    "/models/{job_id}/activate", response_model=ModelOut, summary="Serve a finished job's model",
-    responses={**UNAUTHORIZED, **NOT_FOUND,
-               409: error("the job has no usable model", "job 3f2b... is running; only a succeeded job "
-                          "has a model to serve")})
-async def activate(request: Request, job_id: Annotated[str, JOB_ID],
-                   pin: Annotated[bool, Query(description="keep this model when later jobs succeed "
-                                                          "(false: the next succeeded job replaces it)")] = True,
-                   models: ModelManager = Depends(get_models),
-                   store: JobStore = Depends(get_store)) -> ModelOut:
+    "/models/{job_id}/activate",
+    response_model=ModelOut,
+    summary="Serve a finished job's model",
+    responses={
+        **UNAUTHORIZED,
+        **NOT_FOUND,
+        409: error("the job has no usable model", "job 3f2b... is running; only a succeeded job has a model to serve"),
+    },
+)
+async def activate(
+    request: Request,
+    job_id: Annotated[str, JOB_ID],
+    pin: Annotated[
+        bool, Query(description="keep this model when later jobs succeed (false: the next succeeded job replaces it)")
+    ] = True,
+    models: ModelManager = Depends(get_models),
+    store: JobStore = Depends(get_store),
+) -> ModelOut:
     """Loads the job's best checkpoint completely, then switches to it: requests in flight
     finish on the previous model. A checkpoint that cannot be loaded leaves the current model."""
     await run_in_threadpool(job_or_404, store, job_id)

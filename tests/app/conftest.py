@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from service_helpers import fake_loader, image_bytes, service_settings
 
 from app.main import create_app
 from app.settings import Settings
-from service_helpers import fake_loader, image_bytes, service_settings
 
 
 @pytest.fixture

@@ -19,8 +19,16 @@ import time
 from pathlib import Path
 
 OK, DATA_ERROR, CRASH, KILLED, SLOW, STUBBORN, NO_CHECKPOINT, DIE_AFTER_EPOCH = 42, 1, 2, 3, 4, 5, 6, 7
-MODES = {OK: "ok", DATA_ERROR: "data_error", CRASH: "crash", KILLED: "killed", SLOW: "slow",
-         STUBBORN: "stubborn", NO_CHECKPOINT: "no_checkpoint", DIE_AFTER_EPOCH: "die_after_epoch"}
+MODES = {
+    OK: "ok",
+    DATA_ERROR: "data_error",
+    CRASH: "crash",
+    KILLED: "killed",
+    SLOW: "slow",
+    STUBBORN: "stubborn",
+    NO_CHECKPOINT: "no_checkpoint",
+    DIE_AFTER_EPOCH: "die_after_epoch",
+}
 
 
 def main() -> int:
@@ -42,10 +50,20 @@ def main() -> int:
     def save(name: str, epoch: int, **extra) -> Path:
         path = ckpt_dir / name
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"format": "fake", "epoch": epoch, "embedding_size": 12,
-                                   "img_size": cfg["img_size"],
-                                   "thresholds": {"acc": 0.5, "far_1e-2": 0.8, "far_1e-3": 0.9},
-                                   "metrics": {"acc": 0.6 + 0.01 * epoch}, "init_from": cfg.get("init_from"), **extra}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "format": "fake",
+                    "epoch": epoch,
+                    "embedding_size": 12,
+                    "img_size": cfg["img_size"],
+                    "thresholds": {"acc": 0.5, "far_1e-2": 0.8, "far_1e-3": 0.9},
+                    "metrics": {"acc": 0.6 + 0.01 * epoch},
+                    "init_from": cfg.get("init_from"),
+                    **extra,
+                }
+            )
+        )
         os.replace(tmp, path)
         return path
 
@@ -86,9 +104,18 @@ def main() -> int:
         for step in range(1, steps + 1):
             time.sleep(args.step_s)
             loss = float("nan") if step == 1 and epoch == 1 else 1.0 / (epoch * steps + step)
-            emit("progress", epoch=epoch, epochs=epochs, step=step, steps=steps,
-                 percent=round(100.0 * ((epoch - 1) * steps + step) / (epochs * steps), 2),
-                 loss=loss, images_per_s=100.0, lr=0.001, eta_s=1.0)
+            emit(
+                "progress",
+                epoch=epoch,
+                epochs=epochs,
+                step=step,
+                steps=steps,
+                percent=round(100.0 * ((epoch - 1) * steps + step) / (epochs * steps), 2),
+                loss=loss,
+                images_per_s=100.0,
+                lr=0.001,
+                eta_s=1.0,
+            )
             if mode == "killed" and epoch == 1 and step == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop:
@@ -98,16 +125,34 @@ def main() -> int:
         if is_best:
             best_value = acc
             # the best epoch's ROC (a curve whose area grows with the epoch), as the trainer writes it
-            roc = {"epoch": epoch, "far": [0.0, 0.001, 0.01, 0.1, 1.0],
-                   "tar": [0.0, 0.1 * epoch, 0.2 * epoch, 0.4, 1.0], "threshold": [1.0, 0.9, 0.8, 0.5, -1.0],
-                   "n_pos": 100, "n_neg": 1000, "thresholds": {"acc": 0.5, "far_1e-2": 0.8, "far_1e-3": 0.9}}
+            roc = {
+                "epoch": epoch,
+                "far": [0.0, 0.001, 0.01, 0.1, 1.0],
+                "tar": [0.0, 0.1 * epoch, 0.2 * epoch, 0.4, 1.0],
+                "threshold": [1.0, 0.9, 0.8, 0.5, -1.0],
+                "n_pos": 100,
+                "n_neg": 1000,
+                "thresholds": {"acc": 0.5, "far_1e-2": 0.8, "far_1e-3": 0.9},
+            }
             (ckpt_dir / "roc.json").write_text(json.dumps(roc))
             if mode != "no_checkpoint":
                 path = save("backbone_best.pt", epoch)
                 emit("checkpoint", kind="best", path=str(path), epoch=epoch)
-        emit("epoch", epoch=epoch, global_step=(epoch - 1) * steps + step, train_loss=0.5, lr=0.001, acc=acc,
-             th=0.5, auc=0.7, **{"tar_1e-2": 0.1, "tar_1e-3": 0.01, "th_far_1e-2": 0.8, "th_far_1e-3": 0.9},
-             is_best=is_best, best_epoch=epoch, best_value=best_value, epoch_time_s=0.1)
+        emit(
+            "epoch",
+            epoch=epoch,
+            global_step=(epoch - 1) * steps + step,
+            train_loss=0.5,
+            lr=0.001,
+            acc=acc,
+            th=0.5,
+            auc=0.7,
+            **{"tar_1e-2": 0.1, "tar_1e-3": 0.01, "th_far_1e-2": 0.8, "th_far_1e-3": 0.9},
+            is_best=is_best,
+            best_epoch=epoch,
+            best_value=best_value,
+            epoch_time_s=0.1,
+        )
         path = save("last.pt", epoch)
         emit("checkpoint", kind="last", path=str(path), epoch=epoch)
         if stop:
@@ -116,9 +161,14 @@ def main() -> int:
         if mode == "die_after_epoch":
             os.kill(os.getpid(), signal.SIGKILL)
     best = ckpt_dir / "backbone_best.pt"
-    emit("finished", best_epoch=epochs, best_metric=cfg["best_metric"], best_value=best_value,
-         best_checkpoint=str(best) if best.exists() else None,
-         thresholds={"acc": 0.5, "far_1e-2": 0.8, "far_1e-3": 0.9})
+    emit(
+        "finished",
+        best_epoch=epochs,
+        best_metric=cfg["best_metric"],
+        best_value=best_value,
+        best_checkpoint=str(best) if best.exists() else None,
+        thresholds={"acc": 0.5, "far_1e-2": 0.8, "far_1e-3": 0.9},
+    )
     return 0
 
 

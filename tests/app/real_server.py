@@ -31,13 +31,30 @@ def real_server(models: Path, **settings: str) -> Iterator[tuple[str, subprocess
     log_path = models / "server.log"
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_")}
-    env.update(FACEID_DATA_DIR=str(REPO / "data"), FACEID_MODELS_DIR=str(models),
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        FACEID_DATA_DIR=str(REPO / "data"),
+        FACEID_MODELS_DIR=str(models),
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     env.update({f"FACEID_{k.upper()}": v for k, v in settings.items()})
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "app.main:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -45,10 +45,17 @@ class FakeVerifier:
 
     @property
     def info(self) -> dict[str, Any]:
-        return {"checkpoint": self.path, "epoch": self.ck["epoch"], "metrics": self.ck["metrics"],
-                "thresholds": self.thresholds, "img_size": self.ck["img_size"],
-                "embedding_size": self.ck["embedding_size"], "arch": "fake", "train_mode": "arcface",
-                "config": {}}
+        return {
+            "checkpoint": self.path,
+            "epoch": self.ck["epoch"],
+            "metrics": self.ck["metrics"],
+            "thresholds": self.thresholds,
+            "img_size": self.ck["img_size"],
+            "embedding_size": self.ck["embedding_size"],
+            "arch": "fake",
+            "train_mode": "arcface",
+            "config": {},
+        }
 
     def embed(self, images: list) -> np.ndarray:
         self.calls.append(len(images))
@@ -78,8 +85,9 @@ class FakeVerifier:
 def service_settings(**fields: Any) -> Settings:
     """Settings for an app under test: the fake trainer, short grace and poll times; `fields`
     (data_dir, models_dir, anything else) override."""
-    base = Settings(trainer_cmd=(sys.executable, str(FAKE_TRAINER)), cancel_grace_s=2.0, poll_interval_s=0.02,
-                    batch_wait_ms=1.0)
+    base = Settings(
+        trainer_cmd=(sys.executable, str(FAKE_TRAINER)), cancel_grace_s=2.0, poll_interval_s=0.02, batch_wait_ms=1.0
+    )
     return base.model_copy(update=fields)
 
 
@@ -89,14 +97,24 @@ def fake_loader(path: Path, device: str) -> FakeVerifier:
 
 def write_fake_checkpoint(path: Path, epoch: int = 1) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"format": "fake", "epoch": epoch, "embedding_size": 12, "img_size": 32,
-                                "thresholds": {"acc": 0.5, "far_1e-2": 0.8, "far_1e-3": 0.9},
-                                "metrics": {"acc": 0.7}}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "fake",
+                "epoch": epoch,
+                "embedding_size": 12,
+                "img_size": 32,
+                "thresholds": {"acc": 0.5, "far_1e-2": 0.8, "far_1e-3": 0.9},
+                "metrics": {"acc": 0.7},
+            }
+        )
+    )
     return path
 
 
-def image_bytes(fmt: str = "JPEG", size: tuple[int, int] = (64, 64), color: Any = (200, 30, 40),
-                mode: str = "RGB") -> bytes:
+def image_bytes(
+    fmt: str = "JPEG", size: tuple[int, int] = (64, 64), color: Any = (200, 30, 40), mode: str = "RGB"
+) -> bytes:
     img = Image.new(mode, size, color)
     buf = io.BytesIO()
     img.save(buf, format=fmt)
@@ -120,8 +138,13 @@ async def running(app) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-async def wait_job(client: httpx.AsyncClient, job_id: str, until: tuple[str, ...] = ("succeeded", "failed",
-                   "cancelled", "interrupted"), timeout: float = 20.0, headers: Optional[dict] = None) -> dict:
+async def wait_job(
+    client: httpx.AsyncClient,
+    job_id: str,
+    until: tuple[str, ...] = ("succeeded", "failed", "cancelled", "interrupted"),
+    timeout: float = 20.0,
+    headers: Optional[dict] = None,
+) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         r = await client.get(f"/jobs/{job_id}", headers=headers)

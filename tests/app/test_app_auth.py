@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from service_helpers import face_like, running
 
 pytestmark = pytest.mark.anyio
@@ -13,12 +12,26 @@ pytestmark = pytest.mark.anyio
 KEY = "s3cret-key-0123456789"
 
 
-@pytest.mark.parametrize("method,path", [
-    ("GET", "/jobs"), ("POST", "/jobs"), ("GET", f"/jobs/{'0' * 32}"), ("POST", f"/jobs/{'0' * 32}/cancel"),
-    ("POST", f"/jobs/{'0' * 32}/resume"), ("GET", f"/jobs/{'0' * 32}/logs"), ("GET", "/model"),
-    ("POST", f"/models/{'0' * 32}/activate"), ("POST", "/embed"), ("POST", "/verify"), ("GET", "/ready"),
-    ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/redoc"), ("GET", "/no-such-route"),
-])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/jobs"),
+        ("POST", "/jobs"),
+        ("GET", f"/jobs/{'0' * 32}"),
+        ("POST", f"/jobs/{'0' * 32}/cancel"),
+        ("POST", f"/jobs/{'0' * 32}/resume"),
+        ("GET", f"/jobs/{'0' * 32}/logs"),
+        ("GET", "/model"),
+        ("POST", f"/models/{'0' * 32}/activate"),
+        ("POST", "/embed"),
+        ("POST", "/verify"),
+        ("GET", "/ready"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("GET", "/redoc"),
+        ("GET", "/no-such-route"),
+    ],
+)
 async def test_routes_need_the_key(make_app, method, path, caplog):
     caplog.set_level(logging.DEBUG)
     async with running(make_app(api_key=KEY)) as client:
@@ -58,8 +71,11 @@ async def test_public_docs_option(make_app):
     async with running(make_app(api_key=KEY, public_docs=True)) as client:
         assert (await client.get("/docs")).status_code == 200
         schema = (await client.get("/openapi.json")).json()
-        assert schema["components"]["securitySchemes"]["APIKey"] == {"type": "apiKey", "in": "header",
-                                                                     "name": "X-API-Key"}
+        assert schema["components"]["securitySchemes"]["APIKey"] == {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-API-Key",
+        }
         assert schema["paths"]["/health"]["get"]["security"] == []
         assert (await client.get("/jobs")).status_code == 401
 

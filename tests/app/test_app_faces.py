@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from service_helpers import running
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from core_fixtures import SAMPLE_VAL, tiny_aligned_run  # noqa: E402
-from faceid.scenes import make_scene  # noqa: E402
+from core_fixtures import SAMPLE_VAL, tiny_aligned_run
+
+from faceid.scenes import make_scene
 
 pytestmark = pytest.mark.anyio
 
@@ -89,8 +89,9 @@ async def test_two_faces_the_largest_is_used_and_the_count_is_given(app):
     scene, placed = make_scene([a, b], rng, size=(800, 500), side_range=(0.3, 0.45))
     big = max(placed, key=lambda p: p.side)
     async with running(app) as client:
-        r = await client.post("/embed/batch", files=[("images", ("two.jpg", _jpeg(scene))),
-                                                     ("images", ("one.jpg", _jpeg(a)))])
+        r = await client.post(
+            "/embed/batch", files=[("images", ("two.jpg", _jpeg(scene))), ("images", ("one.jpg", _jpeg(a)))]
+        )
         assert r.status_code == 200, r.text
         faces = r.json()["faces"]
         assert faces[0]["faces_found"] == 2 and faces[1]["faces_found"] == 1
@@ -105,8 +106,13 @@ async def test_get_model_says_how_many_negative_pairs_back_each_far_threshold(ap
         model = (await client.get("/model")).json()
     points, metrics = model["operating_points"], model["metrics"]
     assert metrics["n_neg"] == 100
-    assert points["far_1e-3"] == {"threshold": model["thresholds"]["far_1e-3"], "far": 0.001,
-                                  "tar": metrics["tar_1e-3"], "negatives": 100, "false_accepts": 0,
-                                  "resolved": False}
+    assert points["far_1e-3"] == {
+        "threshold": model["thresholds"]["far_1e-3"],
+        "far": 0.001,
+        "tar": metrics["tar_1e-3"],
+        "negatives": 100,
+        "false_accepts": 0,
+        "resolved": False,
+    }
     assert points["far_1e-2"]["false_accepts"] == 1 and points["far_1e-2"]["resolved"] is False
     assert points["acc"] == {"threshold": model["thresholds"]["acc"], "accuracy": metrics["acc"], "pairs": 200}

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from service_helpers import MODE, running, wait_job
 
 pytestmark = pytest.mark.anyio
@@ -57,8 +56,7 @@ async def test_bases_that_cannot_start_a_job_are_422(make_app, job_body):
 async def test_a_base_the_new_config_does_not_fit_is_422_naming_the_settings(make_app, job_body):
     async with running(make_app()) as client:
         base = await _succeeded(client, job_body)
-        r = await client.post("/jobs", json={**job_body, "init_from": base["id"], "img_size": 48,
-                                             "embedding_size": 64})
+        r = await client.post("/jobs", json={**job_body, "init_from": base["id"], "img_size": 48, "embedding_size": 64})
         assert r.status_code == 422, r.text
         detail = r.json()["detail"]
         assert f"job {base['id']} was trained with embedding_size 512, img_size 32" in detail, detail
@@ -68,12 +66,16 @@ async def test_a_base_the_new_config_does_not_fit_is_422_naming_the_settings(mak
         assert (await client.get("/jobs")).json()["total"] == 1
 
 
-
 async def test_what_the_body_leaves_out_of_the_fixed_settings_comes_from_the_base(make_app, job_body):
     async with running(make_app()) as client:
         base = await _succeeded(client, {**job_body, "img_size": 40, "embedding_size": 64})
-        body = {"train": job_body["train"], "val": job_body["val"], "init_from": base["id"], "preset": "finetune",
-                "epochs": 3}
+        body = {
+            "train": job_body["train"],
+            "val": job_body["val"],
+            "init_from": base["id"],
+            "preset": "finetune",
+            "epochs": 3,
+        }
         r = await client.post("/jobs", json=body)
         assert r.status_code == 202, r.text
         cfg = r.json()["config"]

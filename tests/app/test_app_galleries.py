@@ -12,9 +12,9 @@ import anyio
 import numpy as np
 import pytest
 from PIL import Image
+from service_helpers import FakeVerifier, running, write_fake_checkpoint
 
 from app.main import create_app
-from service_helpers import FakeVerifier, running, write_fake_checkpoint
 
 pytestmark = pytest.mark.anyio
 
@@ -81,8 +81,11 @@ async def enroll(client, gallery: str, person: str, *images: bytes, expect: int 
 
 
 async def identify(client, gallery: str, image: bytes, expect: int = 200, **fields) -> dict:
-    r = await client.post(f"/galleries/{gallery}/identify", files={"image": ("probe.png", image, "image/png")},
-                          data={k: str(v) for k, v in fields.items()})
+    r = await client.post(
+        f"/galleries/{gallery}/identify",
+        files={"image": ("probe.png", image, "image/png")},
+        data={k: str(v) for k, v in fields.items()},
+    )
     assert r.status_code == expect, r.text
     return r.json()
 
@@ -128,9 +131,12 @@ async def test_bad_input_is_a_clear_4xx_and_changes_nothing(gallery_app):
         r = await c.post("/galleries", json={"name": "a/b c"})
         assert r.status_code == 422 and "gallery name" in r.json()["detail"]
 
-        for r in (await c.get("/galleries/nope"), await c.get("/galleries/nope/people"),
-                  await c.post("/galleries/nope/people/ann/faces", files=files(person_image(1))),
-                  await c.post("/galleries/nope/identify", files={"image": person_image(1)})):
+        for r in (
+            await c.get("/galleries/nope"),
+            await c.get("/galleries/nope/people"),
+            await c.post("/galleries/nope/people/ann/faces", files=files(person_image(1))),
+            await c.post("/galleries/nope/identify", files={"image": person_image(1)}),
+        ):
             assert r.status_code == 404 and "no gallery 'nope'" in r.json()["detail"]
         await enroll(c, "g", "ann", person_image(1))
         assert (await c.get("/galleries/g/people/bob")).status_code == 404
@@ -138,8 +144,10 @@ async def test_bad_input_is_a_clear_4xx_and_changes_nothing(gallery_app):
         assert (await c.delete("/galleries/g/people/ann/faces/999")).status_code == 404
 
         # one unusable image among good ones: 422 naming it, nothing enrolled
-        r = await c.post("/galleries/g/people/ann/faces",
-                         files=files(person_image(1, 5, 1), b"not an image at all", person_image(1, 5, 2)))
+        r = await c.post(
+            "/galleries/g/people/ann/faces",
+            files=files(person_image(1, 5, 1), b"not an image at all", person_image(1, 5, 2)),
+        )
         assert r.status_code == 422 and r.json()["field"] == "images[1]" and "p1.png" in r.json()["detail"]
         assert (await c.get("/galleries/g/people/ann")).json()["faces"].__len__() == 1
         r = await c.post("/galleries/g/people/ann/faces", files=files(*[person_image(1)] * 17))
@@ -148,10 +156,15 @@ async def test_bad_input_is_a_clear_4xx_and_changes_nothing(gallery_app):
         assert r.status_code in (404, 422)
         assert (await c.post("/galleries/g/people/-x/faces", files=files(person_image(1)))).status_code == 422
 
-        for fields, name in (({"threshold": "far_1e-9"}, "threshold"), ({"k": 0}, "k"), ({"k": "many"}, "k"),
-                             ({"faces": "some"}, "faces")):
-            r = await c.post("/galleries/g/identify", files={"image": person_image(1)},
-                             data={k: str(v) for k, v in fields.items()})
+        for fields, name in (
+            ({"threshold": "far_1e-9"}, "threshold"),
+            ({"k": 0}, "k"),
+            ({"k": "many"}, "k"),
+            ({"faces": "some"}, "faces"),
+        ):
+            r = await c.post(
+                "/galleries/g/identify", files={"image": person_image(1)}, data={k: str(v) for k, v in fields.items()}
+            )
             assert r.status_code == 422 and r.json()["field"] == name, r.text
         r = await c.post("/galleries/g/identify", files={"image": b"\x89PNG broken"})
         assert r.status_code == 422 and r.json()["field"] == "image"
@@ -206,8 +219,9 @@ async def test_a_model_switch_reembeds_the_gallery(gallery_app, rotated_ckpt):
 
         RotatingVerifier.forward_s = 0.3  # long enough to see the gallery between two models
         try:
-            new = await anyio.to_thread.run_sync(lambda: app.state.models.load(
-                rotated_ckpt, job_id=None, source="env", pinned=False))
+            new = await anyio.to_thread.run_sync(
+                lambda: app.state.models.load(rotated_ckpt, job_id=None, source="env", pinned=False)
+            )
             r = await c.post("/galleries/g/identify", files={"image": person_image(1)})
             assert r.status_code == 409 and "re-embedded" in r.json()["detail"], r.text
             g = (await c.get("/galleries/g")).json()
@@ -258,15 +272,19 @@ async def test_bulk_import_checks_the_model(gallery_app, ckpt):
     async with running(gallery_app()) as c:
         await c.post("/galleries", json={"name": "g"})
         model = (await c.get("/model")).json()["id"]
-        body = {"model": model, "faces": [{"person": "eve", "embedding": vec.tolist()},
-                                          {"person": "zed", "embedding": (-vec).tolist()}]}
+        body = {
+            "model": model,
+            "faces": [{"person": "eve", "embedding": vec.tolist()}, {"person": "zed", "embedding": (-vec).tolist()}],
+        }
         r = await c.post("/galleries/g/embeddings", json={**body, "model": "another-model"})
         assert r.status_code == 422 and r.json()["field"] == "model" and "never compared" in r.json()["detail"]
-        r = await c.post("/galleries/g/embeddings", json={"model": model, "faces": [{"person": "eve",
-                                                                                      "embedding": [1.0, 0.0]}]})
+        r = await c.post(
+            "/galleries/g/embeddings", json={"model": model, "faces": [{"person": "eve", "embedding": [1.0, 0.0]}]}
+        )
         assert r.status_code == 422 and "12" in r.json()["detail"]
-        r = await c.post("/galleries/g/embeddings", json={"model": model, "faces": [{"person": "eve",
-                                                                                      "embedding": [0.0] * 12}]})
+        r = await c.post(
+            "/galleries/g/embeddings", json={"model": model, "faces": [{"person": "eve", "embedding": [0.0] * 12}]}
+        )
         assert r.status_code == 422 and "zeros" in r.json()["detail"]
         r = await c.post("/galleries/g/embeddings", json=body)
         assert r.status_code == 201 and r.json()["imported"] == 2 and r.json()["people_created"] == 2
@@ -289,8 +307,9 @@ async def test_concurrent_enroll_identify_delete(gallery_app):
 
         async def churn(j: int) -> None:
             for rep in range(3):
-                r = await c.post(f"/galleries/g/people/temp{j}/faces",
-                                 files=files(*(person_image(100 + j, 3, s) for s in range(4))))
+                r = await c.post(
+                    f"/galleries/g/people/temp{j}/faces", files=files(*(person_image(100 + j, 3, s) for s in range(4)))
+                )
                 statuses.append(r.status_code)
                 if rep < 2:
                     statuses.append((await c.delete(f"/galleries/g/people/temp{j}")).status_code)
@@ -319,11 +338,12 @@ async def test_concurrent_enroll_identify_delete(gallery_app):
         for j in range(3):
             out = await identify(c, "g", person_image(100 + j, 3, 0))
             assert out["person"] == f"temp{j}" and out["score"] == pytest.approx(1.0, abs=1e-5)
-        snap = app.state.galleries._bound["g"].index.snapshot  # noqa: SLF001
+        snap = app.state.galleries._bound["g"].index.snapshot
         assert snap.live == 28
 
 
 # --- a real model that finds faces ---------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def aligned_checkpoint(tmp_path_factory) -> Path:
@@ -347,8 +367,9 @@ async def test_a_real_model_names_every_face_and_refuses_photos_without_one(make
     from core_fixtures import SAMPLE_TRAIN
 
     people = sorted(d for d in SAMPLE_TRAIN.iterdir() if d.is_dir())[:2]
-    photos = {d.name: [Image.open(p).convert("RGB").resize((240, 240)) for p in sorted(d.glob("*.jpg"))[:2]]
-              for d in people}
+    photos = {
+        d.name: [Image.open(p).convert("RGB").resize((240, 240)) for p in sorted(d.glob("*.jpg"))[:2]] for d in people
+    }
     app = create_app(make_settings(checkpoint=aligned_checkpoint, device="cpu"))
     async with running(app) as c:
         await c.post("/galleries", json={"name": "real"})
@@ -361,9 +382,13 @@ async def test_a_real_model_names_every_face_and_refuses_photos_without_one(make
         assert crop.status_code == 200 and Image.open(io.BytesIO(crop.content)).size == (112, 112)
 
         blank = _jpeg(Image.new("RGB", (200, 200), (120, 120, 120)))
-        r = await c.post(f"/galleries/real/people/{people[0].name}/faces",
-                         files=[("images", ("ok.jpg", _jpeg(photos[people[0].name][0]), "image/jpeg")),
-                                ("images", ("wall.jpg", blank, "image/jpeg"))])
+        r = await c.post(
+            f"/galleries/real/people/{people[0].name}/faces",
+            files=[
+                ("images", ("ok.jpg", _jpeg(photos[people[0].name][0]), "image/jpeg")),
+                ("images", ("wall.jpg", blank, "image/jpeg")),
+            ],
+        )
         assert r.status_code == 422 and r.json()["field"] == "images[1]"
         assert "wall.jpg" in r.json()["detail"] and "no face" in r.json()["detail"]
         assert (await c.get("/galleries/real")).json()["faces"] == 4
@@ -374,8 +399,10 @@ async def test_a_real_model_names_every_face_and_refuses_photos_without_one(make
         both.paste(b, (240, 0))
         out = await identify(c, "real", _jpeg(both), threshold=0.0)
         assert len(out["faces"]) >= 2  # the two people, and any face behind them
-        areas = [(f["face"]["box"][2] - f["face"]["box"][0]) * (f["face"]["box"][3] - f["face"]["box"][1])
-                 for f in out["faces"]]
+        areas = [
+            (f["face"]["box"][2] - f["face"]["box"][0]) * (f["face"]["box"][3] - f["face"]["box"][1])
+            for f in out["faces"]
+        ]
         assert areas == sorted(areas, reverse=True) and out["person"] == out["faces"][0]["person"]
         for f in out["faces"][:2]:
             left = f["face"]["box"][0] < 240

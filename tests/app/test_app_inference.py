@@ -10,7 +10,6 @@ import anyio
 import numpy as np
 import pytest
 from PIL import Image
-
 from service_helpers import face_like, image_bytes, running, write_fake_checkpoint
 
 pytestmark = pytest.mark.anyio
@@ -30,8 +29,10 @@ def served_app(make_app, tmp_path):
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header declares width x height, with one tiny IDAT: a decompression bomb's shape."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
@@ -53,7 +54,7 @@ def _exif_rotated() -> bytes:
 
 
 def _sixteen_bit_png() -> bytes:
-    arr = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    arr = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -61,8 +62,10 @@ def _sixteen_bit_png() -> bytes:
 
 async def test_503_before_any_model(make_app):
     async with running(make_app()) as client:
-        for path, files in (("/embed", {"image": ("a.jpg", image_bytes())}),
-                            ("/verify", {"image1": ("a.jpg", image_bytes()), "image2": ("b.jpg", image_bytes())})):
+        for path, files in (
+            ("/embed", {"image": ("a.jpg", image_bytes())}),
+            ("/verify", {"image1": ("a.jpg", image_bytes()), "image2": ("b.jpg", image_bytes())}),
+        ):
             r = await client.post(path, files=files)
             assert r.status_code == 503
             detail = r.json()["detail"]
@@ -135,8 +138,10 @@ async def test_verify_and_thresholds(served_app):
         assert body["similarity"] == pytest.approx(1.0, abs=1e-4)
         assert body["threshold"] == 0.5 and body["threshold_name"] == "acc" and body["match"] is True
         assert body["model"].startswith("checkpoint-")
-        other = {"image1": ("a.png", image_bytes(color=(250, 250, 250))),
-                 "image2": ("b.png", image_bytes(color=(5, 5, 5)))}
+        other = {
+            "image1": ("a.png", image_bytes(color=(250, 250, 250))),
+            "image2": ("b.png", image_bytes(color=(5, 5, 5))),
+        }
         body = (await client.post("/verify", files=other)).json()
         assert body["similarity"] < 0 and body["match"] is False
         for name, value in zip(NAMES, (0.5, 0.8, 0.9)):
@@ -188,16 +193,19 @@ async def test_decompression_bomb_is_413_before_decoding(served_app):
         assert r.status_code == 413 and "10,000" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("data,mode", [
-    (image_bytes("JPEG", mode="CMYK", color=(0, 200, 200, 0)), "cmyk jpeg"),
-    (_sixteen_bit_png(), "16-bit png"),
-    (image_bytes("PNG", mode="L", color=128), "greyscale"),
-    (image_bytes("PNG", mode="RGBA", color=(10, 20, 30, 0)), "alpha"),
-    (image_bytes("PNG", mode="P", color=3), "palette"),
-    (image_bytes("WEBP"), "webp"),
-    (image_bytes("BMP"), "bmp"),
-    (_exif_rotated(), "exif rotated"),
-])
+@pytest.mark.parametrize(
+    "data,mode",
+    [
+        (image_bytes("JPEG", mode="CMYK", color=(0, 200, 200, 0)), "cmyk jpeg"),
+        (_sixteen_bit_png(), "16-bit png"),
+        (image_bytes("PNG", mode="L", color=128), "greyscale"),
+        (image_bytes("PNG", mode="RGBA", color=(10, 20, 30, 0)), "alpha"),
+        (image_bytes("PNG", mode="P", color=3), "palette"),
+        (image_bytes("WEBP"), "webp"),
+        (image_bytes("BMP"), "bmp"),
+        (_exif_rotated(), "exif rotated"),
+    ],
+)
 async def test_accepted_image_kinds(served_app, data, mode):
     async with running(served_app()) as client:
         r = await client.post("/embed", files={"image": ("x", data)})
@@ -228,33 +236,49 @@ async def test_upload_limit_applies_while_streaming(served_app):
             yield b"\0" * 65536
 
     async with running(served_app(max_upload_mb=1)) as client:
-        r = await client.post("/embed", content=body(),
-                              headers={"content-type": "multipart/form-data; boundary=XyZ"})
+        r = await client.post("/embed", content=body(), headers={"content-type": "multipart/form-data; boundary=XyZ"})
         assert r.status_code == 413
         assert sent < 4 * 1024 * 1024
 
 
 async def test_declared_content_length_over_limit_is_413(served_app):
     async with running(served_app(max_upload_mb=1)) as client:
-        r = await client.post("/embed", content=b"x" * 10,
-                              headers={"content-type": "multipart/form-data; boundary=XyZ",
-                                       "content-length": str(50 * 1024 * 1024)})
+        r = await client.post(
+            "/embed",
+            content=b"x" * 10,
+            headers={"content-type": "multipart/form-data; boundary=XyZ", "content-length": str(50 * 1024 * 1024)},
+        )
         assert r.status_code == 413
 
 
-@pytest.mark.parametrize("kwargs,status,needle", [
-    ({"files": {"picture": ("a.png", face_like(1))}}, 422, "picture"),
-    ({"data": {"threshold": "acc"}}, 415, "multipart"),
-    ({"json": {"image": "aGVsbG8="}}, 415, "multipart/form-data"),
-    ({"content": b"raw bytes", "headers": {"content-type": "image/jpeg"}}, 415, "image/jpeg"),
-    ({"content": b"", "headers": {"content-type": "multipart/form-data"}}, 400, "boundary"),
-    ({"content": b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\"\r\n\r\nabc",
-      "headers": {"content-type": "multipart/form-data; boundary=XyZ"}}, 400, "cut off"),
-    ({"content": b"garbage without boundaries",
-      "headers": {"content-type": "multipart/form-data; boundary=XyZ"}}, 400, "multipart"),
-    ({"files": [("image", ("a.png", face_like(1))), ("image", ("b.png", face_like(2)))]}, 422, "twice"),
-    ({"files": {"image": ("a.png", face_like(1))}, "data": {"threshold": "acc"}}, 422, "threshold"),
-])
+@pytest.mark.parametrize(
+    "kwargs,status,needle",
+    [
+        ({"files": {"picture": ("a.png", face_like(1))}}, 422, "picture"),
+        ({"data": {"threshold": "acc"}}, 415, "multipart"),
+        ({"json": {"image": "aGVsbG8="}}, 415, "multipart/form-data"),
+        ({"content": b"raw bytes", "headers": {"content-type": "image/jpeg"}}, 415, "image/jpeg"),
+        ({"content": b"", "headers": {"content-type": "multipart/form-data"}}, 400, "boundary"),
+        (
+            {
+                "content": b'--XyZ\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n\r\nabc',
+                "headers": {"content-type": "multipart/form-data; boundary=XyZ"},
+            },
+            400,
+            "cut off",
+        ),
+        (
+            {
+                "content": b"garbage without boundaries",
+                "headers": {"content-type": "multipart/form-data; boundary=XyZ"},
+            },
+            400,
+            "multipart",
+        ),
+        ({"files": [("image", ("a.png", face_like(1))), ("image", ("b.png", face_like(2)))]}, 422, "twice"),
+        ({"files": {"image": ("a.png", face_like(1))}, "data": {"threshold": "acc"}}, 422, "threshold"),
+    ],
+)
 async def test_malformed_embed_requests(served_app, kwargs, status, needle):
     async with running(served_app()) as client:
         r = await client.post("/embed", **kwargs)
@@ -267,8 +291,11 @@ async def test_verify_missing_field_and_long_threshold(served_app):
     async with running(served_app()) as client:
         r = await client.post("/verify", files={"image1": ("a.png", face_like(1))})
         assert r.status_code == 422 and "'image2'" in r.json()["detail"]
-        r = await client.post("/verify", files={"image1": ("a.png", face_like(1)), "image2": ("b.png", face_like(1))},
-                              data={"threshold": "0" * 10_000})
+        r = await client.post(
+            "/verify",
+            files={"image1": ("a.png", face_like(1)), "image2": ("b.png", face_like(1))},
+            data={"threshold": "0" * 10_000},
+        )
         assert r.status_code == 422 and "too long" in r.json()["detail"]
 
 
@@ -298,8 +325,11 @@ async def test_concurrent_requests_are_batched(served_app):
 async def test_embed_batch_answers_each_image_as_embed_does_in_one_forward_pass(served_app):
     app = served_app(batch_max_size=4)
     async with running(app) as client:
-        files = [("images", ("a.png", face_like(1))), ("images", ("b.jpg", image_bytes(color=(10, 90, 200)))),
-                 ("images", ("c.png", face_like(3)))]
+        files = [
+            ("images", ("a.png", face_like(1))),
+            ("images", ("b.jpg", image_bytes(color=(10, 90, 200)))),
+            ("images", ("c.png", face_like(3))),
+        ]
         verifier = app.state.models.current.verifier
         verifier.calls.clear()
         r = await client.post("/embed/batch", files=files)
@@ -315,12 +345,15 @@ async def test_embed_batch_answers_each_image_as_embed_does_in_one_forward_pass(
         assert one.status_code == 200 and one.json()["count"] == 1
 
 
-@pytest.mark.parametrize("files,status,needle", [
-    ([("images", ("a.png", face_like(i))) for i in range(5)], 422, "more than 4 files in form field 'images'"),
-    ([("images", ("a.png", face_like(1))), ("images", ("b.txt", b"not an image at all"))], 422, "images[1]"),
-    ([("image", ("a.png", face_like(1)))], 422, "unexpected form field 'image'; this route takes detect, images"),
-    ([], 415, "multipart"),
-])
+@pytest.mark.parametrize(
+    "files,status,needle",
+    [
+        ([("images", ("a.png", face_like(i))) for i in range(5)], 422, "more than 4 files in form field 'images'"),
+        ([("images", ("a.png", face_like(1))), ("images", ("b.txt", b"not an image at all"))], 422, "images[1]"),
+        ([("image", ("a.png", face_like(1)))], 422, "unexpected form field 'image'; this route takes detect, images"),
+        ([], 415, "multipart"),
+    ],
+)
 async def test_bad_embed_batch_requests_name_the_fix(served_app, files, status, needle):
     async with running(served_app(batch_max_size=4)) as client:
         r = await client.post("/embed/batch", files=files) if files else await client.post("/embed/batch", data={})

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-
 from service_helpers import MODE, running, wait_job
 
 pytestmark = pytest.mark.anyio
@@ -42,9 +41,16 @@ async def test_submit_returns_202_location_and_runs(make_app, job_body, data_dir
 
 async def test_preset_fills_unset_fields(make_app):
     async with running(make_app()) as client:
-        r = await client.post("/jobs", json={"preset": "cpu-small", "train": "sample/train",
-                                             "val": "sample/val", "pairs_file": "sample/pairs.txt",
-                                             "epochs": 1})
+        r = await client.post(
+            "/jobs",
+            json={
+                "preset": "cpu-small",
+                "train": "sample/train",
+                "val": "sample/val",
+                "pairs_file": "sample/pairs.txt",
+                "epochs": 1,
+            },
+        )
         assert r.status_code == 202, r.text
         cfg = r.json()["config"]
         assert cfg["img_size"] == 56 and cfg["crop"] == 1.0 and cfg["train_mode"] == "arcface" and cfg["epochs"] == 1
@@ -89,22 +95,25 @@ async def test_unknown_job_is_404(make_app, path):
             assert r.status_code == 404
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("train", "../outside", "'..'"),
-    ("train", "sample/../../outside", "'..'"),
-    ("train", "/etc", "not a relative path"),
-    ("val", "~/photos", "not a relative path"),
-    ("train", "escape", "outside the data root"),
-    ("train", "escape/person", "outside the data root"),
-    ("train", "sample/nothing", "does not exist"),
-    ("train", "sample/pairs.txt", "not a folder"),
-    ("val", "", "empty"),
-    ("pairs_file", "escape_file.txt", "outside the data root"),
-    ("pairs_file", "sample/train", "not a file"),
-    ("pretrained_weights", "../secret.txt", "'..'"),
-    ("pretrained_weights", "missing.pth", "does not exist"),
-    ("train", "sample/tra\x00in", "NUL"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("train", "../outside", "'..'"),
+        ("train", "sample/../../outside", "'..'"),
+        ("train", "/etc", "not a relative path"),
+        ("val", "~/photos", "not a relative path"),
+        ("train", "escape", "outside the data root"),
+        ("train", "escape/person", "outside the data root"),
+        ("train", "sample/nothing", "does not exist"),
+        ("train", "sample/pairs.txt", "not a folder"),
+        ("val", "", "empty"),
+        ("pairs_file", "escape_file.txt", "outside the data root"),
+        ("pairs_file", "sample/train", "not a file"),
+        ("pretrained_weights", "../secret.txt", "'..'"),
+        ("pretrained_weights", "missing.pth", "does not exist"),
+        ("train", "sample/tra\x00in", "NUL"),
+    ],
+)
 async def test_paths_outside_or_missing_are_422_naming_the_field(make_app, job_body, field, value, needle):
     async with running(make_app()) as client:
         r = await client.post("/jobs", json={**job_body, field: value})
@@ -116,31 +125,34 @@ async def test_paths_outside_or_missing_are_422_naming_the_field(make_app, job_b
         assert (await client.get("/jobs")).json()["total"] == 0
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"epochs": 0}, "epochs"),
-    ({"epochs": -3}, "epochs"),
-    ({"epochs": 10**12}, "epochs"),
-    ({"batch_size": 1}, "batch_size"),
-    ({"lr": -1}, "lr"),
-    ({"lr": "fast"}, "lr"),
-    ({"arcface_m": 3.0}, "arcface_m"),
-    ({"arcface_s": 0}, "arcface_s"),
-    ({"img_size": 8}, "img_size"),
-    ({"img_size": 100000}, "img_size"),
-    ({"train_mode": "magic"}, "train_mode"),
-    ({"unknown_field": 1}, "unknown_field"),
-    ({"train": "x" * 5000}, "train"),
-    ({"best_metric": "pairs_acc"}, "pairs_file"),
-    ({"freeze_backbone_epochs": 5, "epochs": 2}, "freeze_backbone_epochs"),
-    ({"preset": "gpu-huge"}, "preset"),
-    ({"ckpt_dir": "/tmp/elsewhere"}, "ckpt_dir"),
-    ({"resume": "models/last.pt"}, "resume"),
-    ({"nnodes": 2, "rdzv_endpoint": "evil.example:29400"}, "nnodes"),
-    ({"rdzv_endpoint": "evil.example:29400"}, "rdzv_endpoint"),
-    ({"nproc_per_node": 512}, "nproc_per_node: 512 is more than this server allows"),
-    ({"threads": 1000}, "threads: 1000 is more than this server allows"),
-    ({"workers": 65}, "ask for at most 64"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": -3}, "epochs"),
+        ({"epochs": 10**12}, "epochs"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"lr": -1}, "lr"),
+        ({"lr": "fast"}, "lr"),
+        ({"arcface_m": 3.0}, "arcface_m"),
+        ({"arcface_s": 0}, "arcface_s"),
+        ({"img_size": 8}, "img_size"),
+        ({"img_size": 100000}, "img_size"),
+        ({"train_mode": "magic"}, "train_mode"),
+        ({"unknown_field": 1}, "unknown_field"),
+        ({"train": "x" * 5000}, "train"),
+        ({"best_metric": "pairs_acc"}, "pairs_file"),
+        ({"freeze_backbone_epochs": 5, "epochs": 2}, "freeze_backbone_epochs"),
+        ({"preset": "gpu-huge"}, "preset"),
+        ({"ckpt_dir": "/tmp/elsewhere"}, "ckpt_dir"),
+        ({"resume": "models/last.pt"}, "resume"),
+        ({"nnodes": 2, "rdzv_endpoint": "evil.example:29400"}, "nnodes"),
+        ({"rdzv_endpoint": "evil.example:29400"}, "rdzv_endpoint"),
+        ({"nproc_per_node": 512}, "nproc_per_node: 512 is more than this server allows"),
+        ({"threads": 1000}, "threads: 1000 is more than this server allows"),
+        ({"workers": 65}, "ask for at most 64"),
+    ],
+)
 async def test_invalid_configs_are_422(make_app, job_body, change, needle):
     async with running(make_app()) as client:
         r = await client.post("/jobs", json={**job_body, **change})
@@ -148,10 +160,15 @@ async def test_invalid_configs_are_422(make_app, job_body, change, needle):
         assert needle in r.json()["detail"], r.json()
 
 
-@pytest.mark.parametrize("raw", ['{"train": "sample/train", "lr": NaN}',
-                                 '{"train": "sample/train", "lr": Infinity}',
-                                 '{"train": "sample/train", "epochs": NaN}',
-                                 '{"train": "sample/train", "arcface_s": -Infinity}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"train": "sample/train", "lr": NaN}',
+        '{"train": "sample/train", "lr": Infinity}',
+        '{"train": "sample/train", "epochs": NaN}',
+        '{"train": "sample/train", "arcface_s": -Infinity}',
+    ],
+)
 async def test_nan_and_infinity_are_422(make_app, raw):
     async with running(make_app()) as client:
         r = await client.post("/jobs", content=raw, headers={"content-type": "application/json"})
@@ -159,11 +176,17 @@ async def test_nan_and_infinity_are_422(make_app, raw):
         json.dumps(r.json(), allow_nan=False)  # the answer itself is valid JSON
 
 
-@pytest.mark.parametrize("content,ctype", [
-    (b"", "application/json"), (b"{not json", "application/json"), (b"[1, 2]", "application/json"),
-    (b"null", "application/json"), (b"epochs=3", "application/x-www-form-urlencoded"),
-    ("\u00ff\u00fe".encode("latin-1"), "application/json"),
-])
+@pytest.mark.parametrize(
+    "content,ctype",
+    [
+        (b"", "application/json"),
+        (b"{not json", "application/json"),
+        (b"[1, 2]", "application/json"),
+        (b"null", "application/json"),
+        (b"epochs=3", "application/x-www-form-urlencoded"),
+        ("\u00ff\u00fe".encode("latin-1"), "application/json"),
+    ],
+)
 async def test_malformed_bodies_are_4xx(make_app, content, ctype):
     async with running(make_app()) as client:
         r = await client.post("/jobs", content=content, headers={"content-type": ctype})

@@ -6,11 +6,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
-
-from app.store import JobStore
-from app.model_manager import STATE_KEY, inference_plan
-
 from service_helpers import MODE, face_like, running, wait_job, write_fake_checkpoint
+
+from app.model_manager import STATE_KEY, inference_plan
+from app.store import JobStore
 
 pytestmark = pytest.mark.anyio
 
@@ -36,8 +35,15 @@ async def test_get_model_describes_it(make_app, job_body):
         assert model["loaded_at"]
         # the service settings of these tests: batch at most 16 images, wait 1 ms, the default
         # number of workers (two on a CPU with two or more cores)
-        assert model["batching"] == {"max_batch_size": 16, "wait_ms": 1.0, "workers": inference_plan(0, "auto")[0],
-                                     "batches": 0, "requests": 0, "images": 0, "mean_batch_images": None}
+        assert model["batching"] == {
+            "max_batch_size": 16,
+            "wait_ms": 1.0,
+            "workers": inference_plan(0, "auto")[0],
+            "batches": 0,
+            "requests": 0,
+            "images": 0,
+            "mean_batch_images": None,
+        }
 
 
 async def test_get_model_counts_how_requests_were_batched(make_app, job_body):
@@ -46,8 +52,10 @@ async def test_get_model_counts_how_requests_were_batched(make_app, job_body):
         for i in range(3):
             r = await client.post("/embed", files={"image": ("a.png", face_like(i), "image/png")})
             assert r.status_code == 200
-        r = await client.post("/verify", files={"image1": ("a.png", face_like(1), "image/png"),
-                                                "image2": ("b.png", face_like(2), "image/png")})
+        r = await client.post(
+            "/verify",
+            files={"image1": ("a.png", face_like(1), "image/png"), "image2": ("b.png", face_like(2), "image/png")},
+        )
         assert r.status_code == 200
         b = (await client.get("/model")).json()["batching"]
         # one request at a time here, so one forward pass each: 3 of one image, 1 of two
@@ -62,8 +70,9 @@ async def test_two_inference_workers_answer_concurrent_requests(make_app, job_bo
         await _train(client, job_body)
         assert (await client.get("/model")).json()["batching"]["workers"] == 2
         uploads = [face_like(i) for i in range(6)]
-        together = await asyncio.gather(*(client.post("/embed", files={"image": ("a.png", u, "image/png")})
-                                          for u in uploads))
+        together = await asyncio.gather(
+            *(client.post("/embed", files={"image": ("a.png", u, "image/png")}) for u in uploads)
+        )
         for u, r in zip(uploads, together):
             assert r.status_code == 200, r.text
             alone = await client.post("/embed", files={"image": ("a.png", u, "image/png")})
@@ -160,7 +169,8 @@ async def test_bad_checkpoint_at_start_leaves_server_up(make_app, make_settings,
 
 
 async def test_a_new_checkpoint_from_the_environment_that_cannot_load_is_not_replaced_by_the_old_model(
-        make_app, make_settings, job_body, tmp_path):
+    make_app, make_settings, job_body, tmp_path
+):
     """The operator asked for a new model: /ready says it failed, rather than serving the previous
     one as if nothing were wrong."""
     async with running(make_app(make_settings())) as client:
@@ -179,8 +189,7 @@ async def test_a_new_checkpoint_from_the_environment_that_cannot_load_is_not_rep
             store.close()
 
 
-async def test_the_start_falls_back_past_succeeded_jobs_whose_checkpoints_are_gone(make_app, make_settings,
-                                                                                    job_body):
+async def test_the_start_falls_back_past_succeeded_jobs_whose_checkpoints_are_gone(make_app, make_settings, job_body):
     settings = make_settings()
     async with running(make_app(settings)) as client:
         older = await _train(client, job_body)
@@ -211,9 +220,9 @@ async def test_switch_is_atomic_for_requests_in_flight(make_settings, tmp_path):
     import time
 
     import anyio
+    from service_helpers import FakeVerifier
 
     from app.main import create_app
-    from service_helpers import FakeVerifier
 
     class SlowVerifier(FakeVerifier):
         def embed(self, images):
@@ -233,8 +242,7 @@ async def test_switch_is_atomic_for_requests_in_flight(make_settings, tmp_path):
         async with anyio.create_task_group() as tg:
             tg.start_soon(in_flight)
             await anyio.sleep(0.15)
-            await anyio.to_thread.run_sync(
-                lambda: app.state.models.load(b, job_id=None, source="env", pinned=False))
+            await anyio.to_thread.run_sync(lambda: app.state.models.load(b, job_id=None, source="env", pinned=False))
         model_b = (await client.get("/model")).json()["id"]
         assert model_b != model_a
         assert answers["first"].status_code == 200 and answers["first"].json()["model"] == model_a

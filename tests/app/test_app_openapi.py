@@ -5,23 +5,39 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from service_helpers import running
 
 pytestmark = pytest.mark.anyio
 
-ROUTES = [("post", "/jobs"), ("get", "/jobs"), ("get", "/jobs/{job_id}"), ("post", "/jobs/{job_id}/cancel"),
-          ("post", "/jobs/{job_id}/resume"), ("get", "/jobs/{job_id}/logs"), ("get", "/jobs/{job_id}/roc"),
-          ("get", "/model"),
-          ("post", "/models/{job_id}/activate"), ("post", "/embed"), ("post", "/embed/batch"), ("post", "/verify"),
-          ("get", "/health"), ("get", "/ready"), ("get", "/data"),
-          ("post", "/galleries"), ("get", "/galleries"), ("get", "/galleries/{gallery}"),
-          ("delete", "/galleries/{gallery}"), ("get", "/galleries/{gallery}/people"),
-          ("get", "/galleries/{gallery}/people/{person}"), ("delete", "/galleries/{gallery}/people/{person}"),
-          ("post", "/galleries/{gallery}/people/{person}/faces"),
-          ("delete", "/galleries/{gallery}/people/{person}/faces/{face_id}"),
-          ("get", "/galleries/{gallery}/people/{person}/faces/{face_id}/crop"),
-          ("post", "/galleries/{gallery}/embeddings"), ("post", "/galleries/{gallery}/identify")]
+ROUTES = [
+    ("post", "/jobs"),
+    ("get", "/jobs"),
+    ("get", "/jobs/{job_id}"),
+    ("post", "/jobs/{job_id}/cancel"),
+    ("post", "/jobs/{job_id}/resume"),
+    ("get", "/jobs/{job_id}/logs"),
+    ("get", "/jobs/{job_id}/roc"),
+    ("get", "/model"),
+    ("post", "/models/{job_id}/activate"),
+    ("post", "/embed"),
+    ("post", "/embed/batch"),
+    ("post", "/verify"),
+    ("get", "/health"),
+    ("get", "/ready"),
+    ("get", "/data"),
+    ("post", "/galleries"),
+    ("get", "/galleries"),
+    ("get", "/galleries/{gallery}"),
+    ("delete", "/galleries/{gallery}"),
+    ("get", "/galleries/{gallery}/people"),
+    ("get", "/galleries/{gallery}/people/{person}"),
+    ("delete", "/galleries/{gallery}/people/{person}"),
+    ("post", "/galleries/{gallery}/people/{person}/faces"),
+    ("delete", "/galleries/{gallery}/people/{person}/faces/{face_id}"),
+    ("get", "/galleries/{gallery}/people/{person}/faces/{face_id}/crop"),
+    ("post", "/galleries/{gallery}/embeddings"),
+    ("post", "/galleries/{gallery}/identify"),
+]
 
 
 def _has_example(node) -> bool:

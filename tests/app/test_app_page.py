@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from service_helpers import running, wait_job
 
 from app.routes.ui import STATIC
-from service_helpers import running, wait_job
 
 pytestmark = pytest.mark.anyio
 

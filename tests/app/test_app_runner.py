@@ -12,14 +12,14 @@ from pathlib import Path
 
 import anyio
 import pytest
+from service_helpers import FAKE_TRAINER, MODE, running, wait_for, wait_job
 
+from app.paths import job_config
 from app.progress import EventTail, JobProgress
 from app.runner import process_alive, tail_lines
 from app.store import JobStore
-from app.paths import job_config
 from faceid.config import TrainConfig
 from faceid.events import EpochEnd, thresholds_of
-from service_helpers import FAKE_TRAINER, MODE, running, wait_for, wait_job
 
 pytestmark = pytest.mark.anyio
 
@@ -75,8 +75,10 @@ async def test_cancel_running_job_stops_its_process_group(make_app, job_body, tm
         running_job = await wait_job(client, job["id"], until=("running",))
         folder = tmp_path / "models" / "jobs" / job["id"]
         await wait_for(lambda: (folder / "child.pid").exists(), what="the grandchild")
-        await wait_for(lambda: (folder / "events.jsonl").exists() and "progress" in (folder / "events.jsonl").read_text(),
-                       what="progress")
+        await wait_for(
+            lambda: (folder / "events.jsonl").exists() and "progress" in (folder / "events.jsonl").read_text(),
+            what="progress",
+        )
         child = int((folder / "child.pid").read_text())
         for _ in range(200):  # the runner records progress while the job runs
             trainer = (await client.get(f"/jobs/{job['id']}")).json()
@@ -133,8 +135,14 @@ async def test_server_stop_interrupts_running_job(make_app, job_body, make_setti
     async with running(make_app(settings)) as client:
         job = (await client.post("/jobs", json={**job_body, "seed": MODE.SLOW})).json()
         await wait_job(client, job["id"], until=("running",))
-        await wait_for(lambda: "progress" in (settings.jobs_dir / job["id"] / "events.jsonl").read_text()
-                       if (settings.jobs_dir / job["id"] / "events.jsonl").exists() else False, what="progress")
+        await wait_for(
+            lambda: (
+                "progress" in (settings.jobs_dir / job["id"] / "events.jsonl").read_text()
+                if (settings.jobs_dir / job["id"] / "events.jsonl").exists()
+                else False
+            ),
+            what="progress",
+        )
     # the lifespan ended: the trainer got SIGTERM, saved last.pt, and the job is resumable
     async with running(make_app(settings)) as client:
         job = (await client.get(f"/jobs/{job['id']}")).json()
@@ -158,13 +166,26 @@ async def test_restart_after_server_died_marks_interrupted_and_resumes(make_sett
     job_id = "a" * 32
     folder = settings.jobs_dir / job_id
     folder.mkdir()
-    config = job_config(TrainConfig(**{**job_body, "seed": MODE.SLOW}), data_dir=settings.data_dir,
-                        models_dir=settings.models_dir, job_dir=folder)
+    config = job_config(
+        TrainConfig(**{**job_body, "seed": MODE.SLOW}),
+        data_dir=settings.data_dir,
+        models_dir=settings.models_dir,
+        job_dir=folder,
+    )
     store.create(job_id, config, 10)
     (folder / "config.json").write_text(json.dumps(config))
-    orphan = subprocess.Popen([sys.executable, str(FAKE_TRAINER), "--config", str(folder / "config.json"),
-                               "--events_file", str(folder / "events.jsonl")], start_new_session=True,
-                              stdout=subprocess.DEVNULL)
+    orphan = subprocess.Popen(
+        [
+            sys.executable,
+            str(FAKE_TRAINER),
+            "--config",
+            str(folder / "config.json"),
+            "--events_file",
+            str(folder / "events.jsonl"),
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+    )
     # as the runner leaves it once the trainer runs (events_offset: where this run's events start)
     store.update(job_id, status="running", started_at=time.time(), pid=orphan.pid, attempts=1, events_offset=0)
     store.close()
@@ -227,8 +248,12 @@ async def test_interrupted_without_last_checkpoint_is_409(make_settings, make_ap
     settings.jobs_dir.mkdir(parents=True)
     store = JobStore(settings.db_path)
     job_id = "b" * 32
-    config = job_config(TrainConfig(**job_body), data_dir=settings.data_dir,
-                        models_dir=settings.models_dir, job_dir=settings.jobs_dir / job_id)
+    config = job_config(
+        TrainConfig(**job_body),
+        data_dir=settings.data_dir,
+        models_dir=settings.models_dir,
+        job_dir=settings.jobs_dir / job_id,
+    )
     store.create(job_id, config, 10)
     store.update(job_id, status="running", pid=None)
     store.close()
@@ -250,6 +275,7 @@ async def test_second_server_on_same_models_dir_is_refused(make_app, make_settin
 
 # -- pieces ---------------------------------------------------------------------------------------
 
+
 def test_event_tail_reads_only_complete_lines(tmp_path):
     path = tmp_path / "events.jsonl"
     tail = EventTail(path)
@@ -263,25 +289,57 @@ def test_event_tail_reads_only_complete_lines(tmp_path):
 
 def test_progress_keeps_history_across_resume():
     p = JobProgress(best_metric="acc")
-    p.apply({"event": "epoch", "epoch": 1, "acc": 0.6, "is_best": True, "best_epoch": 1, "best_value": 0.6,
-             "th": 0.3, "th_far_1e-2": 0.7, "th_far_1e-3": 0.8, "train_loss": float("nan")})
+    p.apply(
+        {
+            "event": "epoch",
+            "epoch": 1,
+            "acc": 0.6,
+            "is_best": True,
+            "best_epoch": 1,
+            "best_value": 0.6,
+            "th": 0.3,
+            "th_far_1e-2": 0.7,
+            "th_far_1e-3": 0.8,
+            "train_loss": float("nan"),
+        }
+    )
     p.apply({"event": "checkpoint", "kind": "best", "path": "/x/backbone_best.pt", "epoch": 1})
     p.apply({"event": "epoch", "epoch": 1, "acc": 0.61, "is_best": True, "best_epoch": 1, "best_value": 0.61})
     p.apply({"event": "epoch", "epoch": 2, "acc": 0.5, "is_best": False, "best_epoch": 1, "best_value": 0.61})
     assert [m["epoch"] for m in p.metrics] == [1, 2] and p.metrics[0]["acc"] == 0.61
     assert p.best == {"epoch": 1, "metric": "acc", "value": 0.61, "checkpoint": "/x/backbone_best.pt"}
     assert p.thresholds == {"acc": None, "far_1e-2": None, "far_1e-3": None}  # the repeat had none
-    p.apply({"event": "finished", "best_epoch": 1, "best_metric": "acc", "best_value": 0.61,
-             "best_checkpoint": "/x/backbone_best.pt", "thresholds": {"acc": 0.3}})
+    p.apply(
+        {
+            "event": "finished",
+            "best_epoch": 1,
+            "best_metric": "acc",
+            "best_value": 0.61,
+            "best_checkpoint": "/x/backbone_best.pt",
+            "thresholds": {"acc": 0.3},
+        }
+    )
     assert p.finished and p.thresholds == {"acc": 0.3}
 
 
 def test_a_running_jobs_thresholds_are_those_a_finished_run_reports():
     """A best epoch's thresholds, read while the job runs, are the contract's thresholds_of its
     metrics: pairs_acc too when the trainer evaluates a pairs file."""
-    epoch = EpochEnd(epoch=1, global_step=4, train_loss=0.5, lr=0.1, acc=0.6, th=0.3, auc=0.7,
-                     **{"tar_1e-2": 0.2, "tar_1e-3": 0.1, "th_far_1e-2": 0.6, "th_far_1e-3": 0.7},
-                     pairs_acc=0.65, pairs_th=0.35, is_best=True, best_epoch=1, best_value=0.6).to_json()
+    epoch = EpochEnd(
+        epoch=1,
+        global_step=4,
+        train_loss=0.5,
+        lr=0.1,
+        acc=0.6,
+        th=0.3,
+        auc=0.7,
+        **{"tar_1e-2": 0.2, "tar_1e-3": 0.1, "th_far_1e-2": 0.6, "th_far_1e-3": 0.7},
+        pairs_acc=0.65,
+        pairs_th=0.35,
+        is_best=True,
+        best_epoch=1,
+        best_value=0.6,
+    ).to_json()
     p = JobProgress(best_metric="acc")
     p.apply(epoch)
     assert p.thresholds == thresholds_of(epoch) == {"acc": 0.3, "far_1e-2": 0.6, "far_1e-3": 0.7, "pairs_acc": 0.35}
@@ -304,18 +362,51 @@ def test_an_event_off_the_contract_is_read_as_far_as_it_goes():
 def test_an_epoch_stopped_part_way_keeps_its_record_beside_its_completion_and_its_percent():
     p = JobProgress(best_metric="acc")
     p.apply({"event": "progress", "epoch": 1, "epochs": 2, "step": 3, "steps": 10, "percent": 15.0, "eta_s": 9.0})
-    p.apply({"event": "epoch", "epoch": 1, "acc": 0.55, "complete": False, "epoch_steps": 3, "is_best": True,
-             "best_epoch": 1, "best_value": 0.55})
+    p.apply(
+        {
+            "event": "epoch",
+            "epoch": 1,
+            "acc": 0.55,
+            "complete": False,
+            "epoch_steps": 3,
+            "is_best": True,
+            "best_epoch": 1,
+            "best_value": 0.55,
+        }
+    )
     p.apply({"event": "finished", "best_epoch": 1, "best_metric": "acc", "best_value": 0.55, "stopped_early": True})
     assert (p.progress["percent"], p.progress["eta_s"]) == (15.0, 9.0)  # not 100: it stopped at 15 %
     # resumed: the epoch's other 7 steps, then epoch 2 (a replayed event replaces its own record)
     for _ in range(2):
-        p.apply({"event": "epoch", "epoch": 1, "acc": 0.6, "complete": True, "epoch_steps": 10, "is_best": True,
-                 "best_epoch": 1, "best_value": 0.6})
-    p.apply({"event": "epoch", "epoch": 2, "acc": 0.62, "complete": True, "epoch_steps": 10, "is_best": True,
-             "best_epoch": 2, "best_value": 0.62})
-    assert [(m["epoch"], m["complete"], m["acc"]) for m in p.metrics] == [(1, False, 0.55), (1, True, 0.6),
-                                                                       (2, True, 0.62)]
+        p.apply(
+            {
+                "event": "epoch",
+                "epoch": 1,
+                "acc": 0.6,
+                "complete": True,
+                "epoch_steps": 10,
+                "is_best": True,
+                "best_epoch": 1,
+                "best_value": 0.6,
+            }
+        )
+    p.apply(
+        {
+            "event": "epoch",
+            "epoch": 2,
+            "acc": 0.62,
+            "complete": True,
+            "epoch_steps": 10,
+            "is_best": True,
+            "best_epoch": 2,
+            "best_value": 0.62,
+        }
+    )
+    assert [(m["epoch"], m["complete"], m["acc"]) for m in p.metrics] == [
+        (1, False, 0.55),
+        (1, True, 0.6),
+        (2, True, 0.62),
+    ]
     p.apply({"event": "finished", "best_epoch": 2, "best_metric": "acc", "best_value": 0.62, "stopped_early": False})
     assert (p.progress["percent"], p.progress["eta_s"]) == (100.0, 0.0)
 

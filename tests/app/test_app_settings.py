@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from service_helpers import running
 
 from app.settings import Settings, load_settings, prepare_dirs
 from faceid.errors import ConfigError
-from service_helpers import running
 
 
 def test_defaults():
@@ -23,33 +23,52 @@ def test_defaults():
 
 
 def test_values_from_environment(tmp_path):
-    s = load_settings({"FACEID_DATA_DIR": str(tmp_path), "FACEID_MODELS_DIR": str(tmp_path / "m"),
-                       "FACEID_API_KEY": "abcdefgh12", "FACEID_MAX_UPLOAD_MB": "2.5",
-                       "FACEID_MAX_PIXELS": "1000000", "FACEID_CHECKPOINT": "x.pt",
-                       "FACEID_BATCH_MAX_SIZE": "4", "FACEID_BATCH_WAIT_MS": "0", "FACEID_INFER_WORKERS": "3",
-                       "FACEID_PUBLIC_DOCS": "yes", "FACEID_DEVICE": "cpu", "FACEID_COMPILE": "Freeze",
-                       "FACEID_TRAINER_CMD": "python3 '/opt/my trainer.py'"})
+    s = load_settings(
+        {
+            "FACEID_DATA_DIR": str(tmp_path),
+            "FACEID_MODELS_DIR": str(tmp_path / "m"),
+            "FACEID_API_KEY": "abcdefgh12",
+            "FACEID_MAX_UPLOAD_MB": "2.5",
+            "FACEID_MAX_PIXELS": "1000000",
+            "FACEID_CHECKPOINT": "x.pt",
+            "FACEID_BATCH_MAX_SIZE": "4",
+            "FACEID_BATCH_WAIT_MS": "0",
+            "FACEID_INFER_WORKERS": "3",
+            "FACEID_PUBLIC_DOCS": "yes",
+            "FACEID_DEVICE": "cpu",
+            "FACEID_COMPILE": "Freeze",
+            "FACEID_TRAINER_CMD": "python3 '/opt/my trainer.py'",
+        }
+    )
     assert s.data_dir == tmp_path and s.max_upload_mb == 2.5 and s.max_pixels == 1_000_000
     assert s.checkpoint == Path("x.pt") and s.batch_max_size == 4 and s.batch_wait_ms == 0 and s.infer_workers == 3
-    assert s.public_docs and s.device == "cpu" and s.compile == "freeze" and s.trainer_cmd == ("python3", "/opt/my trainer.py")
+    assert (
+        s.public_docs
+        and s.device == "cpu"
+        and s.compile == "freeze"
+        and s.trainer_cmd == ("python3", "/opt/my trainer.py")
+    )
     assert "abcdefgh12" not in repr(s)
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"FACEID_MAX_UPLOAD_MB": "ten"}, "FACEID_MAX_UPLOAD_MB"),
-    ({"FACEID_MAX_UPLOAD_MB": "-1"}, "out of range"),
-    ({"FACEID_MAX_UPLOAD_MB": "nan"}, "out of range"),
-    ({"FACEID_MAX_PIXELS": "1.5"}, "whole number"),
-    ({"FACEID_MAX_PIXELS": "100000000"}, "above the 89,478,485 pixels the image decoder .Pillow. accepts"),
-    ({"FACEID_BATCH_MAX_SIZE": "0"}, "FACEID_BATCH_MAX_SIZE"),
-    ({"FACEID_INFER_WORKERS": "-1"}, "FACEID_INFER_WORKERS"),
-    ({"FACEID_INFER_WORKERS": "two"}, "FACEID_INFER_WORKERS"),
-    ({"FACEID_API_KEY": "short"}, "too short"),
-    ({"FACEID_DEVICE": "tpu"}, "FACEID_DEVICE"),
-    ({"FACEID_COMPILE": "max-autotune"}, "FACEID_COMPILE.*use off, freeze or cudagraph"),
-    ({"FACEID_COMPILE": "cudagraph", "FACEID_DEVICE": "cpu"}, "cudagraph needs a CUDA GPU.*off or freeze"),
-    ({"FACEID_PUBLIC_DOCS": "maybe"}, "FACEID_PUBLIC_DOCS"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"FACEID_MAX_UPLOAD_MB": "ten"}, "FACEID_MAX_UPLOAD_MB"),
+        ({"FACEID_MAX_UPLOAD_MB": "-1"}, "out of range"),
+        ({"FACEID_MAX_UPLOAD_MB": "nan"}, "out of range"),
+        ({"FACEID_MAX_PIXELS": "1.5"}, "whole number"),
+        ({"FACEID_MAX_PIXELS": "100000000"}, "above the 89,478,485 pixels the image decoder .Pillow. accepts"),
+        ({"FACEID_BATCH_MAX_SIZE": "0"}, "FACEID_BATCH_MAX_SIZE"),
+        ({"FACEID_INFER_WORKERS": "-1"}, "FACEID_INFER_WORKERS"),
+        ({"FACEID_INFER_WORKERS": "two"}, "FACEID_INFER_WORKERS"),
+        ({"FACEID_API_KEY": "short"}, "too short"),
+        ({"FACEID_DEVICE": "tpu"}, "FACEID_DEVICE"),
+        ({"FACEID_COMPILE": "max-autotune"}, "FACEID_COMPILE.*use off, freeze or cudagraph"),
+        ({"FACEID_COMPILE": "cudagraph", "FACEID_DEVICE": "cpu"}, "cudagraph needs a CUDA GPU.*off or freeze"),
+        ({"FACEID_PUBLIC_DOCS": "maybe"}, "FACEID_PUBLIC_DOCS"),
+    ],
+)
 def test_bad_values_name_the_variable(env, needle):
     with pytest.raises(ConfigError, match=needle):
         load_settings(env)
@@ -86,12 +105,19 @@ def test_prepare_dirs_makes_absolute_paths(tmp_path, monkeypatch):
 
 def test_import_has_no_side_effects(tmp_path):
     """Importing app.main reads no settings, creates no folder and imports no torch."""
-    code = ("import sys, app.main, app.routes.inference, app.model_manager, app.batcher; "
-            "assert 'torch' not in sys.modules, 'torch imported'; "
-            "a = app.main.create_app(); assert 'torch' not in sys.modules; print('ok')")
+    code = (
+        "import sys, app.main, app.routes.inference, app.model_manager, app.batcher; "
+        "assert 'torch' not in sys.modules, 'torch imported'; "
+        "a = app.main.create_app(); assert 'torch' not in sys.modules; print('ok')"
+    )
     root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                       env={"PYTHONPATH": str(root), "FACEID_MODELS_DIR": str(tmp_path / "never")})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(root), "FACEID_MODELS_DIR": str(tmp_path / "never")},
+    )
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "never").exists() and not (tmp_path / "models").exists()
 
@@ -121,14 +147,15 @@ async def test_uploads_are_decoded_on_one_thread_per_core(monkeypatch, tmp_path,
 
     import anyio
     from PIL import Image
+    from service_helpers import fake_loader, service_settings
 
     import app.model_manager as model_manager
     from app.store import JobStore
-    from service_helpers import fake_loader, service_settings
 
     monkeypatch.setattr(model_manager, "usable_cpus", lambda: cores)
-    manager = model_manager.ModelManager(service_settings(models_dir=tmp_path), JobStore(tmp_path / "jobs.db"),
-                                         loader=fake_loader)
+    manager = model_manager.ModelManager(
+        service_settings(models_dir=tmp_path), JobStore(tmp_path / "jobs.db"), loader=fake_loader
+    )
     together = threading.Barrier(threads, timeout=5)  # passes only if `threads` decodes run at once
     running, peak, entered, lock = [0], [0], [0], threading.Lock()
 
@@ -149,8 +176,9 @@ async def test_uploads_are_decoded_on_one_thread_per_core(monkeypatch, tmp_path,
 
     buf = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buf, "PNG")
-    served = model_manager.ServedModel(id="m", job_id=None, checkpoint="-", source="env", pinned=False,
-                                       loaded_at=0.0, verifier=Model())
+    served = model_manager.ServedModel(
+        id="m", job_id=None, checkpoint="-", source="env", pinned=False, loaded_at=0.0, verifier=Model()
+    )
     try:
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:

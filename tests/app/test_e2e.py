@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from real_server import REPO, real_server
 
 SAMPLE = REPO / "data" / "sample"
@@ -25,14 +24,26 @@ SAMPLE = REPO / "data" / "sample"
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.slow,
-    pytest.mark.skipif(not (REPO / "faceid" / "train.py").exists() or not (REPO / "faceid" / "inference.py").exists(),
-                       reason="needs faceid.train and faceid.inference"),
+    pytest.mark.skipif(
+        not (REPO / "faceid" / "train.py").exists() or not (REPO / "faceid" / "inference.py").exists(),
+        reason="needs faceid.train and faceid.inference",
+    ),
     pytest.mark.skipif(not (SAMPLE / "pairs.txt").exists(), reason="needs data/sample"),
 ]
 
-JOB = {"preset": "cpu-small", "train": "sample/train", "val": "sample/val", "pairs_file": "sample/pairs.txt",
-       "img_size": 32, "batch_size": 16, "epochs": 2, "max_steps_per_epoch": 5, "eval_pairs": 500,
-       "workers": 0, "progress_step_pct": 10}
+JOB = {
+    "preset": "cpu-small",
+    "train": "sample/train",
+    "val": "sample/val",
+    "pairs_file": "sample/pairs.txt",
+    "img_size": 32,
+    "batch_size": 16,
+    "epochs": 2,
+    "max_steps_per_epoch": 5,
+    "eval_pairs": 500,
+    "workers": 0,
+    "progress_step_pct": 10,
+}
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +127,13 @@ def test_train_then_verify(server):
 
         same_pairs, diff_pairs = _pairs(8)
         for a, b in same_pairs + diff_pairs:
-            r = client.post("/verify", files={"image1": (a.name, a.read_bytes(), "image/jpeg"),
-                                              "image2": (b.name, b.read_bytes(), "image/jpeg")})
+            r = client.post(
+                "/verify",
+                files={
+                    "image1": (a.name, a.read_bytes(), "image/jpeg"),
+                    "image2": (b.name, b.read_bytes(), "image/jpeg"),
+                },
+            )
             assert r.status_code == 200, r.text
             res = r.json()
             assert res["threshold_name"] == "acc" and res["model"] == job_id

@@ -453,5 +453,5 @@ async def test_two_clients_out_of_step_come_to_share_one_worker_s_passes():
         await asyncio.gather(client(0.0), client(0.01))
     finally:
         worker.close()
-    later = v.sizes[len(v.sizes) // 2:]
+    later = v.sizes[len(v.sizes) // 2 :]
     assert sum(later) / len(later) > 1.8, v.sizes

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from service_helpers import FAKE_TRAINER, MODE
 
 from faceid.events import Checkpoint, EpochEnd, Failed, Finished, Progress, Start, parse_event
-from service_helpers import FAKE_TRAINER, MODE
 
 
 def _config(folder: Path, **changes) -> Path:
@@ -39,8 +39,13 @@ def _events(folder: Path) -> list:
 
 
 def _run(folder: Path, **changes) -> tuple[int, list]:
-    proc = subprocess.run(_command(folder, _config(folder, **changes)), cwd=folder, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, timeout=60)
+    proc = subprocess.run(
+        _command(folder, _config(folder, **changes)),
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=60,
+    )
     return proc.returncode, _events(folder)
 
 
@@ -56,9 +61,15 @@ def test_a_run_and_its_resume(tmp_path):
     assert rc == 0 and [ev.epoch for ev in events if isinstance(ev, EpochEnd)] == [3]
 
 
-@pytest.mark.parametrize("mode,rc,last", [(MODE.DATA_ERROR, 2, Failed), (MODE.NO_CHECKPOINT, 0, Finished),
-                                          (MODE.KILLED, -signal.SIGKILL, Progress),
-                                          (MODE.DIE_AFTER_EPOCH, -signal.SIGKILL, Checkpoint)])
+@pytest.mark.parametrize(
+    "mode,rc,last",
+    [
+        (MODE.DATA_ERROR, 2, Failed),
+        (MODE.NO_CHECKPOINT, 0, Finished),
+        (MODE.KILLED, -signal.SIGKILL, Progress),
+        (MODE.DIE_AFTER_EPOCH, -signal.SIGKILL, Checkpoint),
+    ],
+)
 def test_each_failure_mode(tmp_path, mode, rc, last):
     code, events = _run(tmp_path, seed=mode)
     assert code == rc and isinstance(events[-1], last)
@@ -72,8 +83,13 @@ def test_a_base_model_that_is_missing(tmp_path):
 
 
 def test_stopped_by_sigterm(tmp_path):
-    proc = subprocess.Popen(_command(tmp_path, _config(tmp_path, seed=MODE.SLOW)), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _command(tmp_path, _config(tmp_path, seed=MODE.SLOW)),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         events_file = tmp_path / "events.jsonl"
         deadline = time.monotonic() + 30

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from real_server import REPO, real_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -22,9 +21,13 @@ CHROMEDRIVER = shutil.which("chromedriver")
 SAMPLE = REPO / "data" / "sample"
 
 pytestmark = [
-    pytest.mark.browser, pytest.mark.e2e, pytest.mark.slow,
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                       reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)"),
+    pytest.mark.browser,
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER),
+        reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)",
+    ),
 ]
 
 # a small job: 2 short epochs at 32 px on the shipped sample (faces found and aligned)
@@ -39,8 +42,13 @@ def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
-                "--disable-gpu"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+        "--disable-gpu",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(60)
@@ -77,9 +85,9 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         _wait(browser, 20, "the job's page", lambda d: "#/jobs/" in d.current_url)
         job_id = browser.current_url.rsplit("/", 1)[-1]
         assert len(job_id) == 32
+
         def finished(d):  # the page redraws every 2 s: read the state in the browser, at once
-            state = d.execute_script("const e = document.querySelector('[data-status]'); "
-                                     "return e && e.dataset.status")
+            state = d.execute_script("const e = document.querySelector('[data-status]'); return e && e.dataset.status")
             return state if state in ("succeeded", "failed") else None
 
         status = _wait(browser, 600, "the job to finish", finished)
@@ -88,8 +96,10 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         # curves: loss and validation metrics with a point per epoch, and the ROC with its
         # operating points marked
         def plotted(d):
-            series = d.execute_script("return Object.fromEntries([...document.querySelectorAll('svg path.series')]"
-                                      ".map(e => [e.dataset.name, Number(e.dataset.points)]))")
+            series = d.execute_script(
+                "return Object.fromEntries([...document.querySelectorAll('svg path.series')]"
+                ".map(e => [e.dataset.name, Number(e.dataset.points)]))"
+            )
             has_roc = any(name.startswith("epoch ") for name in series)
             return series if series.get("train_loss") == 2 and has_roc else None
 
@@ -97,8 +107,9 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         assert series["train_loss"] == 2 and series["auc"] == 2 and series["acc"] == 2, series
         roc_points = max(v for k, v in series.items() if k.startswith("epoch "))
         assert roc_points > 5, series
-        markers = set(browser.execute_script(
-            "return [...document.querySelectorAll('svg g.marker text')].map(e => e.textContent)"))
+        markers = set(
+            browser.execute_script("return [...document.querySelectorAll('svg g.marker text')].map(e => e.textContent)")
+        )
         assert "acc" in markers, markers
         _wait(browser, 30, "the job's model served", lambda d: job_id[:8] in d.find_element(By.ID, "served").text)
         _shot(browser, "job")
@@ -111,7 +122,9 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         browser.find_element(By.NAME, "image1").send_keys(str(a))
         browser.find_element(By.NAME, "image2").send_keys(str(b))
         browser.find_element(By.ID, "verify").click()
-        verdict = _wait(browser, 60, "the verify answer", lambda d: d.find_element(By.CSS_SELECTOR, "#verify-result .verdict"))
+        verdict = _wait(
+            browser, 60, "the verify answer", lambda d: d.find_element(By.CSS_SELECTOR, "#verify-result .verdict")
+        )
         assert verdict.text in ("Same person", "Different people")
         result = browser.find_element(By.ID, "verify-result")
         assert "similarity" in result.text and job_id[:8] in result.text
@@ -132,19 +145,34 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
             enroll.find_element(By.NAME, "person").send_keys(who.name)
             enroll.find_element(By.NAME, "images").send_keys("\n".join(str(f) for f in sorted(who.glob("*.jpg"))[:2]))
             enroll.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-            _wait(browser, 60, f"{who.name} enrolled", lambda d, name=who.name: name in d.find_element(By.ID, "people").text)
-        rows = browser.execute_script("return [...document.querySelectorAll('#people tr')].slice(1)"
-                                      ".map(r => [r.cells[0].textContent, Number(r.cells[1].textContent)])")
+            _wait(
+                browser,
+                60,
+                f"{who.name} enrolled",
+                lambda d, name=who.name: name in d.find_element(By.ID, "people").text,
+            )
+        rows = browser.execute_script(
+            "return [...document.querySelectorAll('#people tr')].slice(1)"
+            ".map(r => [r.cells[0].textContent, Number(r.cells[1].textContent)])"
+        )
         assert sorted(rows) == sorted([who.name, 2] for who in people), rows
         browser.find_element(By.NAME, "image").send_keys(str(sorted(people[0].glob("*.jpg"))[2]))
         browser.find_element(By.ID, "identify").click()
-        verdict = _wait(browser, 60, "the identify answer",
-                        lambda d: d.find_element(By.CSS_SELECTOR, "#identify-result .verdict").text)
+        verdict = _wait(
+            browser,
+            60,
+            "the identify answer",
+            lambda d: d.find_element(By.CSS_SELECTOR, "#identify-result .verdict").text,
+        )
         # a tiny model may not know them apart; the page shows its answer and the face found
         assert verdict in {who.name for who in people} | {"unknown"}, verdict
         assert "candidates" in browser.find_element(By.ID, "identify-result").text
-        _wait(browser, 10, "the probe drawn", lambda d: int(d.find_element(By.CSS_SELECTOR, ".photo canvas")
-                                                            .get_attribute("width")) > 0)
+        _wait(
+            browser,
+            10,
+            "the probe drawn",
+            lambda d: int(d.find_element(By.CSS_SELECTOR, ".photo canvas").get_attribute("width")) > 0,
+        )
         _shot(browser, "galleries")
 
         browser.get(base + "/#/models")

@@ -21,6 +21,7 @@ import anyio
 import httpx
 import numpy as np
 import pytest
+from service_helpers import fake_loader, image_bytes, running, wait_job, write_fake_checkpoint
 
 from app.model_manager import STATE_KEY, ModelManager
 from app.replica_app import create_replica_app
@@ -28,7 +29,6 @@ from app.replicas import ReplicaSupervisor, _Replica
 from app.settings import load_settings
 from app.store import JobStore
 from faceid.errors import ConfigError
-from service_helpers import fake_loader, image_bytes, running, wait_job, write_fake_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,10 +123,13 @@ def test_each_replica_runs_one_worker_and_several_gpus_are_taken_in_turn(make_se
     assert [sup._env(i)["FACEID_DEVICE"] for i in range(2)] == ["auto", "auto"]
 
 
-@pytest.mark.parametrize("reuse_port,needle", [
-    (False, r"give FACEID_INFER_PORT a free port"),  # an ordinary listener, e.g. another server
-    (True, r"is another server on it\?"),  # another server's replica: it could share the port
-])
+@pytest.mark.parametrize(
+    "reuse_port,needle",
+    [
+        (False, r"give FACEID_INFER_PORT a free port"),  # an ordinary listener, e.g. another server
+        (True, r"is another server on it\?"),  # another server's replica: it could share the port
+    ],
+)
 def test_a_port_in_use_is_a_clear_error_and_starts_nothing(make_settings, reuse_port, needle):
     with socket.socket() as taken:
         if reuse_port:
@@ -213,7 +216,11 @@ def test_follow_loads_what_the_database_names_once_and_never_writes_it(make_sett
         state_b = {"checkpoint": str(b), "job_id": "x", "source": "activated", "pinned": True, "loaded_at": 3.0}
         store.set_state(STATE_KEY, state_b)
         assert follower.follow() is True
-        assert (follower.current.checkpoint, follower.current.pinned, follower.current.source) == (str(b), True, "activated")
+        assert (follower.current.checkpoint, follower.current.pinned, follower.current.source) == (
+            str(b),
+            True,
+            "activated",
+        )
         assert store.get_state(STATE_KEY) == state_b  # a follower records nothing
         write_fake_checkpoint(b, epoch=5)  # rewritten in place (a resumed job) and loaded again by the main server
         store.set_state(STATE_KEY, {**state_b, "loaded_at": 4.0})
@@ -254,16 +261,23 @@ async def test_a_replica_serves_the_main_servers_model_and_follows_a_new_one(mak
             assert r.status_code == 200 and r.json()["model"] == job["id"]
             on_main = await main.post("/embed", files=files)
             assert np.allclose(r.json()["embedding"], on_main.json()["embedding"])
-            r = await replica.post("/verify", files={"image1": ("a.jpg", image_bytes(), "image/jpeg"),
-                                                     "image2": ("b.png", image_bytes("PNG"), "image/png")})
+            r = await replica.post(
+                "/verify",
+                files={
+                    "image1": ("a.jpg", image_bytes(), "image/jpeg"),
+                    "image2": ("b.png", image_bytes("PNG"), "image/png"),
+                },
+            )
             assert r.status_code == 200 and r.json()["model"] == job["id"]
             r = await replica.post("/embed/batch", files=[("images", ("a.jpg", image_bytes(), "image/jpeg"))] * 2)
             assert r.status_code == 200 and r.json()["count"] == 2
             assert (await replica.get("/ready")).json() == {"ready": True, "model": job["id"], "detail": None}
             for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/model"), ("GET", "/docs")):
                 r = await replica.request(method, path)
-                assert r.status_code == 404 and "jobs, GET /model, activation and /docs are on the main server's port" \
-                    in r.json()["detail"], path
+                assert (
+                    r.status_code == 404
+                    and "jobs, GET /model, activation and /docs are on the main server's port" in r.json()["detail"]
+                ), path
             r = await replica.get("/embed")
             assert r.status_code == 405 and "inference replica's" in r.json()["detail"]
 
@@ -302,15 +316,42 @@ class MainServer:
         self.base, self.infer = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.infer_port}"
         self.log = tmp / "server.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_")}
-        env.update(FACEID_DATA_DIR=str(REPO / "data"), FACEID_MODELS_DIR=str(tmp / "models"),
-                   FACEID_CHECKPOINT=str(checkpoint), FACEID_DEVICE="cpu", FACEID_INFER_REPLICAS=str(replicas),
-                   FACEID_INFER_PORT=str(self.infer_port), PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+        env.update(
+            FACEID_DATA_DIR=str(REPO / "data"),
+            FACEID_MODELS_DIR=str(tmp / "models"),
+            FACEID_CHECKPOINT=str(checkpoint),
+            FACEID_DEVICE="cpu",
+            FACEID_INFER_REPLICAS=str(replicas),
+            FACEID_INFER_PORT=str(self.infer_port),
+            PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        )
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app",
-                                          "--host", "127.0.0.1", "--port", str(self.port)],
-                                         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self.wait(lambda: self.get(self.infer + "/ready") == 200 and self.get(self.base + "/ready") == 200
-                  and self.replicas()["ready"] == replicas, 120, "the server and its replicas to be ready")
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    "app.main:create_app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.wait(
+            lambda: (
+                self.get(self.infer + "/ready") == 200
+                and self.get(self.base + "/ready") == 200
+                and self.replicas()["ready"] == replicas
+            ),
+            120,
+            "the server and its replicas to be ready",
+        )
 
     def get(self, url: str) -> int:
         try:
@@ -360,8 +401,13 @@ def test_replicas_answer_as_the_main_server_and_one_killed_is_started_again(tmp_
     server = MainServer(tmp_path, checkpoint, replicas=2)
     try:
         info = server.replicas()
-        assert (info["replicas"], info["port"], info["host"], info["restarts"], info["ready"]) == \
-            (2, server.infer_port, "127.0.0.1", 0, 2)
+        assert (info["replicas"], info["port"], info["host"], info["restarts"], info["ready"]) == (
+            2,
+            server.infer_port,
+            "127.0.0.1",
+            0,
+            2,
+        )
         assert len(info["pids"]) == 2 and all(_alive(p) for p in info["pids"])
         main, replica = _embed(server.base, image), _embed(server.infer, image)
         assert main.status_code == replica.status_code == 200, replica.text
@@ -391,13 +437,23 @@ def test_replicas_answer_as_the_main_server_and_one_killed_is_started_again(tmp_
         for _ in range(8):  # new connections go to the replica still running
             r = _embed(server.infer, image)
             assert r.status_code == 200, r.text
-        server.wait(lambda: server.replicas()["restarts"] == 1 and len(server.replicas()["pids"]) == 2
-                    and server.replicas()["ready"] == 2, 60, "the killed replica to be started again")
+        server.wait(
+            lambda: (
+                server.replicas()["restarts"] == 1
+                and len(server.replicas()["pids"]) == 2
+                and server.replicas()["ready"] == 2
+            ),
+            60,
+            "the killed replica to be started again",
+        )
         pids = server.replicas()["pids"]
         assert survivor in pids and victim not in pids
         assert "inference replica" in server.log.read_text() and "killed by SIGKILL" in server.log.read_text()
-        server.wait(lambda: all(_embed(server.infer, image).status_code == 200 for _ in range(4)), 60,
-                    "the replicas to answer again")
+        server.wait(
+            lambda: all(_embed(server.infer, image).status_code == 200 for _ in range(4)),
+            60,
+            "the replicas to answer again",
+        )
     finally:
         server.stop()
     assert not any(_alive(p) for p in pids), "a replica outlived the server"

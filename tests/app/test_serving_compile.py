@@ -39,8 +39,14 @@ def test_loader_warms_up_only_when_compiling(monkeypatch, mode, warmed):
 
 
 def test_failed_compilation_names_the_setting_to_change(monkeypatch):
-    monkeypatch.setattr(faceid.inference.Verifier, "from_checkpoint",
-                        staticmethod(lambda path, device, compile: FakeVerifier(fail=True)))
-    with pytest.raises(CheckpointError, match=r"FACEID_COMPILE=freeze failed .*No working C\+\+ compiler found\); "
-                                              r"set FACEID_COMPILE=off"):
+    monkeypatch.setattr(
+        faceid.inference.Verifier,
+        "from_checkpoint",
+        staticmethod(lambda path, device, compile: FakeVerifier(fail=True)),
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"FACEID_COMPILE=freeze failed .*No working C\+\+ compiler found\); "
+        r"set FACEID_COMPILE=off",
+    ):
         load_verifier(Path("m.pt"), "cpu", compile="freeze", max_batch=4)

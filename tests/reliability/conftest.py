@@ -20,10 +20,15 @@ for folder in (HERE.parent / "app", HERE.parent):  # service_helpers, fake_train
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+from service_helpers import (  # noqa: E402
+    fake_loader,
+    image_bytes,
+    service_settings,
+    write_fake_checkpoint,
+)
+
 from app.main import create_app  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from service_helpers import (fake_loader, image_bytes, service_settings,  # noqa: E402
-                             write_fake_checkpoint)
 
 
 @pytest.fixture
@@ -56,6 +61,7 @@ def make_settings(tmp_path: Path, data_dir: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def make_app(make_settings: Callable[..., Settings]) -> Callable[..., Any]:
     """An app with the fake model loader (no torch)."""
+
     def make(settings: Settings | None = None, **changes: Any):
         return create_app(settings or make_settings(**changes), verifier_loader=fake_loader)
 

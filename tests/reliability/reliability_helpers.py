@@ -36,9 +36,9 @@ def quadrant_image(size: tuple[int, int] = (64, 48)) -> Image.Image:
     w, h = size
     arr = np.zeros((h, w, 3), np.uint8)
     arr[: h // 2, : w // 2] = QUADRANTS[0]
-    arr[: h // 2, w // 2:] = QUADRANTS[1]
-    arr[h // 2:, : w // 2] = QUADRANTS[2]
-    arr[h // 2:, w // 2:] = QUADRANTS[3]
+    arr[: h // 2, w // 2 :] = QUADRANTS[1]
+    arr[h // 2 :, : w // 2] = QUADRANTS[2]
+    arr[h // 2 :, w // 2 :] = QUADRANTS[3]
     return Image.fromarray(arr)
 
 
@@ -55,8 +55,12 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_bomb(width: int, height: int) -> bytes:
     """A valid PNG header declaring width x height, with a tiny IDAT."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
-            + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def jpeg_bomb(width: int, height: int) -> bytes:
@@ -64,9 +68,9 @@ def jpeg_bomb(width: int, height: int) -> bytes:
     data = bytearray(encode(Image.new("RGB", (16, 16), (90, 90, 90)), "JPEG", quality=50))
     i = 2
     while i < len(data):
-        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
         if marker in (0xC0, 0xC1, 0xC2):
-            data[i + 5:i + 9] = struct.pack(">HH", height, width)
+            data[i + 5 : i + 9] = struct.pack(">HH", height, width)
             return bytes(data)
         i += 2 + length
     raise AssertionError("no SOF marker")
@@ -96,11 +100,12 @@ def sixteen_bit_png(low: int, high: int, size: tuple[int, int] = (64, 48)) -> by
     """16-bit greyscale: the left half `low`, the right half `high` (0..65535)."""
     w, h = size
     arr = np.full((h, w), low, np.uint16)
-    arr[:, w // 2:] = high
+    arr[:, w // 2 :] = high
     return encode(Image.fromarray(arr), "PNG")
 
 
 # -- processes --------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -129,8 +134,13 @@ class ServerProcess:
     The default factory is serve_factory:create_test_app (the real app with the fake model
     loader); app.main:create_app is the production app."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, factory: str = "serve_factory:create_test_app",
-                 user_cmd_prefix: Optional[list[str]] = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        factory: str = "serve_factory:create_test_app",
+        user_cmd_prefix: Optional[list[str]] = None,
+    ) -> None:
         self.env = env
         self.log_path = log_path
         self.factory = factory
@@ -140,17 +150,31 @@ class ServerProcess:
         self.proc: Optional[subprocess.Popen] = None
 
     def command(self) -> list[str]:
-        return [*self.prefix, sys.executable, "-m", "uvicorn", "--factory", self.factory,
-                "--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(self.port),
-                "--log-level", "warning"]
+        return [
+            *self.prefix,
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            self.factory,
+            "--app-dir",
+            str(HERE),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
 
     def start(self, wait: bool = True, timeout: float = 60) -> "ServerProcess":
         env = {k: v for k, v in os.environ.items() if not k.startswith("FACEID_")}
         env.update(self.env)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         if wait:
             self.wait_healthy(timeout)
         return self

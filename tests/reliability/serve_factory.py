@@ -13,8 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
 
-from app.main import create_app  # noqa: E402
-from service_helpers import fake_loader  # noqa: E402
+from service_helpers import fake_loader
+
+from app.main import create_app
 
 
 def create_test_app():

@@ -24,17 +24,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from core_fixtures import make_identity_folder
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from torch import nn
 
 import faceid.trainer
-from core_fixtures import make_identity_folder
 from faceid.config import TrainConfig
 from faceid.errors import FaceIDError
 from faceid.model import EmbeddingNet
-
 
 # Always drawn, and held small: each unit costs time or memory. Larger values are valid and are
 # not expected to fail, only to need the machine for it (the defaults img_size 224 and, in pair
@@ -103,15 +102,20 @@ def tiny_data(tmp_path_factory) -> Path:
             from core_fixtures import write_image
 
             write_image(root / "val" / name / f"{name}_{i:04d}.jpg", seed=i + len(name))
-    (root / "val" / "pairs.txt").write_text(
-        "2\t1\nAnn_A\t1\t2\nAnn_A\t1\tBob_B\t1\nBob_B\t1\t2\nBob_B\t2\tAnn_A\t2\n")
+    (root / "val" / "pairs.txt").write_text("2\t1\nAnn_A\t1\t2\nAnn_A\t1\tBob_B\t1\nBob_B\t1\t2\nBob_B\t2\tAnn_A\t2\n")
     return root
 
 
 def tiny_trunk() -> nn.Module:
     """[B, 3, S, S] -> [B, 2048], like ResNet-50 without its classifier."""
-    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2048))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2048),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +125,9 @@ def fast_trainer():
 
     def build_model(*, embedding_size: int = 512, pretrained: bool = False, pretrained_weights=None, **_):
         if pretrained or pretrained_weights:
-            return real_build(embedding_size=embedding_size, pretrained=pretrained,
-                              pretrained_weights=pretrained_weights)
+            return real_build(
+                embedding_size=embedding_size, pretrained=pretrained, pretrained_weights=pretrained_weights
+            )
         return EmbeddingNet(embedding_size, trunk=tiny_trunk())
 
     def save_checkpoint(obj, path):
@@ -141,16 +146,16 @@ def test_accepted_configs_do_not_crash_the_trainer(tiny_data, fast_trainer, tmp_
     messages: set[str] = set()
     threads = torch.get_num_threads()
 
-    @settings(max_examples=30, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=30, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(fields=st.fixed_dictionaries(COST_BOUNDED, optional=FIELDS))
     def check(fields):
         if fields.get("pairs_file"):
             fields["pairs_file"] = str(tiny_data / "val" / "pairs.txt")
         ckpt_dir = tmp_path_factory.mktemp("run")
         try:
-            cfg = TrainConfig(train=str(tiny_data / "train"), val=str(tiny_data / "val"),
-                              ckpt_dir=str(ckpt_dir), workers=0, **fields)
+            cfg = TrainConfig(
+                train=str(tiny_data / "train"), val=str(tiny_data / "val"), ckpt_dir=str(ckpt_dir), workers=0, **fields
+            )
         except ValidationError:
             reject()
         stop = threading.Event()

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from app.main import create_app
 from core_fixtures import SAMPLE_TRAIN, SAMPLE_VAL
-from faceid.checkpoint import load_checkpoint, save_checkpoint
 from reliability_helpers import HERE
 from service_helpers import running, wait_job
 
+from app.main import create_app
+from faceid.checkpoint import load_checkpoint, save_checkpoint
+
 pytestmark = pytest.mark.anyio
+
 
 def _pair() -> dict:
     files = sorted(SAMPLE_VAL.glob("*/*.jpg"))[:2]
@@ -121,7 +122,7 @@ def test_a_save_killed_at_random_moments_never_leaves_a_half_written_checkpoint(
     target = tmp_path / "backbone_best.pt"
     save_checkpoint({**ck, "epoch": 0}, target)
     rng = random.Random(7)
-    for attempt in range(3):
+    for _ in range(3):
         pid = os.fork()
         if pid == 0:  # the writer
             try:
@@ -145,8 +146,11 @@ def test_damaged_checkpoint_files_only_ever_raise_checkpoint_error(tmp_path):
     from faceid.checkpoint import REQUIRED_KEYS
     from faceid.errors import CheckpointError
 
-    obj = {k: 1 for k in REQUIRED_KEYS} | {"format": "faceid-checkpoint", "format_version": 1,
-                                           "model": {"w": torch.arange(64.0), "b": torch.zeros(8)}}
+    obj = {k: 1 for k in REQUIRED_KEYS} | {
+        "format": "faceid-checkpoint",
+        "format_version": 1,
+        "model": {"w": torch.arange(64.0), "b": torch.zeros(8)},
+    }
     save_checkpoint(obj, tmp_path / "small.pt")
     data = (tmp_path / "small.pt").read_bytes()
     rng = random.Random(1234)
@@ -182,9 +186,22 @@ def _small_dataset(data_dir: Path) -> None:
                 shutil.copy(f, data_dir / "real" / split / d.name / f.name)
 
 
-REAL_JOB = {"train": "real/train", "val": "real/val", "train_mode": "arcface", "epochs": 2, "img_size": 32,
-            "batch_size": 8, "max_steps_per_epoch": 1, "eval_pairs": 100, "workers": 0, "threads": 1,
-            "device": "cpu", "embedding_size": 512, "progress_step_pct": 50, "seed": 0}
+REAL_JOB = {
+    "train": "real/train",
+    "val": "real/val",
+    "train_mode": "arcface",
+    "epochs": 2,
+    "img_size": 32,
+    "batch_size": 8,
+    "max_steps_per_epoch": 1,
+    "eval_pairs": 100,
+    "workers": 0,
+    "threads": 1,
+    "device": "cpu",
+    "embedding_size": 512,
+    "progress_step_pct": 50,
+    "seed": 0,
+}
 
 
 @pytest.mark.slow
@@ -195,8 +212,12 @@ async def test_checkpoint_write_fails_in_a_real_run(make_settings, real_ckpt_cop
     run and its model is served."""
     _small_dataset(data_dir)
     served = real_ckpt_copy("served.pt")
-    settings = make_settings(checkpoint=served, device="cpu", poll_interval_s=0.1,
-                             trainer_cmd=(sys.executable, str(HERE / "trainers.py"), "enospc_at:3"))
+    settings = make_settings(
+        checkpoint=served,
+        device="cpu",
+        poll_interval_s=0.1,
+        trainer_cmd=(sys.executable, str(HERE / "trainers.py"), "enospc_at:3"),
+    )
     app = create_app(settings)
     async with running(app) as client:
         before = (await client.get("/model")).json()

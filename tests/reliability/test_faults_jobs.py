@@ -15,7 +15,6 @@ import time
 
 import anyio
 import pytest
-
 from reliability_helpers import HERE, alive
 from service_helpers import MODE, face_like, running, wait_for, wait_job
 
@@ -47,7 +46,7 @@ async def test_training_process_killed_at_random_moments(make_app, job_body, tmp
             victim = (await client.post("/jobs", json={**job_body, "seed": MODE.SLOW})).json()
             after = (await client.post("/jobs", json=job_body)).json()
             await wait_job(client, victim["id"], until=("running",))
-            await wait_for(lambda: (app.state.store.get(victim["id"]) or {}).get("pid"), what="the pid")
+            await wait_for(lambda v=victim: (app.state.store.get(v["id"]) or {}).get("pid"), what="the pid")
             pid = app.state.store.get(victim["id"])["pid"]
             await anyio.sleep(delay)
             child_file = tmp_path / "models" / "jobs" / victim["id"] / "child.pid"
@@ -58,7 +57,7 @@ async def test_training_process_killed_at_random_moments(make_app, job_body, tmp
             assert done["exit_code"] == -signal.SIGKILL and "SIGKILL" in done["error"], done
             assert done["error_kind"] == "internal"
             if child is not None:
-                await wait_for(lambda: not alive(child), what="the grandchild to go")
+                await wait_for(lambda c=child: not alive(c), what="the grandchild to go")
             assert (await client.get("/health")).status_code == 200
             assert (await wait_job(client, after["id"]))["status"] == "succeeded", i
             # history: every earlier job still there, unchanged

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 import pytest
+from service_helpers import image_bytes, running
 
 from faceid.config import TrainConfig
-from service_helpers import image_bytes, running
 
 pytestmark = pytest.mark.anyio
 
@@ -131,15 +131,22 @@ async def test_very_long_strings_are_refused_without_echo(make_app):
         await still_serving(client)
 
 
-@pytest.mark.parametrize("name,body,needle", [
-    ("nesting 50000 deep", '{"train": ' + "[" * 50_000 + "]" * 50_000 + "}", "JSON"),
-    ("an integer of 5000 digits", with_raw("epochs", "9" * 5000), ""),
-    ("a string of invalid utf-8", b'{"train": "\xff\xfe"}', ""),
-    ("a lone surrogate", '{"train": "\\ud800"}', "train"),
-    ("duplicate keys, the last absolute", '{"train": "sample/train", "val": "sample/val", "train": "/etc"}', "train"),
-    ("a JSON string, not an object", '"sample/train"', ""),
-    ("an array of configs", json.dumps([VALID, VALID]), ""),
-])
+@pytest.mark.parametrize(
+    "name,body,needle",
+    [
+        ("nesting 50000 deep", '{"train": ' + "[" * 50_000 + "]" * 50_000 + "}", "JSON"),
+        ("an integer of 5000 digits", with_raw("epochs", "9" * 5000), ""),
+        ("a string of invalid utf-8", b'{"train": "\xff\xfe"}', ""),
+        ("a lone surrogate", '{"train": "\\ud800"}', "train"),
+        (
+            "duplicate keys, the last absolute",
+            '{"train": "sample/train", "val": "sample/val", "train": "/etc"}',
+            "train",
+        ),
+        ("a JSON string, not an object", '"sample/train"', ""),
+        ("an array of configs", json.dumps([VALID, VALID]), ""),
+    ],
+)
 async def test_parse_bombs_and_odd_json(make_app, name, body, needle):
     async with running(make_app()) as client:
         r = await post_raw(client, body)
@@ -163,12 +170,23 @@ async def test_a_body_that_is_not_json_says_so_and_names_the_body_not_an_offset(
 
 PATH_FIELDS = {"train": "dir", "val": "dir", "pairs_file": "file", "pretrained_weights": "file"}
 BAD_PATHS = [
-    ("sample/train/..", "'..'"), ("./../outside", "'..'"), ("sample/./../../outside/eve", "'..'"),
-    ("sample/train/../../../outside", "'..'"), ("..", "'..'"), ("sample\\..\\..\\outside", "not a relative"),
-    ("/", "not a relative"), ("//etc", "not a relative"), ("/etc/passwd", "not a relative"),
-    ("~root", "not a relative"), ("~/.ssh/id_rsa", "not a relative"), ("", "empty"), ("   ", "empty"),
-    ("%2e%2e/outside", "does not exist"), ("..\u2215outside", "does not exist"),
-    ("file:///etc/passwd", "does not exist"), ("C:\\Windows", "not a relative"),
+    ("sample/train/..", "'..'"),
+    ("./../outside", "'..'"),
+    ("sample/./../../outside/eve", "'..'"),
+    ("sample/train/../../../outside", "'..'"),
+    ("..", "'..'"),
+    ("sample\\..\\..\\outside", "not a relative"),
+    ("/", "not a relative"),
+    ("//etc", "not a relative"),
+    ("/etc/passwd", "not a relative"),
+    ("~root", "not a relative"),
+    ("~/.ssh/id_rsa", "not a relative"),
+    ("", "empty"),
+    ("   ", "empty"),
+    ("%2e%2e/outside", "does not exist"),
+    ("..\u2215outside", "does not exist"),
+    ("file:///etc/passwd", "does not exist"),
+    ("C:\\Windows", "not a relative"),
     ("sample/train\x00/../..", "NUL"),
 ]
 
@@ -180,8 +198,9 @@ async def test_path_variants_in_every_path_field(make_app, data_dir):
                 out = await refused(client, with_fields(**{field: value}), needle)
                 assert out["field"] == field, (field, value, out)
             # absolute, even when it points inside the data root
-            out = await refused(client, with_fields(**{field: str(data_dir / "sample" / "train")}),
-                                "not a relative path")
+            out = await refused(
+                client, with_fields(**{field: str(data_dir / "sample" / "train")}), "not a relative path"
+            )
             assert out["field"] == field
         await still_serving(client)
 
@@ -200,16 +219,19 @@ def links(data_dir: Path, tmp_path: Path) -> Path:
     return data_dir
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("train", "hop1", "outside the data root"),
-    ("train", "hop1/eve", "outside the data root"),
-    ("val", "relative_out", "outside the data root"),
-    ("train", "root/etc", "outside the data root"),
-    ("train", "loop", "cannot be resolved"),
-    ("pairs_file", "secret_link", "outside the data root"),
-    ("pretrained_weights", "secret_link", "outside the data root"),
-    ("pretrained_weights", "hop1/secret.txt", "outside the data root"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("train", "hop1", "outside the data root"),
+        ("train", "hop1/eve", "outside the data root"),
+        ("val", "relative_out", "outside the data root"),
+        ("train", "root/etc", "outside the data root"),
+        ("train", "loop", "cannot be resolved"),
+        ("pairs_file", "secret_link", "outside the data root"),
+        ("pretrained_weights", "secret_link", "outside the data root"),
+        ("pretrained_weights", "hop1/secret.txt", "outside the data root"),
+    ],
+)
 async def test_links_leaving_the_data_root_are_refused(make_app, links, field, value, needle):
     async with running(make_app()) as client:
         out = await refused(client, with_fields(**{field: value}), needle)
@@ -231,8 +253,7 @@ async def test_links_that_stay_inside_are_accepted(make_app, links, data_dir, tm
 
 
 @pytest.mark.parametrize("where", ["identity folder", "image file", "val identity folder"])
-async def test_links_inside_the_training_folders_that_leave_the_root_are_refused(make_app, data_dir,
-                                                                               tmp_path, where):
+async def test_links_inside_the_training_folders_that_leave_the_root_are_refused(make_app, data_dir, tmp_path, where):
     """The trainer reads <train>/<identity>/<image>: a link planted at either level that points
     outside the data root would make a job read (and learn from) files elsewhere."""
     outside = tmp_path / "outside"
@@ -250,8 +271,11 @@ async def test_links_inside_the_training_folders_that_leave_the_root_are_refused
         assert out["field"] == field
         await still_serving(client)
     # the same links pointing inside the root are fine
-    for link in (data_dir / "sample" / "train" / "eve", data_dir / "sample" / "train" / "ann" / "2.jpg",
-                 data_dir / "sample" / "val" / "eve"):
+    for link in (
+        data_dir / "sample" / "train" / "eve",
+        data_dir / "sample" / "train" / "ann" / "2.jpg",
+        data_dir / "sample" / "val" / "eve",
+    ):
         if link.is_symlink():
             link.unlink()
     (data_dir / "sample" / "train" / "carl").mkdir()
@@ -266,8 +290,7 @@ async def test_links_inside_the_training_folders_that_leave_the_root_are_refused
         assert (await client.post("/jobs", json=VALID)).status_code == 202
 
 
-async def test_a_link_swapped_in_after_submission_is_not_followed_by_the_stored_config(make_app, data_dir,
-                                                                                    tmp_path):
+async def test_a_link_swapped_in_after_submission_is_not_followed_by_the_stored_config(make_app, data_dir, tmp_path):
     """The stored config holds the resolved real paths: replacing the submitted path by a link
     later does not redirect the job."""
     async with running(make_app(max_queued_jobs=5)) as client:

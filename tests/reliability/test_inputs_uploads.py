@@ -13,9 +13,17 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
-
-from reliability_helpers import (bmp_bomb, encode, exif_oriented, gif_bomb, jpeg_bomb, png_bomb,
-                                 png_chunk, quadrant_image, sixteen_bit_png)
+from reliability_helpers import (
+    bmp_bomb,
+    encode,
+    exif_oriented,
+    gif_bomb,
+    jpeg_bomb,
+    png_bomb,
+    png_chunk,
+    quadrant_image,
+    sixteen_bit_png,
+)
 from service_helpers import face_like, image_bytes, running
 
 pytestmark = pytest.mark.anyio
@@ -47,8 +55,12 @@ def _animated(fmt: str) -> bytes:
 
 
 def _progressive_truncated() -> bytes:
-    data = encode(Image.fromarray(np.random.default_rng(1).integers(0, 255, (128, 128, 3), np.uint8)),
-                  "JPEG", progressive=True, quality=90)
+    data = encode(
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (128, 128, 3), np.uint8)),
+        "JPEG",
+        progressive=True,
+        quality=90,
+    )
     return data[: len(data) // 2]
 
 
@@ -61,8 +73,12 @@ def _bad_crc_png() -> bytes:
 # (id, bytes, accepted statuses, words one of which the detail must contain)
 BAD_UPLOADS = [
     ("soi only", b"\xff\xd8", {422}, ("corrupt", "not an image")),
-    ("jpeg header then html", b"\xff\xd8\xff\xe0" + b"<html><script>alert(1)</script></html>", {422},
-     ("corrupt", "not an image")),
+    (
+        "jpeg header then html",
+        b"\xff\xd8\xff\xe0" + b"<html><script>alert(1)</script></html>",
+        {422},
+        ("corrupt", "not an image"),
+    ),
     ("progressive jpeg cut in half", _progressive_truncated(), {422}, ("truncated", "corrupt")),
     ("png with bad crc", _bad_crc_png(), {422}, ("corrupt", "not an image")),
     ("png ztxt bomb", _ztxt_bomb(), {422, 413}, ("corrupt", "too large")),
@@ -81,16 +97,21 @@ async def test_bad_uploads_in_verify_are_4xx_and_the_server_keeps_serving(served
     """One server takes every case in turn; after each, /health and a valid /verify answer."""
     async with running(served_app()) as client:
         for name, data, statuses, words in BAD_UPLOADS:
-            r = await client.post("/verify", files={"image1": ("photo.jpg", data, "image/jpeg"),
-                                                    "image2": ("b.png", face_like(2))})
+            r = await client.post(
+                "/verify", files={"image1": ("photo.jpg", data, "image/jpeg"), "image2": ("b.png", face_like(2))}
+            )
             assert r.status_code in statuses, (name, r.status_code, r.text)
             detail = r.json()["detail"]
             assert "image1" in detail and any(w in detail for w in words), (name, detail)
             await still_serving(client)
 
 
-BOMBS = [("png", png_bomb(100_000, 100_000)), ("jpeg", jpeg_bomb(60_000, 60_000)),
-         ("bmp", bmp_bomb(50_000, 50_000)), ("png just over the limit", png_bomb(8_000, 5_001))]
+BOMBS = [
+    ("png", png_bomb(100_000, 100_000)),
+    ("jpeg", jpeg_bomb(60_000, 60_000)),
+    ("bmp", bmp_bomb(50_000, 50_000)),
+    ("png just over the limit", png_bomb(8_000, 5_001)),
+]
 
 
 @pytest.mark.parametrize("name,data", BOMBS, ids=[b[0] for b in BOMBS])
@@ -163,12 +184,17 @@ def _sixteen_bit() -> tuple[bytes, bytes]:
 
 def _exif(orientation: int) -> tuple[bytes, bytes]:
     img = quadrant_image()
-    return exif_oriented(img, orientation), encode(ImageOps.exif_transpose(
-        Image.open(io.BytesIO(exif_oriented(img, orientation)))))
+    return exif_oriented(img, orientation), encode(
+        ImageOps.exif_transpose(Image.open(io.BytesIO(exif_oriented(img, orientation))))
+    )
 
 
-ACCEPTED = [("alpha over white", _alpha_over_white()), ("cmyk jpeg", _cmyk()), ("greyscale", _grey()),
-            ("16-bit greyscale", _sixteen_bit())] + [(f"exif orientation {o}", _exif(o)) for o in (3, 6, 8)]
+ACCEPTED = [
+    ("alpha over white", _alpha_over_white()),
+    ("cmyk jpeg", _cmyk()),
+    ("greyscale", _grey()),
+    ("16-bit greyscale", _sixteen_bit()),
+] + [(f"exif orientation {o}", _exif(o)) for o in (3, 6, 8)]
 
 
 @pytest.mark.parametrize("name,pair", ACCEPTED, ids=[a[0] for a in ACCEPTED])
@@ -195,8 +221,12 @@ def _multipart(parts: list[tuple[bytes, bytes]], boundary: bytes = b"B0undary") 
 
 
 def _disp(name: bytes, filename: bytes | None = b"a.png") -> bytes:
-    return (b'Content-Disposition: form-data; name="' + name + b'"'
-            + (b'; filename="' + filename + b'"' if filename is not None else b""))
+    return (
+        b'Content-Disposition: form-data; name="'
+        + name
+        + b'"'
+        + (b'; filename="' + filename + b'"' if filename is not None else b"")
+    )
 
 
 IMG = face_like(1)

@@ -10,19 +10,19 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from reliability_helpers import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 
-import load_test  # noqa: E402
+import load_test
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 def test_short_load_on_a_real_server(real_checkpoint, capsys):
-    args = load_test.parse_args(["--checkpoint", str(real_checkpoint), "--clients", "8", "--seconds", "3",
-                                 "--warmup", "0.5", "--pairs", "4"])
+    args = load_test.parse_args(
+        ["--checkpoint", str(real_checkpoint), "--clients", "8", "--seconds", "3", "--warmup", "0.5", "--pairs", "4"]
+    )
     res = load_test.run(args)
     load_test.print_table(args, res["checkpoint"], res)
     c = res["counts"]

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import HERE, REPO
 from service_helpers import running, wait_job
 
@@ -81,8 +80,14 @@ def test_sql_text_never_holds_values():
                 elif isinstance(sql, ast.Name) and sql.id == "_SCHEMA":
                     ok = True
                 elif isinstance(sql, ast.JoinedStr):
-                    ok = all(isinstance(v.value, ast.Name) and v.value.id in allowed_names
-                             for v in sql.values if isinstance(v, ast.FormattedValue)) and len(call.args) > 1
+                    ok = (
+                        all(
+                            isinstance(v.value, ast.Name) and v.value.id in allowed_names
+                            for v in sql.values
+                            if isinstance(v, ast.FormattedValue)
+                        )
+                        and len(call.args) > 1
+                    )
                 else:
                     ok = False
                 executes.append((path.name, call.lineno, ok))
@@ -98,8 +103,9 @@ def test_api_key_compared_in_constant_time():
     tree = ast.parse(source)
     for node in ast.walk(tree):  # no ==/!= on anything called *key*
         if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
-            names = {n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", "")
-                     for n in [node.left, *node.comparators]}
+            names = {
+                n.attr if isinstance(n, ast.Attribute) else getattr(n, "id", "") for n in [node.left, *node.comparators]
+            }
             assert not any("key" in n.lower() for n in names if n), ast.dump(node)
 
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import REPO, ServerProcess, alive, free_port, rss_kb, wait_until
 from service_helpers import FAKE_TRAINER, MODE, face_like
 
@@ -27,8 +26,9 @@ pytestmark = pytest.mark.e2e
 JOB = {"train": "sample/train", "val": "sample/val", "epochs": 2, "img_size": 32}
 
 
-def _wait_job(client, job_id: str, until=("succeeded", "failed", "cancelled", "interrupted"),
-              timeout: float = 30) -> dict:
+def _wait_job(
+    client, job_id: str, until=("succeeded", "failed", "cancelled", "interrupted"), timeout: float = 30
+) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         job = client.get(f"/jobs/{job_id}").json()
@@ -39,9 +39,13 @@ def _wait_job(client, job_id: str, until=("succeeded", "failed", "cancelled", "i
 
 
 def _env(data_dir: Path, models: Path, **extra: str) -> dict[str, str]:
-    return {"FACEID_DATA_DIR": str(data_dir), "FACEID_MODELS_DIR": str(models),
-            "FACEID_TRAINER_CMD": f"{sys.executable} {FAKE_TRAINER} --step_s 0.02",
-            "FACEID_CANCEL_GRACE_S": "5", **extra}
+    return {
+        "FACEID_DATA_DIR": str(data_dir),
+        "FACEID_MODELS_DIR": str(models),
+        "FACEID_TRAINER_CMD": f"{sys.executable} {FAKE_TRAINER} --step_s 0.02",
+        "FACEID_CANCEL_GRACE_S": "5",
+        **extra,
+    }
 
 
 def _kill_leftovers(models: Path) -> None:
@@ -83,8 +87,14 @@ def test_server_killed_mid_job_then_restarted(data_dir, tmp_path, models):
             victim = c.post("/jobs", json={**JOB, "seed": MODE.SLOW}).json()
             _wait_job(c, victim["id"], until=("running",))
             folder = models / "jobs" / victim["id"]
-            wait_until(lambda: (folder / "child.pid").exists() and (c.get(f"/jobs/{victim['id']}").json()
-                       .get("progress") or {}).get("step", 0) >= 2, 30, "the slow job's progress")
+            wait_until(
+                lambda: (
+                    (folder / "child.pid").exists()
+                    and (c.get(f"/jobs/{victim['id']}").json().get("progress") or {}).get("step", 0) >= 2
+                ),
+                30,
+                "the slow job's progress",
+            )
             model_before = c.get("/model").json()
         server.kill()
     finally:
@@ -151,8 +161,10 @@ def test_oversized_uploads_to_a_real_server_are_cut_off(data_dir, tmp_path):
     from service_helpers import write_fake_checkpoint
 
     ckpt = write_fake_checkpoint(tmp_path / "given.pt")
-    server = ServerProcess(_env(data_dir, tmp_path / "models", FACEID_MAX_UPLOAD_MB="1",
-                                FACEID_CHECKPOINT=str(ckpt)), tmp_path / "server.log").start()
+    server = ServerProcess(
+        _env(data_dir, tmp_path / "models", FACEID_MAX_UPLOAD_MB="1", FACEID_CHECKPOINT=str(ckpt)),
+        tmp_path / "server.log",
+    ).start()
     try:
         pid = server.proc.pid
         with server.client() as c:
@@ -160,8 +172,10 @@ def test_oversized_uploads_to_a_real_server_are_cut_off(data_dir, tmp_path):
             for _ in range(5):
                 assert c.post("/verify", files=good).status_code == 200
             rss_before = rss_kb(pid)
-            head = (b"POST /verify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                    b"Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n")
+            head = (
+                b"POST /verify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                b"Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n"
+            )
             part = b'--XyZ\r\nContent-Disposition: form-data; name="image1"; filename="a.jpg"\r\n\r\n'
             size = 64 * 1024
             offered = 200 * 1024 * 1024
@@ -171,8 +185,10 @@ def test_oversized_uploads_to_a_real_server_are_cut_off(data_dir, tmp_path):
             assert sent < 32 * 1024 * 1024, sent  # the rest was never taken
             assert rss_kb(pid) - rss_before < 30 * 1024, (rss_before, rss_kb(pid))
 
-            head = (b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 10737418240\r\n"
-                    b"Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n")
+            head = (
+                b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Length: 10737418240\r\n"
+                b"Content-Type: multipart/form-data; boundary=XyZ\r\n\r\n"
+            )
             sent, answer = _raw_request(server.port, head, iter(()), 0)
             assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
             assert c.get("/health").status_code == 200

@@ -62,11 +62,13 @@ def main() -> int:
         events = Path(args[args.index("--events_file") + 1])
         with open(events, "ab") as f:
             f.write(b"not json\n\xff\xfe\x00binary\n[1, 2]\n" + b"{" * (2 << 20) + b"\n")
-            for ev in ({"event": "progress", "epoch": "x", "percent": None, "loss": "NaN"},
-                       {"event": "checkpoint", "kind": "best", "path": 123},
-                       {"event": "epoch", "epoch": None, "best_epoch": [1]},
-                       {"event": "failed", "error": {"nested": True}, "kind": 5},
-                       {"event": "start", "device": 7, "epochs": "many"}):
+            for ev in (
+                {"event": "progress", "epoch": "x", "percent": None, "loss": "NaN"},
+                {"event": "checkpoint", "kind": "best", "path": 123},
+                {"event": "epoch", "epoch": None, "best_epoch": [1]},
+                {"event": "failed", "error": {"nested": True}, "kind": 5},
+                {"event": "start", "device": 7, "epochs": "many"},
+            ):
                 f.write(json.dumps(ev).encode() + b"\n")
         return _fake(args)
     if mode == "dump_env":
