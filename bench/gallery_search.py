@@ -145,13 +145,13 @@ def bench_open_set(args: argparse.Namespace) -> None:
     known = right = rank1 = unknown = rejected = 0
     for n in sorted(enrolled):
         for q in embed(photos[n][2 : 2 + args.probes_per_person]):
-            best = index.search(q, 1)[0][0]
+            best = index.search(q[None], 1)[0][0]
             known += 1
             rank1 += best.person == n
             right += best.person == n and best.score >= th
     for n in strangers:
         for q in embed(photos[n][:1]):
-            best = index.search(q, 1)[0][0]
+            best = index.search(q[None], 1)[0][0]
             unknown += 1
             rejected += best.score < th
     print(
