@@ -114,6 +114,19 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         _wait(browser, 30, "the job's model served", lambda d: job_id[:8] in d.find_element(By.ID, "served").text)
         _shot(browser, "job")
 
+        # compare: the job's curves and ROC on the shared plots
+        browser.get(base + f"/#/compare/{job_id}")
+        compared = _wait(
+            browser,
+            30,
+            "the compare plots",
+            lambda d: (
+                d.execute_script("return [...document.querySelectorAll('svg path.series')].map(e => e.dataset.name)")
+                or None
+            ),
+        )
+        assert compared.count(job_id[:8]) >= 2 and f"{job_id[:8]}" in compared, compared
+
         # verify two photos of one person: the answer, and the faces drawn
         person = next(d for d in sorted((SAMPLE / "val").iterdir()) if len(list(d.glob("*.jpg"))) >= 2)
         a, b = sorted(person.glob("*.jpg"))[:2]
@@ -186,3 +199,19 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         assert not errors, errors
         urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert urls and all(u.startswith(base + "/") for u in urls), urls
+
+
+def test_the_page_asks_for_the_key_and_keeps_it_for_the_session(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    with real_server(tmp_path, api_key="s3cret-key") as (base, proc, log_path):
+        browser.get(base + "/#/jobs")
+        banner = _wait(browser, 20, "the refusal", lambda d: d.find_element(By.ID, "banner").text or None)
+        assert "401" in banner and "API key" in banner, banner
+        browser.find_element(By.ID, "api-key").send_keys("s3cret-key")
+        browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        _wait(browser, 20, "the job list", lambda d: "0 job(s)" in d.find_element(By.ID, "view").text)
+        # kept for the session: a reload needs no key again
+        browser.refresh()
+        _wait(browser, 20, "the job list again", lambda d: "0 job(s)" in d.find_element(By.ID, "view").text)
+        assert browser.execute_script("return sessionStorage.getItem('faceid-api-key')") == "s3cret-key"
