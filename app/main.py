@@ -9,7 +9,9 @@ the runner (a running job is interrupted, resumable).
     uvicorn app.main:app                      # also works: `app` is built on first access
 
 Run one server process per models folder (a lock file enforces it): the job queue and the runner
-live in that process.
+live in that process. With FACEID_RUN_JOBS=0 its runner runs no job (`faceid worker` processes do,
+app/worker.py) and only watches their heartbeats, and the served model follows the jobs that
+succeed in them.
 """
 
 from __future__ import annotations

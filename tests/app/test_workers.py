@@ -222,6 +222,24 @@ def test_a_killed_workers_job_ends_interrupted_and_another_worker_resumes_it(clu
     assert done["worker"] != victim and done["worker"] in cluster.workers and done["attempts"] == 2
 
 
+def test_a_worker_stopped_with_sigterm_interrupts_its_job_resumably(cluster):
+    cluster.ensure_workers(2)
+    job_id = cluster.submit(seed=MODE.SLOW)
+    cluster.wait_job(job_id, ("running",))
+    wait(lambda: cluster.job(job_id)["progress"], 15, "the job's first progress")
+    worker = cluster.job(job_id)["worker"]
+    proc = cluster.workers[worker]
+    proc.terminate()
+    assert proc.wait(timeout=20) == 0
+    job = cluster.job(job_id)  # interrupted by the worker itself, before it exited: no lease to wait for
+    assert job["status"] == "interrupted" and job["last_checkpoint"], job
+    assert (cluster.models / "jobs" / job_id / "last.pt").exists()
+    cluster.ensure_workers(2)
+    assert cluster.client.post(f"/jobs/{job_id}/resume").status_code == 202
+    done = cluster.wait_job(job_id, ("succeeded", "failed", "cancelled", "interrupted"), timeout=30)
+    assert done["status"] == "succeeded" and done["worker"] != worker, done
+
+
 # -- the store across processes -------------------------------------------------------------------
 
 CLAIMER = """
