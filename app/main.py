@@ -9,7 +9,9 @@ the runner (a running job is interrupted, resumable).
     uvicorn app.main:app                      # also works: `app` is built on first access
 
 Run one server process per models folder (a lock file enforces it): the job queue and the runner
-live in that process.
+live in that process. With FACEID_RUN_JOBS=0 its runner runs no job (`faceid worker` processes do,
+app/worker.py) and only watches their heartbeats, and the served model follows the jobs that
+succeed in them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from app.middleware import DOCS_PATHS, OPEN_PATHS, APIKeyMiddleware, BodyLimitMi
 from app.model_manager import ModelManager, VerifierLoader
 from app.replicas import ReplicaSupervisor
 from app.routes import data, galleries, health, inference, jobs, models, ui
-from app.runner import JobRunner
+from app.runner import JobRunner, default_worker_id
 from app.settings import Settings, load_settings, prepare_dirs
 from app.store import JobStore
 from faceid.errors import ConfigError
@@ -115,12 +117,16 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
             cancel_grace_s=s.cancel_grace_s,
             poll_interval_s=s.poll_interval_s,
             on_succeeded=manager.on_job_succeeded,
+            worker_id=default_worker_id(server=True),
+            lease_s=s.worker_lease_s,
         )
         replicas = ReplicaSupervisor(s) if s.infer_replicas else None
         try:
-            await anyio.to_thread.run_sync(runner.recover)
+            if s.run_jobs:  # an API-only server leaves the workers' running jobs alone
+                await anyio.to_thread.run_sync(runner.recover)
             await anyio.to_thread.run_sync(manager.start)
-            runner.start()
+            runner.start(claim=s.run_jobs)
+            manager.watch_jobs()  # jobs that succeeded in a `faceid worker`
             if replicas is not None:  # after the model: they start serving what the database names
                 replicas.start()
             app.state.store, app.state.runner, app.state.models = store, runner, manager

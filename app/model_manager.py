@@ -152,6 +152,9 @@ class ModelManager:
         self.checker = loader or load_verifier
         self._current: Optional[ServedModel] = None
         self._followed: Optional[tuple] = None  # (checkpoint, loaded_at) follow() last acted on
+        self._followed_job: Optional[tuple] = None  # (job id, finished_at) follow_jobs() last acted on
+        self._stop_watch = threading.Event()
+        self._watcher: Optional[threading.Thread] = None
         self._switch = threading.Lock()  # one load at a time; readers never wait for it
         self.last_error: Optional[str] = None
         self._worker = EmbedWorker(settings.batch_max_size, settings.batch_wait_ms, workers)
@@ -297,6 +300,48 @@ class ModelManager:
             return False
         return True
 
+    def follow_jobs(self) -> bool:
+        """Serve a job that succeeded in another process (a `faceid worker`) as the server's own
+        runner would have served it (on_job_succeeded: unless a model is pinned): the job that
+        succeeded last, when that was after the served model was loaded. True when it switched; a
+        checkpoint that fails to load is logged once."""
+        jobs, _ = self.store.list(status="succeeded", limit=20)
+        jobs = [j for j in jobs if j.get("checkpoint") and j.get("finished_at")]
+        if not jobs:
+            return False
+        job = max(jobs, key=lambda j: j["finished_at"])
+        key = (job["id"], job["finished_at"])
+        current = self._current
+        if key == self._followed_job or (
+            current is not None
+            and (
+                current.loaded_at >= job["finished_at"]  # served (or chosen) after it succeeded
+                # its own runner served it just before marking it succeeded
+                or (current.job_id == job["id"] and current.loaded_at >= (job.get("started_at") or 0))
+            )
+        ):
+            return False
+        self._followed_job = key
+        try:
+            self.on_job_succeeded(job)
+        except FaceIDError as e:
+            log.error("job %s succeeded in another process, but its checkpoint cannot be served: %s", job["id"], e)
+            return False
+        return self._current is not None and self._current.job_id == job["id"]
+
+    def watch_jobs(self, interval_s: float = 2.0) -> None:
+        """follow_jobs() every `interval_s` seconds in a thread, until close()."""
+
+        def watch() -> None:
+            while not self._stop_watch.wait(interval_s):
+                try:
+                    self.follow_jobs()
+                except Exception:  # the store is closing
+                    log.exception("following the succeeded jobs failed")
+
+        self._watcher = threading.Thread(target=watch, name="faceid-follow-jobs", daemon=True)
+        self._watcher.start()
+
     def on_job_succeeded(self, job: dict[str, Any]) -> None:
         """Called by the runner: serve the new job's best checkpoint unless a model is pinned."""
         self.load(Path(job["checkpoint"]), job_id=job["id"], source="job", pinned=False, unless_pinned=True)
@@ -347,4 +392,7 @@ class ModelManager:
         return self._worker.stats()
 
     def close(self) -> None:
+        self._stop_watch.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
         self._worker.close()

@@ -4,6 +4,11 @@ The runner starts queued jobs one at a time as `<trainer_cmd> --config config.js
 events.jsonl` (an argument list in its own process group, docs/CONTRACTS.md section 1), reads the
 events the process appends (app/progress.py) and records them in the job store (app/store.py), so
 a crash, an out-of-memory kill or a cancel of the training process never touches the server.
+
+The same runner runs in the server and in each `faceid worker` (app/worker.py), all on one job
+database: each records itself as the job's `worker` and renews its heartbeat while the job runs,
+watches the database for a cancel asked through any process's API, and marks interrupted the jobs
+of a runner whose heartbeat stopped (interrupt_stale).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +30,13 @@ from app.store import INTERRUPTED_MESSAGE, JobStateError, JobStore
 from faceid.omp import training_child_env
 
 log = logging.getLogger(__name__)
+
+SERVER_PREFIX = "server@"  # the worker id of a server's own runner starts so
+
+
+def default_worker_id(server: bool = False) -> str:
+    """hostname:pid, and `server@` before it for the runner inside a server."""
+    return f"{SERVER_PREFIX if server else ''}{socket.gethostname()}:{os.getpid()}"
 
 
 def tail_lines(path: Path, n: int, max_bytes: int = 4 << 20) -> list[str]:
@@ -92,6 +105,8 @@ class JobRunner:
         cancel_grace_s: float = 30.0,
         poll_interval_s: float = 0.5,
         on_succeeded: Optional[Callable[[dict[str, Any]], None]] = None,
+        worker_id: Optional[str] = None,
+        lease_s: float = 30.0,
     ) -> None:
         self.store = store
         self.jobs_dir = jobs_dir
@@ -103,6 +118,11 @@ class JobRunner:
         self.cancel_grace_s = cancel_grace_s
         self.poll_interval_s = poll_interval_s
         self.on_succeeded = on_succeeded
+        self.worker_id = worker_id or default_worker_id()
+        self.lease_s = lease_s
+        self.heartbeat_s = lease_s / 3
+        self._next_reap = 0.0
+        self._claims = True
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -115,9 +135,25 @@ class JobRunner:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def recover(self) -> list[dict[str, Any]]:
-        """At start: mark jobs left running by a dead server as interrupted, and stop their
-        training processes if they outlived it (same process group, same config file)."""
-        jobs = self.store.interrupt_running()
+        """At start: mark interrupted the jobs left running by a dead runner (a server's runner
+        marks those of its previous incarnation at once, and those of other workers once their
+        heartbeat is older than the lease), and stop their training processes if they outlived it
+        on this host (same process group, same config file)."""
+        previous = SERVER_PREFIX if self.worker_id.startswith(SERVER_PREFIX) else None
+        return self._settle_interrupted(self.store.interrupt_stale(self.lease_s, previous=previous))
+
+    def reap(self) -> list[dict[str, Any]]:
+        """Mark interrupted the running jobs whose worker's heartbeat is older than the lease (a
+        worker killed, or cut off from the database); every runner does this periodically."""
+        self._next_reap = time.monotonic() + self.heartbeat_s
+        try:
+            jobs = self.store.interrupt_stale(self.lease_s)
+        except Exception:  # the store is closing, or busy: the next round tries again
+            log.exception("job runner: cannot check the running jobs' heartbeats")
+            return []
+        return self._settle_interrupted(jobs)
+
+    def _settle_interrupted(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for job in jobs:
             pid = job.get("pid")
             if pid and _is_our_trainer(pid, self.job_dir(job["id"]) / "config.json"):
@@ -128,7 +164,7 @@ class JobRunner:
                     time.sleep(0.1)
                 _kill_group(pid, signal.SIGKILL)
             self._catch_up(job)
-            log.warning("job %s was running when the server stopped; marked interrupted", job["id"])
+            log.warning("job %s interrupted: %s", job["id"], job["error"])
         return jobs
 
     def _catch_up(self, job: dict[str, Any]) -> None:
@@ -162,7 +198,10 @@ class JobRunner:
             self.store.update(job_id, events_offset=tail.consumed, **state.columns())
         return len(events)
 
-    def start(self) -> None:
+    def start(self, claim: bool = True) -> None:
+        """Start the runner's thread; with `claim` False (an API-only server) it runs no job and
+        only marks interrupted the jobs of workers whose heartbeat stopped."""
+        self._claims = claim
         self._thread = threading.Thread(target=self._loop, name="faceid-job-runner", daemon=True)
         self._thread.start()
 
@@ -206,10 +245,12 @@ class JobRunner:
         while not self._stopping.is_set():
             self._wake.clear()
             try:
-                job = self.store.next_queued()
+                job = self.store.next_queued() if self._claims else None
             except Exception:  # the store is closing
                 log.exception("job runner: cannot read the queue")
                 job = None
+            if time.monotonic() >= self._next_reap:
+                self.reap()
             if job is None:
                 self._wake.wait(1.0)
                 continue
@@ -238,8 +279,9 @@ class JobRunner:
             config["align"] = "none"
         _write_json_atomic(cfg_path, config)
         offset = events_path.stat().st_size if events_path.exists() else 0
-        if not self.store.claim(job_id, events_offset=offset):  # a dead server's unread events start there
-            return  # cancelled between next_queued and now
+        if not self.store.claim(job_id, events_offset=offset, worker=self.worker_id):
+            return  # cancelled or claimed by another worker between next_queued and now
+        log.info("job %s: claimed by worker %s", job_id, self.worker_id)
         attempt = (self.store.get(job_id) or job)["attempts"]
         cmd = [*self.trainer_cmd, "--config", str(cfg_path), "--events_file", str(events_path)]
         env = _child_env()
@@ -276,12 +318,29 @@ class JobRunner:
         self.store.update(job_id, pid=proc.pid)
         state = JobProgress.from_job(job)
         tail = EventTail(events_path, offset)
+        lost = False
+        next_beat = time.monotonic() + self.heartbeat_s
         try:
             while True:
                 rc = proc.poll()
-                self._take_events(job_id, state, tail)
+                if not lost:
+                    self._take_events(job_id, state, tail)
                 if rc is not None:
                     break
+                if not lost and time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.heartbeat_s
+                    if not self.store.heartbeat(job_id, self.worker_id):
+                        # marked interrupted after a missed lease (and perhaps resumed elsewhere):
+                        # the job is no longer this runner's to run or record
+                        log.error(
+                            "job %s: no longer running under worker %s; stopping its training", job_id, self.worker_id
+                        )
+                        lost = True
+                        self._terminate(proc)
+                    if time.monotonic() >= self._next_reap:
+                        self.reap()  # other workers' jobs
+                if not lost and self.store.cancel_requested(job_id):  # asked through any process's API
+                    self._terminate(proc)
                 with self._lock:
                     kill_at = self._current.kill_at if self._current else None
                 if kill_at is not None and time.monotonic() >= kill_at:
@@ -293,7 +352,17 @@ class JobRunner:
             _kill_group(proc.pid, signal.SIGKILL)
             with self._lock:
                 self._current = None
+        if lost:
+            return
         self._finish(job_id, job_dir, rc, state, log_path)
+
+    def _terminate(self, proc: subprocess.Popen) -> None:
+        """SIGTERM to the running trainer's group (it saves last.pt), SIGKILL after the grace period."""
+        with self._lock:
+            current = self._current
+            if current is not None and current.proc is proc and current.kill_at is None:
+                _kill_group(proc.pid, signal.SIGTERM)
+                current.kill_at = time.monotonic() + self.cancel_grace_s
 
     def _settle(self, job_id: str, state: JobProgress, done: bool) -> None:
         """The progress a finished job shows: all of it when it succeeded (a time limit that ended

@@ -104,6 +104,7 @@ class JobOut(BaseModel):
                     "attempts": 1,
                     "cancel_requested": False,
                     "device": "cpu",
+                    "worker": "server@gpu-host-1:4242",
                 }
             ]
         }
@@ -135,6 +136,10 @@ class JobOut(BaseModel):
     attempts: int = Field(0, description="how many times the job was started (resumes add one)")
     cancel_requested: bool = False
     device: Optional[str] = None
+    worker: Optional[str] = Field(
+        None,
+        description="the runner that runs (or last ran) it: hostname:pid of a `faceid worker`, server@... a server's",
+    )
 
     @classmethod
     def from_job(cls, job: dict[str, Any]) -> "JobOut":
@@ -165,6 +170,7 @@ class JobOut(BaseModel):
             attempts=job.get("attempts") or 0,
             cancel_requested=bool(job.get("cancel_requested")),
             device=job.get("device"),
+            worker=job.get("worker"),
         )
 
 

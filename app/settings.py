@@ -53,6 +53,11 @@ class Settings(BaseModel):
     port: Optional[int] = Field(None, ge=1, le=65535)  # the main server's, when known: infer_port must differ
     max_queued_jobs: int = Field(100, ge=1, le=100_000)
     cancel_grace_s: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False)
+    # Whether `faceid serve` runs jobs itself; 0: an API only, `faceid worker` processes run them.
+    run_jobs: bool = True
+    # A running job whose worker renewed no heartbeat for this long is marked interrupted (the
+    # worker renews it every third of it).
+    worker_lease_s: float = Field(30.0, ge=1, le=86_400, allow_inf_nan=False)
     poll_interval_s: float = 0.5
     # The training entry point as an argument list (a string is split as a shell would split it);
     # the runner appends `--config FILE --events_file FILE`. Tests point it at a fake trainer.

@@ -6,6 +6,12 @@ output.log and the checkpoints (app/runner.py runs it, app/progress.py reads its
 States: queued -> running -> succeeded | failed | cancelled, and interrupted for a job that was
 running when the server stopped; POST /jobs/{id}/resume puts such a job back in the queue with
 `resume` pointing at its last.pt.
+
+Several processes share the table (the server and `faceid worker`s, app/worker.py): a claim is one
+conditional UPDATE (queued -> running), so one job is claimed once; a running job names its
+`worker` and that worker renews `heartbeat_at`, and a job whose heartbeat is older than the lease
+is marked interrupted by whichever runner notices (interrupt_stale). Everything here is plain SQL
+with ? parameters, so that another database can take SQLite's place behind the same methods.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    heartbeat_at REAL,
     events_offset INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
@@ -75,8 +83,12 @@ _UPDATABLE = frozenset(
         "cancel_requested",
         "attempts",
         "events_offset",
+        "worker",
+        "heartbeat_at",
     }
 )
+# Columns added after the first release, with their types: added in place to an older database
+_ADDED_COLUMNS = (("events_offset", "INTEGER"), ("worker", "TEXT"), ("heartbeat_at", "REAL"))
 
 
 class QueueFullError(Exception):
@@ -121,8 +133,9 @@ class JobStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-            if "events_offset" not in columns:  # a database from before the column
-                self._db.execute("ALTER TABLE jobs ADD COLUMN events_offset INTEGER")
+            for name, kind in _ADDED_COLUMNS:  # a database from before the column
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -214,9 +227,10 @@ class JobStore:
             )
         return cur.rowcount == 1
 
-    def claim(self, job_id: str, events_offset: Optional[int] = None) -> bool:
-        """queued -> running, with where this run's events start in its events file; False when
-        the job left the queue meanwhile (cancelled)."""
+    def claim(self, job_id: str, events_offset: Optional[int] = None, worker: Optional[str] = None) -> bool:
+        """queued -> running, with where this run's events start in its events file and the worker
+        that runs it (its first heartbeat); False when the job left the queue meanwhile (cancelled,
+        or claimed by another worker: the UPDATE is conditional, so only one claim succeeds)."""
         with self._lock:
             job = self.get(job_id)
             if job is None:
@@ -233,6 +247,8 @@ class JobStore:
                 cancel_requested=0,
                 attempts=job["attempts"] + 1,
                 events_offset=events_offset,
+                worker=worker,
+                heartbeat_at=time.time(),
             )
 
     def cancel_queued(self, job_id: str) -> bool:
@@ -276,6 +292,53 @@ class JobStore:
                 )
         return jobs
 
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        """Renew the lease of `worker` on its running job; False when the job is no longer running
+        under that worker (marked interrupted after a missed lease, and perhaps resumed elsewhere)."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND status = 'running' AND worker = ?",
+                (time.time(), job_id, worker),
+            )
+        return cur.rowcount == 1
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel of the job was asked for (by any process's API)."""
+        with self._lock:
+            row = self._db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def interrupt_stale(self, lease_s: float, previous: Optional[str] = None) -> list[dict[str, Any]]:
+        """Mark interrupted the running jobs whose worker stopped renewing its heartbeat for
+        `lease_s` seconds, those with no worker (started before workers were recorded), and, with
+        `previous` (a worker-id prefix), those of the workers it names whatever their heartbeat (a
+        restarting server's previous incarnation); return them. Each is one conditional UPDATE, so
+        a heartbeat that lands meanwhile keeps its job running."""
+        now = time.time()
+        stale = "worker IS NULL OR heartbeat_at IS NULL OR heartbeat_at < ?"
+        params: list[Any] = [now - lease_s]
+        if previous is not None:
+            stale += " OR worker LIKE ? ESCAPE '!'"
+            params.append(previous.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%")
+        interrupted = []
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE status = 'running' AND ({stale})", params).fetchall()
+            for row in rows:
+                job = self._to_dict(row)
+                worker = job["worker"]
+                if worker is None or (previous is not None and worker.startswith(previous)):
+                    error = INTERRUPTED_MESSAGE.format(id=job["id"])
+                else:
+                    error = WORKER_LOST_MESSAGE.format(id=job["id"], worker=worker, lease=f"{lease_s:g}")
+                cur = self._db.execute(
+                    f"UPDATE jobs SET status = 'interrupted', finished_at = ?, error = ? "
+                    f"WHERE id = ? AND status = 'running' AND ({stale})",
+                    (now, error, job["id"], *params),
+                )
+                if cur.rowcount == 1:
+                    interrupted.append({**job, "status": "interrupted", "finished_at": now, "error": error})
+        return interrupted
+
     # -- key-value state ------------------------------------------------------------------------
 
     def get_state(self, key: str) -> Optional[Any]:
@@ -293,4 +356,8 @@ class JobStore:
 
 INTERRUPTED_MESSAGE = (
     "the server stopped while this job was running; POST /jobs/{id}/resume continues it from its last.pt"
+)
+WORKER_LOST_MESSAGE = (
+    "the worker {worker} running this job stopped renewing its heartbeat for {lease} s (it stopped, or "
+    "lost the database); POST /jobs/{id}/resume continues it from its last.pt"
 )

@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     from faceid.cli_gallery import add_parser as add_gallery_parser  # faceid gallery ...
 
     add_gallery_parser(sub)
+    from app.worker import add_parser as add_worker_parser  # faceid worker
+
+    add_worker_parser(sub)
     return p
 
 
