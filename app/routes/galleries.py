@@ -1,7 +1,7 @@
 """Galleries: enrol people, then ask who a new photo shows (1:N identification).
 
 Routes validate, call app.galleries.GalleryService, and map its errors to 4xx answers; the store
-and the search are faceid.gallery.
+and the search are faceid.gallery_store and faceid.gallery_index.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from faceid.gallery import (
     MAX_ENROLL_IMAGES,
     RULE,
     GalleryError,
-    NewFace,
     check_gallery_name,
     check_person_name,
     normalize_rows,
 )
+from faceid.gallery_store import NewFace
 
 router = APIRouter(tags=["galleries"])
 
