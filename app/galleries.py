@@ -26,18 +26,9 @@ import numpy as np
 from app.model_manager import ModelManager, ServedModel, open_upload
 from app.settings import Settings
 from faceid.errors import ImageError
-from faceid.gallery import (
-    Candidate,
-    Conflict,
-    FaceInput,
-    GalleryError,
-    GalleryIndex,
-    GalleryStore,
-    NewFace,
-    crop_input,
-    normalize_rows,
-    prepare_faces,
-)
+from faceid.gallery import Conflict, FaceInput, GalleryError, crop_input, normalize_rows, prepare_faces
+from faceid.gallery_index import Candidate, GalleryIndex
+from faceid.gallery_store import GalleryStore, NewFace
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from app.galleries import GalleryService
 from app.middleware import DOCS_PATHS, OPEN_PATHS, APIKeyMiddleware, BodyLimitMiddleware
 from app.model_manager import ModelManager, VerifierLoader
 from app.replicas import ReplicaSupervisor
-from app.routes import data, galleries, health, inference, jobs, models, ui
+from app.routes import data, galleries, health, identify, inference, jobs, models, ui
 from app.runner import JobRunner, default_worker_id
 from app.settings import Settings, load_settings, prepare_dirs
 from app.store import JobStore
@@ -161,7 +161,7 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
     # Added last, so it runs first: no body is read for a request without the key.
     app.add_middleware(APIKeyMiddleware, get_settings=lambda: app.state.settings)
     errors.install(app)
-    for module in (jobs, data, inference, models, galleries, health, ui):
+    for module in (jobs, data, inference, models, galleries, identify, health, ui):
         app.include_router(module.router)
     ui.mount(app)
 

@@ -2,7 +2,7 @@
 
 1. Search (default): identify latency p50/p99 and memory with 10k, 100k and 1M enrolled faces of
    synthetic 512-d unit embeddings (4 faces a person), measured in one run, one size after the
-   other (each index freed before the next). The latency is faceid.gallery's search alone, the
+   other (each index freed before the next). The latency is faceid.gallery_index's search alone, the
    embedding of the probe not counted: one matrix product over the gallery's float32 matrix, then
    the best face of each person and the top 5 people. Also the cost of enrolling 16 faces and
    deleting one into the full index (incremental: nothing is rebuilt).
@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from faceid.gallery import GalleryIndex, normalize_rows
+from faceid.gallery import normalize_rows
+from faceid.gallery_index import GalleryIndex
 
 
 def rss_mb(field: str = "VmRSS") -> float:

@@ -27,14 +27,13 @@ from faceid.gallery import (
     RULE,
     BadInput,
     GalleryError,
-    GalleryStore,
-    NewFace,
     check_gallery_name,
     check_person_name,
     checkpoint_model_id,
     normalize_rows,
     prepare_faces,
 )
+from faceid.gallery_store import GalleryStore, NewFace
 from faceid.images import is_image_file
 
 BATCH = 16

@@ -1,6 +1,6 @@
-"""faceid.gallery: the search (exact, one entry per person), incremental changes under concurrent
-searches, the SQLite store, and, on real LFW faces with a real aligned checkpoint, the
-`faceid gallery` command and faces found in a photo of two people."""
+"""faceid.gallery, gallery_index and gallery_store: the search (exact, one entry per person),
+incremental changes under concurrent searches, the SQLite store, and, on real LFW faces with a real
+aligned checkpoint, the `faceid gallery` command and faces found in a photo of two people."""
 
 from __future__ import annotations
 
@@ -14,17 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from faceid.gallery import (
-    Conflict,
-    GalleryIndex,
-    GalleryStore,
-    NewFace,
-    NotFound,
-    checkpoint_model_id,
-    crop_input,
-    normalize_rows,
-    prepare_faces,
-)
+from faceid.gallery import Conflict, NotFound, checkpoint_model_id, crop_input, normalize_rows, prepare_faces
+from faceid.gallery_index import GalleryIndex
+from faceid.gallery_store import GalleryStore, NewFace
 
 
 def unit(rng: np.random.Generator, n: int, d: int = 32) -> np.ndarray:
