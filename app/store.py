@@ -88,7 +88,12 @@ _UPDATABLE = frozenset(
     }
 )
 # Columns added after the first release, with their types: added in place to an older database
-_ADDED_COLUMNS = (("events_offset", "INTEGER"), ("worker", "TEXT"), ("heartbeat_at", "REAL"))
+# Columns added after the first release: each one's statement, run on a database without it.
+_ADDED_COLUMNS = {
+    "events_offset": "ALTER TABLE jobs ADD COLUMN events_offset INTEGER",
+    "worker": "ALTER TABLE jobs ADD COLUMN worker TEXT",
+    "heartbeat_at": "ALTER TABLE jobs ADD COLUMN heartbeat_at REAL",
+}
 
 
 class QueueFullError(Exception):
@@ -133,9 +138,9 @@ class JobStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in _ADDED_COLUMNS:  # a database from before the column
+            for name, alter in _ADDED_COLUMNS.items():  # a database from before the column
                 if name not in columns:
-                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                    self._db.execute(alter)
 
     def close(self) -> None:
         with self._lock:
@@ -315,14 +320,17 @@ class JobStore:
         restarting server's previous incarnation); return them. Each is one conditional UPDATE, so
         a heartbeat that lands meanwhile keeps its job running."""
         now = time.time()
-        stale = "worker IS NULL OR heartbeat_at IS NULL OR heartbeat_at < ?"
-        params: list[Any] = [now - lease_s]
+        pattern = None  # no previous incarnation: the LIKE below matches nothing
         if previous is not None:
-            stale += " OR worker LIKE ? ESCAPE '!'"
-            params.append(previous.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%")
+            pattern = previous.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+        params = (now - lease_s, pattern, pattern)
         interrupted = []
         with self._lock:
-            rows = self._db.execute(f"SELECT * FROM jobs WHERE status = 'running' AND ({stale})", params).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status = 'running' AND (worker IS NULL OR heartbeat_at IS NULL "
+                "OR heartbeat_at < ? OR (? IS NOT NULL AND worker LIKE ? ESCAPE '!'))",
+                params,
+            ).fetchall()
             for row in rows:
                 job = self._to_dict(row)
                 worker = job["worker"]
@@ -331,8 +339,9 @@ class JobStore:
                 else:
                     error = WORKER_LOST_MESSAGE.format(id=job["id"], worker=worker, lease=f"{lease_s:g}")
                 cur = self._db.execute(
-                    f"UPDATE jobs SET status = 'interrupted', finished_at = ?, error = ? "
-                    f"WHERE id = ? AND status = 'running' AND ({stale})",
+                    "UPDATE jobs SET status = 'interrupted', finished_at = ?, error = ? WHERE id = ? AND "
+                    "status = 'running' AND (worker IS NULL OR heartbeat_at IS NULL OR heartbeat_at < ? "
+                    "OR (? IS NOT NULL AND worker LIKE ? ESCAPE '!'))",
                     (now, error, job["id"], *params),
                 )
                 if cur.rowcount == 1:

@@ -22,7 +22,7 @@ from faceid.errors import ConfigError
 from faceid.gallery import Conflict, NotFound, check_gallery_name, check_person_name
 from faceid.gallery_index import GalleryIndex
 
-SCHEMA = """
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS galleries (
     name TEXT PRIMARY KEY, created_at REAL NOT NULL, model_id TEXT, dim INTEGER);
 CREATE TABLE IF NOT EXISTS people (
@@ -64,7 +64,7 @@ class GalleryStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
+            self._db.executescript(_SCHEMA)
         except sqlite3.Error as e:
             raise ConfigError(
                 f"the gallery database {self.path} cannot be opened ({e}); restore it from a "
@@ -86,7 +86,10 @@ class GalleryStore:
 
             def __exit__(self_inner, et, ev, tb):
                 try:
-                    store._db.execute("COMMIT" if et is None else "ROLLBACK")
+                    if et is None:
+                        store._db.execute("COMMIT")
+                    else:
+                        store._db.execute("ROLLBACK")
                 finally:
                     store._lock.release()
                 return False
@@ -186,14 +189,17 @@ class GalleryStore:
         return row[0]
 
     def person(self, gallery: str, person: str) -> dict[str, Any]:
-        pid = self._person_id(gallery, person)
-        created = self._one("SELECT created_at FROM people WHERE id=?", (pid,))[0]
-        rows = self._all(
-            "SELECT f.id, f.created_at, f.source, f.crop IS NOT NULL, f.face, "
-            "(SELECT group_concat(model_id, ' ') FROM embeddings WHERE face_id=f.id) "
-            "FROM faces f WHERE f.person_id=? ORDER BY f.id",
-            (pid,),
-        )
+        # one lock hold: a delete between finding the person and reading them answers NotFound
+        # before or after it, never half of each
+        with self._lock:
+            pid = self._person_id(gallery, person)
+            created = self._one("SELECT created_at FROM people WHERE id=?", (pid,))[0]
+            rows = self._all(
+                "SELECT f.id, f.created_at, f.source, f.crop IS NOT NULL, f.face, "
+                "(SELECT group_concat(model_id, ' ') FROM embeddings WHERE face_id=f.id) "
+                "FROM faces f WHERE f.person_id=? ORDER BY f.id",
+                (pid,),
+            )
         faces = [
             {
                 "id": i,

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,10 @@ def test_searches_during_changes_never_see_a_half_updated_gallery():
             index.add(ids, [owner[i] for i in ids], pool[ids])
             nxt = ids[-1] + 1
             index.remove([int(x) for x in w.integers(0, nxt, 15)])
+            # let a search run between changes, however busy the machine is
+            seen, deadline = len(searches), time.monotonic() + 2.0
+            while len(searches) == seen and time.monotonic() < deadline:
+                time.sleep(0.0005)
         stop.set()
 
     def reader(seed: int) -> None:
