@@ -8,9 +8,9 @@ from typing import Any, Optional
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.model_schemas import FaceOut
 from app.routes.inference import _DETECT, _IMAGE, _multipart
 from app.routes.jobs import error
-from app.schemas import FaceOut
 from faceid.gallery import MAX_ENROLL_IMAGES
 
 MAX_IMPORT = 1000  # faces in one POST /galleries/{gallery}/embeddings

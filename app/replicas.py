@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from app.paths import usable_cpus
-from app.runner import describe_exit
+from app.processes import describe_exit
 from app.settings import Settings
 from faceid.errors import ConfigError
 

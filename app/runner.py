@@ -1,4 +1,4 @@
-"""The job runner: executes queued jobs as child processes, and the process utilities it needs.
+"""The job runner: executes queued jobs as child processes (utilities in app/processes.py).
 
 The runner starts queued jobs one at a time as `<trainer_cmd> --config config.json --events_file
 events.jsonl` (an argument list in its own process group, docs/CONTRACTS.md section 1), reads the
@@ -13,7 +13,6 @@ of a runner whose heartbeat stopped (interrupt_stale).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -25,9 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from app.processes import (
+    child_env,
+    describe_exit,
+    is_our_trainer,
+    kill_group,
+    process_alive,
+    tail_lines,
+    write_json_atomic,
+)
 from app.progress import EventTail, JobProgress
 from app.store import INTERRUPTED_MESSAGE, JobStateError, JobStore
-from faceid.omp import training_child_env
 
 log = logging.getLogger(__name__)
 
@@ -37,50 +44,6 @@ SERVER_PREFIX = "server@"  # the worker id of a server's own runner starts so
 def default_worker_id(server: bool = False) -> str:
     """hostname:pid, and `server@` before it for the runner inside a server."""
     return f"{SERVER_PREFIX if server else ''}{socket.gethostname()}:{os.getpid()}"
-
-
-def tail_lines(path: Path, n: int, max_bytes: int = 4 << 20) -> list[str]:
-    """The last `n` lines of a text file, reading at most `max_bytes` from its end."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            start = max(0, size - max_bytes)
-            f.seek(start)
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    if start > 0 and lines:
-        lines = lines[1:]  # the first line was cut
-    return lines[-n:] if n > 0 else []
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def describe_exit(rc: int, what: str = "the training process") -> str:
-    """Why process `what` ended, from its return code (negative: the signal that killed it)."""
-    if rc < 0:
-        try:
-            name = signal.Signals(-rc).name
-        except ValueError:
-            name = f"signal {-rc}"
-        hint = " (the out-of-memory killer does this)" if -rc == signal.SIGKILL else ""
-        return f"{what} was killed by {name}{hint}"
-    if rc == 143:
-        return f"{what} was stopped by SIGTERM from outside the service"
-    return f"{what} exited with code {rc}"
 
 
 # -- runner ---------------------------------------------------------------------------------------
@@ -156,13 +119,13 @@ class JobRunner:
     def _settle_interrupted(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for job in jobs:
             pid = job.get("pid")
-            if pid and _is_our_trainer(pid, self.job_dir(job["id"]) / "config.json"):
+            if pid and is_our_trainer(pid, self.job_dir(job["id"]) / "config.json"):
                 log.warning("job %s: stopping its training process %d, left over from the last server", job["id"], pid)
-                _kill_group(pid, signal.SIGTERM)
+                kill_group(pid, signal.SIGTERM)
                 deadline = time.monotonic() + min(self.cancel_grace_s, 10.0)
                 while time.monotonic() < deadline and process_alive(pid):
                     time.sleep(0.1)
-                _kill_group(pid, signal.SIGKILL)
+                kill_group(pid, signal.SIGKILL)
             self._catch_up(job)
             log.warning("job %s interrupted: %s", job["id"], job["error"])
         return jobs
@@ -212,7 +175,7 @@ class JobRunner:
         with self._lock:
             current = self._current
             if current is not None:
-                _kill_group(current.proc.pid, signal.SIGTERM)
+                kill_group(current.proc.pid, signal.SIGTERM)
                 current.kill_at = time.monotonic() + self.cancel_grace_s
         self._wake.set()
         if self._thread is not None:
@@ -230,7 +193,7 @@ class JobRunner:
             with self._lock:
                 current = self._current
                 if current is not None and current.job_id == job_id:
-                    _kill_group(current.proc.pid, signal.SIGTERM)
+                    kill_group(current.proc.pid, signal.SIGTERM)
                     if current.kill_at is None:
                         current.kill_at = time.monotonic() + self.cancel_grace_s
             self._wake.set()
@@ -277,14 +240,14 @@ class JobRunner:
         if "crop" in config and "align" not in config:
             # stored whole before the option existed: the job resumes as it started, unaligned
             config["align"] = "none"
-        _write_json_atomic(cfg_path, config)
+        write_json_atomic(cfg_path, config)
         offset = events_path.stat().st_size if events_path.exists() else 0
         if not self.store.claim(job_id, events_offset=offset, worker=self.worker_id):
             return  # cancelled or claimed by another worker between next_queued and now
         log.info("job %s: claimed by worker %s", job_id, self.worker_id)
         attempt = (self.store.get(job_id) or job)["attempts"]
         cmd = [*self.trainer_cmd, "--config", str(cfg_path), "--events_file", str(events_path)]
-        env = _child_env()
+        env = child_env()
         with open(log_path, "ab") as out:
             out.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%dT%H:%M:%S%z')} ---\n".encode())
             out.flush()
@@ -313,7 +276,7 @@ class JobRunner:
             self._current = _Running(job_id, proc)
             # A cancel or stop() that came between claim() and here found no process to signal.
             if self._stopping.is_set() or (self.store.get(job_id) or {}).get("cancel_requested"):
-                _kill_group(proc.pid, signal.SIGTERM)
+                kill_group(proc.pid, signal.SIGTERM)
                 self._current.kill_at = time.monotonic() + self.cancel_grace_s
         self.store.update(job_id, pid=proc.pid)
         state = JobProgress.from_job(job)
@@ -345,11 +308,11 @@ class JobRunner:
                     kill_at = self._current.kill_at if self._current else None
                 if kill_at is not None and time.monotonic() >= kill_at:
                     log.warning("job %s: no exit %.0f s after SIGTERM; sending SIGKILL", job_id, self.cancel_grace_s)
-                    _kill_group(proc.pid, signal.SIGKILL)
+                    kill_group(proc.pid, signal.SIGKILL)
                 time.sleep(self.poll_interval_s)
         finally:
             # DataLoader workers of a killed trainer would linger in its group: end them too.
-            _kill_group(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid, signal.SIGKILL)
             with self._lock:
                 self._current = None
         if lost:
@@ -361,7 +324,7 @@ class JobRunner:
         with self._lock:
             current = self._current
             if current is not None and current.proc is proc and current.kill_at is None:
-                _kill_group(proc.pid, signal.SIGTERM)
+                kill_group(proc.pid, signal.SIGTERM)
                 current.kill_at = time.monotonic() + self.cancel_grace_s
 
     def _settle(self, job_id: str, state: JobProgress, done: bool) -> None:
@@ -451,39 +414,3 @@ class JobRunner:
             error_kind=state.error_kind or ("internal" if rc != 2 else "config"),
         )
         log.warning("job %s failed: %s", job_id, error)
-
-
-def _child_env() -> dict[str, str]:
-    """The server's environment minus its secrets and its own OpenMP wait default (training
-    spins briefly instead, faceid/omp.py), with the faceid package importable."""
-    env = training_child_env({k: v for k, v in os.environ.items() if k != "FACEID_API_KEY"})
-    import faceid
-
-    root = str(Path(faceid.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
-def process_alive(pid: int) -> bool:
-    """True while `pid` runs (a zombie, exited but not yet reaped by its parent, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _is_our_trainer(pid: int, config_path: Path) -> bool:
-    """True when process `pid` still runs with this job's config file (guards against pid reuse)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return str(config_path).encode() in cmdline

@@ -41,13 +41,13 @@ def test_a_users_policy_reaches_the_server_and_its_jobs():
 
 
 def test_the_job_launcher_uses_it(monkeypatch):
-    from app import runner
+    from app import processes
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv(SERVER_MARK, raising=False)
     serving_defaults()  # what create_app does
-    env = runner._child_env()
+    env = processes.child_env()
     assert "OMP_WAIT_POLICY" not in env and SERVER_MARK not in env
     assert env["GOMP_SPINCOUNT"] == TRAIN_SPINCOUNT
 

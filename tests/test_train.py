@@ -608,12 +608,12 @@ def test_missing_val_folder(tmp_path, capsys):
 
 def test_pretrained_without_weights_fails_before_decoding(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    import faceid.trainer
+    import faceid.trainer_setup
 
     def no_decoding(*a, **k):
         raise AssertionError("images were decoded before the missing weights were noticed")
 
-    monkeypatch.setattr(faceid.trainer, "load_images", no_decoding)
+    monkeypatch.setattr(faceid.trainer_setup, "load_images", no_decoding)
     line = _train_error(capsys, tmp_path, *DATA, "--pretrained")
     assert "--pretrained_weights" in line and "no download" in line
 

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from app.batcher import Timing
 from app.deps import get_models, get_settings
 from app.model_manager import NO_MODEL, ModelManager
+from app.model_schemas import EmbedBatchOut, EmbedOut, VerifyOut
 from app.paths import FieldError
 from app.routes.jobs import UNAUTHORIZED, error
-from app.schemas import EmbedBatchOut, EmbedOut, VerifyOut
 from app.settings import Settings
 from app.uploads import read_form
 from faceid.errors import ConfigError

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Respon
 
 from app.deps import get_runner, get_settings, get_store, job_or_404
 from app.paths import base_checkpoint, job_config
-from app.runner import JobRunner, tail_lines
+from app.processes import tail_lines
+from app.runner import JobRunner
 from app.schemas import ErrorOut, JobList, JobLogs, JobOut, JobStatus, RocOut
 from app.settings import Settings
 from app.store import RESUMABLE, JobStateError, JobStore, is_job_id, new_job_id

@@ -9,8 +9,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app.deps import get_models, get_store, job_or_404
 from app.model_manager import NO_MODEL, ModelManager, ServedModel
+from app.model_schemas import BatchingOut, ModelOut, ReplicasOut
 from app.routes.jobs import JOB_ID, NOT_FOUND, UNAUTHORIZED, error
-from app.schemas import BatchingOut, ModelOut, ReplicasOut, iso
+from app.schemas import iso
 from app.store import JobStore
 from faceid.metrics import operating_points
 

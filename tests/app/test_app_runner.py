@@ -15,8 +15,8 @@ import pytest
 from service_helpers import FAKE_TRAINER, MODE, running, wait_for, wait_job
 
 from app.paths import job_config
+from app.processes import process_alive, tail_lines
 from app.progress import EventTail, JobProgress
-from app.runner import process_alive, tail_lines
 from app.store import JobStore
 from faceid.config import TrainConfig
 from faceid.events import EpochEnd, thresholds_of

@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from app.runner import process_alive as alive  # noqa: F401  (the tests' name for it)
+from app.processes import process_alive as alive  # noqa: F401  (the tests' name for it)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
