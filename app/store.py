@@ -10,6 +10,7 @@ running when the server stopped; POST /jobs/{id}/resume puts such a job back in 
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import sqlite3
@@ -262,7 +263,7 @@ class JobStore:
                 cancel_requested=0,
             )
 
-    def interrupt_running(self) -> list[dict[str, Any]]:
+    def interrupt_running(self) -> builtins.list[dict[str, Any]]:  # `list` here is JobStore.list
         """Mark jobs left `running` by a server that died as interrupted; return them."""
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall()
