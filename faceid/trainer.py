@@ -200,7 +200,9 @@ class Trainer:
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self._time_share, self._first_step, self._clock = 0.0, 0, None
+        self._time_share, self._first_step = 0.0, 0
+        # (when the schedule's clock started, the time limit's deadline) under --fit_to_time_limit
+        self._clock: Optional[tuple[float, float]] = None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, self.steps_per_epoch, self._pace)
         )
