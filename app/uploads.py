@@ -20,8 +20,8 @@ try:  # python-multipart >= 0.0.13
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 except ImportError:  # pragma: no cover - older releases
-    from multipart.exceptions import FormParserError  # type: ignore[no-redef]
-    from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
+    from multipart.exceptions import FormParserError  # type: ignore[no-redef]  # the same API under its old name
+    from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]  # likewise
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
