@@ -9,7 +9,7 @@ nothing about the internals.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -111,13 +111,15 @@ def install(app: FastAPI, routes_hint: str = "the routes are listed at /docs") -
     async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         code = status_of(exc)
         body: dict[str, Any] = {"detail": str(exc)}
-        if isinstance(exc, FieldError) or isinstance(getattr(exc, "field", None), str):
-            body["field"] = exc.field
+        field = getattr(exc, "field", None)
+        if isinstance(exc, FieldError) or isinstance(field, str):
+            body["field"] = field
         headers = {"Retry-After": "60"} if code in (429, 503) else None
         return JSONResponse(body, status_code=code, headers=headers)
 
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
+    # Starlette's handler type takes any Exception; each handler is registered for its own class
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        errors = list(cast(RequestValidationError, exc).errors())
         clean = [
             {
                 "loc": [_part(p) for p in e.get("loc", ())],
@@ -131,7 +133,8 @@ def install(app: FastAPI, routes_hint: str = "the routes are listed at /docs") -
             body["field"] = _field(errors[0])
         return JSONResponse(body, status_code=422)
 
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, error: Exception) -> JSONResponse:
+        exc = cast(StarletteHTTPException, error)
         detail = str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route {request.method} {request.url.path[:100]}; {routes_hint}"
@@ -140,8 +143,9 @@ def install(app: FastAPI, routes_hint: str = "the routes are listed at /docs") -
         elif exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path[:100]}; {routes_hint}"
         body: dict[str, Any] = {"detail": detail}
-        if isinstance(getattr(exc, "field", None), str):
-            body["field"] = exc.field
+        field = getattr(exc, "field", None)
+        if isinstance(field, str):
+            body["field"] = field
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

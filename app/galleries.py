@@ -103,6 +103,7 @@ class GalleryService:
             model, dim = self.store.meta(name)
             bound = self._bound.get(name)
             if model is not None and (bound is None or bound.model != model):
+                assert dim is not None  # a gallery bound to a model knows its dimension
                 bound = Bound(model, self.store.load_index(name, model, dim))
                 self._bound[name] = bound
         return bound
@@ -146,7 +147,7 @@ class GalleryService:
                 label = f"{name} ({filename})" if filename else name
                 if name not in str(e) or filename:
                     e.args = (f"{label}: {e}",)
-                e.field = name  # type: ignore[attr-defined]
+                e.field = name
                 raise
 
         return await anyio.to_thread.run_sync(work)

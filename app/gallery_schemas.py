@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.model_schemas import FaceOut
 from app.routes.inference import _DETECT, _IMAGE, _multipart
-from app.routes.jobs import error
+from app.routes.jobs import Responses, error
 from faceid.gallery import MAX_ENROLL_IMAGES
 
 MAX_IMPORT = 1000  # faces in one POST /galleries/{gallery}/embeddings
@@ -18,12 +18,12 @@ GALLERY = Path(description="the gallery's name: letters, digits, _ . -", max_len
 PERSON = Path(description="the person's name, unique in the gallery", max_length=128)
 MAX_K = 100
 
-NOT_FOUND = {
+NOT_FOUND: Responses = {
     404: error(
         "no such gallery, person or face", "no gallery 'staff'; GET /galleries lists them, POST /galleries creates one"
     )
 }
-REEMBEDDING = {
+REEMBEDDING: Responses = {
     409: error(
         "the gallery is being re-embedded for the served model",
         "gallery 'staff' is being re-embedded for model 3f2b...: 120 of 400 faces; "

@@ -180,7 +180,7 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's way to customise the schema
     return app
 
 

@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional, cast
 
 import anyio
 from fastapi import FastAPI
@@ -122,8 +122,10 @@ def _replica_server_class() -> type:
                 return
             loop = asyncio.get_running_loop()
             config = self.config
+            # uvicorn types it as a bare asyncio.Protocol class; its HTTP protocols take these arguments
+            protocol_class = cast("Callable[..., asyncio.Protocol]", config.http_protocol_class)
             self._protocol = functools.partial(
-                config.http_protocol_class, config=config, server_state=self.server_state, app_state=self.lifespan.state
+                protocol_class, config=config, server_state=self.server_state, app_state=self.lifespan.state
             )
             self.channel.setblocking(False)
             loop.add_reader(self.channel.fileno(), self._receive, loop)

@@ -83,9 +83,10 @@ class _Replica:
 
     def is_ready(self) -> bool:
         """Up and done starting: a replica sends one byte down its channel when it can answer."""
-        if not self.ready and self.takes():
+        channel = self.channel
+        if not self.ready and channel is not None and self.takes():
             try:
-                self.ready = bool(self.channel.recv(64))
+                self.ready = bool(channel.recv(64))
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:  # gone: takes() will say so
@@ -198,10 +199,11 @@ class ReplicaSupervisor:
             ready = [r for r in self._replicas if r.is_ready()]
             for i in range(n):
                 r = self._replicas[(self._next + i) % n]
-                if not r.takes() or (ready and r not in ready):
+                channel = r.channel
+                if channel is None or not r.takes() or (ready and r not in ready):
                     continue
                 try:
-                    socket.send_fds(r.channel, [b"c"], [conn.fileno()])
+                    socket.send_fds(channel, [b"c"], [conn.fileno()])
                 except OSError:  # it is gone (or not reading): the next one
                     continue
                 self._next = r.index + 1

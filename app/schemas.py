@@ -158,7 +158,7 @@ class JobOut(BaseModel):
             started_at=iso(job["started_at"]),
             finished_at=iso(job["finished_at"]),
             config=job["config"],
-            progress=progress,
+            progress=Progress.model_validate(progress) if progress is not None else None,
             metrics=job.get("metrics") or [],
             best=job.get("best"),
             thresholds=job.get("thresholds"),

@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping, Optional
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from faceid.errors import ConfigError
 from faceid.images import decoder_max_pixels
@@ -141,11 +142,11 @@ class Settings(BaseModel):
 _ENV_FIELDS = tuple(name for name in Settings.model_fields if name != "poll_interval_s")
 
 
-def _number(x: float) -> str:
+def _number(x: object) -> str:  # a bound from the field's Ge/Le metadata, or its default
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
-def _message(err: dict[str, Any], env: Mapping[str, str]) -> str:
+def _message(err: ErrorDetails, env: Mapping[str, str]) -> str:
     """One pydantic error as a line that names the variable and the fix."""
     name = str(err["loc"][0]) if err["loc"] else ""
     var = ENV_PREFIX + name.upper()

@@ -16,6 +16,7 @@ with ? parameters, so that another database can take SQLite's place behind the s
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import sqlite3
@@ -283,7 +284,7 @@ class JobStore:
                 cancel_requested=0,
             )
 
-    def interrupt_running(self) -> list[dict[str, Any]]:
+    def interrupt_running(self) -> builtins.list[dict[str, Any]]:  # `list` here is JobStore.list
         """Mark jobs left `running` by a server that died as interrupted; return them."""
         with self._lock:
             rows = self._db.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall()
@@ -313,7 +314,7 @@ class JobStore:
             row = self._db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
 
-    def interrupt_stale(self, lease_s: float, previous: Optional[str] = None) -> list[dict[str, Any]]:
+    def interrupt_stale(self, lease_s: float, previous: Optional[str] = None) -> builtins.list[dict[str, Any]]:
         """Mark interrupted the running jobs whose worker stopped renewing its heartbeat for
         `lease_s` seconds, those with no worker (started before workers were recorded), and, with
         `previous` (a worker-id prefix), those of the workers it names whatever their heartbeat (a

@@ -10,7 +10,7 @@ names the field.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, AbstractSet, Any, Optional
 
 from fastapi import HTTPException as _HTTPException
 from fastapi import Request
@@ -20,8 +20,11 @@ try:  # python-multipart >= 0.0.13
     from python_multipart.exceptions import FormParserError
     from python_multipart.multipart import MultipartParser, parse_options_header
 except ImportError:  # pragma: no cover - older releases
-    from multipart.exceptions import FormParserError  # type: ignore[no-redef]
-    from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
+    from multipart.exceptions import FormParserError  # type: ignore[no-redef]  # the same API under its old name
+    from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]  # likewise
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 MAX_FIELD_BYTES = 256  # a text field such as `threshold`
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers
@@ -127,19 +130,16 @@ class _Collector:
     def on_end(self) -> None:
         self.ended = True
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
-            name: getattr(self, name)
-            for name in (
-                "on_part_begin",
-                "on_part_data",
-                "on_part_end",
-                "on_header_field",
-                "on_header_value",
-                "on_header_end",
-                "on_headers_finished",
-                "on_end",
-            )
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_end": self.on_end,
         }
 
 
@@ -155,7 +155,7 @@ async def read_form(
     request: Request,
     *,
     files: set[str],
-    fields: set[str] = frozenset(),
+    fields: AbstractSet[str] = frozenset(),
     required: set[str],
     max_file_bytes: int,
     repeated: Optional[dict[str, int]] = None,

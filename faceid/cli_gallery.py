@@ -129,6 +129,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                 bound = model
         enrolled += len(faces)
     g = store.gallery(args.gallery)
+    assert g is not None  # enrolled into just now
     print(
         json.dumps(
             {
@@ -152,7 +153,9 @@ def cmd_identify(args: argparse.Namespace) -> int:
     store = _open_store(args.models_dir)
     if _bound_model(store, args.gallery, model, create=False) is None:
         raise ConfigError(f"gallery {args.gallery!r} is empty; enroll a folder into it first")
-    index = store.load_index(args.gallery, model, store.meta(args.gallery)[1])
+    dim = store.meta(args.gallery)[1]
+    assert dim is not None  # bound to the model (checked above)
+    index = store.load_index(args.gallery, model, dim)
     threshold: Any = args.threshold
     try:
         threshold = float(threshold)

@@ -48,6 +48,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training configuration (TrainConfig; also the POST /jobs body)")
     for name, f in TrainConfig.model_fields.items():
         tp = _unwrap_optional(f.annotation)
+        assert f.description is not None  # every TrainConfig field has one
         # a description that explains its own default (pairs_folds: "default: all") keeps it alone
         help_ = f.description if "(default:" in f.description else f"{f.description} (default: {f.default})"
         kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_, "dest": name}

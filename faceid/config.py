@@ -265,6 +265,7 @@ class TrainConfig(BaseModel):
         """Numbers must be numbers: pydantic would read true as 1 and "3" as 3, so a typo in a
         JSON body or --config file would run silently. Non-finite floats are named as such
         before a bound check says "less than or equal to 10" of a NaN."""
+        assert info.field_name is not None  # a field validator always runs for a field
         tp = cls.model_fields[info.field_name].annotation
         if tp not in (int, float):
             return v

@@ -72,7 +72,9 @@ def scan_folder(
         )
     if not root.is_dir():
         raise DataError(f"{what} path is not a folder: {root}; give an ImageFolder root")
-    names, paths, labels = [], [], []
+    names: list[str] = []
+    paths: list[Path] = []
+    labels: list[int] = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
@@ -173,11 +175,13 @@ def resize_center_crop(img: Image.Image, size: int, crop: float = 1.0) -> np.nda
     if crop < 1.0:
         side = crop * min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
-        img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=None)
+        img = img.resize(
+            (size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=None
+        )
     else:
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
         left, top = (nw - size) // 2, (nh - size) // 2
         img = img.crop((left, top, left + size, top + size))
     arr = np.asarray(img, dtype=np.uint8)

@@ -1,6 +1,8 @@
 """Domain errors. Each message names the problem and the fix; the CLI prints it on one line and
 exits with code 2, the API maps it to a 4xx answer."""
 
+from typing import Optional
+
 
 class FaceIDError(Exception):
     """Base of every error FaceID reports to a user (never a bug)."""
@@ -16,6 +18,8 @@ class DataError(FaceIDError):
 
 class ImageError(FaceIDError):
     """An uploaded or listed file that is not a usable image."""
+
+    field: Optional[str] = None  # the form field of an upload, set by the server (the answer's "field")
 
 
 class ImageTooLargeError(ImageError):

@@ -69,7 +69,7 @@ def same_files(paths: list[Path], others: list[Path]) -> np.ndarray:
             return None
         return st.st_dev, st.st_ino
 
-    where = {}
+    where: dict[tuple[int, int], int] = {}  # (device, inode) -> index in `others`
     for i, p in enumerate(others):
         k = key(p)
         if k is not None:

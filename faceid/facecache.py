@@ -19,11 +19,11 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from faceid.faces import DetectorSpec, Face, build_detector, shrink_for_detection
+from faceid.faces import DetectorSpec, Face, FaceDetector, build_detector, shrink_for_detection
 from faceid.images import open_image
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,11 @@ def find_faces(
         cache.close()
 
 
-def _items(loader, detector):
+# (index into the files, their faces or the worker's result, an error message or "")
+_Item = tuple[int, Any, str]
+
+
+def _items(loader: Iterable[_Item], detector: Optional[FaceDetector]) -> Iterator[_Item]:
     """(index, faces, error) per file: as the workers detected them, or detected here on the GPU
     in batches of same-size images."""
     if detector is None:
@@ -192,7 +196,7 @@ def _items(loader, detector):
         return
     batch: list[tuple[int, Any, str]] = []
 
-    def flush():
+    def flush() -> Iterator[_Item]:
         ok = [(j, r) for j, r, e in batch if not e]
         faces = detector.detect([r[0] for _, r in ok]) if ok else []
         results = {j: [f.scaled(r[1]) for f in fs] for (j, r), fs in zip(ok, faces)}

@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -77,13 +77,18 @@ class Face:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Face":
         return cls(
-            tuple(float(v) for v in d["box"]), tuple((float(x), float(y)) for x, y in d["landmarks"]), float(d["score"])
+            _box(float(v) for v in d["box"]), tuple((float(x), float(y)) for x, y in d["landmarks"]), float(d["score"])
         )
 
     def scaled(self, factor: float) -> "Face":
         return Face(
-            tuple(v * factor for v in self.box), tuple((x * factor, y * factor) for x, y in self.landmarks), self.score
+            _box(v * factor for v in self.box), tuple((x * factor, y * factor) for x, y in self.landmarks), self.score
         )
+
+
+def _box(values: Iterable[float]) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = values
+    return x1, y1, x2, y2
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class DetectorSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "DetectorSpec":
-        fields = {k: d[k] for k in ("name", "max_side", "min_face", "min_score", "factor") if k in d}
+        fields: dict[str, Any] = {k: d[k] for k in ("name", "max_side", "min_face", "min_score", "factor") if k in d}
         if "thresholds" in d:
             fields["thresholds"] = tuple(float(v) for v in d["thresholds"])
         return cls(**fields)
@@ -126,7 +131,7 @@ def shrink_for_detection(img: Image.Image, max_side: int) -> tuple[Image.Image, 
     if max(w, h) <= max_side:
         return img, 1.0
     s = max_side / max(w, h)
-    small = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR, reducing_gap=2.0)
+    small = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return small, w / small.size[0]
 
 
@@ -188,7 +193,7 @@ class MTCNNDetector:
                         continue
                     faces.append(
                         Face(
-                            tuple(float(v) for v in b[:4]), tuple((float(x), float(y)) for x, y in p), float(b[4])
+                            _box(float(v) for v in b[:4]), tuple((float(x), float(y)) for x, y in p), float(b[4])
                         ).scaled(factor)
                     )
                 out[i] = sorted(faces, key=lambda f: -f.area)
@@ -248,7 +253,7 @@ def align_face(img: Image.Image, landmarks: Any, size: int, crop: float = 1.0) -
         m = _similarity((src + 0.5) / factor - 0.5, dst)
     inverse = np.linalg.inv(m)
     warped = img.convert("RGB").transform(
-        (size, size), Image.AFFINE, data=tuple(inverse[:2].ravel()), resample=Image.BILINEAR
+        (size, size), Image.Transform.AFFINE, data=tuple(inverse[:2].ravel()), resample=Image.Resampling.BILINEAR
     )
     return np.ascontiguousarray(np.asarray(warped, dtype=np.uint8).transpose(2, 0, 1))
 

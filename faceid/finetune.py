@@ -69,9 +69,11 @@ def load_base(model: Any, cfg: TrainConfig) -> dict[str, Any]:
     is not a FaceID model, ConfigError for one that does not fit the run."""
     from faceid.checkpoint import load_checkpoint
 
-    ck = load_checkpoint(cfg.init_from, what="init_from model")
+    init_from = cfg.init_from
+    assert init_from is not None  # callers load a base only for a run with init_from
+    ck = load_checkpoint(init_from, what="init_from model")
     base_config = _checkpoint_config(ck)
-    check_fits(cfg, base_config, cfg.init_from)
+    check_fits(cfg, base_config, init_from)
     try:
         missing, unexpected = model.load_state_dict(ck["model"], strict=False)
     except RuntimeError as e:  # shapes that do not match raise even when not strict

@@ -171,7 +171,7 @@ def prepare_faces(verifier: Any, img: Any, detect: bool = True, all_faces: bool 
         kind = "aligned" if getattr(verifier, "detector", None) is not None else "image"
         if kind == "aligned":  # detect=false on an aligned model: the upload is a face crop already
             side = max(CROP_SIZE, int(verifier.img_size))
-            thumb = img.convert("RGB").resize((side, side), Image.BILINEAR)
+            thumb = img.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
         return [FaceInput(prepared, _png(thumb), kind, None)]
     return [FaceInput(img, _png(thumb), "image", None)]
 

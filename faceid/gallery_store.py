@@ -100,6 +100,13 @@ class GalleryStore:
         with self._lock:
             return self._db.execute(sql, args).fetchone()
 
+    def _agg(self, sql: str, args: tuple = ()) -> tuple:
+        """A query that answers one row whatever the data (an aggregate, or a row this lock hold
+        has just found)."""
+        row = self._one(sql, args)
+        assert row is not None, sql
+        return row
+
     def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
@@ -123,14 +130,14 @@ class GalleryStore:
         row = self._one("SELECT name, created_at, model_id, dim FROM galleries WHERE name=?", (name,))
         if row is None:
             return None
-        people, faces, cropless = self._one(
+        people, faces, cropless = self._agg(
             "SELECT COUNT(DISTINCT p.id), COUNT(f.id), COALESCE(SUM(f.crop IS NULL), 0) "
             "FROM people p LEFT JOIN faces f ON f.person_id = p.id WHERE p.gallery=?",
             (name,),
         )
         searchable = 0
         if row[2] is not None:
-            searchable = self._one(
+            searchable = self._agg(
                 "SELECT COUNT(*) FROM embeddings e JOIN faces f ON f.id=e.face_id JOIN people p ON "
                 "p.id=f.person_id WHERE p.gallery=? AND e.model_id=?",
                 (name, row[2]),
@@ -193,7 +200,7 @@ class GalleryStore:
         # before or after it, never half of each
         with self._lock:
             pid = self._person_id(gallery, person)
-            created = self._one("SELECT created_at FROM people WHERE id=?", (pid,))[0]
+            created = self._agg("SELECT created_at FROM people WHERE id=?", (pid,))[0]
             rows = self._all(
                 "SELECT f.id, f.created_at, f.source, f.crop IS NOT NULL, f.face, "
                 "(SELECT group_concat(model_id, ' ') FROM embeddings WHERE face_id=f.id) "
@@ -271,7 +278,7 @@ class GalleryStore:
     def count_embedded(self, gallery: str, model_id: str) -> tuple[int, int]:
         """(faces with an embedding by `model_id`, faces that could get one: those with a crop, or
         already embedded by it)."""
-        row = self._one(
+        row = self._agg(
             "SELECT COALESCE(SUM(e.face_id IS NOT NULL), 0), "
             "COALESCE(SUM(e.face_id IS NOT NULL OR f.crop IS NOT NULL), 0) "
             "FROM faces f JOIN people p ON p.id=f.person_id "

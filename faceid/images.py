@@ -21,7 +21,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -136,7 +136,7 @@ def to_rgb(image: Image.Image, *, label: str = "image") -> Image.Image:
         raise ImageError(f"unsupported colour mode {mode} in {label}: {exc}; save the image as 8-bit RGB") from exc
 
 
-def _open_source(source: ImageSource, name: str | None) -> tuple[str, io.IOBase]:
+def _open_source(source: ImageSource, name: str | None) -> tuple[str, BinaryIO]:
     """Return (label for messages, binary stream). Raises ImageError for missing/empty input."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "the upload"
@@ -173,7 +173,7 @@ def _too_large(label: str, exc: Exception, max_pixels: int) -> ImageTooLargeErro
 
 
 def _decode(
-    stream: io.IOBase, label: str, *, max_pixels: int, min_side: int, reduce_to: int | None = None
+    stream: BinaryIO, label: str, *, max_pixels: int, min_side: int, reduce_to: int | None = None
 ) -> Image.Image:
     """Identify, size-check, then decode the image in `stream` (still in its own mode): fully, or
     for a JPEG with `reduce_to`, at the smallest DCT scale that keeps that many pixels a side."""
@@ -223,7 +223,7 @@ def _decode(
     return image
 
 
-def _not_accepted(stream: io.IOBase, label: str) -> ImageError:
+def _not_accepted(stream: BinaryIO, label: str) -> ImageError:
     """The error for input our decoders refused: name its format if Pillow knows it (GIF, TIFF,
     ...), otherwise say it is not an image at all (HTML, SVG, random bytes, ...)."""
     fmt = None

@@ -7,7 +7,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ContextManager, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -237,6 +237,7 @@ class Verifier:
     def embed_tensors(self, batch: torch.Tensor) -> np.ndarray:
         """uint8 [B, 3, S, S] -> float32 [B, D] unit-norm embeddings. On a CPU, batches of up to
         ONE_THREAD_MAX_IMAGES images run on one compute thread (see there)."""
+        lock: ContextManager[Any]
         if self.concurrent:
             lock, threads = contextlib.nullcontext(), None
         else:

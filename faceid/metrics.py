@@ -16,7 +16,7 @@ checkpoint ranking, the job API and the checkpoint `metrics` field carry (see do
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Union
+from typing import Iterable, TypedDict, Union
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -25,6 +25,7 @@ DEFAULT_FARS: tuple[float, ...] = (1e-2, 1e-3)
 
 __all__ = [
     "DEFAULT_FARS",
+    "RocPoints",
     "VerificationReport",
     "best_threshold",
     "far_key",
@@ -331,7 +332,17 @@ def operating_points(metrics: dict) -> dict[str, dict]:
     return out
 
 
-def roc_points(scores: np.ndarray, labels: np.ndarray, max_points: int = 200) -> dict[str, list]:
+class RocPoints(TypedDict):
+    """roc_points: the cuts, strictest first, and the pair counts behind them."""
+
+    far: list[float]
+    tar: list[float]
+    threshold: list[float]
+    n_pos: int
+    n_neg: int
+
+
+def roc_points(scores: np.ndarray, labels: np.ndarray, max_points: int = 200) -> RocPoints:
     """The ROC curve of `scores`/`labels`, thinned for plotting: at most about `max_points` cuts,
     spread evenly over log10(FAR) from one false accept to all of them and over TAR, so the curve
     stays exact where verification runs (FAR 1e-3 and below) and is drawn smoothly elsewhere. The

@@ -7,6 +7,7 @@ An objective draws an epoch of batches (`epoch_batches`), says which images each
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from faceid.config import TrainConfig
 from faceid.data import classification_batches, sample_pairs
-from faceid.model import ArcMarginProduct
+from faceid.model import ArcMarginProduct, EmbeddingNet
 
 
 @dataclass
@@ -95,8 +96,11 @@ class PairObjective(nn.Module):
         return F.binary_cross_entropy_with_logits(self.scale * cos, target)
 
 
-def build_objective(cfg: TrainConfig, labels: np.ndarray, num_classes: int) -> nn.Module:
-    builders = {
+Objective = Union[ArcFaceObjective, PairObjective]
+
+
+def build_objective(cfg: TrainConfig, labels: np.ndarray, num_classes: int) -> Objective:
+    builders: dict[str, Callable[[], Objective]] = {
         "arcface": lambda: ArcFaceObjective(cfg, labels, num_classes),
         "pair": lambda: PairObjective(cfg, labels),
     }
@@ -106,7 +110,7 @@ def build_objective(cfg: TrainConfig, labels: np.ndarray, num_classes: int) -> n
 class Trainee(nn.Module):
     """Network + objective as one module, so DistributedDataParallel wraps everything that trains."""
 
-    def __init__(self, model: nn.Module, objective: nn.Module) -> None:
+    def __init__(self, model: EmbeddingNet, objective: Objective) -> None:
         super().__init__()
         self.model = model
         self.objective = objective

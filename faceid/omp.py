@@ -11,11 +11,13 @@ request handling and with training jobs. Whatever a user sets wins.
 from __future__ import annotations
 
 import os
-from typing import MutableMapping, Optional
+from typing import MutableMapping, Optional, TypeVar
 
 TRAIN_SPINCOUNT = "10000"
 # Set beside OMP_WAIT_POLICY when the server chose PASSIVE itself, so its training jobs do not inherit it.
 SERVER_MARK = "FACEID_SERVER_SET_OMP_WAIT_POLICY"
+
+Env = TypeVar("Env", bound=MutableMapping[str, str])
 
 
 def _env(environ: Optional[MutableMapping[str, str]]) -> MutableMapping[str, str]:
@@ -37,7 +39,7 @@ def serving_defaults(environ: Optional[MutableMapping[str, str]] = None) -> None
         env[SERVER_MARK] = "1"
 
 
-def training_child_env(environ: MutableMapping[str, str]) -> MutableMapping[str, str]:
+def training_child_env(environ: Env) -> Env:
     """A training job's environment made from the server's (in place): the server's own PASSIVE
     default removed, the training default applied; a user's explicit setting is kept."""
     if environ.pop(SERVER_MARK, None) and environ.get("OMP_WAIT_POLICY") == "PASSIVE":

@@ -7,9 +7,9 @@ import math
 from typing import Callable
 
 import torch
-from torch import nn
 
 from faceid.config import TrainConfig
+from faceid.model import EmbeddingNet
 from faceid.objectives import Trainee
 
 
@@ -21,12 +21,12 @@ def lr_lambda(cfg: TrainConfig, steps_per_epoch: int, pace: Callable[[int], floa
     total = max(1, cfg.epochs * steps_per_epoch)
 
     def f(step: int) -> float:
-        step = pace(step)
-        if warmup and step < warmup:
-            return min(1.0, (step + 1) / warmup)
+        at = pace(step)
+        if warmup and at < warmup:
+            return min(1.0, (at + 1) / warmup)
         if cfg.scheduler == "constant":
             return 1.0
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        t = min(1.0, (at - warmup) / max(1, total - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * t))
 
     return f
@@ -46,12 +46,12 @@ def build_optimizer(cfg: TrainConfig, trainee: Trainee) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def set_trunk_frozen(model: nn.Module, frozen: bool) -> None:
+def set_trunk_frozen(model: EmbeddingNet, frozen: bool) -> None:
     for p in model.trunk.parameters():
         p.requires_grad_(not frozen)
 
 
-def train_mode(model: nn.Module, frozen: bool) -> None:
+def train_mode(model: EmbeddingNet, frozen: bool) -> None:
     """Training mode, except a frozen trunk stays in eval mode so its BatchNorm statistics stay."""
     model.train()
     if frozen:

@@ -217,14 +217,15 @@ def load_pairs(
         name_a, idx_a, name_b, idx_b = _parse_pair(line, matched, fold, n, where)
         if keep is not None and fold not in keep:
             continue
-        found = []
-        for name, idx in ((name_a, idx_a), (name_b, idx_b)):
-            p = finder.find(name, idx)
+        path_a = finder.find(name_a, idx_a)
+        path_b = finder.find(name_b, idx_b)
+        for name, idx, p in ((name_a, idx_a, path_a), (name_b, idx_b, path_b)):
             if p is None:
                 missing.setdefault(str(root / name / f"{name}_{idx:04d}"), lineno)
-            found.append(p)
-        paths_a.append(found[0])
-        paths_b.append(found[1])
+        if path_a is None or path_b is None:
+            continue  # refused below, with every other missing image
+        paths_a.append(path_a)
+        paths_b.append(path_b)
         labels.append(1 if matched else 0)
         fold_of.append(fold)
 

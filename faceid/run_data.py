@@ -48,6 +48,7 @@ def load_protocol_images(
     """--pairs_file's pairs (faceid.pairs.load_protocol) and its images, decoded with `options`
     (images without a face are used unaligned). DataError for a protocol too small for k-fold
     accuracy or with images that cannot be read."""
+    assert cfg.pairs_file is not None  # called for a run with --pairs_file
     proto = load_protocol(cfg.pairs_file, cfg.val, folds=cfg.pairs_folds)
     pf = proto.source
     n_same = int(proto.labels.sum())

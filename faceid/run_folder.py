@@ -8,11 +8,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from faceid.config import TrainConfig
 from faceid.data import IdentityFolder
 from faceid.errors import ConfigError
+
+if TYPE_CHECKING:
+    from faceid.metrics import RocPoints
 
 log = logging.getLogger("faceid.train")  # the training log lines keep the name they always had
 
@@ -74,7 +77,7 @@ def append_metrics(ckpt_dir: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def write_roc(ckpt_dir: Path, epoch: int, roc: dict[str, Any], metrics: dict[str, Any]) -> None:
+def write_roc(ckpt_dir: Path, epoch: int, roc: RocPoints, metrics: dict[str, Any]) -> None:
     """roc.json: the best epoch's ROC curve (faceid.metrics.roc_points) with its operating points,
     written atomically; the web page plots it (GET /jobs/{id}/roc)."""
     from faceid.checkpoint import save_json

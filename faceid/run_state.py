@@ -55,7 +55,7 @@ class RunResult:
         best = ckpt_dir / "backbone_best.pt"
         # The last record that was best is the one backbone_best.pt holds (an epoch stopped and
         # then resumed has two records: as stopped and as completed)
-        best_rec = next((h for h in reversed(state.history) if h.get("is_best")), {})
+        best_rec: dict[str, Any] = next((h for h in reversed(state.history) if h.get("is_best")), {})
         return cls(
             best_epoch=state.best_epoch,
             best_metric=best_metric,
@@ -162,6 +162,7 @@ def restore_weights(
     """Load last.pt's model, head, optimizer, scheduler and scaler states."""
     model.load_state_dict(ck["model"])
     if ck.get("head") is not None:
+        assert head is not None  # a last.pt with a head is resumed by a run that has one
         head.load_state_dict(ck["head"])
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])

@@ -74,10 +74,10 @@ def make_scene(
     for face in faces:
         side = rng.uniform(lo, hi) * min(w, h)
         angle = float(rng.uniform(-max_angle, max_angle))
-        crop = face.convert("RGB").resize((max(8, round(side)), max(8, round(side))), Image.BILINEAR)
+        crop = face.convert("RGB").resize((max(8, round(side)), max(8, round(side))), Image.Resampling.BILINEAR)
         mask = Image.new("L", crop.size, 255)
-        rotated = crop.rotate(angle, resample=Image.BILINEAR, expand=True)
-        rmask = mask.rotate(angle, resample=Image.BILINEAR, expand=True)
+        rotated = crop.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
+        rmask = mask.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
         rw, rh = rotated.size
         for _ in range(200):
             x, y = rng.uniform(0, w - rw), rng.uniform(0, h - rh)

@@ -5,13 +5,15 @@ optimizer, the transforms, a resume, and the run's first files."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from faceid import events
 from faceid.checkpoint import load_checkpoint
+from faceid.config import TrainConfig
 from faceid.data import BatchTransform, IdentityFolder
 from faceid.evaluate import (
     EvalPairs,
@@ -29,7 +31,7 @@ from faceid.run_state import (
     restore_weights,
     resumed_state,
 )
-from faceid.runtime import set_threads
+from faceid.runtime import DistEnv, set_threads
 
 log = logging.getLogger("faceid.train")  # the training log lines keep the name they always had
 
@@ -38,6 +40,19 @@ EventSink = Callable[[dict[str, Any]], None]
 
 class TrainerSetup:
     """The setup steps of `faceid.trainer.Trainer`, which holds the attributes they fill."""
+
+    # set by Trainer.__init__
+    cfg: TrainConfig
+    dist: DistEnv
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    ckpt_dir: Path
+
+    def emit(self, event: events.Event) -> None:
+        raise NotImplementedError  # Trainer's
+
+    def _pace(self, step: int) -> float:
+        raise NotImplementedError  # Trainer's
 
     # -- setup -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -164,7 +179,9 @@ class TrainerSetup:
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self._time_share, self._first_step, self._clock = 0.0, 0, None
+        self._time_share, self._first_step = 0.0, 0
+        # (when the schedule's clock started, the time limit's deadline) under --fit_to_time_limit
+        self._clock: Optional[tuple[float, float]] = None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, self.steps_per_epoch, self._pace)
         )

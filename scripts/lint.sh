@@ -7,3 +7,4 @@ VENV="${VENV:-.venv}"
 bash scripts/setup.sh
 "$VENV/bin/python" -m ruff check .
 "$VENV/bin/python" -m ruff format --check .
+"$VENV/bin/python" -m mypy faceid app

@@ -35,6 +35,7 @@ from app.gallery_schemas import (
     PersonSummary,
 )
 from app.model_manager import ModelManager
+from app.model_schemas import FaceOut
 from app.paths import FieldError
 from app.routes.inference import IMAGE_ERRORS, parse_detect
 from app.routes.jobs import UNAUTHORIZED, error
@@ -267,7 +268,10 @@ async def enroll(
         created=created,
         faces=total,
         model=served.id,
-        enrolled=[EnrolledFace(id=i, source=n.source, face=n.face) for i, n in zip(ids, new)],
+        enrolled=[
+            EnrolledFace(id=i, source=n.source, face=FaceOut.model_validate(n.face) if n.face else None)
+            for i, n in zip(ids, new)
+        ],
     )
 
 

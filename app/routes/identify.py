@@ -23,6 +23,7 @@ from app.gallery_schemas import (
     IdentifyOut,
 )
 from app.model_manager import ModelManager
+from app.model_schemas import FaceOut
 from app.paths import FieldError
 from app.routes.galleries import call, get_galleries
 from app.routes.inference import IMAGE_ERRORS, parse_detect, parse_threshold, resolve_threshold
@@ -130,7 +131,7 @@ async def identify(
         best = cands[0] if cands else None
         results.append(
             FaceResult(
-                face=f.face,
+                face=FaceOut.model_validate(f.face) if f.face else None,
                 person=best.person if best is not None and best.score >= th_value else None,
                 score=best.score if best is not None else None,
                 candidates=[Candidate(person=c.person, score=c.score, face_id=c.face_id) for c in cands],

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from app.batcher import Timing
 from app.deps import get_models, get_settings
 from app.model_manager import NO_MODEL, ModelManager
-from app.model_schemas import EmbedBatchOut, EmbedOut, VerifyOut
+from app.model_schemas import EmbedBatchOut, EmbedOut, FaceOut, VerifyOut
 from app.paths import FieldError
-from app.routes.jobs import UNAUTHORIZED, error
+from app.routes.jobs import UNAUTHORIZED, Responses, error
 from app.settings import Settings
 from app.uploads import read_form
 from faceid.errors import ConfigError
@@ -37,7 +37,7 @@ def _multipart(properties: dict[str, Any], required: list[str]) -> dict[str, Any
     }
 
 
-IMAGE_ERRORS = {
+IMAGE_ERRORS: Responses = {
     **UNAUTHORIZED,
     400: error(
         "a malformed multipart body", "the multipart body ended before its closing boundary; the upload was cut off"
@@ -107,10 +107,11 @@ def parse_detect(parts: dict[str, Any]) -> bool:
     )
 
 
-def face_of(image: Any) -> Optional[dict[str, Any]]:
+def face_of(image: Any) -> Optional[FaceOut]:
     """The detected face a prepared upload was made from (None without detection)."""
     face_json = getattr(image, "face_json", None)
-    return face_json() if face_json is not None else None
+    found = face_json() if face_json is not None else None
+    return FaceOut.model_validate(found) if found is not None else None
 
 
 def resolve_threshold(served: Any, threshold: Union[None, str, float]) -> None:

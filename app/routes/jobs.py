@@ -6,7 +6,7 @@ here never blocks the event loop.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Response
 
@@ -24,6 +24,10 @@ router = APIRouter(tags=["jobs"])
 JOB_ID = Path(description="the job id returned by POST /jobs", examples=["3f2b9c0e5d8a4e1f9a7b6c5d4e3f2a1b"])
 
 
+# FastAPI's `responses=`: status code (or "default") -> the OpenAPI description of that response
+Responses = dict[Union[int, str], dict[str, Any]]
+
+
 def error(description: str, example: str) -> dict[str, Any]:
     return {
         "model": ErrorOut,
@@ -32,8 +36,8 @@ def error(description: str, example: str) -> dict[str, Any]:
     }
 
 
-NOT_FOUND = {404: error("no such job", "no job 'abc'; GET /jobs lists the jobs")}
-UNAUTHORIZED = {
+NOT_FOUND: Responses = {404: error("no such job", "no job 'abc'; GET /jobs lists the jobs")}
+UNAUTHORIZED: Responses = {
     401: error(
         "FACEID_API_KEY is set and X-API-Key is missing or wrong", "missing API key: send it in the X-API-Key header"
     )

@@ -10,14 +10,14 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import get_models, get_store, job_or_404
 from app.model_manager import NO_MODEL, ModelManager, ServedModel
 from app.model_schemas import BatchingOut, ModelOut, ReplicasOut
-from app.routes.jobs import JOB_ID, NOT_FOUND, UNAUTHORIZED, error
+from app.routes.jobs import JOB_ID, NOT_FOUND, UNAUTHORIZED, Responses, error
 from app.schemas import iso
 from app.store import JobStore
 from faceid.metrics import operating_points
 
 router = APIRouter(tags=["models"])
 
-NO_MODEL_ERRORS = {503: error("no model yet", NO_MODEL)}
+NO_MODEL_ERRORS: Responses = {503: error("no model yet", NO_MODEL)}
 
 
 def model_out(served: ServedModel, request: Request, models: ModelManager) -> ModelOut:

@@ -79,7 +79,7 @@ def _alter_statements_are_literals(path: Path) -> bool:
 def test_sql_text_never_holds_values():
     """Every execute() takes SQL text that is a literal, or an f-string of column names and `?`
     marks built from a fixed list (app/store.py's _UPDATABLE); values go in as parameters. The
-    gallery store's query helpers (_one, _all) pass their `sql` through, so their own callers are
+    gallery store's query helpers (_one, _agg, _all) pass their `sql` through, so their own callers are
     held to the same rule; the job store's migrations run statements from a literal table."""
     allowed_names = {"assignments", "marks"}
     executes = []
@@ -87,7 +87,7 @@ def test_sql_text_never_holds_values():
         for call in _calls(path):
             attr = call.func.attr if isinstance(call.func, ast.Attribute) else None
             if attr in ("execute", "executemany", "executescript") or (
-                path.name == "gallery_store.py" and attr in ("_one", "_all")
+                path.name == "gallery_store.py" and attr in ("_one", "_agg", "_all")
             ):
                 sql = call.args[0] if call.args else None
                 if isinstance(sql, ast.Constant) and isinstance(sql.value, str):
