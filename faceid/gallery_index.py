@@ -4,16 +4,27 @@ float32 [N, D], unit-norm rows. Identification is one matrix product of the prob
 it, then the best face of each person. Enrolment appends rows in place, beyond the rows readers
 can see; deletion clears rows from a copy of a small validity mask; a reader works on an immutable
 `Snapshot` and never sees a half-updated gallery.
+
+Above COARSE_MIN_ROWS faces the rows are also grouped by their nearest of about sqrt(N)
+centroids (k-means over a sample, built once and kept up to date on enrolment). A search then
+scores the centroids, gathers the rows of the PROBE_SHARE of lists nearest the probe and scores
+those exactly: a person whose faces all lie in other lists is missed, which on clustered
+embeddings is rare (bench/README.md, gallery_search, gives the recall against the exact scan).
+Below it every row is scored.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 _BLAS_SET = False
+
+COARSE_MIN_ROWS = 250_000  # below, the exact scan is fast enough (bench/README.md, gallery_search)
+PROBE_SHARE = 0.06  # of the lists (at least 8) searched for each probe
 
 
 def _one_blas_thread() -> None:
@@ -43,6 +54,16 @@ class Snapshot:
     names: list  # person index -> name (append-only)
     valid: Optional[np.ndarray]  # bool [n], None when every row is live
     live: int  # live rows
+    coarse: Optional["_Coarse"] = None  # the rows grouped by nearest centroid (large galleries)
+
+
+@dataclass(frozen=True)
+class _Coarse:
+    """Centroids (float32 [L, D], unit rows) and, for each, the rows nearest it (int64, ascending;
+    rows at or past a snapshot's n are not in it yet when it was taken)."""
+
+    centroids: np.ndarray
+    lists: tuple[np.ndarray, ...]
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,9 @@ class GalleryIndex:
         self._row_of: dict[int, int] = {}
         self._n = 0
         self._valid: Optional[np.ndarray] = None
+        self._coarse: Optional[_Coarse] = None
+        self._assign = np.empty(cap, np.int32)  # each row's list, with _coarse
+        self._loading = False
         self.snapshot = self._snap()
 
     def __len__(self) -> int:
@@ -76,14 +100,20 @@ class GalleryIndex:
 
     @property
     def nbytes(self) -> int:
-        return self._buf.nbytes + self._ids.nbytes + self._person.nbytes
+        return self._buf.nbytes + self._ids.nbytes + self._person.nbytes + self._assign.nbytes
 
     def _snap(self) -> Snapshot:
         n = self._n
         valid = self._valid
         live = n if valid is None else int(valid[:n].sum())
         return Snapshot(
-            self._buf[:n], self._ids[:n], self._person[:n], self._names, None if valid is None else valid[:n], live
+            self._buf[:n],
+            self._ids[:n],
+            self._person[:n],
+            self._names,
+            None if valid is None else valid[:n],
+            live,
+            self._coarse,
         )
 
     def _person_index(self, name: str) -> int:
@@ -108,10 +138,27 @@ class GalleryIndex:
             buf[s:e] = self._buf[keep[s:e]]
         ids[:m] = self._ids[keep]
         person[:m] = self._person[keep]
-        self._buf, self._ids, self._person = buf, ids, person
+        assign = np.empty(cap, np.int32)
+        assign[:m] = self._assign[keep]
+        self._buf, self._ids, self._person, self._assign = buf, ids, person, assign
         self._row_of = {int(f): r for r, f in enumerate(ids[:m])}
         self._n = m
         self._valid = None
+        if self._coarse is not None:  # rows moved: the lists again, from the kept assignment
+            self._coarse = _Coarse(self._coarse.centroids, _lists(assign[:m], len(self._coarse.centroids)))
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        """Adds in bulk (loading a gallery): a large gallery's centroids are drawn once, at the
+        end, from all of its rows."""
+        self._loading = True
+        try:
+            yield
+        finally:
+            self._loading = False
+            if self._coarse is None and self._n >= COARSE_MIN_ROWS:
+                self._build_coarse()
+                self.snapshot = self._snap()
 
     def reserve(self, total: int) -> None:
         """Make room for `total` rows in all (loading a gallery: one allocation, no regrowth)."""
@@ -142,7 +189,34 @@ class GalleryIndex:
             valid[s : s + k] = True  # rows past n: no reader sees them yet
             self._valid = valid
         self._n = s + k
+        coarse = self._coarse
+        if coarse is not None:
+            near = np.argmax(vectors @ coarse.centroids.T, axis=1).astype(np.int32)
+            self._assign[s : s + k] = near
+            lists = list(coarse.lists)
+            for c in np.unique(near):
+                lists[c] = np.concatenate((lists[c], s + np.flatnonzero(near == c)))
+            self._coarse = _Coarse(coarse.centroids, tuple(lists))
+        elif self._n >= COARSE_MIN_ROWS and not self._loading:
+            self._build_coarse()
         self.snapshot = self._snap()  # the publication: one reference assignment
+
+    def _build_coarse(self, seed: int = 0) -> None:
+        """Group the rows by the nearest of about sqrt(N) centroids: k-means (scikit-learn) on a
+        sample, then every row assigned, in chunks."""
+        from sklearn.cluster import KMeans
+
+        n = self._n
+        n_lists = int(max(64, round(np.sqrt(n))))
+        rng = np.random.default_rng(seed)
+        sample = self._buf[np.sort(rng.choice(n, size=min(n, 40 * n_lists), replace=False))]
+        km = KMeans(n_clusters=n_lists, n_init=1, max_iter=10, random_state=seed).fit(sample)
+        centroids = np.ascontiguousarray(km.cluster_centers_, dtype=np.float32)
+        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        for a in range(0, n, 16384):  # chunks: the scores of 16k rows against sqrt(N) centroids
+            b = min(n, a + 16384)
+            self._assign[a:b] = np.argmax(self._buf[a:b] @ centroids.T, axis=1)
+        self._coarse = _Coarse(centroids, _lists(self._assign[:n], n_lists))
 
     def remove(self, face_ids: Iterable[int]) -> int:
         rows = [self._row_of.pop(int(f)) for f in face_ids if int(f) in self._row_of]
@@ -166,17 +240,55 @@ class GalleryIndex:
             return [[] for _ in range(len(queries))]
         _one_blas_thread()
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        if snap.coarse is not None:
+            return [_search_coarse(snap, row, k) for row in q]
         scores = snap.matrix @ q[0] if len(q) == 1 else (q @ snap.matrix.T)
         scores = scores.reshape(len(q), -1)
         if snap.valid is not None:
             scores[:, ~snap.valid] = -np.inf
-        return [_top_people(row, snap, k) for row in scores]
+        return [_top_people(row, snap.person_of, snap.face_ids, snap.names, k) for row in scores]
+
+    def exact_search(self, queries: np.ndarray, k: int) -> list[list[Candidate]]:
+        """`search` scoring every row, large gallery or not (what the coarse search is measured
+        against)."""
+        snap = self.snapshot
+        return self.search_snapshot(
+            Snapshot(snap.matrix, snap.face_ids, snap.person_of, snap.names, snap.valid, snap.live), queries, k
+        )
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Candidate]]:
         return self.search_snapshot(self.snapshot, queries, k)
 
 
-def _top_people(scores: np.ndarray, snap: Snapshot, k: int) -> list[Candidate]:
+def _lists(assign: np.ndarray, n_lists: int) -> tuple[np.ndarray, ...]:
+    """For each list, its rows in ascending order, from each row's list."""
+    order = np.argsort(assign, kind="stable")
+    bounds = np.searchsorted(assign[order], np.arange(n_lists + 1))
+    return tuple(order[bounds[i] : bounds[i + 1]].astype(np.int64) for i in range(n_lists))
+
+
+def _search_coarse(snap: Snapshot, q: np.ndarray, k: int) -> list[Candidate]:
+    """The k best people among the rows of the lists nearest `q` (float32 [D])."""
+    coarse = snap.coarse
+    assert coarse is not None
+    n_lists = len(coarse.lists)
+    n_probe = min(n_lists, max(8, int(round(PROBE_SHARE * n_lists))))
+    near = np.argpartition(-(coarse.centroids @ q), n_probe - 1)[:n_probe]
+    rows = np.concatenate([coarse.lists[c] for c in near])
+    n = snap.matrix.shape[0]
+    if rows.size and rows.max() >= n:  # enrolled after this snapshot was taken
+        rows = rows[rows < n]
+    if snap.valid is not None:
+        rows = rows[snap.valid[rows]]
+    if rows.size == 0:
+        return []
+    scores = snap.matrix[rows] @ q
+    return _top_people(scores, snap.person_of[rows], snap.face_ids[rows], snap.names, k)
+
+
+def _top_people(
+    scores: np.ndarray, person_of: np.ndarray, face_ids: np.ndarray, names: list, k: int
+) -> list[Candidate]:
     """The k best people by their best face: the m best faces hold the best face of every person
     among them, in order; m grows until k people are found (exact, not approximate)."""
     n = len(scores)
@@ -193,11 +305,11 @@ def _top_people(scores: np.ndarray, snap: Snapshot, k: int) -> list[Candidate]:
             s = float(scores[row])
             if s == -np.inf:
                 break
-            p = int(snap.person_of[row])
+            p = int(person_of[row])
             if p in seen:
                 continue
             seen.add(p)
-            out.append(Candidate(snap.names[p], min(1.0, max(-1.0, s)), int(snap.face_ids[row])))
+            out.append(Candidate(names[p], min(1.0, max(-1.0, s)), int(face_ids[row])))
             if len(out) == k:
                 return out
         if m >= n:

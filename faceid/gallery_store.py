@@ -333,10 +333,11 @@ class GalleryStore:
     def load_index(self, gallery: str, model_id: str, dim: int) -> GalleryIndex:
         count = self.count_embedded(gallery, model_id)[0]
         index = GalleryIndex(dim, capacity=count + 64)
-        for ids, names, vecs in self.iter_embeddings(gallery, model_id):
-            if vecs.shape[1] != dim:
-                raise ConfigError(
-                    f"gallery {gallery!r} holds {vecs.shape[1]}-d embeddings by {model_id}, expected {dim}"
-                )
-            index.add(ids, names, vecs)
+        with index.loading():
+            for ids, names, vecs in self.iter_embeddings(gallery, model_id):
+                if vecs.shape[1] != dim:
+                    raise ConfigError(
+                        f"gallery {gallery!r} holds {vecs.shape[1]}-d embeddings by {model_id}, expected {dim}"
+                    )
+                index.add(ids, names, vecs)
         return index

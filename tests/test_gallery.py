@@ -133,6 +133,54 @@ def test_searches_during_changes_never_see_a_half_updated_gallery():
     assert len(searches) > 20  # the readers did overlap the writer
 
 
+def clustered(rng: np.random.Generator, people: int, per: int, d: int, spread: float = 0.8) -> np.ndarray:
+    """`per` faces of each of `people` people: a person's centre plus noise (same-person cosine
+    about 0.6, as real face embeddings), person by person."""
+    centres = unit(rng, people, d)
+    noise = rng.normal(size=(people * per, d)) * spread / np.sqrt(d)
+    return normalize_rows(np.repeat(centres, per, axis=0) + noise), centres
+
+
+def test_a_large_gallery_searches_the_nearest_lists_and_finds_what_the_exact_scan_finds(monkeypatch):
+    import faceid.gallery_index as gi
+
+    monkeypatch.setattr(gi, "COARSE_MIN_ROWS", 3000)
+    rng = np.random.default_rng(5)
+    d, people, per = 48, 1000, 4
+    faces, centres = clustered(rng, people, per, d)
+    owners = [f"p{i // per}" for i in range(people * per)]
+    index = GalleryIndex(d)
+    with index.loading():
+        for a in range(0, len(faces), 500):
+            index.add(range(a, a + 500), owners[a : a + 500], faces[a : a + 500])
+    coarse = index.snapshot.coarse
+    assert coarse is not None and len(coarse.lists) == max(64, round(np.sqrt(people * per)))
+    assert sorted(np.concatenate(coarse.lists).tolist()) == list(range(people * per))
+    # a new photo of each of 300 people: the coarse search names whom the exact scan names
+    who = rng.choice(people, 300, replace=False)
+    probes = normalize_rows(centres[who] + rng.normal(size=(300, d)) * 0.8 / np.sqrt(d))
+    coarse_top = [c[0] for c in index.search(probes, 3)]
+    exact_top = [c[0] for c in index.exact_search(probes, 3)]
+    same = [a.person == b.person for a, b in zip(coarse_top, exact_top)]
+    assert np.mean(same) >= 0.97, np.mean(same)
+    for a, b, q in zip(coarse_top, exact_top, probes):  # each score is its face's exact similarity
+        assert a.score == pytest.approx(float(faces[a.face_id] @ q), abs=1e-5) and a.score <= b.score + 1e-6
+    # enrolment after the lists were drawn: the newcomer is found; a deletion is never returned
+    newcomer = normalize_rows(rng.normal(size=(1, d)))
+    index.add([10**6], ["newcomer"], np.repeat(newcomer, 1, axis=0))
+    assert index.search(newcomer, 1)[0][0].person == "newcomer"
+    index.remove([10**6])
+    assert all(c.person != "newcomer" for c in index.search(newcomer, 5)[0])
+    # many deletions compact the matrix; the lists follow the rows
+    gone = list(range(0, 2000))
+    index.remove(gone)
+    snap = index.snapshot
+    assert snap.coarse is not None and snap.matrix.shape[0] == people * per - 2000
+    assert sorted(np.concatenate(snap.coarse.lists).tolist()) == list(range(snap.matrix.shape[0]))
+    found = index.search(probes, 1)
+    assert all(int(c[0].person[1:]) >= 500 for c in found if c)  # people 0-499 had faces 0-1999
+
+
 def test_store_keeps_galleries_across_reopening(tmp_path: Path):
     path = tmp_path / "galleries.db"
     store = GalleryStore(path)
