@@ -1,1 +1,1 @@
-"""HTTP routes: jobs, inference, models, health."""
+"""HTTP routes: jobs, data, inference, models, galleries, identify, health, the web page."""
