@@ -24,7 +24,7 @@ import numpy as np
 _BLAS_SET = False
 
 COARSE_MIN_ROWS = 250_000  # below, the exact scan is fast enough (bench/README.md, gallery_search)
-PROBE_SHARE = 0.06  # of the lists (at least 8) searched for each probe
+PROBE_SHARE = 0.05  # of the lists (at least 8) searched for each probe
 
 
 def _one_blas_thread() -> None:
