@@ -68,7 +68,7 @@ while True:
     if time.monotonic() > deadline:
         sys.exit("error: the server did not answer /health within 120 s; see logs/server.log")
     time.sleep(0.5)
-print(f"   server is up: {url}/docs")
+print(f"   server is up: the web page at {url}/ , the API reference at {url}/docs")
 if int(os.environ.get("FACEID_INFER_REPLICAS") or 0):
     infer = f"http://{os.environ.get('FACEID_INFER_HOST') or '127.0.0.1'}:{os.environ.get('FACEID_INFER_PORT')}"
     print(f"   {os.environ['FACEID_INFER_REPLICAS']} inference replicas answer {infer}/embed and {infer}/verify "
@@ -133,5 +133,5 @@ then
 fi
 
 echo
-echo "== the server keeps running at $URL (Ctrl-C stops it; log: logs/server.log)"
+echo "== the server keeps running at $URL (the web page: $URL/ ; Ctrl-C stops it; log: logs/server.log)"
 wait "$SERVER"
