@@ -1,8 +1,13 @@
-"""An inference replica's process (app/replicas.py starts and supervises it): the app that answers
-/embed, /embed/batch, /verify, /health and /ready with the model the main server serves, and the
-uvicorn server that serves the connections the main server hands it down a Unix socket.
+"""An inference server: the app that answers /embed, /embed/batch, /verify, /health and /ready
+with the model the main (API) server serves, as the job database says. It runs two ways:
 
-    python -m app.replica_app FD      # FD: that socket; the main server starts it so
+- as a replica (app/replicas.py starts and supervises it), with the uvicorn server below serving
+  the connections the main server hands it down a Unix socket:
+
+      python -m app.replica_app FD      # FD: that socket; the main server starts it so
+
+- on its own, with `FACEID_ROLE=inference faceid serve --port P`: any number of them, on this host
+  or others that see the same models folder, behind any HTTP load balancer.
 
 - It serves the model the job database says the main server serves, read every half second (the
   job runner's poll interval) and loaded before it switches (in flight requests finish on the old
@@ -89,8 +94,8 @@ def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: 
     app.add_middleware(APIKeyMiddleware, get_settings=lambda: app.state.settings)
     errors.install(
         app,
-        routes_hint="this port is an inference replica's (/embed, /embed/batch, /verify, /health, "
-        "/ready); jobs, GET /model, activation and /docs are on the main server's port",
+        routes_hint="this is an inference server (/embed, /embed/batch, /verify, /health, /ready); "
+        "jobs, GET /model, galleries, activation and /docs are on the main server",
     )
     for module in (inference, health):
         app.include_router(module.router)

@@ -56,6 +56,9 @@ class Settings(BaseModel):
     cancel_grace_s: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False)
     # Whether `faceid serve` runs jobs itself; 0: an API only, `faceid worker` processes run them.
     run_jobs: bool = True
+    # all: the whole service; inference: a stateless server of /embed, /embed/batch, /verify,
+    # /health and /ready that follows the model the API server serves (app/replica_app.py)
+    role: Literal["all", "inference"] = "all"
     # A running job whose worker renewed no heartbeat for this long is marked interrupted (the
     # worker renews it every third of it).
     worker_lease_s: float = Field(30.0, ge=1, le=86_400, allow_inf_nan=False)
@@ -64,7 +67,7 @@ class Settings(BaseModel):
     # the runner appends `--config FILE --events_file FILE`. Tests point it at a fake trainer.
     trainer_cmd: tuple[str, ...] = (sys.executable, "-m", "faceid.train")
 
-    @field_validator("device", "compile", mode="before")
+    @field_validator("device", "compile", "role", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -118,6 +121,11 @@ class Settings(BaseModel):
             raise ConfigError(
                 f"{p}INFER_REPLICAS needs a system that passes sockets between processes (Linux or "
                 f"macOS); set {p}INFER_REPLICAS=0 here"
+            )
+        if self.role == "inference" and self.infer_replicas:
+            raise ConfigError(
+                f"{p}INFER_REPLICAS={self.infer_replicas} with {p}ROLE=inference: an inference server has no "
+                f"replicas of its own; start more inference servers instead, or set {p}INFER_REPLICAS=0"
             )
         if self.infer_port is not None and self.infer_port == self.port:
             raise ConfigError(

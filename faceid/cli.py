@@ -80,7 +80,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ[name] = str(getattr(args, flag))
     import uvicorn
 
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level=args.log_level)
+    from app.settings import load_settings
+
+    # FACEID_ROLE=inference: a stateless inference server (app/replica_app.py), any number of
+    # them behind a load balancer, each following the API server's model in the job database
+    role = load_settings().role
+    app = "app.replica_app:create_replica_app" if role == "inference" else "app.main:create_app"
+    uvicorn.run(app, factory=True, host=host, port=port, log_level=args.log_level)
     return 0
 
 

@@ -78,6 +78,28 @@ def test_faceid_serve_flags_set_the_replica_settings(monkeypatch):
         load_settings()
 
 
+def test_faceid_serve_with_role_inference_starts_a_stateless_inference_server(monkeypatch, capsys):
+    import uvicorn
+
+    import faceid.cli
+
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    monkeypatch.setattr(faceid.cli, "serving_defaults", lambda: None)
+    monkeypatch.setenv("FACEID_ROLE", "inference")
+    monkeypatch.setenv("FACEID_INFER_REPLICAS", "")
+    assert faceid.cli.main(["serve", "--port", "8125"]) == 0
+    assert ran["app"] == "app.replica_app:create_replica_app" and ran["factory"] and ran["port"] == 8125
+    # replicas of an inference server, or an unknown role: one line naming the fix
+    monkeypatch.setenv("FACEID_ROLE", "inference")
+    assert faceid.cli.main(["serve", "--port", "8125", "--infer_replicas", "2", "--infer_port", "8126"]) == 2
+    assert "start more inference servers instead" in capsys.readouterr().err
+    monkeypatch.setenv("FACEID_ROLE", "trainer")
+    monkeypatch.setenv("FACEID_INFER_REPLICAS", "")
+    assert faceid.cli.main(["serve", "--port", "8125"]) == 2
+    assert "FACEID_ROLE='trainer' is not a mode; use all or inference" in capsys.readouterr().err
+
+
 def test_faceid_serve_takes_its_address_from_the_environment_unless_flags_say_otherwise(monkeypatch, capsys):
     import uvicorn
 
@@ -276,10 +298,10 @@ async def test_a_replica_serves_the_main_servers_model_and_follows_a_new_one(mak
                 r = await replica.request(method, path)
                 assert (
                     r.status_code == 404
-                    and "jobs, GET /model, activation and /docs are on the main server's port" in r.json()["detail"]
+                    and "jobs, GET /model, galleries, activation and /docs are on the main server" in r.json()["detail"]
                 ), path
             r = await replica.get("/embed")
-            assert r.status_code == 405 and "inference replica's" in r.json()["detail"]
+            assert r.status_code == 405 and "this is an inference server" in r.json()["detail"]
 
 
 @pytest.mark.anyio

@@ -23,6 +23,14 @@ from app.store import JobStore
 
 HERE = Path(__file__).resolve().parent
 LEASE_S = 3.0
+# A stateless inference server with the tests' verifier loader, as `FACEID_ROLE=inference faceid serve`
+# starts one.
+INFERENCE = (
+    "import sys, uvicorn; sys.path.insert(0, {here!r}); from service_helpers import fake_loader; "
+    "from app.replica_app import create_replica_app; uvicorn.run(create_replica_app(verifier_loader=fake_loader), "
+    "host='127.0.0.1', port={port}, log_level='warning')"
+)
+
 # An API-only server with the tests' verifier loader, as `faceid serve` starts one.
 SERVER = (
     "import sys, uvicorn; sys.path.insert(0, {here!r}); from service_helpers import fake_loader; "
@@ -61,6 +69,7 @@ class Cluster:
             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         )
         self.workers: dict[str, subprocess.Popen] = {}
+        self.inference: dict[str, subprocess.Popen] = {}  # base URL -> process
         self.logs: list[Path] = []
         port = _free_port()
         self.base = f"http://127.0.0.1:{port}"
@@ -93,6 +102,27 @@ class Cluster:
         worker_id = f"{socket.gethostname()}:{proc.pid}"
         self.workers[worker_id] = proc
         return worker_id
+
+    def start_inference(self) -> str:
+        """A stateless inference server on the same models folder; its base URL once it answers."""
+        port = _free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = self._spawn(
+            f"inference{len(self.logs)}",
+            [sys.executable, "-c", INFERENCE.format(here=str(HERE), port=port)],
+            FACEID_ROLE="inference",
+        )
+        self.inference[base] = proc
+
+        def up() -> bool:
+            assert proc.poll() is None, self.log_tail()
+            try:
+                return httpx.get(base + "/health", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait(up, 60, f"the inference server on {base}")
+        return base
 
     def ensure_workers(self, n: int = 2) -> list[str]:
         for worker_id, proc in list(self.workers.items()):
@@ -131,10 +161,11 @@ class Cluster:
 
     def close(self) -> None:
         self.client.close()
-        for proc in [*self.workers.values(), self.server]:
+        procs = [*self.workers.values(), *self.inference.values(), self.server]
+        for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in [*self.workers.values(), self.server]:
+        for proc in procs:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -184,6 +215,28 @@ def test_the_api_only_server_serves_a_job_that_succeeded_in_a_worker(cluster):
         files={"image1": ("a.jpg", image_bytes(), "image/jpeg"), "image2": ("b.jpg", image_bytes(), "image/jpeg")},
     )
     assert r.status_code == 200 and r.json()["match"] is True, r.text
+
+
+def test_stateless_inference_servers_answer_with_the_newest_model_within_seconds(cluster):
+    servers = [cluster.start_inference(), cluster.start_inference()]
+    cluster.ensure_workers(2)
+    pair = {"image1": ("a.jpg", image_bytes(), "image/jpeg"), "image2": ("b.jpg", image_bytes(), "image/jpeg")}
+    for job_round in range(2):  # a model, then a newer one: each server switches to it
+        job_id = cluster.submit()
+        job = cluster.wait_job(job_id, ("succeeded", "failed"))
+        assert job["status"] == "succeeded", job
+        t_done = time.monotonic()
+        for base in servers:
+
+            def answers(base: str = base, job_id: str = job_id) -> bool:
+                r = httpx.post(base + "/verify", files=pair, timeout=10)
+                return r.status_code == 200 and r.json()["model"] == job_id
+
+            wait(answers, 10, f"{base} to answer with job {job_id} (round {job_round + 1})")
+        assert time.monotonic() - t_done < 10
+    # what they do not serve, they say where to find
+    r = httpx.get(servers[0] + "/jobs", timeout=10)
+    assert r.status_code == 404 and "on the main server" in r.json()["detail"], r.text
 
 
 def test_a_cancel_through_the_api_stops_the_job_in_its_worker(cluster):
