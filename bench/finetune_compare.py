@@ -18,8 +18,6 @@ sampled fold-1 pairs (10,000 negatives), and the run's wall time.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import os
@@ -35,10 +33,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from align_compare import evaluate
 from learning_curve import fold1_pairs, split
 from serve_common import machine
 
-from faceid.cli import main as faceid_main
 from faceid.config import TrainConfig
 from faceid.finetune import base_config_of, inherit
 from faceid.train import run
@@ -76,17 +74,6 @@ def hold_back(train: Path, out: Path, *, group: int, photos: int, min_photos: in
             base.mkdir(parents=True, exist_ok=True)
             (base / d.name).symlink_to(d.resolve())
     return base, small
-
-
-def evaluate(ckpt: Path, pairs: Path, workers: int, device: str) -> dict:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = faceid_main(
-            ["evaluate", str(ckpt), "--pairs_file", str(pairs), "--workers", str(workers), "--device", device]
-        )
-    if rc != 0:
-        raise SystemExit(f"faceid evaluate failed on {ckpt}")
-    return json.loads(buf.getvalue())
 
 
 def train(cfg: TrainConfig) -> tuple[Path, dict, float, int]:

@@ -46,9 +46,7 @@ def rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def build(
-    n: int, dim: int, faces_per_person: int, seed: int, n_probes: int
-) -> tuple[GalleryIndex, list[np.ndarray]]:
+def build(n: int, dim: int, faces_per_person: int, seed: int, n_probes: int) -> tuple[GalleryIndex, list[np.ndarray]]:
     """`n` synthetic faces, `faces_per_person` a person: each a person's centre plus noise (two
     faces of one person at cosine about 0.6, as real embeddings); the index, and `n_probes` new
     photos of enrolled people (a centre plus fresh noise). The centres are freed before the

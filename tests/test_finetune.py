@@ -28,6 +28,19 @@ def small(tmp_path_factory):
     return small_sample(tmp_path_factory)
 
 
+def fine_tune_config(base, train, val, tmp_path) -> TrainConfig:
+    """One tiny arcface epoch on the small sample, from the shared tiny run's model."""
+    return TrainConfig(
+        train=str(train),
+        val=str(val),
+        ckpt_dir=str(tmp_path / "ft"),
+        init_from=str(base.best),
+        train_mode="arcface",
+        epochs=1,
+        **TINY,
+    )
+
+
 def one_line_error(capsys, argv: list[str]) -> str:
     try:
         rc = cli.main(argv)
@@ -42,15 +55,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
 
 def test_the_run_starts_from_the_base_model_with_a_head_for_its_own_people(base, small, tmp_path):
     train, val = small
-    cfg = TrainConfig(
-        train=str(train),
-        val=str(val),
-        ckpt_dir=str(tmp_path / "ft"),
-        init_from=str(base.best),
-        train_mode="arcface",
-        epochs=1,
-        **TINY,
-    )
+    cfg = fine_tune_config(base, train, val, tmp_path)
     trainer = Trainer(cfg)
     trainer.setup()
     want = load_checkpoint(base.best)["model"]
@@ -66,15 +71,7 @@ def test_the_run_starts_from_the_base_model_with_a_head_for_its_own_people(base,
 
 def test_a_fine_tuned_run_trains_and_records_where_it_started(base, small, tmp_path):
     train, val = small
-    cfg = TrainConfig(
-        train=str(train),
-        val=str(val),
-        ckpt_dir=str(tmp_path / "ft"),
-        init_from=str(base.best),
-        train_mode="arcface",
-        epochs=1,
-        **TINY,
-    )
+    cfg = fine_tune_config(base, train, val, tmp_path)
     result = run(cfg)
     ck = load_checkpoint(result.best_checkpoint)
     assert ck["config"]["init_from"] == str(base.best)
@@ -88,15 +85,7 @@ def test_a_fine_tuned_run_trains_and_records_where_it_started(base, small, tmp_p
 
 def test_a_resumed_fine_tune_goes_on_from_its_own_last_checkpoint(base, small, tmp_path):
     train, val = small
-    first = TrainConfig(
-        train=str(train),
-        val=str(val),
-        ckpt_dir=str(tmp_path / "ft"),
-        init_from=str(base.best),
-        train_mode="arcface",
-        epochs=1,
-        **TINY,
-    )
+    first = fine_tune_config(base, train, val, tmp_path)
     run(first)
     last = tmp_path / "ft" / "last.pt"
     again = first.model_copy(update={"epochs": 2, "resume": str(last)})
