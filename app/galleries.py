@@ -299,3 +299,51 @@ class GalleryService:
             self.store.bind(name, model, dim)
             self._bound[name] = Bound(model, index)
             self._dirty.discard(name)
+
+
+class GalleryFollower(GalleryService):
+    """The galleries of an inference server: read only. The API server enrols, deletes and
+    re-embeds; this one reloads a gallery's index when the database says it changed (another
+    process committed, and the gallery's bound model or its faces differ from what is loaded), so
+    identify on any inference server answers from the same gallery within about a second."""
+
+    def __init__(self, settings: Settings, models: ModelManager) -> None:
+        super().__init__(settings, models)
+        self._seen_version: Optional[int] = None
+        self._loaded: dict[str, tuple[str, tuple[int, int, int]]] = {}
+
+    def _index(self, name: str) -> Optional[Bound]:
+        return self._bound.get(name)
+
+    async def _step(self) -> None:
+        await anyio.to_thread.run_sync(self.sync)
+
+    def sync(self) -> None:
+        """Load what changed since the last look (in a thread)."""
+        version = self.store.data_version()
+        if version == self._seen_version:
+            return
+        self._seen_version = version
+        names = set(self.store.gallery_names())
+        for gone in set(self._bound) - names:
+            self._bound.pop(gone, None)
+            self._loaded.pop(gone, None)
+        for name in sorted(names):
+            try:
+                model, dim = self.store.meta(name)
+                if model is None or dim is None:
+                    self._bound.pop(name, None)
+                    continue
+                sig = self.store.signature(name, model)
+                if self._loaded.get(name) == (model, sig):
+                    continue
+                index = self.store.load_index(name, model, dim)
+                self._bound[name] = Bound(model, index)
+                self._loaded[name] = (model, sig)
+                log.info("gallery %s: loaded %d faces of model %s", name, len(index), model)
+            except GalleryError:  # deleted meanwhile
+                self._bound.pop(name, None)
+                self._loaded.pop(name, None)
+
+    def load(self) -> None:
+        self.sync()

@@ -1,5 +1,7 @@
-"""An inference server: the app that answers /embed, /embed/batch, /verify, /health and /ready
-with the model the main (API) server serves, as the job database says. It runs two ways:
+"""An inference server: the app that answers /embed, /embed/batch, /verify, galleries' identify,
+/health and /ready with the model the main (API) server serves, as the job database says, and
+the galleries as galleries.db holds them (read only: app.galleries.GalleryFollower). It runs two
+ways:
 
 - as a replica (app/replicas.py starts and supervises it), with the uvicorn server below serving
   the connections the main server hands it down a Unix socket:
@@ -33,9 +35,10 @@ from fastapi import FastAPI
 
 import faceid
 from app import errors
+from app.galleries import GalleryFollower
 from app.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from app.model_manager import ModelManager
-from app.routes import health, inference
+from app.routes import health, identify, inference
 from app.settings import Settings, load_settings
 from app.store import JobStore
 from faceid.omp import serving_defaults
@@ -70,7 +73,10 @@ def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: 
         await anyio.to_thread.run_sync(manager.follow)
         watcher = threading.Thread(target=follow, name="faceid-follow", daemon=True)
         watcher.start()
-        app.state.store, app.state.models = store, manager
+        galleries = GalleryFollower(s, manager)  # read only: the API server enrols and re-embeds
+        await anyio.to_thread.run_sync(galleries.load)
+        galleries.start()
+        app.state.store, app.state.models, app.state.galleries = store, manager, galleries
         app.state.settings = s
         try:
             yield
@@ -78,6 +84,8 @@ def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: 
             app.state.settings = None
             stop.set()
             watcher.join(timeout=5)
+            await galleries.close()
+            app.state.galleries = None
             manager.close()
             store.close()
 
@@ -94,10 +102,10 @@ def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: 
     app.add_middleware(APIKeyMiddleware, get_settings=lambda: app.state.settings)
     errors.install(
         app,
-        routes_hint="this is an inference server (/embed, /embed/batch, /verify, /health, /ready); "
-        "jobs, GET /model, galleries, activation and /docs are on the main server",
+        routes_hint="this is an inference server (/embed, /embed/batch, /verify, /galleries/{g}/identify, "
+        "/health, /ready); jobs, GET /model, the rest of galleries, activation and /docs are on the main server",
     )
-    for module in (inference, health):
+    for module in (inference, identify, health):
         app.include_router(module.router)
     return app
 

@@ -159,6 +159,21 @@ class GalleryStore:
             raise NotFound(f"no gallery {name[:80]!r}; GET /galleries lists them, POST /galleries creates one")
         return g
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection (another process) has committed a
+        change to the database: a cheap test before reading anything again."""
+        return int(self._agg("PRAGMA data_version")[0])
+
+    def signature(self, gallery: str, model_id: str) -> tuple[int, int, int]:
+        """(count, largest id, sum of ids) of the gallery's faces embedded by `model_id`: it changes
+        with every enrolment and deletion."""
+        row = self._agg(
+            "SELECT COUNT(*), COALESCE(MAX(e.face_id), 0), COALESCE(SUM(e.face_id), 0) FROM embeddings e "
+            "JOIN faces f ON f.id=e.face_id JOIN people p ON p.id=f.person_id WHERE p.gallery=? AND e.model_id=?",
+            (gallery, model_id),
+        )
+        return int(row[0]), int(row[1]), int(row[2])
+
     def meta(self, name: str) -> tuple[Optional[str], Optional[int]]:
         """(the model the gallery is bound to, its dimension), cheaply; NotFound for no gallery."""
         row = self._one("SELECT model_id, dim FROM galleries WHERE name=?", (name,))

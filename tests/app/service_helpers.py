@@ -163,3 +163,15 @@ async def wait_for(predicate, timeout: float = 10.0, what: str = "condition") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await anyio.sleep(0.05)
+
+
+def person_image(seed: int, noise: float = 0.0, noise_seed: int = 0) -> bytes:
+    """A 'photo' of person `seed`: their own 2x2 colour layout, blown up to 64x64; `noise` shifts
+    each cell a little (another photo of the same person)."""
+    cells = np.random.default_rng(seed).integers(20, 236, (2, 2, 3)).astype(np.float32)
+    if noise:
+        cells += np.random.default_rng(1000 + noise_seed).normal(0, noise, cells.shape)
+    img = Image.fromarray(np.clip(cells, 0, 255).astype(np.uint8)).resize((64, 64), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -12,23 +12,11 @@ import anyio
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import FakeVerifier, running, write_fake_checkpoint
+from service_helpers import FakeVerifier, person_image, running, write_fake_checkpoint
 
 from app.main import create_app
 
 pytestmark = pytest.mark.anyio
-
-
-def person_image(seed: int, noise: float = 0.0, noise_seed: int = 0) -> bytes:
-    """A 'photo' of person `seed`: their own 2x2 colour layout, blown up to 64x64; `noise` shifts
-    each cell a little (another photo of the same person)."""
-    cells = np.random.default_rng(seed).integers(20, 236, (2, 2, 3)).astype(np.float32)
-    if noise:
-        cells += np.random.default_rng(1000 + noise_seed).normal(0, noise, cells.shape)
-    img = Image.fromarray(np.clip(cells, 0, 255).astype(np.uint8)).resize((64, 64), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def files(*images: bytes) -> list:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 from real_server import REPO, _free_port
-from service_helpers import FAKE_TRAINER, MODE, image_bytes
+from service_helpers import FAKE_TRAINER, MODE, image_bytes, person_image
 
 from app.store import JobStore
 
@@ -237,6 +237,25 @@ def test_stateless_inference_servers_answer_with_the_newest_model_within_seconds
     # what they do not serve, they say where to find
     r = httpx.get(servers[0] + "/jobs", timeout=10)
     assert r.status_code == 404 and "on the main server" in r.json()["detail"], r.text
+
+    # galleries: enrolled through the API server, identified by every inference server
+    assert cluster.client.post("/galleries", json={"name": "staff"}).status_code == 201
+    for p in range(3):
+        photos = [("images", (f"{s}.png", person_image(p, 6, s), "image/png")) for s in range(2)]
+        r = cluster.client.post(f"/galleries/staff/people/person_{p}/faces", files=photos)
+        assert r.status_code == 201, r.text
+    probe = {"image": ("probe.png", person_image(1, 6, 99), "image/png")}
+
+    def named(base: str, who: object) -> bool:
+        r = httpx.post(base + "/galleries/staff/identify", files=probe, timeout=10)
+        return r.status_code == 200 and r.json()["person"] == who
+
+    for base in servers:
+        wait(lambda base=base: named(base, "person_1"), 10, f"{base} to identify person_1")
+    # a deletion through the API server reaches them too
+    assert cluster.client.delete("/galleries/staff/people/person_1").status_code == 200
+    for base in servers:
+        wait(lambda base=base: named(base, None), 10, f"{base} to forget person_1")
 
 
 def test_a_cancel_through_the_api_stops_the_job_in_its_worker(cluster):
