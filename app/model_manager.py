@@ -111,6 +111,7 @@ class ServedModel:
     pinned: bool
     loaded_at: float
     verifier: Any
+    chosen_at: float = 0.0  # when it became the served model (kept across restarts)
 
     def describe(self) -> dict[str, Any]:
         info = dict(self.verifier.info)
@@ -187,6 +188,7 @@ class ModelManager:
         pinned: bool,
         unless_pinned: bool = False,
         remember: bool = True,
+        chosen_at: Optional[float] = None,
     ) -> Optional[ServedModel]:
         """Build the Verifier for `path`, then make it the served model. Raises CheckpointError
         (the current model stays). With `unless_pinned`, a pinned model is kept (returns None).
@@ -217,8 +219,9 @@ class ModelManager:
                 checkpoint=str(path),
                 source=source,
                 pinned=pinned,
-                loaded_at=time.time(),
+                loaded_at=(now := time.time()),
                 verifier=verifier,
+                chosen_at=now if chosen_at is None else float(chosen_at),
             )
             self._current = served  # the switch: one reference assignment
             self.last_error = None
@@ -231,6 +234,7 @@ class ModelManager:
                         "source": source,
                         "pinned": pinned,
                         "loaded_at": served.loaded_at,
+                        "chosen_at": served.chosen_at,
                     },
                 )
         log.info("serving %s (%s)", served.id, path)
@@ -261,6 +265,8 @@ class ModelManager:
                     job_id=remembered.get("job_id"),
                     source=remembered.get("source", "job"),
                     pinned=bool(remembered.get("pinned")),
+                    # chosen before the restart: a job that succeeded since (in a worker) is newer
+                    chosen_at=remembered.get("chosen_at", remembered.get("loaded_at")),
                 )
                 return
             except FaceIDError as e:
@@ -315,7 +321,7 @@ class ModelManager:
         if key == self._followed_job or (
             current is not None
             and (
-                current.loaded_at >= job["finished_at"]  # served (or chosen) after it succeeded
+                current.chosen_at >= job["finished_at"]  # chosen after it succeeded
                 # its own runner served it just before marking it succeeded
                 or (current.job_id == job["id"] and current.loaded_at >= (job.get("started_at") or 0))
             )

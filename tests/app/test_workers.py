@@ -71,12 +71,16 @@ class Cluster:
         self.workers: dict[str, subprocess.Popen] = {}
         self.inference: dict[str, subprocess.Popen] = {}  # base URL -> process
         self.logs: list[Path] = []
-        port = _free_port()
-        self.base = f"http://127.0.0.1:{port}"
-        self.server = self._spawn(
-            "server", [sys.executable, "-c", SERVER.format(here=str(HERE), port=port)], FACEID_RUN_JOBS="0"
-        )
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
         self.client = httpx.Client(base_url=self.base, timeout=30)
+        self.start_server()
+
+    def start_server(self) -> None:
+        """The API-only server (again, after stop_server: the same port and models folder)."""
+        self.server = self._spawn(
+            "server", [sys.executable, "-c", SERVER.format(here=str(HERE), port=self.port)], FACEID_RUN_JOBS="0"
+        )
 
         def up() -> bool:
             assert self.server.poll() is None, self.log_tail()
@@ -86,6 +90,12 @@ class Cluster:
                 return False
 
         wait(up, 60, "the API-only server")
+
+    def stop_server(self) -> None:
+        self.server.terminate()
+        rc = self.server.wait(timeout=30)
+        # uvicorn shuts down gracefully, then exits by the signal it caught (-15)
+        assert rc in (0, -signal.SIGTERM), f"rc {rc}\n{self.log_tail()}"
 
     def _spawn(self, name: str, cmd: list[str], **env: str) -> subprocess.Popen:
         log = self.tmp / f"{name}.log"
@@ -256,6 +266,34 @@ def test_stateless_inference_servers_answer_with_the_newest_model_within_seconds
     assert cluster.client.delete("/galleries/staff/people/person_1").status_code == 200
     for base in servers:
         wait(lambda base=base: named(base, None), 10, f"{base} to forget person_1")
+
+
+def test_nothing_is_lost_when_the_api_server_restarts(cluster):
+    cluster.ensure_workers(2)
+    before = cluster.submit()
+    cluster.wait_job(before, ("succeeded",))
+    wait(lambda: cluster.client.get("/model").json().get("id") == before, 8, "the model served")
+    assert cluster.client.post("/galleries", json={"name": "kept"}).status_code == 201
+    photos = [("images", (f"{s}.png", person_image(7, 6, s), "image/png")) for s in range(2)]
+    assert cluster.client.post("/galleries/kept/people/person_7/faces", files=photos).status_code == 201
+    jobs = [cluster.submit() for _ in range(3)]  # queued or running in the workers while the API is down
+    listed = {j["id"]: j for j in cluster.client.get("/jobs?limit=1000").json()["jobs"]}
+
+    cluster.stop_server()
+    cluster.start_server()
+
+    after = {j["id"]: j for j in cluster.client.get("/jobs?limit=1000").json()["jobs"]}
+    assert set(listed) <= set(after)
+    assert after[before]["status"] == "succeeded" and after[before]["metrics"] == listed[before]["metrics"]
+    for job_id in jobs:  # each runs once, in a worker, whatever the API server did meanwhile
+        done = cluster.wait_job(job_id, ("succeeded", "failed", "interrupted"))
+        assert done["status"] == "succeeded" and done["attempts"] == 1, done
+    probe = {"image": ("probe.png", person_image(7, 6, 99), "image/png")}
+    r = cluster.client.post("/galleries/kept/identify", files=probe)
+    assert r.status_code == 200 and r.json()["person"] == "person_7", r.text
+    # and the server, back, serves the job that succeeded last
+    newest = max((cluster.job(j) for j in jobs), key=lambda j: j["finished_at"])["id"]
+    wait(lambda: cluster.client.get("/model").json().get("id") == newest, 8, f"the model of job {newest}")
 
 
 def test_a_cancel_through_the_api_stops_the_job_in_its_worker(cluster):
