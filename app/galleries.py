@@ -48,7 +48,7 @@ class GalleryService:
     def __init__(self, settings: Settings, models: ModelManager) -> None:
         self.settings = settings
         self.models = models
-        self.store = GalleryStore(settings.models_dir / "galleries.db")
+        self.store = GalleryStore(settings.galleries_database)
         self._bound: dict[str, Bound] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import sqlite3
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Optional
 
@@ -36,7 +35,7 @@ from app.replicas import ReplicaSupervisor
 from app.routes import data, galleries, health, identify, inference, jobs, models, ui
 from app.runner import JobRunner, default_worker_id
 from app.settings import Settings, load_settings, prepare_dirs
-from app.store import JobStore
+from app.store import open_job_store
 from faceid.errors import ConfigError
 from faceid.omp import serving_defaults
 
@@ -100,15 +99,11 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
         lock = _ModelsDirLock(s.models_dir / "server.lock")
         lock.acquire()
         try:
-            store = JobStore(s.db_path)
-        except sqlite3.Error as e:
+            store = open_job_store(s.jobs_database)
+        except ConfigError as error:
             lock.release()
-            error = ConfigError(
-                f"the job database {s.db_path} cannot be opened ({e}); restore it from a "
-                "backup, or move it away to start with an empty job history"
-            )
             log.error("error: %s", error)
-            raise error from None
+            raise
         manager = ModelManager(s, store, loader=verifier_loader)
         runner = JobRunner(
             store=store,
@@ -131,7 +126,7 @@ def create_app(settings: Optional[Settings] = None, *, verifier_loader: Optional
                 replicas.start()
             app.state.store, app.state.runner, app.state.models = store, runner, manager
             app.state.replicas = replicas
-            app.state.galleries = GalleryService(s, manager)  # MODELS_DIR/galleries.db
+            app.state.galleries = GalleryService(s, manager)  # in s.galleries_database
             await anyio.to_thread.run_sync(app.state.galleries.load)
             app.state.galleries.start()
             app.state.settings = s  # last: the API-key middleware answers 503 until it is set

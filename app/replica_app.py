@@ -40,7 +40,7 @@ from app.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from app.model_manager import ModelManager
 from app.routes import health, identify, inference
 from app.settings import Settings, load_settings
-from app.store import JobStore
+from app.store import open_job_store
 from faceid.omp import serving_defaults
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def create_replica_app(settings: Optional[Settings] = None, *, verifier_loader: 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         s = settings if settings is not None else load_settings()
-        store = JobStore(s.db_path)
+        store = open_job_store(s.jobs_database)
         manager = ModelManager(s, store, loader=verifier_loader)
         stop = threading.Event()
         parent = int(os.environ.get("FACEID_REPLICA_PARENT") or 0)

@@ -13,12 +13,13 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Union
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from faceid.database import is_postgres_url, redact
 from faceid.errors import ConfigError
 from faceid.images import decoder_max_pixels
 
@@ -62,6 +63,10 @@ class Settings(BaseModel):
     # A running job whose worker renewed no heartbeat for this long is marked interrupted (the
     # worker renews it every third of it).
     worker_lease_s: float = Field(30.0, ge=1, le=86_400, allow_inf_nan=False)
+    # Where jobs, the served-model record and galleries live: unset, SQLite files in models_dir; a
+    # postgresql:// URL, that PostgreSQL database (shared by servers and workers on several hosts).
+    # repr=False: the URL may carry a password.
+    database_url: Optional[str] = Field(None, repr=False)
     poll_interval_s: float = 0.5
     # The training entry point as an argument list (a string is split as a shell would split it);
     # the runner appends `--config FILE --events_file FILE`. Tests point it at a fake trainer.
@@ -99,6 +104,16 @@ class Settings(BaseModel):
                 f"take effect; use at most {limit}"
             )
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not is_postgres_url(value.strip()):
+            raise ValueError(
+                "is not a PostgreSQL URL; use postgresql://USER:PASSWORD@HOST:5432/DATABASE, or unset it to keep "
+                "the SQLite files in the models folder"
+            )
+        return None if value is None else value.strip()
 
     @field_validator("trainer_cmd", mode="before")
     @classmethod
@@ -146,6 +161,16 @@ class Settings(BaseModel):
     def db_path(self) -> Path:
         return self.models_dir / "jobs.db"
 
+    @property
+    def jobs_database(self) -> Union[str, Path]:
+        """The job database: the PostgreSQL URL, else MODELS_DIR/jobs.db."""
+        return self.database_url or self.db_path
+
+    @property
+    def galleries_database(self) -> Union[str, Path]:
+        """The galleries' database: the PostgreSQL URL, else MODELS_DIR/galleries.db."""
+        return self.database_url or self.models_dir / "galleries.db"
+
 
 _ENV_FIELDS = tuple(name for name in Settings.model_fields if name != "poll_interval_s")
 
@@ -161,6 +186,8 @@ def _message(err: ErrorDetails, env: Mapping[str, str]) -> str:
     raw = env.get(var, err.get("input"))
     field = Settings.model_fields.get(name)
     kind = err["type"]
+    if name == "database_url":  # never echo a password
+        return f"{var}={redact(str(raw))!r} {err.get('ctx', {}).get('error', err['msg'])}"
     if name == "api_key":  # never echo the key
         return (
             f"{var} is too short ({len(str(raw))} characters); use at least 8, for example the output of "

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sqlite3
 import threading
 from typing import Any, Optional
 
@@ -27,14 +26,10 @@ def run_worker(worker_id: Optional[str] = None) -> int:
     """Run jobs until SIGTERM or SIGINT; 0 when stopped so."""
     from app.runner import JobRunner, default_worker_id  # here: `faceid --help` stays light
     from app.settings import load_settings, prepare_dirs
-    from app.store import JobStore
-    from faceid.errors import ConfigError
+    from app.store import open_job_store
 
     s = prepare_dirs(load_settings())
-    try:
-        store = JobStore(s.db_path)
-    except sqlite3.Error as e:
-        raise ConfigError(f"the job database {s.db_path} cannot be opened ({e})") from None
+    store = open_job_store(s.jobs_database)
     runner = JobRunner(
         store=store,
         jobs_dir=s.jobs_dir,

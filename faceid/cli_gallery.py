@@ -44,6 +44,11 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _open_store(models_dir: str) -> GalleryStore:
+    if (os.environ.get("FACEID_DATABASE_URL") or "").strip():
+        raise ConfigError(
+            "FACEID_DATABASE_URL is set: the galleries live in that PostgreSQL database, which a server "
+            "serves; use its /galleries routes, or unset FACEID_DATABASE_URL for the models folder's galleries.db"
+        )
     root = Path(models_dir)
     root.mkdir(parents=True, exist_ok=True)
     lock = root / "server.lock"

@@ -1,4 +1,6 @@
-"""The galleries' SQLite file: galleries, people, faces and embeddings.
+"""The galleries' database: galleries, people, faces and embeddings, in SQLite
+(MODELS_DIR/galleries.db) or in the PostgreSQL database FACEID_DATABASE_URL names
+(faceid/database.py).
 
 Each face keeps the crop it was embedded from (PNG), so a new model can embed it again; each
 embedding is a float32 blob tagged with the id of the model that computed it. A gallery is bound to
@@ -9,35 +11,46 @@ never compared.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from faceid.database import Database, DatabaseOpenError, Migration
 from faceid.errors import ConfigError
 from faceid.gallery import Conflict, NotFound, check_gallery_name, check_person_name
 from faceid.gallery_index import GalleryIndex
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS galleries (
-    name TEXT PRIMARY KEY, created_at REAL NOT NULL, model_id TEXT, dim INTEGER);
-CREATE TABLE IF NOT EXISTS people (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    gallery TEXT NOT NULL REFERENCES galleries(name) ON DELETE CASCADE,
-    name TEXT NOT NULL, created_at REAL NOT NULL, UNIQUE (gallery, name));
-CREATE TABLE IF NOT EXISTS faces (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    person_id INTEGER NOT NULL REFERENCES people(id) ON DELETE CASCADE,
-    created_at REAL NOT NULL, source TEXT, crop BLOB, crop_kind TEXT, face TEXT);
-CREATE INDEX IF NOT EXISTS faces_person ON faces(person_id);
-CREATE TABLE IF NOT EXISTS embeddings (
-    face_id INTEGER NOT NULL REFERENCES faces(id) ON DELETE CASCADE,
-    model_id TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (face_id, model_id));
-"""
+# Write transactions of the galleries serialise among themselves (PostgreSQL advisory lock key).
+LOCK_KEY = 0x46494741  # "FIGA"
+MIGRATIONS = (
+    Migration(
+        1,
+        "galleries, people, faces and embeddings",
+        (
+            "CREATE TABLE IF NOT EXISTS galleries (name TEXT PRIMARY KEY, created_at {float} NOT NULL, "
+            "model_id TEXT, dim INTEGER)",
+            "CREATE TABLE IF NOT EXISTS people (id {pk}, gallery TEXT NOT NULL REFERENCES galleries(name) "
+            "ON DELETE CASCADE, name TEXT NOT NULL, created_at {float} NOT NULL, UNIQUE (gallery, name))",
+            "CREATE TABLE IF NOT EXISTS faces (id {pk}, person_id {bigint} NOT NULL REFERENCES people(id) "
+            "ON DELETE CASCADE, created_at {float} NOT NULL, source TEXT, crop {blob}, crop_kind TEXT, face TEXT)",
+            "CREATE INDEX IF NOT EXISTS faces_person ON faces(person_id)",
+            "CREATE TABLE IF NOT EXISTS embeddings (face_id {bigint} NOT NULL REFERENCES faces(id) ON DELETE CASCADE, "
+            "model_id TEXT NOT NULL, vector {blob} NOT NULL, PRIMARY KEY (face_id, model_id))",
+        ),
+    ),
+    Migration(
+        2,
+        "a change counter that inference servers follow",
+        (
+            "CREATE TABLE IF NOT EXISTS gallery_changes (id INTEGER PRIMARY KEY, version {bigint} NOT NULL)",
+            "INSERT INTO gallery_changes (id, version) VALUES (1, 0)",
+        ),
+    ),
+)
 
 
 @dataclass
@@ -53,52 +66,31 @@ class NewFace:
 
 
 class GalleryStore:
-    """The galleries' SQLite file. Thread-safe: one connection, one lock; every change is one
-    transaction, so a crash leaves each enrolment or deletion whole or absent."""
+    """The galleries' database. Thread-safe: one connection, one lock; every change is one
+    transaction, so a crash leaves each enrolment or deletion whole or absent, and every change
+    moves the counter `data_version` reads. `target`: the SQLite file, or a postgresql:// URL."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.RLock()
+    def __init__(self, target: str | Path) -> None:
+        self.path = target
         try:
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as e:
+            self._db = Database.open(target, "galleries", MIGRATIONS, lock_key=LOCK_KEY)
+        except DatabaseOpenError as e:
             raise ConfigError(
-                f"the gallery database {self.path} cannot be opened ({e}); restore it from a "
-                "backup, or move it away to start without galleries"
+                f"the gallery database cannot be opened ({e}); restore it from a backup, or move it away "
+                "to start without galleries"
             ) from None
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
-    def _tx(self):
-        store = self
-
-        class _Tx:
-            def __enter__(self_inner):
-                store._lock.acquire()
-                store._db.execute("BEGIN IMMEDIATE")
-                return store._db
-
-            def __exit__(self_inner, et, ev, tb):
-                try:
-                    if et is None:
-                        store._db.execute("COMMIT")
-                    else:
-                        store._db.execute("ROLLBACK")
-                finally:
-                    store._lock.release()
-                return False
-
-        return _Tx()
+    @contextmanager
+    def _tx(self) -> Iterator[Database]:
+        with self._db.transaction() as db:
+            yield db
+            db.run("UPDATE gallery_changes SET version = version + 1 WHERE id = 1")
 
     def _one(self, sql: str, args: tuple = ()) -> Optional[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchone()
+        return self._db.one(sql, args)
 
     def _agg(self, sql: str, args: tuple = ()) -> tuple:
         """A query that answers one row whatever the data (an aggregate, or a row this lock hold
@@ -108,19 +100,18 @@ class GalleryStore:
         return row
 
     def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        return self._db.all(sql, args)
 
     # galleries
     def create_gallery(self, name: str) -> dict[str, Any]:
         check_gallery_name(name)
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM galleries WHERE name=?", (name,)).fetchone():
+            if db.one("SELECT 1 FROM galleries WHERE name=?", (name,)):
                 raise Conflict(
                     f"gallery {name!r} exists already; enroll into it, or DELETE /galleries/{name} "
                     "first to start it again"
                 )
-            db.execute("INSERT INTO galleries (name, created_at) VALUES (?, ?)", (name, time.time()))
+            db.run("INSERT INTO galleries (name, created_at) VALUES (?, ?)", (name, time.time()))
         return self.gallery(name)  # type: ignore[return-value]
 
     def gallery_names(self) -> list[str]:
@@ -131,7 +122,8 @@ class GalleryStore:
         if row is None:
             return None
         people, faces, cropless = self._agg(
-            "SELECT COUNT(DISTINCT p.id), COUNT(f.id), COALESCE(SUM(f.crop IS NULL), 0) "
+            "SELECT COUNT(DISTINCT p.id), COUNT(f.id), COALESCE(SUM(CASE WHEN f.id IS NOT NULL AND f.crop IS NULL "
+            "THEN 1 ELSE 0 END), 0) "
             "FROM people p LEFT JOIN faces f ON f.person_id = p.id WHERE p.gallery=?",
             (name,),
         )
@@ -160,9 +152,9 @@ class GalleryStore:
         return g
 
     def data_version(self) -> int:
-        """A number that changes whenever another connection (another process) has committed a
-        change to the database: a cheap test before reading anything again."""
-        return int(self._agg("PRAGMA data_version")[0])
+        """A number that changes with every committed change to the galleries, by any process: a
+        cheap test before reading anything again."""
+        return int(self._agg("SELECT version FROM gallery_changes WHERE id = 1")[0])
 
     def signature(self, gallery: str, model_id: str) -> tuple[int, int, int]:
         """(count, largest id, sum of ids) of the gallery's faces embedded by `model_id`: it changes
@@ -184,12 +176,12 @@ class GalleryStore:
     def delete_gallery(self, name: str) -> dict[str, Any]:
         g = self.require(name)
         with self._tx() as db:
-            db.execute("DELETE FROM galleries WHERE name=?", (name,))
+            db.run("DELETE FROM galleries WHERE name=?", (name,))
         return g
 
     def bind(self, name: str, model_id: str, dim: int) -> None:
         with self._tx() as db:
-            db.execute("UPDATE galleries SET model_id=?, dim=? WHERE name=?", (model_id, int(dim), name))
+            db.run("UPDATE galleries SET model_id=?, dim=? WHERE name=?", (model_id, int(dim), name))
 
     # people and faces
     def people(self, gallery: str) -> list[dict[str, Any]]:
@@ -211,17 +203,22 @@ class GalleryStore:
         return row[0]
 
     def person(self, gallery: str, person: str) -> dict[str, Any]:
-        # one lock hold: a delete between finding the person and reading them answers NotFound
-        # before or after it, never half of each
-        with self._lock:
+        # under the write lock: a delete between finding the person and reading them answers
+        # NotFound before or after it, never half of each
+        with self._db.transaction():
             pid = self._person_id(gallery, person)
             created = self._agg("SELECT created_at FROM people WHERE id=?", (pid,))[0]
             rows = self._all(
-                "SELECT f.id, f.created_at, f.source, f.crop IS NOT NULL, f.face, "
-                "(SELECT group_concat(model_id, ' ') FROM embeddings WHERE face_id=f.id) "
-                "FROM faces f WHERE f.person_id=? ORDER BY f.id",
+                "SELECT f.id, f.created_at, f.source, f.crop IS NOT NULL, f.face FROM faces f "
+                "WHERE f.person_id=? ORDER BY f.id",
                 (pid,),
             )
+            models: dict[int, list[str]] = {}
+            for fid, model in self._all(
+                "SELECT e.face_id, e.model_id FROM embeddings e JOIN faces f ON f.id=e.face_id WHERE f.person_id=?",
+                (pid,),
+            ):
+                models.setdefault(fid, []).append(model)
         faces = [
             {
                 "id": i,
@@ -229,9 +226,9 @@ class GalleryStore:
                 "source": s,
                 "has_crop": bool(h),
                 "face": json.loads(fj) if fj else None,
-                "models": sorted((m or "").split()),
+                "models": sorted(models.get(i, [])),
             }
-            for i, c, s, h, fj, m in rows
+            for i, c, s, h, fj in rows
         ]
         return {"name": person, "created_at": created, "faces": faces}
 
@@ -241,25 +238,23 @@ class GalleryStore:
         check_person_name(person)
         now = time.time()
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM galleries WHERE name=?", (gallery,)).fetchone() is None:
+            if db.one("SELECT 1 FROM galleries WHERE name=?", (gallery,)) is None:
                 raise NotFound(f"no gallery {gallery[:80]!r}; POST /galleries creates one")
-            row = db.execute("SELECT id FROM people WHERE gallery=? AND name=?", (gallery, person)).fetchone()
+            row = db.one("SELECT id FROM people WHERE gallery=? AND name=?", (gallery, person))
             created = row is None
             pid = (
-                db.execute(
-                    "INSERT INTO people (gallery, name, created_at) VALUES (?, ?, ?)", (gallery, person, now)
-                ).lastrowid
-                if created
+                db.insert("INSERT INTO people (gallery, name, created_at) VALUES (?, ?, ?)", (gallery, person, now))
+                if row is None
                 else row[0]
             )
             ids = []
             for f in faces:
-                fid = db.execute(
+                fid = db.insert(
                     "INSERT INTO faces (person_id, created_at, source, crop, crop_kind, face) "
                     "VALUES (?, ?, ?, ?, ?, ?)",
                     (pid, now, f.source, f.crop, f.kind, json.dumps(f.face) if f.face is not None else None),
-                ).lastrowid
-                db.execute(
+                )
+                db.run(
                     "INSERT INTO embeddings (face_id, model_id, vector) VALUES (?, ?, ?)",
                     (fid, model_id, np.ascontiguousarray(f.vector, np.float32).tobytes()),
                 )
@@ -269,14 +264,14 @@ class GalleryStore:
     def delete_person(self, gallery: str, person: str) -> list[int]:
         pid = self._person_id(gallery, person)
         with self._tx() as db:
-            ids = [r[0] for r in db.execute("SELECT id FROM faces WHERE person_id=?", (pid,))]
-            db.execute("DELETE FROM people WHERE id=?", (pid,))
+            ids = [r[0] for r in db.all("SELECT id FROM faces WHERE person_id=?", (pid,))]
+            db.run("DELETE FROM people WHERE id=?", (pid,))
         return ids
 
     def delete_face(self, gallery: str, person: str, face_id: int) -> None:
         pid = self._person_id(gallery, person)
         with self._tx() as db:
-            if db.execute("DELETE FROM faces WHERE id=? AND person_id=?", (face_id, pid)).rowcount == 0:
+            if db.run("DELETE FROM faces WHERE id=? AND person_id=?", (face_id, pid)) == 0:
                 raise NotFound(
                     f"no face {face_id} of {person!r} in gallery {gallery!r}; GET "
                     f"/galleries/{gallery}/people/{person} lists the faces"
@@ -294,8 +289,8 @@ class GalleryStore:
         """(faces with an embedding by `model_id`, faces that could get one: those with a crop, or
         already embedded by it)."""
         row = self._agg(
-            "SELECT COALESCE(SUM(e.face_id IS NOT NULL), 0), "
-            "COALESCE(SUM(e.face_id IS NOT NULL OR f.crop IS NOT NULL), 0) "
+            "SELECT COALESCE(SUM(CASE WHEN e.face_id IS NOT NULL THEN 1 ELSE 0 END), 0), "
+            "COALESCE(SUM(CASE WHEN e.face_id IS NOT NULL OR f.crop IS NOT NULL THEN 1 ELSE 0 END), 0) "
             "FROM faces f JOIN people p ON p.id=f.person_id "
             "LEFT JOIN embeddings e ON e.face_id=f.id AND e.model_id=? WHERE p.gallery=?",
             (model_id, gallery),
@@ -319,9 +314,10 @@ class GalleryStore:
         """Store embeddings by `model_id`; a face deleted meanwhile is skipped."""
         with self._tx() as db:
             for fid, vec in items:
-                db.execute(
-                    "INSERT OR REPLACE INTO embeddings (face_id, model_id, vector) SELECT ?, ?, ? "
-                    "WHERE EXISTS (SELECT 1 FROM faces WHERE id=?)",
+                db.run(
+                    "INSERT INTO embeddings (face_id, model_id, vector) SELECT ?, ?, ? "
+                    "WHERE EXISTS (SELECT 1 FROM faces WHERE id=?) "
+                    "ON CONFLICT (face_id, model_id) DO UPDATE SET vector = excluded.vector",
                     (fid, model_id, np.ascontiguousarray(vec, np.float32).tobytes(), fid),
                 )
 
@@ -329,21 +325,17 @@ class GalleryStore:
         self, gallery: str, model_id: str, chunk: int = 65536
     ) -> Iterator[tuple[list, list, np.ndarray]]:
         """The gallery's embeddings by `model_id`, in chunks: (face ids, person names, float32 [k, D])."""
-        with self._lock:
-            cur = self._db.execute(
-                "SELECT f.id, p.name, e.vector FROM embeddings e JOIN faces f ON f.id=e.face_id "
-                "JOIN people p ON p.id=f.person_id WHERE p.gallery=? AND e.model_id=? ORDER BY f.id",
-                (gallery, model_id),
+        for rows in self._db.chunks(
+            "SELECT f.id, p.name, e.vector FROM embeddings e JOIN faces f ON f.id=e.face_id "
+            "JOIN people p ON p.id=f.person_id WHERE p.gallery=? AND e.model_id=? ORDER BY f.id",
+            (gallery, model_id),
+            chunk,
+        ):
+            yield (
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                np.frombuffer(b"".join(bytes(r[2]) for r in rows), np.float32).reshape(len(rows), -1),
             )
-            while True:
-                rows = cur.fetchmany(chunk)
-                if not rows:
-                    return
-                yield (
-                    [r[0] for r in rows],
-                    [r[1] for r in rows],
-                    np.frombuffer(b"".join(r[2] for r in rows), np.float32).reshape(len(rows), -1),
-                )
 
     def load_index(self, gallery: str, model_id: str, dim: int) -> GalleryIndex:
         count = self.count_embedded(gallery, model_id)[0]

@@ -18,3 +18,24 @@ def face_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("FACEID_CACHE_DIR", None)
     else:
         os.environ["FACEID_CACHE_DIR"] = before
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/postgres_server.py); skips without one."""
+    from postgres_server import PostgresServer
+
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres) -> str:
+    """The URL of a new, empty PostgreSQL database of this test's own."""
+    return postgres.new_database()

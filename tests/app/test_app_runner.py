@@ -222,25 +222,32 @@ def test_claiming_a_job_records_where_its_events_start_in_the_same_write(tmp_pat
         store.close()
 
 
-def test_a_database_from_before_events_offset_gets_the_column(tmp_path):
+def test_a_database_from_before_migrations_gets_the_later_columns_once(tmp_path):
     import sqlite3
 
-    from app.store import _SCHEMA
+    from app.store import MIGRATIONS
+    from faceid.database import Database
 
     path = tmp_path / "jobs.db"
-    old = _SCHEMA.replace(",\n    events_offset INTEGER\n", "\n")
-    assert old != _SCHEMA
-    db = sqlite3.connect(str(path))
-    db.executescript(old)
-    db.execute("INSERT INTO jobs (id, status, config, created_at) VALUES (?, 'queued', '{}', 1.0)", ("c" * 32,))
-    db.commit()
-    db.close()
+    first = Database(path)  # the first release's tables, without the record of migrations
+    for statement in MIGRATIONS[0].steps:
+        first.run(statement)
+    first.run("INSERT INTO jobs (id, status, config, created_at) VALUES (?, 'queued', '{}', 1.0)", ("c" * 32,))
+    first.close()
+    assert "events_offset" not in {r[1] for r in sqlite3.connect(path).execute("PRAGMA table_info(jobs)")}
     store = JobStore(path)
     try:
-        store.update("c" * 32, events_offset=123)
+        store.update("c" * 32, events_offset=123, worker="w", heartbeat_at=2.0)
         assert store.get("c" * 32)["events_offset"] == 123
+        assert store._db.versions("jobs") == [m.version for m in MIGRATIONS]
     finally:
         store.close()
+    again = JobStore(path)  # nothing left to apply, the data kept
+    try:
+        assert again._db.migrate("jobs", MIGRATIONS) == []
+        assert again.get("c" * 32)["worker"] == "w"
+    finally:
+        again.close()
 
 
 async def test_interrupted_without_last_checkpoint_is_409(make_settings, make_app, job_body):

@@ -1,6 +1,8 @@
-"""Job workers in processes of their own: an API-only server (FACEID_RUN_JOBS=0) and `faceid worker`
-processes on one models folder and its SQLite job database, with the fake trainer (each job about a
-second) and the fake verifier (the server loads the fake trainer's checkpoints)."""
+"""Job workers in processes of their own: an API-only server (FACEID_RUN_JOBS=0), `faceid worker`
+processes and stateless inference servers on one models folder, with the fake trainer (each job
+about a second) and the fake verifier (the server loads the fake trainer's checkpoints). The whole
+set runs twice: on the models folder's SQLite files, and on a real PostgreSQL server
+(FACEID_DATABASE_URL; tests/postgres_server.py), as the deployment examples in deploy/ run."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import httpx
 import pytest
@@ -20,6 +22,7 @@ from real_server import REPO, _free_port
 from service_helpers import FAKE_TRAINER, MODE, image_bytes, person_image
 
 from app.store import JobStore
+from faceid.gallery_store import GalleryStore
 
 HERE = Path(__file__).resolve().parent
 LEASE_S = 3.0
@@ -50,7 +53,7 @@ def wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
 class Cluster:
     """One API-only server and `faceid worker` processes on one models folder."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, database_url: Optional[str] = None) -> None:
         self.tmp = tmp
         self.models = tmp / "models"
         data = tmp / "data"
@@ -68,6 +71,9 @@ class Cluster:
             FACEID_CANCEL_GRACE_S="5",
             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         )
+        self.database_url = database_url
+        if database_url:
+            self.env["FACEID_DATABASE_URL"] = database_url
         self.workers: dict[str, subprocess.Popen] = {}
         self.inference: dict[str, subprocess.Popen] = {}  # base URL -> process
         self.logs: list[Path] = []
@@ -183,9 +189,10 @@ class Cluster:
                 proc.wait()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("workers"))
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def cluster(request, tmp_path_factory) -> Iterator[Cluster]:
+    url = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
+    c = Cluster(tmp_path_factory.mktemp("workers"), database_url=url)
     try:
         c.ensure_workers(2)
         yield c
@@ -350,46 +357,26 @@ def test_a_worker_stopped_with_sigterm_interrupts_its_job_resumably(cluster):
     assert done["status"] == "succeeded" and done["worker"] != worker, done
 
 
+def test_jobs_and_galleries_live_in_the_database_the_url_names(cluster):
+    cluster.client.post("/galleries", json={"name": "where"})
+    job_id = cluster.submit()
+    listed = {j["id"] for j in cluster.client.get("/jobs").json()["jobs"]}
+    assert job_id in listed
+    files = {p.name for p in cluster.models.glob("*.db")}
+    store = JobStore(cluster.database_url or cluster.models / "jobs.db")
+    try:
+        assert {j["id"] for j in store.list()[0]} == listed
+    finally:
+        store.close()
+    gallery = GalleryStore(cluster.database_url or cluster.models / "galleries.db")
+    try:
+        assert "where" in gallery.gallery_names()
+    finally:
+        gallery.close()
+    assert files == (set() if cluster.database_url else {"jobs.db", "galleries.db"})
+
+
 # -- the store across processes -------------------------------------------------------------------
-
-CLAIMER = """
-import os, sys, time
-from pathlib import Path
-from app.store import JobStore
-store, name, go = JobStore(Path(sys.argv[1])), sys.argv[2], Path(sys.argv[3])
-while not go.exists():
-    time.sleep(0.005)
-while (job := store.next_queued()) is not None:
-    if store.claim(job["id"], worker=name):
-        print(job["id"], flush=True)
-"""
-
-
-def test_two_processes_never_claim_the_same_job(tmp_path):
-    store = JobStore(tmp_path / "jobs.db")
-    ids = [f"{i:032x}" for i in range(150)]
-    for job_id in ids:
-        store.create(job_id, {"epochs": 1}, max_queued=1000)
-    go = tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-c", CLAIMER, str(tmp_path / "jobs.db"), name, str(go)],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for name in ("w1", "w2")
-    }
-    time.sleep(1.0)
-    go.touch()
-    claimed = {name: proc.communicate(timeout=60)[0].split() for name, proc in procs.items()}
-    assert all(proc.returncode == 0 for proc in procs.values())
-    assert not set(claimed["w1"]) & set(claimed["w2"])
-    assert sorted(claimed["w1"] + claimed["w2"]) == ids
-    for name, mine in claimed.items():
-        assert all(store.get(job_id)["worker"] == name and store.get(job_id)["attempts"] == 1 for job_id in mine)
-    store.close()
 
 
 def test_a_lease_interrupts_only_jobs_without_a_recent_heartbeat(tmp_path):
