@@ -58,13 +58,15 @@ def describe_exit(rc: int, what: str = "the training process") -> str:
 
 def child_env() -> dict[str, str]:
     """The server's environment minus its secrets and its own OpenMP wait default (training
-    spins briefly instead, faceid/omp.py), with the faceid package importable."""
+    spins briefly instead, faceid/omp.py), with the faceid package importable and this process
+    named as the trainer's runner (faceid.cli_train.watch_runner)."""
     env = training_child_env({k: v for k, v in os.environ.items() if k != "FACEID_API_KEY"})
     import faceid
 
     root = str(Path(faceid.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env["FACEID_RUNNER_PID"] = str(os.getpid())  # the trainer stops when this process is gone
     return env
 
 

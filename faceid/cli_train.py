@@ -207,6 +207,28 @@ def build_train_parser(prog: str = "faceid train") -> argparse.ArgumentParser:
     return p
 
 
+def watch_runner(got_signal: list[int], stop: threading.Event, period_s: float = 0.5) -> None:
+    """Under the service's job runner (FACEID_RUNNER_PID, the runner's process, is this process's
+    parent): stop as SIGTERM stops the run (after this step, saving last.pt) once that process is
+    gone. A `faceid worker` that was killed leaves no trainer behind, writing into a job that
+    another worker may resume."""
+    try:
+        runner = int(os.environ.get("FACEID_RUNNER_PID") or 0)
+    except ValueError:
+        return
+    if not runner or os.getppid() != runner:
+        return
+
+    def watch() -> None:
+        while not stop.wait(period_s):
+            if os.getppid() != runner:
+                log.warning("the job runner (pid %d) is gone: stopping after this step and saving last.pt", runner)
+                got_signal.append(signal.SIGTERM)
+                stop.set()
+
+    threading.Thread(target=watch, name="faceid-runner-watch", daemon=True).start()
+
+
 def train_main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     training_defaults()  # torch is not imported yet (faceid/omp.py)
@@ -233,6 +255,7 @@ def train_main(argv: Optional[list[str]] = None) -> int:
 
         # Restored afterwards, so that an in-process caller (a test, a notebook) keeps its own.
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        watch_runner(got_signal, stop)
         try:
             run(cfg, on_event=events, stop=stop)
         except NoSamePersonPairError:

@@ -415,3 +415,57 @@ def test_an_older_database_gets_the_worker_columns(tmp_path):
     # left running by a server from before workers: interrupted at the next start, whatever the lease
     assert [j["id"] for j in store.interrupt_stale(3600)] == ["d" * 32]
     store.close()
+
+
+# -- a trainer whose runner is gone ---------------------------------------------------------------
+
+RUNNER = """
+import os, subprocess, sys
+env = {**os.environ, "FACEID_RUNNER_PID": str(os.getpid())}
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=env)
+print(child.pid, flush=True)
+child.wait()
+"""
+TRAINER = """
+import signal, sys, threading
+from faceid.cli_train import watch_runner
+got, stop = [], threading.Event()
+watch_runner(got, stop, period_s=0.05)
+open(sys.argv[1] + ".started", "w").close()
+stopped = stop.wait(60)
+open(sys.argv[1], "w").write("stopped" if stopped and got == [signal.SIGTERM] else "timed out")
+"""
+
+
+def test_a_trainer_stops_and_saves_when_its_runner_is_killed(tmp_path):
+    """The job runner's child (faceid.cli_train) watches the runner: a `faceid worker` killed with
+    SIGKILL leaves no trainer writing into a job another worker may resume; it stops as SIGTERM
+    stops it (after the step, saving last.pt)."""
+    result = tmp_path / "result"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    runner = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, TRAINER, str(result)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    trainer_pid = int(runner.stdout.readline())
+    wait(lambda: Path(str(result) + ".started").exists(), 30, "the trainer to start watching")
+    assert not result.exists()
+    runner.kill()
+    runner.wait()
+    wait(result.exists, 10, "the trainer to notice its runner is gone")
+    assert result.read_text() == "stopped"
+    from app.processes import process_alive
+
+    wait(lambda: not process_alive(trainer_pid), 10, "the trainer to exit")  # a zombie counts as gone
+
+
+def test_a_trainer_started_by_anything_else_does_not_watch(monkeypatch):
+    import threading
+
+    from faceid.cli_train import watch_runner
+
+    stop = threading.Event()
+    for value in ("", "not-a-pid", str(os.getpid())):  # unset, garbage, a process that is not the parent
+        monkeypatch.setenv("FACEID_RUNNER_PID", value)
+        watch_runner([], stop, period_s=0.01)
+    assert not any(t.name == "faceid-runner-watch" for t in threading.enumerate())
+    assert not stop.is_set()
