@@ -177,6 +177,16 @@ class TrainConfig(BaseModel):
     )
     warmup_epochs: float = Field(0.0, ge=0, le=100_000, description="linear per-step warmup length in epochs")
     clip_grad_norm: float = Field(0.0, ge=0, le=1e6, description="clip the gradient norm to this (0: off)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="label smoothing of the ArcFace cross-entropy (0: off; arcface mode only)"
+    )
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="keep an exponential moving average of the weights, updated every step with this decay, "
+        "and evaluate and save it instead of the raw weights (0: off; 0.999 averages about the last 1,000 steps)",
+    )
     balanced_sampling: bool = Field(
         False, description="arcface: draw identities uniformly, not images, so a few large identities do not dominate"
     )

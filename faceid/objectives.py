@@ -37,6 +37,7 @@ class ArcFaceObjective(nn.Module):
         self.balanced = cfg.balanced_sampling
         self.target_m = cfg.arcface_m
         self.margin_warmup_epochs = cfg.margin_warmup_epochs
+        self.label_smoothing = cfg.label_smoothing
         self.head = ArcMarginProduct(
             cfg.embedding_size, num_classes, s=cfg.arcface_s, m=cfg.arcface_m, easy_margin=cfg.easy_margin
         )
@@ -57,7 +58,7 @@ class ArcFaceObjective(nn.Module):
 
     def forward(self, emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """emb [B, D], target [B] -> scalar loss."""
-        return F.cross_entropy(self.head(emb, target), target)
+        return F.cross_entropy(self.head(emb, target), target, label_smoothing=self.label_smoothing)
 
 
 class PairObjective(nn.Module):

@@ -103,9 +103,11 @@ def last_checkpoint_dict(
     scaler: torch.amp.GradScaler,
     state: RunState,
     plan: dict[str, int],
+    ema: Optional[Any] = None,
 ) -> dict:
     """`checkpoint_dict` and what a resume needs (last.pt); `plan` is the epoch's batches
-    ({"steps": steps per epoch, "world_size": processes})."""
+    ({"steps": steps per epoch, "world_size": processes}); `ema` the moving average of the
+    weights (torch.optim.swa_utils.AveragedModel) under --ema_decay."""
     ck = checkpoint_dict(cfg, model, epoch, record)
     # The ArcMarginProduct's own state_dict (key "weight"), as docs/CONTRACTS.md says.
     ck.update(
@@ -119,6 +121,11 @@ def last_checkpoint_dict(
         partial_steps=state.partial_steps,
         epoch_plan=plan,
     )
+    if ema is not None:
+        ck["ema"] = {
+            "model": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
+            "n_averaged": int(ema.n_averaged),
+        }
     return ck
 
 

@@ -163,6 +163,8 @@ class Trainer(TrainerSetup):
             self._time_share = share
             stop_now = stop_flag > 0
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             st.global_step += 1
             lv = float(loss.detach())
             if not math.isfinite(lv):
@@ -211,7 +213,7 @@ class Trainer(TrainerSetup):
         cfg = self.cfg
         bs = max(cfg.batch_size, 64)
         emb = embed_store(
-            self.model, self.val_store, self.eval_tf, batch_size=bs, amp_dtype=self.amp_dtype, flip=cfg.eval_flip
+            self.eval_model, self.val_store, self.eval_tf, batch_size=bs, amp_dtype=self.amp_dtype, flip=cfg.eval_flip
         )
         metrics = score_sampled(emb, self.eval_pairs)
         # the curve behind those figures, written as roc.json when the epoch is the best
@@ -224,7 +226,7 @@ class Trainer(TrainerSetup):
             pemb[in_val >= 0] = emb[in_val[in_val >= 0]]
             if len(rest):
                 pemb[rest] = embed_store(
-                    self.model,
+                    self.eval_model,
                     store,
                     self.eval_tf,
                     batch_size=bs,
@@ -256,7 +258,7 @@ class Trainer(TrainerSetup):
             if is_best:
                 st.best_epoch, st.best_value = epoch, value
                 path = save_checkpoint(
-                    checkpoint_dict(cfg, self.model, epoch, record), self.ckpt_dir / "backbone_best.pt"
+                    checkpoint_dict(cfg, self.eval_model, epoch, record), self.ckpt_dir / "backbone_best.pt"
                 )
                 self.emit(events.Checkpoint(kind="best", path=str(path), epoch=epoch))
                 write_roc(self.ckpt_dir, epoch, self.last_roc, metrics)
@@ -294,6 +296,7 @@ class Trainer(TrainerSetup):
             scaler=self.scaler,
             state=self.state,
             plan=self._epoch_plan(),
+            ema=self.ema,
         )
         path = save_checkpoint(ck, self.ckpt_dir / "last.pt")
         self.emit(events.Checkpoint(kind="last", path=str(path), epoch=epoch))

@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from faceid import events
 from faceid.checkpoint import load_checkpoint
@@ -186,6 +188,17 @@ class TrainerSetup:
             self.optimizer, lr_lambda(cfg, self.steps_per_epoch, self._pace)
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # --ema_decay: a moving average of the network's weights (and batch-norm statistics),
+        # updated after every step; it is what is evaluated and saved as backbone_best.pt
+        self.ema: Optional[AveragedModel] = None
+        if cfg.ema_decay > 0:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and saved as the best: the moving average with
+        --ema_decay, else the network itself."""
+        return self.ema.module if self.ema is not None else self.model
 
     def _build_transforms(self) -> None:
         """Batch transforms on the device: augmenting for training, plain for evaluation."""
@@ -223,6 +236,10 @@ class TrainerSetup:
             scheduler=self.scheduler,
             scaler=self.scaler,
         )
+        if self.ema is not None:  # the average goes on; a last.pt without one starts it from its weights
+            saved = ck.get("ema")
+            self.ema.module.load_state_dict(saved["model"] if saved else self.model.state_dict())
+            self.ema.n_averaged.fill_(saved["n_averaged"] if saved else 1)
         self.state = resumed_state(ck, path, self._epoch_plan())
         self._first_step = self.state.global_step
         log.info(

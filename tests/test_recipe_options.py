@@ -1,0 +1,68 @@
+"""Recipe options for little data: label smoothing of the ArcFace cross-entropy, and a moving
+average of the weights (--ema_decay) that is what gets evaluated and saved."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from core_fixtures import TINY, small_sample
+
+from faceid.checkpoint import load_checkpoint
+from faceid.config import TrainConfig
+from faceid.objectives import ArcFaceObjective
+from faceid.train import run
+
+
+def test_label_smoothing_is_the_cross_entropy_of_the_arcface_logits_with_smoothing():
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    emb, target = torch.randn(6, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    losses = {}
+    for eps in (0.0, 0.2):
+        cfg = TrainConfig(embedding_size=16, label_smoothing=eps, margin_warmup_epochs=0)
+        torch.manual_seed(0)
+        objective = ArcFaceObjective(cfg, labels, 3)
+        logits = objective.head(emb, target)
+        assert torch.allclose(objective(emb, target), F.cross_entropy(logits, target, label_smoothing=eps))
+        losses[eps] = float(objective(emb, target).detach())
+    assert losses[0.2] != losses[0.0]
+
+
+def _config(tmp_path_factory, name: str, **overrides) -> TrainConfig:
+    train, val = small_sample(tmp_path_factory)
+    return TrainConfig(
+        train=str(train),
+        val=str(val),
+        ckpt_dir=str(tmp_path_factory.mktemp(name)),
+        train_mode="arcface",
+        **{**TINY, "max_steps_per_epoch": 3, **overrides},
+    )
+
+
+def _flat(state: dict) -> torch.Tensor:
+    return torch.cat([v.float().flatten() for k, v in sorted(state.items()) if v.is_floating_point()])
+
+
+def test_ema_is_what_is_evaluated_and_saved_and_a_resume_goes_on_averaging(tmp_path_factory):
+    cfg = _config(tmp_path_factory, "ema", epochs=1, ema_decay=0.5)
+    result = run(cfg)
+    last = load_checkpoint(f"{cfg.ckpt_dir}/last.pt")
+    best = load_checkpoint(result.best_checkpoint)
+    assert last["ema"]["n_averaged"] == last["global_step"] == 3
+    raw, average = _flat(last["model"]), _flat(last["ema"]["model"])
+    assert not torch.allclose(raw, average)  # the average lags the raw weights
+    assert torch.equal(_flat(best["model"]), average)  # the one epoch's best is the average
+    # resumed for two more epochs: the average goes on from the saved one, not from the raw weights
+    more = cfg.model_copy(update={"epochs": 3, "resume": f"{cfg.ckpt_dir}/last.pt"})
+    run(more)
+    after = load_checkpoint(f"{cfg.ckpt_dir}/last.pt")
+    assert after["ema"]["n_averaged"] == after["global_step"] == 9
+    assert not torch.allclose(_flat(after["ema"]["model"]), _flat(after["model"]))
+
+
+def test_without_ema_last_pt_holds_no_average_and_the_best_is_the_raw_weights(tmp_path_factory):
+    cfg = _config(tmp_path_factory, "no_ema", epochs=1)
+    result = run(cfg)
+    last = load_checkpoint(f"{cfg.ckpt_dir}/last.pt")
+    assert "ema" not in last
+    assert torch.equal(_flat(load_checkpoint(result.best_checkpoint)["model"]), _flat(last["model"]))
