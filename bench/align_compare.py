@@ -53,6 +53,8 @@ RECIPES = {
     "arcface_drop0.3": {"preset": "cpu-small", "align": "arcface", "dropout": 0.3},
     "arcface_ema": {"preset": "cpu-small", "align": "arcface", "ema_decay": 0.995},
     "arcface_ls": {"preset": "cpu-small", "align": "arcface", "label_smoothing": 0.1},
+    "arcface_20": {"preset": "cpu-small", "align": "arcface", "epochs": 20},
+    "arcface_ema_20": {"preset": "cpu-small", "align": "arcface", "ema_decay": 0.995, "epochs": 20},
 }
 
 

@@ -41,6 +41,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "neck": "flat",
         "eval_flip": True,
         "eval_pairs": 20000,  # 10,000 negatives: FAR 1e-3 rests on 10 false accepts
+        # the average of about the last 200 steps is evaluated and saved (bench/README.md, align_compare)
+        "ema_decay": 0.995,
         "epochs": 10,
         "workers": 2,
     },

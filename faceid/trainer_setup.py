@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from faceid import events
 from faceid.checkpoint import load_checkpoint
@@ -38,6 +38,26 @@ from faceid.runtime import DistEnv, set_threads
 log = logging.getLogger("faceid.train")  # the training log lines keep the name they always had
 
 EventSink = Callable[[dict[str, Any]], None]
+
+
+ParamList = Union[tuple[torch.Tensor, ...], list[torch.Tensor]]
+
+
+def ema_update(decay: float) -> Callable[[ParamList, ParamList, Union[torch.Tensor, int]], None]:
+    """AveragedModel's update for --ema_decay: the plain mean of the weights seen so far until
+    1 / (1 - decay) steps have been averaged, then the exponential average with `decay`. A fixed
+    decay from the first step would keep the random initial weights in the average of a short run
+    (0.995^240 = 30 % of it after 240 steps)."""
+
+    def update(averaged: ParamList, current: ParamList, n_averaged: Union[torch.Tensor, int]) -> None:
+        keep = min(decay, 1.0 - 1.0 / (float(n_averaged) + 1.0))
+        if averaged and torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1.0 - keep)
+        else:  # counters (BatchNorm's num_batches_tracked): the current value
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+
+    return update
 
 
 class TrainerSetup:
@@ -192,7 +212,7 @@ class TrainerSetup:
         # updated after every step; it is what is evaluated and saved as backbone_best.pt
         self.ema: Optional[AveragedModel] = None
         if cfg.ema_decay > 0:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(cfg.ema_decay), use_buffers=True)
 
     @property
     def eval_model(self) -> nn.Module:

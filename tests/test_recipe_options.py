@@ -66,3 +66,19 @@ def test_without_ema_last_pt_holds_no_average_and_the_best_is_the_raw_weights(tm
     last = load_checkpoint(f"{cfg.ckpt_dir}/last.pt")
     assert "ema" not in last
     assert torch.equal(_flat(load_checkpoint(result.best_checkpoint)["model"]), _flat(last["model"]))
+
+
+def test_the_moving_average_is_the_plain_mean_until_its_window_fills_then_exponential():
+    from torch import nn
+    from torch.optim.swa_utils import AveragedModel
+
+    from faceid.trainer_setup import ema_update
+
+    for decay, expected in ((0.9, 2.5), (0.5, 3.125)):  # window 10: the mean of 1..4; window 2: EMA
+        net = nn.Linear(1, 1, bias=False)
+        average = AveragedModel(net, multi_avg_fn=ema_update(decay), use_buffers=True)
+        for value in (1.0, 2.0, 3.0, 4.0):
+            with torch.no_grad():
+                net.weight.fill_(value)
+            average.update_parameters(net)
+        assert float(average.module.weight.detach()) == expected
