@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def tail_lines(path: Path, n: int, max_bytes: int = 4 << 20) -> list[str]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 

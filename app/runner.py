@@ -240,10 +240,11 @@ class JobRunner:
         if "crop" in config and "align" not in config:
             # stored whole before the option existed: the job resumes as it started, unaligned
             config["align"] = "none"
-        write_json_atomic(cfg_path, config)
         offset = events_path.stat().st_size if events_path.exists() else 0
         if not self.store.claim(job_id, events_offset=offset, worker=self.worker_id):
             return  # cancelled or claimed by another worker between next_queued and now
+        # only the worker that claimed the job writes into its folder
+        write_json_atomic(cfg_path, config)
         log.info("job %s: claimed by worker %s", job_id, self.worker_id)
         attempt = (self.store.get(job_id) or job)["attempts"]
         cmd = [*self.trainer_cmd, "--config", str(cfg_path), "--events_file", str(events_path)]

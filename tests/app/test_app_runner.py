@@ -446,3 +446,29 @@ def test_progress_shows_finding_faces_then_training_and_the_images_without_a_fac
     assert p.progress["phase"] == "train" and p.progress["no_face_images"] == 3
     p.apply({"event": "progress", "time": 3.0, "epoch": 1, "epochs": 2, "step": 1, "steps": 4, "percent": 12.5})
     assert p.progress["phase"] == "train" and p.progress["no_face_images"] == 3 and p.progress["percent"] == 12.5
+
+
+def test_writers_racing_on_one_json_file_never_fail(tmp_path):
+    """Two runners once wrote a job's config.json through the same temporary name: one's rename
+    found the file gone and the job was marked failed. Each writer now has a temporary file of its
+    own, and only the worker that claimed a job writes its config."""
+    import threading
+
+    from app.processes import write_json_atomic
+
+    path, errors = tmp_path / "config.json", []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(300):
+                write_json_atomic(path, {"writer": n, "i": i})
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and json.loads(path.read_text())["i"] == 299
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left behind
