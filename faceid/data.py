@@ -287,8 +287,23 @@ class BatchTransform:
             return x
         p = max(1, s // 16)
         padded = torch.nn.functional.pad(x.float(), (p, p, p, p), mode="replicate").to(x.dtype)
-        off = torch.randint(0, 2 * p + 1, (b, 2), generator=g).tolist()
-        return torch.stack([padded[i, :, dy : dy + s, dx : dx + s] for i, (dy, dx) in enumerate(off)])
+        off = torch.randint(0, 2 * p + 1, (b, 2), generator=g)
+        return shifted_windows(padded, off, s, gather=x.device.type != "cpu")
+
+
+def shifted_windows(padded: torch.Tensor, off: torch.Tensor, s: int, *, gather: bool) -> torch.Tensor:
+    """The s x s window of each padded image [B, C, S+2p, S+2p] at its (dy, dx) in `off` [B, 2].
+    `gather`: all windows in one indexing kernel, for a GPU, where a slice per image is a kernel
+    launch per image; on a CPU the slices are faster (about 40 against 55 ms for 64 images of 56 px
+    on 2 cores). Both give the same tensor."""
+    if not gather:
+        return torch.stack([padded[i, :, dy : dy + s, dx : dx + s] for i, (dy, dx) in enumerate(off.tolist())])
+    off = off.to(padded.device)
+    span = torch.arange(s, device=padded.device)
+    rows = (off[:, 0:1] + span)[:, :, None]  # [B, s, 1]: rows dy..dy+s-1
+    cols = (off[:, 1:2] + span)[:, None, :]  # [B, 1, s]: columns dx..dx+s-1
+    batch = torch.arange(len(off), device=padded.device)[:, None, None]
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 def iterate_in_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:

@@ -315,6 +315,20 @@ def test_batch_transform_augmentation_keeps_shape_and_is_seeded():
     assert not torch.equal(a, plain)  # flips and shifts happened
 
 
+def test_the_gathered_shift_a_gpu_uses_cuts_the_same_windows_as_the_slices():
+    from faceid.data import shifted_windows
+
+    g = torch.Generator().manual_seed(2)
+    padded = torch.randint(0, 256, (12, 3, 40, 40), dtype=torch.uint8, generator=g)
+    off = torch.randint(0, 9, (12, 2), generator=g)
+    sliced = shifted_windows(padded, off, 32, gather=False)
+    gathered = shifted_windows(padded, off, 32, gather=True)
+    assert gathered.shape == (12, 3, 32, 32) and gathered.is_contiguous()
+    assert torch.equal(sliced, gathered)
+    dy, dx = off[5].tolist()
+    assert torch.equal(gathered[5], padded[5, :, dy : dy + 32, dx : dx + 32])
+
+
 def test_batch_transform_flip_only_mirrors_some_images_and_shifts_none():
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     plain = BatchTransform(torch.device("cpu"), augment=False, channels_last=False)(x)
