@@ -165,6 +165,8 @@ class JobProgress:
             self.progress.update(
                 updated_at=when, phase="train", no_face_images=(prev_progress or {}).get("no_face_images")
             )
+            if (prev_progress or {}).get("time_split") is not None:
+                self.progress["time_split"] = (prev_progress or {})["time_split"]
         elif isinstance(ev, EpochEnd) and ev.epoch is not None:
             # The epoch's record: the fields the event gave, as the contract spells them
             record = finite(ev.model_dump(by_alias=True, exclude_unset=True, warnings=False))
@@ -174,6 +176,9 @@ class JobProgress:
             key = (record.get("epoch"), record.get("complete", True) is not False)
             self.metrics = [m for m in self.metrics if (m.get("epoch"), m.get("complete", True) is not False) != key]
             self.metrics.append(record)
+            split = self._time_split(ev)
+            if split and self.progress is not None:  # where the run's time went, as of this epoch
+                self.progress = {**self.progress, "time_split": split}
             self.metrics.sort(key=lambda m: (m.get("epoch") or 0, m.get("complete", True) is not False))
             if ev.best_epoch is not None:
                 keep = (self.best or {}).get("checkpoint") if (self.best or {}).get("epoch") == ev.best_epoch else None
@@ -210,10 +215,20 @@ class JobProgress:
                 self.thresholds = ev.thresholds
             if self.progress is not None and not ev.stopped_early:  # stopped: as far as it got
                 self.progress = {**self.progress, "percent": 100.0, "eta_s": 0.0, "updated_at": when}
+            split = self._time_split(ev)
+            if split and self.progress is not None:
+                self.progress = {**self.progress, "time_split": split}
         elif isinstance(ev, Failed):
             if isinstance(ev.error, str):
                 self.error = ev.error[:2000]
             self.error_kind = ev.kind if isinstance(ev.kind, str) else "internal"
+
+    @classmethod
+    def _time_split(cls, ev: Event) -> Optional[dict[str, Any]]:
+        """The TimeSplit fields an epoch or finished event gave (numbers or None), else None."""
+        keys = ("setup_s", "train_s", "eval_s", "checkpoint_s", "wall_s")
+        given = {k: cls._number(getattr(ev, k, None)) for k in keys if k in ev.model_fields_set}
+        return given or None
 
     def columns(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,21 @@ class ErrorOut(BaseModel):
     field: Optional[str] = Field(None, description="the request field at fault, when there is one")
 
 
+class TimeSplit(BaseModel):
+    """Where the training process's time went, in seconds, as of its last evaluation (and, once
+    it finished, in all)."""
+
+    setup_s: Optional[float] = Field(
+        None, description="listing, decoding and finding the data's faces, building the model, the first step"
+    )
+    train_s: Optional[float] = Field(None, description="the training steps")
+    eval_s: Optional[float] = Field(None, description="evaluations")
+    checkpoint_s: Optional[float] = Field(
+        None, description="what writing checkpoints held training up (the writes run beside it)"
+    )
+    wall_s: Optional[float] = Field(None, description="all of it, since the training process started")
+
+
 class Progress(BaseModel):
     epoch: Optional[int] = Field(None, description="current epoch, 1-based (0 before the first step)")
     epochs: Optional[int] = None
@@ -44,6 +59,7 @@ class Progress(BaseModel):
         description="training and validation images left out because "
         "no face was found in them; no_face.txt in the job's folder lists them",
     )
+    time_split: Optional[TimeSplit] = None
     updated_at: Optional[str] = None
 
 

@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh run       # on the GPU host, after copying the tree (with .gpu/) there
 #   bash bench/gpu_check.sh graphs    # the CUDA graph test and FACEID_COMPILE=off,cudagraph served
 #   bash bench/gpu_check.sh replicas  # the CUDA graph test, then replicas sharing the GPU
+#   bash bench/gpu_check.sh job       # gpu-preset jobs through POST /jobs: where their time goes
 #
 # `prepare` puts into .gpu/ (ignored by git, about 30 MB): wheels for Python 3.12 of the packages
 # a GPU host with only torch installed lacks (FastAPI, pydantic, uvicorn and their own needs, at
@@ -23,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 GPU_DIR=.gpu
 WHEELS=(fastapi starlette pydantic pydantic_core annotated-types typing-inspection annotated-doc opentelemetry-api typing_extensions
-        uvicorn httptools python-multipart anyio h11 facenet-pytorch)
+        uvicorn httptools python-multipart anyio h11 facenet-pytorch httpx httpcore certifi idna)
 
 prepare() {
     local venv_py=.venv/bin/python
@@ -129,6 +130,16 @@ align() {
         | grep -v " INFO faceid\\." 
 }
 
+# The gpu preset as a job through POST /jobs, and the same job evaluating after every epoch (the
+# cadence before eval_every_min and save_every_min), each with its time split (bench/job_time.py);
+# GPU_JOB_MIN minutes per job (2), about 7 minutes in all with finding the faces.
+job() {
+    setup
+    timeout "${GPU_JOB_LIMIT:-480}" python3 bench/job_time.py --lfw "${GPU_LFW:-$GPU_DIR/lfwa}" --preset gpu \
+        --device "$device" --time_limit_min "${GPU_JOB_MIN:-2}" --json "$out/job.json" ${GPU_JOB_ARGS:-} 2>&1 \
+        | tee "$out/job.txt" | grep -v " INFO "
+}
+
 run() {
     setup
     { nvidia-smi || true; nproc; python3 -c 'import torch, fastapi, pydantic; print("torch", torch.__version__, "cuda",
@@ -190,5 +201,6 @@ case "${1:-}" in
     graphs) graphs ;;
     replicas) replicas ;;
     align) align ;;
-    *) echo "usage: bash bench/gpu_check.sh prepare|run|graphs|replicas" >&2; exit 2 ;;
+    job) job ;;
+    *) echo "usage: bash bench/gpu_check.sh prepare|run|graphs|replicas|align|job" >&2; exit 2 ;;
 esac

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -70,6 +72,81 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
             pass
         raise
     return path
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of a checkpoint dict that training can no longer change: every tensor copied to the
+    CPU (a CPU tensor too: state_dict() hands out the live weights), dicts, lists and tuples
+    rebuilt; other values (numbers, strings) shared."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints (`save_checkpoint`) on one background thread, in the order they are
+    given, while training goes on. `submit` copies the dict first (`snapshot`), and waits only
+    while an earlier write of the same file is still going, so at most one copy per file is held.
+    Its `done` runs on the writer thread once the file is in place (the run's Checkpoint event: a
+    reader never hears of a file before it exists). A failed write is raised by the next `submit`
+    or by `wait`."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Optional[tuple[Any, Path, Optional[Callable[[], None]]]]] = queue.Queue()
+        self._pending: dict[Path, int] = {}
+        self._changed = threading.Condition()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._loop, name="faceid-checkpoints", daemon=True)
+        self._thread.start()
+
+    def submit(self, obj: dict[str, Any], path: str | Path, done: Optional[Callable[[], None]] = None) -> None:
+        path = Path(path)
+        with self._changed:
+            self._changed.wait_for(lambda: not self._pending.get(path) or self._error is not None)
+            self._raise()
+        copy = snapshot(obj)
+        with self._changed:
+            self._pending[path] = self._pending.get(path, 0) + 1
+        self._queue.put((copy, path, done))
+
+    def wait(self) -> None:
+        """Until every submitted file is written; raises the first write that failed."""
+        with self._changed:
+            self._changed.wait_for(lambda: not any(self._pending.values()) or self._error is not None)
+            self._raise()
+
+    def close(self) -> None:
+        """Let the writes in flight finish (errors are dropped: the run is ending on one already)."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            obj, path, done = item
+            try:
+                save_checkpoint(obj, path)
+                if done is not None:
+                    done()
+            except BaseException as e:  # handed to the training thread
+                with self._changed:
+                    self._error = self._error or e
+            finally:
+                del obj
+                with self._changed:
+                    self._pending[path] -= 1
+                    self._changed.notify_all()
 
 
 def torch_file_problem(

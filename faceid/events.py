@@ -63,8 +63,23 @@ class Progress(Event):
     eta_s: float
 
 
-class EpochEnd(Event):
-    """One epoch's record: the metrics of the validation set (and of the pairs file, if any)."""
+class TimeSplit(Event):
+    """Where this training process's time went so far, in seconds: setup (listing and decoding the
+    data, finding faces, building the model, and the first step, where cuDNN searches its kernels),
+    train (the steps), eval (evaluations), checkpoint (what writing checkpoints and run files held
+    the steps up; the writes themselves run beside them), and wall (all of it since the process
+    started). None from trainers that do not say."""
+
+    setup_s: Optional[float] = None
+    train_s: Optional[float] = None
+    eval_s: Optional[float] = None
+    checkpoint_s: Optional[float] = None
+    wall_s: Optional[float] = None
+
+
+class EpochEnd(TimeSplit):
+    """An evaluated epoch's record: the metrics of the validation set (and of the pairs file, if
+    any). Epochs that eval_every or eval_every_min skip have none."""
 
     event: Literal["epoch"] = "epoch"
     epoch: int
@@ -99,7 +114,7 @@ class Checkpoint(Event):
     epoch: int
 
 
-class Finished(Event):
+class Finished(TimeSplit):
     event: Literal["finished"] = "finished"
     best_epoch: int
     best_metric: str

@@ -1,9 +1,13 @@
 """The training run: `run(cfg, on_event) -> result` (imported from faceid.train as well; the
 command line of a run is faceid.cli_train).
 
-One loop serves both objectives (faceid.objectives). Per epoch: train, evaluate on --val (and on
---pairs_file), rank by --best_metric, write backbone_best.pt / last.pt / metrics.jsonl. Progress
-and results go out as events (docs/CONTRACTS.md, section 1).
+One loop serves both objectives (faceid.objectives). Per epoch: train; then, every eval_every
+epochs (and not sooner than eval_every_min after the last time), evaluate on --val (and on
+--pairs_file), rank by --best_metric, write backbone_best.pt / last.pt (at most every
+save_every_min) / metrics.jsonl. The last epoch, and one a stop ends, are always evaluated and
+saved. Checkpoints are written on a background thread while the next epoch trains. Progress,
+results and where the time went (setup, train, eval, checkpoint seconds) go out as events
+(docs/CONTRACTS.md, section 1).
 """
 
 from __future__ import annotations
@@ -13,14 +17,14 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional, TypedDict
 
 import numpy as np
 import torch
 from torch import nn
 
 from faceid import events
-from faceid.checkpoint import save_checkpoint
+from faceid.checkpoint import CheckpointWriter
 from faceid.config import TrainConfig
 from faceid.errors import FaceIDError
 from faceid.evaluate import (
@@ -47,6 +51,16 @@ log = logging.getLogger("faceid.train")  # the training log lines keep the name 
 EventSink = Callable[[dict[str, Any]], None]
 
 
+class Split(TypedDict):
+    """events.TimeSplit's fields, in seconds."""
+
+    setup_s: float
+    train_s: float
+    eval_s: float
+    checkpoint_s: float
+    wall_s: float
+
+
 class Trainer(TrainerSetup):
     """Holds everything of one run; `fit()` runs it."""
 
@@ -60,11 +74,29 @@ class Trainer(TrainerSetup):
         self.device = resolve_device(cfg.device, self.dist)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         self.ckpt_dir = Path(cfg.ckpt_dir)
+        self._emit_lock = threading.Lock()  # the checkpoint writer's thread emits too
+        # seconds of this process so far: TimeSplit's setup, train, eval and checkpoint
+        self._times = dict.fromkeys(("setup", "train", "eval", "checkpoint"), 0.0)
+        self._t0 = time.time()
+        self._first_step_s: Optional[float] = None  # how long this process's first step took
+        self._writer: Optional[CheckpointWriter] = None
 
     # -- events ----------------------------------------------------------------------------
     def emit(self, event: events.Event) -> None:
         if self.dist.is_main and self.emit_fn is not None:
-            self.emit_fn(event.to_json())
+            with self._emit_lock:
+                self.emit_fn(event.to_json())
+
+    def time_split(self) -> "Split":
+        """TimeSplit's fields: this process's seconds so far."""
+        t = {k: round(v, 2) for k, v in self._times.items()}
+        return Split(
+            setup_s=t["setup"],
+            train_s=t["train"],
+            eval_s=t["eval"],
+            checkpoint_s=t["checkpoint"],
+            wall_s=round(time.time() - self._t0, 2),
+        )
 
     def _pace(self, step: int) -> float:
         """How far the schedule (lr, margin warm-up) is, in steps. By steps, unless a time limit
@@ -77,7 +109,7 @@ class Trainer(TrainerSetup):
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> RunResult:
-        t0 = time.time()
+        t0 = self._t0 = time.time()
         self.setup()
         cfg, st = self.cfg, self.state
         self.emit(
@@ -99,22 +131,58 @@ class Trainer(TrainerSetup):
         deadline = t0 + cfg.time_limit_min * 60 if cfg.time_limit_min else math.inf
         # The schedule's clock starts with the first step (after decoding), the limit's with fit().
         self._clock = (time.time(), deadline) if cfg.fit_to_time_limit and cfg.time_limit_min else None
+        self._times["setup"] = time.time() - t0
+        # The evaluation and last.pt cadence: epochs and times of the previous ones (the first
+        # counts from the start of training)
+        self._last_eval = (st.epoch, time.time())
+        self._last_saved = time.time()
+        if self.dist.is_main:
+            self._writer = CheckpointWriter()
         stopped = False
         ddp = None
-        for epoch in range(st.epoch + 1, cfg.epochs + 1):
-            frozen = epoch <= cfg.freeze_backbone_epochs
-            set_trunk_frozen(self.model, frozen)
-            ddp = self.dist.wrap(self.trainee, self.device, key=frozen, ddp=ddp)
-            t_epoch = time.time()
-            loss, stopped, steps = self._train_epoch(epoch, frozen, ddp, deadline)
-            # Stopped before its last step, the epoch is evaluated and saved as it is, and
-            # last.pt says how far it got: a resume trains its remaining steps, not the next epoch.
-            complete = steps >= self.steps_per_epoch
-            st.epoch, st.partial_steps = (epoch, 0) if complete else (epoch - 1, steps)
-            self._end_epoch(epoch, loss, t_epoch, steps)
-            if stopped:
-                break
-        return self._finish(stopped)
+        try:
+            for epoch in range(st.epoch + 1, cfg.epochs + 1):
+                frozen = epoch <= cfg.freeze_backbone_epochs
+                set_trunk_frozen(self.model, frozen)
+                ddp = self.dist.wrap(self.trainee, self.device, key=frozen, ddp=ddp)
+                t_epoch = time.time()
+                loss, stopped, steps = self._train_epoch(epoch, frozen, ddp, deadline)
+                self._count_training(time.time() - t_epoch)
+                # Stopped before its last step, the epoch is evaluated and saved as it is, and
+                # last.pt says how far it got: a resume trains its remaining steps, not the next epoch.
+                complete = steps >= self.steps_per_epoch
+                st.epoch, st.partial_steps = (epoch, 0) if complete else (epoch - 1, steps)
+                final = stopped or epoch == cfg.epochs
+                if self._evaluation_due(epoch, final):
+                    self._end_epoch(epoch, loss, t_epoch, steps, final)
+                if stopped:
+                    break
+            if self._writer is not None:  # every checkpoint in place before the run reports its end
+                t = time.time()
+                self._writer.wait()
+                self._times["checkpoint"] += time.time() - t
+            return self._finish(stopped)
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+
+    def _count_training(self, seconds: float) -> None:
+        """Add an epoch's seconds to train, except this process's first step, which is setup
+        (cuDNN's kernel search on a GPU, the first batch's decoding, memory pools)."""
+        self._times["train"] += seconds
+        if self._first_step_s is not None:
+            self._times["train"] -= self._first_step_s
+            self._times["setup"] += self._first_step_s
+            self._first_step_s = 0.0
+
+    def _evaluation_due(self, epoch: int, final: bool) -> bool:
+        """Whether `epoch` is evaluated: the last one and a stopped one always; otherwise once
+        eval_every epochs and eval_every_min minutes have passed since the previous evaluation.
+        Every process agrees (the first's clock could differ from another's by a hair)."""
+        cfg = self.cfg
+        last_epoch, last_time = self._last_eval
+        due = final or (epoch - last_epoch >= cfg.eval_every and time.time() - last_time >= cfg.eval_every_min * 60)
+        return bool(self.dist.max([1.0 if due else 0.0])[0] > 0)
 
     def _train_epoch(self, epoch: int, frozen: bool, net: nn.Module, deadline: float) -> tuple[float, bool, int]:
         """Train one epoch (its steps after those a resumed run already trained); returns the mean
@@ -152,6 +220,8 @@ class Trainer(TrainerSetup):
                 torch.nn.utils.clip_grad_norm_(self.trainee.parameters(), cfg.clip_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self._first_step_s is None:  # this process's first step: setup, not training
+                self._first_step_s = time.time() - t_start
             # One collective per step: a stop on any rank, and the time share every rank's
             # schedule uses (the same value on all, so their learning rates agree).
             now = time.time()
@@ -237,10 +307,16 @@ class Trainer(TrainerSetup):
             metrics.update(score_protocol(pemb, ia, ib, labels, folds))
         return metrics
 
-    def _end_epoch(self, epoch: int, train_loss: float, t_epoch: float, steps: int) -> None:
+    def _end_epoch(self, epoch: int, train_loss: float, t_epoch: float, steps: int, final: bool) -> None:
+        """Evaluate the model of `epoch`, write backbone_best.pt if it is the best so far and
+        last.pt when due (`final`: always), and report the epoch's record."""
         cfg, st = self.cfg, self.state
+        self._last_eval = (epoch, time.time())
         if self.dist.is_main:
+            t_eval = time.time()
             metrics = self.evaluate()
+            t_files = time.time()
+            self._times["eval"] += t_files - t_eval
             value = float(metrics[cfg.best_metric])
             is_best = value > st.best_value
             # `complete` false: a stop ended the epoch after `epoch_steps` of its steps (trained
@@ -257,15 +333,14 @@ class Trainer(TrainerSetup):
             }
             if is_best:
                 st.best_epoch, st.best_value = epoch, value
-                path = save_checkpoint(
-                    checkpoint_dict(cfg, self.eval_model, epoch, record), self.ckpt_dir / "backbone_best.pt"
-                )
-                self.emit(events.Checkpoint(kind="best", path=str(path), epoch=epoch))
+                self._write(checkpoint_dict(cfg, self.eval_model, epoch, record), "best", "backbone_best.pt", epoch)
                 write_roc(self.ckpt_dir, epoch, self.last_roc, metrics)
             record.update(is_best=is_best, best_epoch=st.best_epoch, best_value=st.best_value)
             st.history.append(record)
-            self._save_last(epoch, record)
+            if final or time.time() - self._last_saved >= cfg.save_every_min * 60:
+                self._save_last(epoch, record)
             append_metrics(self.ckpt_dir, record)
+            self._times["checkpoint"] += time.time() - t_files
             log.info(
                 "epoch %d/%d loss %.4f acc %.4f th %.3f auc %.4f tar@1e-2 %.4f tar@1e-3 %.4f%s%s",
                 epoch,
@@ -281,8 +356,14 @@ class Trainer(TrainerSetup):
                 if record["complete"]
                 else f" (stopped after {steps} of its {self.steps_per_epoch} steps; a resume trains the rest)",
             )
-            self.emit(events.EpochEnd(**record, epoch_time_s=round(time.time() - t_epoch, 2)))
+            self.emit(events.EpochEnd(**record, epoch_time_s=round(time.time() - t_epoch, 2), **self.time_split()))
         self.dist.barrier()
+
+    def _write(self, ck: dict[str, Any], kind: Literal["best", "last"], name: str, epoch: int) -> None:
+        """Hand `ck` to the checkpoint writer; its Checkpoint event goes out once the file is in place."""
+        path = self.ckpt_dir / name
+        assert self._writer is not None  # the first process's, made by fit()
+        self._writer.submit(ck, path, lambda: self.emit(events.Checkpoint(kind=kind, path=str(path), epoch=epoch)))
 
     def _save_last(self, epoch: int, record: dict[str, Any]) -> None:
         ck = last_checkpoint_dict(
@@ -298,11 +379,21 @@ class Trainer(TrainerSetup):
             plan=self._epoch_plan(),
             ema=self.ema,
         )
-        path = save_checkpoint(ck, self.ckpt_dir / "last.pt")
-        self.emit(events.Checkpoint(kind="last", path=str(path), epoch=epoch))
+        self._write(ck, "last", "last.pt", epoch)
+        self._last_saved = time.time()
 
     def _finish(self, stopped: bool) -> RunResult:
         result = RunResult.of(self.state, self.cfg.best_metric, self.ckpt_dir, stopped)
+        split = self.time_split()
+        log.info(
+            "time: setup %.0f s, train %.0f s (%.0f%% of %.0f s), eval %.0f s, checkpoints %.0f s",
+            split["setup_s"],
+            split["train_s"],
+            100 * split["train_s"] / max(1e-9, split["wall_s"]),
+            split["wall_s"],
+            split["eval_s"],
+            split["checkpoint_s"],
+        )
         self.emit(
             events.Finished(
                 best_epoch=result.best_epoch,
@@ -311,6 +402,7 @@ class Trainer(TrainerSetup):
                 best_checkpoint=result.best_checkpoint,
                 thresholds=result.thresholds,
                 stopped_early=stopped,
+                **split,
             )
         )
         return result

@@ -210,11 +210,17 @@ def _check_events(events: list[dict[str, Any]]) -> None:
         "best_epoch",
         "best_value",
         "epoch_time_s",
+        "setup_s",
+        "train_s",
+        "eval_s",
+        "checkpoint_s",
+        "wall_s",
     ):
         assert k in ep, k
 
     fin = events[-1]
     assert fin["best_epoch"] == 1 and fin["best_metric"] == "acc"
+    assert fin["wall_s"] >= fin["train_s"] + fin["eval_s"] > 0 and fin["eval_s"] >= ep["eval_s"] > 0
     assert Path(fin["best_checkpoint"]).is_file()
     assert fin["thresholds"]["acc"] == pytest.approx(ep["th"])
 

@@ -72,6 +72,14 @@ function progressCell(p) {
     `${num(pct, 1)} %`, p.images_per_s ? ` · ${Math.round(p.images_per_s)} img/s` : "",
     p.eta_s && pct < 100 ? ` · ${duration(p.eta_s)} left` : "");
 }
+// Where the training process's time went (progress.time_split): each part and its share of the wall time
+function timeSplit(p) {
+  const t = p && p.time_split;
+  if (!t || !t.wall_s) return "–";
+  const part = (name, s) => `${name} ${duration(s)} (${Math.round((100 * s) / t.wall_s)}%)`;
+  return [part("train", t.train_s), part("setup", t.setup_s), part("eval", t.eval_s),
+    part("checkpoints", t.checkpoint_s)].join(" · ");
+}
 function best(job) {
   return job.best && job.best.value !== null && job.best.value !== undefined
     ? `${job.best.metric} ${num(job.best.value)} (epoch ${job.best.epoch})` : "–";
@@ -142,7 +150,7 @@ function newJobForm() {
     train: h("input", { name: "train", value: "sample/train", required: true, list: "data-folders" }),
     val: h("input", { name: "val", value: "sample/val", required: true, list: "data-folders" }),
     pairs_file: h("input", { name: "pairs_file", value: "sample/pairs.txt", placeholder: "none", list: "data-pairs" }),
-    preset: h("select", { name: "preset" }, ["cpu-small", "finetune", ""].map((p) => h("option", { value: p }, p || "none"))),
+    preset: h("select", { name: "preset" }, ["cpu-small", "gpu", "finetune", ""].map((p) => h("option", { value: p }, p || "none"))),
     epochs: h("input", { name: "epochs", type: "number", min: 1, placeholder: "preset's" }),
     img_size: h("input", { name: "img_size", type: "number", min: 32, placeholder: "preset's" }),
     init_from: h("input", { name: "init_from", placeholder: "a succeeded job's id (fine-tune)" }),
@@ -210,7 +218,8 @@ async function jobView(id) {
       h("div", { class: "card" }, "progress", h("b", {}, progressCell(job.progress))),
       h("div", { class: "card" }, "best", h("b", {}, best(job))),
       h("div", { class: "card" }, "thresholds", h("b", {}, Object.entries(job.thresholds || {})
-        .map(([k, v]) => `${k} ${num(v, 3)}`).join(" · ") || "–")));
+        .map(([k, v]) => `${k} ${num(v, 3)}`).join(" · ") || "–")),
+      h("div", { class: "card", id: "time-split" }, "time", h("b", {}, timeSplit(job.progress))));
     const lossPts = (job.metrics || []).filter((m) => m.complete !== false).map((m) => [m.epoch, m.train_loss]);
     const charts = [
       lineChart({ title: "training loss", xLabel: "epoch", xInteger: true, yLabel: "loss", series: [{ name: "train_loss", points: lossPts }] }),

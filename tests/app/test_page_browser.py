@@ -93,6 +93,15 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         status = _wait(browser, 600, "the job to finish", finished)
         assert status == "succeeded", log_path.read_text()[-3000:]
 
+        # where the job's time went: each part with its share of the wall time
+        split = _wait(
+            browser,
+            30,
+            "the time split",
+            lambda d: (lambda t: t if "train " in t and "%" in t else None)(d.find_element(By.ID, "time-split").text),
+        )
+        assert all(part in split for part in ("setup", "eval", "checkpoints")), split
+
         # curves: loss and validation metrics with a point per epoch, and the ROC with its
         # operating points marked
         def plotted(d):
