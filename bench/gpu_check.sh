@@ -17,7 +17,7 @@
 # (CLI train/evaluate/verify, the refusal of more processes than GPUs, the gloo DDP tests and
 # scripts/run.sh); about 8 minutes at most.
 # Knobs: GPU_BATCH (128), GPU_IMG (112), GPU_STEPS (15), GPU_WORKERS (8), GPU_SECONDS (5, per serving row),
-# GPU_TRAIN_LIMIT / GPU_SERVE_LIMIT (140 s each), LFW (the
+# GPU_TRAIN_ROWS, GPU_TRAIN_LIMIT (240 s) / GPU_SERVE_LIMIT (140 s), LFW (the
 # LFW folder for prepare), GPU_DEVICE (cuda; cpu runs the same script here as a dry run:
 # PATH=.venv/bin:$PATH GPU_DEVICE=cpu GPU_BATCH=16 GPU_IMG=32 GPU_STEPS=2 GPU_WORKERS=2 GPU_SECONDS=2 bash bench/gpu_check.sh run).
 set -uo pipefail
@@ -147,9 +147,10 @@ torch.cuda.is_available(), "fastapi", fastapi.__version__, "pydantic", pydantic.
     local data=$GPU_DIR/lfw
     [ -d "$data" ] || data=data/sample/train
     # 1. The benchmarks (bench/README.md, the GPU tables).
-    timeout "${GPU_TRAIN_LIMIT:-140}" python3 bench/train_throughput.py --device "$device" --data "$data" \
+    timeout "${GPU_TRAIN_LIMIT:-240}" python3 bench/train_throughput.py --device "$device" --data "$data" \
         --img_size "${GPU_IMG:-112}" --batch_size "${GPU_BATCH:-128}" --warmup 3 --steps "${GPU_STEPS:-15}" \
-        --workers "${GPU_WORKERS:-8}" --rows matmul,data,plain,faceid,off,bf16,ddp --json "$out/train.json" 2>&1 \
+        --workers "${GPU_WORKERS:-8}" --rows "${GPU_TRAIN_ROWS:-matmul,data,plain,faceid,off,bf16,compile,ddp}" \
+        --json "$out/train.json" 2>&1 \
         | tee "$out/train.txt"
     timeout "${GPU_SERVE_LIMIT:-140}" python3 bench/serve_throughput.py --device "$device" --img_size "${GPU_IMG:-112}" \
         --seconds "${GPU_SECONDS:-5}" --warmup 2 --rounds 0 --pairs 3 --pair_seconds "${GPU_PAIR_SECONDS:-2}" \

@@ -9,7 +9,8 @@ One run, side by side (see bench/README.md for what each row means):
   train       plain:  ResNet-50 (faceid.model.build_model) + ArcMarginProduct, SGD, fp32, NCHW,
                       decoding every step, default torch threads (the origin's CPU path)
               faceid: faceid.train.Trainer itself (max_steps_per_epoch, progress events), with
-                      --amp auto / off / bf16, and under torchrun with 2 gloo processes (DDP)
+                      --amp auto / off / bf16, with --compile_step (its compilation falls in
+                      the warm-up steps), and under torchrun with 2 gloo processes (DDP)
   matmul      fp32 and bf16 GFLOP/s of an N^3 matmul; share of it the faceid trainer reaches
 
 With --device cuda every row runs on the GPU (the data rows include the copy to it, the plain loop
@@ -45,7 +46,7 @@ from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 RESNET50_GFLOP_224 = 4.1  # forward, per image, at 224 px
-ROWS = ("matmul", "data", "plain", "plain_t1", "faceid", "off", "bf16", "t1", "ddp")
+ROWS = ("matmul", "data", "plain", "plain_t1", "faceid", "off", "bf16", "t1", "compile", "ddp")
 
 
 # --- machine --------------------------------------------------------------------------------
@@ -333,7 +334,15 @@ def rate_from_events(events: list[dict], warmup: int, images_per_step: int) -> d
 
 
 def bench_trainer(
-    args, data: Path, val: Path, tmp: Path, amp: str, steps: int, default_threads: int, threads: Optional[int] = None
+    args,
+    data: Path,
+    val: Path,
+    tmp: Path,
+    amp: str,
+    steps: int,
+    default_threads: int,
+    threads: Optional[int] = None,
+    compile_step: bool = False,
 ) -> dict[str, Any]:
     """faceid.train.run in this process; rate from its progress events."""
     import torch
@@ -343,6 +352,7 @@ def bench_trainer(
     torch.set_num_threads(default_threads)  # set_threads inside the trainer decides
     ckpt = tmp / f"ckpt_{amp}"
     cfg = trainer_config(args, data, val, ckpt, amp, steps, args.threads if threads is None else threads)
+    cfg = cfg.model_copy(update={"compile_step": compile_step})
     events: list[dict] = []
     t0 = time.time()
     run(cfg, on_event=events.append)
@@ -599,6 +609,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 attempt(
                     "train_faceid_t1", bench_trainer, args, data, val, tmp, "auto", steps, default_threads, threads=1
                 )
+        if "compile" in rows:
+            attempt(
+                "train_faceid_compile", bench_trainer, args, data, val, tmp, "auto", steps, default_threads, None, True
+            )
         if "ddp" in rows:
             ddp_steps = min(steps, n_batches // args.ddp_nproc)
             if cuda and torch.cuda.device_count() < args.ddp_nproc:
@@ -710,6 +724,12 @@ def print_table(args, info: dict, res: dict, auto_name: str) -> None:
         "train_faceid_t1",
         True,
         "1 compute thread instead of set_threads' choice",
+    )
+    row(
+        "train: faceid Trainer, amp auto, --compile_step",
+        "train_faceid_compile",
+        True,
+        "torch.compile of the step; its compilation is in the warm-up steps",
     )
     row(
         f"train: faceid under torchrun, {args.ddp_nproc} processes (DDP, gloo), amp auto",

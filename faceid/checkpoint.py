@@ -92,14 +92,17 @@ class CheckpointWriter:
     given, while training goes on. `submit` copies the dict first (`snapshot`), and waits only
     while an earlier write of the same file is still going, so at most one copy per file is held.
     Its `done` runs on the writer thread once the file is in place (the run's Checkpoint event: a
-    reader never hears of a file before it exists). A failed write is raised by the next `submit`
-    or by `wait`."""
+    reader never hears of a file before it exists); `then(fn)` runs `fn` there after every write
+    submitted before it (the epoch's record, reported once its checkpoints are on disk). After a
+    write fails, nothing queued behind it is written or run, as if the run had stopped there, and
+    `check`, `submit`, `then` and `wait` raise its error from then on."""
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[Optional[tuple[Any, Path, Optional[Callable[[], None]]]]] = queue.Queue()
-        self._pending: dict[Path, int] = {}
+        self._queue: queue.Queue[Optional[tuple[Any, Optional[Path], Optional[Callable[[], None]]]]] = queue.Queue()
+        self._pending: dict[Path, int] = {}  # writes of each file not yet done
+        self._queued = 0  # writes and `then` calls not yet done
         self._changed = threading.Condition()
-        self._error: Optional[BaseException] = None
+        self._error: Optional[BaseException] = None  # the write that failed: nothing more is written
         self._thread = threading.Thread(target=self._loop, name="faceid-checkpoints", daemon=True)
         self._thread.start()
 
@@ -111,12 +114,26 @@ class CheckpointWriter:
         copy = snapshot(obj)
         with self._changed:
             self._pending[path] = self._pending.get(path, 0) + 1
+            self._queued += 1
         self._queue.put((copy, path, done))
 
-    def wait(self) -> None:
-        """Until every submitted file is written; raises the first write that failed."""
+    def then(self, fn: Callable[[], None]) -> None:
+        self.check()
         with self._changed:
-            self._changed.wait_for(lambda: not any(self._pending.values()) or self._error is not None)
+            self._queued += 1
+        self._queue.put((None, None, fn))
+
+    def check(self) -> None:
+        """Raise the error of a write that failed, if one did (cheap: for every training step)."""
+        if self._error is not None:
+            with self._changed:
+                self._raise()
+
+    def wait(self) -> None:
+        """Until every submitted file is written and every `then` has run; raises the first write
+        that failed."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._queued or self._error is not None)
             self._raise()
 
     def close(self) -> None:
@@ -126,8 +143,7 @@ class CheckpointWriter:
 
     def _raise(self) -> None:
         if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+            raise self._error
 
     def _loop(self) -> None:
         while True:
@@ -136,16 +152,20 @@ class CheckpointWriter:
                 return
             obj, path, done = item
             try:
-                save_checkpoint(obj, path)
-                if done is not None:
-                    done()
+                if self._error is None:
+                    if path is not None:
+                        save_checkpoint(obj, path)
+                    if done is not None:
+                        done()
             except BaseException as e:  # handed to the training thread
                 with self._changed:
-                    self._error = self._error or e
+                    self._error = e
             finally:
                 del obj
                 with self._changed:
-                    self._pending[path] -= 1
+                    if path is not None:
+                        self._pending[path] -= 1
+                    self._queued -= 1
                     self._changed.notify_all()
 
 

@@ -270,6 +270,12 @@ class TrainConfig(BaseModel):
         "fp16 + grad scaler on older GPUs, off elsewhere",
     )
     channels_last: bool = Field(True, description="channels_last memory format")
+    compile_step: bool = Field(
+        False,
+        description="compile the network's training forward and backward with torch.compile (inductor; needs a C++ "
+        "compiler on a CPU): the first step waits for the compilation, about a minute. For GPUs at small image "
+        "sizes, where steps wait on kernel launches; on a CPU it measured no faster (bench/README.md, compile_speed)",
+    )
     threads: int = Field(0, ge=0, le=1024, description="torch compute threads (0: all cores minus busy workers)")
     cache_images: Literal["auto", "on", "off"] = Field(
         "auto", description="decode every image once into memory (auto: when it fits in cache_max_gb)"

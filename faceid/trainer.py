@@ -5,13 +5,15 @@ One loop serves both objectives (faceid.objectives). Per epoch: train; then, eve
 epochs (and not sooner than eval_every_min after the last time), evaluate on --val (and on
 --pairs_file), rank by --best_metric, write backbone_best.pt / last.pt (at most every
 save_every_min) / metrics.jsonl. The last epoch, and one a stop ends, are always evaluated and
-saved. Checkpoints are written on a background thread while the next epoch trains. Progress,
+saved. Checkpoints are written on a background thread while the next epoch trains, and an epoch's record
+(metrics.jsonl, its `epoch` event) follows once they are on disk. Progress,
 results and where the time went (setup, train, eval, checkpoint seconds) go out as events
 (docs/CONTRACTS.md, section 1).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -26,7 +28,7 @@ from torch import nn
 from faceid import events
 from faceid.checkpoint import CheckpointWriter
 from faceid.config import TrainConfig
-from faceid.errors import FaceIDError
+from faceid.errors import ConfigError, FaceIDError
 from faceid.evaluate import (
     autocast_ctx,
     cosine_scores,
@@ -146,7 +148,7 @@ class Trainer(TrainerSetup):
                 set_trunk_frozen(self.model, frozen)
                 ddp = self.dist.wrap(self.trainee, self.device, key=frozen, ddp=ddp)
                 t_epoch = time.time()
-                loss, stopped, steps = self._train_epoch(epoch, frozen, ddp, deadline)
+                loss, stopped, steps = self._train_epoch(epoch, frozen, self._compiled(ddp), deadline)
                 self._count_training(time.time() - t_epoch)
                 # Stopped before its last step, the epoch is evaluated and saved as it is, and
                 # last.pt says how far it got: a resume trains its remaining steps, not the next epoch.
@@ -166,6 +168,15 @@ class Trainer(TrainerSetup):
             if self._writer is not None:
                 self._writer.close()
 
+    def _compiled(self, module: nn.Module) -> Callable[..., torch.Tensor]:
+        """What the steps run: `module`, or with compile_step its torch.compile, made once per
+        module (freezing or unfreezing the trunk makes a new one, and a new compilation)."""
+        if not self.cfg.compile_step:
+            return module
+        if getattr(self, "_compiled_for", None) is not module:
+            self._compiled_for, self._compiled_net = module, torch.compile(module)
+        return self._compiled_net
+
     def _count_training(self, seconds: float) -> None:
         """Add an epoch's seconds to train, except this process's first step, which is setup
         (cuDNN's kernel search on a GPU, the first batch's decoding, memory pools)."""
@@ -184,7 +195,9 @@ class Trainer(TrainerSetup):
         due = final or (epoch - last_epoch >= cfg.eval_every and time.time() - last_time >= cfg.eval_every_min * 60)
         return bool(self.dist.max([1.0 if due else 0.0])[0] > 0)
 
-    def _train_epoch(self, epoch: int, frozen: bool, net: nn.Module, deadline: float) -> tuple[float, bool, int]:
+    def _train_epoch(
+        self, epoch: int, frozen: bool, net: Callable[..., torch.Tensor], deadline: float
+    ) -> tuple[float, bool, int]:
         """Train one epoch (its steps after those a resumed run already trained); returns the mean
         loss, whether a stop ended it, and how many of its steps are now trained."""
         cfg, st = self.cfg, self.state
@@ -211,10 +224,19 @@ class Trainer(TrainerSetup):
             self.objective.set_progress(epochs_done)
             x = self.train_tf(raw, gen)
             y = batch.target.to(self.device, non_blocking=True)
-            with autocast_ctx(self.device, self.amp_dtype):
-                loss = net(x, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            try:
+                with autocast_ctx(self.device, self.amp_dtype):
+                    loss = net(x, y)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+            except Exception as e:
+                if cfg.compile_step and self._first_step_s is None:  # the compilation itself failed
+                    first = (str(e).strip().splitlines() or [""])[0][:300]
+                    raise ConfigError(
+                        f"compile_step: torch.compile could not compile the training step ({type(e).__name__}: "
+                        f"{first}); on a CPU it needs a C++ compiler (apt-get install g++), or set compile_step false"
+                    ) from e
+                raise
             if cfg.clip_grad_norm > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.trainee.parameters(), cfg.clip_grad_norm)
@@ -222,6 +244,8 @@ class Trainer(TrainerSetup):
             self.scaler.update()
             if self._first_step_s is None:  # this process's first step: setup, not training
                 self._first_step_s = time.time() - t_start
+            if self._writer is not None:  # a checkpoint that could not be written ends the run now
+                self._writer.check()
             # One collective per step: a stop on any rank, and the time share every rank's
             # schedule uses (the same value on all, so their learning rates agree).
             now = time.time()
@@ -339,8 +363,13 @@ class Trainer(TrainerSetup):
             st.history.append(record)
             if final or time.time() - self._last_saved >= cfg.save_every_min * 60:
                 self._save_last(epoch, record)
-            append_metrics(self.ckpt_dir, record)
             self._times["checkpoint"] += time.time() - t_files
+            # reported once the epoch's checkpoints are on disk: a record never names a best epoch
+            # whose backbone_best.pt was not written
+            assert self._writer is not None
+            self._writer.then(
+                functools.partial(self._report, dict(record), round(time.time() - t_epoch, 2), self.time_split())
+            )
             log.info(
                 "epoch %d/%d loss %.4f acc %.4f th %.3f auc %.4f tar@1e-2 %.4f tar@1e-3 %.4f%s%s",
                 epoch,
@@ -356,8 +385,11 @@ class Trainer(TrainerSetup):
                 if record["complete"]
                 else f" (stopped after {steps} of its {self.steps_per_epoch} steps; a resume trains the rest)",
             )
-            self.emit(events.EpochEnd(**record, epoch_time_s=round(time.time() - t_epoch, 2), **self.time_split()))
         self.dist.barrier()
+
+    def _report(self, record: dict[str, Any], epoch_s: float, split: Split) -> None:
+        append_metrics(self.ckpt_dir, record)
+        self.emit(events.EpochEnd(**record, epoch_time_s=epoch_s, **split))
 
     def _write(self, ck: dict[str, Any], kind: Literal["best", "last"], name: str, epoch: int) -> None:
         """Hand `ck` to the checkpoint writer; its Checkpoint event goes out once the file is in place."""

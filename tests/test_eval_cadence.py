@@ -156,6 +156,10 @@ def test_the_job_progress_keeps_the_last_split_through_later_progress_events():
 # --- the background writer ------------------------------------------------------------------
 
 
+def assert_(ok: bool) -> None:
+    assert ok
+
+
 def test_the_writer_saves_what_was_submitted_not_what_training_changed_since(tmp_path):
     writer = CheckpointWriter()
     weights = torch.zeros(1000)
@@ -169,16 +173,25 @@ def test_the_writer_saves_what_was_submitted_not_what_training_changed_since(tmp
     writer.close()
 
 
-def test_a_failed_write_is_raised_to_the_trainer_and_the_writer_goes_on(tmp_path):
+def test_after_a_failed_write_nothing_more_is_written_and_the_trainer_hears_of_it(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     writer = CheckpointWriter()
     done: list[str] = []
+    gate = threading.Event()
+    writer.then(lambda: assert_(gate.wait(10)))  # holds the writer until everything is queued
     writer.submit({"w": torch.ones(2)}, tmp_path / "file" / "x.pt", lambda: done.append("x"))
+    writer.submit({"w": torch.ones(2)}, tmp_path / "after.pt", lambda: done.append("after"))
+    writer.then(lambda: done.append("record"))
+    gate.set()
     with pytest.raises(OSError):
         writer.wait()
-    writer.submit({"w": torch.ones(2)}, tmp_path / "ok.pt", lambda: done.append("ok"))
-    writer.wait()
-    assert done == ["ok"] and (tmp_path / "ok.pt").is_file()
+    # as a synchronous run would have stopped at the failed write: neither the later file nor the
+    # epoch record that waited for it, and every later call raises the same error
+    assert done == [] and not (tmp_path / "after.pt").exists()
+    with pytest.raises(OSError):
+        writer.check()
+    with pytest.raises(OSError):
+        writer.submit({"w": torch.ones(2)}, tmp_path / "later.pt")
     writer.close()
 
 

@@ -123,17 +123,17 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         _wait(browser, 30, "the job's model served", lambda d: job_id[:8] in d.find_element(By.ID, "served").text)
         _shot(browser, "job")
 
-        # compare: the job's curves and ROC on the shared plots
+        # compare: the job's curves and ROC on the shared plots (the job page's plots stay on
+        # screen until the compare view has loaded the jobs and replaced them: wait for its own)
         browser.get(base + f"/#/compare/{job_id}")
-        compared = _wait(
-            browser,
-            30,
-            "the compare plots",
-            lambda d: (
-                d.execute_script("return [...document.querySelectorAll('svg path.series')].map(e => e.dataset.name)")
-                or None
-            ),
-        )
+
+        def compare_plots(d):
+            names = d.execute_script(
+                "return [...document.querySelectorAll('svg path.series')].map(e => e.dataset.name)"
+            )
+            return names if any(job_id[:8] in (n or "") for n in names or []) else None
+
+        compared = _wait(browser, 30, "the compare plots", compare_plots)
         assert compared.count(job_id[:8]) >= 2 and f"{job_id[:8]}" in compared, compared
 
         # verify two photos of one person: the answer, and the faces drawn

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from torch import nn
 
+import faceid.checkpoint
 import faceid.trainer
 import faceid.trainer_setup
 from faceid.config import TrainConfig
@@ -122,7 +123,7 @@ def tiny_trunk() -> nn.Module:
 @pytest.fixture(scope="module")
 def fast_trainer():
     """A stand-in trunk; no checkpoint files."""
-    real_build, real_save = faceid.trainer_setup.build_model, faceid.trainer.save_checkpoint
+    real_build, real_save = faceid.trainer_setup.build_model, faceid.checkpoint.save_checkpoint
 
     def build_model(*, embedding_size: int = 512, pretrained: bool = False, pretrained_weights=None, **_):
         if pretrained or pretrained_weights:
@@ -137,9 +138,9 @@ def fast_trainer():
         Path(path).touch()
         return Path(path)
 
-    faceid.trainer_setup.build_model, faceid.trainer.save_checkpoint = build_model, save_checkpoint
+    faceid.trainer_setup.build_model, faceid.checkpoint.save_checkpoint = build_model, save_checkpoint
     yield
-    faceid.trainer_setup.build_model, faceid.trainer.save_checkpoint = real_build, real_save
+    faceid.trainer_setup.build_model, faceid.checkpoint.save_checkpoint = real_build, real_save
 
 
 def test_accepted_configs_do_not_crash_the_trainer(tiny_data, fast_trainer, tmp_path_factory):
