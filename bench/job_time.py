@@ -14,7 +14,8 @@ data's faces, building the model, the first step; train: the steps; eval; checkp
 checkpoints held the steps up), the share of the wall time that trained, that share once setup is
 done, and the final fold-1 AUC.
 
-    python bench/job_time.py --rows preset                     # about 15 min on 2 cores
+    python bench/job_time.py --rows preset --work /tmp/jt      # about 22 min on 2 cores
+    python bench/job_time.py --rows preset --work /tmp/jt      # again: the faces come from the cache
     python bench/job_time.py --preset gpu --device cuda        # on a GPU (bench/gpu_check.sh job)
     python bench/job_time.py --rows preset --epochs 1 --max_steps_per_epoch 4   # a dry run
 """
@@ -52,16 +53,22 @@ def main() -> None:
     ap.add_argument("--max_steps_per_epoch", type=int, default=0, help="cap the epochs (a dry run)")
     ap.add_argument("--time_limit_min", type=float, default=0.0, help="end each job after this many minutes")
     ap.add_argument("--json", help="also write every job's final record and split here")
+    ap.add_argument(
+        "--work",
+        help="keep the split and the face cache in this folder (default: a new temporary one); a folder "
+        "from an earlier run is reused, so its jobs find their faces in the cache",
+    )
     args = ap.parse_args()
     if not args.lfw or not (Path(args.lfw) / "pairs.txt").is_file():
         ap.error("give --lfw DIR or set FACEID_LFW_DIR to the LFW folder (with pairs.txt)")
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:
         ap.error(f"unknown rows {unknown}; choose from {','.join(ROWS)}")
-    work = Path(tempfile.mkdtemp(prefix="faceid-jobtime-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="faceid-jobtime-"))
     root = work / "data"
-    split(Path(args.lfw), root, copy=True, min_images=1)
-    fold1_pairs(Path(args.lfw), root / "fold1")
+    if not (root / "fold1" / "pairs.txt").is_file():
+        split(Path(args.lfw), root, copy=True, min_images=1)
+        fold1_pairs(Path(args.lfw), root / "fold1")
     started = datetime.now().strftime("%Y-%m-%d %H:%M")
     base = {
         "preset": args.preset,
