@@ -22,54 +22,44 @@ BEST_METRICS = ("acc", "auc", "tar_1e-2", "tar_1e-3", "pairs_acc", "pairs_auc")
 
 # Named presets: values measured to work for a use case. A preset fills only the fields that the
 # caller did not set explicitly, so `--preset cpu-small --epochs 3` keeps epochs=3.
+_CPU_SMALL: dict[str, Any] = {
+    "train_mode": "arcface",
+    "img_size": 56,
+    "batch_size": 64,
+    "optimizer": "adamw",
+    "lr": 1e-3,
+    "weight_decay": 5e-4,
+    "scheduler": "cosine",
+    "warmup_epochs": 1,
+    "arcface_s": 32.0,
+    "arcface_m": 0.3,
+    "margin_warmup_epochs": 3,
+    "balanced_sampling": False,
+    "augment": "flip",
+    "neck": "flat",
+    "eval_flip": True,
+    "eval_pairs": 20000,  # 10,000 negatives: FAR 1e-3 rests on 10 false accepts
+    # the average of about the last 200 steps is evaluated and saved (bench/README.md, align_compare)
+    "ema_decay": 0.995,
+    "epochs": 10,
+    "workers": 2,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Small data, no pretrained trunk, a CPU: see docs/CLI.md "Training recipe" and bench/README.md.
-    "cpu-small": {
-        "train_mode": "arcface",
-        "img_size": 56,
-        "batch_size": 64,
-        "optimizer": "adamw",
-        "lr": 1e-3,
-        "weight_decay": 5e-4,
-        "scheduler": "cosine",
-        "warmup_epochs": 1,
-        "arcface_s": 32.0,
-        "arcface_m": 0.3,
-        "margin_warmup_epochs": 3,
-        "balanced_sampling": False,
-        "augment": "flip",
-        "neck": "flat",
-        "eval_flip": True,
-        "eval_pairs": 20000,  # 10,000 negatives: FAR 1e-3 rests on 10 false accepts
-        # the average of about the last 200 steps is evaluated and saved (bench/README.md, align_compare)
-        "ema_decay": 0.995,
-        "epochs": 10,
-        "workers": 2,
-    },
+    "cpu-small": _CPU_SMALL,
     # One GPU and small data: cpu-small at 112 px with a larger batch and more regularisation. First
     # figures, from an H200 before cpu-small took the weight average: these size, batch, dropout and
     # weight decay reached LFW fold-1 AUC 0.945 in a 3-minute job, cpu-small unchanged 0.923; not
     # tuned further yet. An epoch of a small set takes seconds on a GPU, so evaluations come at most
     # once a minute and last.pt at most every 5 minutes (bench/job_time.py measures the split).
     "gpu": {
-        "train_mode": "arcface",
+        **_CPU_SMALL,
         "img_size": 112,
         "batch_size": 256,
-        "optimizer": "adamw",
-        "lr": 1e-3,
         "weight_decay": 0.05,
         "dropout": 0.3,
-        "scheduler": "cosine",
-        "warmup_epochs": 1,
-        "arcface_s": 32.0,
-        "arcface_m": 0.3,
-        "margin_warmup_epochs": 3,
-        "balanced_sampling": False,
         "augment": "light",
-        "neck": "flat",
-        "eval_flip": True,
-        "eval_pairs": 20000,
-        "ema_decay": 0.995,
         "epochs": 30,
         "eval_every_min": 1.0,
         "save_every_min": 5.0,
