@@ -60,6 +60,10 @@ RECIPES = {
     "arcface_ls": {**_BEFORE_EMA, "align": "arcface", "label_smoothing": 0.1},
     "arcface_20": {**_BEFORE_EMA, "align": "arcface", "epochs": 20},
     "arcface_ema_20": {**_BEFORE_EMA, "align": "arcface", "ema_decay": 0.995, "epochs": 20},
+    # cpu-small as it is, also reproducing dlib's descriptors (pip install 'faceid[teacher]')
+    "distill": {"preset": "cpu-small", "distill": "dlib"},
+    "distill_w5": {"preset": "cpu-small", "distill": "dlib", "distill_weight": 5.0},
+    "distill_20": {"preset": "cpu-small", "distill": "dlib", "epochs": 20},
 }
 
 

@@ -208,6 +208,15 @@ class TrainConfig(BaseModel):
         description="keep an exponential moving average of the weights, updated every step with this decay, "
         "and evaluate and save it instead of the raw weights (0: off; 0.999 averages about the last 1,000 steps)",
     )
+    distill: Literal["none", "dlib"] = Field(
+        "none",
+        description="arcface: also train the embedding to reproduce a teacher network's descriptors of the "
+        "training images (dlib: dlib's public-domain face recognition ResNet, an optional extra installed by "
+        "pip install 'faceid[teacher]'; computed once per image and cached; the served model does not need it)",
+    )
+    distill_weight: float = Field(
+        1.0, ge=0, le=1000, description="weight of the distillation loss beside the ArcFace loss (with distill)"
+    )
     balanced_sampling: bool = Field(
         False, description="arcface: draw identities uniformly, not images, so a few large identities do not dominate"
     )
@@ -372,6 +381,8 @@ class TrainConfig(BaseModel):
                 "init_from and pretrained both give the trunk its first weights; keep init_from "
                 "(a FaceID model) or pretrained (ImageNet), not both"
             )
+        if self.distill != "none" and self.train_mode != "arcface":
+            raise ValueError(f"distill {self.distill!r} trains beside the ArcFace loss; set train_mode arcface")
         if self.freeze_backbone_epochs >= self.epochs and self.freeze_backbone_epochs > 0:
             raise ValueError(
                 f"freeze_backbone_epochs ({self.freeze_backbone_epochs}) must be smaller than "

@@ -52,8 +52,10 @@ def check_before_launch(cfg: TrainConfig) -> None:
     from faceid.pairs import resolve_pairs_file
     from faceid.run_data import scan_run_folders
     from faceid.runtime import resolve_device
+    from faceid.teacher import check_teacher
 
     resolve_device(cfg.device)
+    check_teacher(cfg.distill)
     scan_run_folders(cfg)
     if cfg.pairs_file and not resolve_pairs_file(cfg.pairs_file, cfg.val).is_file():
         raise DataError(f"--pairs_file not found: {cfg.pairs_file}; give an LFW-style pairs.txt")

@@ -98,6 +98,7 @@ def last_checkpoint_dict(
     record: dict[str, Any],
     *,
     head: Optional[nn.Module],
+    projection: Optional[nn.Module] = None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
@@ -107,7 +108,8 @@ def last_checkpoint_dict(
 ) -> dict:
     """`checkpoint_dict` and what a resume needs (last.pt); `plan` is the epoch's batches
     ({"steps": steps per epoch, "world_size": processes}); `ema` the moving average of the
-    weights (torch.optim.swa_utils.AveragedModel) under --ema_decay."""
+    weights (torch.optim.swa_utils.AveragedModel) under --ema_decay; `projection` the map of
+    the embedding onto the teacher's descriptors under --distill."""
     ck = checkpoint_dict(cfg, model, epoch, record)
     # The ArcMarginProduct's own state_dict (key "weight"), as docs/CONTRACTS.md says.
     ck.update(
@@ -121,6 +123,8 @@ def last_checkpoint_dict(
         partial_steps=state.partial_steps,
         epoch_plan=plan,
     )
+    if projection is not None:
+        ck["projection"] = {k: v.detach().cpu() for k, v in projection.state_dict().items()}
     if ema is not None:
         ck["ema"] = {
             "model": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
@@ -134,9 +138,9 @@ def check_resumable(ck: dict[str, Any], path: str, cfg: TrainConfig, num_identit
     on from `ck`, the checkpoint at `path`."""
     if "optimizer" not in ck:
         raise CheckpointError(f"{path} is a best-model checkpoint; resume needs last.pt")
-    old = {"neck": "gap", "align": "none", **ck["config"]}  # checkpoints from before these options
+    old = {"neck": "gap", "align": "none", "distill": "none", **ck["config"]}  # checkpoints from before these options
     # the flat neck's weights are sized by the image size; gap's are not
-    keys = ("train_mode", "embedding_size", "neck", "align") + (("img_size",) if cfg.neck == "flat" else ())
+    keys = ("train_mode", "embedding_size", "neck", "align", "distill") + (("img_size",) if cfg.neck == "flat" else ())
     for key in keys:
         if old.get(key) != getattr(cfg, key):
             raise ConfigError(
@@ -162,15 +166,18 @@ def restore_weights(
     *,
     model: nn.Module,
     head: Optional[nn.Module],
+    projection: Optional[nn.Module] = None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
 ) -> None:
-    """Load last.pt's model, head, optimizer, scheduler and scaler states."""
+    """Load last.pt's model, head, (distillation) projection, optimizer, scheduler and scaler states."""
     model.load_state_dict(ck["model"])
     if ck.get("head") is not None:
         assert head is not None  # a last.pt with a head is resumed by a run that has one
         head.load_state_dict(ck["head"])
+    if projection is not None and ck.get("projection") is not None:
+        projection.load_state_dict(ck["projection"])
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
     if ck.get("scaler"):

@@ -404,6 +404,7 @@ class Trainer(TrainerSetup):
             epoch,
             record,
             head=getattr(self.objective, "head", None),
+            projection=getattr(self.objective, "projection", None),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             scaler=self.scaler,

@@ -34,6 +34,7 @@ from faceid.run_state import (
     resumed_state,
 )
 from faceid.runtime import DistEnv, set_threads
+from faceid.teacher import check_teacher, teacher_vectors
 
 log = logging.getLogger("faceid.train")  # the training log lines keep the name they always had
 
@@ -90,6 +91,7 @@ class TrainerSetup:
         pairs protocol, compute threads, the objective and optimizer, then a resume and the run's
         first files."""
         self._seed_and_tune()
+        check_teacher(self.cfg.distill)  # before any image is decoded
         if self.dist.is_main:
             prepare_ckpt_dir(self.ckpt_dir)
         train, val = scan_run_folders(self.cfg)
@@ -184,7 +186,17 @@ class TrainerSetup:
     def _build_trainee(self, model: EmbeddingNet) -> None:
         """The objective (its head sized for --train's people) around the network, on the device."""
         cfg = self.cfg
-        objective = build_objective(cfg, self.train_folder.labels, self.train_folder.num_identities)
+        teacher = None
+        if cfg.distill != "none":  # every rank reads the same cache; the first run fills it
+            teacher = teacher_vectors(
+                list(self.train_folder.paths),
+                cfg.distill,
+                load_options(cfg, self.device)["detector"],
+                workers=cfg.workers,
+                progress=self._faces_progress(f"--train ({cfg.distill} descriptors)"),
+                what="--train",
+            )
+        objective = build_objective(cfg, self.train_folder.labels, self.train_folder.num_identities, teacher)
         self.trainee = Trainee(model, objective).to(self.device)
         if cfg.channels_last:
             self.trainee.to(memory_format=torch.channels_last)
@@ -252,6 +264,7 @@ class TrainerSetup:
             ck,
             model=self.model,
             head=getattr(self.objective, "head", None),
+            projection=getattr(self.objective, "projection", None),
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             scaler=self.scaler,

@@ -14,6 +14,6 @@ stamp="$VENV/.faceid-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-  "$VENV/bin/python" -m pip install --quiet -e '.[test]'
+  "$VENV/bin/python" -m pip install --quiet -e '.[test,teacher]'
   touch "$stamp"
 fi
