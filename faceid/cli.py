@@ -27,13 +27,16 @@ __all__ = ["EXIT_TERMINATED", "EXIT_USER_ERROR", "build_parser", "main", "train_
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Find the faces of every image in the folders now, so training runs and jobs read them from
-    the cache; print what was found, and list the images without a face."""
+    the cache; print what was found, and list the images without a face. With --distill, compute
+    the teacher's descriptors now too (cached the same way)."""
     from faceid.data import scan_folder
     from faceid.facecache import FaceCache, find_faces
     from faceid.faces import DetectorSpec
     from faceid.runtime import resolve_device
+    from faceid.teacher import TeacherCache, check_teacher, teacher_vectors
 
     device = resolve_device(args.device)
+    check_teacher(args.distill)
     spec = DetectorSpec()
     total = {"images": 0, "with_face": 0, "no_face": 0, "unreadable": 0}
     for root in args.folders:
@@ -51,9 +54,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         for p, f in zip(folder.paths, found):
             if f is not None and not f:
                 print(json.dumps({"no_face": str(p)}))
+        if args.distill != "none":
+            readable = [p for p, f in zip(folder.paths, found) if f is not None]
+            teacher_vectors(readable, args.distill, spec, workers=args.workers, what=root)
     cache = FaceCache(spec)
-    print(json.dumps({"total": total, "cache": str(cache.path)}))
+    out: dict = {"total": total, "cache": str(cache.path)}
     cache.close()
+    if args.distill != "none":
+        teacher_cache = TeacherCache(args.distill, spec)
+        out["teacher_cache"] = str(teacher_cache.path)
+        teacher_cache.close()
+    print(json.dumps(out))
     return 0
 
 
@@ -182,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("folders", nargs="+", metavar="FOLDER", help="ImageFolder root (one sub-folder per person)")
     r.add_argument("--workers", type=int, default=2, metavar="N", help="detection processes (default: 2)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    r.add_argument(
+        "--distill",
+        default="none",
+        choices=["none", "dlib"],
+        help="also compute this teacher's descriptors for training with --distill (default: none)",
+    )
     r.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("serve", help="start the REST service (settings: FACEID_* environment)")

@@ -7,6 +7,7 @@ The teacher is an optional extra; the tests that run it are skipped where it is 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,31 @@ def test_a_run_distills_and_resumes_with_its_projection(folders, tmp_path):
                 resume=result.last_checkpoint,
             )
         )
+
+
+@needs_teacher
+def test_prepare_computes_the_descriptors_ahead(folders, tmp_path, monkeypatch, capsys):
+    from faceid.cli import main
+
+    monkeypatch.setenv("FACEID_CACHE_DIR", str(tmp_path / "cache"))
+    train = Path(folders["train"])
+    assert main(["prepare", str(train), "--workers", "0", "--distill", "dlib"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert Path(out[-1]["teacher_cache"]).is_file()
+    paths = sorted(train.glob("*/*.jpg"))
+
+    def no_compute(*a, **k):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(teacher_mod, "_DescribeFiles", no_compute)
+    assert teacher_mod.teacher_vectors(paths, workers=0).shape == (len(paths), teacher_mod.TEACHER_DIM)
+
+
+def test_prepare_without_the_teacher_is_one_line_naming_the_install(folders, monkeypatch, capsys):
+    from faceid.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dlib" else real(name, *a))
+    assert main(["prepare", folders["train"], "--distill", "dlib"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'faceid[teacher]'" in err[0]

@@ -18,6 +18,7 @@ from app.schemas import ErrorOut, JobList, JobLogs, JobOut, JobStatus, RocOut
 from app.settings import Settings
 from app.store import RESUMABLE, JobStateError, JobStore, is_job_id, new_job_id
 from faceid.config import TrainConfig
+from faceid.teacher import check_teacher
 
 router = APIRouter(tags=["jobs"])
 
@@ -106,6 +107,7 @@ def submit_job(
     `pairs_file` and `pretrained_weights` are paths relative to the data root (FACEID_DATA_DIR);
     `init_from` is the id of a succeeded job whose model the new one fine-tunes;
     `ckpt_dir` and `resume` are managed by the service. Jobs run one at a time, in order."""
+    check_teacher(cfg.distill)  # a teacher this installation lacks: 422 naming the install
     job_id = new_job_id()
     base = None
     if cfg.init_from is not None:

@@ -317,3 +317,19 @@ async def test_a_cuda_job_on_a_server_without_a_gpu_is_422_not_a_failed_job(make
         assert (await client.get("/jobs")).json()["total"] == 0
         auto = await client.post("/jobs", json={**job_body, "device": "auto"})
         assert auto.status_code == 202, auto.text
+
+
+async def test_a_teacher_this_server_lacks_is_422_naming_the_install(make_app, job_body, monkeypatch):
+    """`distill dlib` needs an optional extra: a server without it refuses the job, it does not fail
+    later."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dlib" else real(name, *a))
+    async with running(make_app()) as client:
+        r = await client.post("/jobs", json={**job_body, "train_mode": "arcface", "distill": "dlib"})
+        assert r.status_code == 422, r.text
+        assert "pip install 'faceid[teacher]'" in r.json()["detail"]
+        assert (await client.get("/jobs")).json()["total"] == 0
+        r = await client.post("/jobs", json={**job_body, "distill": "teacher"})
+        assert r.status_code == 422 and "distill" in r.text
