@@ -13,6 +13,7 @@ images had no face found (they are then used unaligned), and the time split.
     python bench/align_compare.py                                  # FACEID_LFW_DIR; ~25 min on 2 cores
     python bench/align_compare.py --recipes arcface,arcface_64 --device cuda --workers 8
     python bench/align_compare.py --recipes preset,arcface_ema_20   # cpu-small as it is, 20 epochs
+    python bench/align_compare.py --recipes preset,distill          # with dlib as a teacher ([teacher] extra)
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ RECIPES = {
     "arcface_20": {**_BEFORE_EMA, "align": "arcface", "epochs": 20},
     "arcface_ema_20": {**_BEFORE_EMA, "align": "arcface", "ema_decay": 0.995, "epochs": 20},
     # cpu-small as it is, also reproducing dlib's descriptors (pip install 'faceid[teacher]')
-    "distill": {"preset": "cpu-small", "distill": "dlib"},
+    "distill": {"preset": "cpu-small", "distill": "dlib"},  # distill_weight 5, the default
     "distill_w5": {"preset": "cpu-small", "distill": "dlib", "distill_weight": 5.0},
+    "distill_w1": {"preset": "cpu-small", "distill": "dlib", "distill_weight": 1.0},
     "distill_20": {"preset": "cpu-small", "distill": "dlib", "epochs": 20},
 }
 

@@ -14,6 +14,7 @@ sampled pairs of the fold-1 people with 2+ images, for, in one run:
   faceid_drop0.4   the preset with `dropout` 0.4 (not in the default --recipes)
   faceid_56c08     the preset at 56 px with `crop` 0.8 (the centred 80% of each photo's side), and
   faceid_64c08     at 64 px with `crop` 0.8: the runs that chose the preset's crop (bench/README.md)
+  faceid_distill   the preset with `distill` dlib: dlib's descriptors as a teacher
 
 Each trained recipe runs as a real job: a FaceID server (uvicorn, the production app) is started
 on a free port with a data folder holding the split, the recipe is sent to `POST /jobs` with
@@ -82,8 +83,11 @@ RECIPES = {
     "faceid_56c08": {"preset": "cpu-small", "img_size": 56, "crop": 0.8},
     "faceid_64c08": {"preset": "cpu-small", "crop": 0.8},
     "faceid_56c10": {"preset": "cpu-small", "crop": 1.0},  # the preset's 56 px on the whole image
+    # also reproducing dlib's descriptors (pip install 'faceid[teacher]'; faceid prepare --distill dlib
+    # on the LFW folder first keeps their one-time computation out of the job)
+    "faceid_distill": {"preset": "cpu-small", "distill": "dlib"},
 }
-KEYS = ("pairs_auc", "pairs_acc", "auc", "acc", "tar_1e-2")
+KEYS = ("pairs_auc", "pairs_acc", "auc", "acc", "tar_1e-2", "tar_1e-3")
 EPOCH_TARGET_S = 180  # cap an epoch at about this much training, so that every recipe has a point by 5 minutes
 
 

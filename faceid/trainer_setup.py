@@ -187,7 +187,11 @@ class TrainerSetup:
         """The objective (its head sized for --train's people) around the network, on the device."""
         cfg = self.cfg
         teacher = None
-        if cfg.distill != "none":  # every rank reads the same cache; the first run fills it
+        if cfg.distill != "none":
+            # the first process computes what the cache lacks; the others then read it (on another
+            # host with a cache of its own they compute it too)
+            if not self.dist.is_main:
+                self.dist.barrier()
             teacher = teacher_vectors(
                 list(self.train_folder.paths),
                 cfg.distill,
@@ -196,6 +200,8 @@ class TrainerSetup:
                 progress=self._faces_progress(f"--train ({cfg.distill} descriptors)"),
                 what="--train",
             )
+            if self.dist.is_main:
+                self.dist.barrier()
         objective = build_objective(cfg, self.train_folder.labels, self.train_folder.num_identities, teacher)
         self.trainee = Trainee(model, objective).to(self.device)
         if cfg.channels_last:

@@ -3,8 +3,10 @@ and through POST /jobs; a killed rank fails the run with no process left behind.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,3 +249,32 @@ def test_two_process_job_through_post_jobs(tmp_path):
     assert len(job["metrics"]) == 1 and 0 <= job["metrics"][0]["auc"] <= 1
     assert job["best"]["epoch"] == 1
     assert job["id"] in json.dumps(out["model"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dlib") is None, reason="pip install 'faceid[teacher]'")
+def test_two_processes_distill_with_one_computing_the_descriptors(tmp_path):
+    """The first process computes the teacher's descriptors while the other waits, then reads them
+    from the cache: both train on the same targets, and nothing deadlocks."""
+    train = tmp_path / "train"
+    for d in sorted(p for p in (SAMPLE / "train").iterdir() if p.is_dir())[:6]:
+        (train / d.name).mkdir(parents=True)
+        for f in sorted(d.glob("*.jpg"))[:4]:
+            shutil.copy(f, train / d.name / f.name)
+    ck, ev = tmp_path / "ck", tmp_path / "events.jsonl"
+    env = {**_env(), "FACEID_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run(
+        [sys.executable, "-m", "faceid.train", "--train", str(train), "--val", str(SAMPLE / "val")]
+        + ["--ckpt_dir", str(ck), "--events_file", str(ev), "--max_steps_per_epoch", "2", "--epochs", "1"]
+        + ["--distill", "dlib", *SMALL],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("computing dlib descriptors of 24 of 24 images") == 1, r.stderr[-3000:]
+    from faceid.checkpoint import load_checkpoint
+
+    last = load_checkpoint(ck / "last.pt")
+    assert last["config"]["distill"] == "dlib" and last["projection"]["weight"].shape[0] == 128
