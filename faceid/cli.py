@@ -33,7 +33,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from faceid.facecache import FaceCache, find_faces
     from faceid.faces import DetectorSpec
     from faceid.runtime import resolve_device
-    from faceid.teacher import TeacherCache, check_teacher, teacher_vectors
+    from faceid.teacher import TeacherCache, teacher_vectors
+    from faceid.teacher_files import check_teacher
 
     device = resolve_device(args.device)
     check_teacher(args.distill)

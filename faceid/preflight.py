@@ -52,7 +52,7 @@ def check_before_launch(cfg: TrainConfig) -> None:
     from faceid.pairs import resolve_pairs_file
     from faceid.run_data import scan_run_folders
     from faceid.runtime import resolve_device
-    from faceid.teacher import check_teacher
+    from faceid.teacher_files import check_teacher
 
     resolve_device(cfg.device)
     check_teacher(cfg.distill)

@@ -15,7 +15,6 @@ content.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import sqlite3
 import time
@@ -25,38 +24,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from faceid.errors import ConfigError
 from faceid.facecache import cache_dir, find_faces
 from faceid.faces import DetectorSpec, Face, pick_face
 from faceid.images import open_image
+from faceid.teacher_files import check_teacher, models_dir
 
 log = logging.getLogger(__name__)
 
-TEACHERS = ("none", "dlib")
 TEACHER_DIM = 128
-_INSTALL = "pip install 'faceid[teacher]' (dlib-bin and face-recognition-models)"
 CHIP_SIZE, CHIP_PADDING = 150, 0.25  # the face chips dlib's network was trained on
-
-
-def _models_dir() -> Path:
-    """The folder of face-recognition-models' .dat files, found without importing the package
-    (its __init__ needs setuptools' pkg_resources)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"distill dlib: the package face-recognition-models is not installed; {_INSTALL}")
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
-
-
-def check_teacher(name: str) -> None:
-    """Raise ConfigError naming the fix when the teacher `name` cannot run here."""
-    if name == "none":
-        return
-    if importlib.util.find_spec("dlib") is None:
-        raise ConfigError(f"distill dlib: the package dlib is not installed; {_INSTALL}")
-    folder = _models_dir()
-    for f in ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat"):
-        if not (folder / f).is_file():
-            raise ConfigError(f"distill dlib: {folder / f} is missing; reinstall with {_INSTALL}")
 
 
 class DlibTeacher:
@@ -65,7 +41,7 @@ class DlibTeacher:
     def __init__(self) -> None:
         import dlib  # type: ignore[import-untyped]
 
-        folder = _models_dir()
+        folder = models_dir()
         self._dlib = dlib
         self.shapes = dlib.shape_predictor(str(folder / "shape_predictor_5_face_landmarks.dat"))
         self.net = dlib.face_recognition_model_v1(str(folder / "dlib_face_recognition_resnet_model_v1.dat"))

@@ -34,7 +34,8 @@ from faceid.run_state import (
     resumed_state,
 )
 from faceid.runtime import DistEnv, set_threads
-from faceid.teacher import check_teacher, teacher_vectors
+from faceid.teacher import teacher_vectors
+from faceid.teacher_files import check_teacher
 
 log = logging.getLogger("faceid.train")  # the training log lines keep the name they always had
 

@@ -18,7 +18,7 @@ from app.schemas import ErrorOut, JobList, JobLogs, JobOut, JobStatus, RocOut
 from app.settings import Settings
 from app.store import RESUMABLE, JobStateError, JobStore, is_job_id, new_job_id
 from faceid.config import TrainConfig
-from faceid.teacher import check_teacher
+from faceid.teacher_files import check_teacher
 
 router = APIRouter(tags=["jobs"])
 

@@ -154,13 +154,15 @@ function newJobForm() {
     epochs: h("input", { name: "epochs", type: "number", min: 1, placeholder: "preset's" }),
     img_size: h("input", { name: "img_size", type: "number", min: 32, placeholder: "preset's" }),
     init_from: h("input", { name: "init_from", placeholder: "a succeeded job's id (fine-tune)" }),
+    // a teacher while training (the server needs the [teacher] extra: docs/CLI.md, Distillation)
+    distill: h("select", { name: "distill" }, ["", "dlib"].map((t) => h("option", { value: t }, t || "none"))),
     extra: h("textarea", { name: "extra", placeholder: '{"time_limit_min": 10, "batch_size": 32}' }),
   };
   const submit = h("button", { type: "submit" }, "Start");
   const form = h("form", { class: "grid", id: "new-job" },
     field("train (under the data root)", inputs.train), field("val", inputs.val),
     field("pairs_file", inputs.pairs_file), field("preset", inputs.preset), field("epochs", inputs.epochs),
-    field("img_size", inputs.img_size), field("init_from", inputs.init_from),
+    field("img_size", inputs.img_size), field("init_from", inputs.init_from), field("teacher (distill)", inputs.distill),
     field("other fields (JSON, as the POST /jobs body)", inputs.extra, "wide"), h("div", {}, submit), folders, pairFiles);
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
@@ -168,7 +170,7 @@ function newJobForm() {
     try { body = inputs.extra.value.trim() ? JSON.parse(inputs.extra.value) : {}; } catch (err) {
       say(`other fields: not JSON (${err.message})`); return;
     }
-    for (const k of ["train", "val", "pairs_file", "preset", "init_from"]) if (inputs[k].value.trim()) body[k] = inputs[k].value.trim();
+    for (const k of ["train", "val", "pairs_file", "preset", "init_from", "distill"]) if (inputs[k].value.trim()) body[k] = inputs[k].value.trim();
     for (const k of ["epochs", "img_size"]) if (inputs[k].value) body[k] = Number(inputs[k].value);
     submit.disabled = true;
     try {

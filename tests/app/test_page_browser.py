@@ -9,10 +9,12 @@ without them. With FACEID_SCREENSHOTS_DIR set, saves a screenshot of each page t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 from real_server import REPO, real_server
 
@@ -78,6 +80,11 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         form.find_element(By.NAME, "epochs").send_keys("2")
         form.find_element(By.NAME, "img_size").send_keys("32")
         form.find_element(By.NAME, "extra").send_keys(EXTRA)
+        teacher = importlib.util.find_spec("dlib") is not None  # the [teacher] extra (scripts/setup.sh)
+        if teacher:
+            from selenium.webdriver.support.ui import Select
+
+            Select(form.find_element(By.NAME, "distill")).select_by_value("dlib")
         _shot(browser, "jobs")
         form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
 
@@ -92,6 +99,8 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
 
         status = _wait(browser, 600, "the job to finish", finished)
         assert status == "succeeded", log_path.read_text()[-3000:]
+        config = httpx.get(f"{base}/jobs/{job_id}").json()["config"]
+        assert config["distill"] == ("dlib" if teacher else "none")  # the form's teacher reached the job
 
         # where the job's time went: each part with its share of the wall time
         split = _wait(

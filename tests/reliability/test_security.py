@@ -68,7 +68,7 @@ def test_no_shell_anywhere():
 
 # The modules that hold SQL, and the calls that take SQL text as their first argument:
 # the engines' own (execute...) and faceid.database.Database's, with the gallery store's helpers.
-SQL_MODULES = ("database.py", "store.py", "gallery_store.py", "facecache.py")
+SQL_MODULES = ("database.py", "store.py", "gallery_store.py", "facecache.py", "teacher.py")
 SQL_CALLS = {"execute", "executemany", "executescript", "run", "insert", "one", "all", "dicts", "chunks"}
 SQL_CALLS |= {"_one", "_agg", "_all"}
 # Names an f-string of SQL may interpolate: column assignments and ? marks built from a fixed list
