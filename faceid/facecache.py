@@ -112,6 +112,24 @@ class _DetectFiles(torch.utils.data.Dataset):
         return i, build_detector(self.spec).detect([img])[0], ""
 
 
+class Pace:
+    """When to report a long loop's progress: every `every` seconds and at its end, with its rate
+    (items/s) and the seconds left."""
+
+    def __init__(self, total: int, every: float = 5.0) -> None:
+        self.total, self.every = total, every
+        self.start = self.last = time.monotonic()
+
+    def due(self, done: int) -> Optional[tuple[float, float]]:
+        """(rate, seconds left) when a report is due after `done` items, else None."""
+        now = time.monotonic()
+        if now - self.last < self.every and done < self.total:
+            return None
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        return rate, (self.total - done) / max(rate, 1e-9)
+
+
 def find_faces(
     paths: Sequence[Path],
     spec: DetectorSpec = DetectorSpec(),
@@ -149,7 +167,7 @@ def find_faces(
             collate_fn=None,
         )
         detector = build_detector(spec, device) if on_gpu else None
-        start = last = time.monotonic()
+        pace = Pace(len(todo))
         pending: list[tuple[Path, list[Face]]] = []
         done = none_found = 0
         for j, result, error in _items(loader, detector):
@@ -162,18 +180,15 @@ def find_faces(
             if len(pending) >= 256:
                 cache.put_many(pending)
                 pending = []
-            now = time.monotonic()
-            if now - last >= 5 or done == len(todo):
-                last = now
-                rate = done / max(now - start, 1e-9)
+            report = pace.due(done)
+            if report is not None:
                 log.info(
                     "%s: faces %d/%d (%.0f %%), %.0f images/s, %.0f s left, %d without a face so far",
                     what,
                     done,
                     len(todo),
                     100 * done / len(todo),
-                    rate,
-                    (len(todo) - done) / rate,
+                    *report,
                     none_found,
                 )
                 if progress is not None:

@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import sqlite3
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from faceid.facecache import cache_dir, find_faces
+from faceid.errors import DataError
+from faceid.facecache import Pace, cache_dir, find_faces
 from faceid.faces import DetectorSpec, Face, pick_face
 from faceid.images import open_image
 from faceid.teacher_files import check_teacher, models_dir
@@ -145,7 +145,7 @@ def teacher_vectors(
     """float32 [N, 128]: the teacher's descriptor of each file, from the cache where it holds
     them, computed otherwise (in `workers` processes) and cached. The face each is taken from is
     the largest the detector `spec` finds (faceid.facecache, cached too). Raises ConfigError when
-    the teacher is not installed, ValueError when a file cannot be read."""
+    the teacher is not installed, DataError when a file cannot be read."""
     check_teacher(name)
     paths = [Path(p) for p in paths]
     cache = TeacherCache(name, spec, folder)
@@ -162,28 +162,20 @@ def teacher_vectors(
             loader = torch.utils.data.DataLoader(
                 _DescribeFiles([paths[i] for i in todo], picked), batch_size=None, num_workers=workers
             )
-            start = last = time.monotonic()
+            pace = Pace(len(todo))
             pending: list[tuple[Optional[str], np.ndarray]] = []
             for done, (j, vec, error) in enumerate(loader, start=1):
                 if error:
-                    raise ValueError(f"{paths[todo[j]]}: cannot compute its teacher descriptor ({error})")
+                    raise DataError(f"{paths[todo[j]]}: cannot compute its teacher descriptor ({error})")
                 found[todo[j]] = vec
                 pending.append((digests[todo[j]], vec))
                 if len(pending) >= 256:
                     cache.put_vectors(pending)
                     pending = []
-                now = time.monotonic()
-                if now - last >= 5 or done == len(todo):
-                    last = now
-                    rate = done / max(now - start, 1e-9)
+                report = pace.due(done)
+                if report is not None:
                     log.info(
-                        "%s: %s descriptors %d/%d, %.1f images/s, %.0f s left",
-                        what,
-                        name,
-                        done,
-                        len(todo),
-                        rate,
-                        (len(todo) - done) / rate,
+                        "%s: %s descriptors %d/%d, %.1f images/s, %.0f s left", what, name, done, len(todo), *report
                     )
                     if progress is not None:
                         progress(done, len(todo))
