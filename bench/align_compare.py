@@ -62,10 +62,13 @@ RECIPES = {
     "arcface_20": {**_BEFORE_EMA, "align": "arcface", "epochs": 20},
     "arcface_ema_20": {**_BEFORE_EMA, "align": "arcface", "ema_decay": 0.995, "epochs": 20},
     # cpu-small as it is, also reproducing dlib's descriptors (pip install 'faceid[teacher]')
-    "distill": {"preset": "cpu-small", "distill": "dlib"},  # distill_weight 5, the default
+    "distill": {"preset": "cpu-small", "distill": "dlib"},  # distill_weight 50, the default
     "distill_w5": {"preset": "cpu-small", "distill": "dlib", "distill_weight": 5.0},
     "distill_w1": {"preset": "cpu-small", "distill": "dlib", "distill_weight": 1.0},
     "distill_20": {"preset": "cpu-small", "distill": "dlib", "epochs": 20},
+    "distill_w20": {"preset": "cpu-small", "distill": "dlib", "distill_weight": 20.0},
+    "distill_w50": {"preset": "cpu-small", "distill": "dlib", "distill_weight": 50.0},
+    "distill_wd0.05": {"preset": "cpu-small", "distill": "dlib", "weight_decay": 0.05},
 }
 
 

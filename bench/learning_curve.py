@@ -31,7 +31,9 @@ the 12,052 images), so each job has an evaluated point by 5 minutes and about as
     python bench/learning_curve.py --lfw "$FACEID_LFW_DIR"                   # about 70 min on 2 cores
     python bench/learning_curve.py --minutes 0,2,4 --recipes faceid         # a quick look
 
-Prints one table per time point, then every epoch of every job.
+Prints one table per time point, then every epoch of every job. `--scenes` also scores each job's
+best checkpoint, before its server stops, on fold 1's pairs with every photo pasted into a cluttered
+scene (the photos align_compare.py scores: people the job never trained on, in whole-scene photos).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 import httpx
 
@@ -211,6 +214,15 @@ def run_job(server: Server, body: dict, minutes: float) -> dict:
             time.sleep(5)
 
 
+def score_scenes(job: dict, scenes: Path) -> Optional[dict]:
+    """`faceid evaluate` of the job's best checkpoint on the scene pairs (None when it made none)."""
+    from align_compare import evaluate
+
+    if not job.get("checkpoint"):
+        return None
+    return evaluate(Path(job["checkpoint"]), scenes, workers=2, device="cpu")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -228,6 +240,11 @@ def main() -> None:
         "least this many images (1: all of them; 2: the split of the runs before 2026-11-29 05:00)",
     )
     ap.add_argument("--out", help="also write every epoch record of every job as JSON lines here")
+    ap.add_argument(
+        "--scenes",
+        action="store_true",
+        help="also score each job's best checkpoint on fold 1's pairs pasted into whole-scene photos",
+    )
     args = ap.parse_args()
     if not args.lfw or not (Path(args.lfw) / "pairs.txt").is_file():
         ap.error("give --lfw DIR or set FACEID_LFW_DIR to the LFW folder (with pairs.txt)")
@@ -241,6 +258,11 @@ def main() -> None:
         sys.exit(f"error: unknown recipe(s) {unknown}; choose from {','.join(RECIPES)}")
     train, val = split(Path(args.lfw), root, copy=True, min_images=args.min_images)
     pairs = fold1_pairs(Path(args.lfw), root / "fold1")
+    scenes = None
+    if args.scenes:
+        from align_compare import scene_copy
+
+        scenes = scene_copy(root / "fold1", work / "scenes")
     base = {
         "train": "train",
         "val": "val",
@@ -265,7 +287,8 @@ def main() -> None:
         body = {**base, **RECIPES[name], **fit, "time_limit_min": minutes[-1]}
         with Server(None, data_dir=root) as server:
             job = run_job(server, body, minutes[-1])
-        results[name] = {"untrained": untrained, "rate": rate, "body": body, "job": job}
+            on_scenes = score_scenes(job, scenes) if scenes else None
+        results[name] = {"untrained": untrained, "rate": rate, "body": body, "job": job, "scenes": on_scenes}
     load_after = loadavg()
 
     rows = []
@@ -323,6 +346,12 @@ def main() -> None:
         )
         if job.get("error"):
             print(f"  error: {job['error']}")
+        if res["scenes"]:
+            sc = res["scenes"]
+            print(
+                f"  its best checkpoint on fold 1's pairs in whole-scene photos: AUC {sc['pairs_auc']:.4f}, "
+                f"accuracy {sc['pairs_acc']:.4f}, pairs without a face {sc.get('pairs_no_face', 0)}"
+            )
 
 
 if __name__ == "__main__":

@@ -215,11 +215,11 @@ class TrainConfig(BaseModel):
         "pip install 'faceid[teacher]'; computed once per image and cached; the served model does not need it)",
     )
     distill_weight: float = Field(
-        5.0,
+        50.0,
         ge=0,
         le=1000,
         description="weight of the distillation loss (a cosine distance, at most 2) beside the ArcFace loss "
-        "(with distill)",
+        "(with distill; the default is the best weight bench/align_compare.py measured: bench/README.md)",
     )
     balanced_sampling: bool = Field(
         False, description="arcface: draw identities uniformly, not images, so a few large identities do not dominate"
