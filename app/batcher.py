@@ -9,6 +9,9 @@ requests that wait together in one batch (docs/SERVICE.md, "Batching" and "Infer
 - With several workers (FACEID_INFER_WORKERS, on a CPU) the second takes work only while the first
   is busy, and the first takes only an even share of the requests in flight while the second is
   free.
+- A model trained on aligned faces finds the faces of all the photos in a batch with one detector
+  call before the forward pass, on the model's device (`Verifier.prepare_pending`); a photo without
+  a face fails only its own request.
 - `Timing` says where one request's time went (its Server-Timing header).
 
 How these rules came about and how they batch real clients: bench/README.md, serve_throughput.
@@ -27,15 +30,17 @@ from typing import Any, Optional, Sequence
 
 
 class _Work:
-    __slots__ = ("verifier", "images", "future", "queued", "started", "finished", "batch_images")
+    __slots__ = ("verifier", "images", "future", "queued", "started", "detected", "finished", "batch_images", "error")
 
     def __init__(self, verifier: Any, images: Sequence[Any]) -> None:
         self.verifier = verifier
         self.images = list(images)
         self.future: concurrent.futures.Future = concurrent.futures.Future()
-        # time.perf_counter() when queued, and when its batch's forward pass started and ended
-        self.queued, self.started, self.finished = time.perf_counter(), 0.0, 0.0
+        # time.perf_counter() when queued, when its batch's work started, when the batch's faces
+        # were found (as `started` when there was nothing to detect) and when the forward pass ended
+        self.queued, self.started, self.detected, self.finished = time.perf_counter(), 0.0, 0.0, 0.0
         self.batch_images = 0
+        self.error: Optional[BaseException] = None  # this request's own failure (no face found)
 
 
 class EmbedWorker:
@@ -87,7 +92,9 @@ class EmbedWorker:
         result = await asyncio.wrap_future(work.future)
         if timing is not None and work.finished:
             timing.add("queue", work.started - work.queued)
-            timing.add("forward", work.finished - work.started, f"batch of {work.batch_images}")
+            if work.detected > work.started:
+                timing.add("detect", work.detected - work.started)
+            timing.add("forward", work.finished - work.detected, f"batch of {work.batch_images}")
             timing.add("handback", time.perf_counter() - work.finished)
         return result
 
@@ -236,16 +243,30 @@ class EmbedWorker:
 
     @staticmethod
     def _forward(batch: list[_Work]) -> tuple[Any, Optional[BaseException]]:
-        """(embeddings of every image in the batch, None), or (None, the exception)."""
-        images = [im for work in batch for im in work.images]
+        """(embeddings of the images of every request in the batch that has no error of its own,
+        None), or (None, the exception that fails them all). Photos whose faces are still to be
+        found (faceid.inference.Pending) are detected first, all in one call; a request with a
+        photo that shows no face gets that NoFaceError as its own `error`."""
+        verifier = batch[0].verifier
         started = time.perf_counter()
         try:
-            embeddings = batch[0].verifier.embed(images)
+            everything = [im for work in batch for im in work.images]
+            # a Pending photo's `prepared` is None until its face is found
+            if any(getattr(im, "prepared", False) is None for im in everything):
+                errors = iter(verifier.prepare_pending(everything))
+                for work in batch:
+                    work.error = next((e for e in [next(errors) for _ in work.images] if e is not None), None)
+                detected = time.perf_counter()
+            else:
+                detected = started
+            ok = [work for work in batch if work.error is None]
+            images = [im for work in ok for im in work.images]
+            embeddings = verifier.embed(images) if images else None
         except BaseException as e:  # handed to every waiting request
             return None, e
         finished = time.perf_counter()
         for work in batch:
-            work.started, work.finished, work.batch_images = started, finished, len(images)
+            work.started, work.detected, work.finished, work.batch_images = started, detected, finished, len(images)
         return embeddings, None
 
     @staticmethod
@@ -254,6 +275,8 @@ class EmbedWorker:
         for work in batch:
             if error is not None:
                 work.future.set_exception(error)
+            elif work.error is not None:
+                work.future.set_exception(work.error)
             else:
                 work.future.set_result(embeddings[start : start + len(work.images)])
                 start += len(work.images)
@@ -262,7 +285,8 @@ class EmbedWorker:
 class Timing:
     """Where one request's time went, for its `Server-Timing` response header (milliseconds,
     browsers' developer tools and `curl -v` show it): reading the upload, decoding, waiting for
-    the worker, the forward pass of the batch it joined, and the hand-back to the event loop."""
+    the worker, finding the faces and the forward pass of the batch it joined, and the hand-back
+    to the event loop."""
 
     __slots__ = ("start", "parts")
 

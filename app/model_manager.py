@@ -3,9 +3,9 @@
 - A switch is atomic: the new Verifier is built completely, then one reference is replaced. A
   request holds the `ServedModel` it started with, so requests in flight finish on the old model.
 - Each upload is decoded and prepared for the model on a decoding thread as it arrives
-  (`ModelManager.decode`: `Verifier.prepare`, or `prepare_face`), so a batch's forward pass only
-  stacks its images; the forward passes run on the batching worker (app/batcher.py), as many at
-  once as `inference_plan` says.
+  (`ModelManager.decode`: `Verifier.prepare`, or, for a model trained on aligned faces, `pending`),
+  so the batching worker (app/batcher.py) only finds the faces of a batch in one call, aligns them
+  and runs the forward pass, as many at once as `inference_plan` says.
 - The choice survives a restart: the served checkpoint is remembered in the job database, where
   inference replicas (app/replica_app.py) follow it.
 
@@ -371,17 +371,21 @@ class ModelManager:
 
     async def decode(self, data: bytes, name: str, model: ServedModel, detect: bool = True) -> Any:
         """The upload as the image `model` embeds, decoded off the event loop and prepared for it
-        there (its `prepare_face`, when it has one: the face found and aligned, or the image
-        resized to its input size), so the worker's batch only stacks and runs the network. An
-        upload that is not an image, or that shows no face an aligned model can use, is an
-        ImageError naming the form field."""
-        prepare_face = getattr(model.verifier, "prepare_face", None)
-        prepare = getattr(model.verifier, "prepare", None)
-        side = getattr(model.verifier, "decode_side", None)  # large JPEGs as its training decoded them
+        there: resized to its input size, or, for a model trained on aligned faces, shrunk for
+        detection (its `pending`): the worker finds the faces of a whole batch in one call, then
+        aligns them (app/batcher.py). An upload that is not an image is an ImageError naming the
+        form field; so is one in which the worker finds no face."""
+        verifier = model.verifier
+        pending = getattr(verifier, "pending", None) if getattr(verifier, "detector", None) is not None else None
+        prepare_face = getattr(verifier, "prepare_face", None)
+        prepare = getattr(verifier, "prepare", None)
+        side = getattr(verifier, "decode_side", None)  # large JPEGs as its training decoded them
 
         def work() -> Any:
             try:
                 img = open_upload(data, max_pixels=self.settings.max_pixels, name=name, reduce_to=side)
+                if pending is not None and detect:
+                    return pending(img, name)
                 if prepare_face is not None:
                     return prepare_face(img, detect)
             except ImageError as e:

@@ -17,7 +17,7 @@ from faceid.checkpoint import load_checkpoint
 from faceid.data import BatchTransform, decode_side, resize_center_crop
 from faceid.errors import CheckpointError, ConfigError
 from faceid.evaluate import autocast_ctx
-from faceid.faces import Face, NoFaceError, Preparation, align_face, build_detector, pick_face
+from faceid.faces import Face, NoFaceError, Preparation, align_face, build_detector, pick_face, shrink_for_detection
 from faceid.model import NECKS, EmbeddingNet
 from faceid.runtime import resolve_amp, resolve_device
 
@@ -61,6 +61,30 @@ class Prepared:
         if self.face is None:
             return None
         return {**self.face.to_json(), "faces_found": self.faces_found}
+
+
+class Pending:
+    """A photo decoded for a model trained on aligned faces, its face still to be found: what a
+    server's decoding threads hand the embedding worker, which finds the faces of every pending
+    photo in a batch with one detector call (`Verifier.prepare_pending`) and keeps the result in
+    `prepared`. The decoding thread has already shrunk the photo for detection (`small`, and
+    `factor` back to the photo's pixels), so the worker never resizes a large photo. `field` names
+    the upload in a NoFaceError."""
+
+    __slots__ = ("image", "small", "factor", "field", "prepared")
+
+    def __init__(self, image: Image.Image, small: Image.Image, factor: float, field: Optional[str] = None) -> None:
+        self.image, self.small, self.factor, self.field = image, small, factor, field
+        self.prepared: Optional[Prepared] = None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        if self.prepared is None:
+            raise RuntimeError("this photo's face has not been found yet (Verifier.prepare_pending)")
+        return self.prepared.tensor
+
+    def face_json(self) -> Optional[dict[str, Any]]:
+        return self.prepared.face_json() if self.prepared is not None else None
 
 
 def to_uint8_tensor(img: Image.Image, size: int, crop: float = 1.0) -> torch.Tensor:
@@ -275,11 +299,40 @@ class Verifier:
         """PIL image -> what `embed` takes for it, and the face it was made from. An aligned model
         detects the faces and aligns the largest (NoFaceError when there is none); with `detect`
         False the image is taken to be an aligned face crop already, and only resized. A model
-        trained without alignment resizes and centre-crops (`crop`). A server calls it where it
-        decodes each upload, so a batch's forward pass does not wait for this work."""
+        trained without alignment resizes and centre-crops (`crop`)."""
         if self.detector is None or not detect:
             return Prepared(to_uint8_tensor(img, self.img_size, self.crop))
-        faces = self.detector.detect([img])[0]
+        return self._aligned(img, self.detector.detect([img])[0])
+
+    def pending(self, img: Image.Image, field: Optional[str] = None) -> Pending:
+        """`img` made ready for `prepare_pending` (shrunk for detection, as `detect` would)."""
+        small, factor = shrink_for_detection(img, self.preparation.detector.max_side)
+        return Pending(img, small, factor, field)
+
+    def prepare_pending(self, items: Sequence[Any]) -> list[Optional[NoFaceError]]:
+        """Find the faces of every `Pending` photo among `items` with one detector call (batched,
+        on the model's device) and align each one's largest face into its `prepared`. Per item:
+        None, or the NoFaceError (its `field` set) of a photo without a face, which fails only
+        that photo. Other items are left as they are."""
+        todo = [(i, p) for i, p in enumerate(items) if isinstance(p, Pending) and p.prepared is None]
+        errors: list[Optional[NoFaceError]] = [None] * len(items)
+        if not todo:
+            return errors
+        if self.detector is None:
+            for _, p in todo:
+                p.prepared = Prepared(to_uint8_tensor(p.image, self.img_size, self.crop))
+            return errors
+        found = self.detector.detect([p.small for _, p in todo])
+        for (i, p), faces in zip(todo, found):
+            try:
+                p.prepared = self._aligned(p.image, [f.scaled(p.factor) for f in faces])
+            except NoFaceError as e:
+                e.field = p.field
+                errors[i] = e
+        return errors
+
+    def _aligned(self, img: Image.Image, faces: Sequence[Face]) -> Prepared:
+        """The largest of `faces` (found in `img`) aligned as this model's training aligned them."""
         face = pick_face(faces)
         if face is None:
             w, h = img.size
@@ -297,15 +350,19 @@ class Verifier:
         return self.prepare_face(img).tensor
 
     def embed(self, images: Sequence[Union[Image.Image, torch.Tensor]]) -> np.ndarray:
-        """PIL images, or tensors from `prepare`, -> float32 [N, D], unit norm. Open files with
-        `open` to read them exactly as training and evaluation did (a large JPEG opened with plain
-        PIL is decoded at full scale: the same face, within a fraction of a grey level)."""
+        """PIL images, tensors from `prepare`, `Prepared` or `Pending` photos -> float32 [N, D], unit
+        norm. Open files with `open` to read them exactly as training and evaluation did (a large
+        JPEG opened with plain PIL is decoded at full scale: the same face, within a fraction of a
+        grey level)."""
         if not images:
             return np.zeros((0, self.embedding_size), np.float32)
+        errors = [e for e in self.prepare_pending(images) if e is not None]
+        if errors:
+            raise errors[0]
         return self.embed_tensors(
             torch.stack(
                 [
-                    im.tensor if isinstance(im, Prepared) else im if isinstance(im, torch.Tensor) else self.prepare(im)
+                    im if isinstance(im, torch.Tensor) else im.tensor if hasattr(im, "tensor") else self.prepare(im)
                     for im in images
                 ]
             )

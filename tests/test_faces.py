@@ -93,6 +93,41 @@ def test_a_scene_without_a_face_has_none_and_a_scene_with_two_has_both(detector)
         assert min(math.dist(c, p.center) for c in centres) < 0.2 * p.side
 
 
+def test_one_batched_call_finds_exactly_what_facenet_pytorch_finds_photo_by_photo(detector):
+    """The batched MTCNN (faceid.mtcnn) reads its pyramid and crops off integral images and runs the
+    R- and O-nets over all photos at once; facenet-pytorch's own detect_face, one photo at a time,
+    must find the same boxes, scores and landmarks."""
+    from facenet_pytorch.models.utils.detect_face import detect_face
+
+    rng = np.random.default_rng(11)
+    faces = [Image.open(f).convert("RGB") for f in _faces(4)]
+    two, _ = make_scene(faces[:2], rng, size=(640, 400), side_range=(0.3, 0.45))
+    photos = [
+        faces[0],
+        faces[1].resize((131, 117)),  # another size: another pyramid
+        make_scene([faces[2]], rng, size=(480, 360))[0],
+        two.resize((480, 300)),
+        make_scene([], rng, size=(480, 360))[0],  # none
+        Image.new("RGB", (10, 40)),  # smaller than the P-net's window
+        faces[3],
+    ]
+    spec = DetectorSpec()
+    batched = detector.mtcnn.detect(photos)
+    assert [len(b) for b, _ in batched] == [1, 1, 1, 2, 0, 0, 1]
+    nets = (detector.mtcnn.pnet, detector.mtcnn.rnet, detector.mtcnn.onet)
+    for photo, (boxes, points) in zip(photos, batched):
+        if min(photo.size) < 12:
+            continue
+        arr = torch.from_numpy(np.array(photo, dtype=np.uint8)[None])
+        with torch.inference_mode():
+            ref_boxes, ref_points = detect_face(arr, spec.min_face, *nets, list(spec.thresholds), spec.factor, "cpu")
+        ref_boxes = np.asarray(ref_boxes[0], dtype=np.float64).reshape(-1, 5)
+        ref_points = np.asarray(ref_points[0], dtype=np.float64).reshape(-1, 5, 2)
+        order, ref_order = np.argsort(boxes[:, 0]), np.argsort(ref_boxes[:, 0])
+        np.testing.assert_allclose(boxes[order], ref_boxes[ref_order], atol=1e-4)
+        np.testing.assert_allclose(points[order], ref_points[ref_order], atol=1e-4)
+
+
 def test_alignment_puts_the_landmarks_on_the_template():
     # A picture whose five landmarks are exactly the template's comes out unchanged at 112 px
     rng = np.random.default_rng(0)
@@ -257,6 +292,31 @@ def test_an_aligned_run_records_how_its_faces_were_prepared_and_the_verifier_pre
     with pytest.raises(NoFaceError, match="no face found in the 80x80 image.*detect=false"):
         v.prepare_face(noise)
     assert v.prepare_face(noise, detect=False).face is None
+
+
+def test_pending_photos_are_detected_together_and_only_the_faceless_one_fails(tmp_path_factory):
+    """A server's worker finds the faces of a batch's photos in one call (Verifier.prepare_pending):
+    each gets what prepare_face gives it alone; a photo without a face gets its own NoFaceError,
+    naming its field, and embed raises it."""
+    from faceid.inference import Verifier
+
+    v = Verifier.from_checkpoint(tiny_aligned_run(tmp_path_factory).best, device="cpu")
+    rng = np.random.default_rng(4)
+    a, b = (Image.open(f).convert("RGB") for f in _faces(2))
+    scene, _ = make_scene([b], rng, size=(1200, 900))  # shrunk for detection on the decoding side
+    empty, _ = make_scene([], rng)
+    items = [v.pending(a, "image1"), v.pending(empty, "image2"), v.pending(scene, "images[2]")]
+    assert items[2].factor == pytest.approx(1200 / DetectorSpec().max_side) and items[0].factor == 1.0
+    errors = v.prepare_pending(items)
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], NoFaceError) and errors[1].field == "image2" and items[1].prepared is None
+    for item, photo in ((items[0], a), (items[2], scene)):
+        alone = v.prepare_face(photo)
+        assert item.face_json() == alone.face_json()
+        assert torch.equal(item.tensor, alone.tensor)
+    np.testing.assert_allclose(v.embed([items[0], items[2]]), v.embed([a, scene]), atol=1e-5)
+    with pytest.raises(NoFaceError, match="no face found"):
+        v.embed([v.pending(empty, "image")])
 
 
 def test_checkpoints_without_a_faces_record_are_served_unaligned(tmp_path_factory):

@@ -83,6 +83,36 @@ async def test_no_face_is_a_422_naming_the_image_and_the_server_keeps_serving(ap
         assert (await client.get("/health")).status_code == 200
 
 
+async def test_requests_detected_in_one_batch_answer_alone_and_a_faceless_one_fails_only_itself(app):
+    """Concurrent requests share the worker's batches, where their faces are found in one detector
+    call: each answer equals the one the request gets alone, and a photo without a face is a 422
+    for its own request only. Server-Timing shows the detection."""
+    import asyncio
+
+    rng = np.random.default_rng(13)
+    people = [Image.open(p) for p in _people()[:3]]
+    scenes = [_jpeg(make_scene([p], rng)[0]) for p in people]
+    empty = _jpeg(make_scene([], rng)[0])
+    async with running(app) as client:
+        alone = []
+        for s in scenes:
+            r = await client.post("/embed", files={"image": ("s.jpg", s)})
+            assert r.status_code == 200, r.text
+            assert "detect;dur=" in r.headers["server-timing"]
+            alone.append(r.json())
+        uploads = scenes + [empty] * 3
+        for _ in range(3):  # the batches the worker forms vary; every answer must hold in each
+            answers = await asyncio.gather(*(client.post("/embed", files={"image": ("s.jpg", u)}) for u in uploads))
+            for r, one in zip(answers, alone):
+                assert r.status_code == 200, r.text
+                assert r.json()["face"] == one["face"]
+                np.testing.assert_allclose(r.json()["embedding"], one["embedding"], atol=1e-4)
+            for r in answers[len(scenes) :]:
+                assert r.status_code == 422 and r.json()["field"] == "image"
+        stats = (await client.get("/model")).json()["batching"]
+        assert stats["batches"] < stats["requests"]  # some requests did share a batch
+
+
 async def test_two_faces_the_largest_is_used_and_the_count_is_given(app):
     rng = np.random.default_rng(21)
     a, b = (Image.open(p) for p in _people()[2:4])
