@@ -97,11 +97,24 @@ def _crops(sums: list[torch.Tensor], where: list[tuple[int, int]], boxes: torch.
         y2 = torch.maximum(b[sel, 3].clamp(max=h), y1 + 1)
         xl, xh = _bins(x1, x2 - x1, size)
         yl, yh = _bins(y1, y2 - y1, size)
-        n = i_of[sel][:, None, None]
-        ylo, yhi, xlo, xhi = yl[:, :, None], yh[:, :, None], xl[:, None, :], xh[:, None, :]
-        total = (s[n, yhi, xhi] - s[n, ylo, xhi]) - (s[n, yhi, xlo] - s[n, ylo, xlo])
+        # the four corners of every cell as rows of the flattened sums [B * (h + 1) * (w + 1), 3],
+        # read with one index_select (about twice as fast as four 3-d gathers)
+        row = w + 1
+        first = (i_of[sel] * (h + 1) * row)[:, None]
+        top, bottom = first + yl * row, first + yh * row  # [n, size]
+        corners = torch.stack(
+            [
+                bottom[:, :, None] + xh[:, None, :],
+                top[:, :, None] + xh[:, None, :],
+                bottom[:, :, None] + xl[:, None, :],
+                top[:, :, None] + xl[:, None, :],
+            ]
+        )
+        v = s.view(-1, 3).index_select(0, corners.view(-1)).view(4, len(sel), size, size, 3)
+        total = (v[0] - v[1]) - (v[2] - v[3])
         # the cell's height, then its width, as PyTorch's pooling divides: bit-equal crops
-        heights, widths = (yhi - ylo)[..., None].to(torch.float32), (xhi - xlo)[..., None].to(torch.float32)
+        heights = (yh - yl)[:, :, None, None].to(torch.float32)
+        widths = (xh - xl)[:, None, :, None].to(torch.float32)
         out[sel] = total.to(torch.float32) / heights / widths
     return out.permute(0, 3, 1, 2)
 
