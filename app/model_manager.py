@@ -42,6 +42,10 @@ NO_MODEL = (
     "FACEID_CHECKPOINT=path/to/backbone_best.pt"
 )
 ENV_STATE_KEY = "env_checkpoint_applied"
+# A photo waiting for the worker to find its face is held decoded (3 bytes a pixel, until its
+# batch runs); larger photos are detected and aligned on their decoding thread instead, so a burst
+# of 40 MP uploads holds their small aligned crops, not gigabytes of pixels.
+BATCHED_DETECTION_MAX_PIXELS = 4_000_000
 
 # (checkpoint path, device) -> an object with embed(images), compare(e1, e2, threshold),
 # resolve_threshold(threshold) and info, as faceid.inference.Verifier (docs/CONTRACTS.md, 3).
@@ -373,8 +377,9 @@ class ModelManager:
         """The upload as the image `model` embeds, decoded off the event loop and prepared for it
         there: resized to its input size, or, for a model trained on aligned faces, shrunk for
         detection (its `pending`): the worker finds the faces of a whole batch in one call, then
-        aligns them (app/batcher.py). An upload that is not an image is an ImageError naming the
-        form field; so is one in which the worker finds no face."""
+        aligns them (app/batcher.py); a photo above BATCHED_DETECTION_MAX_PIXELS is detected and
+        aligned here. An upload that is not an image is an ImageError naming the form field; so
+        is one in which no face is found."""
         verifier = model.verifier
         pending = getattr(verifier, "pending", None) if getattr(verifier, "detector", None) is not None else None
         prepare_face = getattr(verifier, "prepare_face", None)
@@ -384,7 +389,7 @@ class ModelManager:
         def work() -> Any:
             try:
                 img = open_upload(data, max_pixels=self.settings.max_pixels, name=name, reduce_to=side)
-                if pending is not None and detect:
+                if pending is not None and detect and img.width * img.height <= BATCHED_DETECTION_MAX_PIXELS:
                     return pending(img, name)
                 if prepare_face is not None:
                     return prepare_face(img, detect)

@@ -113,6 +113,26 @@ async def test_requests_detected_in_one_batch_answer_alone_and_a_faceless_one_fa
         assert stats["batches"] < stats["requests"]  # some requests did share a batch
 
 
+async def test_large_photos_are_detected_on_their_decoding_thread_with_the_same_answers(app, monkeypatch):
+    """Photos above BATCHED_DETECTION_MAX_PIXELS are detected and aligned where they are decoded, so
+    the worker's queue never holds their pixels; the answers are those of batched detection."""
+    import app.model_manager as mm
+
+    rng = np.random.default_rng(17)
+    scene = _jpeg(make_scene([Image.open(_people()[1])], rng)[0])
+    empty = _jpeg(make_scene([], rng)[0])
+    async with running(app) as client:
+        batched = await client.post("/verify", files={"image1": ("a.jpg", scene), "image2": ("b.jpg", scene)})
+        assert batched.status_code == 200 and "detect;dur=" in batched.headers["server-timing"]
+        monkeypatch.setattr(mm, "BATCHED_DETECTION_MAX_PIXELS", 0)
+        alone = await client.post("/verify", files={"image1": ("a.jpg", scene), "image2": ("b.jpg", scene)})
+        assert alone.status_code == 200 and "detect;dur=" not in alone.headers["server-timing"]
+        assert alone.json()["face1"] == batched.json()["face1"]
+        assert alone.json()["similarity"] == pytest.approx(batched.json()["similarity"], abs=1e-5)
+        r = await client.post("/verify", files={"image1": ("a.jpg", scene), "image2": ("e.jpg", empty)})
+        assert r.status_code == 422 and r.json()["field"] == "image2"
+
+
 async def test_two_faces_the_largest_is_used_and_the_count_is_given(app):
     rng = np.random.default_rng(21)
     a, b = (Image.open(p) for p in _people()[2:4])
