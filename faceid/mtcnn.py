@@ -34,11 +34,12 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def _integral(arr: np.ndarray) -> np.ndarray:
-    """[B, H, W, 3] uint8 pixels -> [B, H + 1, W + 1, 3] int32 sums of the pixels above and left
-    (a zero first row and column). int32 holds 255 * 8.4 million pixels; photos are shrunk for
-    detection far below that. Rows are added one by one: NumPy's cumsum down the rows of an
-    image is about 3x slower than this on a CPU core."""
-    out = np.zeros((arr.shape[0], arr.shape[1] + 1, arr.shape[2] + 1, 3), dtype=np.int32)
+    """[B, H, W, 3] uint8 pixels -> [B, H + 1, W + 1, 3] sums of the pixels above and left (a zero
+    first row and column): int32, which holds the sums of 8.4 million pixels (photos are shrunk for
+    detection far below that), else int64. Rows are added one by one: NumPy's cumsum down the rows
+    of an image is about 3x slower than this on a CPU core."""
+    dtype = np.int32 if 255 * arr.shape[1] * arr.shape[2] < 2**31 else np.int64
+    out = np.zeros((arr.shape[0], arr.shape[1] + 1, arr.shape[2] + 1, 3), dtype=dtype)
     acc = out[:, 1:, 1:]
     acc[...] = arr
     for y in range(1, acc.shape[1]):

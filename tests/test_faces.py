@@ -128,6 +128,23 @@ def test_one_batched_call_finds_exactly_what_facenet_pytorch_finds_photo_by_phot
         np.testing.assert_allclose(points[order], ref_points[ref_order], atol=1e-4)
 
 
+def test_the_integral_image_gives_area_resizing_exactly_and_does_not_overflow():
+    from faceid.mtcnn import _integral, _shrunk
+
+    rng = np.random.default_rng(6)
+    photos = rng.integers(0, 256, (2, 97, 131, 3), dtype=np.uint8)
+    sums = _integral(photos)
+    assert sums.dtype == np.int32
+    for size in ((40, 53), (12, 17), (97, 131), (29, 131)):
+        area = torch.nn.functional.interpolate(
+            torch.from_numpy(photos).permute(0, 3, 1, 2).float(), size=size, mode="area"
+        ).permute(0, 2, 3, 1)
+        assert torch.equal(torch.from_numpy(_shrunk(sums, size)), area), size
+    white = np.full((1, 3000, 3000, 3), 255, dtype=np.uint8)  # sums past int32
+    big = _integral(white)
+    assert big.dtype == np.int64 and big[0, -1, -1, 0] == 255 * 3000 * 3000
+
+
 def test_alignment_puts_the_landmarks_on_the_template():
     # A picture whose five landmarks are exactly the template's comes out unchanged at 112 px
     rng = np.random.default_rng(0)
