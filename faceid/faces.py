@@ -138,8 +138,8 @@ def shrink_for_detection(img: Image.Image, max_side: int) -> tuple[Image.Image, 
 class MTCNNDetector:
     """facenet-pytorch's MTCNN (P-, R- and O-net; weights inside the package), run by
     `faceid.mtcnn.BatchedMTCNN`: the faces and landmarks of facenet-pytorch's own `detect_face`
-    (within 1e-4 px), with all the photos of a call in one pass through each stage. On a GPU give `device`
-    "cuda"."""
+    (within 1e-4 px), with all the photos of a call in one pass through each stage. On a GPU give
+    `device` "cuda"."""
 
     def __init__(self, spec: DetectorSpec = DetectorSpec(), device: Any = "cpu") -> None:
         from faceid.mtcnn import BatchedMTCNN

@@ -75,16 +75,15 @@ def _bins(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.T
     return lo, hi
 
 
-def _crops(sums: list[torch.Tensor], where: list[tuple[int, int]], boxes: torch.Tensor, size: int) -> torch.Tensor:
+def _crops(sums: list[torch.Tensor], where: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """[N, 3, size, size] float: each box's part of its image, clamped to the image and area-resampled
     exactly as facenet-pytorch's detect_face does it (its pad() and interpolate(mode="area")), with
     each cell's mean read off the image's integral image (`sums[group]`) instead of a crop and a
-    resize per box. `where[n]` is (group, index within the group) of box n's image."""
+    resize per box. `where` [N, 2] holds (group, index within the group) of each box's image."""
     out = torch.empty((len(boxes), size, size, 3), dtype=torch.float32, device=boxes.device)
     if not len(boxes):
         return out.permute(0, 3, 1, 2)
-    g_of = torch.tensor([g for g, _ in where], device=boxes.device)
-    i_of = torch.tensor([i for _, i in where], device=boxes.device)
+    g_of, i_of = where[:, 0], where[:, 1]
     b = boxes[:, :4].trunc().to(torch.int64)
     for g, s in enumerate(sums):
         sel = (g_of == g).nonzero().flatten()
@@ -177,8 +176,11 @@ class BatchedMTCNN:
         for i, im in enumerate(images):
             by_size.setdefault(im.size, []).append(i)
         sums = []  # per group of same-size images: their integral images
-        cand, where, image_of = [], [], []
+        # each image's (group, index within the group), to find its integral image
+        where = torch.zeros((len(images), 2), dtype=torch.int64)
+        cand, cand_images = [], []  # candidate boxes and their images' indices, per group
         for g, ((w, h), idx) in enumerate(by_size.items()):
+            where[idx, 0], where[idx, 1] = g, torch.arange(len(idx))
             arr = np.stack([np.asarray(images[i], dtype=np.uint8) for i in idx])
             integral = _integral(arr)
             sums.append(torch.from_numpy(integral).to(self.device))
@@ -186,32 +188,29 @@ class BatchedMTCNN:
                 continue
             boxes, inds = self._pnet(integral)
             cand.append(boxes)
-            where += [(g, int(j)) for j in inds.tolist()]
-            image_of += [idx[int(j)] for j in inds.tolist()]
+            cand_images.append(torch.tensor(idx, device=self.device)[inds])
         empty = [(np.zeros((0, 5)), np.zeros((0, 5, 2))) for _ in images]
         if not cand or not sum(len(c) for c in cand):
             return empty
-        boxes = torch.cat(cand)
-        img_ids = torch.tensor(image_of, device=self.device)
+        boxes, img_ids = torch.cat(cand), torch.cat(cand_images)
+        where = where.to(self.device)
 
         # R-net: refine and reject
-        reg, score = self.rnet(_normalise(_crops(sums, where, boxes, 24)).contiguous(memory_format=torch.channels_last))
+        crops = _crops(sums, where[img_ids], boxes, 24)
+        reg, score = self.rnet(_normalise(crops).contiguous(memory_format=torch.channels_last))
         score = score[:, 1]
         ok = score > self.thresholds[1]
         boxes = torch.cat([boxes[ok, :4], score[ok, None]], dim=1)
         reg, img_ids = reg[ok], img_ids[ok]
-        where = [w for w, k in zip(where, ok.tolist()) if k]
         keep = batched_nms(boxes[:, :4], boxes[:, 4], img_ids, 0.7)
         boxes, reg, img_ids = boxes[keep], reg[keep], img_ids[keep]
-        where = [where[k] for k in keep.tolist()]
         boxes = rerec(bbreg(boxes, reg))
         if not len(boxes):
             return empty
 
         # O-net: landmarks and final boxes
-        reg, points, score = self.onet(
-            _normalise(_crops(sums, where, boxes, 48)).contiguous(memory_format=torch.channels_last)
-        )
+        crops = _crops(sums, where[img_ids], boxes, 48)
+        reg, points, score = self.onet(_normalise(crops).contiguous(memory_format=torch.channels_last))
         score = score[:, 1]
         ok = score > self.thresholds[2]
         boxes = torch.cat([boxes[ok, :4], score[ok, None]], dim=1)
