@@ -91,6 +91,9 @@ def _box(values: Iterable[float]) -> tuple[float, float, float, float]:
     return x1, y1, x2, y2
 
 
+LEGACY_NMS = (0.7, 0.7)  # facenet-pytorch's detect_face's overlaps, which older checkpoints used
+
+
 @dataclass(frozen=True)
 class DetectorSpec:
     """A detector and its settings: what a checkpoint records and a face cache is keyed by."""
@@ -101,20 +104,28 @@ class DetectorSpec:
     min_score: float = 0.9  # detections below this score are not faces
     factor: float = 0.6  # the image pyramid's step
     thresholds: tuple[float, float, float] = (0.7, 0.8, 0.8)  # P-, R- and O-net's score thresholds
+    # Overlap (IoU) above which the weaker of two candidates is dropped, after the P-net's pyramid
+    # and after the R-net: fewer candidates reach the costlier next net (bench/README.md,
+    # align_cost). Specs recorded without it used facenet-pytorch's 0.7 and 0.7 (LEGACY_NMS).
+    nms: tuple[float, float] = (0.4, 0.4)
 
     @property
     def key(self) -> str:
         t = "-".join(f"{v:g}" for v in self.thresholds)
-        return f"{self.name}-{self.max_side}-{self.min_face}-{self.min_score:g}-{self.factor:g}-{t}"
+        key = f"{self.name}-{self.max_side}-{self.min_face}-{self.min_score:g}-{self.factor:g}-{t}"
+        # the older specs' keys, so their face caches stay valid
+        return key if self.nms == LEGACY_NMS else key + "-nms" + "-".join(f"{v:g}" for v in self.nms)
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "thresholds": list(self.thresholds)}
+        return {**asdict(self), "thresholds": list(self.thresholds), "nms": list(self.nms)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "DetectorSpec":
         fields: dict[str, Any] = {k: d[k] for k in ("name", "max_side", "min_face", "min_score", "factor") if k in d}
         if "thresholds" in d:
             fields["thresholds"] = tuple(float(v) for v in d["thresholds"])
+        # a record written before the setting existed was detected with the legacy overlaps
+        fields["nms"] = tuple(float(v) for v in d["nms"]) if "nms" in d else LEGACY_NMS
         return cls(**fields)
 
 
@@ -137,9 +148,10 @@ def shrink_for_detection(img: Image.Image, max_side: int) -> tuple[Image.Image, 
 
 class MTCNNDetector:
     """facenet-pytorch's MTCNN (P-, R- and O-net; weights inside the package), run by
-    `faceid.mtcnn.BatchedMTCNN`: the faces and landmarks of facenet-pytorch's own `detect_face`
-    (within 1e-4 px), with all the photos of a call in one pass through each stage. On a GPU give
-    `device` "cuda"."""
+    `faceid.mtcnn.BatchedMTCNN` with all the photos of a call in one pass through each stage. With
+    the spec's overlaps at LEGACY_NMS it finds the faces and landmarks of facenet-pytorch's own
+    `detect_face` (within 1e-4 px); the default overlaps are cheaper (DetectorSpec.nms). On a GPU
+    give `device` "cuda"."""
 
     def __init__(self, spec: DetectorSpec = DetectorSpec(), device: Any = "cpu") -> None:
         from faceid.mtcnn import BatchedMTCNN
@@ -158,9 +170,19 @@ class MTCNNDetector:
         with cudnn.flags(
             enabled=cudnn.enabled, benchmark=False, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
         ):
-            found = self.mtcnn.detect([im for im, _ in shrunk])
+            out = self._faces(shrunk, self.spec.nms)
+            # Dropping overlapping candidates early can leave a face only its weaker detections, which
+            # then score below min_score: a photo where nothing was found is searched once more with
+            # facenet-pytorch's overlaps, so no face is lost to the cheaper search.
+            again = [i for i, faces in enumerate(out) if not faces]
+            if again and self.spec.nms != LEGACY_NMS:
+                for i, faces in zip(again, self._faces([shrunk[i] for i in again], LEGACY_NMS)):
+                    out[i] = faces
+        return out
+
+    def _faces(self, shrunk: Sequence[tuple[Image.Image, float]], nms: tuple[float, float]) -> list[list[Face]]:
         out: list[list[Face]] = []
-        for (boxes, points), (_, factor) in zip(found, shrunk):
+        for (boxes, points), (_, factor) in zip(self.mtcnn.detect([im for im, _ in shrunk], nms), shrunk):
             faces = [
                 Face(_box(b[:4].tolist()), tuple((float(x), float(y)) for x, y in p), float(b[4])).scaled(factor)
                 for b, p in zip(boxes, points)

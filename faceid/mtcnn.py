@@ -1,7 +1,8 @@
 """MTCNN with each stage batched over every photo of a call: facenet-pytorch's P-, R- and O-nets
-(their weights ship inside its wheel) and its box helpers, giving the same boxes, scores and
-landmarks as its `detect_face` (within 1e-4 px: the nets' arithmetic differs slightly with the
-batch they run in), at less cost.
+(their weights ship inside its wheel) and its box helpers. With detect_face's overlaps (`nms`
+0.7 and 0.7) it gives the same boxes, scores and landmarks as its `detect_face` (within 1e-4 px:
+the nets' arithmetic differs slightly with the batch they run in), at less cost. Lower overlaps
+drop more of the near-duplicate candidates around each face before the costlier nets see them.
 
 What changes is how the pixels reach the nets. facenet-pytorch resizes the whole photo once per
 pyramid level and cuts and resizes each candidate box separately (around 30 reach the R-net in a
@@ -127,9 +128,10 @@ class BatchedMTCNN:
         self.pnet, self.rnet, self.onet = _nets(self.device)
         self.min_face, self.thresholds, self.factor = min_face, list(thresholds), factor
 
-    def _pnet(self, sums: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pnet(self, sums: np.ndarray, nms: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate boxes [N, 5] (x1, y1, x2, y2, score; squared) in same-size images, given as
-        their integral images, and each box's image index."""
+        their integral images, and each box's image index. Of two candidates that overlap by more
+        than `nms` (across the pyramid's levels), the weaker is dropped."""
         from facenet_pytorch.models.utils.detect_face import generateBoundingBox, rerec
         from torchvision.ops import batched_nms
 
@@ -151,7 +153,7 @@ class BatchedMTCNN:
             found.append(boxes[keep])
             where.append(inds[keep])
         boxes, inds = torch.cat(found), torch.cat(where)
-        keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+        keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, nms)
         boxes, inds = boxes[keep], inds[keep]
         bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         boxes = torch.stack(
@@ -167,8 +169,12 @@ class BatchedMTCNN:
         return rerec(boxes), inds
 
     @torch.inference_mode()
-    def detect(self, images: Sequence[Image.Image]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per image: boxes [K, 5] (x1, y1, x2, y2, score) and landmarks [K, 5, 2], in its pixels."""
+    def detect(
+        self, images: Sequence[Image.Image], nms: Sequence[float] = (0.7, 0.7)
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per image: boxes [K, 5] (x1, y1, x2, y2, score) and landmarks [K, 5, 2], in its pixels.
+        `nms`: the overlaps above which the weaker of two candidates is dropped after the P-net
+        and after the R-net (0.7 and 0.7 are detect_face's; lower ones send fewer on)."""
         from facenet_pytorch.models.utils.detect_face import batched_nms_numpy, bbreg, rerec
         from torchvision.ops import batched_nms
 
@@ -186,7 +192,7 @@ class BatchedMTCNN:
             sums.append(torch.from_numpy(integral).to(self.device))
             if min(w, h) < 12:  # below the P-net's window: nothing to find
                 continue
-            boxes, inds = self._pnet(integral)
+            boxes, inds = self._pnet(integral, nms[0])
             cand.append(boxes)
             cand_images.append(torch.tensor(idx, device=self.device)[inds])
         empty = [(np.zeros((0, 5)), np.zeros((0, 5, 2))) for _ in images]
@@ -202,7 +208,7 @@ class BatchedMTCNN:
         ok = score > self.thresholds[1]
         boxes = torch.cat([boxes[ok, :4], score[ok, None]], dim=1)
         reg, img_ids = reg[ok], img_ids[ok]
-        keep = batched_nms(boxes[:, :4], boxes[:, 4], img_ids, 0.7)
+        keep = batched_nms(boxes[:, :4], boxes[:, 4], img_ids, nms[1])
         boxes, reg, img_ids = boxes[keep], reg[keep], img_ids[keep]
         boxes = rerec(bbreg(boxes, reg))
         if not len(boxes):

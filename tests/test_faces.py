@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from core_fixtures import SAMPLE_VAL, TINY, small_sample, tiny_aligned_run, write_image
+from core_fixtures import SAMPLE_TRAIN, SAMPLE_VAL, TINY, small_sample, tiny_aligned_run, write_image
 from PIL import Image
 
 from faceid.data import scan_folder
@@ -23,6 +23,7 @@ from faceid.errors import DataError
 from faceid.facecache import FaceCache, find_faces
 from faceid.faces import (
     ARCFACE_POINTS,
+    LEGACY_NMS,
     DetectorSpec,
     NoFaceError,
     Preparation,
@@ -93,16 +94,13 @@ def test_a_scene_without_a_face_has_none_and_a_scene_with_two_has_both(detector)
         assert min(math.dist(c, p.center) for c in centres) < 0.2 * p.side
 
 
-def test_one_batched_call_finds_exactly_what_facenet_pytorch_finds_photo_by_photo(detector):
-    """The batched MTCNN (faceid.mtcnn) reads its pyramid and crops off integral images and runs the
-    R- and O-nets over all photos at once; facenet-pytorch's own detect_face, one photo at a time,
-    must find the same boxes, scores and landmarks."""
-    from facenet_pytorch.models.utils.detect_face import detect_face
-
+def _test_photos() -> list[Image.Image]:
+    """Photos of every kind the detector meets: crops of two sizes, scenes with one face and with
+    two, one without, and one smaller than the P-net's window."""
     rng = np.random.default_rng(11)
     faces = [Image.open(f).convert("RGB") for f in _faces(4)]
     two, _ = make_scene(faces[:2], rng, size=(640, 400), side_range=(0.3, 0.45))
-    photos = [
+    return [
         faces[0],
         faces[1].resize((131, 117)),  # another size: another pyramid
         make_scene([faces[2]], rng, size=(480, 360))[0],
@@ -111,10 +109,22 @@ def test_one_batched_call_finds_exactly_what_facenet_pytorch_finds_photo_by_phot
         Image.new("RGB", (10, 40)),  # smaller than the P-net's window
         faces[3],
     ]
-    spec = DetectorSpec()
-    batched = detector.mtcnn.detect(photos)
+
+
+def test_one_batched_call_finds_exactly_what_facenet_pytorch_finds_photo_by_photo():
+    """The batched MTCNN (faceid.mtcnn) reads its pyramid and crops off integral images and runs the
+    R- and O-nets over all photos at once; with facenet-pytorch's overlaps (the specs recorded
+    before the overlaps were a setting), its own detect_face, one photo at a time, must find the
+    same boxes, scores and landmarks."""
+    from facenet_pytorch.models.utils.detect_face import detect_face
+
+    photos = _test_photos()
+    spec = DetectorSpec.from_json({})  # a record without the overlaps: the legacy ones
+    assert spec.nms == LEGACY_NMS and spec.key == "mtcnn-480-40-0.9-0.6-0.7-0.8-0.8"
+    mtcnn = build_detector(spec).mtcnn
+    batched = mtcnn.detect(photos)
     assert [len(b) for b, _ in batched] == [1, 1, 1, 2, 0, 0, 1]
-    nets = (detector.mtcnn.pnet, detector.mtcnn.rnet, detector.mtcnn.onet)
+    nets = (mtcnn.pnet, mtcnn.rnet, mtcnn.onet)
     for photo, (boxes, points) in zip(photos, batched):
         if min(photo.size) < 12:
             continue
@@ -126,6 +136,53 @@ def test_one_batched_call_finds_exactly_what_facenet_pytorch_finds_photo_by_phot
         order, ref_order = np.argsort(boxes[:, 0]), np.argsort(ref_boxes[:, 0])
         np.testing.assert_allclose(boxes[order], ref_boxes[ref_order], atol=1e-4)
         np.testing.assert_allclose(points[order], ref_points[ref_order], atol=1e-4)
+
+
+def test_the_default_overlaps_send_fewer_candidates_on_and_find_the_same_faces(detector, monkeypatch):
+    """The default spec drops overlapping candidates sooner than facenet-pytorch does: the R- and
+    O-nets see fewer of them, and the same faces come out, each landmark within a few pixels."""
+    photos = _test_photos()
+    mtcnn = detector.mtcnn
+    assert detector.spec.nms != LEGACY_NMS and detector.spec.key != DetectorSpec.from_json({}).key
+    seen: dict[str, list[int]] = {"rnet": [], "onet": []}
+    for name in seen:
+        net = getattr(mtcnn, name)
+        monkeypatch.setattr(net, "forward", lambda x, f=net.forward, n=name: seen[n].append(len(x)) or f(x))
+    before = mtcnn.detect(photos, LEGACY_NMS)
+    after = mtcnn.detect(photos, detector.spec.nms)
+    assert seen["rnet"][1] < 0.75 * seen["rnet"][0] and seen["onet"][1] < 0.5 * seen["onet"][0]
+    for (b0, p0), (b1, p1) in zip(before, after):
+        assert len(b1) == len(b0)
+        if len(b0):
+            o0, o1 = np.argsort(b0[:, 0]), np.argsort(b1[:, 0])
+            sides = (b0[o0, 2] - b0[o0, 0])[:, None, None]
+            assert (np.abs(p1[o1] - p0[o0]) / sides).max() < 0.06  # a few pixels on faces 50-200 px wide
+
+
+def test_a_photo_the_cheaper_search_finds_no_face_in_is_searched_again_with_the_legacy_overlaps(detector, monkeypatch):
+    photos = _test_photos()
+    assert [len(f) for f in detector.detect(photos)] == [1, 1, 1, 2, 0, 0, 1]
+    real = detector.mtcnn.detect
+    calls: list[tuple[int, tuple]] = []
+
+    def losing(images, nms):
+        calls.append((len(images), tuple(nms)))
+        found = real(images, nms)
+        if tuple(nms) != LEGACY_NMS:  # the cheaper search loses the first photo's face
+            found[0] = (found[0][0][:0], found[0][1][:0])
+        return found
+
+    monkeypatch.setattr(detector.mtcnn, "detect", losing)
+    faces = detector.detect(photos)
+    assert [len(f) for f in faces] == [1, 1, 1, 2, 0, 0, 1]
+    # once all photos, then only those without a face (the lost one, the faceless and the tiny)
+    assert calls == [(7, detector.spec.nms), (3, LEGACY_NMS)]
+    assert faces[0] == detector._faces([(photos[0], 1.0)], LEGACY_NMS)[0]
+    monkeypatch.undo()
+    # a sample photo where it happens without help (its best candidates dropped, the rest scored
+    # below min_score): its face is found
+    britney = Image.open(SAMPLE_TRAIN / "Britney_Spears" / "Britney_Spears_0005.jpg").convert("RGB")
+    assert len(detector.detect([britney])[0]) == 1
 
 
 def test_the_integral_image_gives_area_resizing_exactly_and_does_not_overflow():
