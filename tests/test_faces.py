@@ -297,11 +297,17 @@ def test_the_face_cache_detects_each_file_once_and_again_only_when_it_changes(tm
     os.utime(files[1], ns=(1, 1))
     changed = find_faces(files, spec, folder=cache_dir)
     assert calls == [1]
-    assert changed[1] == changed[0] and changed[2:] == first[2:]
+    assert changed[2:] == first[2:]
+    # the copy, detected alone, as its original was in a group (the nets' arithmetic differs a
+    # little with the batch they run in)
+    (a,), (b,) = changed[1], changed[0]
+    np.testing.assert_allclose(
+        [*a.box, *np.ravel(a.landmarks), a.score], [*b.box, *np.ravel(b.landmarks), b.score], atol=1e-3
+    )
     # other detector settings have a cache of their own
     other = DetectorSpec(min_score=0.95)
     find_faces(files, other, folder=cache_dir)
-    assert len(calls) == 1 + len(files)
+    assert calls[1:] == [len(files)]  # found together: one detector call for up to DETECT_CHUNK files
     assert FaceCache(other, cache_dir).path != FaceCache(spec, cache_dir).path
 
 
