@@ -1,9 +1,11 @@
 """Faces of a dataset's images, detected once and cached.
 
 `find_faces(paths, spec, ...)` returns every face of each file. What a detector found in a file is
-kept in a SQLite file per detector setting (`<cache dir>/faces-<spec.key>.sqlite`), keyed by the
-file's absolute path, size and modification time: a later run or job reads it back, a changed
-image is detected again on its own, and other detector settings have a cache of their own.
+kept in a SQLite file per detector setting (`<cache dir>/faces-v2-<spec.key>.sqlite`), keyed by
+the file's absolute path, size and modification time: a later run or job reads it back, a changed
+image is detected again on its own, and other detector settings have a cache of their own. A face's
+box and landmarks are in the full-size photo's pixels, whatever scale a large JPEG was decoded at
+for detection.
 
 The cache folder is FACEID_CACHE_DIR, else `$XDG_CACHE_HOME/faceid`, else `~/.cache/faceid`.
 Detection runs in `workers` processes on a CPU (one compute thread each), or on the GPU when
@@ -24,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from faceid.faces import DetectorSpec, Face, FaceDetector, build_detector, shrink_for_detection
-from faceid.images import open_image
+from faceid.images import open_image_scaled
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,19 @@ def cache_dir() -> Path:
     return Path(base) / "faceid"
 
 
+# v2: every face in the full-size photo's pixels. The caches before it (faces-<key>.sqlite) held the
+# faces of a JPEG whose shorter side is at least twice the detector's max_side in the pixels of the
+# reduced decoding (a half or a quarter of the photo's), and are not read.
+CACHE_FORMAT = "v2"
+
+
 class FaceCache:
     """path -> faces, for one detector setting, valid while the file's size and mtime hold."""
 
     def __init__(self, spec: DetectorSpec, folder: Optional[Path] = None) -> None:
         folder = folder or cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"faces-{spec.key}.sqlite"
+        self.path = folder / f"faces-{CACHE_FORMAT}-{spec.key}.sqlite"
         self.db = sqlite3.connect(self.path, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(
@@ -98,7 +106,9 @@ DETECT_CHUNK = 8
 class _DetectFiles(torch.utils.data.Dataset):
     """Item k: the results of files k * chunk to (k + 1) * chunk - 1, each (i, its faces or None,
     error), found with one detector call. With `detect` False the worker only decodes (for
-    detection on the GPU): (i, (the shrunk image, factor), error)."""
+    detection on the GPU): (i, (the shrunk image, the factor to the full-size photo), error). A
+    large JPEG is decoded reduced (its shorter side kept at max_side or more); its faces are
+    scaled back to the full-size photo's pixels, where they are aligned."""
 
     def __init__(self, paths: Sequence[Path], spec: DetectorSpec, detect: bool, chunk: int = 1) -> None:
         self.paths, self.spec, self.detect, self.chunk = list(paths), spec, detect, max(1, chunk)
@@ -108,22 +118,23 @@ class _DetectFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> list:
         out: list[tuple[int, Any, str]] = []
-        images: list[tuple[int, Any]] = []
+        images: list[tuple[int, Any, int]] = []
         for i in range(k * self.chunk, min(len(self.paths), (k + 1) * self.chunk)):
             try:
-                img = open_image(self.paths[i], reduce_to=self.spec.max_side)
+                img, scale = open_image_scaled(self.paths[i], reduce_to=self.spec.max_side)
             except Exception as e:  # unreadable: the caller's image check reports it
                 out.append((i, None, f"{type(e).__name__}: {e}"))
                 continue
             if self.detect:
-                images.append((i, img))
+                images.append((i, img, scale))
             else:
-                out.append((i, shrink_for_detection(img, self.spec.max_side), ""))
+                small, factor = shrink_for_detection(img, self.spec.max_side)
+                out.append((i, (small, factor * scale), ""))
         if images:
             if torch.utils.data.get_worker_info() is not None:
                 torch.set_num_threads(1)
-            found = build_detector(self.spec).detect([img for _, img in images])
-            out += [(i, faces, "") for (i, _), faces in zip(images, found)]
+            found = build_detector(self.spec).detect([img for _, img, _ in images])
+            out += [(i, [f.scaled(scale) for f in faces], "") for (i, _, scale), faces in zip(images, found)]
         return sorted(out, key=lambda item: item[0])
 
 

@@ -98,13 +98,28 @@ def open_image(
         ImageError: anything else that makes the input unusable (missing, empty, not an image,
             a format other than JPEG/PNG/WebP/BMP, truncated, animated, too small).
     """
+    return open_image_scaled(source, max_pixels=max_pixels, min_side=min_side, name=name, reduce_to=reduce_to)[0]
+
+
+def open_image_scaled(
+    source: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
+    name: str | None = None,
+    reduce_to: int | None = None,
+) -> tuple[Image.Image, int]:
+    """`open_image`, and the scale the image was decoded at: 1, or 2, 4 or 8 for a JPEG that
+    `reduce_to` let libjpeg reduce. A point at (x, y) in the image is at (x * scale, y * scale) in
+    the full-size photo."""
     label, stream = _open_source(source, name)
     try:
-        image = _decode(stream, label, max_pixels=max_pixels, min_side=min_side, reduce_to=reduce_to)
+        image, full_width = _decode(stream, label, max_pixels=max_pixels, min_side=min_side, reduce_to=reduce_to)
     finally:
         stream.close()
+    scale = max(1, round(full_width / image.size[0]))  # before orientation, which may swap the sides
     image = _apply_orientation(image, label)
-    return to_rgb(image, label=label)
+    return to_rgb(image, label=label), scale
 
 
 def to_rgb(image: Image.Image, *, label: str = "image") -> Image.Image:
@@ -174,9 +189,10 @@ def _too_large(label: str, exc: Exception, max_pixels: int) -> ImageTooLargeErro
 
 def _decode(
     stream: BinaryIO, label: str, *, max_pixels: int, min_side: int, reduce_to: int | None = None
-) -> Image.Image:
+) -> tuple[Image.Image, int]:
     """Identify, size-check, then decode the image in `stream` (still in its own mode): fully, or
-    for a JPEG with `reduce_to`, at the smallest DCT scale that keeps that many pixels a side."""
+    for a JPEG with `reduce_to`, at the smallest DCT scale that keeps that many pixels a side.
+    Returns the image and the full-size photo's width."""
     # Pillow warns (DecompressionBombWarning) above MAX_IMAGE_PIXELS and raises only above twice
     # that; here both are errors. The filter lives in this block only, never process-wide. Note
     # that warnings.catch_warnings is not thread-safe before Python 3.14; that is harmless here,
@@ -220,7 +236,7 @@ def _decode(
                 f"corrupt or truncated image: {label} ({fmt}, {width}x{height}) could not be "
                 f"decoded ({exc}); re-export or re-send the file"
             ) from exc
-    return image
+    return image, width
 
 
 def _not_accepted(stream: BinaryIO, label: str) -> ImageError:

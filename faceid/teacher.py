@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from faceid.errors import DataError
-from faceid.facecache import Pace, cache_dir, find_faces
+from faceid.facecache import CACHE_FORMAT, Pace, cache_dir, find_faces
 from faceid.faces import DetectorSpec, Face, pick_face
 from faceid.images import open_image
 from faceid.teacher_files import check_teacher, models_dir
@@ -108,7 +108,8 @@ class TeacherCache:
     def __init__(self, name: str, spec: DetectorSpec, folder: Optional[Path] = None) -> None:
         folder = folder or cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"teacher-{name}-{spec.key}.sqlite"
+        # the faces' format (faceid.facecache.CACHE_FORMAT): descriptors of chips cut where it put them
+        self.path = folder / f"teacher-{CACHE_FORMAT}-{name}-{spec.key}.sqlite"
         self.db = sqlite3.connect(self.path, timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS descriptors (digest TEXT PRIMARY KEY, v BLOB)")

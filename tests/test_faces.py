@@ -311,6 +311,29 @@ def test_the_face_cache_detects_each_file_once_and_again_only_when_it_changes(tm
     assert FaceCache(other, cache_dir).path != FaceCache(spec, cache_dir).path
 
 
+def test_the_face_cache_gives_a_large_photos_faces_in_its_full_size_pixels(tmp_path, detector):
+    """A JPEG whose shorter side is at least twice max_side is decoded at half scale or less for
+    detection; its faces come back where they are in the photo itself, on a CPU and on the GPU
+    path (workers that only decode, detection where the faces are collected)."""
+    import faceid.facecache as facecache
+
+    scene, placed = make_scene([Image.open(f) for f in _faces(1)], np.random.default_rng(5), size=(720, 540))
+    photo = tmp_path / "phone.jpg"
+    scene.resize((2160, 1620), Image.Resampling.BICUBIC).save(photo, quality=92)  # decoded at 1/2
+    spec = detector.spec
+    fresh = detector.detect([Image.open(photo).convert("RGB")])[0][0]  # the full-size photo
+    width = fresh.box[2] - fresh.box[0]
+    cached = find_faces([photo], spec, folder=tmp_path / "cache")[0][0]
+    ((_, gpu_faces, _),) = list(facecache._items([facecache._DetectFiles([photo], spec, detect=False)[0]], detector))
+    for face in (cached, gpu_faces[0]):
+        assert np.abs(np.subtract(face.landmarks, fresh.landmarks)).max() < 0.03 * width
+        assert np.abs(np.subtract(face.box, fresh.box)).max() < 0.05 * width
+    # where the face was pasted (the scene was enlarged three times)
+    (cx, cy), half = (v * 3 for v in placed[0].center), 1.5 * placed[0].side
+    x1, y1, x2, y2 = cached.box
+    assert abs((x1 + x2) / 2 - cx) < half and abs((y1 + y2) / 2 - cy) < half
+
+
 def test_training_data_without_a_face_is_left_out_listed_and_refused_when_too_little_is_left(
     tmp_path_factory, tmp_path
 ):

@@ -14,7 +14,15 @@ import pytest
 from PIL import Image, features
 
 from faceid.errors import ImageError, ImageTooLargeError
-from faceid.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decoder_max_pixels, is_image_file, open_image, to_rgb
+from faceid.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    decoder_max_pixels,
+    is_image_file,
+    open_image,
+    open_image_scaled,
+    to_rgb,
+)
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -403,6 +411,7 @@ def test_a_large_jpeg_decodes_at_the_smallest_scale_that_keeps_reduce_to(reduce_
     data = encode(_halves(1600, 1200), "JPEG", quality=90)
     out = open_image(data, reduce_to=reduce_to)
     assert out.size == expected and out.mode == "RGB"
+    assert open_image_scaled(data, reduce_to=reduce_to)[1] == 1600 // expected[0]  # the scale back
     w, h = out.size
     assert close(out.getpixel((w // 4, h // 2)), (255, 0, 0), tol=12)
     assert close(out.getpixel((3 * w // 4, h // 2)), (0, 0, 255), tol=12)
@@ -425,5 +434,6 @@ def test_reduced_decoding_keeps_the_checks_and_the_orientation():
     exif[0x0112] = 6
     out = open_image(encode(_halves(1600, 800), "JPEG", quality=95, exif=exif.tobytes()), reduce_to=100)
     assert out.size == (100, 200)
+    assert open_image_scaled(encode(_halves(1600, 800), "JPEG", exif=exif.tobytes()), reduce_to=100)[1] == 8
     assert close(out.getpixel((50, 40)), (255, 0, 0), tol=12)
     assert close(out.getpixel((50, 160)), (0, 0, 255), tol=12)
