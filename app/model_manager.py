@@ -44,7 +44,8 @@ NO_MODEL = (
 ENV_STATE_KEY = "env_checkpoint_applied"
 # A photo waiting for the worker to find its face is held decoded (3 bytes a pixel, until its
 # batch runs); larger photos are detected and aligned on their decoding thread instead, so a burst
-# of 40 MP uploads holds their small aligned crops, not gigabytes of pixels.
+# of 40 MP uploads holds their small aligned crops, not gigabytes of pixels. A large JPEG counts
+# as decoded for detection (faceid.faces.Photo: a phone photo at a quarter of its size or less).
 BATCHED_DETECTION_MAX_PIXELS = 4_000_000
 
 # (checkpoint path, device) -> an object with embed(images), compare(e1, e2, threshold),
@@ -375,11 +376,12 @@ class ModelManager:
 
     async def decode(self, data: bytes, name: str, model: ServedModel, detect: bool = True) -> Any:
         """The upload as the image `model` embeds, decoded off the event loop and prepared for it
-        there: resized to its input size, or, for a model trained on aligned faces, shrunk for
-        detection (its `pending`): the worker finds the faces of a whole batch in one call, then
-        aligns them (app/batcher.py); a photo above BATCHED_DETECTION_MAX_PIXELS is detected and
-        aligned here. An upload that is not an image is an ImageError naming the form field; so
-        is one in which no face is found."""
+        there: resized to its input size, or, for a model trained on aligned faces, decoded as its
+        training data was (`open_photo`: a large JPEG at a reduced scale) and shrunk for detection
+        (its `pending`): the worker finds the faces of a whole batch in one call, then aligns them
+        (app/batcher.py); a photo above BATCHED_DETECTION_MAX_PIXELS is detected and aligned here.
+        An upload that is not an image is an ImageError naming the form field; so is one in which
+        no face is found."""
         verifier = model.verifier
         pending = getattr(verifier, "pending", None) if getattr(verifier, "detector", None) is not None else None
         prepare_face = getattr(verifier, "prepare_face", None)
@@ -388,9 +390,13 @@ class ModelManager:
 
         def work() -> Any:
             try:
+                if pending is not None and detect:  # decoded as its training data was (Verifier.open_photo)
+                    photo = verifier.open_photo(bytes(data), max_pixels=self.settings.max_pixels, name=name)
+                    w, h = photo.image.size  # as held while it waits
+                    return (
+                        pending(photo, name) if w * h <= BATCHED_DETECTION_MAX_PIXELS else verifier.prepare_face(photo)
+                    )
                 img = open_upload(data, max_pixels=self.settings.max_pixels, name=name, reduce_to=side)
-                if pending is not None and detect and img.width * img.height <= BATCHED_DETECTION_MAX_PIXELS:
-                    return pending(img, name)
                 if prepare_face is not None:
                     return prepare_face(img, detect)
             except ImageError as e:

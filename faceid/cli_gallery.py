@@ -72,7 +72,7 @@ def _verifier(args: argparse.Namespace):
 
 def _faces(v: Any, path: Path, detect: bool, all_faces: bool):
     try:
-        return prepare_faces(v, v.open(str(path)), detect, all_faces)
+        return prepare_faces(v, v.read(str(path), detect), detect, all_faces)
     except ImageError as e:
         raise ImageError(f"{path}: {str(e).replace('set detect=false', 'pass --no-detect')}") from None
 

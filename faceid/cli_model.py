@@ -147,7 +147,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _faces_of(v) -> dict[str, Any]:
     """load_images' arguments that prepare images as the checkpoint's training did."""
     prep = v.preparation
-    return {"align": prep.align, "detector": prep.detector, "device": v.device}
+    return {"align": prep.align, "detector": prep.detector, "device": v.device, "reduced_decode": prep.reduced_decode}
 
 
 def _embed_store(v, store, config: Optional[dict[str, Any]] = None):
@@ -165,7 +165,7 @@ def _prepared(v, path: str, detect: bool):
     from faceid.faces import NoFaceError
 
     try:
-        return v.prepare_face(v.open(path), detect)
+        return v.prepare_face(v.read(path, detect), detect)
     except NoFaceError as e:
         raise NoFaceError(f"{path}: {e}".replace("set detect=false", "pass --no-detect")) from None
 

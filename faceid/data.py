@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from faceid.errors import DataError
-from faceid.faces import Face, align_face
-from faceid.images import open_image
+from faceid.faces import Face, align_face, align_scale
+from faceid.images import open_image, open_image_scaled
 from faceid.model import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -155,14 +155,22 @@ def decode_side(size: int, crop: float = 1.0) -> int:
     return math.ceil(DECODE_MARGIN * size / crop)
 
 
-def decode_image(path: Path, size: int, crop: float = 1.0, face: Optional[Face] = None) -> np.ndarray:
+def decode_image(
+    path: Path, size: int, crop: float = 1.0, face: Optional[Face] = None, reduced_side: Optional[int] = None
+) -> np.ndarray:
     """File -> uint8 [3, size, size], exactly as the Verifier prepares a photo it serves, so
     evaluation embeddings and thresholds match served ones: read by faceid.images.open_image (RGB,
     EXIF orientation applied), then with a `face` aligned onto the ArcFace template
     (faceid.faces.align_face), without one `resize_center_crop`ped (a large JPEG decoded at a
-    reduced scale, down to `decode_side`)."""
+    reduced scale, down to `decode_side`). `reduced_side`: the detector's max_side, for a
+    preparation with `reduced_decode` (faceid.faces.aligned_crop): a large JPEG is aligned from
+    the reduced decoding that keeps its face's detail, as the server aligns it."""
     if face is not None:
-        return align_face(open_image(path), face.landmarks, size, crop)
+        if not reduced_side:
+            return align_face(open_image(path), face.landmarks, size, crop)
+        cap = align_scale(face.landmarks, size, crop)
+        img, scale = open_image_scaled(path, reduce_to=reduced_side, max_scale=cap)
+        return align_face(img, face.landmarks, size, crop, scale)
     return resize_center_crop(open_image(path, reduce_to=decode_side(size, crop)), size, crop)
 
 

@@ -230,16 +230,26 @@ def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.asarray(tform.params, dtype=np.float64)
 
 
-def align_face(img: Image.Image, landmarks: Any, size: int, crop: float = 1.0) -> np.ndarray:
+def _reduction(m: np.ndarray) -> int:
+    """How many times `align_face` may reduce a photo before its warp `m` (full-size photo ->
+    crop): a face much larger than the crop loses nothing to a whole-factor box filter first."""
+    scale = math.sqrt(abs(np.linalg.det(m[:2, :2])))
+    return int(0.5 / scale) if scale > 0 else 1
+
+
+def align_face(img: Image.Image, landmarks: Any, size: int, crop: float = 1.0, scale: int = 1) -> np.ndarray:
     """RGB image and its face's five landmarks -> uint8 [3, size, size]: the face turned, scaled and
     moved so that its landmarks fall on the ArcFace template (`template_points(size, crop)`).
     Areas outside the photo come out black. A face much larger than `size` is first reduced by a
-    whole factor (a box filter), so the bilinear warp does not alias."""
+    whole factor (a box filter), so the bilinear warp does not alias. `img` may be the photo
+    decoded at 1/`scale` of its size (a reduced JPEG decoding, `aligned_crop`); the landmarks are
+    in the full-size photo's pixels."""
     src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    if scale > 1:
+        src = (src + 0.5) / scale - 0.5
     dst = template_points(size, crop)
     m = _similarity(src, dst)
-    scale = math.sqrt(abs(np.linalg.det(m[:2, :2])))
-    factor = int(0.5 / scale) if scale > 0 else 1
+    factor = _reduction(m)
     if factor >= 2:
         img = img.reduce(factor)
         m = _similarity((src + 0.5) / factor - 0.5, dst)
@@ -250,17 +260,81 @@ def align_face(img: Image.Image, landmarks: Any, size: int, crop: float = 1.0) -
     return np.ascontiguousarray(np.asarray(warped, dtype=np.uint8).transpose(2, 0, 1))
 
 
+def align_scale(landmarks: Any, size: int, crop: float = 1.0) -> int:
+    """The largest JPEG decoding scale (1, 2, 4 or 8) that loses nothing `align_face` would keep of
+    this face: align_face reduces the photo by at least that much before its warp."""
+    src = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    factor = min(8, _reduction(_similarity(src, template_points(size, crop))))
+    scale = 1
+    while scale * 2 <= factor:
+        scale *= 2
+    return scale
+
+
+class Photo:
+    """A photo being prepared for a model trained on aligned faces: decoded once for detection (a
+    large JPEG at the reduced scale that keeps its shorter side at `max_side` or more, as the face
+    cache decodes training photos), and again at a finer scale only if its face needs one
+    (`aligned_crop`). `image` is the photo at 1/`scale` of its size."""
+
+    __slots__ = ("image", "scale", "source", "max_side", "options", "_finer")
+
+    def __init__(
+        self, image: Image.Image, scale: int = 1, source: Any = None, max_side: int = 0, **options: Any
+    ) -> None:
+        self.image, self.scale, self.source, self.max_side, self.options = image, scale, source, max_side, options
+        self._finer: dict[int, Image.Image] = {}  # decoded again at these scales
+
+    @classmethod
+    def open(cls, source: Any, max_side: int, **options: Any) -> "Photo":
+        """Decode a file or an upload's bytes (faceid.images.open_image's `options`: max_pixels,
+        name, ...) for detection with a `max_side` detector (0: at full size)."""
+        from faceid.images import open_image_scaled
+
+        image, scale = open_image_scaled(source, reduce_to=max_side or None, **options)
+        return cls(image, scale, source, max_side, **options)
+
+    @property
+    def full_size(self) -> tuple[int, int]:
+        return self.image.size[0] * self.scale, self.image.size[1] * self.scale
+
+    def at(self, scale: int) -> Image.Image:
+        """The photo decoded at 1/`scale` of its size (at most the scale it was opened at)."""
+        if scale == self.scale:
+            return self.image
+        if scale not in self._finer:
+            from faceid.images import open_image_scaled
+
+            image, got = open_image_scaled(self.source, reduce_to=self.max_side, max_scale=scale, **self.options)
+            if got != scale:  # pragma: no cover - a scale finer than the one it was opened at is always there
+                raise RuntimeError(f"decoded at 1/{got}, not 1/{scale}")
+            self._finer[scale] = image
+        return self._finer[scale]
+
+
+def aligned_crop(photo: Photo, face: Face, size: int, crop: float = 1.0, reduced: bool = True) -> np.ndarray:
+    """`face` (in the full-size photo's pixels) aligned from `photo` (`align_face`). `reduced`: from
+    the photo decoded at the coarsest scale that keeps the face's detail (`align_scale`, but no
+    coarser than the photo was opened at, so most photos are decoded once); otherwise from the
+    full-size photo."""
+    scale = min(photo.scale, align_scale(face.landmarks, size, crop)) if reduced else 1
+    return align_face(photo.at(scale), face.landmarks, size, crop, scale)
+
+
 @dataclass(frozen=True)
 class Preparation:
     """How a model's input images are made from photos. align "none": the centred `crop` square
     resized to img_size (checkpoints from before alignment); "arcface": the largest face the
-    detector finds, aligned onto the ArcFace template."""
+    detector finds, aligned onto the ArcFace template. `reduced_decode`: a large JPEG's face is
+    aligned from the photo decoded at a reduced scale that keeps the face's detail
+    (`aligned_crop`); records written before the setting existed aligned from the full-size photo."""
 
     align: str = "none"
     img_size: int = 112
     crop: float = 1.0
     detector: DetectorSpec = field(default_factory=DetectorSpec)
     template: str = TEMPLATE
+    reduced_decode: bool = True
 
     @property
     def aligned(self) -> bool:
@@ -269,7 +343,7 @@ class Preparation:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"align": self.align, "img_size": self.img_size, "crop": self.crop}
         if self.aligned:
-            out.update(template=self.template, detector=self.detector.to_json())
+            out.update(template=self.template, detector=self.detector.to_json(), reduced_decode=self.reduced_decode)
         return out
 
     @classmethod
@@ -284,7 +358,8 @@ class Preparation:
             raise ValueError(f"faces.align {rec.get('align')!r} is not one of {', '.join(ALIGN_MODES)}")
         if rec.get("template", TEMPLATE) != TEMPLATE:
             raise ValueError(f"faces.template {rec.get('template')!r}; this FaceID knows {TEMPLATE}")
-        return cls(str(rec["align"]), img_size, crop, DetectorSpec.from_json(rec.get("detector") or {}))
+        detector = DetectorSpec.from_json(rec.get("detector") or {})
+        return cls(str(rec["align"]), img_size, crop, detector, reduced_decode=bool(rec.get("reduced_decode", False)))
 
 
 def pick_face(faces: Sequence[Face]) -> Optional[Face]:

@@ -131,38 +131,46 @@ def _png(img: Any) -> bytes:
 
 
 def prepare_faces(verifier: Any, img: Any, detect: bool = True, all_faces: bool = False) -> list[FaceInput]:
-    """The faces of a decoded photo (PIL RGB) as `verifier` embeds them, largest first: every
+    """The faces of a decoded photo (PIL RGB, or a faceid.faces.Photo from `Verifier.read`) as
+    `verifier` embeds them, largest first: every
     face (`all_faces`) or only the largest. A model trained on aligned faces detects them (raises
     faceid.faces.NoFaceError when there is none); with `detect` False, or for a model without
     alignment, the photo is the one face. A verifier without `prepare_face` (a test double) embeds
     the image as it is."""
     from PIL import Image
 
+    from faceid.faces import Photo
+
     detector = getattr(verifier, "detector", None)
     if detector is not None and detect:
         import torch
 
-        from faceid.faces import NoFaceError, align_face
+        from faceid.faces import NoFaceError, aligned_crop
         from faceid.inference import Prepared
 
-        faces = sorted(detector.detect([img])[0], key=lambda f: f.area, reverse=True)
+        photo = img if isinstance(img, Photo) else Photo(img)
+        found = [f.scaled(photo.scale) for f in detector.detect([photo.image])[0]]
+        faces = sorted(found, key=lambda f: f.area, reverse=True)
         if not faces:
             try:
-                verifier.prepare_face(img, True)  # its own message, with the detector's limits
+                verifier.prepare_face(photo, True)  # its own message, with the detector's limits
             except NoFaceError:
                 raise
             raise NoFaceError("no face found in the image")
         chosen = faces if all_faces else faces[:1]
         out = []
         side = max(CROP_SIZE, int(verifier.img_size))
+        reduced = getattr(getattr(verifier, "preparation", None), "reduced_decode", False)
         for f in chosen:
-            tensor = torch.from_numpy(align_face(img, f.landmarks, verifier.img_size, verifier.crop))
-            crop = align_face(img, f.landmarks, side, 1.0)
+            tensor = torch.from_numpy(aligned_crop(photo, f, verifier.img_size, verifier.crop, reduced))
+            crop = aligned_crop(photo, f, side, 1.0, reduced)
             prepared = Prepared(tensor, f, len(faces))
             out.append(
                 FaceInput(prepared, _png(Image.fromarray(crop.transpose(1, 2, 0))), "aligned", prepared.face_json())
             )
         return out
+    if isinstance(img, Photo):
+        img = img.at(1)
     thumb = img.copy()
     thumb.thumbnail((IMAGE_THUMB_SIDE, IMAGE_THUMB_SIDE))
     prepare_face = getattr(verifier, "prepare_face", None)

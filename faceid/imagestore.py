@@ -23,9 +23,14 @@ log = logging.getLogger("faceid.data")  # the loading log lines keep the name th
 
 class _DecodeOne(torch.utils.data.Dataset):
     def __init__(
-        self, paths: Sequence[Path], size: int, crop: float, faces: Optional[Sequence[Optional[Face]]] = None
+        self,
+        paths: Sequence[Path],
+        size: int,
+        crop: float,
+        faces: Optional[Sequence[Optional[Face]]] = None,
+        reduced_side: Optional[int] = None,
     ) -> None:
-        self.paths, self.size, self.crop = paths, size, crop
+        self.paths, self.size, self.crop, self.reduced_side = paths, size, crop, reduced_side
         self.faces = faces if faces is not None else [None] * len(paths)
 
     def __len__(self) -> int:
@@ -33,7 +38,8 @@ class _DecodeOne(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, torch.from_numpy(decode_image(self.paths[i], self.size, self.crop, self.faces[i])), ""
+            img = decode_image(self.paths[i], self.size, self.crop, self.faces[i], self.reduced_side)
+            return i, torch.from_numpy(img), ""
         except Exception as e:  # unreadable file: reported and skipped by the caller
             return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
 
@@ -46,14 +52,19 @@ def _collate(items):
 
 
 def decode_all(
-    paths: Sequence[Path], size: int, workers: int, crop: float = 1.0, faces: Optional[Sequence[Optional[Face]]] = None
+    paths: Sequence[Path],
+    size: int,
+    workers: int,
+    crop: float = 1.0,
+    faces: Optional[Sequence[Optional[Face]]] = None,
+    reduced_side: Optional[int] = None,
 ) -> tuple[torch.Tensor, list[str]]:
-    """Decode every file once (aligned where `faces` gives its face). Returns uint8 [N, 3, S, S]
-    and one error string per file ('' = ok)."""
+    """Decode every file once (aligned where `faces` gives its face; `reduced_side` as
+    faceid.data.decode_image). Returns uint8 [N, 3, S, S] and one error string per file ('' = ok)."""
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     errors = [""] * len(paths)
     loader = torch.utils.data.DataLoader(
-        _DecodeOne(paths, size, crop, faces), batch_size=64, num_workers=workers, collate_fn=_collate
+        _DecodeOne(paths, size, crop, faces, reduced_side), batch_size=64, num_workers=workers, collate_fn=_collate
     )
     for idx, imgs, errs in loader:
         out[idx] = imgs
@@ -72,9 +83,11 @@ class ImageStore:
         cached: Optional[torch.Tensor],
         crop: float = 1.0,
         faces: Optional[Sequence[Optional[Face]]] = None,
+        reduced_side: Optional[int] = None,
     ) -> None:
         self.folder, self.size, self.cached, self.crop = folder, size, cached, crop
         self.faces = list(faces) if faces is not None else [None] * len(folder)
+        self.reduced_side = reduced_side
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
@@ -83,7 +96,8 @@ class ImageStore:
         arrs = []
         for i in idx.tolist():
             try:
-                arrs.append(torch.from_numpy(decode_image(self.folder.paths[i], self.size, self.crop, self.faces[i])))
+                img = decode_image(self.folder.paths[i], self.size, self.crop, self.faces[i], self.reduced_side)
+                arrs.append(torch.from_numpy(img))
             except Exception as e:  # became unreadable after the scan
                 log.warning("unreadable image skipped in batch (black image used): %s: %s", self.folder.paths[i], e)
                 arrs.append(torch.zeros(3, self.size, self.size, dtype=torch.uint8))
@@ -106,16 +120,19 @@ def load_images(
     device: str | torch.device = "cpu",
     no_face: str = "drop",
     progress: Optional[Callable[[int, int], None]] = None,
+    reduced_decode: bool = False,
 ) -> tuple[IdentityFolder, ImageStore]:
     """Decode (or check) every image once; drop unreadable ones with a counted warning.
 
     With `align` "arcface" each image's faces are found first (faceid.facecache: detected once,
     then cached) and the largest is aligned. An image with no face is left out (`no_face` "drop",
     listed in the returned folder's `no_face`) or, with "center", prepared as an unaligned image
-    (a pairs protocol keeps all its pairs).
+    (a pairs protocol keeps all its pairs). `reduced_decode` (faceid.faces.Preparation): a large
+    JPEG is aligned from a reduced decoding that keeps its face's detail.
 
     Returns the folder without the skipped files and a store over it."""
     faces: Optional[list[Optional[Face]]] = None
+    reduced_side = (detector or DetectorSpec()).max_side if align != "none" and reduced_decode else None
     if align != "none":
         folder, faces = _folder_faces(
             folder,
@@ -131,7 +148,7 @@ def load_images(
     nbytes = len(folder) * 3 * size * size
     use_cache = cache == "on" or (cache == "auto" and nbytes <= cache_max_gb * 1e9)
     if use_cache:
-        images, errors = decode_all(folder.paths, size, workers, crop, faces)
+        images, errors = decode_all(folder.paths, size, workers, crop, faces, reduced_side)
     else:
         images, errors = None, _check_headers(folder.paths, workers)
     bad = np.array([bool(e) for e in errors])
@@ -158,7 +175,7 @@ def load_images(
                 f"(first: {first}); check the files are JPEG/PNG/WebP/BMP images"
             )
         check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
-    return folder, ImageStore(folder, size, images, crop, faces)
+    return folder, ImageStore(folder, size, images, crop, faces, reduced_side)
 
 
 def _folder_faces(

@@ -17,7 +17,16 @@ from faceid.checkpoint import load_checkpoint
 from faceid.data import BatchTransform, decode_side, resize_center_crop
 from faceid.errors import CheckpointError, ConfigError
 from faceid.evaluate import autocast_ctx
-from faceid.faces import Face, NoFaceError, Preparation, align_face, build_detector, pick_face, shrink_for_detection
+from faceid.faces import (
+    Face,
+    NoFaceError,
+    Photo,
+    Preparation,
+    aligned_crop,
+    build_detector,
+    pick_face,
+    shrink_for_detection,
+)
 from faceid.model import NECKS, EmbeddingNet
 from faceid.runtime import resolve_amp, resolve_device
 
@@ -68,13 +77,13 @@ class Pending:
     server's decoding threads hand the embedding worker, which finds the faces of every pending
     photo in a batch with one detector call (`Verifier.prepare_pending`) and keeps the result in
     `prepared`. The decoding thread has already shrunk the photo for detection (`small`, and
-    `factor` back to the photo's pixels), so the worker never resizes a large photo. `field` names
-    the upload in a NoFaceError."""
+    `factor` back to the full-size photo's pixels), so the worker never resizes a large photo.
+    `field` names the upload in a NoFaceError."""
 
-    __slots__ = ("image", "small", "factor", "field", "prepared")
+    __slots__ = ("photo", "small", "factor", "field", "prepared")
 
-    def __init__(self, image: Image.Image, small: Image.Image, factor: float, field: Optional[str] = None) -> None:
-        self.image, self.small, self.factor, self.field = image, small, factor, field
+    def __init__(self, photo: Photo, small: Image.Image, factor: float, field: Optional[str] = None) -> None:
+        self.photo, self.small, self.factor, self.field = photo, small, factor, field
         self.prepared: Optional[Prepared] = None
 
     @property
@@ -290,24 +299,42 @@ class Verifier:
 
     def open(self, source: Any, **kwargs: Any) -> Image.Image:
         """An image file or upload's bytes, decoded as this model's training and evaluation
-        decoded theirs (faceid.images.open_image with `reduce_to=decode_side`)."""
+        decoded theirs (faceid.images.open_image with `reduce_to=decode_side`); full size for an
+        aligned model (`open_photo` reads a photo whose face is to be found as training did)."""
         from faceid.images import open_image
 
         return open_image(source, reduce_to=self.decode_side, **kwargs)
 
-    def prepare_face(self, img: Image.Image, detect: bool = True) -> Prepared:
-        """PIL image -> what `embed` takes for it, and the face it was made from. An aligned model
-        detects the faces and aligns the largest (NoFaceError when there is none); with `detect`
-        False the image is taken to be an aligned face crop already, and only resized. A model
-        trained without alignment resizes and centre-crops (`crop`)."""
-        if self.detector is None or not detect:
-            return Prepared(to_uint8_tensor(img, self.img_size, self.crop))
-        return self._aligned(img, self.detector.detect([img])[0])
+    def open_photo(self, source: Any, **kwargs: Any) -> Photo:
+        """A photo file or upload's bytes, for an aligned model to find and align its face exactly
+        as its training data was (faceid.faces.Photo: a large JPEG decoded at a reduced scale for
+        detection, and for alignment at the scale its face needs; full size for a checkpoint
+        recorded before `reduced_decode`, as it was always served). `kwargs`: open_image's."""
+        prep = self.preparation
+        return Photo.open(source, prep.detector.max_side if prep.reduced_decode else 0, **kwargs)
 
-    def pending(self, img: Image.Image, field: Optional[str] = None) -> Pending:
-        """`img` made ready for `prepare_pending` (shrunk for detection, as `detect` would)."""
-        small, factor = shrink_for_detection(img, self.preparation.detector.max_side)
-        return Pending(img, small, factor, field)
+    def read(self, source: Any, detect: bool = True, **kwargs: Any) -> Union[Image.Image, Photo]:
+        """What `prepare_face(..., detect)` takes for a file or upload: `open_photo` where a face is
+        to be found, `open` otherwise."""
+        return self.open_photo(source, **kwargs) if self.aligned and detect else self.open(source, **kwargs)
+
+    def prepare_face(self, img: Union[Image.Image, Photo], detect: bool = True) -> Prepared:
+        """PIL image or Photo -> what `embed` takes for it, and the face it was made from. An aligned
+        model detects the faces and aligns the largest (NoFaceError when there is none); with
+        `detect` False the image is taken to be an aligned face crop already, and only resized. A
+        model trained without alignment resizes and centre-crops (`crop`)."""
+        if self.detector is None or not detect:
+            image = img.at(1) if isinstance(img, Photo) else img
+            return Prepared(to_uint8_tensor(image, self.img_size, self.crop))
+        photo = img if isinstance(img, Photo) else Photo(img)
+        faces = [f.scaled(photo.scale) for f in self.detector.detect([photo.image])[0]]
+        return self._aligned(photo, faces)
+
+    def pending(self, img: Union[Image.Image, Photo], field: Optional[str] = None) -> Pending:
+        """A photo made ready for `prepare_pending` (shrunk for detection, as `detect` would)."""
+        photo = img if isinstance(img, Photo) else Photo(img)
+        small, factor = shrink_for_detection(photo.image, self.preparation.detector.max_side)
+        return Pending(photo, small, factor * photo.scale, field)
 
     def prepare_pending(self, items: Sequence[Any]) -> list[Optional[NoFaceError]]:
         """Find the faces of every `Pending` photo among `items` with one detector call (batched,
@@ -320,22 +347,23 @@ class Verifier:
             return errors
         if self.detector is None:
             for _, p in todo:
-                p.prepared = Prepared(to_uint8_tensor(p.image, self.img_size, self.crop))
+                p.prepared = Prepared(to_uint8_tensor(p.photo.at(1), self.img_size, self.crop))
             return errors
         found = self.detector.detect([p.small for _, p in todo])
         for (i, p), faces in zip(todo, found):
             try:
-                p.prepared = self._aligned(p.image, [f.scaled(p.factor) for f in faces])
+                p.prepared = self._aligned(p.photo, [f.scaled(p.factor) for f in faces])
             except NoFaceError as e:
                 e.field = p.field
                 errors[i] = e
         return errors
 
-    def _aligned(self, img: Image.Image, faces: Sequence[Face]) -> Prepared:
-        """The largest of `faces` (found in `img`) aligned as this model's training aligned them."""
+    def _aligned(self, photo: Photo, faces: Sequence[Face]) -> Prepared:
+        """The largest of `faces` (found in `photo`, in its full-size pixels) aligned as this model's
+        training aligned them."""
         face = pick_face(faces)
         if face is None:
-            w, h = img.size
+            w, h = photo.full_size
             spec = self.preparation.detector
             raise NoFaceError(
                 f"no face found in the {w}x{h} image; send a photo where a face is visible and "
@@ -343,17 +371,19 @@ class Verifier:
                 "across (crop a group photo around the person), or, if it is already an aligned "
                 "face crop, set detect=false"
             )
-        return Prepared(torch.from_numpy(align_face(img, face.landmarks, self.img_size, self.crop)), face, len(faces))
+        prep = self.preparation
+        crop = aligned_crop(photo, face, self.img_size, self.crop, prep.reduced_decode)
+        return Prepared(torch.from_numpy(crop), face, len(faces))
 
-    def prepare(self, img: Image.Image) -> torch.Tensor:
+    def prepare(self, img: Union[Image.Image, Photo]) -> torch.Tensor:
         """PIL image -> the uint8 [3, S, S] tensor `embed` takes for it (`prepare_face`)."""
         return self.prepare_face(img).tensor
 
-    def embed(self, images: Sequence[Union[Image.Image, torch.Tensor]]) -> np.ndarray:
-        """PIL images, tensors from `prepare`, `Prepared` or `Pending` photos -> float32 [N, D], unit
-        norm. Open files with `open` to read them exactly as training and evaluation did (a large
-        JPEG opened with plain PIL is decoded at full scale: the same face, within a fraction of a
-        grey level)."""
+    def embed(self, images: Sequence[Union[Image.Image, Photo, torch.Tensor]]) -> np.ndarray:
+        """PIL images, Photos, tensors from `prepare`, `Prepared` or `Pending` photos -> float32 [N,
+        D], unit norm. Open files with `read` to read them exactly as training and evaluation did (a
+        large JPEG opened with plain PIL is decoded at full scale: the same face, within a fraction
+        of a grey level)."""
         if not images:
             return np.zeros((0, self.embedding_size), np.float32)
         errors = [e for e in self.prepare_pending(images) if e is not None]

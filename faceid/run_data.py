@@ -12,7 +12,7 @@ from faceid.config import TrainConfig
 from faceid.data import IdentityFolder, scan_folder
 from faceid.errors import DataError
 from faceid.evaluate import protocol_folder
-from faceid.faces import DetectorSpec
+from faceid.faces import DetectorSpec, Preparation
 from faceid.imagestore import ImageStore, load_images
 from faceid.pairs import load_protocol
 
@@ -39,6 +39,7 @@ def load_options(cfg: TrainConfig, device: torch.device, cache: Optional[str] = 
         align=cfg.align,
         detector=DetectorSpec(),
         device=device,
+        reduced_decode=Preparation().reduced_decode,  # as the checkpoint records it (faceid.run_state)
     )
 
 

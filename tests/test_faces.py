@@ -26,8 +26,11 @@ from faceid.faces import (
     LEGACY_NMS,
     DetectorSpec,
     NoFaceError,
+    Photo,
     Preparation,
     align_face,
+    align_scale,
+    aligned_crop,
     build_detector,
     template_points,
 )
@@ -378,6 +381,7 @@ def test_an_aligned_run_records_how_its_faces_were_prepared_and_the_verifier_pre
         "crop": 1.0,
         "template": "arcface-112",
         "detector": DetectorSpec().to_json(),
+        "reduced_decode": True,
     }
     assert ck["config"]["align"] == "arcface"
     assert not (run.ckpt_dir / "no_face.txt").exists()
@@ -385,11 +389,32 @@ def test_an_aligned_run_records_how_its_faces_were_prepared_and_the_verifier_pre
     v = Verifier(ck, str(run.best), device="cpu")
     assert v.aligned and v.info["faces"]["align"] == "arcface"
     photo = _faces(1)[0]
-    prepared = v.prepare_face(v.open(photo))
+    prepared = v.prepare_face(v.read(photo))
     # the training's decoding of the same file, with the cached face, gives the same input
     face = find_faces([photo])[0][0]
-    assert torch.equal(prepared.tensor, torch.from_numpy(decode_image(photo, 32, 1.0, face)))
+    assert torch.equal(prepared.tensor, torch.from_numpy(decode_image(photo, 32, 1.0, face, 480)))
     assert prepared.faces_found == 1 and prepared.face_json()["score"] > 0.9
+    # a phone-size JPEG: decoded at a quarter for detection, its face aligned from a reduced
+    # decoding; the server's way (pending, then the worker) and the command line's give the same
+    # input as training, and the face where it is in the photo
+    scene, _ = make_scene([Image.open(photo)], np.random.default_rng(3), size=(720, 540))
+    big = tmp_path_factory.mktemp("phone") / "phone.jpg"
+    scene.resize((2880, 2160), Image.Resampling.BICUBIC).save(big, quality=92)
+    face = find_faces([big])[0][0]
+    trained = torch.from_numpy(decode_image(big, 32, 1.0, face, 480))
+    served = v.pending(v.open_photo(big.read_bytes()))
+    assert served.photo.scale == 4 and v.prepare_pending([served]) == [None]
+    cli = v.prepare_face(v.read(big))
+    for got in (served.prepared, cli):
+        assert torch.equal(got.tensor, trained)
+        assert got.face is not None and np.allclose(got.face.landmarks, face.landmarks, atol=1e-3)
+    # against the full-size photo: the same face, within a grey level
+    full = torch.from_numpy(decode_image(big, 32, 1.0, face)).float()
+    assert (full - trained.float()).abs().mean() < 1
+    # a larger crop of the face needs a finer decoding than detection's: decoded again, as in training
+    opened = Photo.open(big.read_bytes(), 480)
+    assert 1 < align_scale(face.landmarks, 112) < opened.scale
+    assert np.array_equal(aligned_crop(opened, face, 112), decode_image(big, 112, 1.0, face, 480))
     # an image without a face: named error; detect=False takes it as an aligned crop
     noise = Image.fromarray(np.random.default_rng(2).integers(0, 256, (80, 80, 3), dtype=np.uint8))
     with pytest.raises(NoFaceError, match="no face found in the 80x80 image.*detect=false"):
@@ -437,6 +462,28 @@ def test_checkpoints_without_a_faces_record_are_served_unaligned(tmp_path_factor
     ck["faces"] = {"align": "arcface", "template": "dlib-68"}
     with pytest.raises(Exception, match="template"):
         Verifier(ck, "odd.pt", device="cpu")
+
+
+def test_a_faces_record_without_reduced_decode_aligns_from_the_full_size_photo(tmp_path_factory):
+    """Aligned checkpoints recorded before `reduced_decode` trained on full-size decodings: they
+    are served from the full-size photo, as they always were."""
+    from faceid.checkpoint import load_checkpoint
+    from faceid.data import decode_image
+    from faceid.inference import Verifier
+
+    run = tiny_aligned_run(tmp_path_factory)
+    ck = load_checkpoint(run.best)
+    del ck["faces"]["reduced_decode"]
+    v = Verifier(ck, "older.pt", device="cpu")
+    assert v.aligned and not v.preparation.reduced_decode and "reduced_decode" in v.info["faces"]
+    scene, _ = make_scene([Image.open(_faces(1)[0])], np.random.default_rng(4), size=(720, 540))
+    big = tmp_path_factory.mktemp("older") / "phone.jpg"
+    scene.resize((2160, 1620), Image.Resampling.BICUBIC).save(big, quality=92)
+    photo = v.open_photo(big)
+    assert photo.scale == 1 and photo.image.size == (2160, 1620)
+    prepared = v.prepare_face(photo)
+    assert prepared.face is not None
+    assert torch.equal(prepared.tensor, torch.from_numpy(decode_image(big, 32, 1.0, prepared.face)))
 
 
 def test_resume_refuses_another_alignment(tmp_path_factory, tmp_path):

@@ -62,6 +62,24 @@ async def test_verify_answers_with_the_faces_it_compared_in_whole_scene_photos(a
         assert 0 <= f2["box"][0] < f2["box"][2] <= b.size[0] + 5
 
 
+async def test_a_phone_size_photo_is_answered_in_its_own_pixels_and_verified_like_its_smaller_copy(app):
+    """A 2880x2160 JPEG is decoded at a quarter of its size for detection: the face comes back where
+    it is in the uploaded photo, and its embedding is that of the same scene at 720x540."""
+    rng = np.random.default_rng(21)
+    scene, (placed,) = make_scene([Image.open(_people()[2])], rng, size=(720, 540))
+    phone = scene.resize((2880, 2160), Image.Resampling.BICUBIC)
+    async with running(app) as client:
+        r = await client.post("/verify", files={"image1": ("big.jpg", _jpeg(phone)), "image2": ("s.jpg", _jpeg(scene))})
+        assert r.status_code == 200, r.text
+        out = r.json()
+    big, small = out["face1"], out["face2"]
+    x1, y1, x2, y2 = big["box"]
+    assert abs((x1 + x2) / 2 - 4 * placed.center[0]) < 0.8 * placed.side
+    assert abs((y1 + y2) / 2 - 4 * placed.center[1]) < 0.8 * placed.side
+    assert np.allclose(np.array(big["landmarks"]) / 4, small["landmarks"], atol=0.03 * (x2 - x1) / 4)
+    assert out["similarity"] > 0.95 and out["match"]
+
+
 async def test_no_face_is_a_422_naming_the_image_and_the_server_keeps_serving(app):
     rng = np.random.default_rng(9)
     empty, _ = make_scene([], rng)
