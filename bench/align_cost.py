@@ -4,12 +4,13 @@ unaligned, measured side by side.
 Two checkpoints are trained here for a few steps with the cpu-small preset (56 px, mirror views),
 one with `align` arcface and one with `align` none, and served by two server processes started
 together. In alternating blocks, so both see the same machine:
-  lone /verify   one client, back-to-back /verify of two sample photos (154 px face crops), and
-                 of two whole-scene photos (faceid.scenes, about 700 px): median latency
+  lone /verify   one client, back-to-back /verify of two sample photos (154 px face crops), of
+                 two whole-scene photos (faceid.scenes, 720x540), and of the same scenes enlarged
+                 to a 12 MP phone photo's 4032x3024: median latency
   16 clients     16 concurrent clients posting /embed of a sample photo: images/s
 and the table gives each with the aligned/unaligned ratio.
 
-    python bench/align_cost.py                       # about 4 minutes on 2 cores
+    python bench/align_cost.py                       # about 5 minutes on 2 cores
     python bench/align_cost.py --blocks 2 --seconds 2
 """
 
@@ -137,19 +138,26 @@ def main() -> None:
     s1, _ = make_scene([Image.open(io.BytesIO(b1))], rng, size=(720, 540))
     s2, _ = make_scene([Image.open(io.BytesIO(b2))], rng, size=(720, 540))
     scenes = {"image1": ("s1.jpg", jpeg(s1), "image/jpeg"), "image2": ("s2.jpg", jpeg(s2), "image/jpeg")}
-    results: dict[str, dict[str, list[float]]] = {a: {"crops": [], "scenes": [], "load": []} for a in ckpts}
+    phone = (4032, 3024)
+    p1, p2 = (jpeg(s.resize(phone, Image.Resampling.BICUBIC)) for s in (s1, s2))
+    phones = {"image1": ("p1.jpg", p1, "image/jpeg"), "image2": ("p2.jpg", p2, "image/jpeg")}
+    results: dict[str, dict[str, list[float]]] = {
+        a: {"crops": [], "scenes": [], "phones": [], "load": []} for a in ckpts
+    }
     env = {"FACEID_CACHE_DIR": str(work / "cache")}
     with Server(ckpts["none"], env=env) as plain, Server(ckpts["arcface"], env=env) as aligned:
         servers = {"none": plain, "arcface": aligned}
         for s in servers.values():  # warm up: first requests load lazily built pieces
             asyncio.run(lone(s, crops, 1.0))
             asyncio.run(lone(s, scenes, 1.0))
+            asyncio.run(lone(s, phones, 1.0))
             asyncio.run(load(s, (n1, b1), args.clients, 1.0))
         for block in range(args.blocks):
             order = ("none", "arcface") if block % 2 == 0 else ("arcface", "none")
             for a in order:
                 results[a]["crops"] += asyncio.run(lone(servers[a], crops, args.seconds))
                 results[a]["scenes"] += asyncio.run(lone(servers[a], scenes, args.seconds))
+                results[a]["phones"] += asyncio.run(lone(servers[a], phones, args.seconds))
                 results[a]["load"].append(asyncio.run(load(servers[a], (n1, b1), args.clients, args.seconds)))
             print(f"block {block + 1}/{args.blocks} done", flush=True)
     med = {a: {k: statistics.median(v) for k, v in r.items()} for a, r in results.items()}
@@ -159,6 +167,7 @@ def main() -> None:
     for key, what, unit, scale in (
         ("crops", "lone /verify, two 154 px face crops", "ms", 1000),
         ("scenes", "lone /verify, two 720x540 scene photos", "ms", 1000),
+        ("phones", "lone /verify, two 4032x3024 phone-size photos", "ms", 1000),
         ("load", f"/embed with {args.clients} clients", "images/s", 1),
     ):
         u, a = med["none"][key] * scale, med["arcface"][key] * scale

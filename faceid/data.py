@@ -169,7 +169,7 @@ def decode_image(
         if not reduced_side:
             return align_face(open_image(path), face.landmarks, size, crop)
         cap = align_scale(face.landmarks, size, crop)
-        img, scale = open_image_scaled(path, reduce_to=reduced_side, max_scale=cap)
+        img, scale = open_image_scaled(path, reduce_longer_to=reduced_side, max_scale=cap)
         return align_face(img, face.landmarks, size, crop, scale)
     return resize_center_crop(open_image(path, reduce_to=decode_side(size, crop)), size, crop)
 

@@ -41,9 +41,10 @@ def cache_dir() -> Path:
     return Path(base) / "faceid"
 
 
-# v2: every face in the full-size photo's pixels. The caches before it (faces-<key>.sqlite) held the
-# faces of a JPEG whose shorter side is at least twice the detector's max_side in the pixels of the
-# reduced decoding (a half or a quarter of the photo's), and are not read.
+# v2: every face in the full-size photo's pixels, found on a JPEG decoded reduced as far as its
+# longer side stays at max_side or more. The caches before it (faces-<key>.sqlite) decoded as far
+# as the shorter side allowed and held such a photo's faces in the reduced decoding's pixels; they
+# are not read.
 CACHE_FORMAT = "v2"
 
 
@@ -107,8 +108,8 @@ class _DetectFiles(torch.utils.data.Dataset):
     """Item k: the results of files k * chunk to (k + 1) * chunk - 1, each (i, its faces or None,
     error), found with one detector call. With `detect` False the worker only decodes (for
     detection on the GPU): (i, (the shrunk image, the factor to the full-size photo), error). A
-    large JPEG is decoded reduced (its shorter side kept at max_side or more); its faces are
-    scaled back to the full-size photo's pixels, where they are aligned."""
+    large JPEG is decoded reduced (its longer side kept at max_side or more, faceid.faces.Photo);
+    its faces are scaled back to the full-size photo's pixels, where they are aligned."""
 
     def __init__(self, paths: Sequence[Path], spec: DetectorSpec, detect: bool, chunk: int = 1) -> None:
         self.paths, self.spec, self.detect, self.chunk = list(paths), spec, detect, max(1, chunk)
@@ -121,7 +122,7 @@ class _DetectFiles(torch.utils.data.Dataset):
         images: list[tuple[int, Any, int]] = []
         for i in range(k * self.chunk, min(len(self.paths), (k + 1) * self.chunk)):
             try:
-                img, scale = open_image_scaled(self.paths[i], reduce_to=self.spec.max_side)
+                img, scale = open_image_scaled(self.paths[i], reduce_longer_to=self.spec.max_side)
             except Exception as e:  # unreadable: the caller's image check reports it
                 out.append((i, None, f"{type(e).__name__}: {e}"))
                 continue

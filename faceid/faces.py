@@ -273,7 +273,7 @@ def align_scale(landmarks: Any, size: int, crop: float = 1.0) -> int:
 
 class Photo:
     """A photo being prepared for a model trained on aligned faces: decoded once for detection (a
-    large JPEG at the reduced scale that keeps its shorter side at `max_side` or more, as the face
+    large JPEG at the reduced scale that keeps its longer side at `max_side` or more, as the face
     cache decodes training photos), and again at a finer scale only if its face needs one
     (`aligned_crop`). `image` is the photo at 1/`scale` of its size."""
 
@@ -291,7 +291,7 @@ class Photo:
         name, ...) for detection with a `max_side` detector (0: at full size)."""
         from faceid.images import open_image_scaled
 
-        image, scale = open_image_scaled(source, reduce_to=max_side or None, **options)
+        image, scale = open_image_scaled(source, reduce_longer_to=max_side or None, **options)
         return cls(image, scale, source, max_side, **options)
 
     @property
@@ -305,7 +305,7 @@ class Photo:
         if scale not in self._finer:
             from faceid.images import open_image_scaled
 
-            image, got = open_image_scaled(self.source, reduce_to=self.max_side, max_scale=scale, **self.options)
+            image, got = open_image_scaled(self.source, reduce_longer_to=self.max_side, max_scale=scale, **self.options)
             if got != scale:  # pragma: no cover - a scale finer than the one it was opened at is always there
                 raise RuntimeError(f"decoded at 1/{got}, not 1/{scale}")
             self._finer[scale] = image

@@ -108,15 +108,23 @@ def open_image_scaled(
     min_side: int = DEFAULT_MIN_SIDE,
     name: str | None = None,
     reduce_to: int | None = None,
+    reduce_longer_to: int | None = None,
     max_scale: int = 8,
 ) -> tuple[Image.Image, int]:
     """`open_image`, and the scale the image was decoded at: 1, or 2, 4 or 8 for a JPEG that
-    `reduce_to` let libjpeg reduce, never more than `max_scale`. A point at (x, y) in the image is
-    at (x * scale, y * scale) in the full-size photo."""
+    `reduce_to` (its shorter side) or `reduce_longer_to` (its longer side) let libjpeg reduce, never
+    more than `max_scale`. A point at (x, y) in the image is at (x * scale, y * scale) in the
+    full-size photo."""
     label, stream = _open_source(source, name)
     try:
         image, full_width = _decode(
-            stream, label, max_pixels=max_pixels, min_side=min_side, reduce_to=reduce_to, max_scale=max_scale
+            stream,
+            label,
+            max_pixels=max_pixels,
+            min_side=min_side,
+            reduce_to=reduce_to,
+            reduce_longer_to=reduce_longer_to,
+            max_scale=max_scale,
         )
     finally:
         stream.close()
@@ -197,11 +205,13 @@ def _decode(
     max_pixels: int,
     min_side: int,
     reduce_to: int | None = None,
+    reduce_longer_to: int | None = None,
     max_scale: int = 8,
 ) -> tuple[Image.Image, int]:
     """Identify, size-check, then decode the image in `stream` (still in its own mode): fully, or
-    for a JPEG with `reduce_to`, at the smallest DCT scale (up to 1/`max_scale`) that keeps that
-    many pixels a side. Returns the image and the full-size photo's width."""
+    for a JPEG with `reduce_to` (`reduce_longer_to`), at the smallest DCT scale (up to
+    1/`max_scale`) that keeps that many pixels on its shorter (longer) side. Returns the image and
+    the full-size photo's width."""
     # Pillow warns (DecompressionBombWarning) above MAX_IMAGE_PIXELS and raises only above twice
     # that; here both are errors. The filter lives in this block only, never process-wide. Note
     # that warnings.catch_warnings is not thread-safe before Python 3.14; that is harmless here,
@@ -234,11 +244,12 @@ def _decode(
         if frames > 1 and fmt != "MPO":
             raise ImageError(f"animated image: {label} is a {fmt} with {frames} frames; send a single still image")
 
-        if reduce_to and fmt in ("JPEG", "MPO"):
+        keep, side = (reduce_to, min(width, height)) if reduce_to else (reduce_longer_to, max(width, height))
+        if keep and fmt in ("JPEG", "MPO"):
             scale = 8  # libjpeg's reductions: 1/8, 1/4 and 1/2
-            while scale > 1 and (scale > max_scale or min(width, height) // scale < reduce_to):
+            while scale > 1 and (scale > max_scale or side // scale < keep):
                 scale //= 2
-            if scale > 1:  # Pillow picks exactly `scale` for this size: both sides stay >= reduce_to
+            if scale > 1:  # Pillow picks exactly `scale` for this size
                 image.draft(image.mode, (width // scale, height // scale))
         try:
             image.load()

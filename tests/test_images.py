@@ -417,6 +417,18 @@ def test_a_large_jpeg_decodes_at_the_smallest_scale_that_keeps_reduce_to(reduce_
     assert close(out.getpixel((3 * w // 4, h // 2)), (0, 0, 255), tol=12)
 
 
+def test_reduce_longer_to_keeps_the_longer_side_and_max_scale_caps_the_reduction():
+    data = encode(_halves(1600, 1200), "JPEG", quality=90)
+    assert [open_image_scaled(data, reduce_longer_to=k)[0].size for k in (200, 201, 480, 1601)] == [
+        (200, 150),
+        (400, 300),
+        (800, 600),
+        (1600, 1200),
+    ]
+    out, scale = open_image_scaled(data, reduce_longer_to=200, max_scale=2)
+    assert out.size == (800, 600) and scale == 2
+
+
 def test_reduce_to_leaves_other_formats_at_full_size():
     for fmt in ("PNG", "WEBP", "BMP"):
         if fmt == "WEBP" and not features.check("webp"):
