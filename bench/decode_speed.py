@@ -12,12 +12,19 @@ one run, side by side and interleaved:
   grey levels  mean absolute difference between the two model inputs (uint8, 0 to 255)
   1 - cosine   with --checkpoint: how far apart the two inputs' embeddings are (the highest)
 
+With --aligned, the same for a model trained on aligned faces (faceid.faces.Photo): "full" decodes
+the whole picture, shrinks it for the detector (480 px) and aligns the face from it; "reduced"
+decodes the JPEG as far reduced as the detector allows, shrinks that, and aligns the face from the
+coarsest decoding that keeps its detail (`aligned_crop`). The face's landmarks are found once
+beforehand; the detector itself, the same in both, is not timed.
+
 The photos are the shipped sample's faces (data/sample/val) enlarged with bicubic resampling, film
 grain added (Gaussian, sigma 6 grey levels) so that they are not unnaturally smooth, and saved as
 JPEG quality 92: real phone photos have finer detail, so their decoding costs a little more.
 
     python bench/decode_speed.py                                       # about 1 minute here
     python bench/decode_speed.py --img_size 112 --crop 1.0 --checkpoint models/<job>/backbone_best.pt
+    python bench/decode_speed.py --aligned --crop 1.0
 """
 
 from __future__ import annotations
@@ -39,7 +46,41 @@ sys.path.insert(0, str(REPO / "bench"))
 from serve_common import loadavg, machine  # noqa: E402
 
 from faceid.data import decode_side, resize_center_crop  # noqa: E402
+from faceid.faces import DetectorSpec, Photo, align_face, aligned_crop, build_detector, shrink_for_detection  # noqa: E402
 from faceid.images import open_image  # noqa: E402
+
+
+def unaligned_ways(data: bytes, size: int, crop: float, side: int):
+    """The whole picture decoded, and the JPEG decoded down to `side`: each a function -> (model
+    input, what was decoded)."""
+
+    def full():
+        return resize_center_crop(open_image(data), size, crop), ""
+
+    def reduced():
+        img = open_image(data, reduce_to=side)
+        return resize_center_crop(img, size, crop), f"{img.size[0]}x{img.size[1]}"
+
+    return full, reduced
+
+
+def aligned_ways(data: bytes, size: int, crop: float, landmarks):
+    """The two ways an aligned model reads a photo, each a function -> (model input, what was decoded)."""
+    max_side = DetectorSpec().max_side
+
+    def full():
+        img = open_image(data)
+        shrink_for_detection(img, max_side)
+        return align_face(img, landmarks, size, crop), f"{img.size[0]}x{img.size[1]}"
+
+    def reduced():
+        photo = Photo.open(data, max_side)
+        shrink_for_detection(photo.image, max_side)
+        face = type("Face", (), {"landmarks": landmarks})
+        out = aligned_crop(photo, face, size, crop)  # type: ignore[arg-type]
+        return out, f"{photo.image.size[0]}x{photo.image.size[1]}"
+
+    return full, reduced
 
 
 def photo(face: Path, long_side: int, seed: int) -> bytes:
@@ -67,6 +108,7 @@ def main() -> int:
     )
     ap.add_argument("--photos", type=int, default=4, help="faces per size")
     ap.add_argument("--repeats", type=int, default=5, help="timed decodes of each photo, each way")
+    ap.add_argument("--aligned", action="store_true", help="a model trained on aligned faces (see above)")
     ap.add_argument(
         "--checkpoint",
         help="also embed both inputs with this model and report the cosine (its own img_size and crop are then used)",
@@ -84,8 +126,12 @@ def main() -> int:
         size, crop = verifier.img_size, verifier.crop
     side = decode_side(size, crop)
     faces = sorted((REPO / "data" / "sample" / "val").glob("*/*.jpg"))[: args.photos]
+    detector = build_detector(DetectorSpec()) if args.aligned else None
     print(f"machine: {machine()}; load average {loadavg()}")
-    print(f"model input {size} px, crop {crop}: JPEGs decoded down to a shorter side of at least {side} px\n")
+    if detector is not None:
+        print(f"model input {size} px, crop {crop}, aligned: JPEGs decoded as the detector and the face allow\n")
+    else:
+        print(f"model input {size} px, crop {crop}: JPEGs decoded down to a shorter side of at least {side} px\n")
     print("| photo | MB | reduced decode | full ms | reduced ms | speed-up | grey levels | 1 - cosine |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for long_side in (int(s) for s in args.sizes.split(",")):
@@ -94,16 +140,21 @@ def main() -> int:
         for k, face in enumerate(faces):
             data = photo(face, long_side, k)
             mbs.append(len(data) / 1e6)
+            if detector is not None:
+                landmarks = detector.detect([open_image(data)])[0][0].landmarks
+                ways = aligned_ways(data, size, crop, landmarks)
+            else:
+                ways = unaligned_ways(data, size, crop, side)
+            for way in ways:  # warm: first calls load lazily imported pieces
+                way()
             a = b = None
             for _ in range(args.repeats):  # interleaved, so a drifting machine affects both alike
                 t = time.perf_counter()
-                a = resize_center_crop(open_image(data), size, crop)
+                a, _ = ways[0]()
                 full_ms.append(1000 * (time.perf_counter() - t))
                 t = time.perf_counter()
-                opened = open_image(data, reduce_to=side)
-                b = resize_center_crop(opened, size, crop)
+                b, scale = ways[1]()
                 red_ms.append(1000 * (time.perf_counter() - t))
-            scale = f"{opened.size[0]}x{opened.size[1]}"
             diffs.append(float(np.abs(a.astype(int) - b.astype(int)).mean()))
             if verifier is not None:
                 ea, eb = verifier.embed([torch.from_numpy(a), torch.from_numpy(b)])
