@@ -156,7 +156,7 @@ def bench_open_set(args: argparse.Namespace) -> None:
         out = []
         for p in paths:
             try:
-                f = prepare_faces(v, v.open(str(p)))[0]
+                f = prepare_faces(v, v.read(str(p)))[0]
             except ImageError:
                 continue
             out.append(f.prepared)

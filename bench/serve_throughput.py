@@ -129,7 +129,7 @@ class OfflineModel:
         self.v = v = Verifier.from_checkpoint(ckpt, device=device, compile=compile)
         v.warmup(batch)  # with compile=freeze: compiles every padded batch size, as the server does
         self.jpeg, self.batch, self.workers, self.compile = jpeg, batch, workers, compile
-        self.x1 = v.prepare(v.open(jpeg)).unsqueeze(0)  # as the server decodes an upload
+        self.x1 = v.prepare(v.read(jpeg)).unsqueeze(0)  # as the server decodes an upload
         self.xb = self.x1.repeat(batch, 1, 1, 1)
         for _ in range(3):  # warm-up (oneDNN primitives, allocator)
             v.embed_tensors(self.xb)
@@ -171,7 +171,7 @@ class OfflineModel:
         decodes = []
         for _ in range(30):
             t = time.perf_counter()
-            self.v.prepare(self.v.open(self.jpeg))
+            self.v.prepare(self.v.read(self.jpeg))
             decodes.append(time.perf_counter() - t)
         return statistics.median(decodes)
 

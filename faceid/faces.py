@@ -11,6 +11,9 @@ maps those landmarks onto the ArcFace template.
   landmarks onto the ArcFace 112x112 template scaled to `size`, and the warp (Pillow's affine
   transform). `crop` keeps the centred share of the template's square, as it does for unaligned
   images.
+- `Photo` and `aligned_crop`: how a photo file is read for both: a large JPEG decoded at a reduced
+  scale for detection, and its face aligned from the coarsest decoding that keeps its detail.
+  Training, evaluation and serving all read photos this way (docs/FACES.md, Large photos).
 
 `Preparation` says how a model's faces were prepared (aligned or not, template, size, crop,
 detector); faceid.data, faceid.inference and the server all prepare images through it.
