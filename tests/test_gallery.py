@@ -348,6 +348,17 @@ def test_every_face_of_a_two_person_photo_is_identified(aligned_ckpt: Path):
         left = f.face["box"][0] < 240
         assert r[0].person == (a.name if left else b.name)
     assert len(prepare_faces(v, both)) == 1  # largest only, by default
+    # the same photo four times as large, as a JPEG: read at a quarter, its faces in its own pixels
+    buf = __import__("io").BytesIO()
+    both.resize((1920, 960), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=92)
+    big = v.read(buf.getvalue())
+    assert big.scale == 4
+    large = prepare_faces(v, big, all_faces=True)[:2]
+    centres = [(f.face["box"][0] + f.face["box"][2]) / 2 for f in large]
+    assert max(centres) > 4 * 240 + 200 and min(centres) < 4 * 240 - 200
+    results = index.search(normalize_rows(v.embed([f.prepared for f in large])), 2)
+    for c, r in zip(centres, results):
+        assert r[0].person == (a.name if c < 4 * 240 else b.name)
 
     # the stored crop gives back (nearly) the embedding: what re-embedding relies on
     f = crops[a.name]
