@@ -320,7 +320,7 @@ def aligned_crop(photo: Photo, face: Face, size: int, crop: float = 1.0, reduced
     the photo decoded at the coarsest scale that keeps the face's detail (`align_scale`, but no
     coarser than the photo was opened at, so most photos are decoded once); otherwise from the
     full-size photo."""
-    scale = min(photo.scale, align_scale(face.landmarks, size, crop)) if reduced else 1
+    scale = min(photo.scale, align_scale(face.landmarks, size, crop)) if reduced and photo.scale > 1 else 1
     return align_face(photo.at(scale), face.landmarks, size, crop, scale)
 
 
