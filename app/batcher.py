@@ -246,7 +246,8 @@ class EmbedWorker:
         """(embeddings of the images of every request in the batch that has no error of its own,
         None), or (None, the exception that fails them all). Photos whose faces are still to be
         found (faceid.inference.Pending) are detected first, all in one call; a request with a
-        photo that shows no face gets that NoFaceError as its own `error`."""
+        photo that shows no face (or cannot be read at the scale its face needs) gets that
+        ImageError as its own `error`."""
         verifier = batch[0].verifier
         started = time.perf_counter()
         try:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from faceid.checkpoint import load_checkpoint
 from faceid.data import BatchTransform, decode_side, resize_center_crop
-from faceid.errors import CheckpointError, ConfigError
+from faceid.errors import CheckpointError, ConfigError, ImageError
 from faceid.evaluate import autocast_ctx
 from faceid.faces import (
     Face,
@@ -336,13 +336,13 @@ class Verifier:
         small, factor = shrink_for_detection(photo.image, self.preparation.detector.max_side)
         return Pending(photo, small, factor * photo.scale, field)
 
-    def prepare_pending(self, items: Sequence[Any]) -> list[Optional[NoFaceError]]:
+    def prepare_pending(self, items: Sequence[Any]) -> list[Optional[ImageError]]:
         """Find the faces of every `Pending` photo among `items` with one detector call (batched,
         on the model's device) and align each one's largest face into its `prepared`. Per item:
-        None, or the NoFaceError (its `field` set) of a photo without a face, which fails only
-        that photo. Other items are left as they are."""
+        None, or the ImageError (its `field` set) that fails only that photo: a NoFaceError for a
+        photo without a face, or its finer decoding failing. Other items are left as they are."""
         todo = [(i, p) for i, p in enumerate(items) if isinstance(p, Pending) and p.prepared is None]
-        errors: list[Optional[NoFaceError]] = [None] * len(items)
+        errors: list[Optional[ImageError]] = [None] * len(items)
         if not todo:
             return errors
         if self.detector is None:
@@ -353,7 +353,7 @@ class Verifier:
         for (i, p), faces in zip(todo, found):
             try:
                 p.prepared = self._aligned(p.photo, [f.scaled(p.factor) for f in faces])
-            except NoFaceError as e:
+            except ImageError as e:  # NoFaceError, or a finer decoding (Photo.at) that failed
                 e.field = p.field
                 errors[i] = e
         return errors

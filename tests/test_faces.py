@@ -19,7 +19,7 @@ from core_fixtures import SAMPLE_TRAIN, SAMPLE_VAL, TINY, small_sample, tiny_ali
 from PIL import Image
 
 from faceid.data import scan_folder
-from faceid.errors import DataError
+from faceid.errors import DataError, ImageError
 from faceid.facecache import FaceCache, find_faces
 from faceid.faces import (
     ARCFACE_POINTS,
@@ -445,6 +445,18 @@ def test_pending_photos_are_detected_together_and_only_the_faceless_one_fails(tm
     np.testing.assert_allclose(v.embed([items[0], items[2]]), v.embed([a, scene]), atol=1e-5)
     with pytest.raises(NoFaceError, match="no face found"):
         v.embed([v.pending(empty, "image")])
+    # a photo whose finer decoding fails (its bytes gone bad between the two reads) fails alone
+    big = scene.resize((2400, 1800), Image.Resampling.BICUBIC)
+    buf = __import__("io").BytesIO()
+    big.save(buf, "JPEG", quality=90)
+    bad = Photo.open(buf.getvalue(), DetectorSpec().max_side)
+    bad.source = b"not a jpeg any more"
+    items = [v.pending(a, "image1"), v.pending(bad, "image2")]
+    with pytest.MonkeyPatch.context() as mp:  # as if its face needed a finer decoding than detection's
+        mp.setattr("faceid.faces.align_scale", lambda *args, **kw: 1)
+        errors = v.prepare_pending(items)
+    assert errors[0] is None and items[0].prepared is not None
+    assert isinstance(errors[1], ImageError) and errors[1].field == "image2" and items[1].prepared is None
 
 
 def test_checkpoints_without_a_faces_record_are_served_unaligned(tmp_path_factory):
