@@ -142,7 +142,7 @@ class GalleryService:
         def work() -> list[FaceInput]:
             try:
                 if detect and getattr(verifier, "detector", None) is not None:  # as its training read photos
-                    img = verifier.open_photo(bytes(data), max_pixels=max_pixels, name=name)
+                    img = verifier.open_photo(data, max_pixels=max_pixels, name=name)
                 else:
                     img = open_upload(data, max_pixels=max_pixels, name=name, reduce_to=side)
                 return prepare_faces(verifier, img, detect, all_faces)

@@ -391,7 +391,7 @@ class ModelManager:
         def work() -> Any:
             try:
                 if pending is not None and detect:  # decoded as its training data was (Verifier.open_photo)
-                    photo = verifier.open_photo(bytes(data), max_pixels=self.settings.max_pixels, name=name)
+                    photo = verifier.open_photo(data, max_pixels=self.settings.max_pixels, name=name)
                     w, h = photo.image.size  # as held while it waits
                     return (
                         pending(photo, name) if w * h <= BATCHED_DETECTION_MAX_PIXELS else verifier.prepare_face(photo)

@@ -301,6 +301,10 @@ class Photo:
     def full_size(self) -> tuple[int, int]:
         return self.image.size[0] * self.scale, self.image.size[1] * self.scale
 
+    def faces(self, detector: "FaceDetector") -> list[Face]:
+        """Every face `detector` finds in the photo, largest first, in its full-size pixels."""
+        return [f.scaled(self.scale) for f in detector.detect([self.image])[0]]
+
     def at(self, scale: int) -> Image.Image:
         """The photo decoded at 1/`scale` of its size (at most the scale it was opened at)."""
         if scale == self.scale:

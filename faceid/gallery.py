@@ -149,8 +149,7 @@ def prepare_faces(verifier: Any, img: Any, detect: bool = True, all_faces: bool 
         from faceid.inference import Prepared
 
         photo = img if isinstance(img, Photo) else Photo(img)
-        found = [f.scaled(photo.scale) for f in detector.detect([photo.image])[0]]
-        faces = sorted(found, key=lambda f: f.area, reverse=True)
+        faces = sorted(photo.faces(detector), key=lambda f: f.area, reverse=True)
         if not faces:
             try:
                 verifier.prepare_face(photo, True)  # its own message, with the detector's limits

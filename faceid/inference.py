@@ -327,8 +327,7 @@ class Verifier:
             image = img.at(1) if isinstance(img, Photo) else img
             return Prepared(to_uint8_tensor(image, self.img_size, self.crop))
         photo = img if isinstance(img, Photo) else Photo(img)
-        faces = [f.scaled(photo.scale) for f in self.detector.detect([photo.image])[0]]
-        return self._aligned(photo, faces)
+        return self._aligned(photo, photo.faces(self.detector))
 
     def pending(self, img: Union[Image.Image, Photo], field: Optional[str] = None) -> Pending:
         """A photo made ready for `prepare_pending` (shrunk for detection, as `detect` would)."""
