@@ -53,6 +53,23 @@ def redact(target: Union[str, Path]) -> str:
     return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", str(target))
 
 
+def use_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """Put an SQLite connection in WAL mode. SQLite answers "database is locked" at once, without
+    waiting out the busy timeout, when another process is switching a new file to WAL at the same
+    moment (processes of one training run opening a shared cache): try again until `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.2)
+
+
 @dataclass(frozen=True)
 class AddColumn:
     """A migration step: add a column unless the table has it already (databases from before
@@ -133,7 +150,7 @@ class Database:
             conn = sqlite3.connect(
                 str(self.target), check_same_thread=False, isolation_level=None, timeout=self.timeout_s
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            use_wal(conn, self.timeout_s)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as e:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from faceid.database import use_wal
 from faceid.faces import DetectorSpec, Face, FaceDetector, build_detector, shrink_for_detection
 from faceid.images import open_image_scaled
 
@@ -56,7 +57,7 @@ class FaceCache:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"faces-{CACHE_FORMAT}-{spec.key}.sqlite"
         self.db = sqlite3.connect(self.path, timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self.db, 60)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS faces (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, faces TEXT)"
         )

@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from faceid.database import use_wal
 from faceid.errors import DataError
 from faceid.facecache import CACHE_FORMAT, Pace, cache_dir, find_faces
 from faceid.faces import DetectorSpec, Face, pick_face
@@ -111,7 +112,7 @@ class TeacherCache:
         # the faces' format (faceid.facecache.CACHE_FORMAT): descriptors of chips cut where it put them
         self.path = folder / f"teacher-{CACHE_FORMAT}-{name}-{spec.key}.sqlite"
         self.db = sqlite3.connect(self.path, timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        use_wal(self.db, 60)
         self.db.execute("CREATE TABLE IF NOT EXISTS descriptors (digest TEXT PRIMARY KEY, v BLOB)")
 
     def get_vectors(self, digests: Sequence[Optional[str]]) -> list[Optional[np.ndarray]]:

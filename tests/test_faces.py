@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -312,6 +313,36 @@ def test_the_face_cache_detects_each_file_once_and_again_only_when_it_changes(tm
     find_faces(files, other, folder=cache_dir)
     assert calls[1:] == [len(files)]  # found together: one detector call for up to DETECT_CHUNK files
     assert FaceCache(other, cache_dir).path != FaceCache(spec, cache_dir).path
+
+
+def _open_cache_at_once(folder: str, start: Any, out: Any) -> None:
+    """One process of the test below: open the cache as the others do, write to it, read back."""
+    try:
+        start.wait()
+        cache = FaceCache(DetectorSpec(), Path(folder))
+        cache.put_many([(Path(__file__), [])])
+        out.put(repr(cache.get_many([Path(__file__)])))
+        cache.close()
+    except Exception as e:  # reported to the test
+        out.put(repr(e))
+
+
+def test_processes_opening_a_new_face_cache_together_all_get_it(tmp_path):
+    """The processes of a multi-process run open the same new cache file at the same moment. SQLite
+    answers one of them "database is locked" at once while another switches the file to WAL (no
+    busy timeout applies): it must wait its turn, not fail the run."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for i in range(20):  # about one time in three, one of two fails without the wait
+        start, out = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_open_cache_at_once, args=(str(tmp_path / str(i)), start, out)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        answers = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        assert answers == ["[[]]"] * 2, (i, answers)
 
 
 def test_the_face_cache_gives_a_large_photos_faces_in_its_full_size_pixels(tmp_path, detector):
