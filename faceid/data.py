@@ -24,10 +24,8 @@ from PIL import Image
 
 from faceid.errors import DataError
 from faceid.faces import Face, align_face, align_scale
-from faceid.images import open_image, open_image_scaled
+from faceid.images import IMAGE_EXTENSIONS, open_image, open_image_scaled
 from faceid.model import IMAGENET_MEAN, IMAGENET_STD
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Both the CLI (`faceid embed photo.jpg`) and the REST API (`POST /verify` uploads) go through
 `open_image`, so a photo is read the same way everywhere:
 
-- only JPEG, PNG, WebP and BMP are accepted, and only those decoders are tried;
+- only JPEG, PNG, WebP, BMP, HEIC/HEIF (pi-heif's libheif) and AVIF (Pillow's own, where it was
+  built with libavif) are accepted, and only those decoders are tried;
 - the pixel count is checked from the header *before* any pixel is decoded, so a small file that
   declares a huge image (a decompression bomb) costs nothing;
 - truncated or corrupt files fail instead of being padded with grey (Pillow's global
@@ -24,13 +25,12 @@ from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from faceid.errors import ImageError, ImageTooLargeError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # 40 megapixels: above any phone or consumer camera photo, far below what would exhaust memory
 # (a 40 MP RGB image decodes to 120 MB).
@@ -50,7 +50,32 @@ DEFAULT_MIN_SIDE = 8
 # append), and its first frame is the ordinary JPEG picture.
 _DECODERS = ["JPEG", "PNG", "WEBP", "BMP"]
 _ACCEPTED = {"JPEG", "MPO", "PNG", "WEBP", "BMP"}
-_ACCEPTED_TEXT = "JPEG, PNG, WebP, BMP"
+_NAMES = ["JPEG", "PNG", "WebP", "BMP"]
+_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".bmp"]
+# Formats whose file may hold several pictures, of which the decoder opens the one the file shows
+# (an MPO's first frame, a HEIF's primary image: an iPhone's HEIC can carry more than one).
+_PRIMARY_FIRST = {"MPO", "HEIF"}
+
+
+def _add_format(plugin: str, name: str, *extensions: str) -> None:
+    _DECODERS.append(plugin)
+    _ACCEPTED.add(plugin)
+    _NAMES.append(name)
+    _EXTENSIONS.extend(extensions)
+
+
+try:  # HEIC/HEIF: libheif applies the file's rotation itself and resets the EXIF orientation to 1
+    from pi_heif import register_heif_opener
+except ImportError:  # pragma: no cover - a dependency; without it HEIC is refused by name
+    pass
+else:
+    register_heif_opener()
+    _add_format("HEIF", "HEIC/HEIF", ".heic", ".heif")
+if features.check("avif"):  # Pillow 11.3 on, built with libavif (its wheels are)
+    _add_format("AVIF", "AVIF", ".avif")
+# The file names a folder of photos is scanned for (any case), most usual first.
+IMAGE_EXTENSIONS = tuple(_EXTENSIONS)
+ACCEPTED_FORMATS = ", ".join(_NAMES)
 
 # Greyscale modes with more than 8 bits per pixel. 16-bit PNGs open as I;16; "I" (32-bit signed)
 # is what older Pillow versions and some conversions give for the same data.
@@ -96,7 +121,7 @@ def open_image(
     Raises:
         ImageTooLargeError: more pixels than allowed.
         ImageError: anything else that makes the input unusable (missing, empty, not an image,
-            a format other than JPEG/PNG/WebP/BMP, truncated, animated, too small).
+            a format not accepted (IMAGE_EXTENSIONS' formats), truncated, animated, too small).
     """
     return open_image_scaled(source, max_pixels=max_pixels, min_side=min_side, name=name, reduce_to=reduce_to)[0]
 
@@ -167,7 +192,7 @@ def _open_source(source: ImageSource, name: str | None) -> tuple[str, BinaryIO]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "the upload"
         if len(source) == 0:
-            raise ImageError(f"empty file: {label} has 0 bytes; send a JPEG, PNG, WebP or BMP image")
+            raise ImageError(f"empty file: {label} has 0 bytes; send an image ({ACCEPTED_FORMATS})")
         return label, io.BytesIO(bytes(source))
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"open_image takes bytes or a path, not {type(source).__name__}")
@@ -220,7 +245,7 @@ def _decode(
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            # Lazy: reads the header only. Only our four decoders are offered the bytes.
+            # Lazy: reads the header only. Only our decoders are offered the bytes.
             image = Image.open(stream, formats=_DECODERS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise _too_large(label, exc, max_pixels) from exc
@@ -241,7 +266,7 @@ def _decode(
         if min(width, height) < min_side:
             raise ImageError(f"image too small: {label} is {width}x{height}; both sides must be at least {min_side} px")
         frames = getattr(image, "n_frames", 1)
-        if frames > 1 and fmt != "MPO":
+        if frames > 1 and fmt not in _PRIMARY_FIRST:
             raise ImageError(f"animated image: {label} is a {fmt} with {frames} frames; send a single still image")
 
         keep, side = (reduce_to, min(width, height)) if reduce_to else (reduce_longer_to, max(width, height))
@@ -277,8 +302,8 @@ def _not_accepted(stream: BinaryIO, label: str) -> ImageError:
     except Exception:
         fmt = None
     if fmt and fmt not in _ACCEPTED:
-        return ImageError(f"unsupported image format: {label} is {fmt}; accepted formats are {_ACCEPTED_TEXT}")
-    return ImageError(f"not an image: {label}; accepted formats are {_ACCEPTED_TEXT}")
+        return ImageError(f"unsupported image format: {label} is {fmt}; accepted formats are {ACCEPTED_FORMATS}")
+    return ImageError(f"not an image: {label}; accepted formats are {ACCEPTED_FORMATS}")
 
 
 def _apply_orientation(image: Image.Image, label: str) -> Image.Image:

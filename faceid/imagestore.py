@@ -17,6 +17,7 @@ from PIL import Image
 from faceid.data import IdentityFolder, check_identities, decode_image
 from faceid.errors import DataError
 from faceid.faces import DetectorSpec, Face, pick_face
+from faceid.images import ACCEPTED_FORMATS
 
 log = logging.getLogger("faceid.data")  # the loading log lines keep the name they always had
 
@@ -172,7 +173,7 @@ def load_images(
         if len(folder) == 0:
             raise DataError(
                 f"{what} folder {folder.root}: none of the images could be read "
-                f"(first: {first}); check the files are JPEG/PNG/WebP/BMP images"
+                f"(first: {first}); check the files are images ({ACCEPTED_FORMATS})"
             )
         check_identities(folder, what=what, min_identities=min_identities, min_per_identity=min_per_identity)
     return folder, ImageStore(folder, size, images, crop, faces, reduced_side)

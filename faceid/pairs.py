@@ -9,7 +9,7 @@ Format (fields separated by tabs or spaces):
 
 A one-number header "N" (pairsDevTrain.txt / pairsDevTest.txt) is one fold of N matched then N
 mismatched pairs. Image `idx` of `name` is `<root>/<name>/<name>_<idx:04d>.<ext>`, with ext one of
-jpg, jpeg, png, webp, bmp (jpg preferred when several exist).
+faceid.images.IMAGE_EXTENSIONS (jpg preferred when several exist).
 
 Given with a --val folder (`faceid train`, `faceid evaluate`), a relative pairs file that does not
 exist is taken relative to --val, and its images live beside it (LFW layout) or under --val
@@ -28,10 +28,9 @@ from typing import Iterable, Optional, Union
 import numpy as np
 
 from faceid.errors import DataError
+from faceid.images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 __all__ = ["IMAGE_EXTENSIONS", "PairsProtocol", "identities_in", "load_pairs", "load_protocol", "resolve_pairs_file"]
 

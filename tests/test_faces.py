@@ -315,6 +315,26 @@ def test_the_face_cache_detects_each_file_once_and_again_only_when_it_changes(tm
     assert FaceCache(other, cache_dir).path != FaceCache(spec, cache_dir).path
 
 
+def test_a_folder_of_heic_photos_is_scanned_and_its_faces_found_upright(tmp_path, detector):
+    """iPhone photos (HEIC), one stored sideways with its rotation in the file: a training folder
+    lists them, the face cache finds their faces in the upright photos' pixels, where the server's
+    reading (Photo) finds them too."""
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    for person, name in (("a", "scene.heic"), ("a", "scene-rotated.HEIC"), ("b", "two-pictures.heic")):
+        (tmp_path / "train" / person).mkdir(parents=True, exist_ok=True)
+        shutil.copy(fixtures / name.lower(), tmp_path / "train" / person / name)
+    shutil.copy(fixtures / "scene.heic", tmp_path / "train" / "b" / "again.heic")
+    folder = scan_folder(tmp_path / "train")
+    assert len(folder) == 4 and folder.num_identities == 2
+    found = find_faces(list(folder.paths), detector.spec, folder=tmp_path / "cache")
+    assert all(f for f in found), found  # the largest face first (a part of the clutter may be a second)
+    upright = found[list(folder.paths).index(tmp_path / "train" / "a" / "scene.heic")][0]
+    for faces in found:
+        assert np.abs(np.subtract(faces[0].landmarks, upright.landmarks)).max() < 3
+    served = Photo.open(tmp_path / "train" / "a" / "scene-rotated.HEIC", detector.spec.max_side).faces(detector)
+    assert np.abs(np.subtract(served[0].landmarks, upright.landmarks)).max() < 3
+
+
 def _open_cache_at_once(folder: str, start: Any, out: Any) -> None:
     """One process of the test below: open the cache as the others do, write to it, read back."""
     try:

@@ -8,6 +8,7 @@ import struct
 import time
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,8 +63,9 @@ def close(pixel, expected, tol=0) -> bool:
 
 
 def test_is_image_file():
-    assert IMAGE_EXTENSIONS == (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-    for name in ("a.jpg", "b.JPEG", "dir/c.png", "d.WebP", "e.bmp"):
+    assert IMAGE_EXTENSIONS[:7] == (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".heic", ".heif")
+    assert (".avif" in IMAGE_EXTENSIONS) == features.check("avif")
+    for name in ("a.jpg", "b.JPEG", "dir/c.png", "d.WebP", "e.bmp", "IMG_0001.HEIC", "f.heif"):
         assert is_image_file(name)
     for name in ("a.gif", "b.tiff", "c.txt", "jpg", "d.jpg.txt", "pairs.txt"):
         assert not is_image_file(name)
@@ -253,7 +255,7 @@ def test_not_an_image_names_the_upload():
 
 @pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
 def test_other_image_formats_are_refused_by_name(fmt):
-    with pytest.raises(ImageError, match=f"unsupported image format.*{fmt}.*JPEG, PNG, WebP, BMP"):
+    with pytest.raises(ImageError, match=f"unsupported image format.*{fmt}.*JPEG, PNG, WebP, BMP, HEIC/HEIF"):
         open_image(encode(Image.new("RGB", (16, 16)), fmt))
 
 
@@ -320,6 +322,59 @@ def test_mpo_jpeg_gives_its_first_picture():
     assert Image.open(io.BytesIO(data)).format == "MPO"
     out = open_image(data)
     assert out.size == (24, 16) and close(out.getpixel((5, 5)), (255, 0, 0), tol=8)
+
+
+# --- phone formats: HEIC and AVIF -------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # made by make_heif.py there
+
+
+def test_a_heic_photo_opens_as_rgb_from_a_path_and_from_bytes():
+    out = open_image(FIXTURES / "scene.heic")
+    assert out.mode == "RGB" and out.size == (400, 300)
+    assert open_image_scaled((FIXTURES / "scene.heic").read_bytes(), reduce_longer_to=100)[1] == 1
+    assert np.array_equal(np.asarray(open_image((FIXTURES / "scene.heic").read_bytes())), np.asarray(out))
+    assert np.asarray(out).std() > 20  # a picture, not a flat grey
+
+
+def test_a_heic_stored_sideways_comes_out_upright_once():
+    """A phone stores the picture sideways and says how to turn it: the file's rotation, which
+    libheif applies, and an EXIF orientation of 6, which it resets. Turned once, it is the upright
+    photo; turned twice it would be upside down."""
+    upright = np.asarray(open_image(FIXTURES / "scene.heic"), dtype=np.float32)
+    turned = np.asarray(open_image(FIXTURES / "scene-rotated.heic"), dtype=np.float32)
+    assert turned.shape == upright.shape
+    assert np.abs(turned - upright).mean() < 4
+    assert np.abs(np.rot90(turned, 2) - upright).mean() > 20
+
+
+def test_a_heic_with_two_pictures_gives_its_primary_one():
+    """An iPhone's HEIC may hold more than one top-level picture: the one the file marks as primary
+    is the photo (here the second; the first is flat grey), and the file is not an animation."""
+    out = np.asarray(open_image(FIXTURES / "two-pictures.heic"), dtype=np.float32)
+    assert Image.open(FIXTURES / "two-pictures.heic").n_frames == 2
+    assert np.abs(out - np.asarray(open_image(FIXTURES / "scene.heic"), dtype=np.float32)).mean() < 1
+
+
+def test_a_cut_heic_is_refused_as_corrupt():
+    data = (FIXTURES / "scene.heic").read_bytes()
+    with pytest.raises(ImageError, match="corrupt|truncated"):
+        open_image(data[: len(data) // 2], name="IMG_0001.HEIC")
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="Pillow built without AVIF")
+def test_avif_opens_upright_and_an_animated_one_is_refused():
+    src = Image.new("RGB", (40, 20), (0, 0, 255))
+    src.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = open_image(encode(src, "AVIF", quality=90, exif=exif.tobytes()))
+    assert out.mode == "RGB" and out.size == (20, 40)
+    assert close(out.getpixel((10, 5)), (255, 0, 0), tol=30)
+    assert close(out.getpixel((10, 35)), (0, 0, 255), tol=30)
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    with pytest.raises(ImageError, match="animated.*2 frames"):
+        open_image(encode(frames[0], "AVIF", save_all=True, append_images=frames[1:], duration=100))
 
 
 # --- size limits ------------------------------------------------------------------------------

@@ -18,12 +18,13 @@ from app.routes.jobs import UNAUTHORIZED, Responses, error
 from app.settings import Settings
 from app.uploads import read_form
 from faceid.errors import ConfigError
+from faceid.images import ACCEPTED_FORMATS
 
 router = APIRouter(tags=["inference"])
 
 THRESHOLD_NAMES = ("acc", "far_1e-2", "far_1e-3")
 
-_IMAGE = {"type": "string", "format": "binary", "description": "JPEG, PNG, WebP or BMP"}
+_IMAGE = {"type": "string", "format": "binary", "description": ACCEPTED_FORMATS}
 
 
 def _multipart(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -52,7 +53,7 @@ IMAGE_ERRORS: Responses = {
         "application/json; for example curl -F image=@photo.jpg",
     ),
     422: error(
-        "not a usable image, or a missing field", "not an image: image1; accepted formats are JPEG, PNG, WebP, BMP"
+        "not a usable image, or a missing field", f"not an image: image1; accepted formats are {ACCEPTED_FORMATS}"
     ),
     503: error("no model yet", NO_MODEL),
 }

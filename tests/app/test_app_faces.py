@@ -80,6 +80,23 @@ async def test_a_phone_size_photo_is_answered_in_its_own_pixels_and_verified_lik
     assert out["similarity"] > 0.95 and out["match"]
 
 
+async def test_an_iphone_heic_is_verified_like_the_same_photo_as_a_jpeg(app):
+    """A HEIC stored sideways (its rotation in the file) is read upright: its face is where the
+    upright JPEG's is, and the two are the same person."""
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    heic = (fixtures / "scene-rotated.heic").read_bytes()
+    jpeg = _jpeg(Image.open(fixtures / "scene.heic"))
+    async with running(app) as client:
+        r = await client.post("/verify", files={"image1": ("IMG_0001.HEIC", heic), "image2": ("s.jpg", jpeg)})
+        assert r.status_code == 200, r.text
+        out = r.json()
+        r = await client.post("/embed", files={"image": ("IMG_0001.HEIC", heic[: len(heic) // 2])})
+        assert r.status_code == 422 and r.json()["field"] == "image", r.text  # a cut file
+        assert (await client.get("/health")).status_code == 200
+    assert np.allclose(out["face1"]["landmarks"], out["face2"]["landmarks"], atol=3)
+    assert out["similarity"] > 0.95 and out["match"]
+
+
 async def test_no_face_is_a_422_naming_the_image_and_the_server_keeps_serving(app):
     rng = np.random.default_rng(9)
     empty, _ = make_scene([], rng)
