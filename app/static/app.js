@@ -312,13 +312,20 @@ async function modelsView() {
 function photoPanel(name) {
   const input = h("input", { type: "file", accept: "image/*", name });
   const canvas = h("canvas", { width: 0, height: 0 });
-  const panel = h("div", { class: "photo" }, h("div", {}, name === "image1" ? "first photo" : "second photo"), input, canvas);
+  const note = h("div", { class: "muted" });
+  const panel = h("div", { class: "photo" }, h("div", {}, name === "image1" ? "first photo" : "second photo"), input, canvas, note);
   panel.image = null;
   input.addEventListener("change", () => {
+    // the previous photo's preview goes, so no face is ever drawn on the wrong photo
+    panel.image = null;
+    canvas.width = canvas.height = 0;
+    note.textContent = "";
     const file = input.files[0];
     if (!file) return;
     const img = new Image();
     img.onload = () => { panel.image = img; drawFace(canvas, img, null); };
+    // HEIC, for one, is read by the server but shown by few browsers
+    img.onerror = () => { note.textContent = "no preview in this browser; the photo is still sent"; };
     img.src = URL.createObjectURL(file);
   });
   return { panel, input, canvas };

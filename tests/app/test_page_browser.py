@@ -163,6 +163,25 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
         widths = [c.get_attribute("width") for c in browser.find_elements(By.CSS_SELECTOR, ".photo canvas")]
         assert all(int(w) > 0 for w in widths), widths
         _shot(browser, "try")
+        # an iPhone's HEIC, which the server reads and this browser cannot show: the first photo's
+        # preview goes (no face drawn on the earlier photo), a note says why, and it is verified
+        browser.find_element(By.NAME, "image1").send_keys(
+            str(Path(__file__).resolve().parents[1] / "fixtures/scene.heic")
+        )
+        note = _wait(
+            browser, 20, "the no-preview note", lambda d: d.find_element(By.CSS_SELECTOR, ".photo .muted").text
+        )
+        assert "no preview" in note
+        browser.find_element(By.ID, "verify").click()
+        _wait(  # the new answer: a face drawn on the second photo only
+            browser,
+            60,
+            "the HEIC's answer",
+            lambda d: d.find_element(By.ID, "verify-result").get_attribute("data-faces") == "1",
+        )
+        assert "similarity" in browser.find_element(By.ID, "verify-result").text
+        widths = [c.get_attribute("width") for c in browser.find_elements(By.CSS_SELECTOR, ".photo canvas")]
+        assert int(widths[0]) == 0 and int(widths[1]) > 0, widths
 
         # a gallery: create it, enroll two people, ask who a third photo of one of them is
         browser.get(base + "/#/galleries")
