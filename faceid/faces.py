@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
@@ -130,6 +130,34 @@ class DetectorSpec:
         # a record written before the setting existed was detected with the legacy overlaps
         fields["nms"] = tuple(float(v) for v in d["nms"]) if "nms" in d else LEGACY_NMS
         return cls(**fields)
+
+
+# The finest detection a request may ask for (`finer_spec`): photos shrunk to a 2,000 px longer
+# side, which finds faces down to 2% of it with the default min_face (docs/GALLERIES.md says what
+# it costs).
+MAX_DETECT_SIDE = 2000
+
+
+def smallest_face_percent(spec: DetectorSpec) -> float:
+    """The smallest face `spec` finds, in percent of a photo's longer side."""
+    return 100 * spec.min_face / spec.max_side
+
+
+def least_min_face(spec: DetectorSpec) -> float:
+    """The smallest face `finer_spec` can search for with `spec`, in percent of a photo's longer
+    side (2 for the default spec)."""
+    return smallest_face_percent(replace(spec, max_side=MAX_DETECT_SIDE))
+
+
+def finer_spec(spec: DetectorSpec, percent: Optional[float]) -> DetectorSpec:
+    """`spec` finding faces down to `percent` of a photo's longer side (a face in a group photo):
+    the photo shrunk less for detection, to at most MAX_DETECT_SIDE. None, or a size `spec` finds
+    already, gives `spec` itself. The faces found are aligned exactly as `spec`'s are (from the
+    photo's own pixels), so a model is served with it as it was trained."""
+    if percent is None:
+        return spec
+    side = math.ceil(100 * spec.min_face / percent)
+    return replace(spec, max_side=min(MAX_DETECT_SIDE, side)) if side > spec.max_side else spec
 
 
 class FaceDetector(Protocol):

@@ -130,26 +130,36 @@ def _png(img: Any) -> bytes:
     return buf.getvalue()
 
 
-def prepare_faces(verifier: Any, img: Any, detect: bool = True, all_faces: bool = False) -> list[FaceInput]:
+def prepare_faces(
+    verifier: Any, img: Any, detect: bool = True, all_faces: bool = False, detector: Any = None
+) -> list[FaceInput]:
     """The faces of a decoded photo (PIL RGB, or a faceid.faces.Photo from `Verifier.read`) as
     `verifier` embeds them, largest first: every
     face (`all_faces`) or only the largest. A model trained on aligned faces detects them (raises
-    faceid.faces.NoFaceError when there is none); with `detect` False, or for a model without
+    faceid.faces.NoFaceError when there is none), with `detector` where given (a finer search,
+    `Verifier.detector_for`), else its own; with `detect` False, or for a model without
     alignment, the photo is the one face. A verifier without `prepare_face` (a test double) embeds
     the image as it is."""
     from PIL import Image
 
     from faceid.faces import Photo
 
-    detector = getattr(verifier, "detector", None)
-    if detector is not None and detect:
+    own = getattr(verifier, "detector", None)
+    if own is not None and detect:
         import torch
 
-        from faceid.faces import NoFaceError, aligned_crop
+        from faceid.faces import NoFaceError, aligned_crop, smallest_face_percent
         from faceid.inference import Prepared
 
         photo = img if isinstance(img, Photo) else Photo(img)
+        detector = detector or own
         faces = sorted(photo.faces(detector), key=lambda f: f.area, reverse=True)
+        if not faces and detector is not own:
+            w, h = photo.full_size
+            raise NoFaceError(
+                f"no face found in the {w}x{h} image, searching faces down to "
+                f"{smallest_face_percent(detector.spec):.1f}% of its longer side"
+            )
         if not faces:
             try:
                 verifier.prepare_face(photo, True)  # its own message, with the detector's limits

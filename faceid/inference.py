@@ -18,12 +18,15 @@ from faceid.data import BatchTransform, decode_side, resize_center_crop
 from faceid.errors import CheckpointError, ConfigError, ImageError
 from faceid.evaluate import autocast_ctx
 from faceid.faces import (
+    DetectorSpec,
     Face,
+    FaceDetector,
     NoFaceError,
     Photo,
     Preparation,
     aligned_crop,
     build_detector,
+    finer_spec,
     pick_face,
     shrink_for_detection,
 )
@@ -305,13 +308,23 @@ class Verifier:
 
         return open_image(source, reduce_to=self.decode_side, **kwargs)
 
-    def open_photo(self, source: Any, **kwargs: Any) -> Photo:
+    def open_photo(self, source: Any, spec: Optional[DetectorSpec] = None, **kwargs: Any) -> Photo:
         """A photo file or upload's bytes, for an aligned model to find and align its face exactly
         as its training data was (faceid.faces.Photo: a large JPEG decoded at a reduced scale for
         detection, and for alignment at the scale its face needs; full size for a checkpoint
-        recorded before `reduced_decode`, as it was always served). `kwargs`: open_image's."""
+        recorded before `reduced_decode`, as it was always served). `spec`: a finer search than
+        the model's (`detector_for`). `kwargs`: open_image's."""
         prep = self.preparation
-        return Photo.open(source, prep.detector.max_side if prep.reduced_decode else 0, **kwargs)
+        return Photo.open(source, (spec or prep.detector).max_side if prep.reduced_decode else 0, **kwargs)
+
+    def detector_for(self, smallest_percent: Optional[float]) -> Optional[FaceDetector]:
+        """The detector that finds faces down to `smallest_percent` of a photo's longer side
+        (faceid.faces.finer_spec; None: the model's own), on the model's device; None for a model
+        without alignment. Open the photo with `open_photo(..., spec=detector.spec)`."""
+        if self.detector is None:
+            return None
+        spec = finer_spec(self.preparation.detector, smallest_percent)
+        return self.detector if spec == self.detector.spec else build_detector(spec, self.device)
 
     def read(self, source: Any, detect: bool = True, **kwargs: Any) -> Union[Image.Image, Photo]:
         """What `prepare_face(..., detect)` takes for a file or upload: `open_photo` where a face is

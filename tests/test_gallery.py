@@ -283,6 +283,25 @@ def test_cli_enrolls_and_identifies_lfw_people(aligned_ckpt: Path, tmp_path: Pat
             best = line["faces"][0]["candidates"][0]
             assert line["person"] == (best["person"] if best["score"] >= summary["threshold"] else None)
 
+    # a group photo, the enrolled people small in it (faces about 2.5% of its longer side): found
+    # only with --min_face, each named as the person enrolled
+    from faceid.scenes import background
+
+    group = background((2400, 1200), np.random.default_rng(4))
+    for d, x in zip(enrolled[:2], (500, 1700)):
+        group.paste(Image.open(sorted(d.glob("*.jpg"))[0]).convert("RGB").resize((110, 110)), (x, 450))
+    (tmp_path / "group").mkdir()
+    group.save(tmp_path / "group" / "team.jpg", quality=92)
+    assert main(["gallery", "identify", str(tmp_path / "group"), *flags, "--json", "--all_faces"]) == 0
+    assert "no face found" in capsys.readouterr().out
+    args = ["gallery", "identify", str(tmp_path / "group"), *flags, "--json", "--all_faces", "--min_face", "2"]
+    assert main(args) == 0
+    faces = json.loads(capsys.readouterr().out.strip().splitlines()[0])["faces"]
+    named = sorted(faces[:2], key=lambda f: f["face"]["box"][0])
+    assert [f["candidates"][0]["person"] for f in named] == [d.name for d in enrolled[:2]]
+    assert main([*args[:-1], "1.5"]) == 2
+    assert "--min_face 1.5: give a percent from 2 to 100" in capsys.readouterr().err
+
     # precomputed embeddings: checked against the checkpoint's size, then searchable without a crop
     from faceid.inference import Verifier
 
