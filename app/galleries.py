@@ -26,7 +26,6 @@ import numpy as np
 from app.model_manager import ModelManager, ServedModel, open_upload
 from app.settings import Settings
 from faceid.errors import ImageError
-from faceid.faces import NoFaceError
 from faceid.gallery import Conflict, FaceInput, GalleryError, crop_input, normalize_rows, prepare_faces
 from faceid.gallery_index import Candidate, GalleryIndex
 from faceid.gallery_store import GalleryStore, NewFace
@@ -140,13 +139,11 @@ class GalleryService:
         all_faces: bool,
         filename: Optional[str] = None,
         min_face: Optional[float] = None,
-        offer_min_face: bool = False,
     ) -> list[FaceInput]:
         """An upload's faces as the served model embeds them (off the event loop). An upload that is
         not an image, or in which an aligned model finds no face, is an ImageError naming `name`.
         `min_face`: find faces down to this percent of the photo's longer side (a group photo),
-        where the model's own detection stops at a larger size; `offer_min_face`: a photo without a
-        face found says so."""
+        where the model's own detection stops at a larger size."""
         verifier = served.verifier
         side = getattr(verifier, "decode_side", None)
         max_pixels = self.settings.max_pixels
@@ -156,12 +153,7 @@ class GalleryService:
                 if detect and getattr(verifier, "detector", None) is not None:  # as its training read photos
                     detector = verifier.detector_for(min_face)
                     img = verifier.open_photo(data, spec=detector.spec, max_pixels=max_pixels, name=name)
-                    try:
-                        return prepare_faces(verifier, img, detect, all_faces, detector)
-                    except NoFaceError as e:
-                        if offer_min_face and min_face is None:
-                            e.args = (f"{e}; in a group photo, ask for smaller faces with min_face (percent)",)
-                        raise
+                    return prepare_faces(verifier, img, detect, all_faces, detector)
                 img = open_upload(data, max_pixels=max_pixels, name=name, reduce_to=side)
                 return prepare_faces(verifier, img, detect, all_faces)
             except ImageError as e:

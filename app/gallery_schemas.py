@@ -9,7 +9,7 @@ from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.model_schemas import FaceOut
-from app.routes.inference import _DETECT, _IMAGE, _multipart
+from app.routes.inference import _DETECT, _IMAGE, MIN_FACE, _multipart
 from app.routes.jobs import Responses, error
 from faceid.gallery import MAX_ENROLL_IMAGES
 
@@ -39,6 +39,7 @@ ENROLL_FORM = _multipart(
             "description": f"1 to {MAX_ENROLL_IMAGES} photos of the person, each in a field named images",
         },
         "detect": _DETECT,
+        "min_face": MIN_FACE,
     },
     ["images"],
 )
@@ -65,14 +66,7 @@ IDENTIFY_FORM = _multipart(
             "description": "identify every face in the photo, or only the largest",
         },
         "detect": _DETECT,
-        "min_face": {
-            "type": "number",
-            "minimum": 2,
-            "maximum": 100,
-            "description": "find faces down to this percent of the photo's longer side (default: the "
-            "model's own, about 8): smaller finds the faces of a group photo, at more cost. For a "
-            "model trained on aligned faces; 2 is the least with the default detector",
-        },
+        "min_face": MIN_FACE,
     },
     ["image"],
 )

@@ -374,14 +374,17 @@ class ModelManager:
 
     # -- inference ---------------------------------------------------------------------------
 
-    async def decode(self, data: bytes, name: str, model: ServedModel, detect: bool = True) -> Any:
+    async def decode(
+        self, data: bytes, name: str, model: ServedModel, detect: bool = True, min_face: Optional[float] = None
+    ) -> Any:
         """The upload as the image `model` embeds, decoded off the event loop and prepared for it
         there: resized to its input size, or, for a model trained on aligned faces, decoded as its
         training data was (`open_photo`: a large JPEG at a reduced scale) and shrunk for detection
         (its `pending`): the worker finds the faces of a whole batch in one call, then aligns them
         (app/batcher.py); a photo above BATCHED_DETECTION_MAX_PIXELS is detected and aligned here.
         An upload that is not an image is an ImageError naming the form field; so is one in which
-        no face is found."""
+        no face is found. `min_face`: faces down to this percent of the photo's longer side are
+        looked for (Verifier.detector_for), where the model's own detection stops at larger ones."""
         verifier = model.verifier
         pending = getattr(verifier, "pending", None) if getattr(verifier, "detector", None) is not None else None
         prepare_face = getattr(verifier, "prepare_face", None)
@@ -391,11 +394,13 @@ class ModelManager:
         def work() -> Any:
             try:
                 if pending is not None and detect:  # decoded as its training data was (Verifier.open_photo)
-                    photo = verifier.open_photo(data, max_pixels=self.settings.max_pixels, name=name)
+                    detector = verifier.detector_for(min_face) if min_face is not None else None
+                    spec = detector.spec if detector is not None else None
+                    photo = verifier.open_photo(data, spec=spec, max_pixels=self.settings.max_pixels, name=name)
                     w, h = photo.image.size  # as held while it waits
-                    return (
-                        pending(photo, name) if w * h <= BATCHED_DETECTION_MAX_PIXELS else verifier.prepare_face(photo)
-                    )
+                    if w * h <= BATCHED_DETECTION_MAX_PIXELS:
+                        return pending(photo, name, detector)
+                    return verifier.prepare_face(photo, True, detector)
                 img = open_upload(data, max_pixels=self.settings.max_pixels, name=name, reduce_to=side)
                 if prepare_face is not None:
                     return prepare_face(img, detect)

@@ -13,7 +13,15 @@ import os
 import sys
 from typing import Optional
 
-from faceid.cli_common import EXIT_TERMINATED, EXIT_USER_ERROR, Parser, UserError, setup_logging, user_error
+from faceid.cli_common import (
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    Parser,
+    UserError,
+    add_min_face,
+    setup_logging,
+    user_error,
+)
 from faceid.cli_model import cmd_embed, cmd_evaluate, cmd_verify
 from faceid.cli_train import train_main
 from faceid.config import TrainConfig
@@ -162,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="the images are aligned face crops already: skip face detection",
     )
+    add_min_face(m)
     m.set_defaults(func=cmd_embed)
 
     v = sub.add_parser("verify", help="are two images the same person? (the checkpoint's threshold)")
@@ -181,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="the images are aligned face crops already: skip face detection",
     )
+    add_min_face(v)
     v.set_defaults(func=cmd_verify)
 
     r = sub.add_parser(

@@ -27,6 +27,34 @@ class Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
+def add_min_face(p: argparse.ArgumentParser) -> None:
+    """--min_face: the smallest face to look for (faceid.inference.Verifier.detector_for)."""
+    p.add_argument(
+        "--min_face",
+        type=float,
+        metavar="PERCENT",
+        help="find faces down to this percent of a photo's longer side (a small face in a large "
+        "photo, group photos; default: the model's own, about 8; at least 2 with the default "
+        "detector), at more cost",
+    )
+
+
+def detector_for(v: Any, min_face: Optional[float]) -> Any:
+    """`v.detector_for(min_face)`, a --min_face outside the detector's reach a UserError."""
+    if min_face is not None and getattr(v, "detector", None) is not None:
+        from faceid.faces import least_min_face
+
+        least = least_min_face(v.preparation.detector)
+        if not least <= min_face <= 100:
+            raise UserError(f"--min_face {min_face:g}: give a percent from {least:g} to 100")
+    return v.detector_for(min_face)
+
+
+def no_face_for_cli(message: str) -> str:
+    """A no-face message with the CLI's flags for the API's fields."""
+    return message.replace("set detect=false", "pass --no-detect").replace("with min_face", "with --min_face")
+
+
 def validation_message(e: ValidationError) -> str:
     """A pydantic ValidationError as one line: each error after the flag it is about."""
     parts = []

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from faceid.cli_common import add_min_face, detector_for, no_face_for_cli
 from faceid.errors import ConfigError, ImageError
 from faceid.gallery import (
     RULE,
@@ -70,14 +71,13 @@ def _verifier(args: argparse.Namespace):
     return Verifier.from_checkpoint(args.checkpoint, device=args.device)
 
 
-def _faces(v: Any, path: Path, detect: bool, all_faces: bool, min_face: Optional[float] = None):
+def _faces(v: Any, path: Path, detect: bool, all_faces: bool, detector: Any = None):
     try:
-        detector = v.detector_for(min_face) if detect else None
-        if detector is not None:
+        if detect and detector is not None:
             return prepare_faces(v, v.open_photo(str(path), spec=detector.spec), True, all_faces, detector)
         return prepare_faces(v, v.read(str(path), detect), detect, all_faces)
     except ImageError as e:
-        raise ImageError(f"{path}: {str(e).replace('set detect=false', 'pass --no-detect')}") from None
+        raise ImageError(no_face_for_cli(f"{path}: {e}")) from None
 
 
 def _bound_model(store: GalleryStore, gallery: str, model: str, create: bool) -> Optional[str]:
@@ -105,13 +105,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     model = checkpoint_model_id(args.checkpoint)
     store = _open_store(args.models_dir)
     bound = _bound_model(store, args.gallery, model, create=True)
+    detector = detector_for(v, args.min_face)
     enrolled = skipped = 0
     for d in people:
         check_person_name(d.name)
         faces: list[NewFace] = []
         for path in _images(d)[: args.max_per_person or None]:
             try:
-                f = _faces(v, path, args.detect, False)[0]
+                f = _faces(v, path, args.detect, False, detector)[0]
             except ImageError as e:
                 skipped += 1
                 print(f"skipped: {e}", file=sys.stderr)
@@ -170,12 +171,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
     except ValueError:
         pass
     th, th_name = v.resolve_threshold(threshold)
-    if args.min_face is not None:
-        from faceid.faces import least_min_face
-
-        least = least_min_face(v.preparation.detector)
-        if not least <= args.min_face <= 100:
-            raise ConfigError(f"--min_face {args.min_face:g}: give a percent from {least:g} to 100")
+    detector = detector_for(v, args.min_face)
     enrolled = {p["name"] for p in store.people(args.gallery)}
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir())
     items = [(d.name, p) for d in subdirs for p in _images(d)] if subdirs else [(None, p) for p in _images(folder)]
@@ -190,7 +186,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
     }
     for truth, path in items:
         try:
-            faces = _faces(v, path, args.detect, args.all_faces, args.min_face)
+            faces = _faces(v, path, args.detect, args.all_faces, detector)
         except ImageError as e:
             counts["no_face"] += 1
             print(json.dumps({"image": str(path), "error": str(e)}) if args.json else f"{path}: no face", flush=True)
@@ -315,6 +311,7 @@ def add_parser(sub: Any) -> None:
                 action="store_false",
                 help="the photos are aligned face crops already: skip face detection",
             )
+            add_min_face(p)
         p.set_defaults(func=run)
 
     e = gsub.add_parser("enroll", help="enroll FOLDER/<person>/*.jpg into a gallery (created if new)")
@@ -330,13 +327,6 @@ def add_parser(sub: Any) -> None:
     i.add_argument("--threshold", default="far_1e-3", help="far_1e-3 (default) | far_1e-2 | acc | a cosine value")
     i.add_argument("--k", type=int, default=5)
     i.add_argument("--all_faces", action="store_true", help="identify every face of each photo, not only the largest")
-    i.add_argument(
-        "--min_face",
-        type=float,
-        metavar="PERCENT",
-        help="find faces down to this percent of a photo's longer side (group photos; default: the "
-        "model's own, about 8; at least 2 with the default detector), at more cost",
-    )
     i.add_argument("--json", action="store_true", help="one JSON line per photo")
     i.add_argument("--quiet", action="store_true", help="only the summary")
     common(i)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from faceid.cli_common import UserError, validation_message
+from faceid.cli_common import UserError, detector_for, no_face_for_cli, validation_message
 from faceid.config import TrainConfig
 
 log = logging.getLogger("faceid")
@@ -160,19 +160,23 @@ def _embed_store(v, store, config: Optional[dict[str, Any]] = None):
     return embed_store(v.model, store, v.transform, batch_size=batch_size, amp_dtype=v.amp_dtype, flip=v.flip)
 
 
-def _prepared(v, path: str, detect: bool):
-    """The image at `path` as the checkpoint's model takes it, with the face it was made from."""
+def _prepared(v, path: str, detect: bool, detector=None):
+    """The image at `path` as the checkpoint's model takes it, with the face it was made from
+    (found by `detector`, a finer search, where given)."""
     from faceid.faces import NoFaceError
 
     try:
+        if detect and detector is not None:
+            return v.prepare_face(v.open_photo(path, spec=detector.spec), True, detector)
         return v.prepare_face(v.read(path, detect), detect)
     except NoFaceError as e:
-        raise NoFaceError(f"{path}: {e}".replace("set detect=false", "pass --no-detect")) from None
+        raise NoFaceError(no_face_for_cli(f"{path}: {e}")) from None
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     v = _load_verifier(args.checkpoint, args.device)
-    items = [_prepared(v, p, args.detect) for p in args.images]
+    detector = detector_for(v, args.min_face)
+    items = [_prepared(v, p, args.detect, detector) for p in args.images]
     emb = v.embed(items)
     for p, item, e in zip(args.images, items, emb):
         print(
@@ -192,7 +196,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except ValueError:
             pass
     v.resolve_threshold(th)  # a bad threshold fails before any detection
-    items = [_prepared(v, p, args.detect) for p in (args.image1, args.image2)]
+    detector = detector_for(v, args.min_face)
+    items = [_prepared(v, p, args.detect, detector) for p in (args.image1, args.image2)]
     e = v.embed(items)
     res = {**v.compare(e[0], e[1], th), "face1": items[0].face_json(), "face2": items[1].face_json()}
     if args.json:

@@ -148,24 +148,15 @@ def prepare_faces(
     if own is not None and detect:
         import torch
 
-        from faceid.faces import NoFaceError, aligned_crop, smallest_face_percent
+        from faceid.faces import NoFaceError, aligned_crop
         from faceid.inference import Prepared
 
         photo = img if isinstance(img, Photo) else Photo(img)
         detector = detector or own
         faces = sorted(photo.faces(detector), key=lambda f: f.area, reverse=True)
-        if not faces and detector is not own:
-            w, h = photo.full_size
-            raise NoFaceError(
-                f"no face found in the {w}x{h} image, searching faces down to "
-                f"{smallest_face_percent(detector.spec):.1f}% of its longer side"
-            )
         if not faces:
-            try:
-                verifier.prepare_face(photo, True)  # its own message, with the detector's limits
-            except NoFaceError:
-                raise
-            raise NoFaceError("no face found in the image")
+            no_face = getattr(verifier, "no_face", None)  # the message, with the detector's limits
+            raise no_face(photo, detector.spec) if no_face else NoFaceError("no face found in the image")
         chosen = faces if all_faces else faces[:1]
         out = []
         side = max(CROP_SIZE, int(verifier.img_size))

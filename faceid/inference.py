@@ -29,6 +29,7 @@ from faceid.faces import (
     finer_spec,
     pick_face,
     shrink_for_detection,
+    smallest_face_percent,
 )
 from faceid.model import NECKS, EmbeddingNet
 from faceid.runtime import resolve_amp, resolve_device
@@ -81,12 +82,20 @@ class Pending:
     photo in a batch with one detector call (`Verifier.prepare_pending`) and keeps the result in
     `prepared`. The decoding thread has already shrunk the photo for detection (`small`, and
     `factor` back to the full-size photo's pixels), so the worker never resizes a large photo.
-    `field` names the upload in a NoFaceError."""
+    `field` names the upload in a NoFaceError; `detector`, where set, is a finer search than the
+    model's own (`Verifier.detector_for`)."""
 
-    __slots__ = ("photo", "small", "factor", "field", "prepared")
+    __slots__ = ("photo", "small", "factor", "field", "prepared", "detector")
 
-    def __init__(self, photo: Photo, small: Image.Image, factor: float, field: Optional[str] = None) -> None:
-        self.photo, self.small, self.factor, self.field = photo, small, factor, field
+    def __init__(
+        self,
+        photo: Photo,
+        small: Image.Image,
+        factor: float,
+        field: Optional[str] = None,
+        detector: Optional[FaceDetector] = None,
+    ) -> None:
+        self.photo, self.small, self.factor, self.field, self.detector = photo, small, factor, field, detector
         self.prepared: Optional[Prepared] = None
 
     @property
@@ -331,26 +340,35 @@ class Verifier:
         to be found, `open` otherwise."""
         return self.open_photo(source, **kwargs) if self.aligned and detect else self.open(source, **kwargs)
 
-    def prepare_face(self, img: Union[Image.Image, Photo], detect: bool = True) -> Prepared:
+    def prepare_face(
+        self, img: Union[Image.Image, Photo], detect: bool = True, detector: Optional[FaceDetector] = None
+    ) -> Prepared:
         """PIL image or Photo -> what `embed` takes for it, and the face it was made from. An aligned
-        model detects the faces and aligns the largest (NoFaceError when there is none); with
-        `detect` False the image is taken to be an aligned face crop already, and only resized. A
-        model trained without alignment resizes and centre-crops (`crop`)."""
+        model detects the faces (with `detector` where given: `detector_for`) and aligns the largest
+        (NoFaceError when there is none); with `detect` False the image is taken to be an aligned
+        face crop already, and only resized. A model trained without alignment resizes and
+        centre-crops (`crop`)."""
         if self.detector is None or not detect:
             image = img.at(1) if isinstance(img, Photo) else img
             return Prepared(to_uint8_tensor(image, self.img_size, self.crop))
         photo = img if isinstance(img, Photo) else Photo(img)
-        return self._aligned(photo, photo.faces(self.detector))
+        detector = detector or self.detector
+        return self._aligned(photo, photo.faces(detector), detector.spec)
 
-    def pending(self, img: Union[Image.Image, Photo], field: Optional[str] = None) -> Pending:
-        """A photo made ready for `prepare_pending` (shrunk for detection, as `detect` would)."""
+    def pending(
+        self, img: Union[Image.Image, Photo], field: Optional[str] = None, detector: Optional[FaceDetector] = None
+    ) -> Pending:
+        """A photo made ready for `prepare_pending` (shrunk for detection, as `detect` would), its
+        faces to be found by `detector` where given (`detector_for`), else by the model's own."""
         photo = img if isinstance(img, Photo) else Photo(img)
-        small, factor = shrink_for_detection(photo.image, self.preparation.detector.max_side)
-        return Pending(photo, small, factor * photo.scale, field)
+        spec = detector.spec if detector is not None else self.preparation.detector
+        small, factor = shrink_for_detection(photo.image, spec.max_side)
+        return Pending(photo, small, factor * photo.scale, field, detector)
 
     def prepare_pending(self, items: Sequence[Any]) -> list[Optional[ImageError]]:
         """Find the faces of every `Pending` photo among `items` with one detector call (batched,
-        on the model's device) and align each one's largest face into its `prepared`. Per item:
+        on the model's device; one per detector where some ask for a finer search) and align each
+        one's largest face into its `prepared`. Per item:
         None, or the ImageError (its `field` set) that fails only that photo: a NoFaceError for a
         photo without a face, or its finer decoding failing. Other items are left as they are."""
         todo = [(i, p) for i, p in enumerate(items) if isinstance(p, Pending) and p.prepared is None]
@@ -361,28 +379,42 @@ class Verifier:
             for _, p in todo:
                 p.prepared = Prepared(to_uint8_tensor(p.photo.at(1), self.img_size, self.crop))
             return errors
-        found = self.detector.detect([p.small for _, p in todo])
-        for (i, p), faces in zip(todo, found):
-            try:
-                p.prepared = self._aligned(p.photo, [f.scaled(p.factor) for f in faces])
-            except ImageError as e:  # NoFaceError, or a finer decoding (Photo.at) that failed
-                e.field = p.field
-                errors[i] = e
+        groups: dict[int, list[tuple[int, Pending]]] = {}
+        for i, p in todo:
+            groups.setdefault(id(p.detector or self.detector), []).append((i, p))
+        for group in groups.values():
+            detector = group[0][1].detector or self.detector
+            found = detector.detect([p.small for _, p in group])
+            for (i, p), faces in zip(group, found):
+                try:
+                    p.prepared = self._aligned(p.photo, [f.scaled(p.factor) for f in faces], detector.spec)
+                except ImageError as e:  # NoFaceError, or a finer decoding (Photo.at) that failed
+                    e.field = p.field
+                    errors[i] = e
         return errors
 
-    def _aligned(self, photo: Photo, faces: Sequence[Face]) -> Prepared:
-        """The largest of `faces` (found in `photo`, in its full-size pixels) aligned as this model's
-        training aligned them."""
+    def no_face(self, photo: Photo, spec: Optional[DetectorSpec] = None) -> NoFaceError:
+        """The error for `photo`, in which a detector of `spec` (default: the model's own) found no
+        face: what to send instead."""
+        w, h = photo.full_size
+        if spec is not None and spec != self.preparation.detector:
+            return NoFaceError(
+                f"no face found in the {w}x{h} image, searching faces down to "
+                f"{smallest_face_percent(spec):.1f}% of its longer side"
+            )
+        return NoFaceError(
+            f"no face found in the {w}x{h} image; send a photo where a face is visible and "
+            f"at least {smallest_face_percent(self.preparation.detector):.0f}% of the photo's longer side "
+            "across (in a group photo, crop around the person or look for smaller faces with "
+            "min_face), or, if it is already an aligned face crop, set detect=false"
+        )
+
+    def _aligned(self, photo: Photo, faces: Sequence[Face], spec: Optional[DetectorSpec] = None) -> Prepared:
+        """The largest of `faces` (found in `photo`, in its full-size pixels, by a detector of
+        `spec`, by default the model's) aligned as this model's training aligned them."""
         face = pick_face(faces)
         if face is None:
-            w, h = photo.full_size
-            spec = self.preparation.detector
-            raise NoFaceError(
-                f"no face found in the {w}x{h} image; send a photo where a face is visible and "
-                f"at least {100 * spec.min_face / spec.max_side:.0f}% of the photo's longer side "
-                "across (crop a group photo around the person), or, if it is already an aligned "
-                "face crop, set detect=false"
-            )
+            raise self.no_face(photo, spec)
         prep = self.preparation
         crop = aligned_crop(photo, face, self.img_size, self.crop, prep.reduced_decode)
         return Prepared(torch.from_numpy(crop), face, len(faces))

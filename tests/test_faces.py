@@ -7,6 +7,7 @@ cluttered background (faceid.scenes), with scenes of no face and of two faces.""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -547,6 +548,31 @@ def test_a_faces_record_without_reduced_decode_aligns_from_the_full_size_photo(t
     prepared = v.prepare_face(photo)
     assert prepared.face is not None
     assert torch.equal(prepared.tensor, torch.from_numpy(decode_image(big, 32, 1.0, prepared.face)))
+
+
+def test_the_cli_finds_a_small_face_with_min_face(tmp_path_factory, capsys):
+    """faceid verify and embed: a face about 2.5% of a wide photo's longer side is not found by
+    the model's own detection (one line naming --min_face), and is with --min_face 2, where it is;
+    a --min_face under the detector's reach is one line too."""
+    from faceid.cli import main
+    from faceid.scenes import background
+
+    run = tiny_aligned_run(tmp_path_factory)
+    folder = tmp_path_factory.mktemp("small_face")
+    person = Image.open(_faces(1)[0]).convert("RGB")
+    wide = background((2400, 1200), np.random.default_rng(4))
+    wide.paste(person.resize((110, 110)), (1500, 600))
+    wide.save(folder / "wide.jpg", quality=92)
+    person.save(folder / "crop.jpg", quality=92)
+    flags = ["--checkpoint", str(run.best), "--device", "cpu"]
+    assert main(["verify", str(folder / "wide.jpg"), str(folder / "crop.jpg"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "wide.jpg" in err and "no face found" in err and "with --min_face" in err
+    assert main(["embed", str(folder / "wide.jpg"), *flags, "--min_face", "2"]) == 0
+    x1, y1, x2, y2 = json.loads(capsys.readouterr().out)["face"]["box"]
+    assert 1500 < (x1 + x2) / 2 < 1610 and 600 < (y1 + y2) / 2 < 710
+    assert main(["verify", str(folder / "wide.jpg"), str(folder / "crop.jpg"), *flags, "--min_face", "1"]) == 2
+    assert "--min_face 1: give a percent from 2 to 100" in capsys.readouterr().err
 
 
 def test_resume_refuses_another_alignment(tmp_path_factory, tmp_path):

@@ -37,7 +37,7 @@ from app.gallery_schemas import (
 from app.model_manager import ModelManager
 from app.model_schemas import FaceOut
 from app.paths import FieldError
-from app.routes.inference import IMAGE_ERRORS, parse_detect
+from app.routes.inference import IMAGE_ERRORS, parse_detect, parse_min_face
 from app.routes.jobs import UNAUTHORIZED, error
 from app.schemas import iso
 from app.settings import Settings
@@ -241,16 +241,17 @@ async def enroll(
     parts = await read_form(
         request,
         files=set(),
-        fields={"detect"},
+        fields={"detect", "min_face"},
         repeated={"images": MAX_ENROLL_IMAGES},
         required={"images"},
         max_file_bytes=settings.max_upload_bytes,
     )
     detect = parse_detect(parts)
+    min_face = parse_min_face(parts, served)
     uploads = parts["images"]
     found = await asyncio.gather(
         *(
-            galleries.decode(served, bytes(p.data), f"images[{i}]", detect, False, p.filename)
+            galleries.decode(served, bytes(p.data), f"images[{i}]", detect, False, p.filename, min_face)
             for i, p in enumerate(uploads)
         )
     )

@@ -5,7 +5,6 @@ The gallery routes and their helpers are app/routes/galleries.py, the schemas ap
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -27,10 +26,9 @@ from app.model_manager import ModelManager
 from app.model_schemas import FaceOut
 from app.paths import FieldError
 from app.routes.galleries import call, get_galleries
-from app.routes.inference import IMAGE_ERRORS, parse_detect, parse_threshold, resolve_threshold
+from app.routes.inference import IMAGE_ERRORS, parse_detect, parse_min_face, parse_threshold, resolve_threshold
 from app.settings import Settings
 from app.uploads import read_form
-from faceid.faces import DetectorSpec, least_min_face
 from faceid.gallery import RULE, normalize_rows
 
 router = APIRouter(tags=["galleries"])
@@ -51,26 +49,6 @@ def parse_k(raw: Optional[str]) -> int:
     if not 1 <= k <= MAX_K:
         raise FieldError("k", f"{raw[:20]!r} is not a whole number from 1 to {MAX_K} (how many people to list)")
     return k
-
-
-def parse_min_face(raw: Optional[str], served: Any) -> Optional[float]:
-    """The `min_face` field: a percent of the photo's longer side, from the least the served
-    model's detector reaches (faceid.faces.least_min_face) to 100."""
-    if raw is None or raw == "":
-        return None
-    prep = getattr(served.verifier, "preparation", None)
-    least = least_min_face(prep.detector if prep is not None and prep.aligned else DetectorSpec())
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not least <= value <= 100:
-        raise FieldError(
-            "min_face",
-            f"{raw[:20]!r} is not a number from {least:g} to 100 (the smallest face to find, in "
-            "percent of the photo's longer side)",
-        )
-    return value
 
 
 def parse_faces(raw: Optional[str]) -> bool:
@@ -135,7 +113,7 @@ async def identify(
     k = parse_k(_form_text(parts, "k"))
     all_faces = parse_faces(_form_text(parts, "faces"))
     detect = parse_detect(parts)
-    min_face = parse_min_face(_form_text(parts, "min_face"), served)
+    min_face = parse_min_face(parts, served)
     bound, _ = await call(galleries.store.meta, gallery)
     if bound is not None and bound != served.id:
         await reembedding(galleries, gallery)
@@ -147,7 +125,6 @@ async def identify(
         all_faces,
         parts["image"].filename,
         min_face=min_face,
-        offer_min_face=True,
     )
     timing.since("decode", t)
     vectors = normalize_rows(await models.embed(served, [f.prepared for f in inputs], timing))

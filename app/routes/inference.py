@@ -18,6 +18,7 @@ from app.routes.jobs import UNAUTHORIZED, Responses, error
 from app.settings import Settings
 from app.uploads import read_form
 from faceid.errors import ConfigError
+from faceid.faces import DetectorSpec, least_min_face
 from faceid.images import ACCEPTED_FORMATS
 
 router = APIRouter(tags=["inference"])
@@ -108,6 +109,38 @@ def parse_detect(parts: dict[str, Any]) -> bool:
     )
 
 
+MIN_FACE = {
+    "type": "number",
+    "minimum": 2,
+    "maximum": 100,
+    "description": "find faces down to this percent of the photo's longer side (default: the model's "
+    "own, about 8): smaller finds a small face in a large photo, or the faces of a group photo, at "
+    "more cost. For a model trained on aligned faces; 2 is the least with the default detector",
+}
+
+
+def parse_min_face(parts: dict[str, Any], served: Any) -> Optional[float]:
+    """The `min_face` form field: a percent of the photo's longer side, from the least the served
+    model's detector reaches (faceid.faces.least_min_face) to 100; empty: the model's own."""
+    raw = parts.get("min_face")
+    value = raw.data.decode("utf-8", errors="replace").strip() if raw is not None else ""
+    if not value:
+        return None
+    prep = getattr(served.verifier, "preparation", None)
+    least = least_min_face(prep.detector if prep is not None and prep.aligned else DetectorSpec())
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not least <= number <= 100:
+        raise FieldError(
+            "min_face",
+            f"{value[:20]!r} is not a number from {least:g} to 100 (the smallest face to find, in "
+            "percent of the photo's longer side)",
+        )
+    return number
+
+
 def face_of(image: Any) -> Optional[FaceOut]:
     """The detected face a prepared upload was made from (None without detection)."""
     face_json = getattr(image, "face_json", None)
@@ -132,7 +165,7 @@ def resolve_threshold(served: Any, threshold: Union[None, str, float]) -> None:
     "/embed",
     response_model=EmbedOut,
     summary="Embed one face image",
-    openapi_extra=_multipart({"image": _IMAGE, "detect": _DETECT}, ["image"]),
+    openapi_extra=_multipart({"image": _IMAGE, "detect": _DETECT, "min_face": MIN_FACE}, ["image"]),
     responses=IMAGE_ERRORS,
 )
 async def embed(
@@ -141,18 +174,23 @@ async def embed(
     settings: Settings = Depends(get_settings),
     models: ModelManager = Depends(get_models),
 ) -> EmbedOut:
-    """multipart field `image`, optional `detect`. Returns its unit-norm embedding from the served
+    """multipart field `image`, optional `detect`, `min_face`. Returns its unit-norm embedding from the served
     model and, for a model trained on aligned faces, the face it found and embedded (the largest;
     a 422 naming the field when there is none). The `Server-Timing` header says where the
     request's time went (milliseconds)."""
     timing = Timing()
     served = models.require()  # 503 before reading an upload we could not use
     parts = await read_form(
-        request, files={"image"}, fields={"detect"}, required={"image"}, max_file_bytes=settings.max_upload_bytes
+        request,
+        files={"image"},
+        fields={"detect", "min_face"},
+        required={"image"},
+        max_file_bytes=settings.max_upload_bytes,
     )
     t = timing.since("read", timing.start)
     detect = parse_detect(parts)
-    image = await models.decode(bytes(parts["image"].data), "image", served, detect)
+    min_face = parse_min_face(parts, served)
+    image = await models.decode(bytes(parts["image"].data), "image", served, detect, min_face)
     timing.since("decode", t)
     vectors = await models.embed(served, [image], timing)
     vector = vectors[0].tolist()  # Python floats, as float(x) for each
@@ -172,6 +210,7 @@ async def embed(
                 "description": "1 to FACEID_BATCH_MAX_SIZE (16) files, each in a field named images",
             },
             "detect": _DETECT,
+            "min_face": MIN_FACE,
         },
         ["images"],
     ),
@@ -194,15 +233,16 @@ async def embed_batch(
     parts = await read_form(
         request,
         files=set(),
-        fields={"detect"},
+        fields={"detect", "min_face"},
         repeated={"images": settings.batch_max_size},
         required={"images"},
         max_file_bytes=settings.max_upload_bytes,
     )
     t = timing.since("read", timing.start)
     detect = parse_detect(parts)
+    min_face = parse_min_face(parts, served)
     images = await asyncio.gather(
-        *(models.decode(bytes(p.data), f"images[{i}]", served, detect) for i, p in enumerate(parts["images"]))
+        *(models.decode(bytes(p.data), f"images[{i}]", served, detect, min_face) for i, p in enumerate(parts["images"]))
     )
     timing.since("decode", t)
     vectors = await models.embed(served, images, timing)
@@ -232,6 +272,7 @@ async def embed_batch(
                 "GET /model lists the model's named thresholds",
             },
             "detect": _DETECT,
+            "min_face": MIN_FACE,
         },
         ["image1", "image2"],
     ),
@@ -243,7 +284,7 @@ async def verify(
     settings: Settings = Depends(get_settings),
     models: ModelManager = Depends(get_models),
 ) -> VerifyOut:
-    """multipart fields `image1`, `image2`, optional `threshold` and `detect`. `match` is
+    """multipart fields `image1`, `image2`, optional `threshold`, `detect` and `min_face`. `match` is
     `similarity >= threshold`, the cosine similarity of the two embeddings; `face1` and `face2`
     are the faces compared (an image without a face is a 422 naming it). The `Server-Timing`
     header says where the request's time went (milliseconds)."""
@@ -252,7 +293,7 @@ async def verify(
     parts = await read_form(
         request,
         files={"image1", "image2"},
-        fields={"threshold", "detect"},
+        fields={"threshold", "detect", "min_face"},
         required={"image1", "image2"},
         max_file_bytes=settings.max_upload_bytes,
     )
@@ -261,9 +302,10 @@ async def verify(
     threshold = parse_threshold(raw.data.decode("utf-8", errors="replace") if raw else None)
     resolve_threshold(served, threshold)
     detect = parse_detect(parts)
+    min_face = parse_min_face(parts, served)
     img1, img2 = await asyncio.gather(
-        models.decode(bytes(parts["image1"].data), "image1", served, detect),
-        models.decode(bytes(parts["image2"].data), "image2", served, detect),
+        models.decode(bytes(parts["image1"].data), "image1", served, detect, min_face),
+        models.decode(bytes(parts["image2"].data), "image2", served, detect, min_face),
     )
     timing.since("decode", t)
     vectors = await models.embed(served, [img1, img2], timing)

@@ -63,7 +63,7 @@ async def test_every_route_documented_with_an_example(make_app):
     body = schema["paths"]["/jobs"]["post"]["requestBody"]["content"]["application/json"]
     assert "cpu-small" in body["examples"]
     verify = schema["paths"]["/verify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert set(verify["properties"]) == {"image1", "image2", "threshold", "detect"}
+    assert set(verify["properties"]) == {"image1", "image2", "threshold", "detect", "min_face"}
     assert set(verify["required"]) == {"image1", "image2"}
     for code in ("413", "415", "422", "503"):
         assert code in schema["paths"]["/verify"]["post"]["responses"]
