@@ -509,6 +509,21 @@ def test_pending_photos_are_detected_together_and_only_the_faceless_one_fails(tm
         errors = v.prepare_pending(items)
     assert errors[0] is None and items[0].prepared is not None
     assert isinstance(errors[1], ImageError) and errors[1].field == "image2" and items[1].prepared is None
+    # a finer search (min_face) beside the model's own in one batch: each photo is detected by its
+    # own detector, the small face found only by the finer one, as a lone request finds it
+    from faceid.scenes import background
+
+    wide = background((2400, 1200), rng)
+    wide.paste(b.convert("RGB").resize((110, 110)), (1500, 600))
+    finer = v.detector_for(2)
+    assert finer is not v.detector and finer.spec.max_side == 2000 and v.detector_for(None) is v.detector
+    items = [v.pending(a, "image1"), v.pending(wide, "image2", finer), v.pending(wide, "image3")]
+    errors = v.prepare_pending(items)
+    assert errors[0] is None and errors[1] is None and isinstance(errors[2], NoFaceError)
+    assert "down to" not in str(errors[2]) and "min_face" in str(errors[2])
+    assert items[1].face_json() == v.prepare_face(wide, True, finer).face_json()
+    with pytest.raises(NoFaceError, match="down to 2.0% of its longer side"):
+        v.prepare_face(background((2400, 1200), rng), True, finer)
 
 
 def test_checkpoints_without_a_faces_record_are_served_unaligned(tmp_path_factory):
