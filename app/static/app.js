@@ -433,6 +433,10 @@ async function galleryPanel(name) {
     } catch (err) { say(err.message); }
   });
   const probe = h("input", { type: "file", name: "image", accept: "image/*" });
+  // smaller faces than the model's own detection finds (a group photo), at more cost: min_face
+  const minFace = h("select", { name: "min_face" }, [["", "faces the model finds (about 8% of the photo)"],
+    ["4", "faces down to 4% of the photo"], ["2", "faces down to 2% (group photos, slower)"]]
+    .map(([v, t]) => h("option", { value: v }, t)));
   const canvas = h("canvas", { width: 0, height: 0 });
   const answer = h("div", { id: "identify-result" });
   const identify = h("button", { id: "identify" }, "Who is this?");
@@ -440,6 +444,7 @@ async function galleryPanel(name) {
     if (!probe.files[0]) { say("pick a photo first"); return; }
     const body = new FormData();
     body.append("image", probe.files[0]);
+    if (minFace.value) body.append("min_face", minFace.value);
     try {
       const r = await api("POST", `${path}/identify`, body);
       say("");
@@ -462,7 +467,7 @@ async function galleryPanel(name) {
       people.map((p) => h("tr", {}, h("td", {}, p.name), h("td", { class: "num" }, p.faces),
         h("td", {}, h("button", { class: "plain", onclick: remove(p.name) }, "Delete"))))),
     h("h2", {}, "Enroll"), enroll,
-    h("h2", {}, "Identify"), h("div", { class: "row" }, probe, identify), answer, h("div", { class: "photo" }, canvas)];
+    h("h2", {}, "Identify"), h("div", { class: "row" }, probe, minFace, identify), answer, h("div", { class: "photo" }, canvas)];
 }
 
 // --- routing ---------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from real_server import REPO, real_server
 
@@ -224,6 +226,27 @@ def test_train_watch_and_verify_in_the_browser(browser, tmp_path):
             lambda d: int(d.find_element(By.CSS_SELECTOR, ".photo canvas").get_attribute("width")) > 0,
         )
         _shot(browser, "galleries")
+        # a group photo, the two people small in it: their faces are found when asked for
+        from PIL import Image
+
+        from faceid.scenes import background
+
+        group = background((2400, 1200), np.random.default_rng(4))
+        for who, x in zip(people, (500, 1700)):
+            group.paste(Image.open(sorted(who.glob("*.jpg"))[2]).convert("RGB").resize((110, 110)), (x, 450))
+        group.save(tmp_path / "group.jpg", quality=92)
+        from selenium.webdriver.support.ui import Select
+
+        Select(browser.find_element(By.NAME, "min_face")).select_by_value("2")
+        browser.find_element(By.NAME, "image").send_keys(str(tmp_path / "group.jpg"))
+        browser.find_element(By.ID, "identify").click()
+        found = _wait(
+            browser,
+            60,
+            "the group photo's faces",
+            lambda d: re.search(r"· ([2-9]) face\(s\)", d.find_element(By.ID, "identify-result").text),
+        )
+        assert int(found.group(1)) >= 2
 
         browser.get(base + "/#/models")
         _wait(browser, 20, "the models page", lambda d: d.find_element(By.ID, "served-id"))
