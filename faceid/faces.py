@@ -136,6 +136,7 @@ class DetectorSpec:
 # side, which finds faces down to 2% of it with the default min_face (docs/GALLERIES.md says what
 # it costs).
 MAX_DETECT_SIDE = 2000
+DETECT_SIDE_STEP = 160  # finer_spec's sides: 640, 800, ..., 1920 and 2000
 
 
 def smallest_face_percent(spec: DetectorSpec) -> float:
@@ -153,11 +154,16 @@ def finer_spec(spec: DetectorSpec, percent: Optional[float]) -> DetectorSpec:
     """`spec` finding faces down to `percent` of a photo's longer side (a face in a group photo):
     the photo shrunk less for detection, to at most MAX_DETECT_SIDE. None, or a size `spec` finds
     already, gives `spec` itself. The faces found are aligned exactly as `spec`'s are (from the
-    photo's own pixels), so a model is served with it as it was trained."""
+    photo's own pixels), so a model is served with it as it was trained. The side is rounded up to
+    a multiple of DETECT_SIDE_STEP, so requests share a few detectors (each is built once and
+    kept) whatever percents they send."""
     if percent is None:
         return spec
     side = math.ceil(100 * spec.min_face / percent)
-    return replace(spec, max_side=min(MAX_DETECT_SIDE, side)) if side > spec.max_side else spec
+    if side <= spec.max_side:
+        return spec
+    side = -(-side // DETECT_SIDE_STEP) * DETECT_SIDE_STEP
+    return replace(spec, max_side=min(MAX_DETECT_SIDE, side))
 
 
 class FaceDetector(Protocol):

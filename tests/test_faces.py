@@ -316,6 +316,20 @@ def test_the_face_cache_detects_each_file_once_and_again_only_when_it_changes(tm
     assert FaceCache(other, cache_dir).path != FaceCache(spec, cache_dir).path
 
 
+def test_finer_searches_share_a_few_detection_sizes():
+    """min_face asks for a percent of the photo; the detection side it gives is rounded up to one
+    of a few sizes, so that no run of odd percents builds a detector for each (each is kept)."""
+    from faceid.faces import finer_spec, least_min_face
+
+    spec = DetectorSpec()
+    assert finer_spec(spec, None) is spec and finer_spec(spec, 10) is spec and finer_spec(spec, 8.4) is spec
+    assert finer_spec(spec, 2).max_side == 2000 and finer_spec(spec, 3).max_side == 1440
+    sides = {finer_spec(spec, p).max_side for p in np.linspace(2, 8.3, 2000)}
+    assert sides == {640, 800, 960, 1120, 1280, 1440, 1600, 1760, 1920, 2000}
+    assert all(finer_spec(spec, p).min_face == spec.min_face for p in (2, 5))
+    assert least_min_face(spec) == 2.0
+
+
 def test_a_folder_of_heic_photos_is_scanned_and_its_faces_found_upright(tmp_path, detector):
     """iPhone photos (HEIC), one stored sideways with its rotation in the file: a training folder
     lists them, the face cache finds their faces in the upright photos' pixels, where the server's
