@@ -18,7 +18,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -131,15 +131,21 @@ def _png(img: Any) -> bytes:
 
 
 def prepare_faces(
-    verifier: Any, img: Any, detect: bool = True, all_faces: bool = False, detector: Any = None
+    verifier: Any,
+    img: Any,
+    detect: bool = True,
+    all_faces: bool = False,
+    detector: Any = None,
+    found: Optional[Sequence[Any]] = None,
 ) -> list[FaceInput]:
     """The faces of a decoded photo (PIL RGB, or a faceid.faces.Photo from `Verifier.read`) as
     `verifier` embeds them, largest first: every
     face (`all_faces`) or only the largest. A model trained on aligned faces detects them (raises
     faceid.faces.NoFaceError when there is none), with `detector` where given (a finer search,
-    `Verifier.detector_for`), else its own; with `detect` False, or for a model without
-    alignment, the photo is the one face. A verifier without `prepare_face` (a test double) embeds
-    the image as it is."""
+    `Verifier.detector_for`), else its own, unless `found` holds them already (`detector`'s faces of
+    the photo, in its full-size pixels: `detect_photos`); with `detect` False, or for a model
+    without alignment, the photo is the one face. A verifier without `prepare_face` (a test double)
+    embeds the image as it is."""
     from PIL import Image
 
     from faceid.faces import Photo
@@ -153,7 +159,7 @@ def prepare_faces(
 
         photo = img if isinstance(img, Photo) else Photo(img)
         detector = detector or own
-        faces = sorted(photo.faces(detector), key=lambda f: f.area, reverse=True)
+        faces = sorted(photo.faces(detector) if found is None else found, key=lambda f: f.area, reverse=True)
         if not faces:
             no_face = getattr(verifier, "no_face", None)  # the message, with the detector's limits
             raise no_face(photo, detector.spec) if no_face else NoFaceError("no face found in the image")
@@ -182,6 +188,13 @@ def prepare_faces(
             thumb = img.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
         return [FaceInput(prepared, _png(thumb), kind, None)]
     return [FaceInput(img, _png(thumb), "image", None)]
+
+
+def detect_photos(detector: Any, photos: Sequence[Any]) -> list[list[Any]]:
+    """The faces of each of `photos` (faceid.faces.Photo), in its full-size pixels, found with one
+    `detector` call for all of them (what `Photo.faces` finds for each alone, up to the nets'
+    arithmetic in another batch): for `prepare_faces(..., found=...)`."""
+    return [[f.scaled(p.scale) for f in faces] for p, faces in zip(photos, detector.detect([p.image for p in photos]))]
 
 
 def crop_input(verifier: Any, crop: bytes, kind: str) -> Any:

@@ -387,3 +387,38 @@ def test_every_face_of_a_two_person_photo_is_identified(aligned_ckpt: Path):
 
     with pytest.raises(NoFaceError):
         prepare_faces(v, Image.new("RGB", (200, 200), (128, 128, 128)))
+
+
+def test_enrolment_detects_a_folder_in_groups_and_skips_each_bad_photo_alone(
+    aligned_ckpt: Path, tmp_path: Path, capsys
+):
+    """faceid gallery enroll finds the faces of a person's photos in groups (one detector call for
+    several): each enrolled face is the one that photo gives alone, and a photo without a face or
+    not an image, among good ones, is skipped and named, alone."""
+    from core_fixtures import SAMPLE_TRAIN
+
+    from faceid.cli import main
+    from faceid.cli_gallery import DETECT_CHUNK, _faces
+    from faceid.gallery_store import GalleryStore
+    from faceid.inference import Verifier
+
+    folder = tmp_path / "people" / "Someone"
+    folder.mkdir(parents=True)
+    good = sorted(SAMPLE_TRAIN.glob("*/*.jpg"))[: DETECT_CHUNK + 1]  # two groups
+    for p in good:
+        shutil.copy(p, folder / p.name)
+    Image.new("RGB", (200, 200), (120, 120, 120)).save(folder / "0000a_wall.jpg")
+    (folder / "0000b_bad.jpg").write_bytes(b"not a photo")
+    models = tmp_path / "models"
+    flags = ["--gallery", "g", "--checkpoint", str(aligned_ckpt), "--models_dir", str(models), "--device", "cpu"]
+    assert main(["gallery", "enroll", str(tmp_path / "people"), *flags]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    assert (out["enrolled_faces"], out["skipped_images"]) == (len(good), 2), out
+    assert "0000a_wall.jpg" in captured.err and "no face found" in captured.err and "0000b_bad.jpg" in captured.err
+    v = Verifier.from_checkpoint(aligned_ckpt, device="cpu")
+    store = GalleryStore(models / "galleries.db")
+    stored = {f["source"].split("/")[-1]: f["face"] for f in store.person("g", "Someone")["faces"]}
+    for p in good:
+        alone = _faces(v, folder / p.name, True, False, v.detector)[0].face
+        assert np.allclose(stored[p.name]["landmarks"], alone["landmarks"], atol=0.05), p.name
