@@ -152,7 +152,7 @@ class GalleryService:
             try:
                 if detect and getattr(verifier, "detector", None) is not None:  # as its training read photos
                     detector = verifier.detector_for(min_face)
-                    img = verifier.open_photo(data, spec=detector.spec, max_pixels=max_pixels, name=name)
+                    img = verifier.read(data, True, detector, max_pixels=max_pixels, name=name)
                     return prepare_faces(verifier, img, detect, all_faces, detector)
                 img = open_upload(data, max_pixels=max_pixels, name=name, reduce_to=side)
                 return prepare_faces(verifier, img, detect, all_faces)

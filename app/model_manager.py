@@ -394,9 +394,8 @@ class ModelManager:
         def work() -> Any:
             try:
                 if pending is not None and detect:  # decoded as its training data was (Verifier.open_photo)
-                    detector = verifier.detector_for(min_face) if min_face is not None else None
-                    spec = detector.spec if detector is not None else None
-                    photo = verifier.open_photo(data, spec=spec, max_pixels=self.settings.max_pixels, name=name)
+                    detector = verifier.detector_for(min_face)
+                    photo = verifier.read(data, True, detector, max_pixels=self.settings.max_pixels, name=name)
                     w, h = photo.image.size  # as held while it waits
                     if w * h <= BATCHED_DETECTION_MAX_PIXELS:
                         return pending(photo, name, detector)

@@ -24,6 +24,7 @@ import numpy as np
 
 from faceid.cli_common import add_min_face, detector_for, no_face_for_cli
 from faceid.errors import ConfigError, ImageError
+from faceid.faces import Photo
 from faceid.gallery import (
     RULE,
     BadInput,
@@ -31,7 +32,6 @@ from faceid.gallery import (
     check_gallery_name,
     check_person_name,
     checkpoint_model_id,
-    detect_photos,
     normalize_rows,
     prepare_faces,
 )
@@ -75,9 +75,7 @@ def _verifier(args: argparse.Namespace):
 
 def _faces(v: Any, path: Path, detect: bool, all_faces: bool, detector: Any = None):
     try:
-        if detect and detector is not None:
-            return prepare_faces(v, v.open_photo(str(path), spec=detector.spec), True, all_faces, detector)
-        return prepare_faces(v, v.read(str(path), detect), detect, all_faces)
+        return prepare_faces(v, v.read(str(path), detect, detector), detect, all_faces, detector)
     except ImageError as e:
         raise ImageError(no_face_for_cli(f"{path}: {e}")) from None
 
@@ -96,11 +94,11 @@ def _largest_faces(v: Any, paths: list[Path], detect: bool, detector: Any) -> li
     photos: list[Any] = []
     for path in paths:
         try:
-            photos.append(v.open_photo(str(path), spec=detector.spec))
+            photos.append(v.read(str(path), True, detector))
         except ImageError as e:
             photos.append(ImageError(f"{path}: {e}"))
     readable = [p for p in photos if not isinstance(p, ImageError)]
-    found = iter(detect_photos(detector, readable) if readable else [])
+    found = iter(Photo.faces_of(detector, readable))
     out = []
     for path, photo in zip(paths, photos):
         if isinstance(photo, ImageError):

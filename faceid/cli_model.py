@@ -166,9 +166,7 @@ def _prepared(v, path: str, detect: bool, detector=None):
     from faceid.faces import NoFaceError
 
     try:
-        if detect and detector is not None:
-            return v.prepare_face(v.open_photo(path, spec=detector.spec), True, detector)
-        return v.prepare_face(v.read(path, detect), detect)
+        return v.prepare_face(v.read(path, detect, detector), detect, detector)
     except NoFaceError as e:
         raise NoFaceError(no_face_for_cli(f"{path}: {e}")) from None
 

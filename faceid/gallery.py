@@ -143,7 +143,7 @@ def prepare_faces(
     face (`all_faces`) or only the largest. A model trained on aligned faces detects them (raises
     faceid.faces.NoFaceError when there is none), with `detector` where given (a finer search,
     `Verifier.detector_for`), else its own, unless `found` holds them already (`detector`'s faces of
-    the photo, in its full-size pixels: `detect_photos`); with `detect` False, or for a model
+    the photo, in its full-size pixels: `Photo.faces_of`); with `detect` False, or for a model
     without alignment, the photo is the one face. A verifier without `prepare_face` (a test double)
     embeds the image as it is."""
     from PIL import Image
@@ -188,13 +188,6 @@ def prepare_faces(
             thumb = img.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
         return [FaceInput(prepared, _png(thumb), kind, None)]
     return [FaceInput(img, _png(thumb), "image", None)]
-
-
-def detect_photos(detector: Any, photos: Sequence[Any]) -> list[list[Any]]:
-    """The faces of each of `photos` (faceid.faces.Photo), in its full-size pixels, found with one
-    `detector` call for all of them (what `Photo.faces` finds for each alone, up to the nets'
-    arithmetic in another batch): for `prepare_faces(..., found=...)`."""
-    return [[f.scaled(p.scale) for f in faces] for p, faces in zip(photos, detector.detect([p.image for p in photos]))]
 
 
 def crop_input(verifier: Any, crop: bytes, kind: str) -> Any:

@@ -329,16 +329,20 @@ class Verifier:
     def detector_for(self, smallest_percent: Optional[float]) -> Optional[FaceDetector]:
         """The detector that finds faces down to `smallest_percent` of a photo's longer side
         (faceid.faces.finer_spec; None: the model's own), on the model's device; None for a model
-        without alignment. Open the photo with `open_photo(..., spec=detector.spec)`."""
+        without alignment. Open the photo with `read(..., detector=detector)`."""
         if self.detector is None:
             return None
         spec = finer_spec(self.preparation.detector, smallest_percent)
         return self.detector if spec == self.detector.spec else build_detector(spec, self.device)
 
-    def read(self, source: Any, detect: bool = True, **kwargs: Any) -> Union[Image.Image, Photo]:
-        """What `prepare_face(..., detect)` takes for a file or upload: `open_photo` where a face is
-        to be found, `open` otherwise."""
-        return self.open_photo(source, **kwargs) if self.aligned and detect else self.open(source, **kwargs)
+    def read(
+        self, source: Any, detect: bool = True, detector: Optional[FaceDetector] = None, **kwargs: Any
+    ) -> Union[Image.Image, Photo]:
+        """What `prepare_face(..., detect, detector)` takes for a file or upload: `open_photo` (for
+        `detector`'s spec where given) where a face is to be found, `open` otherwise."""
+        if self.aligned and detect:
+            return self.open_photo(source, spec=detector.spec if detector is not None else None, **kwargs)
+        return self.open(source, **kwargs)
 
     def prepare_face(
         self, img: Union[Image.Image, Photo], detect: bool = True, detector: Optional[FaceDetector] = None

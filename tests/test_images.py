@@ -188,14 +188,18 @@ def test_to_rgb_wide_grey_modes(dtype):
 # --- EXIF orientation -------------------------------------------------------------------------
 
 
-def test_exif_orientation_is_applied():
-    # 40 wide x 20 high, left half red, right half blue. Orientation 6 = "rotate 90 degrees
-    # clockwise to display": the left edge becomes the top edge.
+def sideways(fmt: str, quality: int) -> bytes:
+    """40 wide x 20 high, left half red, right half blue, with EXIF orientation 6 ("rotate 90
+    degrees clockwise to display": the left edge becomes the top edge)."""
     src = Image.new("RGB", (40, 20), (0, 0, 255))
     src.paste((255, 0, 0), (0, 0, 20, 20))
     exif = Image.Exif()
     exif[0x0112] = 6
-    out = open_image(encode(src, "JPEG", quality=95, exif=exif.tobytes()))
+    return encode(src, fmt, quality=quality, exif=exif.tobytes())
+
+
+def test_exif_orientation_is_applied():
+    out = open_image(sideways("JPEG", 95))
     assert out.size == (20, 40)
     assert close(out.getpixel((10, 5)), (255, 0, 0), tol=10)
     assert close(out.getpixel((10, 35)), (0, 0, 255), tol=10)
@@ -364,11 +368,7 @@ def test_a_cut_heic_is_refused_as_corrupt():
 
 @pytest.mark.skipif(not features.check("avif"), reason="Pillow built without AVIF")
 def test_avif_opens_upright_and_an_animated_one_is_refused():
-    src = Image.new("RGB", (40, 20), (0, 0, 255))
-    src.paste((255, 0, 0), (0, 0, 20, 20))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    out = open_image(encode(src, "AVIF", quality=90, exif=exif.tobytes()))
+    out = open_image(sideways("AVIF", 90))
     assert out.mode == "RGB" and out.size == (20, 40)
     assert close(out.getpixel((10, 5)), (255, 0, 0), tol=30)
     assert close(out.getpixel((10, 35)), (0, 0, 255), tol=30)
