@@ -13,7 +13,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -24,6 +24,19 @@ class Placed:
     center: tuple[float, float]  # where the crop's centre went, in scene pixels
     side: float  # the crop's side after scaling, in scene pixels
     angle: float  # degrees, counter-clockwise as Pillow's rotate
+
+    def to_scene(self, points: Any, crop_size: tuple[int, int]) -> np.ndarray:
+        """Points [N, 2] in the pixels of the face crop that was pasted (its size `crop_size`,
+        width and height), where they went in the scene: scaled, turned and moved as the crop was.
+        Pixel centres are at whole coordinates, as a detector's landmarks are."""
+        side = max(8, round(self.side))  # the crop's side as make_scene resized it
+        scale = side / np.asarray(crop_size, dtype=np.float64)
+        p = (np.asarray(points, dtype=np.float64).reshape(-1, 2) + 0.5) * scale - side / 2
+        a = math.radians(self.angle)
+        cos, sin = math.cos(a), math.sin(a)
+        # Pillow turns the crop about its centre, counter-clockwise as seen (y points down)
+        turned = np.stack([cos * p[:, 0] + sin * p[:, 1], -sin * p[:, 0] + cos * p[:, 1]], axis=1)
+        return turned + np.asarray(self.center, dtype=np.float64) - 0.5
 
 
 def background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:

@@ -99,6 +99,30 @@ def test_a_scene_without_a_face_has_none_and_a_scene_with_two_has_both(detector)
         assert min(math.dist(c, p.center) for c in centres) < 0.2 * p.side
 
 
+def test_a_scene_says_where_each_point_of_the_pasted_crop_went():
+    """Placed.to_scene follows the crop's scaling, turn and paste: four coloured squares of a crop
+    are found in the scene where it says, at every angle (a turn left out would miss them)."""
+    colours = {(25, 25): (255, 0, 0), (75, 25): (0, 255, 0), (25, 75): (0, 0, 255), (75, 75): (255, 255, 0)}
+    crop = np.full((100, 100, 3), 128, dtype=np.uint8)
+    for (x, y), c in colours.items():
+        crop[y - 8 : y + 8, x - 8 : x + 8] = c
+    rng = np.random.default_rng(4)
+    angles = []
+    for _ in range(6):
+        scene, (placed,) = make_scene([Image.fromarray(crop)], rng, size=(600, 400), side_range=(0.5, 0.5))
+        pixels = np.asarray(scene, dtype=np.int64)
+        where = placed.to_scene(list(colours), (100, 100))
+        for (x, y), c in zip(np.rint(where).astype(int), colours.values()):
+            assert np.abs(pixels[y, x] - c).max() < 40, (placed, (x, y), pixels[y, x], c)
+        angles.append(abs(placed.angle))
+    assert max(angles) > 15  # the squares' centres moved by tens of pixels in the turn
+    # the mapping of a non-square crop scales each axis by its own size
+    one = make_scene([Image.fromarray(crop[:, :50])], np.random.default_rng(0), max_angle=0)[1][0]
+    side = max(8, round(one.side))
+    np.testing.assert_allclose(one.to_scene([[24.5, 49.5]], (50, 100))[0], np.asarray(one.center) - 0.5, atol=1e-9)
+    assert one.to_scene([[49.5, 49.5]], (50, 100))[0][0] - one.to_scene([[-0.5, 49.5]], (50, 100))[0][0] == side
+
+
 def _test_photos() -> list[Image.Image]:
     """Photos of every kind the detector meets: crops of two sizes, scenes with one face and with
     two, one without, and one smaller than the P-net's window."""
