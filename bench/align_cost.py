@@ -8,7 +8,8 @@ together. In alternating blocks, so both see the same machine:
                  two whole-scene photos (faceid.scenes, 720x540), and of the same scenes enlarged
                  to a 12 MP phone photo's 4032x3024: median latency
   16 clients     16 concurrent clients posting /embed of a sample photo: images/s
-and the table gives each with the aligned/unaligned ratio.
+and the table gives each with the aligned/unaligned ratio. A second table splits the lone requests'
+time into the parts of their Server-Timing header (decoding, finding the faces, forward pass).
 
     python bench/align_cost.py                       # about 5 minutes on 2 cores
     python bench/align_cost.py --blocks 2 --seconds 2
@@ -77,7 +78,8 @@ def _env() -> dict:
     return dict(os.environ)
 
 
-async def lone(server: Server, files: dict, seconds: float) -> list[float]:
+async def lone(server: Server, files: dict, seconds: float, parts: dict | None = None) -> list[float]:
+    """Back-to-back /verify latencies (s); each response's Server-Timing parts (ms) go to `parts`."""
     client = RawClient(server.base)
     req = RawClient.multipart("/verify", files, "bench")
     times = []
@@ -89,6 +91,9 @@ async def lone(server: Server, files: dict, seconds: float) -> list[float]:
             if status != 200:
                 raise SystemExit(f"/verify answered {status}: {body[:300]!r}")
             times.append(time.perf_counter() - t)
+            if parts is not None:
+                for name, ms in client.server_timing(0).items():
+                    parts.setdefault(name, []).append(ms)
     finally:
         await client.close()
     return times
@@ -144,6 +149,8 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {
         a: {"crops": [], "scenes": [], "phones": [], "load": []} for a in ckpts
     }
+    # per model and photo kind: Server-Timing part -> milliseconds of each lone request
+    parts: dict[str, dict[str, dict[str, list[float]]]] = {a: {} for a in ckpts}
     env = {"FACEID_CACHE_DIR": str(work / "cache")}
     with Server(ckpts["none"], env=env) as plain, Server(ckpts["arcface"], env=env) as aligned:
         servers = {"none": plain, "arcface": aligned}
@@ -155,9 +162,9 @@ def main() -> None:
         for block in range(args.blocks):
             order = ("none", "arcface") if block % 2 == 0 else ("arcface", "none")
             for a in order:
-                results[a]["crops"] += asyncio.run(lone(servers[a], crops, args.seconds))
-                results[a]["scenes"] += asyncio.run(lone(servers[a], scenes, args.seconds))
-                results[a]["phones"] += asyncio.run(lone(servers[a], phones, args.seconds))
+                for kind, files in (("crops", crops), ("scenes", scenes), ("phones", phones)):
+                    timing = parts[a].setdefault(kind, {})
+                    results[a][kind] += asyncio.run(lone(servers[a], files, args.seconds, timing))
                 results[a]["load"].append(asyncio.run(load(servers[a], (n1, b1), args.clients, args.seconds)))
             print(f"block {block + 1}/{args.blocks} done", flush=True)
     med = {a: {k: statistics.median(v) for k, v in r.items()} for a, r in results.items()}
@@ -172,6 +179,15 @@ def main() -> None:
     ):
         u, a = med["none"][key] * scale, med["arcface"][key] * scale
         print(f"| {what} | {u:.1f} {unit} | {a:.1f} {unit} | {a / u:.2f}x |")
+    print("\nWhere a lone /verify's time went (Server-Timing medians, ms; decode: both photos, two threads at once):")
+    names = ("decode", "detect", "forward", "total")
+    print("| photos | model | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for kind in ("crops", "scenes", "phones"):
+        for a, label in (("none", "unaligned"), ("arcface", "aligned")):
+            got = parts[a].get(kind, {})
+            cells = [f"{statistics.median(got[n]):.1f}" if got.get(n) else "-" for n in names]
+            print(f"| {kind} | {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
