@@ -123,6 +123,29 @@ def test_a_scene_says_where_each_point_of_the_pasted_crop_went():
     assert one.to_scene([[49.5, 49.5]], (50, 100))[0][0] - one.to_scene([[-0.5, 49.5]], (50, 100))[0][0] == side
 
 
+def test_the_landmarks_of_a_scene_file_are_the_crops_own_where_the_paste_put_them(detector, tmp_path):
+    """A large scene photo read as training and the server read it (faceid.faces.Photo: the JPEG
+    decoded at half size, shrunk for detection, the landmarks given in the photo's own pixels) gives
+    the landmarks found in the face crop itself, carried through the paste, within a few percent
+    of the eye distance (bench/README.md, landmark_error, measures the same over 300 faces)."""
+    rng = np.random.default_rng(12)
+    errors = []
+    for f in _faces(12):
+        crop = Image.open(f).convert("RGB")
+        (own, *_) = detector.detect([crop])[0]
+        scene, (placed,) = make_scene([crop], rng, size=(1280, 960), side_range=(0.25, 0.45))
+        path = tmp_path / f"{f.stem}.jpg"
+        scene.save(path, quality=90)
+        photo = Photo.open(path, detector.spec.max_side)
+        assert photo.scale == 2 and photo.full_size == (1280, 960)
+        truth = placed.to_scene(own.landmarks, crop.size)
+        eyes = math.dist(truth[0], truth[1])
+        gaps = [np.linalg.norm(np.asarray(face.landmarks) - truth, axis=1).mean() for face in photo.faces(detector)]
+        assert gaps, f"no face found in the scene made from {f}"
+        errors.append(min(gaps) / eyes)
+    assert max(errors) < 0.2 and np.mean(errors) < 0.08, errors
+
+
 def _test_photos() -> list[Image.Image]:
     """Photos of every kind the detector meets: crops of two sizes, scenes with one face and with
     two, one without, and one smaller than the P-net's window."""
