@@ -47,7 +47,10 @@ from faceid.scenes import make_scene
 def parse_specs(text: str) -> dict[str, DetectorSpec]:
     specs = {}
     for item in text.split(","):
-        side, face = (int(v) for v in item.split("/"))
+        try:
+            side, face = (int(v) for v in item.split("/"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not max_side/min_face, e.g. 480/40") from None
         specs[item] = replace(DetectorSpec(), max_side=side, min_face=face)
     return specs
 
@@ -57,13 +60,18 @@ def main() -> None:
     p.add_argument("--lfw", default=os.environ.get("FACEID_LFW_DIR"), help="LFW folder (default: FACEID_LFW_DIR)")
     p.add_argument("--photos", type=int, default=300, help="face crops, a fixed random choice")
     default = DetectorSpec()
-    p.add_argument("--specs", default=f"{default.max_side}/{default.min_face},360/30", help="max_side/min_face,...")
+    p.add_argument(
+        "--specs",
+        type=parse_specs,
+        default=f"{default.max_side}/{default.min_face},360/30",
+        help="settings to compare: max_side/min_face,...",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if not args.lfw or not Path(args.lfw).is_dir():
         raise SystemExit("give --lfw DIR or set FACEID_LFW_DIR to the LFW folder")
     torch.set_num_threads(1)
-    specs = parse_specs(args.specs)
+    specs = args.specs
     crops = sorted(Path(args.lfw).glob("*/*.jpg"))
     random.Random(args.seed).shuffle(crops)
     rng = np.random.default_rng(args.seed)

@@ -29,7 +29,7 @@ class Placed:
         """Points [N, 2] in the pixels of the face crop that was pasted (its size `crop_size`,
         width and height), where they went in the scene: scaled, turned and moved as the crop was.
         Pixel centres are at whole coordinates, as a detector's landmarks are."""
-        side = max(8, round(self.side))  # the crop's side as make_scene resized it
+        side = pasted_side(self.side)
         scale = side / np.asarray(crop_size, dtype=np.float64)
         p = (np.asarray(points, dtype=np.float64).reshape(-1, 2) + 0.5) * scale - side / 2
         a = math.radians(self.angle)
@@ -37,6 +37,11 @@ class Placed:
         # Pillow turns the crop about its centre, counter-clockwise as seen (y points down)
         turned = np.stack([cos * p[:, 0] + sin * p[:, 1], -sin * p[:, 0] + cos * p[:, 1]], axis=1)
         return turned + np.asarray(self.center, dtype=np.float64) - 0.5
+
+
+def pasted_side(side: float) -> int:
+    """The side, in whole pixels, that make_scene resizes a crop to for a face of `side`."""
+    return max(8, round(side))
 
 
 def background(size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
@@ -87,7 +92,7 @@ def make_scene(
     for face in faces:
         side = rng.uniform(lo, hi) * min(w, h)
         angle = float(rng.uniform(-max_angle, max_angle))
-        crop = face.convert("RGB").resize((max(8, round(side)), max(8, round(side))), Image.Resampling.BILINEAR)
+        crop = face.convert("RGB").resize((pasted_side(side),) * 2, Image.Resampling.BILINEAR)
         mask = Image.new("L", crop.size, 255)
         rotated = crop.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
         rmask = mask.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)

@@ -37,7 +37,7 @@ from faceid.faces import (
     template_points,
 )
 from faceid.imagestore import load_images
-from faceid.scenes import make_scene
+from faceid.scenes import make_scene, pasted_side
 
 
 def _faces(n: int) -> list[Path]:
@@ -118,7 +118,7 @@ def test_a_scene_says_where_each_point_of_the_pasted_crop_went():
     assert max(angles) > 15  # the squares' centres moved by tens of pixels in the turn
     # the mapping of a non-square crop scales each axis by its own size
     one = make_scene([Image.fromarray(crop[:, :50])], np.random.default_rng(0), max_angle=0)[1][0]
-    side = max(8, round(one.side))
+    side = pasted_side(one.side)
     np.testing.assert_allclose(one.to_scene([[24.5, 49.5]], (50, 100))[0], np.asarray(one.center) - 0.5, atol=1e-9)
     assert one.to_scene([[49.5, 49.5]], (50, 100))[0][0] - one.to_scene([[-0.5, 49.5]], (50, 100))[0][0] == side
 
