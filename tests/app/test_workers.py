@@ -279,7 +279,7 @@ def test_nothing_is_lost_when_the_api_server_restarts(cluster):
     cluster.ensure_workers(2)
     before = cluster.submit()
     cluster.wait_job(before, ("succeeded",))
-    wait(lambda: cluster.client.get("/model").json().get("id") == before, 8, "the model served")
+    wait(lambda: cluster.client.get("/model").json().get("id") == before, 30, "the model served")
     assert cluster.client.post("/galleries", json={"name": "kept"}).status_code == 201
     photos = [("images", (f"{s}.png", person_image(7, 6, s), "image/png")) for s in range(2)]
     assert cluster.client.post("/galleries/kept/people/person_7/faces", files=photos).status_code == 201
@@ -300,7 +300,7 @@ def test_nothing_is_lost_when_the_api_server_restarts(cluster):
     assert r.status_code == 200 and r.json()["person"] == "person_7", r.text
     # and the server, back, serves the job that succeeded last
     newest = max((cluster.job(j) for j in jobs), key=lambda j: j["finished_at"])["id"]
-    wait(lambda: cluster.client.get("/model").json().get("id") == newest, 8, f"the model of job {newest}")
+    wait(lambda: cluster.client.get("/model").json().get("id") == newest, 30, f"the model of job {newest}")
 
 
 def test_a_cancel_through_the_api_stops_the_job_in_its_worker(cluster):
