@@ -37,16 +37,18 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
 def _integral(arr: np.ndarray) -> np.ndarray:
     """[B, H, W, 3] uint8 pixels -> [B, H + 1, W + 1, 3] sums of the pixels above and left (a zero
     first row and column): int32, which holds the sums of 8.4 million pixels (photos are shrunk for
-    detection far below that), else int64. Rows are added one by one: NumPy's cumsum down the rows
-    of an image is about 3x slower than this on a CPU core."""
-    dtype = np.int32 if 255 * arr.shape[1] * arr.shape[2] < 2**31 else np.int64
-    out = np.zeros((arr.shape[0], arr.shape[1] + 1, arr.shape[2] + 1, 3), dtype=dtype)
-    acc = out[:, 1:, 1:]
-    acc[...] = arr
-    for y in range(1, acc.shape[1]):
-        np.add(acc[:, y], acc[:, y - 1], out=acc[:, y])
-    np.cumsum(acc, axis=2, out=acc)
-    return out
+    detection far below that), else int64. OpenCV's `integral` computes them: about 15x faster on
+    a CPU core than NumPy's row-by-row sums, and the same integers."""
+    import cv2
+
+    b, h, w = arr.shape[:3]
+    if 255 * h * w < 2**31:
+        out = np.empty((b, h + 1, w + 1, 3), dtype=np.int32)
+        for i in range(b):
+            cv2.integral(arr[i], sum=out[i], sdepth=cv2.CV_32S)
+        return out
+    # float64 holds these sums exactly (below 2**53)
+    return np.stack([cv2.integral(arr[i], sdepth=cv2.CV_64F).astype(np.int64) for i in range(b)])
 
 
 def _cells(length: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,8 +64,9 @@ def _shrunk(sums: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     divided by the cell's height and width in that order) at a seventh of its cost."""
     yl, yh = _cells(sums.shape[1] - 1, size[0])
     xl, xh = _cells(sums.shape[2] - 1, size[1])
-    rows = sums[:, yh] - sums[:, yl]
-    total = (rows[:, :, xh] - rows[:, :, xl]).astype(np.float32)
+    # np.take: about 3x faster than the same fancy indexing
+    rows = np.take(sums, yh, axis=1) - np.take(sums, yl, axis=1)
+    total = (np.take(rows, xh, axis=2) - np.take(rows, xl, axis=2)).astype(np.float32)
     return total / (yh - yl).astype(np.float32)[:, None, None] / (xh - xl).astype(np.float32)[None, :, None]
 
 
