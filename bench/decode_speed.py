@@ -66,16 +66,17 @@ def unaligned_ways(data: bytes, size: int, crop: float, side: int):
 
 def aligned_ways(data: bytes, size: int, crop: float, landmarks):
     """The two ways an aligned model reads a photo, each a function -> (model input, what was decoded)."""
-    max_side = DetectorSpec().max_side
+    spec = DetectorSpec()
+    max_side = spec.max_side
 
     def full():
         img = open_image(data)
-        shrink_for_detection(img, max_side)
+        shrink_for_detection(img, spec)
         return align_face(img, landmarks, size, crop), f"{img.size[0]}x{img.size[1]}"
 
     def reduced():
         photo = Photo.open(data, max_side)
-        shrink_for_detection(photo.image, max_side)
+        shrink_for_detection(photo.image, spec)
         face = type("Face", (), {"landmarks": landmarks})
         out = aligned_crop(photo, face, size, crop)  # type: ignore[arg-type]
         return out, f"{photo.image.size[0]}x{photo.image.size[1]}"

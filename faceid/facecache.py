@@ -130,7 +130,7 @@ class _DetectFiles(torch.utils.data.Dataset):
             if self.detect:
                 images.append((i, img, scale))
             else:
-                small, factor = shrink_for_detection(img, self.spec.max_side)
+                small, factor = shrink_for_detection(img, self.spec)
                 out.append((i, (small, factor * scale), ""))
         if images:
             if torch.utils.data.get_worker_info() is not None:

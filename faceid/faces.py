@@ -95,6 +95,8 @@ def _box(values: Iterable[float]) -> tuple[float, float, float, float]:
 
 
 LEGACY_NMS = (0.7, 0.7)  # facenet-pytorch's detect_face's overlaps, which older checkpoints used
+SHRINK_MODES = ("pyramid", "resize")
+LEGACY_SHRINK = "resize"  # how specs recorded without `shrink` brought a photo to max_side
 
 
 @dataclass(frozen=True)
@@ -111,13 +113,20 @@ class DetectorSpec:
     # and after the R-net: fewer candidates reach the costlier next net (bench/README.md,
     # align_cost). Specs recorded without it used facenet-pytorch's 0.7 and 0.7 (LEGACY_NMS).
     nms: tuple[float, float] = (0.4, 0.4)
+    # How a photo larger than max_side is searched (`shrink_for_detection`): "pyramid" reads the
+    # pyramid's levels and the R- and O-nets' crops off the photo's own pixels (reduced by a whole
+    # factor first where it is twice max_side or more), "resize" resizes the photo to max_side
+    # first (Pillow, bilinear), as specs recorded without the setting did (LEGACY_SHRINK).
+    shrink: str = "pyramid"
 
     @property
     def key(self) -> str:
         t = "-".join(f"{v:g}" for v in self.thresholds)
         key = f"{self.name}-{self.max_side}-{self.min_face}-{self.min_score:g}-{self.factor:g}-{t}"
         # the older specs' keys, so their face caches stay valid
-        return key if self.nms == LEGACY_NMS else key + "-nms" + "-".join(f"{v:g}" for v in self.nms)
+        if self.nms != LEGACY_NMS:
+            key += "-nms" + "-".join(f"{v:g}" for v in self.nms)
+        return key if self.shrink == LEGACY_SHRINK else f"{key}-{self.shrink}"
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "thresholds": list(self.thresholds), "nms": list(self.nms)}
@@ -129,6 +138,9 @@ class DetectorSpec:
             fields["thresholds"] = tuple(float(v) for v in d["thresholds"])
         # a record written before the setting existed was detected with the legacy overlaps
         fields["nms"] = tuple(float(v) for v in d["nms"]) if "nms" in d else LEGACY_NMS
+        fields["shrink"] = str(d.get("shrink", LEGACY_SHRINK))
+        if fields["shrink"] not in SHRINK_MODES:
+            raise ValueError(f"unknown detector shrink {fields['shrink']!r}; this FaceID has {', '.join(SHRINK_MODES)}")
         return cls(**fields)
 
 
@@ -173,13 +185,25 @@ class FaceDetector(Protocol):
         """Every face in each RGB image, largest first, in that image's pixel coordinates."""
 
 
-def shrink_for_detection(img: Image.Image, max_side: int) -> tuple[Image.Image, float]:
-    """(the image with its longer side at most `max_side`, the factor back to the original)."""
+def shrink_for_detection(img: Image.Image, spec: DetectorSpec) -> tuple[Image.Image, float]:
+    """(the image the detector of `spec` searches `img` in, the factor back to `img`'s pixels).
+    "resize": the image resized to a longer side of `max_side`. "pyramid": the image reduced by
+    the largest whole factor that keeps its longer side at `max_side` or more (Pillow's `reduce`,
+    the mean of each block of pixels; none below twice `max_side`); the detector then searches it
+    at `max_side`'s scales (faceid.mtcnn.BatchedMTCNN.detect). Either way, a shrunk image is left
+    as it is."""
     w, h = img.size
-    if max(w, h) <= max_side:
+    longer, max_side = max(w, h), spec.max_side
+    if longer <= max_side:
         return img, 1.0
-    s = max_side / max(w, h)
-    small = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    if spec.shrink == "pyramid":
+        k = longer // max_side
+        if k < 2:
+            return img, 1.0
+        small = img.reduce(k)
+    else:
+        s = max_side / longer
+        small = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR, reducing_gap=2.0)
     return small, w / small.size[0]
 
 
@@ -200,7 +224,7 @@ class MTCNNDetector:
     def detect(self, images: Sequence[Image.Image]) -> list[list[Face]]:
         import torch
 
-        shrunk = [shrink_for_detection(im, self.spec.max_side) for im in images]
+        shrunk = [shrink_for_detection(im, self.spec) for im in images]
         # Photos come in every size, and each size is a new pyramid of shapes: cuDNN's search for
         # the fastest kernels (on while a GPU trains) would run again for each, for minutes
         cudnn = torch.backends.cudnn
@@ -219,7 +243,10 @@ class MTCNNDetector:
 
     def _faces(self, shrunk: Sequence[tuple[Image.Image, float]], nms: tuple[float, float]) -> list[list[Face]]:
         out: list[list[Face]] = []
-        for (boxes, points), (_, factor) in zip(self.mtcnn.detect([im for im, _ in shrunk], nms), shrunk):
+        # "pyramid": the detector searches each image at max_side's scales; "resize" shrank it already
+        max_side = self.spec.max_side if self.spec.shrink == "pyramid" else 0
+        found = self.mtcnn.detect([im for im, _ in shrunk], nms, max_side)
+        for (boxes, points), (_, factor) in zip(found, shrunk):
             faces = [
                 Face(_box(b[:4].tolist()), tuple((float(x), float(y)) for x, y in p), float(b[4])).scaled(factor)
                 for b, p in zip(boxes, points)

@@ -366,7 +366,7 @@ class Verifier:
         faces to be found by `detector` where given (`detector_for`), else by the model's own."""
         photo = img if isinstance(img, Photo) else Photo(img)
         spec = detector.spec if detector is not None else self.preparation.detector
-        small, factor = shrink_for_detection(photo.image, spec.max_side)
+        small, factor = shrink_for_detection(photo.image, spec)
         return Pending(photo, small, factor * photo.scale, field, detector)
 
     def prepare_pending(self, items: Sequence[Any]) -> list[Optional[ImageError]]:

@@ -131,15 +131,16 @@ class BatchedMTCNN:
         self.pnet, self.rnet, self.onet = _nets(self.device)
         self.min_face, self.thresholds, self.factor = min_face, list(thresholds), factor
 
-    def _pnet(self, sums: np.ndarray, nms: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pnet(self, sums: np.ndarray, nms: float, base: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate boxes [N, 5] (x1, y1, x2, y2, score; squared) in same-size images, given as
         their integral images, and each box's image index. Of two candidates that overlap by more
-        than `nms` (across the pyramid's levels), the weaker is dropped."""
+        than `nms` (across the pyramid's levels), the weaker is dropped. `base`: the scale the
+        images are searched at (the pyramid's levels are those of the images resized by it)."""
         from facenet_pytorch.models.utils.detect_face import generateBoundingBox, rerec
         from torchvision.ops import batched_nms
 
         h, w = sums.shape[1] - 1, sums.shape[2] - 1
-        scale = 12.0 / self.min_face
+        scale = 12.0 / self.min_face * base
         scales: list[float] = []
         side = min(h, w) * scale
         while side >= 12:  # the pyramid's scales, multiplied up as facenet-pytorch does
@@ -173,11 +174,14 @@ class BatchedMTCNN:
 
     @torch.inference_mode()
     def detect(
-        self, images: Sequence[Image.Image], nms: Sequence[float] = (0.7, 0.7)
+        self, images: Sequence[Image.Image], nms: Sequence[float] = (0.7, 0.7), max_side: int = 0
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per image: boxes [K, 5] (x1, y1, x2, y2, score) and landmarks [K, 5, 2], in its pixels.
         `nms`: the overlaps above which the weaker of two candidates is dropped after the P-net
-        and after the R-net (0.7 and 0.7 are detect_face's; lower ones send fewer on)."""
+        and after the R-net (0.7 and 0.7 are detect_face's; lower ones send fewer on).
+        `max_side`: an image with a longer side above it is searched as if shrunk to it (the
+        pyramid's levels are read off its own pixels at those scales), and the R- and O-nets'
+        crops come from its own pixels; 0 searches every image at its own size."""
         from facenet_pytorch.models.utils.detect_face import batched_nms_numpy, bbreg, rerec
         from torchvision.ops import batched_nms
 
@@ -193,9 +197,10 @@ class BatchedMTCNN:
             arr = np.stack([np.asarray(images[i], dtype=np.uint8) for i in idx])
             integral = _integral(arr)
             sums.append(torch.from_numpy(integral).to(self.device))
-            if min(w, h) < 12:  # below the P-net's window: nothing to find
+            base = max_side / max(w, h) if 0 < max_side < max(w, h) else 1.0
+            if min(w, h) * base < 12:  # below the P-net's window: nothing to find
                 continue
-            boxes, inds = self._pnet(integral, nms[0])
+            boxes, inds = self._pnet(integral, nms[0], base)
             cand.append(boxes)
             cand_images.append(torch.tensor(idx, device=self.device)[inds])
         empty = [(np.zeros((0, 5)), np.zeros((0, 5, 2))) for _ in images]
