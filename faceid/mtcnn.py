@@ -61,13 +61,24 @@ def _cells(length: int, size: int) -> tuple[np.ndarray, np.ndarray]:
 def _shrunk(sums: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """[B, h, w, 3] float32: the images of `sums` (their integral images) area-resized to `size`
     (h, w), equal to `interpolate(mode="area")`'s result (the same cells, their sums exact, then
-    divided by the cell's height and width in that order) at a seventh of its cost."""
-    yl, yh = _cells(sums.shape[1] - 1, size[0])
-    xl, xh = _cells(sums.shape[2] - 1, size[1])
-    # np.take: about 3x faster than the same fancy indexing
-    rows = np.take(sums, yh, axis=1) - np.take(sums, yl, axis=1)
-    total = (np.take(rows, xh, axis=2) - np.take(rows, xl, axis=2)).astype(np.float32)
-    return total / (yh - yl).astype(np.float32)[:, None, None] / (xh - xl).astype(np.float32)[None, :, None]
+    divided by the cell's height and width in that order) at a fraction of its cost."""
+    b, rows, cols = sums.shape[:3]
+    yl, yh = _cells(rows - 1, size[0])
+    xl, xh = _cells(cols - 1, size[1])
+    # each cell's four corners as rows of the flattened sums [B * rows * cols, 3], read with
+    # np.take: fewer values read than whole rows then columns, and take is about 3x faster than
+    # the same fancy indexing
+    flat = sums.reshape(-1, 3)
+    first = (np.arange(b) * rows * cols)[:, None, None]
+    top, bottom = (first + yl[None, :, None] * cols), (first + yh[None, :, None] * cols)
+    total = (flat.take(bottom + xh, axis=0) - flat.take(top + xh, axis=0)) - (
+        flat.take(bottom + xl, axis=0) - flat.take(top + xl, axis=0)
+    )
+    return (
+        total.astype(np.float32)
+        / (yh - yl).astype(np.float32)[:, None, None]
+        / (xh - xl).astype(np.float32)[None, :, None]
+    )
 
 
 def _bins(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,15 +159,18 @@ class BatchedMTCNN:
             scale *= self.factor
             side *= self.factor
         found, where = [], []
-        for scale in scales:
+        for i, scale in enumerate(scales):
             level = torch.from_numpy(_shrunk(sums, (int(h * scale + 1), int(w * scale + 1)))).to(self.device)
             # [B, h, w, 3] is channels_last's layout: the permuted view needs no copy
             reg, probs = self.pnet(_normalise(level.permute(0, 3, 1, 2)))
             boxes, inds = generateBoundingBox(reg, probs[:, 1], scale, self.thresholds[0])
-            keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.5)
-            found.append(boxes[keep])
-            where.append(inds[keep])
-        boxes, inds = torch.cat(found), torch.cat(where)
+            found.append(boxes)
+            where.append(inds * len(scales) + i)  # one group per image and level
+        boxes, groups = torch.cat(found), torch.cat(where)
+        # within each level of each image (one call for all of them: groups never overlap), then
+        # across the levels of each image
+        keep = batched_nms(boxes[:, :4], boxes[:, 4], groups, 0.5)
+        boxes, inds = boxes[keep], torch.div(groups[keep], len(scales), rounding_mode="floor")
         keep = batched_nms(boxes[:, :4], boxes[:, 4], inds, nms)
         boxes, inds = boxes[keep], inds[keep]
         bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
