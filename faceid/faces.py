@@ -224,12 +224,18 @@ class MTCNNDetector:
     def detect(self, images: Sequence[Image.Image]) -> list[list[Face]]:
         import torch
 
+        from faceid.runtime import ONE_THREAD_MAX_IMAGES, compute_threads
+
         shrunk = [shrink_for_detection(im, self.spec) for im in images]
         # Photos come in every size, and each size is a new pyramid of shapes: cuDNN's search for
         # the fastest kernels (on while a GPU trains) would run again for each, for minutes
         cudnn = torch.backends.cudnn
-        with cudnn.flags(
-            enabled=cudnn.enabled, benchmark=False, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
+        one = self.device.type == "cpu" and len(images) <= ONE_THREAD_MAX_IMAGES
+        with (
+            cudnn.flags(
+                enabled=cudnn.enabled, benchmark=False, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32
+            ),
+            compute_threads(1 if one else None),
         ):
             out = self._faces(shrunk, self.spec.nms)
             # Dropping overlapping candidates early can leave a face only its weaker detections, which

@@ -32,33 +32,13 @@ from faceid.faces import (
     smallest_face_percent,
 )
 from faceid.model import NECKS, EmbeddingNet
-from faceid.runtime import resolve_amp, resolve_device
+from faceid.runtime import ONE_THREAD_MAX_IMAGES, compute_threads, resolve_amp, resolve_device
 
 log = logging.getLogger(__name__)
 
 THRESHOLD_NAMES = ("acc", "far_1e-2", "far_1e-3")
 COMPILE_MODES = ("off", "freeze", "cudagraph")
 Threshold = Union[None, str, float]
-
-
-# Measured on a 2-core CPU: one or two images (two or four views with eval_flip) embed faster
-# and more steadily on one compute thread than on two (whose OpenMP threads can spend most of a
-# pass in the kernel waking each other); from about 4 images on, two threads are as fast or faster.
-ONE_THREAD_MAX_IMAGES = 2
-
-
-@contextlib.contextmanager
-def _threads(n: Optional[int]):
-    """Run the block with `n` torch compute threads (None: unchanged), then restore them."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -288,7 +268,7 @@ class Verifier:
         else:
             lock = self._lock
             threads = 1 if self.device.type == "cpu" and len(batch) <= ONE_THREAD_MAX_IMAGES else None
-        with lock, _threads(threads):
+        with lock, compute_threads(threads):
             x = self.transform(batch)
             with autocast_ctx(self.device, self.amp_dtype):
                 if self.flip:  # both views in one pass: at batch 1-2 clearly faster than two passes

@@ -266,6 +266,25 @@ def test_the_default_overlaps_send_fewer_candidates_on_and_find_the_same_faces(d
             assert (np.abs(p1[o1] - p0[o0]) / sides).max() < 0.06  # a few pixels on faces 50-200 px wide
 
 
+def test_one_or_two_photos_are_searched_on_one_compute_thread_and_the_setting_comes_back(detector):
+    """On a CPU, as for the forward pass (faceid.runtime.ONE_THREAD_MAX_IMAGES): one or two photos
+    are searched on one compute thread, more on all of them."""
+    photos = [Image.open(f).convert("RGB") for f in _faces(3)]
+    seen: list[int] = []
+    hook = detector.mtcnn.pnet.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n in (1, 2, 3):
+            seen.clear()
+            assert all(detector.detect(photos[:n]))
+            assert set(seen) == ({1} if n <= 2 else {2}), (n, seen)
+            assert torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+
+
 def test_a_photo_the_cheaper_search_finds_no_face_in_is_searched_again_with_the_legacy_overlaps(detector, monkeypatch):
     photos = _test_photos()
     assert [len(f) for f in detector.detect(photos)] == [1, 1, 1, 2, 0, 0, 1]
