@@ -298,7 +298,14 @@ def test_cli_enrolls_and_identifies_lfw_people(aligned_ckpt: Path, tmp_path: Pat
     assert main(args) == 0
     faces = json.loads(capsys.readouterr().out.strip().splitlines()[0])["faces"]
     named = sorted(faces[:2], key=lambda f: f["face"]["box"][0])
-    assert [f["candidates"][0]["person"] for f in named] == [d.name for d in enrolled[:2]]
+    for f, d, x in zip(named, enrolled[:2], (500, 1700)):
+        x1, y1, x2, y2 = f["face"]["box"]
+        assert x <= (x1 + x2) / 2 <= x + 110 and 450 <= (y1 + y2) / 2 <= 560  # where it was pasted
+        # it is the enrolled photo itself, smaller: its person scores at the top. (This seconds-long
+        # model scores several people within 1e-4 of each other, so which of those comes first is
+        # chance: bench/gallery_search.py measures naming with a trained one.)
+        scores = {c["person"]: c["score"] for c in f["candidates"]}
+        assert scores[d.name] >= f["candidates"][0]["score"] - 1e-3, (d.name, f["candidates"])
     assert main([*args[:-1], "1.5"]) == 2
     assert "--min_face 1.5: give a percent from 2 to 100" in capsys.readouterr().err
 
