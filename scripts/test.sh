@@ -19,4 +19,5 @@ apt_install() {  # apt_install WHAT PACKAGE...: install when apt-get can (root),
 command -v chromedriver >/dev/null 2>&1 || apt_install browser chromium chromium-driver
 command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
   || apt_install PostgreSQL postgresql
-exec "${VENV:-.venv}/bin/python" -m pytest -q "$@"
+# --durations: the slowest tests, to keep the suite near its 15-minute aim
+exec "${VENV:-.venv}/bin/python" -m pytest -q --durations=20 "$@"
