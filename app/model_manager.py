@@ -116,7 +116,7 @@ class ServedModel:
     pinned: bool
     loaded_at: float
     verifier: Any
-    chosen_at: float = 0.0  # when it became the served model (kept across restarts)
+    chosen_at: float = 0.0  # when it was chosen to be served, before it loaded (kept across restarts)
 
     def describe(self) -> dict[str, Any]:
         info = dict(self.verifier.info)
@@ -198,6 +198,9 @@ class ModelManager:
         """Build the Verifier for `path`, then make it the served model. Raises CheckpointError
         (the current model stays). With `unless_pinned`, a pinned model is kept (returns None).
         With `remember`, the job database records it (a replica, which follows it, does not)."""
+        # When this model was chosen, before it loads: a job that succeeds while it loads is newer
+        # (follow_jobs serves it next)
+        decided = time.time()
         with self._switch:
             if unless_pinned and self._current is not None and self._current.pinned:
                 # Not served, but checked: a job must not be `succeeded` with a model that cannot be
@@ -224,9 +227,9 @@ class ModelManager:
                 checkpoint=str(path),
                 source=source,
                 pinned=pinned,
-                loaded_at=(now := time.time()),
+                loaded_at=time.time(),
                 verifier=verifier,
-                chosen_at=now if chosen_at is None else float(chosen_at),
+                chosen_at=decided if chosen_at is None else float(chosen_at),
             )
             self._current = served  # the switch: one reference assignment
             self.last_error = None

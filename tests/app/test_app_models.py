@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
-from service_helpers import MODE, face_like, running, wait_job, write_fake_checkpoint
+from service_helpers import MODE, face_like, fake_loader, running, wait_job, write_fake_checkpoint
 
-from app.model_manager import STATE_KEY, inference_plan
+from app.model_manager import STATE_KEY, ModelManager, inference_plan
 from app.store import JobStore
 
 pytestmark = pytest.mark.anyio
@@ -248,3 +249,33 @@ async def test_switch_is_atomic_for_requests_in_flight(make_settings, tmp_path):
         assert answers["first"].status_code == 200 and answers["first"].json()["model"] == model_a
         r = await client.post("/embed", files={"image": ("a.png", face_like(1))})
         assert r.json()["model"] == model_b
+
+
+def test_a_job_that_succeeds_in_a_worker_while_the_one_before_loads_is_served_next(make_settings, tmp_path):
+    """A server follows the jobs that succeed in `faceid worker` processes. A job that succeeds
+    while the previous job's model is still loading is newer than the served model: the next look
+    serves it (its model was not chosen before it succeeded)."""
+    s = make_settings()
+    s.models_dir.mkdir(parents=True)
+    store = JobStore(s.db_path)
+    first, second = write_fake_checkpoint(tmp_path / "first.json"), write_fake_checkpoint(tmp_path / "second.json")
+
+    def succeed(job_id: str, ckpt: Path) -> None:
+        store.create(job_id, {}, max_queued=10)
+        assert store.claim(job_id, worker="w1")
+        store.update(job_id, status="succeeded", checkpoint=str(ckpt), finished_at=time.time())
+
+    def loader(path: Path, device: str):
+        if path == first:  # a slow load, during which the second job succeeds
+            succeed("second", second)
+        return fake_loader(path, device)
+
+    manager = ModelManager(s, store, loader=loader)
+    try:
+        succeed("first", first)
+        assert manager.follow_jobs() is True and manager.current.job_id == "first"
+        assert manager.follow_jobs() is True and manager.current.job_id == "second"
+        assert manager.follow_jobs() is False and manager.current.job_id == "second"
+    finally:
+        manager.close()
+        store.close()
