@@ -175,7 +175,8 @@ def test_one_batched_call_finds_exactly_what_facenet_pytorch_finds_photo_by_phot
     """The batched MTCNN (faceid.mtcnn) reads its pyramid and crops off integral images and runs the
     R- and O-nets over all photos at once; with facenet-pytorch's overlaps (the specs recorded
     before the overlaps were a setting), its own detect_face, one photo at a time, must find the
-    same boxes, scores and landmarks."""
+    same boxes, scores and landmarks, with its own nets."""
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
     from facenet_pytorch.models.utils.detect_face import detect_face
 
     photos = _test_photos()
@@ -184,7 +185,7 @@ def test_one_batched_call_finds_exactly_what_facenet_pytorch_finds_photo_by_phot
     mtcnn = build_detector(spec).mtcnn
     batched = mtcnn.detect(photos)
     assert [len(b) for b, _ in batched] == [1, 1, 1, 2, 0, 0, 1]
-    nets = (mtcnn.pnet, mtcnn.rnet, mtcnn.onet)
+    nets = (PNet().eval(), RNet().eval(), ONet().eval())
     for photo, (boxes, points) in zip(photos, batched):
         if min(photo.size) < 12:
             continue
@@ -196,6 +197,25 @@ def test_one_batched_call_finds_exactly_what_facenet_pytorch_finds_photo_by_phot
         order, ref_order = np.argsort(boxes[:, 0]), np.argsort(ref_boxes[:, 0])
         np.testing.assert_allclose(boxes[order], ref_boxes[ref_order], atol=1e-4)
         np.testing.assert_allclose(points[order], ref_points[ref_order], atol=1e-4)
+
+
+def test_the_widened_p_net_computes_facenet_pytorchs_numbers_bit_for_bit():
+    """faceid.mtcnn gives the P-net's first layer six channels of zeros (faster in channels_last):
+    on a CPU its outputs must be the original net's exactly, at every pyramid level's size."""
+    from facenet_pytorch.models.mtcnn import PNet
+
+    from faceid.mtcnn import _nets
+
+    widened = _nets(torch.device("cpu"))[0]
+    assert widened.conv1.out_channels == 16
+    original = PNet().eval().to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    for h, w in [(12, 12), (14, 19), (65, 87), (108, 145), (301, 402)]:
+        x = ((torch.rand(2, h, w, 3, generator=g) * 255).round() - 127.5) * 0.0078125
+        x = x.permute(0, 3, 1, 2)  # channels_last's layout, as the detector feeds it
+        with torch.inference_mode():
+            for got, want in zip(widened(x), original(x)):
+                assert torch.equal(got, want), (h, w)
 
 
 def test_a_large_photo_is_searched_in_its_own_pixels_at_the_detectors_scale(detector, monkeypatch):
