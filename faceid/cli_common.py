@@ -33,9 +33,10 @@ def add_min_face(p: argparse.ArgumentParser) -> None:
         "--min_face",
         type=float,
         metavar="PERCENT",
-        help="find faces down to this percent of a photo's longer side (a small face in a large "
-        "photo, group photos; default: the model's own, about 8; at least 2 with the default "
-        "detector), at more cost",
+        help="find faces down to this percent of a photo's longer side (default: the model's own, "
+        "about 8): smaller finds a small face in a large photo or a group photo's faces, at more "
+        "cost (at least 2 with the default detector); larger searches selfies and ID photos for "
+        "their large face only, at less cost",
     )
 
 

@@ -144,11 +144,12 @@ class DetectorSpec:
         return cls(**fields)
 
 
-# The finest detection a request may ask for (`finer_spec`): photos shrunk to a 2,000 px longer
+# The finest detection a request may ask for (`search_spec`): photos shrunk to a 2,000 px longer
 # side, which finds faces down to 2% of it with the default min_face (docs/GALLERIES.md says what
 # it costs).
 MAX_DETECT_SIDE = 2000
-DETECT_SIDE_STEP = 160  # finer_spec's sides: 640, 800, ..., 1920 and 2000
+DETECT_SIDE_STEP = 160  # search_spec's finer sides: 640, 800, ..., 1920 and 2000
+COARSE_FACE_STEP = 20  # search_spec's coarser min_faces, in pixels at max_side: 60, 80, 100, ...
 
 
 def smallest_face_percent(spec: DetectorSpec) -> float:
@@ -157,25 +158,30 @@ def smallest_face_percent(spec: DetectorSpec) -> float:
 
 
 def least_min_face(spec: DetectorSpec) -> float:
-    """The smallest face `finer_spec` can search for with `spec`, in percent of a photo's longer
+    """The smallest face `search_spec` can search for with `spec`, in percent of a photo's longer
     side (2 for the default spec)."""
     return smallest_face_percent(replace(spec, max_side=MAX_DETECT_SIDE))
 
 
-def finer_spec(spec: DetectorSpec, percent: Optional[float]) -> DetectorSpec:
-    """`spec` finding faces down to `percent` of a photo's longer side (a face in a group photo):
-    the photo shrunk less for detection, to at most MAX_DETECT_SIDE. None, or a size `spec` finds
-    already, gives `spec` itself. The faces found are aligned exactly as `spec`'s are (from the
-    photo's own pixels), so a model is served with it as it was trained. The side is rounded up to
-    a multiple of DETECT_SIDE_STEP, so requests share a few detectors (each is built once and
-    kept) whatever percents they send."""
+def search_spec(spec: DetectorSpec, percent: Optional[float]) -> DetectorSpec:
+    """`spec` searching faces down to `percent` of a photo's longer side; None gives `spec` itself.
+    - Below `spec`'s own share (a face in a group photo): the photo is shrunk less for detection,
+      to at most MAX_DETECT_SIDE, at more cost. The side is rounded up to a multiple of
+      DETECT_SIDE_STEP.
+    - Above it (a selfie, an ID photo, a webcam frame): the pyramid starts at a larger `min_face`,
+      the photo shrunk as for `spec`, at less cost and with landmarks as precise; smaller faces are
+      not looked for. `min_face` is rounded down to a multiple of COARSE_FACE_STEP pixels.
+    Either way every face down to `percent` is searched for, requests share a few detectors (each
+    is built once and kept) whatever percents they send, and the faces found are aligned exactly
+    as `spec`'s are (from the photo's own pixels), so a model is served as it was trained."""
     if percent is None:
         return spec
     side = math.ceil(100 * spec.min_face / percent)
-    if side <= spec.max_side:
-        return spec
-    side = -(-side // DETECT_SIDE_STEP) * DETECT_SIDE_STEP
-    return replace(spec, max_side=min(MAX_DETECT_SIDE, side))
+    if side > spec.max_side:
+        side = -(-side // DETECT_SIDE_STEP) * DETECT_SIDE_STEP
+        return replace(spec, max_side=min(MAX_DETECT_SIDE, side))
+    face = int(percent * spec.max_side / 100 // COARSE_FACE_STEP) * COARSE_FACE_STEP
+    return replace(spec, min_face=face) if face > spec.min_face else spec
 
 
 class FaceDetector(Protocol):

@@ -26,8 +26,8 @@ from faceid.faces import (
     Preparation,
     aligned_crop,
     build_detector,
-    finer_spec,
     pick_face,
+    search_spec,
     shrink_for_detection,
     smallest_face_percent,
 )
@@ -308,11 +308,11 @@ class Verifier:
 
     def detector_for(self, smallest_percent: Optional[float]) -> Optional[FaceDetector]:
         """The detector that finds faces down to `smallest_percent` of a photo's longer side
-        (faceid.faces.finer_spec; None: the model's own), on the model's device; None for a model
+        (faceid.faces.search_spec; None: the model's own), on the model's device; None for a model
         without alignment. Open the photo with `read(..., detector=detector)`."""
         if self.detector is None:
             return None
-        spec = finer_spec(self.preparation.detector, smallest_percent)
+        spec = search_spec(self.preparation.detector, smallest_percent)
         return self.detector if spec == self.detector.spec else build_detector(spec, self.device)
 
     def read(

@@ -460,15 +460,34 @@ def test_the_face_cache_detects_each_file_once_and_again_only_when_it_changes(tm
 def test_finer_searches_share_a_few_detection_sizes():
     """min_face asks for a percent of the photo; the detection side it gives is rounded up to one
     of a few sizes, so that no run of odd percents builds a detector for each (each is kept)."""
-    from faceid.faces import finer_spec, least_min_face
+    from faceid.faces import least_min_face, search_spec
 
     spec = DetectorSpec()
-    assert finer_spec(spec, None) is spec and finer_spec(spec, 10) is spec and finer_spec(spec, 8.4) is spec
-    assert finer_spec(spec, 2).max_side == 2000 and finer_spec(spec, 3).max_side == 1440
-    sides = {finer_spec(spec, p).max_side for p in np.linspace(2, 8.3, 2000)}
+    assert search_spec(spec, None) is spec and search_spec(spec, 10) is spec and search_spec(spec, 8.4) is spec
+    assert search_spec(spec, 2).max_side == 2000 and search_spec(spec, 3).max_side == 1440
+    sides = {search_spec(spec, p).max_side for p in np.linspace(2, 8.3, 2000)}
     assert sides == {640, 800, 960, 1120, 1280, 1440, 1600, 1760, 1920, 2000}
-    assert all(finer_spec(spec, p).min_face == spec.min_face for p in (2, 5))
+    assert all(search_spec(spec, p).min_face == spec.min_face for p in (2, 5))
     assert least_min_face(spec) == 2.0
+
+
+def test_coarser_searches_start_the_pyramid_at_larger_faces_and_still_reach_the_percent_asked():
+    """min_face above the model's own share (about 8%): the photo is shrunk as the model's detection
+    shrinks it, and the pyramid starts at a larger face, rounded down to a few sizes so that every
+    face down to the percent asked is still searched for."""
+    from dataclasses import replace
+
+    from faceid.faces import search_spec, smallest_face_percent
+
+    spec = DetectorSpec()
+    coarse = {p: search_spec(spec, p) for p in np.linspace(8.4, 100, 2000)}
+    assert all(s.max_side == spec.max_side and s.shrink == spec.shrink for s in coarse.values())
+    assert all(smallest_face_percent(s) <= p + 1e-9 for p, s in coarse.items())
+    assert {s.min_face for s in coarse.values()} == set(range(40, 481, 20))
+    assert search_spec(spec, 12.5).min_face == 60 and search_spec(spec, 25).min_face == 120
+    assert search_spec(spec, 12.4) is spec  # 59.5 px: the model's own 40 px is the coarsest that reaches it
+    legacy = DetectorSpec.from_json({})
+    assert search_spec(legacy, 25) == replace(legacy, min_face=120)
 
 
 def test_a_folder_of_heic_photos_is_scanned_and_its_faces_found_upright(tmp_path, detector):

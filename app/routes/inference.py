@@ -115,7 +115,8 @@ MIN_FACE = {
     "maximum": 100,
     "description": "find faces down to this percent of the photo's longer side (default: the model's "
     "own, about 8): smaller finds a small face in a large photo, or the faces of a group photo, at "
-    "more cost. For a model trained on aligned faces; 2 is the least with the default detector",
+    "more cost; larger looks only for large faces (selfies, ID photos, webcam frames), at less "
+    "cost. For a model trained on aligned faces; 2 is the least with the default detector",
 }
 
 

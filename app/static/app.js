@@ -433,9 +433,11 @@ async function galleryPanel(name) {
     } catch (err) { say(err.message); }
   });
   const probe = h("input", { type: "file", name: "image", accept: "image/*" });
-  // smaller faces than the model's own detection finds (a group photo), at more cost: min_face
+  // min_face: smaller faces than the model's own detection finds (a group photo), at more cost, or
+  // only large ones (a selfie), at less
   const minFace = h("select", { name: "min_face" }, [["", "faces the model finds (about 8% of the photo)"],
-    ["4", "faces down to 4% of the photo"], ["2", "faces down to 2% (group photos, slower)"]]
+    ["4", "faces down to 4% of the photo"], ["2", "faces down to 2% (group photos, slower)"],
+    ["25", "large faces only (selfies, ID photos; faster)"]]
     .map(([v, t]) => h("option", { value: v }, t)));
   const canvas = h("canvas", { width: 0, height: 0 });
   const answer = h("div", { id: "identify-result" });

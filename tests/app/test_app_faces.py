@@ -126,6 +126,33 @@ async def test_a_small_face_in_a_wide_photo_is_found_when_min_face_asks_for_it(a
         assert r.status_code == 422 and r.json()["field"] == "min_face"
 
 
+async def test_a_larger_min_face_starts_the_search_at_larger_faces(app):
+    """A photo with a large face (a box about 38% of its longer side) and a small one (about 9%):
+    the model's own search finds both and embeds the larger; min_face 40 (a search from faces of
+    37.5%) finds only the larger, where it is, with nearly the same landmarks and embedding. A photo
+    with only the smaller face is then a 422 that names the share searched from."""
+    from faceid.scenes import background
+
+    big, small = (Image.open(p).convert("RGB") for p in _people()[:2])
+    photo = background((800, 600), np.random.default_rng(6))
+    photo.paste(big.resize((500, 500)), (280, 40))
+    photo.paste(small.resize((120, 120)), (40, 440))
+    only_small = background((800, 600), np.random.default_rng(7))
+    only_small.paste(small.resize((120, 120)), (40, 440))
+    async with running(app) as client:
+        own = await client.post("/embed", files={"image": ("p.jpg", _jpeg(photo))})
+        coarse = await client.post("/embed", files={"image": ("p.jpg", _jpeg(photo))}, data={"min_face": "40"})
+        assert own.status_code == 200 and coarse.status_code == 200, (own.text, coarse.text)
+        assert own.json()["face"]["faces_found"] == 2 and coarse.json()["face"]["faces_found"] == 1
+        x1, y1, x2, y2 = coarse.json()["face"]["box"]
+        assert 280 < (x1 + x2) / 2 < 780 and 40 < (y1 + y2) / 2 < 540
+        assert np.allclose(coarse.json()["face"]["landmarks"], own.json()["face"]["landmarks"], atol=8)
+        assert np.dot(own.json()["embedding"], coarse.json()["embedding"]) > 0.95
+        r = await client.post("/embed", files={"image": ("s.jpg", _jpeg(only_small))}, data={"min_face": "40"})
+        assert r.status_code == 422 and r.json()["field"] == "image" and "down to 37.5%" in r.json()["detail"]
+        assert (await client.post("/embed", files={"image": ("s.jpg", _jpeg(only_small))})).status_code == 200
+
+
 async def test_no_face_is_a_422_naming_the_image_and_the_server_keeps_serving(app):
     rng = np.random.default_rng(9)
     empty, _ = make_scene([], rng)
