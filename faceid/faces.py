@@ -169,8 +169,9 @@ def search_spec(spec: DetectorSpec, percent: Optional[float]) -> DetectorSpec:
       to at most MAX_DETECT_SIDE, at more cost. The side is rounded up to a multiple of
       DETECT_SIDE_STEP.
     - Above it (a selfie, an ID photo, a webcam frame): the pyramid starts at a larger `min_face`,
-      the photo shrunk as for `spec`, at less cost and with landmarks as precise; smaller faces are
-      not looked for. `min_face` is rounded down to a multiple of COARSE_FACE_STEP pixels.
+      the photo shrunk as for `spec`, at less cost and with landmarks as precise; faces under
+      `percent` may be missed (MTCNN still finds many down to about half of it). `min_face` is
+      rounded down to a multiple of COARSE_FACE_STEP pixels.
     Either way every face down to `percent` is searched for, requests share a few detectors (each
     is built once and kept) whatever percents they send, and the faces found are aligned exactly
     as `spec`'s are (from the photo's own pixels), so a model is served as it was trained."""
