@@ -35,8 +35,7 @@ def _widened(pnet: Any) -> torch.nn.Module:
     """The P-net with 16 channels after its first convolution instead of 10: six more of zeros,
     which the second convolution gives zero weights, so it computes the same numbers (bit for bit
     on a CPU). In channels_last a CPU's PReLU and max pooling are vectorised over 16 channels, not
-    over 10: they run 6x and 2x faster at a scene's largest pyramid level (bench/README.md,
-    align_cost)."""
+    over 10, and run several times faster (bench/README.md, align_cost)."""
     conv1, prelu1, conv2 = pnet.conv1, pnet.prelu1, pnet.conv2
     n, wide = conv1.out_channels, 16
     with torch.no_grad():
