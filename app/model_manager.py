@@ -42,6 +42,8 @@ NO_MODEL = (
     "FACEID_CHECKPOINT=path/to/backbone_best.pt"
 )
 ENV_STATE_KEY = "env_checkpoint_applied"
+# follow_jobs: how long before reading the succeeded jobs a choice counts as made (see there)
+FOLLOW_MARGIN_S = 1.0
 # A photo waiting for the worker to find its face is held decoded (3 bytes a pixel, until its
 # batch runs); larger photos are detected and aligned on their decoding thread instead, so a burst
 # of 40 MP uploads holds their small aligned crops, not gigabytes of pixels. A large JPEG counts
@@ -319,6 +321,10 @@ class ModelManager:
         runner would have served it (on_job_succeeded: unless a model is pinned): the job that
         succeeded last, when that was after the served model was loaded. True when it switched; a
         checkpoint that fails to load is logged once."""
+        # When the choice is made: before the jobs are read, and FOLLOW_MARGIN_S earlier still,
+        # because a worker takes a job's finished_at just before it writes the status. A job that
+        # becomes `succeeded` after this read is then newer than the model chosen from it.
+        chosen_at = time.time() - FOLLOW_MARGIN_S
         jobs, _ = self.store.list(status="succeeded", limit=20)
         jobs = [j for j in jobs if j.get("checkpoint") and j.get("finished_at")]
         if not jobs:
@@ -337,7 +343,7 @@ class ModelManager:
             return False
         self._followed_job = key
         try:
-            self.on_job_succeeded(job)
+            self.on_job_succeeded(job, chosen_at=chosen_at)
         except FaceIDError as e:
             log.error("job %s succeeded in another process, but its checkpoint cannot be served: %s", job["id"], e)
             return False
@@ -356,9 +362,17 @@ class ModelManager:
         self._watcher = threading.Thread(target=watch, name="faceid-follow-jobs", daemon=True)
         self._watcher.start()
 
-    def on_job_succeeded(self, job: dict[str, Any]) -> None:
-        """Called by the runner: serve the new job's best checkpoint unless a model is pinned."""
-        self.load(Path(job["checkpoint"]), job_id=job["id"], source="job", pinned=False, unless_pinned=True)
+    def on_job_succeeded(self, job: dict[str, Any], chosen_at: Optional[float] = None) -> None:
+        """Called by the runner: serve the new job's best checkpoint unless a model is pinned.
+        `chosen_at`: when it was chosen (`load`'s)."""
+        self.load(
+            Path(job["checkpoint"]),
+            job_id=job["id"],
+            source="job",
+            pinned=False,
+            unless_pinned=True,
+            chosen_at=chosen_at,
+        )
 
     def activate(self, job_id: str, pin: bool = True) -> ServedModel:
         job = self.store.get(job_id)

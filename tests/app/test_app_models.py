@@ -279,3 +279,27 @@ def test_a_job_that_succeeds_in_a_worker_while_the_one_before_loads_is_served_ne
     finally:
         manager.close()
         store.close()
+
+
+def test_a_job_whose_status_is_written_after_the_server_reads_the_jobs_is_served_next(make_settings, tmp_path):
+    """A worker takes a job's finished_at just before it writes `succeeded`. A job whose finished_at
+    comes before the server reads the succeeded jobs, but whose status is written after, is newer
+    than the model chosen from that read: the next look serves it."""
+    s = make_settings()
+    s.models_dir.mkdir(parents=True)
+    store = JobStore(s.db_path)
+    first, late = write_fake_checkpoint(tmp_path / "first.json"), write_fake_checkpoint(tmp_path / "late.json")
+    for job_id in ("first", "late"):
+        store.create(job_id, {}, max_queued=10)
+        assert store.claim(job_id, worker="w1")
+    store.update("first", status="succeeded", checkpoint=str(first), finished_at=time.time())
+    finished = time.time()  # the late job's finished_at, taken before the server reads the jobs
+    manager = ModelManager(s, store, loader=fake_loader)
+    try:
+        assert manager.follow_jobs() is True and manager.current.job_id == "first"
+        store.update("late", status="succeeded", checkpoint=str(late), finished_at=finished)
+        assert manager.follow_jobs() is True and manager.current.job_id == "late"
+        assert manager.follow_jobs() is False
+    finally:
+        manager.close()
+        store.close()
