@@ -160,7 +160,8 @@ class ModelManager:
         self.checker = loader or load_verifier
         self._current: Optional[ServedModel] = None
         self._followed: Optional[tuple] = None  # (checkpoint, loaded_at) follow() last acted on
-        self._followed_job: Optional[tuple] = None  # (job id, finished_at) follow_jobs() last acted on
+        # (job id, finished_at) follow_jobs() does not try again: it failed to load, or a pinned model stayed
+        self._followed_job: Optional[tuple] = None
         self._stop_watch = threading.Event()
         self._watcher: Optional[threading.Thread] = None
         self._switch = threading.Lock()  # one load at a time; readers never wait for it
@@ -341,13 +342,16 @@ class ModelManager:
             )
         ):
             return False
-        self._followed_job = key
         try:
             self.on_job_succeeded(job, chosen_at=chosen_at)
         except FaceIDError as e:
+            self._followed_job = key
             log.error("job %s succeeded in another process, but its checkpoint cannot be served: %s", job["id"], e)
             return False
-        return self._current is not None and self._current.job_id == job["id"]
+        served = self._current is not None and self._current.job_id == job["id"]
+        if not served:  # a pinned model stayed
+            self._followed_job = key
+        return served
 
     def watch_jobs(self, interval_s: float = 2.0) -> None:
         """follow_jobs() every `interval_s` seconds in a thread, until close()."""
