@@ -189,6 +189,11 @@ class BatchedMTCNN:
             scales.append(scale)
             scale *= self.factor
             side *= self.factor
+        if not scales:
+            # min_face is larger than the images' shorter side (a thumbnail, or a search for large
+            # faces only in a small or a wide photo): one level at the largest face they can hold,
+            # their shorter side, rather than no search at all
+            scales.append(12.0 / min(h, w))
         found, where = [], []
         for i, scale in enumerate(scales):
             level = torch.from_numpy(_shrunk(sums, (int(h * scale + 1), int(w * scale + 1)))).to(self.device)

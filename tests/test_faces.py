@@ -490,6 +490,42 @@ def test_coarser_searches_start_the_pyramid_at_larger_faces_and_still_reach_the_
     assert search_spec(legacy, 25) == replace(legacy, min_face=120)
 
 
+def _face_filling(size: tuple[int, int]) -> Image.Image:
+    """A sample face crop scaled to fill the shorter side of a plain photo of `size`, centred."""
+    face = Image.open(_faces(1)[0]).convert("RGB")
+    side = min(size)
+    photo = Image.new("RGB", size, (90, 100, 110))
+    photo.paste(face.resize((side, side)), ((size[0] - side) // 2, (size[1] - side) // 2))
+    return photo
+
+
+def test_a_photo_smaller_than_the_smallest_face_searched_is_searched_at_its_own_size(detector, tmp_path):
+    """A thumbnail whose shorter side is below min_face, and a search for large faces only in a
+    small or a wide photo, have no pyramid level at min_face: the photo is searched for the largest
+    face it can hold, its shorter side, in a batch with others and in a training folder alike."""
+    from faceid.faces import search_spec
+
+    photos = [_face_filling(s) for s in ((20, 20), (30, 30), (39, 39), (154, 154))]
+    found = detector.detect(photos)
+    for photo, faces in zip(photos, found):
+        assert len(faces) == 1, photo.size
+        x1, y1, x2, y2 = faces[0].box
+        # the face fills the photo: its box spans most of it
+        assert x2 - x1 > 0.45 * photo.width and y2 - y1 > 0.6 * photo.height, (photo.size, faces[0].box)
+    for percent in (50, 100):
+        coarse = build_detector(search_spec(detector.spec, percent))
+        assert coarse.spec.min_face > 154  # larger than the small photo and the wide photo's height
+        for size in ((154, 154), (720, 540), (540, 720)):
+            faces = coarse.detect([_face_filling(size)])[0]
+            assert len(faces) == 1 and faces[0].score > 0.99, (percent, size, faces)
+    # a training folder with a thumbnail in it: every face is found, none is lost to the thumbnail
+    for i, photo in enumerate(photos):
+        (tmp_path / "train" / f"p{i % 2}").mkdir(parents=True, exist_ok=True)
+        photo.save(tmp_path / "train" / f"p{i % 2}" / f"{i}.jpg")
+    folder = scan_folder(tmp_path / "train")
+    assert all(len(f or []) == 1 for f in find_faces(list(folder.paths), detector.spec, folder=tmp_path / "cache"))
+
+
 def test_a_folder_of_heic_photos_is_scanned_and_its_faces_found_upright(tmp_path, detector):
     """iPhone photos (HEIC), one stored sideways with its rotation in the file: a training folder
     lists them, the face cache finds their faces in the upright photos' pixels, where the server's

@@ -153,6 +153,31 @@ async def test_a_larger_min_face_starts_the_search_at_larger_faces(app):
         assert (await client.post("/embed", files={"image": ("s.jpg", _jpeg(only_small))})).status_code == 200
 
 
+async def test_a_thumbnail_and_a_search_for_faces_larger_than_the_photo_find_the_face_it_holds(app):
+    """A 30 px thumbnail (below the smallest face searched for) and min_face 100 on a landscape
+    selfie (no face can span its longer side) are searched for the largest face the photo can
+    hold: an answer with that face, in one request or in a batch beside an ordinary photo."""
+    face = Image.open(_people()[0]).convert("RGB")
+    thumb = _jpeg(face.resize((30, 30)))
+    selfie = Image.new("RGB", (720, 540), (90, 100, 110))
+    selfie.paste(face.resize((540, 540)), (90, 0))
+    async with running(app) as client:
+        r = await client.post("/embed", files={"image": ("t.jpg", thumb)})
+        assert r.status_code == 200 and r.json()["face"]["faces_found"] == 1, r.text
+        x1, y1, x2, y2 = r.json()["face"]["box"]
+        assert x2 - x1 > 12 and y2 - y1 > 15
+        r = await client.post(
+            "/verify",
+            files={"image1": ("s.jpg", _jpeg(selfie)), "image2": ("f.jpg", _jpeg(face))},
+            data={"min_face": "100"},
+        )
+        assert r.status_code == 200, r.text
+        x1, _, x2, _ = r.json()["face1"]["box"]
+        assert 90 < (x1 + x2) / 2 < 630 and x2 - x1 > 250
+        r = await client.post("/embed/batch", files=[("images", ("t.jpg", thumb)), ("images", ("f.jpg", _jpeg(face)))])
+        assert r.status_code == 200 and len(r.json()["embeddings"]) == 2, r.text
+
+
 async def test_no_face_is_a_422_naming_the_image_and_the_server_keeps_serving(app):
     rng = np.random.default_rng(9)
     empty, _ = make_scene([], rng)
